@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install tilecrate and its test tools into ./.venv, with the system packages the build needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for pkg in gcc libjpeg62-turbo-dev zlib1g-dev libpng-dev libfreetype-dev python3-dev; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  else
+    echo "install.sh: missing system packages: ${need[*]} (run as root or apt-get install them)" >&2
+  fi
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+.venv/bin/python -m pip install -q -e ".[test]"
+# pillow-simd and Pillow both install the `PIL` folder; if anything pulled Pillow in, put
+# pillow-simd back so exactly one owns it.
+if .venv/bin/python -m pip show pillow >/dev/null 2>&1; then
+  .venv/bin/python -m pip uninstall -q -y pillow
+  .venv/bin/python -m pip install -q --force-reinstall --no-deps pillow-simd
+fi
+.venv/bin/tilecrate --version

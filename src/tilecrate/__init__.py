@@ -1,0 +1,10 @@
+"""tilecrate: a fast open-source implementation of ArcGIS MapServer exportTiles."""
+from tilecrate.cache import BundleRef, Cache, open_cache
+from tilecrate.errors import BundleError, CacheError, ExportError, RequestError, TilecrateError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BundleError", "BundleRef", "Cache", "CacheError", "ExportError", "RequestError",
+    "TilecrateError", "open_cache", "__version__",
+]
