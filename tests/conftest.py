@@ -29,7 +29,7 @@ REAL_SOURCES = {
     "tiler-sample": ("tiler-arcgis-bundle/test/sample", {2: 70}),
     "tiler-newbundle": ("tiler-arcgis-bundle/test/newbundle", {10: 4}),
     "mbtiles2compactcache": ("python-mbtiles2compactcache/sample_cache", {0: 1, 1: 4, 2: 16}),
-    "natural-earth.vtpk": ("maplibre-tilepackage-protocol/example/natural-earth.vtpk", {0: 1, 1: 4, 2: 10, 3: 16, 4: 32, 5: 48}),
+    "natural-earth.vtpk": ("maplibre-tilepackage-protocol/example/natural-earth.vtpk", {0: 1, 1: 4, 2: 16, 3: 39, 4: 43, 5: 8}),
 }
 
 
