@@ -171,7 +171,7 @@ def render_tile(level: int, row: int, col: int, seed: int = 7) -> np.ndarray:
     shade = 1.0 + np.clip((gx - gy) * (2.0**min(level, 12)) * 6.0, -0.35, 0.35)
     tex = _texture(level * 7919 + row * 104729 + col)
     land = (hi > 0.46).astype(np.float32)
-    rgb = colour * shade[..., None] + (tex * (4.0 + 10.0 * land))[..., None]
+    rgb = colour * shade[..., None] + (tex * (9.0 + 11.0 * land))[..., None]
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 

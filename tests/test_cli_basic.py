@@ -1,0 +1,54 @@
+"""`tilecrate sample` and `tilecrate inspect` as a user runs them: real processes, JSON on stdout."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import real_path
+from tilecrate.cli import main
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "tilecrate.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_sample_then_inspect_json(tmp_path):
+    out = tmp_path / "s"
+    r = run("sample", str(out), "--levels", "0-3", "--format", "MIXED", "--storage-format", "Compact", "--json")
+    assert r.returncode == 0, r.stderr
+    made = json.loads(r.stdout)
+    assert made["storageFormat"] == "Compact" and made["levels"] == [0, 1, 2, 3]
+    r = run("inspect", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["tiles"] == made["tiles"] and info["bytes"] == made["tileBytes"]
+    assert info["storageFormat"] == "esriMapCacheStorageModeCompact" and info["tileFormat"] == "MIXED"
+    assert sorted(info["levels"]) == ["0", "1", "2", "3"]
+    assert list((out / "_alllayers" / "L00").iterdir())          # V1: .bundle and .bundlx
+    assert {p.suffix for p in (out / "_alllayers" / "L03").iterdir()} == {".bundle", ".bundlx"}
+
+
+def test_inspect_real_package_table(real_dir, capsys):
+    assert main(["inspect", str(real_path("Usa.tpkx"))]) == 0
+    text = capsys.readouterr().out
+    assert "tpkx" in text and "144" in text and "PNG" in text
+
+
+def test_errors_are_one_line(tmp_path):
+    r = run("inspect", str(tmp_path / "nope"))
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"tilecrate: error: {tmp_path / 'nope'}: no such file or folder"
+    r = run("inspect", str(tmp_path / "nope"), "--json")
+    assert json.loads(r.stdout) == {"error": f"{tmp_path / 'nope'}: no such file or folder"}
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "f").write_text("x")
+    r = run("sample", str(tmp_path / "exists"))
+    assert r.returncode == 1 and "not empty" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_version_names_the_pil():
+    r = run("--version")
+    assert r.returncode == 0 and "tilecrate" in r.stdout and "PIL" in r.stdout
