@@ -1,0 +1,378 @@
+"""Package metadata: conf.xml, conf.cdi, root.json, iteminfo.json, iteminfo.xml, item.pkinfo, mapserver.json.
+
+Spellings follow what ArcGIS writes and what readers dereference (FORMATS.md §5.4, §7):
+root.json as in Esri's Usa.tpkx (`tileBundlesPath` early, for GDAL's sniffing of the first
+1024 bytes), iteminfo.xml with every element tpkutils reads. Everything variable between two runs
+of the same export (the GUID, the creation time) has a fixed width, so the package size can be
+predicted exactly from the same builders.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from xml.sax.saxutils import escape
+
+import numpy as np
+
+from tilecrate.cache import COMPACT_V1, COMPACT_V2, Cache
+from tilecrate.tiling import PACKET, Extent, SpatialRef
+
+WGS84 = SpatialRef(4326, 4326)
+CREATOR = "tilecrate"
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """What differs between two runs of one export: item GUID and creation time (fixed widths)."""
+
+    guid: str          # 36 characters, upper case, no braces (as ArcGIS writes it)
+    created_ms: int    # milliseconds since 1970 (13 digits until the year 2286)
+
+    @classmethod
+    def now(cls) -> "Stamp":
+        """A fresh GUID and the current time."""
+        return cls(str(uuid.uuid4()).upper(), int(time.time() * 1000))
+
+    @classmethod
+    def placeholder(cls) -> "Stamp":
+        """Same widths as `now()`, for predicting sizes."""
+        return cls("0" * 8 + "-" + "0" * 4 + "-" + "0" * 4 + "-" + "0" * 4 + "-" + "0" * 12, 10**12)
+
+    @property
+    def iso(self) -> str:
+        """Creation time as `YYYY-MM-DDTHH:MM:SS` UTC (19 characters)."""
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.created_ms / 1000))
+
+
+@dataclass
+class PackageInfo:
+    """What the metadata of one export says: name, levels, extents, format, quality."""
+
+    name: str
+    version: int                       # 1 = compact V1 (.tpk / Compact folder), 2 = V2
+    levels: list[int]                  # exported levels that hold tiles, ascending
+    extent: Extent | None              # native coordinates, the exported data's extent
+    geo_extent: Extent | None          # the same in WGS 84 (None when it cannot be projected)
+    tile_format: str
+    quality: int
+    scheme: object = field(repr=False, default=None)   # tiling.TileScheme
+
+    @property
+    def storage_format(self) -> str:
+        """The long storage format name."""
+        return COMPACT_V2 if self.version == 2 else COMPACT_V1
+
+
+def _selection_extent(cache: Cache, selection) -> Extent | None:
+    """Bounds of the selected tiles at the finest exported level, clipped to the cache's data extent."""
+    levels = [lv for lv in selection.levels if lv.tiles > 0]
+    if not levels:
+        return None
+    finest = levels[-1]
+    if not cache.scheme.has_level(finest.level):
+        return cache.full_extent
+    rmin = cmin = math.inf
+    rmax = cmax = -math.inf
+    for b in finest.bundles:
+        if b.tiles <= 0:
+            continue
+        rows, cols = np.nonzero(np.asarray(b.mask).reshape(PACKET, PACKET))
+        if rows.size:
+            rmin, rmax = min(rmin, b.ref.row0 + int(rows.min())), max(rmax, b.ref.row0 + int(rows.max()))
+            cmin, cmax = min(cmin, b.ref.col0 + int(cols.min())), max(cmax, b.ref.col0 + int(cols.max()))
+    if rmin is math.inf:
+        return cache.full_extent
+    x0, _, _, y1 = cache.scheme.tile_bounds(finest.level, rmin, cmin)
+    _, y0, x1, _ = cache.scheme.tile_bounds(finest.level, rmax, cmax)
+    tiles = Extent(x0, y0, x1, y1, cache.scheme.spatial_ref)
+    full = cache.full_extent
+    if full is not None and full.intersects(tiles):
+        clipped = Extent(max(x0, full.xmin), max(y0, full.ymin), min(x1, full.xmax), min(y1, full.ymax),
+                         cache.scheme.spatial_ref)
+        if clipped.xmin < clipped.xmax and clipped.ymin < clipped.ymax:
+            return clipped
+    return tiles
+
+
+def to_wgs84(extent: Extent | None) -> Extent | None:
+    """An extent in WGS 84 degrees (edges densified), or None if its coordinate system is unknown."""
+    if extent is None:
+        return None
+    sr = extent.spatial_ref
+    if sr.code == 4326:
+        return Extent(extent.xmin, extent.ymin, extent.xmax, extent.ymax, WGS84)
+    try:
+        from pyproj import CRS, Transformer
+
+        if sr.code:
+            try:
+                crs = CRS.from_user_input(f"EPSG:{sr.code}")
+            except Exception:
+                crs = CRS.from_user_input(f"ESRI:{sr.code}")
+        elif sr.wkt:
+            crs = CRS.from_wkt(sr.wkt)
+        else:
+            return None
+        tr = Transformer.from_crs(crs, CRS.from_epsg(4326), always_xy=True)
+        x0, y0, x1, y1 = tr.transform_bounds(extent.xmin, extent.ymin, extent.xmax, extent.ymax, densify_pts=21)
+    except Exception:  # pyproj raises several types for unknown or odd systems
+        return None
+    vals = (x0, y0, x1, y1)
+    if not all(math.isfinite(v) for v in vals):
+        return None
+    return Extent(max(x0, -180.0), max(y0, -90.0), min(x1, 180.0), min(y1, 90.0), WGS84)
+
+
+def package_info(cache: Cache, selection, version: int, quality: int | None = None) -> PackageInfo:
+    """The metadata facts of an export of `selection` from `cache`, written as compact V`version`."""
+    levels = [lv.level for lv in selection.levels if lv.tiles > 0]
+    extent = _selection_extent(cache, selection)
+    q = cache.compression_quality if quality is None else quality
+    return PackageInfo(cache.name or "Layers", version, levels, extent, to_wgs84(extent),
+                       cache.tile_format, int(q), cache.scheme)
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+
+
+def _num(v: float) -> str:
+    """A float as ArcGIS-style text (shortest repr; integers without '.0')."""
+    f = float(v)
+    return str(int(f)) if f.is_integer() and abs(f) < 1e15 else repr(f)
+
+
+def _sr_json(sr: SpatialRef) -> dict:
+    out = sr.to_json()
+    return out or {"wkid": 0}
+
+
+def _extent_json(ext: Extent | None) -> dict | None:
+    return ext.to_json() if ext is not None else None
+
+
+def _dumps(obj) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _scales(info: PackageInfo) -> tuple[float, float]:
+    """(minScale, maxScale) as ArcGIS means them: the coarsest and the finest exported scale."""
+    lods = [l for l in info.scheme.lods if l.level in set(info.levels)] or list(info.scheme.lods)
+    return max(l.scale for l in lods), min(l.scale for l in lods)
+
+
+def _units(sr: SpatialRef) -> str:
+    return "esriDecimalDegrees" if sr.is_geographic else "esriMeters"
+
+
+# ------------------------------------------------------------------------------------------
+# conf.xml / conf.cdi (tpk, cache folders)
+
+
+def _sr_xml(sr: SpatialRef) -> str:
+    kind = "GeographicCoordinateSystem" if sr.is_geographic else "ProjectedCoordinateSystem"
+    parts = [f"<SpatialReference xsi:type='typens:{kind}'>"]
+    if sr.wkt:
+        parts.append(f"<WKT>{escape(sr.wkt)}</WKT>")
+    if sr.wkid is not None:
+        parts.append(f"<WKID>{sr.wkid}</WKID>")
+    if sr.latest_wkid is not None:
+        parts.append(f"<LatestWKID>{sr.latest_wkid}</LatestWKID>")
+    parts.append("</SpatialReference>")
+    return "".join(parts)
+
+
+_NS = ("xmlns:xsi='http://www.w3.org/2001/XMLSchema-instance' xmlns:xs='http://www.w3.org/2001/XMLSchema' "
+       "xmlns:typens='http://www.esri.com/schemas/ArcGIS/10.3'")
+
+
+def conf_xml(info: PackageInfo) -> bytes:
+    """CacheInfo (conf.xml) for the exported cache."""
+    s = info.scheme
+    lods = "".join(
+        f"<LODInfo xsi:type='typens:LODInfo'><LevelID>{l.level}</LevelID><Scale>{_num(l.scale)}</Scale>"
+        f"<Resolution>{_num(l.resolution)}</Resolution></LODInfo>" for l in s.lods)
+    text = (
+        f"<?xml version=\"1.0\" encoding=\"utf-8\" ?>\n<CacheInfo xsi:type='typens:CacheInfo' {_NS}>"
+        f"<TileCacheInfo xsi:type='typens:TileCacheInfo'>{_sr_xml(s.spatial_ref)}"
+        f"<TileOrigin xsi:type='typens:PointN'><X>{_num(s.origin_x)}</X><Y>{_num(s.origin_y)}</Y></TileOrigin>"
+        f"<TileCols>{s.tile_cols}</TileCols><TileRows>{s.tile_rows}</TileRows>"
+        f"<DPI>{s.dpi}</DPI><PreciseDPI>{s.dpi}</PreciseDPI>"
+        f"<LODInfos xsi:type='typens:ArrayOfLODInfo'>{lods}</LODInfos></TileCacheInfo>"
+        f"<TileImageInfo xsi:type='typens:TileImageInfo'><CacheTileFormat>{escape(info.tile_format)}</CacheTileFormat>"
+        f"<CompressionQuality>{info.quality}</CompressionQuality><Antialiasing>false</Antialiasing></TileImageInfo>"
+        f"<CacheStorageInfo xsi:type='typens:CacheStorageInfo'><StorageFormat>{info.storage_format}</StorageFormat>"
+        f"<PacketSize>{PACKET}</PacketSize></CacheStorageInfo></CacheInfo>\n"
+    )
+    return text.encode("utf-8")
+
+
+def conf_cdi(info: PackageInfo) -> bytes:
+    """The data envelope (conf.cdi)."""
+    e = info.extent
+    vals = (e.xmin, e.ymin, e.xmax, e.ymax) if e is not None else (0.0, 0.0, 0.0, 0.0)
+    text = (
+        f"<?xml version=\"1.0\" encoding=\"utf-8\" ?>\n<EnvelopeN xsi:type='typens:EnvelopeN' {_NS}>"
+        f"<XMin>{_num(vals[0])}</XMin><YMin>{_num(vals[1])}</YMin><XMax>{_num(vals[2])}</XMax>"
+        f"<YMax>{_num(vals[3])}</YMax>{_sr_xml(info.scheme.spatial_ref)}</EnvelopeN>\n"
+    )
+    return text.encode("utf-8")
+
+
+# ------------------------------------------------------------------------------------------
+# .tpkx
+
+
+def root_json(info: PackageInfo) -> bytes:
+    """root.json of a .tpkx, keys as ArcGIS writes them, `tileBundlesPath` within the first bytes."""
+    s = info.scheme
+    sr = _sr_json(s.spatial_ref)
+    min_scale, max_scale = _scales(info)
+    min_lod = info.levels[0] if info.levels else s.lods[0].level
+    max_lod = info.levels[-1] if info.levels else s.lods[-1].level
+    root = {
+        "tileImageInfo": {"format": info.tile_format, "compressionQuality": info.quality},
+        "tileBundlesPath": "./tile",
+        "name": info.name,
+        "version": 1.0,
+        "serviceDescription": "",
+        "spatialReference": sr,
+        "units": _units(s.spatial_ref),
+        "minLOD": min_lod,
+        "maxLOD": max_lod,
+        "minScale": min_scale,
+        "maxScale": max_scale,
+        "resampling": False,
+        "tileInfo": {
+            "rows": s.tile_rows, "cols": s.tile_cols, "dpi": s.dpi,
+            "origin": {"x": s.origin_x, "y": s.origin_y},
+            "spatialReference": sr,
+            "lods": [l.to_json() for l in s.lods],
+        },
+        "exportTilesAllowed": False,
+        "storageInfo": {"storageFormat": COMPACT_V2, "packetSize": PACKET},
+        "layers": [],
+    }
+    if info.extent is not None:
+        root["initialExtent"] = _extent_json(info.extent)
+        root["fullExtent"] = _extent_json(info.extent)
+    data = json.dumps(root, ensure_ascii=False, indent=1).encode("utf-8")
+    # GDAL identifies root.json only in files of at least 512 bytes
+    return data if len(data) >= 512 else data + b" " * (512 - len(data))
+
+
+def _geo_extent_dict(info: PackageInfo) -> dict:
+    g = info.geo_extent or Extent(-180.0, -90.0, 180.0, 90.0, WGS84)
+    return {"xmin": g.xmin, "ymin": g.ymin, "xmax": g.xmax, "ymax": g.ymax}
+
+
+def iteminfo_json(info: PackageInfo, stamp: Stamp) -> bytes:
+    """iteminfo.json of a .tpkx (type and typeKeywords as the tile package spec requires)."""
+    item = {
+        "creator": CREATOR,
+        "name": info.name,
+        "guid": stamp.guid,
+        "version": 1.0,
+        "created": stamp.created_ms,
+        "snippet": "",
+        "description": "",
+        "summary": info.name,
+        "title": info.name,
+        "tags": "tilecrate",
+        "type": "Compact Tile Package",
+        "typeKeywords": ["Compact Tile Package", "Tile Package", "tpkx"],
+        "thumbnail": "./thumbnail.png",
+        "extent": {**_geo_extent_dict(info), "spatialReference": {"wkid": 4326, "latestWkid": 4326}},
+    }
+    return _dumps(item)
+
+
+# ------------------------------------------------------------------------------------------
+# .tpk
+
+
+def iteminfo_xml(info: PackageInfo, stamp: Stamp) -> bytes:
+    """esriinfo/iteminfo.xml of a .tpk, with every element tpkutils dereferences."""
+    g = _geo_extent_dict(info)
+    sr = info.scheme.spatial_ref
+    sr_name = f"WKID {sr.code}" if sr.code else "Unknown"
+    name = escape(info.name)
+    keywords = "".join(f"<typekeyword>{k}</typekeyword>\n"
+                       for k in ("Data", "Tile Package", "ArcMap", "ArcGlobe", "tpk"))
+    text = (
+        "<?xml version=\"1.0\" encoding=\"utf-8\" ?>\n<ESRI_ItemInformation Culture='en-US'>\n"
+        f"<name>{name}</name>\n<guid>{stamp.guid}</guid>\n<catalogpath></catalogpath>\n"
+        f"<snippet>{name}</snippet>\n<description></description>\n<summary>{name}</summary>\n"
+        f"<title>{name}</title>\n<tags>tilecrate</tags>\n<type>Tile Package</type>\n"
+        f"<typekeywords>\n{keywords}</typekeywords>\n<thumbnail>thumbnail/thumbnail.png</thumbnail>\n"
+        f"<documentation></documentation>\n<url></url>\n<datalastmodifiedtime>{stamp.iso}</datalastmodifiedtime>\n"
+        f"<extent>\n<xmin>{_num(g['xmin'])}</xmin>\n<ymin>{_num(g['ymin'])}</ymin>\n"
+        f"<xmax>{_num(g['xmax'])}</xmax>\n<ymax>{_num(g['ymax'])}</ymax>\n</extent>\n"
+        f"<spatialreference>{escape(sr_name)}</spatialreference>\n"
+        f"<accessinformation>{CREATOR}</accessinformation>\n<licenseinfo></licenseinfo>\n"
+        "</ESRI_ItemInformation>\n"
+    )
+    return text.encode("utf-8")
+
+
+def item_pkinfo(info: PackageInfo, stamp: Stamp) -> bytes:
+    """esriinfo/item.pkinfo of a .tpk."""
+    text = (
+        "<?xml version=\"1.0\" encoding=\"utf-8\" ?>\n<pkinfo Culture='en-US'>\n"
+        f"<ID>{stamp.guid}</ID>\n<name>{escape(info.name)}</name>\n<version>10.3</version>\n"
+        f"<size>-1</size>\n<created>{stamp.iso}</created>\n<type>Tile Package</type>\n"
+        "<servable>false</servable>\n<packagelocation></packagelocation>\n<pkinfolocation></pkinfolocation>\n"
+        "</pkinfo>\n"
+    )
+    return text.encode("utf-8")
+
+
+def mapserver_json(info: PackageInfo) -> bytes:
+    """servicedescriptions/mapserver/mapserver.json of a .tpk (tpkutils reads geoFullExtent and resources)."""
+    s = info.scheme
+    sr = _sr_json(s.spatial_ref)
+    min_scale, max_scale = _scales(info)
+    ext = _extent_json(info.extent)
+    contents = {
+        "currentVersion": 10.31,
+        "serviceDescription": "",
+        "mapName": "Layers",
+        "description": "",
+        "copyrightText": "",
+        "layers": [],
+        "tables": [],
+        "spatialReference": sr,
+        "singleFusedMapCache": True,
+        "tileInfo": s.tile_info_json(info.tile_format, info.quality),
+        "initialExtent": ext,
+        "fullExtent": ext,
+        "minScale": min_scale,
+        "maxScale": max_scale,
+        "units": _units(s.spatial_ref),
+        "capabilities": "Map",
+        "exportTilesAllowed": False,
+    }
+    geo = _geo_extent_dict(info)
+    doc = {
+        "name": "MapServer",
+        "contents": contents,
+        "resourceInfo": {"geoFullExtent": geo, "geoInitialExtent": geo},
+        "resources": [
+            {"name": "layers", "contents": {"layers": []}},
+            {"name": "tables", "contents": {"tables": []}},
+            {"name": "legend", "contents": {"layers": []}},
+        ],
+    }
+    return _dumps(doc)
+
+
+def conf_properties() -> bytes:
+    """conf.properties as ArcGIS writes it next to conf.xml in a .tpk."""
+    return (b"<?xml version=\"1.0\" encoding=\"utf-8\" ?>\n<PropertySet xsi:type='typens:PropertySet' "
+            + _NS.encode() + b"><PropertyArray xsi:type='typens:ArrayOfPropertySetProperty'>"
+            b"<PropertySetProperty xsi:type='typens:PropertySetProperty'><Key>CacheTileContentType</Key>"
+            b"<Value xsi:type='xs:string'>Map</Value></PropertySetProperty></PropertyArray></PropertySet>\n")
+

@@ -1,0 +1,146 @@
+"""The package thumbnail: a 200 x 133 picture of the exported data, as a PNG of fixed byte size.
+
+The PNG's pixel data is stored without compression (deflate "stored" blocks), so its size depends
+only on its dimensions: the package size can then be predicted exactly without decoding a tile.
+At about 80 KB it is small next to any package.
+"""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+
+from tilecrate.cache import Cache
+from tilecrate.package.metadata import PackageInfo
+from tilecrate.tiling import PACKET
+
+WIDTH, HEIGHT = 200, 133          # the size the tile package spec recommends
+MAX_TILES_SIDE = 3                # decode at most 3 x 3 tiles
+_BACKGROUND = (255, 255, 255)
+_STORED_BLOCK = 65535
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _stored_zlib(raw: bytes) -> bytes:
+    out = bytearray(b"\x78\x01")
+    n = len(raw)
+    for start in range(0, max(n, 1), _STORED_BLOCK):
+        block = raw[start:start + _STORED_BLOCK]
+        final = 1 if start + _STORED_BLOCK >= n else 0
+        out += struct.pack("<BHH", final, len(block), len(block) ^ 0xFFFF) + block
+    out += struct.pack(">I", zlib.adler32(raw) & 0xFFFFFFFF)
+    return bytes(out)
+
+
+def png_rgb_stored(pixels: np.ndarray) -> bytes:
+    """An RGB PNG of `pixels` (H x W x 3 uint8) with uncompressed image data."""
+    h, w, _ = pixels.shape
+    rows = np.concatenate([np.zeros((h, 1), dtype=np.uint8), pixels.reshape(h, w * 3)], axis=1)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", _stored_zlib(rows.tobytes()))
+            + _chunk(b"IEND", b""))
+
+
+def thumbnail_size() -> int:
+    """Bytes of every thumbnail this module writes."""
+    raw = HEIGHT * (1 + 3 * WIDTH)
+    blocks = max(1, -(-raw // _STORED_BLOCK))
+    return 8 + (12 + 13) + (12 + 2 + raw + 5 * blocks + 4) + 12
+
+
+def _pick_level(selection) -> tuple[int, tuple[int, int, int, int]] | None:
+    """The finest level whose selected tiles span at most 3 x 3, else the coarsest; and its tile bbox."""
+    choice = None
+    for lv in selection.levels:
+        if lv.tiles <= 0:
+            continue
+        rmin = cmin = 1 << 62
+        rmax = cmax = -1
+        for b in lv.bundles:
+            rows, cols = np.nonzero(np.asarray(b.mask).reshape(PACKET, PACKET))
+            if rows.size:
+                rmin, rmax = min(rmin, b.ref.row0 + int(rows.min())), max(rmax, b.ref.row0 + int(rows.max()))
+                cmin, cmax = min(cmin, b.ref.col0 + int(cols.min())), max(cmax, b.ref.col0 + int(cols.max()))
+        if rmax < 0:
+            continue
+        bbox = (rmin, rmax, cmin, cmax)
+        fits = rmax - rmin < MAX_TILES_SIDE and cmax - cmin < MAX_TILES_SIDE
+        if choice is None or fits:
+            choice = (lv.level, bbox)
+        if not fits:
+            break
+    return choice
+
+
+def render_thumbnail(cache: Cache, selection, info: PackageInfo) -> bytes:
+    """The thumbnail PNG: the selected tiles of a coarse level, cropped to the data, fitted on white."""
+    from PIL import Image
+
+    canvas = Image.new("RGB", (WIDTH, HEIGHT), _BACKGROUND)
+    pick = _pick_level(selection)
+    if pick is not None:
+        level, (rmin, rmax, cmin, cmax) = pick
+        # keep the centre when the coarsest level is still too wide
+        if rmax - rmin >= MAX_TILES_SIDE:
+            rmin = (rmin + rmax) // 2 - 1
+            rmax = rmin + MAX_TILES_SIDE - 1
+        if cmax - cmin >= MAX_TILES_SIDE:
+            cmin = (cmin + cmax) // 2 - 1
+            cmax = cmin + MAX_TILES_SIDE - 1
+        tw, th = cache.scheme.tile_cols, cache.scheme.tile_rows
+        mosaic = Image.new("RGB", ((cmax - cmin + 1) * tw, (rmax - rmin + 1) * th), _BACKGROUND)
+        wanted = _selected_cells(selection, level)
+        for row in range(rmin, rmax + 1):
+            for col in range(cmin, cmax + 1):
+                if (row, col) not in wanted:
+                    continue
+                data = cache.tile(level, row, col)
+                if not data:
+                    continue
+                try:
+                    tile = Image.open(io.BytesIO(data))
+                    tile.load()
+                except Exception:  # a corrupt tile (Usa.tpkx has two) leaves a white square
+                    continue
+                tile = tile.convert("RGBA")
+                mosaic.paste(tile, ((col - cmin) * tw, (row - rmin) * th), tile)
+        box = _crop_box(cache, info, level, rmin, cmin, mosaic.size)
+        if box is not None:
+            mosaic = mosaic.crop(box)
+        scale = min(WIDTH / mosaic.width, HEIGHT / mosaic.height)
+        size = (max(1, round(mosaic.width * scale)), max(1, round(mosaic.height * scale)))
+        mosaic = mosaic.resize(size, Image.LANCZOS)
+        canvas.paste(mosaic, ((WIDTH - size[0]) // 2, (HEIGHT - size[1]) // 2))
+    return png_rgb_stored(np.asarray(canvas, dtype=np.uint8))
+
+
+def _selected_cells(selection, level: int) -> set[tuple[int, int]]:
+    out = set()
+    for lv in selection.levels:
+        if lv.level != level:
+            continue
+        for b in lv.bundles:
+            rows, cols = np.nonzero(np.asarray(b.mask).reshape(PACKET, PACKET))
+            out.update(zip((rows + b.ref.row0).tolist(), (cols + b.ref.col0).tolist()))
+    return out
+
+
+def _crop_box(cache: Cache, info: PackageInfo, level: int, rmin: int, cmin: int,
+              size: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    e = info.extent
+    if e is None or not cache.scheme.has_level(level):
+        return None
+    res = cache.scheme.lod(level).resolution
+    x0, _, _, y1 = cache.scheme.tile_bounds(level, rmin, cmin)
+    left = int(max(0, min(size[0], (e.xmin - x0) / res)))
+    right = int(max(0, min(size[0], round((e.xmax - x0) / res))))
+    top = int(max(0, min(size[1], (y1 - e.ymax) / res)))
+    bottom = int(max(0, min(size[1], round((y1 - e.ymin) / res))))
+    if right - left < 2 or bottom - top < 2:
+        return None
+    return left, top, right, bottom

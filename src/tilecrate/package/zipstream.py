@@ -1,0 +1,200 @@
+"""A streaming zip writer for tile packages: STORED entries only, ZIP64 when needed, isal CRC-32.
+
+Every entry's size and CRC are known before its bytes are written (the caller computes the CRC
+while planning, off the writer's thread), so local headers carry them and no data descriptor
+is needed; the writer never seeks, so it can write to a pipe or socket as well as to a file.
+Memory is flat in the package size: only the central directory (one small record per entry)
+is kept. ArcGIS Runtime refuses compressed packages, which is why nothing is ever deflated.
+"""
+from __future__ import annotations
+
+import io
+import struct
+import time
+from dataclasses import dataclass
+from typing import BinaryIO, Iterable
+
+from isal import isal_zlib
+
+ZIP64_LIMIT = 0xFFFFFFFF     # a size or offset at or above this needs ZIP64 records
+_MAX16 = 0xFFFF
+_LOCAL = struct.Struct("<4sHHHHHLLLHH")         # 30 bytes
+_CENTRAL = struct.Struct("<4sHHHHHHLLLHHHHHLL")  # 46 bytes
+_EOCD = struct.Struct("<4sHHHHLLH")             # 22 bytes
+_EOCD64 = struct.Struct("<4sQHHLLQQQQ")         # 56 bytes
+_LOCATOR64 = struct.Struct("<4sLQL")            # 20 bytes
+_FLAG_UTF8 = 0x0800
+_ATTR_DIR = 0x10             # MS-DOS directory attribute
+
+
+@dataclass
+class _Entry:
+    name: bytes
+    flags: int
+    size: int
+    crc: int
+    offset: int
+    is_dir: bool
+
+
+def dos_datetime(t: float | None = None) -> tuple[int, int]:
+    """(date, time) in MS-DOS format for a POSIX time (now by default), local time as zip tools do."""
+    lt = time.localtime(t)
+    year = max(lt.tm_year, 1980)
+    return ((year - 1980) << 9) | (lt.tm_mon << 5) | lt.tm_mday, \
+        (lt.tm_hour << 11) | (lt.tm_min << 5) | (lt.tm_sec // 2)
+
+
+class ZipWriter:
+    """Write a stored zip to a binary stream, entry by entry; `close()` writes the central directory.
+
+    `zip64_limit` lowers the point at which ZIP64 records are used (tests force them with a small
+    value; readers take ZIP64 fields whenever the 32-bit field holds 0xFFFFFFFF). With
+    `dry_run=True` nothing is written and only positions advance: that is how the exact package
+    size is predicted from the same code that writes packages.
+    """
+
+    def __init__(self, out: BinaryIO | None, *, zip64_limit: int = ZIP64_LIMIT, dry_run: bool = False,
+                 mtime: float | None = None):
+        if not dry_run and out is None:
+            raise ValueError("an output stream is needed unless dry_run is set")
+        if isinstance(out, io.RawIOBase):
+            out = io.BufferedWriter(out, buffer_size=1 << 20)
+        self._out = out
+        self._dry = dry_run
+        self._limit = int(zip64_limit)
+        self._entries: list[_Entry] = []
+        self._names: set[bytes] = set()
+        self._date, self._time = dos_datetime(mtime)
+        self.position = 0
+        self.closed = False
+
+    # -- writing primitives
+
+    def _write(self, data) -> None:
+        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if not self._dry and n:
+            view = memoryview(data).cast("B")
+            while view.nbytes:
+                written = self._out.write(view)
+                if written is None:       # a non-blocking raw stream would return None; ours block
+                    written = 0
+                view = view[written:]
+        self.position += n
+
+    def _name(self, name: str) -> tuple[bytes, int]:
+        if "\\" in name or name.startswith("/") or not name:
+            raise ValueError(f"bad zip entry name {name!r}")
+        raw = name.encode("utf-8")
+        if raw in self._names:
+            raise ValueError(f"duplicate zip entry {name!r}")
+        self._names.add(raw)
+        return raw, (0 if raw.isascii() else _FLAG_UTF8)
+
+    def _local_header(self, entry: _Entry) -> bytes:
+        zip64 = entry.size >= self._limit
+        extra = struct.pack("<HHQQ", 1, 16, entry.size, entry.size) if zip64 else b""
+        size32 = ZIP64_LIMIT if zip64 else entry.size
+        return _LOCAL.pack(b"PK\x03\x04", 45 if zip64 else 20, entry.flags, 0, self._time, self._date,
+                           entry.crc, size32, size32, len(entry.name), len(extra)) + entry.name + extra
+
+    # -- entries
+
+    def add_dir(self, name: str) -> None:
+        """An explicit directory entry (`name` ends with '/'), as the Esri sample packages have."""
+        if not name.endswith("/"):
+            name += "/"
+        raw, flags = self._name(name)
+        entry = _Entry(raw, flags, 0, 0, self.position, True)
+        self._write(self._local_header(entry))
+        self._entries.append(entry)
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        """A whole entry from bytes in memory (metadata files)."""
+        self.add_stream(name, len(data), isal_zlib.crc32(data), (data,))
+
+    def add_stream(self, name: str, size: int, crc: int, chunks: Iterable) -> None:
+        """An entry whose size and CRC-32 are known, its bytes streamed from `chunks` (buffers)."""
+        raw, flags = self._name(name)
+        entry = _Entry(raw, flags, int(size), int(crc) & 0xFFFFFFFF, self.position, False)
+        self._write(self._local_header(entry))
+        if self._dry:
+            self.position += entry.size
+        else:
+            start = self.position
+            for chunk in chunks:
+                self._write(chunk)
+            if self.position - start != entry.size:
+                raise ValueError(f"zip entry {name}: {self.position - start} bytes written, {entry.size} announced")
+        self._entries.append(entry)
+
+    def add_size(self, name: str, size: int) -> None:
+        """Dry runs only: account for an entry of `size` bytes without its data."""
+        if not self._dry:
+            raise ValueError("add_size is only for dry runs")
+        self.add_stream(name, size, 0, ())
+
+    # -- the end
+
+    def close(self) -> int:
+        """Write the central directory (and ZIP64 end records when needed); returns the zip's size."""
+        if self.closed:
+            return self.position
+        cd_start = self.position
+        for e in self._entries:
+            fields = []
+            size32 = e.size
+            off32 = e.offset
+            if e.size >= self._limit:
+                fields += [e.size, e.size]
+                size32 = ZIP64_LIMIT
+            if e.offset >= self._limit:
+                fields.append(e.offset)
+                off32 = ZIP64_LIMIT
+            extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
+            version = 45 if fields else 20
+            self._write(_CENTRAL.pack(b"PK\x01\x02", version, version, e.flags, 0, self._time, self._date,
+                                      e.crc, size32, size32, len(e.name), len(extra), 0, 0, 0,
+                                      _ATTR_DIR if e.is_dir else 0, off32) + e.name + extra)
+        cd_size = self.position - cd_start
+        count = len(self._entries)
+        if count >= _MAX16 or cd_size >= self._limit or cd_start >= self._limit:
+            eocd64_at = self.position
+            self._write(_EOCD64.pack(b"PK\x06\x06", _EOCD64.size - 12, 45, 45, 0, 0, count, count,
+                                     cd_size, cd_start))
+            self._write(_LOCATOR64.pack(b"PK\x06\x07", 0, eocd64_at, 1))
+            self._write(_EOCD.pack(b"PK\x05\x06", 0, 0, min(count, _MAX16), min(count, _MAX16),
+                                   ZIP64_LIMIT, ZIP64_LIMIT, 0))
+        else:
+            self._write(_EOCD.pack(b"PK\x05\x06", 0, 0, count, count, cd_size, cd_start, 0))
+        if not self._dry:
+            self._out.flush()
+        self.closed = True
+        return self.position
+
+
+class ZipSink:
+    """The package side of an export: metadata files, directories and planned bundles into a ZipWriter."""
+
+    def __init__(self, writer: ZipWriter):
+        self.writer = writer
+
+    def add_dir(self, name: str) -> None:
+        """A directory entry."""
+        self.writer.add_dir(name)
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        """A whole file from memory."""
+        self.writer.add_bytes(name, data)
+
+    def add_bundle(self, name: str, plan) -> None:
+        """A planned bundle (CRC already computed off-thread), then its .bundlx for V1."""
+        if plan.crc is None:
+            plan.compute_crc()
+        self.writer.add_stream(name, plan.size, plan.crc, plan.chunks())
+        if plan.bundlx is not None:
+            self.writer.add_stream(name[:-1] + "x", len(plan.bundlx), plan.bundlx_crc, (plan.bundlx,))
+
+    def close(self) -> int:
+        """Finish the zip; its size in bytes."""
+        return self.writer.close()
