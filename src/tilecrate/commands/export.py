@@ -1,0 +1,101 @@
+"""`tilecrate export CACHE -o OUT.tpkx|OUT.tpk|OUTDIR --levels ...`: write a tile package or a cache folder."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+
+from tilecrate.cli import emit_json, human_bytes, progress_bar
+from tilecrate.commands.estimate import read_aoi
+from tilecrate.errors import RequestError
+from tilecrate.request import ExportRequest
+
+NAME = "export"
+HELP = "export tiles to a .tpkx, a .tpk or a cache folder (the exportTiles job, from a shell)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `tilecrate export` (the exportTiles vocabulary)."""
+    p.add_argument("cache", help="source: cache folder, .tpk or .tpkx")
+    p.add_argument("-o", "--output", required=True,
+                   help="OUT.tpkx (compact V2), OUT.tpk (compact V1) or, with --no-tile-package, a new folder")
+    p.add_argument("--levels", required=True,
+                   help="levels, e.g. 0-5 or '1-4, 7-9' (scales or resolutions with --export-by)")
+    p.add_argument("--export-by", default="LevelID", help="LevelID (default), Scale or Resolution")
+    p.add_argument("--extent", help="xmin,ymin,xmax,ymax, Envelope JSON or DEFAULT (the full extent)")
+    p.add_argument("--aoi", help="area of interest: a file or inline JSON (Esri FeatureSet/Polygon/Envelope or "
+                                 "GeoJSON); supersedes --extent")
+    p.add_argument("--aoi-sr", help="spatial reference of --aoi/--extent when they carry none (e.g. 4326)")
+    p.add_argument("--storage-format",
+                   help="CompactV2 (.tpkx) or Compact (.tpk); default: from the output's extension, "
+                        "else the cache's own")
+    p.add_argument("--no-tile-package", dest="tile_package", action="store_false",
+                   help="write a cache folder (conf.xml, conf.cdi, _alllayers) instead of a package")
+    p.add_argument("--optimize-tiles-for-size", action="store_true",
+                   help="re-encode JPEG tiles at --compression-quality")
+    p.add_argument("--compression-quality", type=int, help="JPEG quality 0-100 for --optimize-tiles-for-size")
+    p.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
+
+
+def request_from_args(args: argparse.Namespace) -> ExportRequest:
+    """The ExportRequest the options describe."""
+    if args.compression_quality is not None and not args.optimize_tiles_for_size:
+        raise RequestError("--compression-quality only applies with --optimize-tiles-for-size")
+    return ExportRequest(
+        levels=args.levels,
+        export_by=args.export_by,
+        extent=args.extent,
+        area_of_interest=read_aoi(args.aoi),
+        aoi_sr=args.aoi_sr,
+        tile_package=args.tile_package,
+        storage_format=args.storage_format,
+        optimize_tiles_for_size=args.optimize_tiles_for_size,
+        compression_quality=args.compression_quality,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the export with a progress bar (tiles, bytes, rate, ETA); print the result."""
+    from tilecrate.export import export
+
+    request = request_from_args(args)
+    cancel = threading.Event()
+    bar = progress_bar(None, "export", unit="tile", enabled=not (args.quiet or args.json))
+    state = {"tiles": 0}
+
+    def on_progress(p) -> None:
+        if bar.total != p.tiles_total:
+            bar.total = p.tiles_total
+        bar.update(p.tiles_done - state["tiles"])
+        state["tiles"] = p.tiles_done
+        bar.set_postfix_str(f"L{p.level if p.level is not None else '-'} "
+                            f"{human_bytes(p.bytes_done)}/{human_bytes(p.bytes_total)}", refresh=False)
+
+    def on_sigint(signum, frame) -> None:
+        # first Ctrl-C: stop cleanly (the partial output is removed); second: the default
+        cancel.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+    try:
+        result = export(args.cache, request, args.output, progress=on_progress, cancel=cancel, threads=args.threads)
+    finally:
+        bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if args.json:
+        emit_json(result.to_json())
+        return 0
+    rate = result.size / result.seconds if result.seconds > 0 else 0.0
+    print(f"{result.path}: {result.kind}, {result.tiles:,} tiles, {human_bytes(result.size)} "
+          f"in {result.seconds:.2f} s ({human_bytes(rate)}/s)")
+    for lv, v in sorted(result.levels.items()):
+        print(f"  L{lv:02d} {v['tiles']:>10,} tiles {human_bytes(v['size']):>12}")
+    for w in result.warnings:
+        print(f"  warning: {w}")
+    if result.quality_used is not None:
+        print(f"  compressionQuality {result.quality_used}")
+    if not os.path.exists(result.path):
+        raise RequestError(f"{result.path} vanished after the export")
+    return 0

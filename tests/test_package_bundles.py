@@ -1,0 +1,188 @@
+"""Output bundles: headers, indexes and tile bytes, checked by an independent struct-level reader."""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from tilecrate import _plan
+from tilecrate.cache import BundleRef, open_cache
+from tilecrate.errors import BundleError
+from tilecrate.package.bundles import SEG_SOURCE, output_sizes, plan_bundle, plan_from_tiles
+
+N = 16384
+
+
+def read_v2(data: bytes) -> dict:
+    """Independent V2 reader (FORMATS.md §6.3): header fields and {cell: tile bytes}."""
+    hdr = struct.unpack_from("<4I3Q6I", data, 0)
+    tiles, empties = {}, set()
+    for i in range(N):
+        rec = struct.unpack_from("<Q", data, 64 + 8 * i)[0]
+        off, size = rec & ((1 << 40) - 1), rec >> 40
+        if size == 0:
+            empties.add(rec)
+            continue
+        assert struct.unpack_from("<I", data, off - 4)[0] == size, "size prefix before the tile"
+        tiles[i] = data[off:off + size]
+    return {"header": hdr, "tiles": tiles, "empty_records": empties}
+
+
+def read_v1(bundle: bytes, bundlx: bytes) -> dict:
+    """Independent V1 reader (FORMATS.md §6.1-6.2); cells returned row-major."""
+    hdr = struct.unpack_from("<4I3Q5I", bundle, 0)
+    assert len(bundlx) == 81952
+    assert struct.unpack_from("<4I", bundlx, 0) == (3, 16, N, 5)
+    assert struct.unpack_from("<4I", bundlx, 16 + 5 * N) == (0, 16, 16, 0)
+    tiles, bad_empty = {}, []
+    for j in range(N):
+        off = int.from_bytes(bundlx[16 + 5 * j:21 + 5 * j], "little")
+        size = struct.unpack_from("<I", bundle, off)[0]
+        col, row = divmod(j, 128)
+        if size == 0:
+            if off != 60 + 4 * j:
+                bad_empty.append(j)
+            continue
+        tiles[row * 128 + col] = bundle[off + 4:off + 4 + size]
+    return {"header": hdr, "tiles": tiles, "bad_empty": bad_empty}
+
+
+def _source_tiles(data, mask) -> dict:
+    m = np.asarray(mask).ravel()
+    return {int(i): bytes(data.buf[int(data.offsets[i]):int(data.offsets[i]) + int(data.sizes[i])])
+            for i in np.flatnonzero(m & (data.sizes > 0))}
+
+
+@pytest.fixture(scope="module")
+def v2_cache(sample_v2):
+    with open_cache(sample_v2) as c:
+        yield c
+
+
+def _masks(sizes: np.ndarray) -> list[np.ndarray]:
+    present = (sizes > 0).reshape(128, 128).astype(np.uint8)
+    rng = np.random.default_rng(3)
+    checker = present.copy()
+    checker[::2, :] = 0
+    rand = present & (rng.random((128, 128)) < 0.5).astype(np.uint8)
+    return [present, checker, rand, np.zeros((128, 128), np.uint8)]
+
+
+@pytest.mark.parametrize("version", [2, 1])
+@pytest.mark.parametrize("source", ["sample_v2", "sample_v1"])
+def test_plans_write_what_readers_read(request, source, version):
+    path = request.getfixturevalue(source)
+    with open_cache(path) as cache:
+        for ref in cache.bundles():
+            with cache.open_bundle(ref) as data:
+                for mask in _masks(data.sizes):
+                    plan = plan_bundle(data, mask, version)
+                    out = plan.to_bytes()
+                    expected = _source_tiles(data, mask)
+                    assert len(out) == plan.size
+                    assert plan.tiles == len(expected)
+                    assert output_sizes(data.sizes, mask, version)[2] == (plan.size if expected else 0)
+                    if version == 2:
+                        got = read_v2(out)
+                        h = got["header"]
+                        assert h == (3, N, max(map(len, expected.values()), default=0), 5, 0, len(out), 40,
+                                     131092, 3, 16, N, 5, 131072)
+                        assert got["empty_records"] <= {4}
+                        assert plan.bundlx is None
+                    else:
+                        got = read_v1(out, plan.bundlx)
+                        h = got["header"]
+                        assert h[:4] == (3, N, max(map(len, expected.values()), default=0), 5)
+                        assert h[4:] == (4 * len(expected), len(out), 40, 16, ref.row0, ref.row0 + 127,
+                                         ref.col0, ref.col0 + 127)
+                        assert got["bad_empty"] == []
+                        assert out[60:65596] == bytes(65536)
+                    assert got["tiles"] == expected
+                    del plan
+
+
+def test_contiguous_tiles_are_copied_as_one_range(v2_cache):
+    ref = v2_cache.bundles(5)[0]
+    with v2_cache.open_bundle(ref) as data:
+        plan = plan_bundle(data, (data.sizes > 0).reshape(128, 128), 2)
+        # the generated sample stores tiles back to back with prefixes: header + one source run
+        assert len(plan.segments) == 2
+        assert plan.segments[1][0] == SEG_SOURCE
+        assert plan.segments[1][2] == int(data.sizes.sum()) + 4 * plan.tiles
+        del plan
+
+
+def _handmade_v2(tiles: dict[int, bytes], prefix: bool) -> bytes:
+    """A V2 bundle whose tiles may lack the size prefix (the spec calls it legacy)."""
+    body = bytearray()
+    index = [0] * N
+    pos = 64 + 8 * N
+    for i, t in tiles.items():
+        body += (struct.pack("<I", len(t)) if prefix else b"\xee\xee\xee\xee") + t
+        index[i] = (pos + 4) | (len(t) << 40)
+        pos += 4 + len(t)
+    total = 64 + 8 * N + len(body)
+    hdr = struct.pack("<4I3Q6I", 3, N, 0, 5, 0, total, 40, 131092, 3, 16, N, 5, 131072)
+    return hdr + struct.pack(f"<{N}Q", *index) + bytes(body)
+
+
+def test_missing_or_wrong_prefixes_are_regenerated():
+    from tilecrate import _bundle
+
+    tiles = {0: b"A" * 10, 1: b"B" * 7, 130: b"C" * 300, 16383: b"D"}
+    src = _handmade_v2(tiles, prefix=False)
+    offsets, sizes = _bundle.parse_v2(src)
+    mask = np.ones((128, 128), np.uint8)
+    for version in (2, 1):
+        aux, segs, size, n, nbytes, bundlx = _plan.make_plan(src, offsets, sizes, mask, version, 0, 0)
+        out = b"".join(bytes((memoryview(src) if k == 0 else memoryview(aux))[o:o + l]) for k, o, l in segs)
+        assert len(out) == size and n == 4 and nbytes == 318
+        got = read_v2(out)["tiles"] if version == 2 else read_v1(out, bundlx)["tiles"]
+        assert got == tiles
+
+
+def test_out_of_bounds_index_is_refused():
+    src = bytes(200000)
+    offsets = np.zeros(N, np.uint64)
+    sizes = np.zeros(N, np.uint32)
+    offsets[5], sizes[5] = 199990, 20
+    mask = np.ones((128, 128), np.uint8)
+    with pytest.raises(BundleError, match="row 0, column 5"):
+        _plan.make_plan(src, offsets, sizes, mask, 2, 0, 0, "x.bundle")
+    offsets[5], sizes[5] = 2**63, 20
+    with pytest.raises(BundleError):
+        _plan.make_plan(src, offsets, sizes, mask, 2, 0, 0)
+    with pytest.raises(ValueError):
+        _plan.make_plan(src, offsets[:10], sizes, mask, 2, 0, 0)
+    with pytest.raises(ValueError):
+        _plan.make_plan(src, offsets, sizes, mask, 3, 0, 0)
+
+
+def test_plan_from_new_tile_bytes():
+    mask = np.zeros((128, 128), np.uint8)
+    mask[3, 4] = mask[3, 5] = mask[100, 0] = 1
+    new = [b"x" * 5, b"", b"z" * 70000]    # an empty re-encoded tile counts as absent
+    ref = BundleRef(7, 128, 256)
+    plan = plan_from_tiles(ref, new, mask, 2)
+    got = read_v2(plan.to_bytes())["tiles"]
+    assert got == {3 * 128 + 4: b"x" * 5, 100 * 128: b"z" * 70000}
+    plan1 = plan_from_tiles(ref, new, mask, 1)
+    v1 = read_v1(plan1.to_bytes(), plan1.bundlx)
+    assert v1["tiles"] == got and v1["header"][8:] == (128, 255, 256, 383)
+    with pytest.raises(ValueError):
+        plan_from_tiles(ref, new[:2], mask, 2)
+
+
+def test_crc_matches_zlib(v2_cache):
+    import zlib
+
+    ref = v2_cache.bundles(4)[0]
+    with v2_cache.open_bundle(ref) as data:
+        for version in (1, 2):
+            plan = plan_bundle(data, (data.sizes > 0).reshape(128, 128), version)
+            plan.compute_crc()
+            assert plan.crc == zlib.crc32(plan.to_bytes())
+            if version == 1:
+                assert plan.bundlx_crc == zlib.crc32(plan.bundlx)
+            del plan

@@ -1,0 +1,126 @@
+"""The stored-zip stream: entries, CRCs, ZIP64 (forced cheaply with a lower limit), non-seekable output."""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zipfile
+
+import pytest
+
+from tilecrate.package.zipstream import ZipWriter
+
+
+class WriteOnly(io.RawIOBase):
+    """A non-seekable sink (like a pipe or a socket) that also writes in short pieces."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        piece = bytes(memoryview(b)[:4096])     # partial writes, as a raw stream may do
+        self.data += piece
+        return len(piece)
+
+
+def _write(out, limit, payloads):
+    z = ZipWriter(out, zip64_limit=limit)
+    z.add_dir("tile")
+    for name, data in payloads:
+        z.add_bytes(name, data)
+    return z.close()
+
+
+PAYLOADS = [("root.json", b'{"a": 1}' * 100), ("tile/L00/R0000C0000.bundle", os.urandom(300_000)),
+            ("tile/图层/x.bin", b"\x00" * 10), ("empty", b"")]
+
+
+@pytest.mark.parametrize("limit", [0xFFFFFFFF, 1000, 1])
+def test_zip_reads_back_stored_with_crc(tmp_path, limit):
+    path = tmp_path / "a.zip"
+    with open(path, "wb") as f:
+        size = _write(f, limit, PAYLOADS)
+    assert size == path.stat().st_size
+    with zipfile.ZipFile(path) as zf:
+        assert zf.testzip() is None
+        infos = zf.infolist()
+        assert [i.filename for i in infos] == ["tile/"] + [n for n, _ in PAYLOADS]
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in infos)
+        for name, data in PAYLOADS:
+            assert zf.read(name) == data
+        assert infos[3].flag_bits & 0x800          # UTF-8 name flag
+        assert not infos[1].flag_bits & 0x800
+    # the dry run predicts the same size
+    dry = ZipWriter(None, zip64_limit=limit, dry_run=True)
+    dry.add_dir("tile")
+    for name, data in PAYLOADS:
+        dry.add_size(name, len(data))
+    assert dry.close() == size
+
+
+def test_zip64_records_are_really_written(tmp_path):
+    path = tmp_path / "z64.zip"
+    with open(path, "wb") as f:
+        _write(f, 1000, PAYLOADS)
+    raw = path.read_bytes()
+    assert b"PK\x06\x06" in raw and b"PK\x06\x07" in raw          # ZIP64 end record and locator
+    # the bundle's local header carries 0xFFFFFFFF sizes and a ZIP64 extra with the real ones
+    at = raw.index(b"PK\x03\x04" + struct.pack("<H", 45))
+    sig, ver, flags, method, t, d, crc, csize, usize, nlen, xlen = struct.unpack_from("<4sHHHHHLLLHH", raw, at)
+    assert (csize, usize) == (0xFFFFFFFF, 0xFFFFFFFF)
+    hid, hlen, u, c = struct.unpack_from("<HHQQ", raw, at + 30 + nlen)
+    assert (hid, hlen, u, c) == (1, 16, 300_000, 300_000)
+    eocd = raw[-22:]
+    assert struct.unpack("<4sHHHHLLH", eocd)[5:7] == (0xFFFFFFFF, 0xFFFFFFFF)
+
+
+def _png(w=40, h=30) -> tuple[bytes, "np.ndarray"]:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    px = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(px, "RGB").save(buf, "PNG")
+    return buf.getvalue(), px
+
+
+@pytest.mark.parametrize("limit", [0xFFFFFFFF, 1])
+def test_gdal_vsizip_reads_entries(tmp_path, limit):
+    rasterio = pytest.importorskip("rasterio")
+    png, px = _png()
+    path = tmp_path / "img.zip"
+    with open(path, "wb") as f:
+        _write(f, limit, PAYLOADS[:2] + [("dir/img.png", png)])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # a PNG has no georeferencing
+        with rasterio.open(f"/vsizip/{path}/dir/img.png") as ds:
+            assert (ds.read().transpose(1, 2, 0) == px).all()
+
+
+def test_non_seekable_stream_gets_identical_bytes(tmp_path):
+    path = tmp_path / "file.zip"
+    with open(path, "wb") as f:
+        _write(f, 1000, PAYLOADS)
+    sink = WriteOnly()
+    _write(sink, 1000, PAYLOADS)
+    # the stream has no seek/tell: the writer counted positions itself
+    assert bytes(sink.data) == path.read_bytes()
+
+
+def test_bad_entries_are_refused():
+    z = ZipWriter(io.BytesIO())
+    z.add_bytes("a", b"1")
+    with pytest.raises(ValueError, match="duplicate"):
+        z.add_bytes("a", b"2")
+    with pytest.raises(ValueError):
+        z.add_bytes("/abs", b"2")
+    with pytest.raises(ValueError, match="announced"):
+        z.add_stream("b", 10, 0, [b"123"])
+    with pytest.raises(ValueError):
+        z.add_size("c", 3)                  # only in dry runs
