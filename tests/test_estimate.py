@@ -88,3 +88,56 @@ def test_cli_errors(sample_v2, capsys, args, message):
     captured = capsys.readouterr()
     assert message in json.loads(captured.out)["error"]
     assert message in captured.err
+
+
+def test_presence_store_gives_the_same_answer_and_hits(sample_v2, tmp_path):
+    from tilecrate.presence import PresenceStore, decode, encode
+
+    req = ExportRequest("0-5", area_of_interest=AOI)
+    with open_cache(str(sample_v2)) as cache:
+        plain = select(cache, req)
+        with PresenceStore(str(tmp_path / "presence")) as store:
+            first = select(cache, req, presence=store)
+            assert store.misses > 0 and store.hits == 0
+        with PresenceStore(str(tmp_path / "presence")) as store:
+            second = select(cache, req, presence=store)
+            assert store.hits == store.misses + store.hits > 0
+            est = estimate(cache, req, presence=store)
+        for sel in (first, second):
+            assert [(b.ref, b.tiles, b.tile_bytes) for b in sel.bundles()] == \
+                   [(b.ref, b.tiles, b.tile_bytes) for b in plain.bundles()]
+            assert all((x.mask == y.mask).all() for x, y in zip(sel.bundles(), plain.bundles()))
+        assert est.to_json() == estimate(cache, req).to_json()
+        for ref in cache.bundles():
+            sizes = cache.index(ref)[1]
+            assert (decode(encode(sizes)) == sizes).all()
+    assert decode(b"junk") is None and decode(encode(sizes)[:-1]) is None
+
+
+def test_presence_store_ignores_a_rewritten_bundle(sample_v2, tmp_path):
+    import shutil
+
+    from tilecrate.presence import PresenceStore
+
+    src = tmp_path / "cache"
+    shutil.copytree(sample_v2, src)
+    req = ExportRequest("5")
+    store_dir = str(tmp_path / "presence")
+    with open_cache(str(src)) as cache, PresenceStore(store_dir) as store:
+        before = select(cache, req, presence=store).tiles
+    # replace the level-5 bundle by the level-4 one (fewer tiles): size and mtime change
+    l5 = next((src / "_alllayers" / "L05").glob("*.bundle"))
+    l4 = next((src / "_alllayers" / "L04").glob("*.bundle"))
+    shutil.copyfile(l4, l5)
+    os.utime(l5, (1, 1))
+    with open_cache(str(src)) as cache, PresenceStore(store_dir) as store:
+        after = select(cache, req, presence=store).tiles
+        assert store.misses == 1
+    assert after != before and after == 24
+
+
+def test_cli_presence_store(sample_v2, tmp_path, capsys):
+    args = ["estimate", str(sample_v2), "--levels", "0-5", "--json", "--presence-store", str(tmp_path / "p")]
+    assert main(args) == 0 and main(args) == 0
+    a, b = capsys.readouterr().out.strip().split("\n}\n")
+    assert json.loads(a + "}") == json.loads(b)

@@ -312,10 +312,18 @@ cdef class Rasterizer:
 
 def _check_spans(row_ptr, spans, Py_ssize_t nrows):
     rp = np.ascontiguousarray(row_ptr, dtype=np.int64)
-    sp = np.ascontiguousarray(spans, dtype=np.int64).reshape(-1, 2)
+    sp = np.ascontiguousarray(spans, dtype=np.int64)
+    if sp.ndim != 2 or sp.shape[1] != 2:
+        sp = sp.reshape(-1, 2)
     if rp.ndim != 1 or rp.shape[0] < nrows + 1:
         raise ValueError(f"row_ptr must have at least {nrows + 1} entries")
-    if rp[0] < 0 or (rp.shape[0] > 1 and (np.diff(rp) < 0).any()) or rp[nrows] > sp.shape[0]:
+    cdef int64_t[::1] v = rp
+    cdef Py_ssize_t i, m = sp.shape[0]
+    cdef bint ok = v[0] >= 0 and v[nrows] <= m
+    for i in range(nrows):
+        if v[i + 1] < v[i]:
+            ok = False
+    if not ok:
         raise ValueError("row_ptr is not a valid index into spans")
     return rp, sp
 

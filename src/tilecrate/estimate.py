@@ -9,6 +9,7 @@ import threading
 from dataclasses import dataclass, field
 
 from tilecrate.cache import Cache, open_cache
+from tilecrate.presence import PresenceStore
 from tilecrate.request import ExportRequest
 from tilecrate.selection import Selection, select
 
@@ -42,9 +43,10 @@ def estimate_selection(cache: Cache, selection: Selection, request: ExportReques
     return Estimate(selection.tiles, int(total), levels)
 
 
-def estimate(cache: Cache | str, request: ExportRequest, *, cancel: threading.Event | None = None) -> Estimate:
+def estimate(cache: Cache | str, request: ExportRequest, *, cancel: threading.Event | None = None,
+             presence: PresenceStore | None = None) -> Estimate:
     """Exact totalTilesToExport and totalSize (bytes of the package export() would write)."""
     if isinstance(cache, Cache):
-        return estimate_selection(cache, select(cache, request, cancel=cancel), request)
+        return estimate_selection(cache, select(cache, request, cancel=cancel, presence=presence), request)
     with open_cache(str(cache)) as opened:
-        return estimate_selection(opened, select(opened, request, cancel=cancel), request)
+        return estimate_selection(opened, select(opened, request, cancel=cancel, presence=presence), request)

@@ -11,16 +11,19 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from tilecrate import _mask
 from tilecrate.cache import BundleRef, Cache
-from tilecrate.errors import CacheError, Cancelled, RequestError
+from tilecrate.errors import Cancelled, RequestError
 from tilecrate.geometry import Area, polygon_edges, request_area
 from tilecrate.request import ExportRequest
-from tilecrate.tiling import PACKET, TileScheme
+from tilecrate.tiling import PACKET, Extent, TileScheme
+
+if TYPE_CHECKING:
+    from tilecrate.presence import PresenceStore
 
 LOD_REL_TOL = 1e-3   # scales/resolutions copied with rounding still match (adjacent LODs differ ~2x)
 
@@ -214,9 +217,16 @@ def _full_mask(sizes: np.ndarray) -> tuple[np.ndarray, int, int]:
     return mask, tiles, int(sizes.sum(dtype=np.uint64))
 
 
+def _sizes_getter(cache: Cache, presence: "PresenceStore | None"):
+    if presence is None:
+        return lambda ref: cache.index(ref)[1]
+    return lambda ref: presence.sizes(cache, ref)
+
+
 def select_level(cache: Cache, level: int, area: Area | None, *,
-                 cancel: threading.Event | None = None) -> LevelSelection:
+                 cancel: threading.Event | None = None, presence: "PresenceStore | None" = None) -> LevelSelection:
     """One level's selection: every existing bundle the area touches, masked to wanted and present tiles."""
+    sizes_of = _sizes_getter(cache, presence)
     out = LevelSelection(level)
     refs = cache.bundles(level)
     if not refs or not cache.scheme.has_level(level):
@@ -224,7 +234,7 @@ def select_level(cache: Cache, level: int, area: Area | None, *,
     if area is None:
         for ref in refs:
             _check_cancel(cancel)
-            mask, tiles, nbytes = _full_mask(cache.index(ref)[1])
+            mask, tiles, nbytes = _full_mask(sizes_of(ref))
             if tiles:
                 out.bundles.append(BundleSelection(ref, mask, tiles, nbytes))
         return _total(out)
@@ -247,7 +257,7 @@ def select_level(cache: Cache, level: int, area: Area | None, *,
             mask, wanted = _mask.window_mask(row_ptr, spans, ref.col0)
             if not wanted:
                 continue
-            tiles, nbytes = _mask.apply_presence(mask, cache.index(ref)[1])
+            tiles, nbytes = _mask.apply_presence(mask, sizes_of(ref))
             if tiles:
                 out.bundles.append(BundleSelection(ref, mask, int(tiles), int(nbytes)))
     return _total(out)
@@ -259,14 +269,26 @@ def _total(ls: LevelSelection) -> LevelSelection:
     return ls
 
 
+def _bundle_extent(cache: Cache) -> Extent | None:
+    """Bounds of the bundles of the coarsest level present: from file names only, no index read."""
+    levels = [lv for lv in cache.levels if cache.scheme.has_level(lv)]
+    if not levels:
+        return None
+    refs = cache.bundles(levels[0])
+    r0, r1 = min(r.row0 for r in refs), max(r.row0 for r in refs) + PACKET - 1
+    c0, c1 = min(r.col0 for r in refs), max(r.col0 for r in refs) + PACKET - 1
+    x0, _, _, y1 = cache.scheme.tile_bounds(levels[0], r0, c0)
+    _, y0, x1, _ = cache.scheme.tile_bounds(levels[0], r1, c1)
+    return Extent(x0, y0, x1, y1, cache.scheme.spatial_ref)
+
+
 def area_of(cache: Cache, request: ExportRequest) -> Area | None:
     """The request's export area in the cache's coordinates (None = everything); refuses areas off the cache."""
     area = request_area(request.extent, request.area_of_interest, request.aoi_sr, cache.scheme.spatial_ref)
     if area is None:
         return None
-    try:
-        ext = cache.data_extent()
-    except CacheError:
+    ext = cache.full_extent if cache.full_extent is not None and cache.full_extent.is_valid else _bundle_extent(cache)
+    if ext is None:
         return area  # nothing to compare with; the selection will simply be empty
     xmin, ymin, xmax, ymax = area.bounds
     # a little slack: extents written by ArcGIS are rounded
@@ -279,9 +301,15 @@ def area_of(cache: Cache, request: ExportRequest) -> Area | None:
     return area
 
 
-def select(cache: Cache, request: ExportRequest, *, cancel: threading.Event | None = None) -> Selection:
-    """The tiles a request exports from a cache: per level, per bundle, wanted and present."""
+def select(cache: Cache, request: ExportRequest, *, cancel: threading.Event | None = None,
+           presence: "PresenceStore | None" = None) -> Selection:
+    """The tiles a request exports from a cache: per level, per bundle, wanted and present.
+
+    With a `presence` store (tilecrate.presence), bundle indexes read once are remembered there.
+    """
     levels = resolve_levels(cache.scheme, request.export_by, request.level_items)
     area = area_of(cache, request)
-    out = [select_level(cache, lv, area, cancel=cancel) for lv in levels]
+    out = [select_level(cache, lv, area, cancel=cancel, presence=presence) for lv in levels]
+    if presence is not None:
+        presence.flush()
     return Selection(out, sum(ls.tiles for ls in out), sum(ls.tile_bytes for ls in out))

@@ -8,6 +8,7 @@ from tilecrate.cache import open_cache
 from tilecrate.cli import emit_json, human_bytes
 from tilecrate.errors import RequestError
 from tilecrate.estimate import estimate
+from tilecrate.presence import PresenceStore
 from tilecrate.request import ExportRequest
 
 NAME = "estimate"
@@ -28,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-format", help="CompactV2 (.tpkx) or Compact (.tpk); default: the cache's own")
     p.add_argument("--tile-package", action=argparse.BooleanOptionalAction, default=True,
                    help="estimate a tile package (default) or, with --no-tile-package, a cache folder")
+    p.add_argument("--presence-store", metavar="DIR",
+                   help="an LMDB folder remembering which tiles each bundle holds (faster repeated estimates)")
 
 
 def read_aoi(value: str | None) -> str | None:
@@ -63,7 +66,11 @@ def run(args: argparse.Namespace) -> int:
     """Print the estimate (table, or JSON with --json)."""
     request = request_from_args(args)
     with open_cache(args.cache) as cache:
-        est = estimate(cache, request)
+        if args.presence_store:
+            with PresenceStore(args.presence_store) as store:
+                est = estimate(cache, request, presence=store)
+        else:
+            est = estimate(cache, request)
         scales = {lod.level: lod.scale for lod in cache.scheme.lods}
     if args.json:
         emit_json(est.to_json())
