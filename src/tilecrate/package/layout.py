@@ -62,7 +62,7 @@ class Layout:
                     (self.root + "conf.xml", metadata.conf_xml(info)),
                     (self.root + "conf.cdi", metadata.conf_cdi(info)),
                     (self.root + "conf.properties", metadata.conf_properties())]
-        return [("conf.xml", metadata.conf_xml(info)), ("conf.cdi", metadata.conf_cdi(info))]
+        return [("conf.xml", metadata.conf_xml(info, up_to_exported=True)), ("conf.cdi", metadata.conf_cdi(info))]
 
     @property
     def has_thumbnail(self) -> bool:

@@ -189,12 +189,19 @@ _NS = ("xmlns:xsi='http://www.w3.org/2001/XMLSchema-instance' xmlns:xs='http://w
        "xmlns:typens='http://www.esri.com/schemas/ArcGIS/10.3'")
 
 
-def conf_xml(info: PackageInfo) -> bytes:
-    """CacheInfo (conf.xml) for the exported cache."""
+def conf_xml(info: PackageInfo, up_to_exported: bool = False) -> bytes:
+    """CacheInfo (conf.xml) for the exported cache; `up_to_exported` lists only LODs down to the finest exported.
+
+    A cache folder read by GDAL's ESRIC driver has no maxLOD: GDAL takes the finest LOD listed as
+    the full resolution and refuses schemes whose finest level exceeds its raster size limit (the
+    usual 24-level Web Mercator scheme does), so cache folders list the LODs that can hold tiles.
+    """
     s = info.scheme
+    top = info.levels[-1] if (up_to_exported and info.levels) else None
+    chosen = [l for l in s.lods if top is None or l.level <= top]
     lods = "".join(
         f"<LODInfo xsi:type='typens:LODInfo'><LevelID>{l.level}</LevelID><Scale>{_num(l.scale)}</Scale>"
-        f"<Resolution>{_num(l.resolution)}</Resolution></LODInfo>" for l in s.lods)
+        f"<Resolution>{_num(l.resolution)}</Resolution></LODInfo>" for l in chosen)
     text = (
         f"<?xml version=\"1.0\" encoding=\"utf-8\" ?>\n<CacheInfo xsi:type='typens:CacheInfo' {_NS}>"
         f"<TileCacheInfo xsi:type='typens:TileCacheInfo'>{_sr_xml(s.spatial_ref)}"
