@@ -16,7 +16,7 @@ from tilecrate.request import ExportRequest
 from tilecrate.selection import count_wanted, resolve_levels, select, select_level
 from tilecrate.tiling import PACKET, web_mercator_scheme
 
-from conftest import real_path
+from conftest import REAL_SOURCES, real_path
 
 TO_4326 = Transformer.from_crs(3857, 4326, always_xy=True)
 BBOX_4326 = (3.3, 41.7, 27.9, 55.4)                 # not aligned with any tile edge
@@ -181,3 +181,15 @@ def test_count_wanted_without_presence():
     assert count_wanted(scheme, world, [0, 3]) == {0: 2 * 2, 3: 9 * 9}
     q = Area((-half, 0.5, -0.5, half), shapely.box(-half, 0.5, -0.5, half))
     assert count_wanted(scheme, q, [4]) == {4: 8 * 8}
+
+
+@pytest.mark.parametrize("key", sorted(REAL_SOURCES))
+def test_real_sources_full_and_full_extent(key):
+    """Every real cache: everything selects the tiles PROVENANCE.md lists; so does its own full extent."""
+    with open_cache(str(real_path(key))) as c:
+        levels = f"{c.levels[0]}-{c.levels[-1]}"
+        full = select(c, ExportRequest(levels))
+        expected = REAL_SOURCES[key][1]
+        assert {ls.level: ls.tiles for ls in full.levels if ls.tiles} == expected
+        if c.full_extent is not None:
+            assert select(c, ExportRequest(levels, extent=c.full_extent.to_json())).tiles == full.tiles
