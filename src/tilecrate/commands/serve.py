@@ -1,0 +1,92 @@
+"""`tilecrate serve [CONFIG] [--cache PATH] [--demo]`: the ArcGIS-compatible MapServer with export jobs."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from tilecrate.errors import TilecrateError
+
+NAME = "serve"
+HELP = "serve caches as ArcGIS MapServer services with exportTiles and estimateExportTilesSize jobs"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `tilecrate serve`."""
+    p.add_argument("config", nargs="?", help="TOML file naming the services (see examples/tilecrate.toml)")
+    p.add_argument("--cache", metavar="PATH", help="serve this one cache (folder, .tpk or .tpkx) without a config")
+    p.add_argument("--name", help="service name for --cache / --demo (default: from the path, or SampleWorld)")
+    p.add_argument("--demo", action="store_true", help="serve the built-in sample cache (made on first use)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--data-dir", help="job store and arcgisoutput folder (default ./tilecrate-data)")
+    p.add_argument("--token", help="require this token on every request")
+    p.add_argument("--max-file-age", type=float, help="seconds before outputs are removed (default 600)")
+    p.add_argument("--max-outstanding-jobs", type=int, help="refuse new jobs with 503 beyond this many")
+    p.add_argument("--max-export-tiles", type=int, help="maxExportTilesCount for --cache / --demo (default 100000)")
+    p.add_argument("--workers", type=int, help="jobs run at once (default 2)")
+
+
+def build_config(args: argparse.Namespace):
+    """The ServerConfig from a file or from --cache / --demo, with command-line overrides applied."""
+    from tilecrate.server.config import ConfigError, ServerConfig, ServiceConfig, check_name, load_config, validate
+
+    chosen = sum(bool(x) for x in (args.config, args.cache, args.demo))
+    if chosen != 1:
+        raise ConfigError("give exactly one of CONFIG, --cache PATH or --demo")
+    if args.config:
+        cfg = load_config(args.config)
+    else:
+        cfg = ServerConfig()
+        cfg.data_dir = os.path.abspath(args.data_dir or "tilecrate-data")
+        if args.demo:
+            source = _demo_cache(cfg.data_dir)
+            name = args.name or "SampleWorld"
+        else:
+            source = os.path.abspath(args.cache)
+            stem = os.path.splitext(os.path.basename(source.rstrip(os.sep)))[0]
+            name = args.name or "".join(c if c.isalnum() or c in "_-." else "_" for c in stem) or "Cache"
+        cfg.services[check_name(name)] = ServiceConfig(
+            name=name, source=source,
+            max_export_tiles_count=args.max_export_tiles if args.max_export_tiles is not None else 100000)
+    for attr, value in (("host", args.host), ("port", args.port), ("token", args.token),
+                        ("max_file_age", args.max_file_age), ("workers", args.workers),
+                        ("maximum_outstanding_jobs", args.max_outstanding_jobs)):
+        if value is not None:
+            setattr(cfg, attr, value)
+    if args.data_dir and args.config:
+        cfg.data_dir = os.path.abspath(args.data_dir)
+    return validate(cfg)
+
+
+def _demo_cache(data_dir: str) -> str:
+    from tilecrate.sample import SampleSpec, make_sample
+
+    path = os.path.join(data_dir, "demo-sample")
+    if not os.path.isfile(os.path.join(path, "conf.xml")):
+        print(f"tilecrate: making the demo sample cache in {path}", file=sys.stderr)
+        make_sample(path, SampleSpec())
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the server and serve until interrupted."""
+    from aiohttp import web
+
+    from tilecrate.server.app import create_app
+
+    cfg = build_config(args)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.makedirs(cfg.data_dir, exist_ok=True)
+    app = create_app(cfg)
+    names = ", ".join(cfg.services)
+    print(f"tilecrate: serving {names} on http://{cfg.host}:{cfg.port}/arcgis/rest/services "
+          f"(data in {cfg.data_dir})", file=sys.stderr, flush=True)
+    try:
+        web.run_app(app, host=cfg.host, port=cfg.port, print=None, access_log=None,
+                    handle_signals=True, shutdown_timeout=5)
+    except OSError as e:
+        raise TilecrateError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+    return 0

@@ -1,0 +1,581 @@
+"""The aiohttp application: ArcGIS REST routes under /arcgis/rest for every configured service.
+
+One middleware answers every failure as Esri error JSON (or an HTML page with f=html), adds CORS
+headers, and checks the token when one is configured. Handlers only read and route: cache reads
+and job submission run in the default executor; LMDB reads (microseconds) run on the loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+from typing import Awaitable, Callable
+from urllib.parse import quote
+
+import numpy as np
+from aiohttp import web
+
+from tilecrate.errors import RequestError, TilecrateError
+from tilecrate.jobs import AdmissionRefused, JobError, JobRunner, JobService, JobStore
+from tilecrate.jobs.model import ESTIMATE, EXPORT, SUCCEEDED, Job, is_job_id
+from tilecrate.server import html
+from tilecrate.server.config import ServerConfig
+from tilecrate.server.errors import EsriError
+from tilecrate.server.service import CURRENT_VERSION, Service, open_service
+from tilecrate.tiling import PACKET
+
+log = logging.getLogger("tilecrate.server")
+
+ROOT = "/arcgis/rest"
+OUTPUT = f"{ROOT}/directories/arcgisoutput"
+_SVC = ROOT + "/services/{service}/MapServer"
+_OPS = {"exporttiles": EXPORT, "estimateexporttilessize": ESTIMATE}
+_MAX_INT_TEXT = 12  # digits accepted in a level/row/col path segment
+_CORS = {"Access-Control-Allow-Origin": "*",
+         "Access-Control-Expose-Headers": "Content-Length, Content-Range, Retry-After, Content-Disposition"}
+_PREFLIGHT = {"Access-Control-Allow-Methods": "GET, POST, HEAD, OPTIONS",
+              "Access-Control-Allow-Headers": "Authorization, X-Esri-Authorization, Content-Type, Range",
+              "Access-Control-Max-Age": "86400"}
+
+CFG = web.AppKey("cfg", ServerConfig)
+SERVICES = web.AppKey("services", dict)
+RUNNER = web.AppKey("runner", JobRunner)
+STORE = web.AppKey("store", JobStore)
+PREVIEWS = web.AppKey("previews", dict)
+CLEANER = web.AppKey("cleaner", asyncio.Task)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# ------------------------------------------------------------------------------------------
+# parameters, formats, responses
+
+
+async def params_of(request: web.Request) -> dict[str, str]:
+    """Query and form parameters merged (form wins), keys as sent; read once per request."""
+    cached = request.get("tc_params")
+    if cached is not None:
+        return cached
+    out: dict[str, str] = {}
+    for k, v in request.query.items():
+        out[k] = v
+    if request.method == "POST" and request.body_exists:
+        ctype = request.content_type
+        if ctype in ("application/x-www-form-urlencoded", "multipart/form-data"):
+            try:
+                form = await request.post()
+            except web.HTTPException:
+                raise
+            except Exception as e:  # malformed bodies are the client's problem, reported as such
+                raise EsriError(400, f"the request body cannot be read as a form ({type(e).__name__})") from None
+            for k, v in form.items():
+                if not isinstance(v, str):
+                    raise EsriError(400, f"parameter {k!r} must be text, not an uploaded file")
+                out[k] = v
+    request["tc_params"] = out
+    return out
+
+
+def param(params: dict[str, str], name: str) -> str | None:
+    """A parameter by case-insensitive name; empty strings count as absent."""
+    low = name.lower()
+    for k, v in params.items():
+        if k.lower() == low and v.strip():
+            return v
+    return None
+
+
+def fmt_of(params: dict[str, str], default: str = "html") -> str:
+    """The `f` parameter: json, pjson or html (any case); an unknown value is an error."""
+    f = (param(params, "f") or default).strip().lower()
+    if f not in ("json", "pjson", "html"):
+        raise EsriError(400, f"Invalid format {f[:40]!r}: use f=json, f=pjson or f=html")
+    return f
+
+
+def json_response(obj: object, f: str = "json", status: int = 200, headers: dict | None = None) -> web.Response:
+    """JSON (compact for json, indented for pjson)."""
+    text = json.dumps(obj, indent=2 if f == "pjson" else None, separators=None if f == "pjson" else (",", ":"),
+                      allow_nan=False, default=str)
+    return web.Response(text=text, status=status, content_type="application/json", charset="utf-8",
+                        headers=headers)
+
+
+def html_response(text: str, status: int = 200) -> web.Response:
+    """An HTML page."""
+    return web.Response(text=text, status=status, content_type="text/html", charset="utf-8")
+
+
+async def reply(request: web.Request, obj: dict, render: Callable[[], str] | None = None,
+                default: str = "html") -> web.Response:
+    """Answer a resource in the format asked for."""
+    f = fmt_of(await params_of(request), default)
+    if f == "html":
+        return html_response(render() if render else html.page(request.path, html.json_block(obj)))
+    return json_response(obj, f)
+
+
+def base_url(request: web.Request) -> str:
+    """Scheme and host clients reach us at (public_url when configured)."""
+    cfg = request.app[CFG]
+    if cfg.public_url:
+        return cfg.public_url.rstrip("/")
+    return f"{request.scheme}://{request.host}"
+
+
+def token_of(params: dict[str, str], request: web.Request) -> str | None:
+    """The token sent as a parameter or as a Bearer header."""
+    tok = param(params, "token")
+    if tok:
+        return tok.strip()
+    for header in ("X-Esri-Authorization", "Authorization"):
+        value = request.headers.get(header, "")
+        if value.lower().startswith("bearer "):
+            return value[7:].strip()
+    return None
+
+
+def _is_binary(request: web.Request) -> bool:
+    path = request.path
+    return "/tile/" in path or (path.startswith(OUTPUT + "/") and not path.endswith("/")
+                                and "." in path.rsplit("/", 1)[-1])
+
+
+def _error_response(request: web.Request, err: EsriError) -> web.Response:
+    binary = _is_binary(request)
+    status = err.http_status(binary)
+    params = request.get("tc_params") or dict(request.query)
+    f = (param(params, "f") or "").strip().lower()
+    if f == "html" and not binary:
+        resp = html_response(html.error_page(err.to_json()), status)
+    else:
+        resp = json_response(err.to_json(), "pjson" if f == "pjson" else "json", status)
+    resp.headers.update(err.headers)
+    return resp
+
+
+@web.middleware
+async def esri_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Tokens, CORS, and Esri error JSON for everything that goes wrong."""
+    if request.method == "OPTIONS":
+        return web.Response(status=204, headers={**_CORS, **_PREFLIGHT})
+    try:
+        cfg = request.app[CFG]
+        if cfg.token is not None and request.path.startswith(ROOT):
+            sent = token_of(await params_of(request), request)
+            if not sent:
+                raise EsriError(499, "This server requires a token: pass token=... or an "
+                                     "X-Esri-Authorization: Bearer header.")
+            if not hmac.compare_digest(sent.encode(), cfg.token.encode()):
+                raise EsriError(498, "The token is not valid.")
+        resp = await handler(request)
+    except EsriError as e:
+        resp = _error_response(request, e)
+    except web.HTTPException as e:
+        if e.status < 400:  # redirects
+            e.headers.update(_CORS)
+            raise
+        code = e.status if e.status in (404, 405, 413) else 400
+        detail = {404: f"no resource at {request.path}", 405: f"{request.method} is not supported here",
+                  413: "the request is too large"}.get(code, e.reason)
+        resp = _error_response(request, EsriError(code, detail, http_status=code if code != 400 else None))
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unexpected error answering %s %s", request.method, request.path_qs[:300])
+        resp = _error_response(request, EsriError(400, "The server could not complete this request; "
+                                                       "the server log has the details."))
+    if not resp.prepared:
+        resp.headers.update(_CORS)
+    return resp
+
+
+# ------------------------------------------------------------------------------------------
+# helpers for handlers
+
+
+def _service(request: web.Request) -> Service:
+    name = request.match_info["service"]
+    svc = request.app[SERVICES].get(name)
+    if svc is None:
+        raise EsriError(404, f"Service {name[:100]}/MapServer not found", message="Service not found")
+    return svc
+
+
+def _int(text: str, what: str) -> int:
+    if not text.isdigit() or len(text) > _MAX_INT_TEXT:
+        raise EsriError(400, f"{what} must be a whole number, not {text[:30]!r}")
+    return int(text)
+
+
+def _job(request: web.Request) -> tuple[Service, Job]:
+    svc = _service(request)
+    job_id = request.match_info["job"]
+    job = request.app[STORE].get(job_id) if is_job_id(job_id) else None
+    if job is None or job.service != svc.name:
+        raise EsriError(400, f"Job '{job_id[:60]}' does not exist or is inaccessible.", message="Invalid URL")
+    return svc, job
+
+
+def _op_of(request: web.Request, job: Job | None = None) -> str:
+    op = request.match_info.get("op")
+    if op:
+        return _OPS[op.lower()]
+    return job.kind if job is not None else EXPORT
+
+
+async def run_blocking(request: web.Request, fn, *args):
+    """Run blocking work in the default executor."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def output_listing(request: web.Request, rel: str, path: str) -> dict:
+    """`{"folders": [...], "files": [{"name", "url", "size"}]}` of an arcgisoutput folder."""
+    url = f"{base_url(request)}{OUTPUT}" + (f"/{quote(rel)}" if rel else "")
+    folders, files = [], []
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.name.startswith(".") or entry.is_symlink():
+            continue  # temporary names of outputs still being written, and anything not ours
+        if entry.is_dir():
+            folders.append(entry.name)
+        elif entry.is_file():
+            files.append({"name": entry.name, "url": f"{url}/{quote(entry.name)}", "size": entry.stat().st_size})
+    return {"folders": folders, "files": files}
+
+
+def _output_path(request: web.Request, rel: str) -> str:
+    root = request.app[RUNNER].output_root
+    parts = [p for p in rel.split("/") if p]
+    if any(p in (".", "..") or p.startswith(".") or "\\" in p or "\0" in p for p in parts):
+        raise EsriError(404, f"no output at {rel[:200]}", http_status=404)
+    path = os.path.join(root, *parts)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real, root]) != root:
+        raise EsriError(404, f"no output at {rel[:200]}", http_status=404)
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# handlers
+
+
+async def h_root(request: web.Request) -> web.StreamResponse:
+    """`/` -> the services directory."""
+    raise web.HTTPFound(f"{ROOT}/services?f=html")
+
+
+async def h_info(request: web.Request) -> web.Response:
+    """`/arcgis/rest/info`: version and how tokens are obtained."""
+    cfg = request.app[CFG]
+    obj = {"currentVersion": CURRENT_VERSION, "fullVersion": str(CURRENT_VERSION),
+           "authInfo": {"isTokenBasedSecurity": cfg.token is not None}}
+    return await reply(request, obj, default="json")
+
+
+async def h_services(request: web.Request) -> web.Response:
+    """The services directory."""
+    names = sorted(request.app[SERVICES])
+    obj = {"currentVersion": CURRENT_VERSION, "folders": [],
+           "services": [{"name": n, "type": "MapServer"} for n in names]}
+    return await reply(request, obj, lambda: html.directory_page(ROOT, names, CURRENT_VERSION))
+
+
+async def h_service(request: web.Request) -> web.Response:
+    """`<name>/MapServer`."""
+    svc = _service(request)
+    info = svc.root_json()
+    params = await params_of(request)
+    if fmt_of(params) == "html":
+        preview = await _preview(request, svc)
+        return html_response(html.service_page(ROOT, svc.name, info, preview, param(params, "token")))
+    return await reply(request, info)
+
+
+async def _preview(request: web.Request, svc: Service) -> tuple[int, list[int], list[int]] | None:
+    previews = request.app[PREVIEWS]
+    if svc.name not in previews:
+        previews[svc.name] = await run_blocking(request, _compute_preview, svc)
+    return previews[svc.name]
+
+
+def _compute_preview(svc: Service) -> tuple[int, list[int], list[int]] | None:
+    """The finest level whose tiles fit a 4 x 4 grid (else 4 x 4 tiles of the coarsest level)."""
+    best = None
+    for lv in svc.cache.levels:
+        rows, cols = set(), set()
+        for ref in svc.cache.bundles(lv):
+            _, sizes = svc.cache.index(ref)
+            idx = np.flatnonzero(sizes)
+            rows.update((ref.row0 + idx // PACKET).tolist())
+            cols.update((ref.col0 + idx % PACKET).tolist())
+        if not rows:
+            continue
+        r, c = sorted(rows), sorted(cols)
+        if best is None or (r[-1] - r[0] < 4 and c[-1] - c[0] < 4):
+            best = (lv, list(range(r[0], min(r[0] + 4, r[-1] + 1))), list(range(c[0], min(c[0] + 4, c[-1] + 1))))
+        else:
+            break
+    return best
+
+
+async def h_layers(request: web.Request) -> web.Response:
+    """`MapServer/layers`."""
+    return await reply(request, _service(request).layers_json())
+
+
+async def h_layer(request: web.Request) -> web.Response:
+    """`MapServer/<layerId>`: the cache is layer 0."""
+    svc = _service(request)
+    layer = _int(request.match_info["layer"], "layer id")
+    if layer != 0:
+        raise EsriError(400, f"Invalid layer ID: {layer}; this service has one layer, 0", message="Invalid URL")
+    return await reply(request, svc.layer_json(0))
+
+
+async def h_tile(request: web.Request) -> web.StreamResponse:
+    """`tile/<level>/<row>/<col>`: the tile's bytes, or 404."""
+    svc = _service(request)
+    level = _int(request.match_info["level"], "level")
+    row = _int(request.match_info["row"], "row")
+    col = _int(request.match_info["col"], "column")
+    found = await run_blocking(request, svc.tile, level, row, col)
+    if found is None:
+        raise EsriError(404, f"no tile at level {level}, row {row}, column {col}", message="Tile not found",
+                        http_status=404)
+    data, ctype = found
+    return web.Response(body=data, content_type=ctype, headers={"Cache-Control": "max-age=3600"})
+
+
+async def h_tilemap(request: web.Request) -> web.Response:
+    """`tilemap/<level>/<row>/<col>/<width>/<height>`."""
+    svc = _service(request)
+    m = request.match_info
+    level, row, col = _int(m["level"], "level"), _int(m["row"], "row"), _int(m["col"], "column")
+    width, height = _int(m["width"], "width"), _int(m["height"], "height")
+    if not (1 <= width and 1 <= height):
+        raise EsriError(400, "width and height must be at least 1")
+    obj = await run_blocking(request, svc.tilemap, level, row, col, width, height)
+    return await reply(request, obj, default="json")
+
+
+async def h_submit(request: web.Request) -> web.StreamResponse:
+    """exportTiles / estimateExportTilesSize: admit a job and answer its handle."""
+    svc = _service(request)
+    kind = _op_of(request)
+    params = await params_of(request)
+    f = fmt_of(params)
+    if not svc.config.export_tiles_allowed:
+        raise EsriError(400, f"{kind} is not allowed on {svc.name}/MapServer: the service has "
+                             f"exportTilesAllowed=false.", message="Export Tiles operation is not allowed for this service")
+    if param(params, "levels") is None and f == "html" and request.method == "GET" and len(params) <= 2:
+        # the operation page itself: the form
+        info = svc.root_json()
+        return html_response(html.service_page(ROOT, svc.name, info, None, param(params, "token")))
+    runner = request.app[RUNNER]
+    try:
+        job = await run_blocking(request, runner.submit, kind, svc.name, params)
+    except RequestError as e:
+        raise EsriError(400, str(e), message="Invalid or missing input parameters.") from None
+    except AdmissionRefused as e:
+        raise EsriError(503, str(e), message="Too many outstanding jobs", headers={"Retry-After": "300"}) from None
+    except JobError as e:
+        raise EsriError(400, str(e)) from None
+    obj = {"jobId": job.id, "jobStatus": job.status}
+    if f == "html":
+        tok = param(params, "token")
+        tq = f"&token={quote(tok)}" if tok else ""
+        raise web.HTTPSeeOther(f"{ROOT}/services/{quote(svc.name)}/MapServer/{kind}/jobs/{job.id}?f=html{tq}")
+    return json_response(obj, f)
+
+
+def _files_of(request: web.Request, job: Job) -> tuple[list[dict], list[str]] | None:
+    if job.status != SUCCEEDED or not job.result or "folder" not in job.result:
+        return None
+    rel = job.result["folder"]
+    path = _output_path(request, rel)
+    if not os.path.isdir(path):
+        return None
+    listing = output_listing(request, rel, path)
+    return listing["files"], listing["folders"]
+
+
+async def h_job(request: web.Request) -> web.Response:
+    """A job resource at any of its URLs."""
+    svc, job = _job(request)
+    obj = job.to_json()
+    params = await params_of(request)
+    if fmt_of(params) == "html":
+        found = _files_of(request, job) or ([], [])
+        estimate = (job.result or {}).get("value") if job.kind == ESTIMATE else None
+        return html_response(html.job_page(ROOT, svc.name, job.kind, obj, found[0], found[1], estimate,
+                                           param(params, "token")))
+    return json_response(obj, fmt_of(params))
+
+
+async def h_cancel(request: web.Request) -> web.StreamResponse:
+    """`…/jobs/<id>/cancel`."""
+    svc, job = _job(request)
+    params = await params_of(request)
+    f = fmt_of(params)
+    try:
+        job = await run_blocking(request, request.app[RUNNER].cancel, job.id)
+    except JobError as e:
+        raise EsriError(400, str(e), message="Invalid or missing input parameters.") from None
+    if f == "html":
+        tok = param(params, "token")
+        tq = f"&token={quote(tok)}" if tok else ""
+        raise web.HTTPSeeOther(f"{ROOT}/services/{quote(svc.name)}/MapServer/{job.kind}/jobs/{job.id}?f=html{tq}")
+    return json_response({"jobId": job.id, "jobStatus": job.status}, f)
+
+
+async def h_result(request: web.Request) -> web.Response:
+    """`…/jobs/<id>/results/out_service_url`."""
+    svc, job = _job(request)
+    name = request.match_info["param"]
+    if name.lower() != "out_service_url":
+        raise EsriError(400, f"this job has no result named {name[:60]!r}; its result is out_service_url",
+                        message="Invalid URL")
+    if job.status != SUCCEEDED or not job.result:
+        raise EsriError(400, f"the job has no results: it is {job.status}", message="Unable to complete operation.")
+    if job.kind == ESTIMATE:
+        value = job.result["value"]
+    else:
+        if _files_of(request, job) is None:
+            raise EsriError(400, "the output of this job has expired and was removed; submit the job again")
+        value = f"{base_url(request)}{OUTPUT}/{quote(job.result['folder'])}"
+    return await reply(request, {"paramName": "out_service_url", "dataType": "GPString", "value": value})
+
+
+async def h_input(request: web.Request) -> web.Response:
+    """`…/jobs/<id>/inputs/<name>`."""
+    _, job = _job(request)
+    name = request.match_info["param"]
+    found = job.input_value(name)
+    if found is None:
+        raise EsriError(400, f"this job has no input named {name[:60]!r}", message="Invalid URL")
+    dtype, value = found
+    if dtype == "GPFeatureRecordSetLayer" and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            pass
+    return await reply(request, {"paramName": name, "dataType": dtype, "value": value})
+
+
+async def h_output(request: web.Request) -> web.StreamResponse:
+    """`directories/arcgisoutput/…`: folder JSON (also without f) or the file, with Range support."""
+    rel = request.match_info.get("path", "").strip("/")
+    path = _output_path(request, rel)
+    if os.path.isdir(path):
+        params = await params_of(request)
+        listing = output_listing(request, rel, path)
+        f = fmt_of(params, default="json")  # the ArcGIS API for Python reads this without f
+        if f == "html":
+            return html_response(html.folder_page(f"arcgisoutput/{rel}", listing))
+        return json_response(listing, f)
+    if not os.path.isfile(path):
+        raise EsriError(404, f"no output at {rel[:200]} (outputs are removed after "
+                             f"{request.app[CFG].max_file_age:.0f} seconds)", http_status=404)
+    name = os.path.basename(path)
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream",
+                                           "Content-Disposition": f'attachment; filename="{name}"'})
+
+
+# ------------------------------------------------------------------------------------------
+# the application
+
+
+def add_routes(app: web.Application) -> None:
+    """Register every route for GET and POST (HEAD comes with GET)."""
+    ops = "{op:(?i:exportTiles|estimateExportTilesSize)}"
+    routes: list[tuple[str, Handler]] = [
+        ("/", h_root),
+        (f"{ROOT}", h_root), (f"{ROOT}/", h_root),
+        (f"{ROOT}/info", h_info),
+        (f"{ROOT}/services", h_services), (f"{ROOT}/services/", h_services),
+        (_SVC, h_service), (_SVC + "/", h_service),
+        (_SVC + "/layers", h_layers),
+        (_SVC + "/{layer:[0-9]+}", h_layer),
+        (_SVC + "/tile/{level}/{row}/{col}", h_tile),
+        (_SVC + "/tilemap/{level}/{row}/{col}/{width}/{height}", h_tilemap),
+        (_SVC + "/" + ops, h_submit), (_SVC + "/" + ops + "/submitJob", h_submit),
+    ]
+    for prefix in (_SVC + "/jobs/{job}", _SVC + "/" + ops + "/jobs/{job}"):
+        routes += [(prefix, h_job), (prefix + "/", h_job), (prefix + "/cancel", h_cancel),
+                   (prefix + "/results/{param}", h_result), (prefix + "/inputs/{param}", h_input)]
+    routes += [(OUTPUT, h_output), (OUTPUT + "/", h_output), (OUTPUT + "/{path:.*}", h_output)]
+    for path, handler in routes:
+        app.router.add_route("GET", path, handler)
+        app.router.add_route("POST", path, handler)
+
+
+def create_app(cfg: ServerConfig) -> web.Application:
+    """The application; services, job store and runner are opened on startup and closed on cleanup."""
+    app = web.Application(middlewares=[esri_middleware], client_max_size=4 * 1024 * 1024)
+    app[CFG] = cfg
+    app[SERVICES] = {}
+    app[PREVIEWS] = {}
+    add_routes(app)
+    app.on_startup.append(_startup)
+    app.on_cleanup.append(_cleanup)
+    return app
+
+
+async def _startup(app: web.Application) -> None:
+    cfg = app[CFG]
+    loop = asyncio.get_running_loop()
+
+    def open_all() -> tuple[dict, JobStore, JobRunner]:
+        services = {}
+        try:
+            for name, sc in cfg.services.items():
+                services[name] = open_service(sc)
+        except BaseException:
+            for svc in services.values():
+                svc.close()
+            raise
+        store = JobStore(cfg.store_dir)
+        runner = JobRunner(store, {n: JobService(n, s.cache, s.config.max_export_tiles_count)
+                                   for n, s in services.items()},
+                           cfg.output_dir, workers=cfg.workers, max_outstanding=cfg.maximum_outstanding_jobs,
+                           max_file_age=cfg.max_file_age, export_threads=cfg.export_threads)
+        runner.recover()
+        runner.cleanup()
+        return services, store, runner
+
+    services, store, runner = await loop.run_in_executor(None, open_all)
+    app[SERVICES].update(services)
+    app[STORE] = store
+    app[RUNNER] = runner
+    app[CLEANER] = asyncio.create_task(_clean_periodically(app))
+
+
+async def _clean_periodically(app: web.Application) -> None:
+    interval = max(0.5, min(30.0, app[CFG].max_file_age / 4))
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            removed = await loop.run_in_executor(None, app[RUNNER].cleanup, time.time())
+            if removed:
+                log.info("removed %d expired job(s) and their output", len(removed))
+        except TilecrateError as e:
+            log.warning("cleanup failed: %s", e)
+
+
+async def _cleanup(app: web.Application) -> None:
+    task = app.get(CLEANER)
+    if task is not None:
+        task.cancel()
+    runner = app.get(RUNNER)
+    loop = asyncio.get_running_loop()
+    if runner is not None:
+        await loop.run_in_executor(None, runner.close)
+    store = app.get(STORE)
+    if store is not None:
+        store.close()
+    for svc in app[SERVICES].values():
+        svc.close()

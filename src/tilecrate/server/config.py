@@ -1,0 +1,162 @@
+"""`tilecrate serve` configuration: a TOML file naming the services, or one cache from the command line.
+
+```toml
+[server]
+host = "127.0.0.1"
+port = 8000
+data_dir = "tilecrate-data"          # job store and arcgisoutput live here (relative to this file)
+max_file_age = 600                   # seconds before outputs and finished jobs are removed
+maximum_outstanding_jobs = 8         # omit for unlimited
+workers = 2                          # jobs run at once
+token = "change-me"                  # optional: required on every request when set
+
+[services.World]
+source = "caches/world"              # cache folder, .tpk or .tpkx
+export_tiles_allowed = true
+max_export_tiles_count = 100000
+```
+Keys may also be written as ArcGIS names them (exportTilesAllowed, maxExportTilesCount,
+maximumOutstandingJobs, maxFileAge).
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+
+from tilecrate.errors import TilecrateError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,119}$")
+
+
+class ConfigError(TilecrateError):
+    """The configuration file is missing, malformed or names something that does not exist."""
+
+
+@dataclass
+class ServiceConfig:
+    """One MapServer: a source cache and its export settings."""
+
+    name: str
+    source: str
+    export_tiles_allowed: bool = True
+    max_export_tiles_count: int = 100000
+    description: str = ""
+    copyright: str = ""
+
+
+@dataclass
+class ServerConfig:
+    """Everything `tilecrate serve` needs."""
+
+    services: dict[str, ServiceConfig] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: str = "tilecrate-data"
+    max_file_age: float = 600.0
+    maximum_outstanding_jobs: int | None = None
+    workers: int = 2
+    export_threads: int | None = None
+    token: str | None = None
+    public_url: str | None = None
+
+    @property
+    def output_dir(self) -> str:
+        """Where job outputs are written (served as /arcgis/rest/directories/arcgisoutput)."""
+        return os.path.join(self.data_dir, "arcgisoutput")
+
+    @property
+    def store_dir(self) -> str:
+        """The LMDB environment of the job store."""
+        return os.path.join(self.data_dir, "jobs.lmdb")
+
+
+def _norm(key: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower().replace("-", "_")
+
+
+def _pick(table: dict, where: str, spec: dict[str, type]) -> dict:
+    out = {}
+    for key, value in table.items():
+        name = _norm(str(key))
+        if name not in spec:
+            raise ConfigError(f"{where}: unknown setting {key!r} (known: {', '.join(sorted(spec))})")
+        want = spec[name]
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if want is int and isinstance(value, bool) or not isinstance(value, want):
+            raise ConfigError(f"{where}: {key} must be {want.__name__}, not {value!r}")
+        out[name] = value
+    return out
+
+
+_SERVER_KEYS = {"host": str, "port": int, "data_dir": str, "max_file_age": float,
+                "maximum_outstanding_jobs": int, "workers": int, "export_threads": int,
+                "token": str, "public_url": str}
+_SERVICE_KEYS = {"source": str, "export_tiles_allowed": bool, "max_export_tiles_count": int,
+                 "description": str, "copyright": str}
+
+
+def check_name(name: str) -> str:
+    """A service name usable in URLs and folder names, or ConfigError."""
+    if not _NAME_RE.match(name):
+        raise ConfigError(f"service name {name!r}: use letters, digits, '_', '.' and '-' (no spaces or slashes)")
+    return name
+
+
+def load_config(path: str) -> ServerConfig:
+    """Read a TOML configuration; relative paths are taken from the file's folder."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    base = os.path.dirname(os.path.abspath(path))
+    unknown = set(raw) - {"server", "services"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; use [server] and [services.NAME]")
+    server = raw.get("server", {})
+    if not isinstance(server, dict):
+        raise ConfigError(f"{path}: [server] must be a table")
+    cfg = ServerConfig(**_pick(server, f"{path} [server]", _SERVER_KEYS))
+    cfg.data_dir = os.path.join(base, cfg.data_dir)
+    services = raw.get("services", {})
+    if not isinstance(services, dict) or not services:
+        raise ConfigError(f"{path}: no services: add a [services.NAME] table with source = \"path/to/cache\"")
+    for name, table in services.items():
+        where = f"{path} [services.{name}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} must be a table")
+        values = _pick(table, where, _SERVICE_KEYS)
+        if "source" not in values:
+            raise ConfigError(f"{where}: source = \"path/to/cache\" is required")
+        values["source"] = os.path.join(base, values["source"])
+        cfg.services[check_name(name)] = ServiceConfig(name=name, **values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: ServerConfig) -> ServerConfig:
+    """Check ranges: ports, limits, ages."""
+    if not 0 <= cfg.port <= 65535:
+        raise ConfigError(f"port {cfg.port} is not a TCP port")
+    if cfg.max_file_age <= 0:
+        raise ConfigError("max_file_age must be a positive number of seconds")
+    if cfg.maximum_outstanding_jobs is not None and cfg.maximum_outstanding_jobs < 1:
+        raise ConfigError("maximum_outstanding_jobs must be at least 1 (omit it for unlimited)")
+    if cfg.workers < 1:
+        raise ConfigError("workers must be at least 1")
+    if cfg.token is not None and not cfg.token.strip():
+        raise ConfigError("token must not be empty (omit it to serve without tokens)")
+    for svc in cfg.services.values():
+        if svc.max_export_tiles_count < 0:
+            raise ConfigError(f"service {svc.name}: max_export_tiles_count must not be negative")
+    return cfg

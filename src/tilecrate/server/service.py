@@ -1,0 +1,156 @@
+"""A served MapServer: the cache behind it and the JSON ArcGIS clients read (FORMATS.md §4)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tilecrate.cache import BundleRef, Cache, open_cache
+from tilecrate.errors import CacheError
+from tilecrate.server.config import ConfigError, ServiceConfig
+from tilecrate.tiling import PACKET, Extent, bundle_origin, sniff_image
+
+CURRENT_VERSION = 11.1  # >= 10.9: Runtime offers .tpkx; >= 10.7: Setup Map Area sends `polygon`
+_CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp",
+                  "gzip": "application/x-protobuf", "lerc": "application/octet-stream"}
+MAX_TILEMAP = 256  # largest tilemap window side we answer; bigger requests get an adjusted window
+
+
+@dataclass
+class Service:
+    """A configured service with its open cache and the JSON computed once at start."""
+
+    config: ServiceConfig
+    cache: Cache
+    full_extent: Extent | None
+    initial_extent: Extent | None
+
+    @property
+    def name(self) -> str:
+        """The service name used in URLs."""
+        return self.config.name
+
+    def close(self) -> None:
+        """Close the cache."""
+        self.cache.close()
+
+    def root_json(self) -> dict:
+        """`<name>/MapServer` JSON: every field tile and export clients read."""
+        cache, scheme = self.cache, self.cache.scheme
+        lods = scheme.lods
+        levels = cache.levels or [lod.level for lod in lods]
+        sr = scheme.spatial_ref.to_json()
+        units = "esriDecimalDegrees" if scheme.spatial_ref.is_geographic else "esriMeters"
+        out: dict = {
+            "currentVersion": CURRENT_VERSION,
+            "cimVersion": "3.1.0",
+            "serviceDescription": self.config.description,
+            "mapName": "Layers",
+            "description": self.config.description,
+            "copyrightText": self.config.copyright,
+            "supportsDynamicLayers": False,
+            "layers": [self._layer_summary()],
+            "tables": [],
+            "spatialReference": sr,
+            "singleFusedMapCache": True,
+            "tileInfo": scheme.tile_info_json(cache.tile_format, cache.compression_quality),
+            "storageInfo": {"storageFormat": cache.storage_format, "packetSize": PACKET},
+        }
+        if self.initial_extent is not None:
+            out["initialExtent"] = self.initial_extent.to_json()
+        if self.full_extent is not None:
+            out["fullExtent"] = self.full_extent.to_json()
+        out.update({
+            "minScale": lods[0].scale if lods else 0,
+            "maxScale": lods[-1].scale if lods else 0,
+            "minLOD": min(levels) if levels else 0,
+            "maxLOD": max(levels) if levels else 0,
+            "resampling": False,
+            "units": units,
+            "supportedImageFormatTypes": cache.tile_format,
+            "documentInfo": {"Title": self.name, "Author": "", "Comments": "", "Subject": "",
+                             "Category": "", "AntialiasingMode": "None", "TextAntialiasingMode": "Force",
+                             "Keywords": ""},
+            "capabilities": "Map,Tilemap",
+            "supportedQueryFormats": "JSON",
+            "exportTilesAllowed": bool(self.config.export_tiles_allowed),
+            "maxExportTilesCount": int(self.config.max_export_tiles_count),
+            "maxRecordCount": 0,
+            "maxImageHeight": 4096,
+            "maxImageWidth": 4096,
+            "supportedExtensions": "",
+            "tileServers": [],
+        })
+        return out
+
+    def _layer_summary(self) -> dict:
+        return {"id": 0, "name": self.name, "parentLayerId": -1, "defaultVisibility": True,
+                "subLayerIds": None, "minScale": 0, "maxScale": 0, "type": "Raster Layer",
+                "geometryType": None}
+
+    def layers_json(self) -> dict:
+        """`MapServer/layers` JSON."""
+        return {"layers": [self.layer_json(0)], "tables": []}
+
+    def layer_json(self, layer_id: int) -> dict:
+        """`MapServer/<layerId>` JSON (a cache is one raster layer, id 0)."""
+        out = {"currentVersion": CURRENT_VERSION, "id": layer_id, "name": self.name, "type": "Raster Layer",
+               "description": self.config.description, "geometryType": None,
+               "copyrightText": self.config.copyright, "parentLayer": None, "subLayers": [],
+               "minScale": 0, "maxScale": 0, "defaultVisibility": True, "hasAttachments": False,
+               "htmlPopupType": "esriServerHTMLPopupTypeNone", "displayField": "", "typeIdField": None,
+               "fields": None, "relationships": [], "canModifyLayer": False, "canScaleSymbols": False,
+               "hasLabels": False, "capabilities": "Map", "supportsStatistics": False,
+               "supportsAdvancedQueries": False, "supportedQueryFormats": "JSON"}
+        if self.full_extent is not None:
+            out["extent"] = self.full_extent.to_json()
+        return out
+
+    def tile(self, level: int, row: int, col: int) -> tuple[bytes, str] | None:
+        """(bytes, content type) of a tile, or None where the cache has none (runs off the event loop)."""
+        if row < 0 or col < 0 or level not in self.cache.levels:
+            return None
+        data = self.cache.tile(level, row, col)
+        if not data:
+            return None
+        return data, _CONTENT_TYPES.get(sniff_image(data), "application/octet-stream")
+
+    def tilemap(self, level: int, row: int, col: int, width: int, height: int) -> dict:
+        """The tilemap resource: 0/1 presence of tiles in a window, row-major (FORMATS.md §4.3)."""
+        adjusted = width > MAX_TILEMAP or height > MAX_TILEMAP
+        width, height = min(width, MAX_TILEMAP), min(height, MAX_TILEMAP)
+        grid = np.zeros((height, width), dtype=np.uint8)
+        if level in self.cache.levels:
+            r0, c0 = bundle_origin(max(row, 0), max(col, 0))
+            for br in range(r0, row + height, PACKET):
+                for bc in range(c0, col + width, PACKET):
+                    ref = BundleRef(level, br, bc)
+                    if not self.cache.has_bundle(ref):
+                        continue
+                    _, sizes = self.cache.index(ref)
+                    present = (np.asarray(sizes).reshape(PACKET, PACKET) > 0).astype(np.uint8)
+                    # overlap of this bundle with the window, in absolute rows/cols
+                    ar0, ar1 = max(br, row), min(br + PACKET, row + height)
+                    ac0, ac1 = max(bc, col), min(bc + PACKET, col + width)
+                    if ar0 >= ar1 or ac0 >= ac1:
+                        continue
+                    grid[ar0 - row:ar1 - row, ac0 - col:ac1 - col] = present[ar0 - br:ar1 - br, ac0 - bc:ac1 - bc]
+        return {"adjusted": adjusted, "location": {"left": col, "top": row, "width": width, "height": height},
+                "data": grid.ravel().tolist()}
+
+
+def open_service(cfg: ServiceConfig) -> Service:
+    """Open a service's cache and compute its extents; ConfigError with the reason if it cannot serve."""
+    try:
+        cache = open_cache(cfg.source)
+    except CacheError as e:
+        raise ConfigError(f"service {cfg.name}: {e}") from None
+    if cache.kind == "vtpk" or cache.tile_format.lower() == "pbf":
+        cache.close()
+        raise ConfigError(f"service {cfg.name}: {cfg.source} is a vector tile package; "
+                          f"tilecrate serves raster caches as MapServer")
+    try:
+        full = cache.data_extent()
+    except CacheError:
+        full = None
+    return Service(cfg, cache, full, cache.initial_extent or full)
