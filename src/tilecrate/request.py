@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Mapping
@@ -101,9 +102,9 @@ def parse_levels(levels: str | tuple | list | int | float) -> list[tuple[float, 
     """
     if isinstance(levels, bool):
         raise RequestError(f"levels must be numbers or ranges such as 0-5 or 1-4,7-9, not {levels!r}")
-    if isinstance(levels, (int, float)):
+    if isinstance(levels, numbers.Real):
         items = [levels]
-    elif isinstance(levels, (tuple, list)):
+    elif isinstance(levels, (tuple, list, range)):
         items = list(levels)
     elif isinstance(levels, str):
         text = levels.strip()
@@ -124,7 +125,7 @@ def parse_levels(levels: str | tuple | list | int | float) -> list[tuple[float, 
     for item in items:
         if isinstance(item, bool):
             raise RequestError(f"bad level {item!r}: expected a number")
-        if isinstance(item, (int, float)):
+        if isinstance(item, numbers.Real):
             lo = hi = float(item)
         elif isinstance(item, (tuple, list)) and len(item) == 2:
             lo, hi = (_number(v, levels) for v in item)
@@ -176,7 +177,7 @@ class ExportRequest:
         object.__setattr__(self, "tile_package", parse_bool(self.tile_package, "tilePackage", True))
         object.__setattr__(self, "optimize_tiles_for_size",
                            parse_bool(self.optimize_tiles_for_size, "optimizeTilesForSize", False))
-        if isinstance(self.levels, list):
+        if isinstance(self.levels, (list, range)):
             object.__setattr__(self, "levels", tuple(self.levels))
         parse_levels(self.levels)  # refuse bad syntax early; matching to LODs needs the cache
         for name in ("extent", "area_of_interest"):
