@@ -193,3 +193,14 @@ def test_real_sources_full_and_full_extent(key):
         assert {ls.level: ls.tiles for ls in full.levels if ls.tiles} == expected
         if c.full_extent is not None:
             assert select(c, ExportRequest(levels, extent=c.full_extent.to_json())).tiles == full.tiles
+
+
+def test_huge_extent_selects_everything(v2):
+    sel = select(v2, ExportRequest("0-5", extent="-1e300,-1e300,1e300,1e300"))
+    assert sel.tiles == 123
+
+
+def test_absurd_polygon_coordinates_are_refused(v2):
+    ring = [[-1e300, -1e300], [1e300, -1e300], [0, 1e300], [-1e300, -1e300]]
+    with pytest.raises(RequestError, match="too far from the tile origin"):
+        select(v2, ExportRequest("0-5", area_of_interest={"rings": [ring]}))

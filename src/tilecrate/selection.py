@@ -159,7 +159,9 @@ def tile_coords(scheme: TileScheme, level: int, xy: np.ndarray) -> np.ndarray:
 
 def rect_range(scheme: TileScheme, level: int, bounds: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
     """Inclusive (row0, row1, col0, col1) of the tiles whose closed squares touch a rectangle."""
-    (c0, r0, c1, r1), = tile_coords(scheme, level, np.array([[bounds[0], bounds[3], bounds[2], bounds[1]]]))
+    tc = tile_coords(scheme, level, np.array([[bounds[0], bounds[3], bounds[2], bounds[1]]]))
+    # an absurdly large extent covers everything; keep the numbers finite and in int64
+    (c0, r0, c1, r1), = np.clip(np.nan_to_num(tc, nan=0.0), -_mask.MAX_COORD, _mask.MAX_COORD)
     return math.ceil(r0) - 1, math.floor(r1), math.ceil(c0) - 1, math.floor(c1)
 
 
@@ -173,7 +175,8 @@ class LevelArea:
         else:
             edges = tile_coords(scheme, level, polygon_edges(area.polygon))
             if edges.size and np.abs(edges).max() > _mask.MAX_COORD:
-                raise RequestError(f"level {level} is too fine for exact tile arithmetic over this area")
+                raise RequestError(f"the area's coordinates lie too far from the tile origin for level {level} "
+                                   f"(beyond {_mask.MAX_COORD:.0f} tiles); check its spatial reference")
             self.rast = _mask.Rasterizer(edges)
             self.row0, self.row1 = self.rast.row_min, self.rast.row_max
             self.col0, self.col1 = self.rast.col_min, self.rast.col_max
