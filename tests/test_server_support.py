@@ -28,7 +28,8 @@ _LAUNCHER = r"""
 import sys, time
 delay = float(sys.argv[1])
 if delay > 0:
-    import tilecrate.export as ex
+    import importlib
+    ex = importlib.import_module("tilecrate.export")   # the module: tilecrate.export is also a function
     real = ex.export
     def slow_export(*a, progress=None, **kw):
         def slowed(p):

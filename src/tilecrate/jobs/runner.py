@@ -103,11 +103,10 @@ class JobRunner:
                 job.progress = None
                 job.add_message(RESTART_MESSAGE, ERROR)
                 job.add_message(f"Failed at {esri_time(now)} {_elapsed(job)}")
-            job = self.store.update(job_id, mark)
+            job = self.store.update(job_id, mark, self._expiry)
             if job is None:
                 continue
             self._remove_output(job)
-            self.store.set_expiry(job.id, now + self.max_file_age)
             failed.append(job_id)
         known = set(self.store.all_ids())
         for svc_dir in self._service_dirs():
@@ -177,13 +176,11 @@ class JobRunner:
                 job.status = CANCELLING
                 job.add_message(f"Cancel requested at {esri_time(now)}")
             return None
-        job = self.store.update(job_id, ask)
+        job = self.store.update(job_id, ask, self._expiry)
         if job is None:
             raise JobError(f"Job '{job_id}' does not exist or is inaccessible.")
         if finished_before and finished_before[0]:
             raise JobError(f"Job '{job_id}' has already finished ({job.status}); it cannot be cancelled.")
-        if job.status == CANCELLED and job.finished:
-            self.store.set_expiry(job_id, job.finished + self.max_file_age)
         with self._events_lock:
             ev = self._events.get(job_id)
         if ev is not None:
@@ -337,8 +334,11 @@ class JobRunner:
             job.result = result
             word = {SUCCEEDED: "Succeeded", FAILED: "Failed", CANCELLED: "Cancelled"}[status]
             job.add_message(f"{word} at {esri_time(now)} {_elapsed(job)}")
-        if self.store.update(job_id, done) is not None:
-            self.store.set_expiry(job_id, now + self.max_file_age)
+        self.store.update(job_id, done, self._expiry)
+
+    def _expiry(self, job: Job) -> float | None:
+        """When a finished job and its output go: maxFileAge after it finished."""
+        return job.finished + self.max_file_age if job.status in TERMINAL and job.finished else None
 
     def _remove_output(self, job: Job) -> None:
         path = self.job_dir(job)

@@ -125,8 +125,12 @@ class JobStore:
                     raise AdmissionRefused(outstanding, limit)
             self._write(txn, job, None)
 
-    def update(self, job_id: str, change: Callable[[Job], bool | None]) -> Job | None:
-        """Read-modify-write one job atomically; `change` returns False to leave it as it was."""
+    def update(self, job_id: str, change: Callable[[Job], bool | None],
+               expire_at: Callable[[Job], float | None] | None = None) -> Job | None:
+        """Read-modify-write one job atomically; `change` returns False to leave it as it was.
+
+        `expire_at(job)` (after the change) gives an expiry time to record in the same transaction.
+        """
         with self._begin_write() as txn:
             data = txn.get(job_id.encode(), db=self._jobs)
             if data is None:
@@ -136,6 +140,9 @@ class JobStore:
             if change(job) is False:
                 return old  # nothing written: the commit is empty
             self._write(txn, job, old)
+            when = expire_at(job) if expire_at is not None else None
+            if when is not None:
+                txn.put(_expiry_key(when, job.id), b"", db=self._expiry)
             return job
 
     def set_expiry(self, job_id: str, when: float) -> None:

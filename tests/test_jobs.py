@@ -1,0 +1,171 @@
+"""The job layer in-process: LMDB store, runner (real exports of a sample), recovery, expiry, config."""
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+
+import pytest
+
+from tilecrate.cache import open_cache
+from tilecrate.jobs import AdmissionRefused, Job, JobError, JobRunner, JobService, JobStore
+from tilecrate.jobs.model import (
+    CANCELLED, ESTIMATE, EXECUTING, EXPORT, FAILED, SUBMITTED, SUCCEEDED, esri_time, is_job_id, new_job_id,
+)
+from tilecrate.jobs.runner import RESTART_MESSAGE, tile_limit_message
+from tilecrate.server.config import ConfigError, load_config
+
+
+def test_job_ids_and_time_format():
+    ids = {new_job_id() for _ in range(100)}
+    assert len(ids) == 100 and all(re.fullmatch(r"j[0-9a-f]{32}_et", i) and is_job_id(i) for i in ids)
+    assert not is_job_id("j" + "g" * 32 + "_et") and not is_job_id("../x")
+    assert re.fullmatch(r"[A-Z][a-z]+day, [A-Z][a-z]+ \d{1,2}, \d{4} \d{1,2}:\d\d:\d\d [AP]M", esri_time(0))
+
+
+def test_store_index_admission_expiry_and_reopen(tmp_path):
+    store = JobStore(str(tmp_path / "db"))
+    a, b = Job(new_job_id(), EXPORT, "S", {"levels": "0"}), Job(new_job_id(), ESTIMATE, "S", {"levels": "1"})
+    store.admit(a, 2)
+    store.admit(b, 2)
+    with pytest.raises(AdmissionRefused) as e:
+        store.admit(Job(new_job_id(), EXPORT, "S", {}), 2)
+    assert "maximumOutstandingJobs is 2" in str(e.value)
+    assert sorted(store.ids_by_status(SUBMITTED)) == sorted([a.id, b.id])
+    store.update(a.id, lambda j: setattr(j, "status", SUCCEEDED))
+    assert store.ids_by_status(SUBMITTED) == [b.id] and store.ids_by_status(SUCCEEDED) == [a.id]
+    assert store.update(b.id, lambda j: False).status == SUBMITTED      # declined change: nothing written
+    store.admit(Job(new_job_id(), EXPORT, "S", {}), 2)                  # a finished job frees its slot
+    store.set_expiry(a.id, 100.0)
+    store.set_expiry(b.id, 200.0)
+    assert store.expired(150.0) == [a.id] and store.expired(250.0) == [a.id, b.id]
+    store.close()
+    again = JobStore(str(tmp_path / "db"))
+    assert again.get(a.id).status == SUCCEEDED and again.get(a.id).params == {"levels": "0"}
+    again.delete(a.id)
+    assert again.get(a.id) is None and again.ids_by_status(SUCCEEDED) == [] and again.expired(150.0) == []
+    assert again.get("j" + "0" * 32 + "_et") is None
+    again.close()
+
+
+@pytest.fixture
+def runner(tmp_path, sample_v2):
+    cache = open_cache(str(sample_v2))
+    store = JobStore(str(tmp_path / "db"))
+    r = JobRunner(store, {"S": JobService("S", cache, 50)}, str(tmp_path / "out"), workers=1, max_file_age=60)
+    yield r
+    r.close()
+    store.close()
+    cache.close()
+
+
+def wait(runner: JobRunner, job_id: str, timeout: float = 20) -> Job:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = runner.get(job_id)
+        if job.status in (SUCCEEDED, FAILED, CANCELLED):
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.02)
+
+
+def test_runner_export_estimate_limit_and_expiry(runner):
+    job = wait(runner, runner.submit(EXPORT, "S", {"levels": "0-2", "tilePackage": "true", "f": "json"}).id)
+    assert job.status == SUCCEEDED, job.messages
+    assert "f" not in job.params
+    path = os.path.join(runner.job_dir(job), "S.tpkx")      # the sample is V2: its format is kept
+    assert os.path.getsize(path) == job.result["size"] and job.result["folder"] == f"S_MapServer/{job.id}"
+    est = wait(runner, runner.submit(ESTIMATE, "S", {"levels": "0-2", "tilePackage": "true"}).id)
+    assert est.result["value"]["totalSize"] == job.result["size"]
+    over = wait(runner, runner.submit(EXPORT, "S", {"levels": "0-5", "tilePackage": "true"}).id)
+    assert over.status == FAILED and over.messages[-2]["description"] == tile_limit_message(123, 50, "S")
+    assert not os.path.exists(runner.job_dir(over))
+    assert runner.cleanup(time.time()) == []
+    removed = runner.cleanup(time.time() + 61)
+    assert set(removed) == {job.id, est.id, over.id}, (removed, job.id, est.id, over.id, runner.store.expired(time.time() + 61))
+    assert runner.get(job.id) is None and not os.path.exists(runner.job_dir(job))
+
+
+def test_runner_rejects_bad_parameters_before_queueing(runner):
+    from tilecrate.errors import RequestError
+    with pytest.raises(RequestError):
+        runner.submit(EXPORT, "S", {"levels": "zero"})
+    with pytest.raises(JobError):
+        runner.submit(EXPORT, "Nope", {"levels": "0"})
+    assert runner.store.all_ids() == []
+
+
+def test_cancel_queued_job_and_finished_job(runner):
+    gate = threading.Event()
+    runner._pool.submit(gate.wait, 10)                     # occupy the only worker
+    queued = runner.submit(EXPORT, "S", {"levels": "0"})
+    assert runner.cancel(queued.id).status == CANCELLED   # never started: cancelled at once
+    gate.set()
+    assert wait(runner, queued.id).status == CANCELLED
+    with pytest.raises(JobError, match="already finished"):
+        runner.cancel(queued.id)
+    with pytest.raises(JobError, match="does not exist"):
+        runner.cancel(new_job_id())
+
+
+def test_recover_after_crash(tmp_path, sample_v2):
+    store = JobStore(str(tmp_path / "db"))
+    out = tmp_path / "out"
+    running = Job(new_job_id(), EXPORT, "S", {"levels": "0"}, status=EXECUTING, started=time.time())
+    queued = Job(new_job_id(), EXPORT, "S", {"levels": "0"})
+    finished = Job(new_job_id(), EXPORT, "S", {"levels": "0"}, status=SUCCEEDED,
+                   result={"folder": "x", "name": "S.tpkx"})
+    for j in (running, queued, finished):
+        store.put(j)
+        (out / "S_MapServer" / j.id).mkdir(parents=True)
+    (out / "S_MapServer" / running.id / ".S.tpkx.tmp-1-abc").write_bytes(b"partial")
+    (out / "S_MapServer" / finished.id / "S.tpkx").write_bytes(b"package")
+    stray = out / "S_MapServer" / new_job_id()
+    stray.mkdir()
+    with open_cache(str(sample_v2)) as cache:
+        r = JobRunner(store, {"S": JobService("S", cache)}, str(out), workers=1)
+        assert sorted(r.recover()) == sorted([running.id, queued.id])
+        for j in (running, queued):
+            got = store.get(j.id)
+            assert got.status == FAILED and got.messages[0]["description"] == RESTART_MESSAGE
+            assert not (out / "S_MapServer" / j.id).exists()
+        assert store.get(finished.id).status == SUCCEEDED
+        assert (out / "S_MapServer" / finished.id / "S.tpkx").read_bytes() == b"package"
+        assert not stray.exists()
+        r.close()
+    store.close()
+
+
+def test_config_file(tmp_path, sample_v2):
+    (tmp_path / "a.toml").write_text(f"""
+[server]
+port = 8123
+dataDir = "state"
+maxFileAge = 30
+maximumOutstandingJobs = 3
+token = "t"
+
+[services.World]
+source = "{sample_v2}"
+exportTilesAllowed = false
+maxExportTilesCount = 7
+""")
+    cfg = load_config(str(tmp_path / "a.toml"))
+    assert (cfg.port, cfg.max_file_age, cfg.maximum_outstanding_jobs, cfg.token) == (8123, 30.0, 3, "t")
+    assert cfg.data_dir == str(tmp_path / "state")
+    svc = cfg.services["World"]
+    assert (svc.export_tiles_allowed, svc.max_export_tiles_count, svc.source) == (False, 7, str(sample_v2))
+    bad = {
+        "[services.W]\nsource = 1\n": "must be str",
+        "[services.W]\nexport_tiles_allowed = true\n": "source",
+        "[services.W]\nsource = 'x'\ncolour = 'red'\n": "unknown setting",
+        "[server]\nport = 70000\n[services.W]\nsource = 'x'\n": "not a TCP port",
+        "[services.'a b']\nsource = 'x'\n": "service name",
+        "[server\n": "not valid TOML",
+        "[server]\n": "no services",
+    }
+    for text, words in bad.items():
+        (tmp_path / "b.toml").write_text(text)
+        with pytest.raises(ConfigError, match=words):
+            load_config(str(tmp_path / "b.toml"))

@@ -1,0 +1,112 @@
+"""Jobs against a real server whose exports are slowed per bundle: tokens, admission, cancel, SIGKILL."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from test_server_support import Server, free_port, write_config
+
+EXPORT, ESTIMATE = "exportTiles", "estimateExportTilesSize"
+TOKEN = "s3cret-token"
+DELAY = 0.5  # seconds per bundle written: levels 0-5 of the sample take about 3.5 s
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory, sample_v2):
+    root = tmp_path_factory.mktemp("slowserver")
+    data = root / "data"
+    cfg = write_config(root / "tilecrate.toml", data, {"Slow": {"source": sample_v2}},
+                       token=TOKEN, maximum_outstanding_jobs=1, workers=1)
+    srv = Server(cfg, data, free_port(), delay=DELAY, token=TOKEN).start()
+    yield srv
+    srv.stop()
+
+
+def job_dir(server: Server, job_id: str):
+    return server.data_dir / "arcgisoutput" / "Slow_MapServer" / job_id
+
+
+def wait_executing(server: Server, job_id: str) -> dict:
+    """Poll until the job has written at least one bundle."""
+    return server.poll("Slow", EXPORT, job_id, until=lambda j: j["jobStatus"] == "esriJobExecuting"
+                       and j.get("progress", {}).get("percent", 0) > 0)
+
+
+def test_token_required_on_every_route(slow):
+    svc = slow.svc("Slow")
+    for path in ("/arcgis/rest/services", svc, svc + "/exportTiles", svc + "/jobs/x",
+                 "/arcgis/rest/directories/arcgisoutput"):
+        r = slow.get(path, {"f": "json"})
+        assert r.status == 200 and r.json()["error"]["code"] == 499, path
+        r = slow.get(path, {"f": "json", "token": "wrong"})
+        assert r.json()["error"]["code"] == 498, path
+    assert slow.get(svc + "/tile/0/0/0").status == 401
+    assert slow.get(svc + "/tile/0/0/0", {"token": TOKEN}).status == 200
+    ok = slow.get(svc, {"f": "json"}, headers={"X-Esri-Authorization": f"Bearer {TOKEN}"}).json()
+    assert ok["exportTilesAllowed"] is True
+    assert "error" not in slow.get(svc, {"f": "json"}, headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    assert "error" not in slow.post(svc, {"f": "json", "token": TOKEN}).json()
+
+
+def test_admission_503_and_cancel_within_a_second(slow):
+    sub = slow.submit("Slow", EXPORT, {"tilePackage": "true", "levels": "0-5", "storageFormat": "tpkx"})
+    job_id = sub["jobId"]
+    running = wait_executing(slow, job_id)
+    assert 0 <= running["progress"]["percent"] <= 100
+    # maximumOutstandingJobs = 1: the next request is refused, not queued
+    for op in (EXPORT, ESTIMATE):
+        r = slow.get(f"{slow.svc('Slow')}/{op}", slow.with_token({"f": "json", "levels": "0"}))
+        assert r.status == 503 and r.headers["Retry-After"] == "300"
+        assert r.json()["error"]["code"] == 503
+    before = set(slow.data_dir.joinpath("arcgisoutput", "Slow_MapServer").iterdir())
+    assert job_dir(slow, job_id) in before
+    c = slow.post(f"{slow.svc('Slow')}/exportTiles/jobs/{job_id}/cancel", slow.with_token({"f": "json"})).json()
+    t0 = time.monotonic()
+    assert c == {"jobId": job_id, "jobStatus": "esriJobCancelling"}
+    job = slow.poll("Slow", EXPORT, job_id, timeout=10)
+    took = time.monotonic() - t0
+    assert job["jobStatus"] == "esriJobCancelled" and took < 1.0 + DELAY / 2, took
+    assert not job_dir(slow, job_id).exists()          # partial output removed
+    # the slot is free again
+    again = slow.submit("Slow", ESTIMATE, {"tilePackage": "true", "levels": "0"})
+    assert slow.poll("Slow", ESTIMATE, again["jobId"])["jobStatus"] == "esriJobSucceeded"
+
+
+def test_sigkill_during_export_then_restart(slow, tmp_path):
+    # jobs that finished before the crash
+    done = slow.submit("Slow", EXPORT, {"tilePackage": "true", "levels": "0", "storageFormat": "tpkx"})
+    assert slow.poll("Slow", EXPORT, done["jobId"])["jobStatus"] == "esriJobSucceeded"
+    done_job = slow.poll("Slow", EXPORT, done["jobId"])
+    folder = slow.result("Slow", EXPORT, done_job)
+    _, files = slow.download_all(folder, tmp_path)
+    package = files[0].read_bytes()
+    est = slow.submit("Slow", ESTIMATE, {"tilePackage": "true", "levels": "0-3"})
+    est_job = slow.poll("Slow", ESTIMATE, est["jobId"])
+    est_value = slow.result("Slow", ESTIMATE, est_job)
+    # the victim: killed while it is writing its package
+    victim = slow.submit("Slow", EXPORT, {"tilePackage": "true", "levels": "0-5", "storageFormat": "tpkx"})["jobId"]
+    wait_executing(slow, victim)
+    partial = list(job_dir(slow, victim).iterdir())
+    assert partial and all(p.name.startswith(".") for p in partial)   # only the temporary file so far
+    slow.kill()
+    slow.start()
+    job = slow.poll("Slow", EXPORT, victim, timeout=5)
+    assert job["jobStatus"] == "esriJobFailed"
+    errors = [m["description"] for m in job["messages"] if m["type"] == "esriJobMessageTypeError"]
+    assert errors == ["The server stopped while this job was running; submit it again."]
+    assert not job_dir(slow, victim).exists()
+    folder_url = f"/arcgis/rest/directories/arcgisoutput/Slow_MapServer/{victim}"
+    assert slow.get(folder_url, slow.with_token({"f": "json"})).json()["error"]["code"] == 404
+    r = slow.get(f"{slow.svc('Slow')}/exportTiles/jobs/{victim}/results/out_service_url", slow.with_token({"f": "json"}))
+    assert r.json()["error"]["code"] == 400
+    # the others are intact
+    assert slow.poll("Slow", EXPORT, done["jobId"])["jobStatus"] == "esriJobSucceeded"
+    again = tmp_path / "again"
+    again.mkdir()
+    _, files2 = slow.download_all(slow.result("Slow", EXPORT, done_job), again)
+    assert files2[0].read_bytes() == package
+    assert slow.result("Slow", ESTIMATE, slow.poll("Slow", ESTIMATE, est["jobId"])) == est_value
+    # and the failed job no longer holds the only admission slot
+    new = slow.submit("Slow", ESTIMATE, {"tilePackage": "true", "levels": "0"})
+    assert slow.poll("Slow", ESTIMATE, new["jobId"])["jobStatus"] == "esriJobSucceeded"
