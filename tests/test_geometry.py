@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import shapely
 from pyproj import Transformer
 
@@ -210,3 +212,46 @@ def test_polygon_edges():
     assert edges.shape == (4 + 3 + 4, 4)
     # each edge ends where the next of its ring begins; no edge joins two rings
     assert not ((edges[:, :2] == [2, 2]).all(axis=1) & (edges[:, 2:] == [0, 0]).all(axis=1)).any()
+
+
+_json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
+                       st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8))
+_json = st.recursive(_json_leaf, lambda kids: st.one_of(
+    st.lists(kids, max_size=5),
+    st.dictionaries(st.sampled_from(["rings", "features", "geometry", "type", "coordinates", "xmin", "ymin",
+                                     "xmax", "ymax", "spatialReference", "wkid", "latestWkid", "wkt", "crs",
+                                     "geometries", "paths"]), kids, max_size=6)), max_leaves=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json, _json)
+def test_junk_areas_raise_request_errors_only(aoi, extent):
+    """Whatever arrives, the answer is an Area, None, or a RequestError: never another exception."""
+    for a, e in ((aoi, None), (None, extent), (json.dumps(aoi), None), (None, json.dumps(extent))):
+        try:
+            request_area(e, a, None, WEB_MERCATOR)
+        except RequestError:
+            pass
+
+
+_coord = st.one_of(st.floats(-200, 200), st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**7, 10**7))
+_ring = st.lists(st.lists(_coord, min_size=2, max_size=3), max_size=8)
+_sr = st.one_of(st.none(), st.fixed_dictionaries({"wkid": st.sampled_from([4326, 3857, 102100, 2154, 0, -1, 99999999])}),
+                st.fixed_dictionaries({"wkt": st.text(max_size=10)}))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_ring, max_size=3), _sr, st.sampled_from(["esri", "featureset", "geojson"]))
+def test_random_rings_raise_request_errors_only(rings, sr, form):
+    if form == "esri":
+        aoi = {"rings": rings, "spatialReference": sr}
+    elif form == "featureset":
+        aoi = {"features": [{"geometry": {"rings": rings, "spatialReference": sr}}]}
+    else:
+        aoi = {"type": "Polygon", "coordinates": rings}
+    try:
+        area = request_area(None, aoi, None, WEB_MERCATOR)
+    except RequestError:
+        return
+    assert area.polygon is None or (area.polygon.is_valid and not area.polygon.is_empty)
+    assert all(math.isfinite(v) for v in area.bounds)

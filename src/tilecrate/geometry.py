@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import shapely
+import shapely.errors
 from pyproj import CRS, Transformer
 from pyproj.exceptions import CRSError, ProjError
 from shapely.geometry.base import BaseGeometry
@@ -31,6 +32,7 @@ from tilecrate.errors import RequestError
 from tilecrate.tiling import Extent, SpatialRef
 
 MAX_VERTICES = 1_000_000          # refuse geometry above this many vertices (override per call or here)
+MAX_COORDINATE = 1e15            # coordinates beyond this are junk in any spatial reference
 DENSIFY_STEPS = 256               # segments along the larger side of the area when projecting
 WEB_MERCATOR_CODES = {3857, 102100, 102113, 900913, 3785, 41001}
 WGS84 = SpatialRef(4326, 4326)
@@ -67,7 +69,10 @@ def spatial_ref_from(value: Any) -> SpatialRef | None:
     if isinstance(value, int):
         return SpatialRef(value)
     if isinstance(value, dict):
-        sr = SpatialRef.from_json(value)
+        low = {str(k).lower(): v for k, v in value.items()}
+        wkt = low.get("wkt")
+        sr = SpatialRef(_sr_code(low.get("wkid")), _sr_code(low.get("latestwkid")),
+                        wkt.strip() if isinstance(wkt, str) and wkt.strip() else None)
         if sr.code is None and not sr.wkt:
             raise RequestError(f"spatialReference has no wkid, latestWkid or wkt: {json.dumps(value)[:200]}")
         return sr
@@ -81,6 +86,19 @@ def spatial_ref_from(value: Any) -> SpatialRef | None:
     if ":" in text and text.split(":", 1)[1].strip().isdigit() and len(text) < 32:
         return SpatialRef(int(text.split(":", 1)[1]))
     return SpatialRef(wkt=text)
+
+
+def _sr_code(v: Any) -> int | None:
+    """A wkid as an int; None when absent or not a whole number (then wkt or the other code decides)."""
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float):
+        return int(v) if math.isfinite(v) and v.is_integer() else None
+    if isinstance(v, str) and v.strip().lstrip("+-").isdigit():
+        return int(v.strip())
+    return None
 
 
 def _code_crs(code: int) -> CRS | None:
@@ -233,6 +251,9 @@ def _ring_array(ring: Any, counter: _Counter) -> np.ndarray:
             raise RequestError("a polygon ring has a point that is not [x, y] numbers") from None
     if not np.isfinite(arr).all():
         raise RequestError("the area of interest has a coordinate that is not a finite number")
+    if arr.size and np.abs(arr).max() > MAX_COORDINATE:
+        raise RequestError(f"the area of interest has a coordinate beyond ±{MAX_COORDINATE:g}: no spatial "
+                           f"reference has such values; check the geometry and its spatial reference")
     return arr
 
 
@@ -430,6 +451,9 @@ def project(geom: BaseGeometry, src: SpatialRef, dst: SpatialRef, *,
     if same_sr(src, dst):
         return geom
     limit = MAX_VERTICES if max_vertices is None else max_vertices
+    if max(abs(v) for v in geom.bounds) > MAX_COORDINATE:
+        raise RequestError(f"the area has a coordinate beyond ±{MAX_COORDINATE:g} and cannot be projected; "
+                           f"check its spatial reference")
     src_crs, dst_crs = crs_for(src), crs_for(dst)
     if dst_crs is None:
         raise RequestError(f"cannot project the area from {_sr_label(src)}: the cache's spatial reference is unknown")
@@ -486,6 +510,14 @@ def _as_area(geom: BaseGeometry) -> Area:
 def request_area(extent: str | dict | None, aoi: str | dict | None, aoi_sr: Any, target: SpatialRef, *,
                  max_vertices: int | None = None) -> Area | None:
     """The export area of a request in `target` coordinates; None for the full extent (no extent, no AOI)."""
+    try:
+        return _request_area(extent, aoi, aoi_sr, target, max_vertices)
+    except shapely.errors.GEOSException as e:
+        # degenerate input that got past the checks; GEOS says why
+        raise RequestError(f"the area cannot be used as a polygon ({e})") from None
+
+
+def _request_area(extent, aoi, aoi_sr, target: SpatialRef, max_vertices: int | None) -> Area | None:
     given_sr = spatial_ref_from(aoi_sr)
     if aoi is not None:
         parts = parse_aoi(aoi, given_sr or target, given_sr or WGS84, max_vertices=max_vertices)
