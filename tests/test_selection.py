@@ -204,3 +204,30 @@ def test_absurd_polygon_coordinates_are_refused(v2):
     ring = [[-1e300, -1e300], [1e300, -1e300], [0, 1e300], [-1e300, -1e300]]
     with pytest.raises(RequestError, match="coordinate beyond"):
         select(v2, ExportRequest("0-5", area_of_interest={"rings": [ring]}))
+
+
+def test_level_20_over_a_continent_visits_only_existing_bundles(tmp_path):
+    """Two bundles at level 20 under a Europe-sized AOI: selected from spans of their own rows only."""
+    from pyproj import Transformer as T
+
+    from tilecrate.sample import SampleSpec, _conf_xml, _v2_bundle
+
+    root = tmp_path / "deep"
+    (root / "_alllayers" / "L20").mkdir(parents=True)
+    (root / "conf.xml").write_text(_conf_xml(SampleSpec()))
+    scheme = web_mercator_scheme(24)
+    inside_lonlat, outside_lonlat = (10.0, 50.0), (-40.0, 50.0)
+    refs = []
+    for lon, lat in (inside_lonlat, outside_lonlat):
+        x, y = T.from_crs(4326, 3857, always_xy=True).transform(lon, lat)
+        row, col = scheme.tile_at(20, x, y)
+        row0, col0 = row // PACKET * PACKET, col // PACKET * PACKET
+        tiles = {i: b"\xff\xd8\xff" + bytes(10 + i % 7) for i in range(0, 16384, 5)}
+        (root / "_alllayers" / "L20" / f"R{row0:04x}C{col0:04x}.bundle").write_bytes(_v2_bundle(tiles))
+        refs.append((row0, col0))
+    europe = {"rings": [[[-10, 35], [-10, 70], [40, 70], [40, 35], [-10, 35]]], "spatialReference": {"wkid": 4326}}
+    europe["rings"][0].insert(2, [15, 72])   # not a rectangle: the rasterizer runs
+    with open_cache(str(root)) as c:
+        sel = select(c, ExportRequest("20", area_of_interest=europe))
+    assert [b.ref[1:] for b in sel.bundles()] == [refs[0]]
+    assert sel.tiles == len(range(0, 16384, 5))
