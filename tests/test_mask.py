@@ -187,6 +187,11 @@ def test_mask_matches_exact_reference(poly):
     xs = [p[0] for r in rings for p in r]
     window = (min(ys) // S - 1, max(ys) // S + 1, min(xs) // S - 1, max(xs) // S + 1)
     assert shapely_tiles(geom, window) == expected
+    scaled = shapely.affinity.scale(geom, 1 / S, 1 / S, origin=(0, 0))
+    touching = sum(shapely.touches(shapely.box(c, r, c + 1, r + 1), scaled) for r, c in expected)
+    event("tiles touching only at an edge or corner" if touching else "no touch-only tiles")
+    event("crosses a bundle border" if min(xs) < 128 * S < max(xs) or min(ys) < 128 * S < max(ys)
+          else "inside one bundle")
     rast = _mask.Rasterizer(edges)
     assert rast.count(0, 255, 0, 255) == len(expected)
     # a window that cuts the polygon: count agrees with the reference restricted to it
