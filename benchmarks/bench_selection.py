@@ -123,7 +123,7 @@ def _large_aoi(cache):
     return json.dumps({"features": [{"geometry": {"rings": [ring.tolist()], "spatialReference": {"wkid": 4326}}}]})
 
 
-def test_estimate_large_sample(benchmark, large_sample, request):
+def test_estimate_large_sample(benchmark, large_sample, tmp_path, request):
     cache = tilecrate.open_cache(str(large_sample))
     req = ExportRequest("0-10", area_of_interest=_large_aoi(cache))
     paths = [cache._loc(ref).bundle for ref in cache.bundles()]
@@ -144,9 +144,20 @@ def test_estimate_large_sample(benchmark, large_sample, request):
         plain_index_reads()
     t_plain = (time.perf_counter() - t0) / 5
     full = estimate(cache, ExportRequest("0-10"))
+    from tilecrate.presence import PresenceStore
+
+    with PresenceStore(str(tmp_path / "presence")) as store:
+        estimate(cache, req, presence=store)
+        t_store = math.inf
+        for _ in range(5):
+            cache._index_cache.clear()
+            t0 = time.perf_counter()
+            estimate(cache, req, presence=store)
+            t_store = min(t_store, time.perf_counter() - t0)
     report(request, "estimate over the large sample (AOI, levels 0-10)",
            ms=t * 1e3, bundles=len(paths), tiles=est.total_tiles, of_tiles=full.total_tiles,
-           total_size=est.total_size, plain_index_reads_ms=t_plain * 1e3, ratio_to_plain_reads=t / t_plain)
+           total_size=est.total_size, plain_index_reads_ms=t_plain * 1e3, ratio_to_plain_reads=t / t_plain,
+           with_presence_store_ms=t_store * 1e3, presence_speedup=t / t_store)
     assert 0 < est.total_tiles < full.total_tiles
 
 
