@@ -1,0 +1,617 @@
+# cython: boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""Batch JPEG re-encoding over libjpeg-turbo's libjpeg API, GIL released, spread over OpenMP threads.
+
+Two methods, both per tile, both with per-tile error handling:
+  * METHOD_PIXEL: decode to the source colour space (no colour conversion either way), encode at the
+    requested quality with the source's chroma sampling;
+  * METHOD_DCT: read the quantized DCT coefficients, requantize each component to
+    max(source step, requested step) with dead-zone rounding, write the coefficients (no IDCT,
+    colour conversion or FDCT).
+Both write optimized Huffman tables and keep ICC profiles (APP2); other APPn/COM segments are
+dropped (they are size, not pixels). A tile whose bytes do not start FF D8 FF is left alone; a tile
+that libjpeg rejects or warns about (corrupt or truncated data) keeps its original bytes and gets
+a message. libjpeg's error_exit and warnings longjmp back to the tile's entry point, so no libjpeg
+error can reach exit() or cross a tile boundary. One decompress + compress struct per thread,
+reused across tiles.
+"""
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+from libc.stdlib cimport calloc, free
+from cython.parallel cimport prange
+cimport openmp
+
+import numpy as np
+cimport numpy as cnp
+
+cnp.import_array()
+tc_init_zigzag()
+
+cdef extern from *:
+    """
+    #include <stdio.h>
+    #include <stdlib.h>
+    #include <string.h>
+    #include <setjmp.h>
+    #include <stdint.h>
+    #include <jpeglib.h>
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    #endif
+
+    #define TC_MSG 200
+    #define TC_MAX_SIDE 16384
+    #define TC_MAX_PIXELS (1L << 26)
+    #define TC_MAX_SCANS 500
+    #define TC_ROWS 16
+
+    enum { TC_OK = 0, TC_NOT_JPEG = 1, TC_FAILED = 2, TC_NOT_SMALLER = 3 };
+    enum { TC_PIXEL = 0, TC_DCT = 1 };
+
+    typedef struct {
+        struct jpeg_error_mgr pub;
+        jmp_buf jb;
+        char msg[TC_MSG];
+    } tc_err;
+
+    typedef struct {
+        struct jpeg_progress_mgr pub;
+        struct jpeg_decompress_struct *d;
+    } tc_progress;
+
+    typedef struct {
+        struct jpeg_decompress_struct d;
+        struct jpeg_compress_struct c;
+        tc_err err;
+        tc_progress prog;
+        int ready;
+        unsigned char *outbuf;      /* owned by libjpeg's mem dest until handed over */
+        unsigned long outsize;
+        unsigned char *rows;        /* pixel path scanline buffer */
+        size_t rows_cap;
+    } tc_ctx;
+
+    /* target tables of the requested quality: [0] luminance, [1] chrominance, natural order */
+    typedef struct {
+        unsigned int q[2][DCTSIZE2];
+        int roff;                   /* rounding offset for AC coefficients, in 1/256 (128 = nearest) */
+        int optimize;               /* optimized Huffman tables (an extra pass, smaller output) */
+    } tc_tables;
+
+    static const unsigned int tc_std_lum[DCTSIZE2] = {
+        16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
+        14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
+        18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+        49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99};
+    static const unsigned int tc_std_chr[DCTSIZE2] = {
+        17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99,
+        24, 26, 56, 99, 99, 99, 99, 99, 47, 66, 99, 99, 99, 99, 99, 99,
+        99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99,
+        99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99};
+
+    /* the tables jpeg_set_quality(q, force_baseline=TRUE) installs */
+    static void tc_make_tables(tc_tables *t, int quality, int roff, int optimize) {
+        int scale = jpeg_quality_scaling(quality);
+        for (int i = 0; i < DCTSIZE2; i++) {
+            long a = ((long)tc_std_lum[i] * scale + 50L) / 100L;
+            long b = ((long)tc_std_chr[i] * scale + 50L) / 100L;
+            t->q[0][i] = (unsigned int)(a < 1 ? 1 : (a > 255 ? 255 : a));
+            t->q[1][i] = (unsigned int)(b < 1 ? 1 : (b > 255 ? 255 : b));
+        }
+        t->roff = roff;
+        t->optimize = optimize;
+    }
+
+    static void tc_error_exit(j_common_ptr cinfo) {
+        tc_err *e = (tc_err *)cinfo->err;
+        (*cinfo->err->format_message)(cinfo, e->msg);
+        longjmp(e->jb, 1);
+    }
+
+    /* a warning means corrupt or truncated data: the tile is not trusted, keep its bytes */
+    static void tc_emit_message(j_common_ptr cinfo, int level) {
+        if (level < 0) {
+            tc_err *e = (tc_err *)cinfo->err;
+            (*cinfo->err->format_message)(cinfo, e->msg);
+            longjmp(e->jb, 1);
+        }
+    }
+
+    static void tc_output_message(j_common_ptr cinfo) { (void)cinfo; }
+
+    /* progressive files with thousands of scans are a known decoder DoS; tiles never need that */
+    static void tc_progress_monitor(j_common_ptr cinfo) {
+        tc_progress *p = (tc_progress *)cinfo->progress;
+        if (p->d != NULL && p->d->input_scan_number > TC_MAX_SCANS) {
+            tc_err *e = (tc_err *)cinfo->err;
+            snprintf(e->msg, TC_MSG, "more than %d scans", TC_MAX_SCANS);
+            longjmp(e->jb, 1);
+        }
+    }
+
+    static int tc_ctx_init(tc_ctx *x) {
+        memset(x, 0, sizeof(*x));
+        x->d.err = jpeg_std_error(&x->err.pub);
+        x->err.pub.error_exit = tc_error_exit;
+        x->err.pub.emit_message = tc_emit_message;
+        x->err.pub.output_message = tc_output_message;
+        if (setjmp(x->err.jb)) return 0;
+        jpeg_create_decompress(&x->d);
+        x->c.err = &x->err.pub;
+        jpeg_create_compress(&x->c);
+        x->prog.pub.progress_monitor = tc_progress_monitor;
+        x->prog.d = &x->d;
+        x->d.progress = &x->prog.pub;
+        x->ready = 1;
+        return 1;
+    }
+
+    static void tc_ctx_free(tc_ctx *x) {
+        if (x->ready) {
+            jpeg_destroy_decompress(&x->d);
+            jpeg_destroy_compress(&x->c);
+        }
+        free(x->outbuf);
+        free(x->rows);
+        x->outbuf = NULL; x->rows = NULL; x->ready = 0;
+    }
+
+    static int tc_check_header(tc_ctx *x) {
+        struct jpeg_decompress_struct *d = &x->d;
+        if (d->image_width == 0 || d->image_height == 0 || d->image_width > TC_MAX_SIDE ||
+            d->image_height > TC_MAX_SIDE ||
+            (long)d->image_width * (long)d->image_height > TC_MAX_PIXELS) {
+            snprintf(x->err.msg, TC_MSG, "unsupported size %ux%u", d->image_width, d->image_height);
+            return 0;
+        }
+        if (d->num_components < 1 || d->num_components > 4) {
+            snprintf(x->err.msg, TC_MSG, "unsupported component count %d", d->num_components);
+            return 0;
+        }
+        return 1;
+    }
+
+    static void tc_copy_icc(tc_ctx *x) {
+        for (jpeg_saved_marker_ptr m = x->d.marker_list; m != NULL; m = m->next) {
+            if (m->marker == JPEG_APP0 + 2 && m->data_length >= 12 &&
+                memcmp(m->data, "ICC_PROFILE", 12) == 0)
+                jpeg_write_marker(&x->c, m->marker, m->data, m->data_length);
+        }
+    }
+
+    static int tc_is_chroma(J_COLOR_SPACE cs, int ci) {
+        return (cs == JCS_YCbCr || cs == JCS_YCCK) && (ci == 1 || ci == 2);
+    }
+
+    /* decode to the source colour space, encode at the requested quality */
+    static int tc_pixel(tc_ctx *x, int quality, const tc_tables *t) {
+        struct jpeg_decompress_struct *d = &x->d;
+        struct jpeg_compress_struct *c = &x->c;
+        J_COLOR_SPACE cs;
+        JSAMPROW rowp[TC_ROWS];
+        size_t stride;
+        int ci, i;
+        jpeg_read_header(d, TRUE);
+        if (!tc_check_header(x)) return 0;
+        cs = d->jpeg_color_space;
+        if (cs != JCS_GRAYSCALE && cs != JCS_YCbCr && cs != JCS_RGB && cs != JCS_CMYK && cs != JCS_YCCK) {
+            snprintf(x->err.msg, TC_MSG, "unsupported colour space %d", (int)cs);
+            return 0;
+        }
+        d->out_color_space = cs;           /* no colour conversion on the way out or back in */
+        /* replicated chroma, averaged back down by the encoder at the same sampling, returns the
+           source chroma; fancy (triangle) upsampling would blur it and costs time */
+        d->do_fancy_upsampling = FALSE;
+        jpeg_start_decompress(d);
+        stride = (size_t)d->output_width * (size_t)d->output_components;
+        if (x->rows_cap < stride * TC_ROWS) {
+            unsigned char *nb = (unsigned char *)realloc(x->rows, stride * TC_ROWS);
+            if (nb == NULL) { snprintf(x->err.msg, TC_MSG, "out of memory"); return 0; }
+            x->rows = nb; x->rows_cap = stride * TC_ROWS;
+        }
+        for (i = 0; i < TC_ROWS; i++) rowp[i] = x->rows + (size_t)i * stride;
+        c->image_width = d->output_width;
+        c->image_height = d->output_height;
+        c->input_components = d->output_components;
+        c->in_color_space = cs;
+        jpeg_set_defaults(c);
+        if (c->num_components == d->num_components)
+            for (ci = 0; ci < c->num_components; ci++) {
+                c->comp_info[ci].h_samp_factor = d->comp_info[ci].h_samp_factor;
+                c->comp_info[ci].v_samp_factor = d->comp_info[ci].v_samp_factor;
+            }
+        jpeg_set_quality(c, quality, TRUE);
+        c->optimize_coding = t->optimize ? TRUE : FALSE;
+        c->write_JFIF_header = d->saw_JFIF_marker;
+        if (d->saw_JFIF_marker) {
+            c->density_unit = d->density_unit;
+            c->X_density = d->X_density;
+            c->Y_density = d->Y_density;
+        }
+        x->outbuf = NULL; x->outsize = 0;
+        jpeg_mem_dest(c, &x->outbuf, &x->outsize);
+        jpeg_start_compress(c, TRUE);
+        tc_copy_icc(x);
+        while (d->output_scanline < d->output_height) {
+            JDIMENSION n = jpeg_read_scanlines(d, rowp, TC_ROWS);
+            if (n == 0) { snprintf(x->err.msg, TC_MSG, "decoder returned no rows"); return 0; }
+            jpeg_write_scanlines(c, rowp, n);
+        }
+        jpeg_finish_compress(c);
+        jpeg_finish_decompress(d);
+        return 1;
+    }
+
+    /* natural index of the k-th coefficient in zigzag order (what the entropy coder walks) */
+    static const int tc_zigzag[DCTSIZE2] = {
+        0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48,
+        41, 34, 27, 20, 13, 6, 7, 14, 21, 28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23,
+        30, 37, 44, 51, 58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63};
+
+    /* zigzag position of each natural-order coefficient */
+    static int tc_zigzag_pos[DCTSIZE2];
+    static void tc_init_zigzag(void) {
+        for (int k = 0; k < DCTSIZE2; k++) tc_zigzag_pos[tc_zigzag[k]] = k;
+    }
+
+    /* exported by libjpeg(-turbo) since 6b but declared only in the internal jchuff.h */
+    extern void jpeg_gen_optimal_table(j_compress_ptr cinfo, JHUFF_TBL *htbl, long freq[]);
+
+    typedef struct {
+        double num_scale[DCTSIZE2], num_add[DCTSIZE2], den[DCTSIZE2];
+        int requant;
+    } tc_rq;
+
+    static inline void tc_requant_block(JCOEF *co, const tc_rq *r) {
+        /* n = floor((|c|*qs + qt*roff/256) / qt), exact: integers held in doubles, one correctly
+           rounded division; a zero stays zero because roff < 256 */
+        for (int k = 0; k < DCTSIZE2; k++) {
+            int v = co[k];
+            int a = v < 0 ? -v : v;
+            int n = (int)(((double)a * r->num_scale[k] + r->num_add[k]) / r->den[k]);
+            co[k] = (JCOEF)(v < 0 ? -n : n);
+        }
+    }
+
+    static inline int tc_nbits(int v) {
+        unsigned int a = (unsigned int)(v < 0 ? -v : v);
+        return a == 0 ? 0 : 32 - __builtin_clz(a);
+    }
+
+    /* bit n set when natural-order coefficient n is nonzero */
+    static inline uint64_t tc_nonzero_mask(const JCOEF *co) {
+    #if defined(__SSE2__)
+        const __m128i z = _mm_setzero_si128();
+        uint64_t m = 0;
+        for (int i = 0; i < 4; i++) {
+            __m128i a = _mm_loadu_si128((const __m128i *)(co + 16 * i));
+            __m128i b = _mm_loadu_si128((const __m128i *)(co + 16 * i + 8));
+            __m128i p = _mm_packs_epi16(_mm_cmpeq_epi16(a, z), _mm_cmpeq_epi16(b, z));
+            m |= (uint64_t)(uint16_t)_mm_movemask_epi8(p) << (16 * i);
+        }
+        return ~m;
+    #else
+        uint64_t m = 0;
+        for (int k = 0; k < DCTSIZE2; k++) m |= (uint64_t)(co[k] != 0) << k;
+        return m;
+    #endif
+    }
+
+    /* requantize one block (only its nonzero coefficients) and add the symbols libjpeg's optimize
+       pass (encode_mcu_gather) would count for it; 0 if a coefficient is out of baseline range */
+    static inline int tc_block(JCOEF *co, const tc_rq *r, int *last_dc, long *dc, long *ac) {
+        uint64_t nz = tc_nonzero_mask(co), zz = 0;
+        int nb, prev = 0;
+        while (nz) {
+            int n = __builtin_ctzll(nz);
+            nz &= nz - 1;
+            if (r->requant) {
+                int v = co[n], a = v < 0 ? -v : v;
+                int q = (int)(((double)a * r->num_scale[n] + r->num_add[n]) / r->den[n]);
+                co[n] = (JCOEF)(v < 0 ? -q : q);
+                if (q == 0) continue;
+            }
+            zz |= 1ULL << tc_zigzag_pos[n];
+        }
+        nb = tc_nbits(co[0] - *last_dc);
+        if (nb > 11) return 0;
+        *last_dc = co[0];
+        dc[nb]++;
+        zz &= ~1ULL;
+        while (zz) {
+            int k = __builtin_ctzll(zz), run = k - prev - 1;
+            zz &= zz - 1;
+            while (run > 15) { ac[0xF0]++; run -= 16; }
+            nb = tc_nbits(co[tc_zigzag[k]]);
+            if (nb > 10) return 0;
+            ac[(run << 4) + nb]++;
+            prev = k;
+        }
+        if (prev < DCTSIZE2 - 1) ac[0]++;
+        return 1;
+    }
+
+    /* requantize coefficients: step = max(source, target), AC rounded toward zero by roff.
+       With t->optimize == 2 the Huffman statistics are gathered in the same walk over the
+       blocks (in the encoder's MCU order), replacing libjpeg's separate optimize pass. */
+    static int tc_dct(tc_ctx *x, const tc_tables *t) {
+        struct jpeg_decompress_struct *d = &x->d;
+        struct jpeg_compress_struct *c = &x->c;
+        jvirt_barray_ptr *coefs;
+        unsigned int steps[MAX_COMPONENTS][DCTSIZE2];
+        int slot_of[MAX_COMPONENTS], last_dc[MAX_COMPONENTS];
+        tc_rq rq[MAX_COMPONENTS];
+        long dcf[NUM_HUFF_TBLS][257], acf[NUM_HUFF_TBLS][257];
+        int nslots = 0, ci, k, fused = 0, nc;
+        jpeg_read_header(d, TRUE);
+        if (!tc_check_header(x)) return 0;
+        coefs = jpeg_read_coefficients(d);
+        if (coefs == NULL) { snprintf(x->err.msg, TC_MSG, "no coefficients"); return 0; }
+        nc = d->num_components;
+        for (ci = 0; ci < nc; ci++) {
+            JQUANT_TBL *src = d->comp_info[ci].quant_table;
+            const unsigned int *req = t->q[tc_is_chroma(d->jpeg_color_space, ci) ? 1 : 0];
+            if (src == NULL) { snprintf(x->err.msg, TC_MSG, "component %d has no quantization table", ci); return 0; }
+            rq[ci].requant = 0;
+            for (k = 0; k < DCTSIZE2; k++) {
+                unsigned int s = src->quantval[k];
+                if (s == 0) { snprintf(x->err.msg, TC_MSG, "zero quantization step"); return 0; }
+                steps[ci][k] = s > req[k] ? s : req[k];
+                rq[ci].requant |= steps[ci][k] != s;
+                rq[ci].num_scale[k] = (double)s * 256.0;
+                rq[ci].num_add[k] = (double)steps[ci][k] * (double)(k == 0 ? 128 : t->roff);
+                rq[ci].den[k] = (double)steps[ci][k] * 256.0;
+            }
+        }
+        x->outbuf = NULL; x->outsize = 0;
+        jpeg_copy_critical_parameters(d, c);
+        /* one table slot per distinct step table (components may have shared a source table) */
+        for (ci = 0; ci < nc; ci++) {
+            int found = -1;
+            for (int s = 0; s < ci && found < 0; s++)
+                if (memcmp(steps[s], steps[ci], sizeof(steps[ci])) == 0) found = slot_of[s];
+            if (found < 0) {
+                found = nslots++;
+                if (c->quant_tbl_ptrs[found] == NULL)
+                    c->quant_tbl_ptrs[found] = jpeg_alloc_quant_table((j_common_ptr)c);
+                for (k = 0; k < DCTSIZE2; k++) c->quant_tbl_ptrs[found]->quantval[k] = (UINT16)steps[ci][k];
+                c->quant_tbl_ptrs[found]->sent_table = FALSE;
+            }
+            slot_of[ci] = found;
+            c->comp_info[ci].quant_tbl_no = found;
+        }
+        /* the fused walk must visit blocks exactly as the encoder will: one scan, no restart
+           markers, and (interleaved) no dummy blocks at the right or bottom edge */
+        if (t->optimize == 2 && c->restart_interval == 0 && c->restart_in_rows == 0 && nc <= MAX_COMPS_IN_SCAN) {
+            fused = 1;
+            if (nc > 1) {
+                JDIMENSION mcw = (JDIMENSION)(8 * d->max_h_samp_factor), mch = (JDIMENSION)(8 * d->max_v_samp_factor);
+                JDIMENSION mcus_row = (d->image_width + mcw - 1) / mcw, mcu_rows = (d->image_height + mch - 1) / mch;
+                for (ci = 0; ci < nc; ci++) {
+                    jpeg_component_info *comp = &d->comp_info[ci];
+                    if (comp->width_in_blocks != (JDIMENSION)comp->h_samp_factor * mcus_row ||
+                        comp->height_in_blocks != (JDIMENSION)comp->v_samp_factor * mcu_rows)
+                        fused = 0;
+                }
+            }
+        }
+        if (fused) {
+            memset(dcf, 0, sizeof(dcf));
+            memset(acf, 0, sizeof(acf));
+            for (ci = 0; ci < nc; ci++) last_dc[ci] = 0;
+            if (nc == 1) {
+                jpeg_component_info *comp = &d->comp_info[0];
+                long *dc = dcf[c->comp_info[0].dc_tbl_no], *ac = acf[c->comp_info[0].ac_tbl_no];
+                for (JDIMENSION row = 0; row < comp->height_in_blocks; row++) {
+                    JBLOCKROW br = (*d->mem->access_virt_barray)((j_common_ptr)d, coefs[0], row, 1, TRUE)[0];
+                    for (JDIMENSION b = 0; b < comp->width_in_blocks; b++) {
+                        if (!tc_block(br[b], &rq[0], &last_dc[0], dc, ac)) goto range;
+                    }
+                }
+            } else {
+                JDIMENSION mcu_rows = d->comp_info[0].height_in_blocks / d->comp_info[0].v_samp_factor;
+                JDIMENSION mcus_row = d->comp_info[0].width_in_blocks / d->comp_info[0].h_samp_factor;
+                JBLOCKARRAY rows[MAX_COMPONENTS];
+                for (JDIMENSION my = 0; my < mcu_rows; my++) {
+                    for (ci = 0; ci < nc; ci++) {
+                        int v = d->comp_info[ci].v_samp_factor;
+                        rows[ci] = (*d->mem->access_virt_barray)((j_common_ptr)d, coefs[ci], my * v, v, TRUE);
+                    }
+                    for (JDIMENSION mx = 0; mx < mcus_row; mx++)
+                        for (ci = 0; ci < nc; ci++) {
+                            int h = d->comp_info[ci].h_samp_factor, v = d->comp_info[ci].v_samp_factor;
+                            long *dc = dcf[c->comp_info[ci].dc_tbl_no], *ac = acf[c->comp_info[ci].ac_tbl_no];
+                            for (int yy = 0; yy < v; yy++)
+                                for (int xx = 0; xx < h; xx++) {
+                                    JCOEF *co = rows[ci][yy][mx * h + xx];
+                                    if (!tc_block(co, &rq[ci], &last_dc[ci], dc, ac)) goto range;
+                                }
+                        }
+                }
+            }
+            {
+                /* jpeg_gen_optimal_table consumes freq[], so build each shared table once */
+                int dc_built[NUM_HUFF_TBLS] = {0}, ac_built[NUM_HUFF_TBLS] = {0};
+                for (ci = 0; ci < nc; ci++) {
+                    int dt = c->comp_info[ci].dc_tbl_no, at = c->comp_info[ci].ac_tbl_no;
+                    if (!dc_built[dt]) {
+                        if (c->dc_huff_tbl_ptrs[dt] == NULL) c->dc_huff_tbl_ptrs[dt] = jpeg_alloc_huff_table((j_common_ptr)c);
+                        jpeg_gen_optimal_table(c, c->dc_huff_tbl_ptrs[dt], dcf[dt]);
+                        dc_built[dt] = 1;
+                    }
+                    if (!ac_built[at]) {
+                        if (c->ac_huff_tbl_ptrs[at] == NULL) c->ac_huff_tbl_ptrs[at] = jpeg_alloc_huff_table((j_common_ptr)c);
+                        jpeg_gen_optimal_table(c, c->ac_huff_tbl_ptrs[at], acf[at]);
+                        ac_built[at] = 1;
+                    }
+                }
+            }
+            c->optimize_coding = FALSE;
+        } else {
+            for (ci = 0; ci < nc; ci++) {
+                jpeg_component_info *comp = &d->comp_info[ci];
+                if (!rq[ci].requant) continue;
+                for (JDIMENSION row = 0; row < comp->height_in_blocks; row++) {
+                    JBLOCKROW br = (*d->mem->access_virt_barray)((j_common_ptr)d, coefs[ci], row, 1, TRUE)[0];
+                    for (JDIMENSION b = 0; b < comp->width_in_blocks; b++) tc_requant_block(br[b], &rq[ci]);
+                }
+            }
+            c->optimize_coding = t->optimize ? TRUE : FALSE;
+        }
+        jpeg_mem_dest(c, &x->outbuf, &x->outsize);
+        jpeg_write_coefficients(c, coefs);
+        tc_copy_icc(x);
+        jpeg_finish_compress(c);
+        jpeg_finish_decompress(d);
+        return 1;
+    range:
+        snprintf(x->err.msg, TC_MSG, "DCT coefficient out of range");
+        return 0;
+    }
+
+    /* one tile: status, and on TC_OK the new bytes in *out (malloc'd, caller frees) */
+    static int tc_recode(tc_ctx *x, const unsigned char *src, size_t len, int method,
+                         int quality, const tc_tables *t, int allow_larger,
+                         unsigned char **out, size_t *outlen, char *msg) {
+        int ok;
+        *out = NULL; *outlen = 0;
+        if (len < 3 || src[0] != 0xFF || src[1] != 0xD8 || src[2] != 0xFF) return TC_NOT_JPEG;
+        if (!x->ready) { snprintf(msg, TC_MSG, "codec not initialised"); return TC_FAILED; }
+        x->outbuf = NULL; x->outsize = 0;
+        x->err.msg[0] = 0;
+        if (setjmp(x->err.jb)) {
+            jpeg_abort_decompress(&x->d);
+            jpeg_abort_compress(&x->c);
+            free(x->outbuf); x->outbuf = NULL;
+            memcpy(msg, x->err.msg, TC_MSG); msg[TC_MSG - 1] = 0;
+            if (!msg[0]) snprintf(msg, TC_MSG, "undecodable JPEG");
+            return TC_FAILED;
+        }
+        jpeg_mem_src(&x->d, src, (unsigned long)len);
+        jpeg_save_markers(&x->d, JPEG_APP0 + 2, 0xFFFF);
+        ok = method == TC_DCT ? tc_dct(x, t) : tc_pixel(x, quality, t);
+        if (!ok) {
+            jpeg_abort_decompress(&x->d);
+            jpeg_abort_compress(&x->c);
+            free(x->outbuf); x->outbuf = NULL;
+            memcpy(msg, x->err.msg, TC_MSG); msg[TC_MSG - 1] = 0;
+            return TC_FAILED;
+        }
+        if (!allow_larger && x->outsize >= len) {
+            free(x->outbuf); x->outbuf = NULL;
+            return TC_NOT_SMALLER;
+        }
+        *out = x->outbuf; *outlen = x->outsize;
+        x->outbuf = NULL;
+        return TC_OK;
+    }
+    """
+    enum:
+        TC_MSG
+        TC_OK
+        TC_NOT_JPEG
+        TC_FAILED
+        TC_NOT_SMALLER
+        TC_PIXEL
+        TC_DCT
+    ctypedef struct tc_ctx:
+        pass
+    ctypedef struct tc_tables:
+        pass
+    int tc_ctx_init(tc_ctx *x) nogil
+    void tc_ctx_free(tc_ctx *x) nogil
+    void tc_init_zigzag() nogil
+    void tc_make_tables(tc_tables *t, int quality, int roff, int optimize) nogil
+    int tc_recode(tc_ctx *x, const unsigned char *src, size_t len, int method, int quality,
+                  const tc_tables *t, int allow_larger, unsigned char **out, size_t *outlen,
+                  char *msg) nogil
+
+
+OK = TC_OK                    # re-encoded: new bytes returned
+NOT_JPEG = TC_NOT_JPEG        # bytes do not start FF D8 FF: left alone
+FAILED = TC_FAILED            # libjpeg rejected or warned: original bytes kept, message given
+NOT_SMALLER = TC_NOT_SMALLER  # re-encoding did not shrink the tile: original bytes kept
+METHODS = {"pixel": TC_PIXEL, "dct": TC_DCT}
+DEFAULT_DEADZONE = 0.5        # AC rounding offset, see recompress.py for the measured choice
+
+
+def max_threads() -> int:
+    """The OpenMP thread count a batch uses when threads=0."""
+    return openmp.omp_get_max_threads()
+
+
+def recode(buf, offsets, sizes, int quality, str method="dct", int threads=0,
+           double deadzone=DEFAULT_DEADZONE, bint allow_larger=False, int optimize=2):
+    """Re-encode tiles buf[offsets[i]:offsets[i]+sizes[i]] -> (list of bytes|None, status int8[n], {i: message}).
+
+    None means "keep the original bytes" (status says why). The GIL is released while tiles are
+    coded, spread over `threads` OpenMP threads (0 = all). optimize: 0 = standard Huffman tables,
+    1 = libjpeg's optimize pass, 2 = optimal tables from statistics gathered during requantization
+    (DCT path; byte-identical to 1, one pass fewer; the pixel path treats 2 as 1).
+    """
+    if optimize not in (0, 1, 2):
+        raise ValueError("optimize must be 0, 1 or 2")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: use 'dct' or 'pixel'")
+    if not (1 <= quality <= 100):
+        raise ValueError(f"quality must be 1-100, not {quality}")
+    if not (0.0 <= deadzone <= 0.5):
+        raise ValueError(f"deadzone rounding offset must be in [0, 0.5], not {deadzone}")
+    cdef const uint8_t[::1] data = buf
+    cdef const uint64_t[::1] offs = np.ascontiguousarray(offsets, dtype=np.uint64)
+    cdef const uint32_t[::1] lens = np.ascontiguousarray(sizes, dtype=np.uint32)
+    cdef Py_ssize_t n = offs.shape[0], i
+    if lens.shape[0] != n:
+        raise ValueError("offsets and sizes differ in length")
+    cdef uint64_t total = <uint64_t>data.shape[0]
+    for i in range(n):
+        if offs[i] > total or <uint64_t>lens[i] > total - offs[i]:
+            raise ValueError(f"tile {i}: bytes {offs[i]}+{lens[i]} lie outside the {total}-byte buffer")
+    status_arr = np.zeros(n, dtype=np.int8)
+    cdef signed char[::1] status = status_arr
+    if n == 0:
+        return [], status_arr, {}
+
+    cdef int m = METHODS[method]
+    cdef int nt = threads if threads > 0 else openmp.omp_get_max_threads()
+    if nt > n:
+        nt = <int>n
+    if nt < 1:
+        nt = 1
+    cdef tc_tables tables
+    tc_make_tables(&tables, quality, <int>(deadzone * 256 + 0.5), optimize)
+    cdef int q = quality, larger = allow_larger
+    cdef tc_ctx *ctxs = <tc_ctx *>calloc(nt, sizeof(tc_ctx))
+    cdef unsigned char **outs = <unsigned char **>calloc(n, sizeof(unsigned char *))
+    cdef size_t *outlens = <size_t *>calloc(n, sizeof(size_t))
+    cdef char *msgs = <char *>calloc(n, TC_MSG)
+    cdef const uint8_t *base = &data[0] if data.shape[0] > 0 else NULL
+    cdef int t
+    cdef tc_ctx *cx
+    if ctxs == NULL or outs == NULL or outlens == NULL or msgs == NULL:
+        free(ctxs); free(outs); free(outlens); free(msgs)
+        raise MemoryError("cannot allocate the re-encoding batch")
+    result = [None] * n
+    messages = {}
+    try:
+        for t in range(nt):
+            if not tc_ctx_init(&ctxs[t]):
+                raise MemoryError("cannot create libjpeg codecs")
+        with nogil:
+            for i in prange(n, num_threads=nt, schedule="dynamic", chunksize=1):
+                cx = &ctxs[openmp.omp_get_thread_num()]
+                status[i] = <signed char>tc_recode(cx, base + offs[i], lens[i], m, q, &tables, larger,
+                                                   &outs[i], &outlens[i], msgs + i * TC_MSG)
+        for i in range(n):
+            if status[i] == TC_OK:
+                result[i] = PyBytes_FromStringAndSize(<char *>outs[i], <Py_ssize_t>outlens[i])
+                free(outs[i])
+                outs[i] = NULL
+            elif status[i] == TC_FAILED:
+                messages[i] = (msgs + i * TC_MSG)[:TC_MSG].split(b"\0", 1)[0].decode("ascii", "replace")
+    finally:
+        for i in range(n):
+            free(outs[i])
+        for t in range(nt):
+            tc_ctx_free(&ctxs[t])
+        free(ctxs); free(outs); free(outlens); free(msgs)
+    return result, status_arr, messages
