@@ -18,10 +18,10 @@ from pyproj import Transformer
 import tilecrate
 from tilecrate import _mask
 from tilecrate.estimate import estimate
-from tilecrate.geometry import Area, request_area
+from tilecrate.geometry import Area
 from tilecrate.request import ExportRequest
 from tilecrate.selection import LevelArea, count_wanted, rect_range, select
-from tilecrate.tiling import PACKET, WEB_MERCATOR, web_mercator_scheme
+from tilecrate.tiling import PACKET, web_mercator_scheme
 from conftest import report
 
 TO_3857 = Transformer.from_crs(4326, 3857, always_xy=True)
