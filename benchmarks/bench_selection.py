@@ -45,6 +45,16 @@ def europe():
     return web_mercator_scheme(19), Area(tuple(poly.bounds), poly)
 
 
+def _run(benchmark, fn, *args):
+    """(result, median seconds): pytest-benchmark's median, or one timed call when benchmarks are disabled."""
+    result = benchmark(fn, *args)
+    if benchmark.stats is not None:
+        return result, benchmark.stats.stats.median
+    t0 = time.perf_counter()
+    fn(*args)
+    return result, time.perf_counter() - t0
+
+
 def _candidates(scheme, area, levels) -> int:
     total = 0
     for lv in levels:
@@ -79,8 +89,7 @@ def _shapely_seconds_per_tile(scheme, area, level: int, sample: int = 100_000) -
 def test_rasterize_count_levels_0_18(benchmark, europe, request):
     scheme, area = europe
     levels = list(range(19))
-    counts = benchmark(count_wanted, scheme, area, levels)
-    t = benchmark.stats.stats.median
+    counts, t = _run(benchmark, count_wanted, scheme, area, levels)
     candidates = _candidates(scheme, area, levels)
     per_tile_shapely = _shapely_seconds_per_tile(scheme, area, 12)
     ms_per_million = t * 1e3 / (candidates / 1e6)
@@ -110,8 +119,7 @@ def test_masks_per_bundle_level_14(benchmark, europe, request):
                 n += _mask.window_mask(rp, sp, col0)[1]
         return n
 
-    n = benchmark(all_masks)
-    t = benchmark.stats.stats.median
+    n, t = _run(benchmark, all_masks)
     bundles = len(band_rows) * len(band_cols)
     assert n == count_wanted(scheme, area, [lv])[lv]
     report(request, f"per-bundle masks, level {lv}", bundles=bundles, ms=t * 1e3,
@@ -137,8 +145,7 @@ def test_estimate_large_sample(benchmark, large_sample, tmp_path, request):
         cache._index_cache.clear()   # every estimate re-reads every index, as a fresh process would
         return estimate(cache, req)
 
-    est = benchmark(run)
-    t = benchmark.stats.stats.median
+    est, t = _run(benchmark, run)
     t0 = time.perf_counter()
     for _ in range(5):
         plain_index_reads()
@@ -209,8 +216,7 @@ def test_estimate_presence_store_speedup(benchmark, many_bundles, tmp_path, requ
         cache._index_cache.clear()
         return estimate(cache, req, presence=store)
 
-    est = benchmark(with_store)
-    t_store = benchmark.stats.stats.median
+    est, t_store = _run(benchmark, with_store)
 
     def timed(fn) -> float:
         best = math.inf
