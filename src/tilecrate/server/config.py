@@ -127,7 +127,7 @@ def load_config(path: str) -> ServerConfig:
     if not isinstance(server, dict):
         raise ConfigError(f"{path}: [server] must be a table")
     cfg = ServerConfig(**_pick(server, f"{path} [server]", _SERVER_KEYS))
-    cfg.data_dir = os.path.join(base, cfg.data_dir)
+    cfg.data_dir = os.path.normpath(os.path.join(base, cfg.data_dir))
     services = raw.get("services", {})
     if not isinstance(services, dict) or not services:
         raise ConfigError(f"{path}: no services: add a [services.NAME] table with source = \"path/to/cache\"")
@@ -138,7 +138,7 @@ def load_config(path: str) -> ServerConfig:
         values = _pick(table, where, _SERVICE_KEYS)
         if "source" not in values:
             raise ConfigError(f"{where}: source = \"path/to/cache\" is required")
-        values["source"] = os.path.join(base, values["source"])
+        values["source"] = os.path.normpath(os.path.join(base, values["source"]))
         cfg.services[check_name(name)] = ServiceConfig(name=name, **values)
     validate(cfg)
     return cfg
