@@ -68,9 +68,10 @@ class SpatialRef:
 
         def as_int(v):
             try:
-                return int(v) if v is not None and v != "" else None
-            except (TypeError, ValueError):
+                code = int(v) if v is not None and v != "" else None
+            except (TypeError, ValueError, OverflowError):
                 return None
+            return code if code is None or 0 < code < 2**31 else None
 
         return cls(as_int(low.get("wkid")), as_int(low.get("latestwkid")), low.get("wkt") or None)
 
