@@ -35,13 +35,16 @@ def wait_executing(server: Server, job_id: str) -> dict:
 
 def test_token_required_on_every_route(slow):
     svc = slow.svc("Slow")
-    for path in ("/arcgis/rest/services", svc, svc + "/exportTiles", svc + "/jobs/x",
-                 "/arcgis/rest/directories/arcgisoutput"):
+    for path in ("/arcgis/rest/services", svc, svc + "/exportTiles", svc + "/jobs/x", svc + "/tilemap/0/0/0/1/1"):
         r = slow.get(path, {"f": "json"})
         assert r.status == 200 and r.json()["error"]["code"] == 499, path
         r = slow.get(path, {"f": "json", "token": "wrong"})
         assert r.json()["error"]["code"] == 498, path
-    assert slow.get(svc + "/tile/0/0/0").status == 401
+    # byte resources answer with a real status (and the same JSON body)
+    for path in (svc + "/tile/0/0/0", "/arcgis/rest/directories/arcgisoutput"):
+        r = slow.get(path)
+        assert r.status == 401 and r.json()["error"]["code"] == 499, path
+    assert slow.get("/arcgis/rest/directories/arcgisoutput", {"token": TOKEN}).json() == {"folders": [], "files": []}
     assert slow.get(svc + "/tile/0/0/0", {"token": TOKEN}).status == 200
     ok = slow.get(svc, {"f": "json"}, headers={"X-Esri-Authorization": f"Bearer {TOKEN}"}).json()
     assert ok["exportTilesAllowed"] is True
@@ -97,7 +100,8 @@ def test_sigkill_during_export_then_restart(slow, tmp_path):
     assert errors == ["The server stopped while this job was running; submit it again."]
     assert not job_dir(slow, victim).exists()
     folder_url = f"/arcgis/rest/directories/arcgisoutput/Slow_MapServer/{victim}"
-    assert slow.get(folder_url, slow.with_token({"f": "json"})).json()["error"]["code"] == 404
+    gone = slow.get(folder_url, slow.with_token({"f": "json"}))
+    assert gone.status == 404 and gone.json()["error"]["code"] == 404
     r = slow.get(f"{slow.svc('Slow')}/exportTiles/jobs/{victim}/results/out_service_url", slow.with_token({"f": "json"}))
     assert r.json()["error"]["code"] == 400
     # the others are intact

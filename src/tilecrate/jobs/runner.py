@@ -78,6 +78,7 @@ class JobRunner:
         self._events_lock = threading.Lock()
         self._stopping = False
         os.makedirs(self.output_root, exist_ok=True)
+        self._lock = _exclusive(os.path.join(self.output_root, ".tilecrate-server.lock"))
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="tilecrate-job")
 
     # paths -----------------------------------------------------------------------------------
@@ -133,6 +134,7 @@ class JobRunner:
                 ev.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.recover()  # anything still queued
+        self._lock.close()
 
     # operations ------------------------------------------------------------------------------
 
@@ -241,7 +243,7 @@ class JobRunner:
                 raise JobError(f"the service {job.service} is no longer configured on this server")
             request = ExportRequest.from_params(job.params)
             if job.kind == ESTIMATE:
-                self._estimate(job, svc, request)
+                self._estimate(job, svc, request, cancel)
             else:
                 self._export(job, svc, request, cancel)
         except Cancelled:
@@ -252,7 +254,7 @@ class JobRunner:
                 self._finish(job_id, CANCELLED, None)
         except TilecrateError as e:
             self._remove_output(job)
-            text = str(e)
+            text = self._scrub(str(e), svc)
             self._finish(job_id, FAILED, text if text.startswith("ERROR ") else f"ERROR: {text}")
         except MemoryError:
             self._remove_output(job)
@@ -261,12 +263,14 @@ class JobRunner:
             self._remove_output(job)
             raise
 
-    def _estimate(self, job: Job, svc: JobService, request: ExportRequest) -> None:
+    def _estimate(self, job: Job, svc: JobService, request: ExportRequest, cancel: threading.Event) -> None:
         try:
             from tilecrate.estimate import estimate
         except ImportError as e:
             raise JobError(f"this tilecrate build cannot estimate exports yet ({e}).") from None
         est = estimate(svc.cache, request)
+        if cancel.is_set():  # estimate() cannot be interrupted; honour a cancel that came meanwhile
+            raise Cancelled("cancelled")
         value = {"totalSize": int(est.total_size), "totalTilesToExport": int(est.total_tiles)}
         notes = [f"Level {lv}: {v.get('tiles', 0)} tiles, {v.get('size', 0)} bytes" for lv, v in sorted(est.levels.items())]
         if est.total_tiles > svc.max_export_tiles_count:
@@ -340,10 +344,30 @@ class JobRunner:
         """When a finished job and its output go: maxFileAge after it finished."""
         return job.finished + self.max_file_age if job.status in TERMINAL and job.finished else None
 
+    def _scrub(self, text: str, svc: JobService | None) -> str:
+        """Messages are shown to clients: name the service and the output folder, not server paths."""
+        if svc is not None and svc.cache.path:
+            text = text.replace(svc.cache.path, f"<{svc.name} cache>")
+        return text.replace(self.output_root, "arcgisoutput")
+
     def _remove_output(self, job: Job) -> None:
         path = self.job_dir(job)
         if os.path.commonpath([path, self.output_root]) == self.output_root and path != self.output_root:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _exclusive(path: str):
+    """An flock held for the runner's life (released by the kernel even after SIGKILL)."""
+    import fcntl
+
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise JobError(f"another tilecrate server is using {os.path.dirname(path)}; "
+                       f"give each server its own data directory") from None
+    return f
 
 
 class _ProgressWriter:

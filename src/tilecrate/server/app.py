@@ -139,9 +139,8 @@ def token_of(params: dict[str, str], request: web.Request) -> str | None:
 
 
 def _is_binary(request: web.Request) -> bool:
-    path = request.path
-    return "/tile/" in path or (path.startswith(OUTPUT + "/") and not path.endswith("/")
-                                and "." in path.rsplit("/", 1)[-1])
+    """Tiles and the output directory are byte resources: their errors carry real HTTP statuses."""
+    return request.match_info.handler in (h_tile, h_output)
 
 
 def _error_response(request: web.Request, err: EsriError) -> web.Response:
@@ -174,6 +173,9 @@ async def esri_middleware(request: web.Request, handler: Handler) -> web.StreamR
         resp = await handler(request)
     except EsriError as e:
         resp = _error_response(request, e)
+    except TilecrateError as e:  # e.g. a corrupt bundle behind a tile: the reader's message says which
+        log.warning("%s %s: %s", request.method, request.path[:300], e)
+        resp = _error_response(request, EsriError(400, "the cache cannot be read here; the server log has the details"))
     except web.HTTPException as e:
         if e.status < 400:  # redirects
             e.headers.update(_CORS)
@@ -508,8 +510,8 @@ def add_routes(app: web.Application) -> None:
                    (prefix + "/results/{param}", h_result), (prefix + "/inputs/{param}", h_input)]
     routes += [(OUTPUT, h_output), (OUTPUT + "/", h_output), (OUTPUT + "/{path:.*}", h_output)]
     for path, handler in routes:
-        app.router.add_route("GET", path, handler)
-        app.router.add_route("POST", path, handler)
+        app.router.add_get(path, handler)          # HEAD included
+        app.router.add_post(path, handler)
 
 
 def create_app(cfg: ServerConfig) -> web.Application:
