@@ -133,6 +133,32 @@ def test_export_tpkx_like_the_python_api(server, sample_v2, tmp_path):
     assert got == want
 
 
+def test_python_api_default_recompression(server, sample_v2, tmp_path):
+    """export_tiles() sends optimizeTilesForSize=True&compressionQuality=75 unless told otherwise."""
+    def tiles_of(path):
+        out = {}
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.filename.endswith(".bundle"):
+                    parts = info.filename.split("/")
+                    lv, (r0, c0) = parse_level_dir(parts[-2]), parse_bundle_name(parts[-1])
+                    out.update({(lv, r0 + i // 128, c0 + i % 128): d for i, d in read_v2_bundle(zf.read(info)).items()})
+        return out
+
+    want = source_tiles(sample_v2, {4, 5})
+    base = {"tilePackage": "True", "exportBy": "LevelID", "levels": "4-5", "optimizeTilesForSize": "True"}
+    (tmp_path / "q75").mkdir()
+    job, _, files = run_export(server, "World", {**base, "compressionQuality": "75"}, tmp_path / "q75")
+    assert tiles_of(files[0]) == want           # the cache is at quality 75: nothing to gain, copied
+    (tmp_path / "q40").mkdir()
+    job, _, files = run_export(server, "World", {**base, "compressionQuality": "40"}, tmp_path / "q40")
+    got = tiles_of(files[0])
+    assert got.keys() == want.keys()
+    assert all(t[:3] == b"\xff\xd8\xff" for t in got.values())
+    assert sum(map(len, got.values())) < 0.8 * sum(map(len, want.values()))
+    assert any("compression quality 40" in m["description"] for m in job["messages"])
+
+
 def test_export_tpk_read_by_tpkutils(server, sample_v1, tmp_path):
     from tpkutils import TPK
 

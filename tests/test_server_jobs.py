@@ -114,3 +114,23 @@ def test_sigkill_during_export_then_restart(slow, tmp_path):
     # and the failed job no longer holds the only admission slot
     new = slow.submit("Slow", ESTIMATE, {"tilePackage": "true", "levels": "0"})
     assert slow.poll("Slow", ESTIMATE, new["jobId"])["jobStatus"] == "esriJobSucceeded"
+
+
+def test_outputs_expire_after_max_file_age(tmp_path, sample_v2):
+    data = tmp_path / "data"
+    cfg = write_config(tmp_path / "tilecrate.toml", data, {"Quick": {"source": sample_v2}}, max_file_age=1.0)
+    srv = Server(cfg, data, free_port()).start()
+    try:
+        sub = srv.submit("Quick", EXPORT, {"tilePackage": "true", "levels": "0-1"})
+        job = srv.poll("Quick", EXPORT, sub["jobId"])
+        folder = srv.result("Quick", EXPORT, job)
+        assert srv.get(folder).json()["files"]
+        deadline = time.monotonic() + 10
+        while srv.get(folder).status != 404:
+            assert time.monotonic() < deadline, "output not removed after max_file_age"
+            time.sleep(0.2)
+        gone = srv.post(f"{srv.svc('Quick')}/exportTiles/jobs/{sub['jobId']}", {"f": "json"}).json()
+        assert "does not exist" in gone["error"]["details"][0]
+        assert not (data / "arcgisoutput" / "Quick_MapServer" / sub["jobId"]).exists()
+    finally:
+        srv.stop()
