@@ -531,7 +531,7 @@ NOT_JPEG = TC_NOT_JPEG        # bytes do not start FF D8 FF: left alone
 FAILED = TC_FAILED            # libjpeg rejected or warned: original bytes kept, message given
 NOT_SMALLER = TC_NOT_SMALLER  # re-encoding did not shrink the tile: original bytes kept
 METHODS = {"pixel": TC_PIXEL, "dct": TC_DCT}
-DEFAULT_DEADZONE = 0.5        # AC rounding offset, see recompress.py for the measured choice
+DEFAULT_DEADZONE = 0.49609375  # 127/256: round to nearest, exact halves toward zero; recompress.py says why
 
 
 def max_threads() -> int:

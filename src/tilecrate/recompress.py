@@ -28,7 +28,7 @@ from tilecrate.tiling import PACKET
 JPEG_FORMATS = ("JPEG", "MIXED")
 METHODS = ("auto", "dct", "pixel")
 DEFAULT_METHOD = "dct"              # what "auto" resolves to; see the module docstring
-DEFAULT_DEADZONE = 0.5              # AC rounding offset: 0.5 = round to nearest (see README)
+DEFAULT_DEADZONE = 127 / 256        # AC rounding offset: round to nearest, exact halves toward zero (README)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,266 @@
+"""The compiled re-encoder (tilecrate._jpeg): both methods on real sample tiles, exact Huffman statistics,
+never refining a quantization step, per-tile errors on corrupt input, threads, bounds checks."""
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tilecrate import _jpeg
+from tilecrate.cache import open_cache
+
+
+def decode(data: bytes) -> np.ndarray:
+    """Pixels as PIL decodes them (an independent decoder build from our libjpeg calls)."""
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float64)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a - b) ** 2).mean())
+    return 99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def batch(tiles):
+    sizes = np.array([len(t) for t in tiles], np.uint32)
+    offsets = np.zeros(len(tiles), np.uint64)
+    offsets[1:] = np.cumsum(sizes[:-1])
+    return b"".join(tiles), offsets, sizes
+
+
+def recode(tiles, quality, method, **kw):
+    return _jpeg.recode(*batch(tiles), quality, method, **kw)
+
+
+def quant_tables(data: bytes) -> dict[int, list[int]]:
+    """DQT tables by id (zigzag order), parsed straight from the bytes."""
+    out, i = {}, 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xDA:
+            break
+        if marker == 0xDB:
+            seg, j = data[i + 4:i + 2 + length], 0
+            while j < len(seg):
+                prec, tid = seg[j] >> 4, seg[j] & 15
+                n = 2 if prec else 1
+                out[tid] = [int.from_bytes(seg[j + 1 + k * n:j + 1 + (k + 1) * n], "big") for k in range(64)]
+                j += 1 + 64 * n
+        i += 2 + length
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiles(sample_v2) -> list[bytes]:
+    with open_cache(str(sample_v2)) as cache:
+        return [t for lv, r, c, t in cache.iter_tiles() if lv >= 3][:48]
+
+
+def odd_jpegs() -> list[bytes]:
+    """JPEGs whose sizes are not whole MCUs, in every sampling and colour space PIL writes."""
+    rng = np.random.default_rng(5)
+    out = []
+    for (w, h), mode, sub in [((250, 130), "RGB", 2), ((77, 33), "RGB", 1), ((256, 256), "RGB", 0),
+                              ((31, 257), "L", 0), ((40, 24), "CMYK", 0), ((512, 8), "RGB", 2)]:
+        base = np.linspace(0, 255, w * h).reshape(h, w)
+        noise = rng.normal(0, 20, (h, w, 4))
+        px = np.clip(base[..., None] + noise, 0, 255).astype(np.uint8)
+        img = Image.fromarray(px[..., :1].squeeze(-1) if mode == "L" else px[..., :4 if mode == "CMYK" else 3], mode)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85, **({} if mode in ("L", "CMYK") else {"subsampling": sub}))
+        out.append(buf.getvalue())
+    return out
+
+
+@pytest.mark.parametrize("method", ["dct", "pixel"])
+def test_reencoded_tiles_decode_same_size_and_shrink_with_quality(tiles, method):
+    totals = {}
+    for q in (60, 40, 20):
+        new, status, errors = recode(tiles, q, method)
+        assert errors == {} and (status == _jpeg.OK).all()
+        for old, data in zip(tiles, new):
+            assert data[:3] == b"\xff\xd8\xff" and len(data) < len(old)
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                assert im.size == Image.open(io.BytesIO(old)).size and im.format == "JPEG"
+        totals[q] = sum(map(len, new))
+    assert totals[20] < totals[40] < totals[60] < sum(map(len, tiles))
+
+
+# mean PSNR (dB) against the source pixels, per quality, for the q75 sample; both methods
+PSNR_BAND = {60: (36.5, 42.5), 40: (32.0, 38.0), 20: (29.0, 35.0)}
+
+
+@pytest.mark.parametrize("method", ["dct", "pixel"])
+@pytest.mark.parametrize("quality", sorted(PSNR_BAND))
+def test_psnr_stays_in_band(tiles, method, quality):
+    new, status, _ = recode(tiles, quality, method)
+    values = [psnr(decode(a), decode(b)) for a, b in zip(tiles, new)]
+    lo, hi = PSNR_BAND[quality]
+    assert lo <= np.mean(values) <= hi, np.mean(values)
+    assert min(values) >= lo - 8
+
+
+@pytest.mark.parametrize("quality", [65, 50, 30])
+def test_dct_is_no_larger_than_pixel_at_the_same_psnr(tiles, quality):
+    dct, _, _ = recode(tiles, quality, "dct", allow_larger=True)
+    pix, _, _ = recode(tiles, quality, "pixel", allow_larger=True)
+    assert sum(map(len, dct)) <= 1.005 * sum(map(len, pix))
+    p_dct = np.mean([psnr(decode(a), decode(b)) for a, b in zip(tiles, dct)])
+    p_pix = np.mean([psnr(decode(a), decode(b)) for a, b in zip(tiles, pix)])
+    assert p_dct >= p_pix - 0.2
+
+
+def test_halves_round_toward_zero_by_default(tiles):
+    """q50 doubles every q75 step: round-half-up would keep every +-1 coefficient, the default drops them."""
+    half_up, _, _ = recode(tiles, 50, "dct", deadzone=0.5, allow_larger=True)
+    default, _, _ = recode(tiles, 50, "dct", allow_larger=True)
+    assert sum(map(len, default)) < 0.95 * sum(map(len, half_up))
+    stronger, _, _ = recode(tiles, 60, "dct", deadzone=0.3, allow_larger=True)
+    nearest, _, _ = recode(tiles, 60, "dct", allow_larger=True)
+    assert sum(map(len, stronger)) < sum(map(len, nearest))
+
+
+def test_dct_never_refines_a_step_and_is_lossless_at_source_quality(tiles):
+    src_tables = quant_tables(tiles[0])
+    for q in (95, 75):       # the sample is q75: every requested step is <= the source's
+        new, status, _ = recode(tiles[:8], q, "dct", allow_larger=True)
+        assert (status == _jpeg.OK).all()
+        for old, data in zip(tiles[:8], new):
+            assert quant_tables(data) == src_tables
+            assert np.array_equal(decode(old), decode(data))     # coefficients untouched
+    new, _, _ = recode(tiles[:8], 30, "dct")
+    for data in new:
+        for tid, steps in quant_tables(data).items():
+            assert all(s >= t for s, t in zip(steps, src_tables[tid]))
+            assert steps != src_tables[tid]
+
+
+def test_fused_huffman_statistics_match_libjpeg_optimize_pass(tiles):
+    """optimize=2 builds the tables from our own symbol counts; libjpeg's pass (1) must give the same bytes."""
+    sources = tiles[:12] + odd_jpegs()
+    for q in (70, 35):
+        ours, s2, _ = recode(sources, q, "dct", allow_larger=True, optimize=2)
+        theirs, s1, _ = recode(sources, q, "dct", allow_larger=True, optimize=1)
+        plain, s0, _ = recode(sources, q, "dct", allow_larger=True, optimize=0)
+        assert (s2 == _jpeg.OK).all() and (s1 == _jpeg.OK).all() and (s0 == _jpeg.OK).all()
+        assert ours == theirs
+        assert sum(map(len, ours)) < sum(map(len, plain))
+        for a, b in zip(ours, plain):
+            assert np.array_equal(decode(a), decode(b))
+
+
+def test_odd_sizes_and_colour_spaces(tmp_path):
+    for method in ("dct", "pixel"):
+        sources = odd_jpegs()
+        new, status, errors = recode(sources, 40, method, allow_larger=True)
+        assert errors == {} and (status == _jpeg.OK).all()
+        for old, data in zip(sources, new):
+            a, b = Image.open(io.BytesIO(old)), Image.open(io.BytesIO(data))
+            assert a.size == b.size and a.mode == b.mode
+            if a.mode != "CMYK":
+                assert psnr(decode(old), decode(data)) > 20     # noise images: hard to compress
+
+
+def test_icc_profile_is_kept_and_comments_dropped(tiles):
+    icc = b"\0" * 128 + b"acsp" + bytes(range(256)) * 2
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(tiles[0])).save(buf, "JPEG", quality=80, icc_profile=icc)
+    src = buf.getvalue()
+    for method in ("dct", "pixel"):
+        (data,), _, _ = recode([src], 40, method)
+        assert Image.open(io.BytesIO(data)).info.get("icc_profile") == icc
+    assert b"\xff\xfe" in tiles[0][:200]               # the sample's tile-naming COM segment
+    (data,), _, _ = recode([tiles[0]], 40, "dct")
+    assert b"\xff\xfe" not in data[:data.index(b"\xff\xda")]
+
+
+def corrupt_variants(good: bytes) -> list[bytes]:
+    sos = good.index(b"\xff\xda")
+    garbage = bytearray(good)
+    for i in range(sos + 20, len(good) - 2, 7):
+        garbage[i] = 0xFF if i % 3 else garbage[i] ^ 0x5A
+    bad_sof = bytearray(good)
+    sof = good.index(b"\xff\xc0")
+    bad_sof[sof + 5:sof + 9] = (60000).to_bytes(2, "big") * 2     # 60000 x 60000: refused, not allocated
+    return [
+        good[:len(good) // 2],                # truncated in the entropy data
+        good[:sos + 4],                       # truncated inside SOS
+        good[:40],                            # truncated in the headers
+        b"\xff\xd8\xff",                      # SOI only
+        bytes(garbage),                       # markers and flipped bits in the scan
+        bytes(bad_sof),
+        b"\xff\xd8\xff\xdb\x00\x43\x00" + b"\x00" * 64 + good[sos:],   # zero quantization steps, no SOF
+    ]
+
+
+@pytest.mark.parametrize("method", ["dct", "pixel"])
+def test_corrupt_jpegs_fail_per_tile_with_a_message(tiles, method):
+    bad = corrupt_variants(tiles[0])
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(buf, "PNG")
+    png = buf.getvalue()
+    batch_tiles = [tiles[1]] + bad + [png, b"", tiles[2]]
+    new, status, errors = recode(batch_tiles, 40, method)
+    assert status[0] == _jpeg.OK and status[-1] == _jpeg.OK          # neighbours unaffected
+    assert new[0] is not None and new[-1] is not None
+    assert status[len(bad) + 1] == _jpeg.NOT_JPEG and status[len(bad) + 2] == _jpeg.NOT_JPEG
+    for i in range(1, len(bad) + 1):
+        assert status[i] == _jpeg.FAILED, i
+        assert new[i] is None and errors[i], i
+    assert set(errors) == set(range(1, len(bad) + 1))
+    assert "60000" in errors[bad.index(corrupt_variants(tiles[0])[5]) + 1]
+
+
+def test_fuzzed_tiles_never_crash(tiles):
+    rng = random.Random(11)
+    good = tiles[3]
+    fuzzed = []
+    for _ in range(150):
+        b = bytearray(good)
+        for _ in range(rng.randint(1, 12)):
+            b[rng.randrange(2, len(b))] = rng.randrange(256)
+        if rng.random() < 0.3:
+            b = b[:rng.randrange(3, len(b))]
+        fuzzed.append(bytes(b))
+    for method in ("dct", "pixel"):
+        new, status, errors = recode(fuzzed, 30, method, threads=2)
+        assert set(np.unique(status)) <= {_jpeg.OK, _jpeg.FAILED, _jpeg.NOT_SMALLER}
+        for data, st in zip(new, status):
+            if st == _jpeg.OK:
+                Image.open(io.BytesIO(data)).load()
+        assert all(errors[i] for i in np.flatnonzero(status == _jpeg.FAILED))
+
+
+def test_threads_give_identical_bytes(tiles):
+    for method in ("dct", "pixel"):
+        one, _, _ = recode(tiles, 45, method, threads=1)
+        two, _, _ = recode(tiles, 45, method, threads=2)
+        many, _, _ = recode(tiles, 45, method, threads=5)
+        assert one == two == many
+
+
+def test_not_smaller_keeps_original(tiles):
+    """A pixel re-encode above the source quality grows the tile: the original is kept unless asked."""
+    new, status, _ = recode(tiles[:6], 98, "pixel")
+    assert (status == _jpeg.NOT_SMALLER).all() and new == [None] * 6
+    new, status, _ = recode(tiles[:6], 98, "pixel", allow_larger=True)
+    assert (status == _jpeg.OK).all()
+
+
+def test_arguments_are_validated(tiles):
+    buf, offs, sizes = batch(tiles[:3])
+    with pytest.raises(ValueError, match="outside"):
+        _jpeg.recode(buf, offs + np.uint64(5), sizes, 50, "dct")
+    with pytest.raises(ValueError, match="outside"):
+        _jpeg.recode(buf, np.array([2**63], np.uint64), np.array([10], np.uint32), 50, "dct")
+    with pytest.raises(ValueError, match="method"):
+        _jpeg.recode(buf, offs, sizes, 50, "wavelet")
+    with pytest.raises(ValueError, match="quality"):
+        _jpeg.recode(buf, offs, sizes, 0, "dct")
+    with pytest.raises(ValueError, match="length"):
+        _jpeg.recode(buf, offs, sizes[:2], 50, "dct")
+    new, status, errors = _jpeg.recode(b"", np.zeros(0, np.uint64), np.zeros(0, np.uint32), 50, "dct")
+    assert new == [] and len(status) == 0 and errors == {}
