@@ -159,6 +159,27 @@ def test_python_api_default_recompression(server, sample_v2, tmp_path):
     assert any("compression quality 40" in m["description"] for m in job["messages"])
 
 
+def test_long_area_of_interest_in_a_get_query(server, sample_v2):
+    """The Python API sends areaOfInterest in the query string: a detailed polygon makes it long."""
+    import json
+    import math
+
+    ring = [[10 + 8 * math.cos(2 * math.pi * k / 3000), 45 + 6 * math.sin(2 * math.pi * k / 3000)]
+            for k in range(3000)]
+    ring.append(ring[0])
+    aoi = json.dumps({"features": [{"geometry": {"rings": [ring], "spatialReference": {"wkid": 4326}}}]})
+    assert len(aoi) > 60000
+    params = {"tilePackage": "true", "levels": "0-5", "exportExtent": "DEFAULT", "areaOfInterest": aoi}
+    sub = server.submit("World", ESTIMATE, params)
+    job = server.poll("World", ESTIMATE, sub["jobId"])
+    assert job["jobStatus"] == "esriJobSucceeded", job
+    part = server.result("World", ESTIMATE, job)["totalTilesToExport"]
+    assert 0 < part < 123
+    inp = server.get(f"{server.svc('World')}/estimateExportTilesSize/jobs/{sub['jobId']}/inputs/area_of_interest",
+                     {"f": "json"}).json()
+    assert inp["dataType"] == "GPFeatureRecordSetLayer" and inp["value"]["features"][0]["geometry"]["rings"] == [ring]
+
+
 def test_export_tpk_read_by_tpkutils(server, sample_v1, tmp_path):
     from tpkutils import TPK
 

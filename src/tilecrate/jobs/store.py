@@ -6,6 +6,7 @@ disagrees with the records, also after a kill -9 (LMDB commits are atomic and du
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, Iterable
 
@@ -14,7 +15,7 @@ import lmdb
 from tilecrate.errors import TilecrateError
 from tilecrate.jobs.model import OUTSTANDING, Job
 
-_MAP_SIZE = 1 << 30  # sparse on Linux: the file only grows as records are written
+_MAP_SIZE = 8 << 30  # sparse on Linux: the file only grows as records are written
 
 
 class StoreError(TilecrateError):
@@ -162,8 +163,14 @@ class JobStore:
             for k in stale:
                 txn.delete(k, db=self._expiry)
 
+    @contextlib.contextmanager
     def _begin_write(self):
+        """A write transaction; LMDB failures (map full, disk errors) become StoreError."""
         try:
-            return self.env.begin(write=True)
+            with self.env.begin(write=True) as txn:
+                yield txn
+        except lmdb.MapFullError:
+            raise StoreError("The job store is full; finished jobs are removed after maxFileAge, "
+                             "try again later.") from None
         except lmdb.Error as e:
             raise StoreError(f"the job store cannot be written: {e}") from None

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from tilecrate.errors import RequestError, TilecrateError
 from tilecrate.jobs import AdmissionRefused, JobError, JobRunner, JobService, JobStore
+from tilecrate.jobs.store import StoreError
 from tilecrate.jobs.model import ESTIMATE, EXPORT, SUCCEEDED, Job, is_job_id
 from tilecrate.server import html
 from tilecrate.server.config import ServerConfig
@@ -33,6 +34,8 @@ ROOT = "/arcgis/rest"
 OUTPUT = f"{ROOT}/directories/arcgisoutput"
 _SVC = ROOT + "/services/{service}/MapServer"
 _OPS = {"exporttiles": EXPORT, "estimateexporttilessize": ESTIMATE}
+MAX_REQUEST_LINE = 1024 * 1024
+MAX_BODY = 4 * 1024 * 1024
 _MAX_INT_TEXT = 12  # digits accepted in a level/row/col path segment
 _CORS = {"Access-Control-Allow-Origin": "*",
          "Access-Control-Expose-Headers": "Content-Length, Content-Range, Retry-After, Content-Disposition"}
@@ -381,7 +384,7 @@ async def h_submit(request: web.Request) -> web.StreamResponse:
         job = await run_blocking(request, runner.submit, kind, svc.name, params)
     except RequestError as e:
         raise EsriError(400, str(e), message="Invalid or missing input parameters.") from None
-    except AdmissionRefused as e:
+    except (AdmissionRefused, StoreError) as e:  # a full job store frees itself as jobs expire
         raise EsriError(503, str(e), message="Too many outstanding jobs", headers={"Retry-After": "300"}) from None
     except JobError as e:
         raise EsriError(400, str(e)) from None
@@ -516,7 +519,10 @@ def add_routes(app: web.Application) -> None:
 
 def create_app(cfg: ServerConfig) -> web.Application:
     """The application; services, job store and runner are opened on startup and closed on cleanup."""
-    app = web.Application(middlewares=[esri_middleware], client_max_size=4 * 1024 * 1024)
+    # clients put whole areaOfInterest polygons in GET query strings (the ArcGIS API for Python
+    # does): accept request lines far beyond aiohttp's 8 KiB default
+    app = web.Application(middlewares=[esri_middleware], client_max_size=MAX_BODY,
+                          handler_args={"max_line_size": MAX_REQUEST_LINE, "max_field_size": 65536})
     app[CFG] = cfg
     app[SERVICES] = {}
     app[PREVIEWS] = {}
