@@ -1,0 +1,171 @@
+"""The optimizeTilesForSize policy (FORMATS.md §9) and recompress_bundle on real bundles."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tilecrate import _jpeg
+from tilecrate.cache import BundleData, BundleRef, open_cache
+from tilecrate.errors import RequestError
+from tilecrate.recompress import RecompressPolicy, policy_for, recompress_bundle, reencode_tiles
+from tilecrate.request import ExportRequest
+from tilecrate.tiling import PACKET
+
+from conftest import real_path
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float64)
+
+
+def psnr(a: bytes, b: bytes) -> float:
+    mse = float(((decode(a) - decode(b)) ** 2).mean())
+    return 99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def full_mask(data: BundleData) -> np.ndarray:
+    return (data.sizes > 0).reshape(PACKET, PACKET).astype(np.uint8)
+
+
+def selected(data: BundleData, mask: np.ndarray) -> list[bytes]:
+    """Source bytes of the selected tiles, row-major, via BundleData.tile (an independent path)."""
+    out = []
+    for i in np.flatnonzero(mask.ravel()):
+        r, c = divmod(int(i), PACKET)
+        out.append(data.tile(data.ref.row0 + r, data.ref.col0 + c))
+    return out
+
+
+def test_policy_for_follows_the_request(sample_v2, sample_png, sample_mixed):
+    with open_cache(str(sample_v2)) as cache:
+        assert cache.compression_quality == 75
+        assert policy_for(cache, ExportRequest(levels="0-2")) is None
+        p = policy_for(cache, ExportRequest(levels="0-2", optimize_tiles_for_size=True, compression_quality=40))
+        assert p.active and p.quality_used == 40 and p.resolved_method == "dct"
+        for q in (75, 90):     # at or above the source: copy unchanged, metadata keeps the source quality
+            p = policy_for(cache, ExportRequest(levels="0-2", optimize_tiles_for_size=True, compression_quality=q))
+            assert not p.active and p.quality_used == 75
+        p = policy_for(cache, ExportRequest(levels="0-2", optimize_tiles_for_size=True))
+        assert not p.active and p.quality_used == 75
+        p = policy_for(cache, ExportRequest.from_params({"levels": "0-2", "optimizeTilesForSize": "TRUE",
+                                                         "compressionQuality": "55"}))
+        assert p.active and p.quality == 55
+    with open_cache(str(sample_png)) as cache:
+        p = policy_for(cache, ExportRequest(levels="0-2", optimize_tiles_for_size=True, compression_quality=40))
+        assert not p.active and p.quality_used == cache.compression_quality
+    with open_cache(str(sample_mixed)) as cache:
+        p = policy_for(cache, ExportRequest(levels="0-2", optimize_tiles_for_size=True, compression_quality=40))
+        assert p.active
+    with pytest.raises(RequestError, match="method"):
+        RecompressPolicy(quality=50, source_quality=75, method="wavelet")
+    assert RecompressPolicy(quality=50, source_quality=0).active          # unknown source quality: try
+    assert RecompressPolicy(quality=50, source_quality=0).quality_used == 50
+
+
+@pytest.mark.parametrize("method", ["dct", "pixel"])
+def test_recompress_bundle_order_and_content(sample_v2, method):
+    policy = RecompressPolicy(quality=40, source_quality=75, method=method)
+    with open_cache(str(sample_v2)) as cache:
+        ref = cache.bundles(5)[0]
+        with cache.open_bundle(ref) as data:
+            mask = full_mask(data)
+            mask[::3, :] = 0                       # a partial selection
+            src = selected(data, mask)
+            tiles, warnings = recompress_bundle(policy, data, mask)
+    assert warnings == [] and len(tiles) == int(mask.sum()) == len(src) > 4
+    for i, (old, new) in enumerate(zip(src, tiles)):
+        assert new != old and len(new) < len(old)
+        own = psnr(old, new)
+        assert own > 27
+        # a tile in the wrong slot would match a neighbour better than its own source
+        if i + 1 < len(src):
+            assert own > psnr(src[i + 1], new) + 3
+    assert tiles == reencode_tiles(src, 40, method=method).tiles
+
+
+def test_inactive_policy_copies_verbatim(sample_v2):
+    policy = RecompressPolicy(quality=80, source_quality=75)
+    with open_cache(str(sample_v2)) as cache:
+        with cache.open_bundle(cache.bundles(4)[0]) as data:
+            mask = full_mask(data)
+            tiles, warnings = recompress_bundle(policy, data, mask)
+            assert tiles == selected(data, mask) and warnings == []
+            empty, _ = recompress_bundle(RecompressPolicy(quality=40, source_quality=75), data,
+                                         np.zeros((PACKET, PACKET), np.uint8))
+            assert empty == []
+            with pytest.raises(ValueError, match="128x128"):
+                recompress_bundle(policy, data, np.ones((64, 64), np.uint8))
+
+
+def test_mixed_cache_reencodes_jpeg_interiors_and_keeps_png_edges(sample_mixed):
+    policy = RecompressPolicy(quality=40, source_quality=75, tile_format="MIXED")
+    jpeg = png = 0
+    with open_cache(str(sample_mixed)) as cache:
+        for ref in cache.bundles(4):
+            with cache.open_bundle(ref) as data:
+                mask = full_mask(data)
+                src = selected(data, mask)
+                tiles, warnings = recompress_bundle(policy, data, mask)
+                assert warnings == []
+                for old, new in zip(src, tiles):
+                    if old[:3] == b"\xff\xd8\xff":
+                        assert new[:3] == b"\xff\xd8\xff" and len(new) < len(old)
+                        jpeg += 1
+                    else:
+                        assert old[:4] == b"\x89PNG" and new == old
+                        png += 1
+    assert jpeg > 0 and png > 0
+
+
+def test_corrupt_jpeg_in_a_bundle_is_kept_with_a_warning(sample_v2):
+    with open_cache(str(sample_v2)) as cache:
+        tiles = [t for *_, t in cache.iter_tiles(4)][:3]
+    bad = tiles[1][: len(tiles[1]) // 3]
+    parts = [tiles[0], bad, tiles[2]]
+    buf = bytearray(b"\0" * 64)
+    offsets = np.zeros(PACKET * PACKET, np.uint64)
+    sizes = np.zeros(PACKET * PACKET, np.uint32)
+    slots = [5, 130, 16383]                          # (0,5), (1,2), (127,127)
+    for slot, part in zip(slots, parts):
+        offsets[slot], sizes[slot] = len(buf), len(part)
+        buf += part
+    ref = BundleRef(7, 256, 384)
+    data = BundleData(ref, memoryview(bytes(buf)), offsets, sizes)
+    mask = (sizes > 0).reshape(PACKET, PACKET).astype(np.uint8)
+    out, warnings = recompress_bundle(RecompressPolicy(quality=30, source_quality=75), data, mask)
+    assert out[1] == bad and out[0] != tiles[0] and out[2] != tiles[2]
+    assert len(warnings) == 1
+    assert "level 7 row 257 col 386" in warnings[0] and "copied unchanged" in warnings[0]
+
+
+def test_usa_corrupt_png_tiles_come_through_verbatim():
+    """Usa.tpkx (Esri's sample) has corrupt PNG tiles at L0 and L1: never touched, even when forced."""
+    policy = RecompressPolicy(quality=30, source_quality=0, tile_format="MIXED")
+    with open_cache(str(real_path("Usa.tpkx"))) as cache:
+        for level in (0, 1, 2):
+            for ref in cache.bundles(level):
+                with cache.open_bundle(ref) as data:
+                    mask = full_mask(data)
+                    src = selected(data, mask)
+                    tiles, warnings = recompress_bundle(policy, data, mask)
+                    assert tiles == src and warnings == []
+        assert cache.tile(0, 0, 0)[:4] == b"\r\n\x1a\n"       # the known corruption, still there
+
+
+def test_real_jpeg_caches_reencode(tmp_path):
+    """Caches written by ArcGIS (GWC's V1 and V2 fixtures): every JPEG tile re-encodes smaller."""
+    for key in ("gwc-compactcache", "gwc-compactcacheV2", "raster-tiles-compactcache"):
+        with open_cache(str(real_path(key))) as cache:
+            tiles = [t for *_, t in cache.iter_tiles()]
+        result = reencode_tiles(tiles, 30)
+        jpeg = [t[:3] == b"\xff\xd8\xff" for t in tiles]
+        assert sum(jpeg) > 0, key
+        for old, new, st, is_jpeg in zip(tiles, result.tiles, result.status, jpeg):
+            if not is_jpeg:
+                assert st == _jpeg.NOT_JPEG and new == old
+            elif st == _jpeg.OK:
+                assert len(new) < len(old) and decode(new).shape == decode(old).shape
+        assert (result.status == _jpeg.OK).sum() >= 0.8 * sum(jpeg), key
