@@ -82,7 +82,13 @@ def test_gdal_reads_our_tpkx(request, tmp_path, source):
     result = export(str(src), ExportRequest(levels="0-4"), out)
     with zipfile.ZipFile(out) as zf:
         assert zf.testzip() is None
-        assert zf.namelist()[:3] == ["iteminfo.json", "root.json", "thumbnail.png"]
+        names = zf.namelist()
+        assert names[:2] == ["iteminfo.json", "root.json"] and names[-1] == "thumbnail.png"
+        from PIL import Image
+
+        thumb = Image.open(io.BytesIO(zf.read("thumbnail.png")))
+        assert thumb.size == (200, 133) and thumb.mode == "RGB"
+        assert np.asarray(thumb).std() > 5           # a picture of the data, not a blank square
         assert len(zf.read("root.json")) >= 512
     with open_cache(str(src)) as cache:
         with rasterio.open(out) as ds:          # default open: clipped to the fullExtent

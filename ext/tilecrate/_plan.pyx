@@ -13,8 +13,9 @@ functions check lengths up front, then loop.
 """
 import numpy as np
 cimport numpy as cnp
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
-from libc.string cimport memset
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
+from posix.mman cimport MADV_DONTNEED, madvise
+from posix.unistd cimport sysconf, _SC_PAGESIZE
 
 from tilecrate.errors import BundleError
 
@@ -35,6 +36,16 @@ cdef enum:
 SEG_SOURCE = K_SOURCE
 SEG_AUX = K_AUX
 cdef uint64_t MAX_TILE = (1 << 24) - 1
+cdef uint64_t RELEASE_WINDOW = 8 << 20
+
+
+cdef inline void drop_range(const uint8_t* lo, const uint8_t* hi) noexcept nogil:
+    """Unmap the whole pages inside [lo, hi) of a file-backed shared mapping (they stay in the page cache)."""
+    cdef uintptr_t page = <uintptr_t>sysconf(_SC_PAGESIZE)
+    cdef uintptr_t a = (<uintptr_t>lo + page - 1) & ~(page - 1)
+    cdef uintptr_t b = (<uintptr_t>hi) & ~(page - 1)
+    if b > a:
+        madvise(<void*>a, b - a, MADV_DONTNEED)
 cdef uint64_t MAX_V2_OFFSET = (<uint64_t>1 << 40) - 1
 
 
@@ -79,8 +90,12 @@ def bundle_sizes(const uint32_t[::1] sizes, const uint8_t[:, ::1] mask, int vers
 
 
 def make_plan(const uint8_t[::1] src, const uint64_t[::1] offsets, const uint32_t[::1] sizes,
-              const uint8_t[:, ::1] mask, int version, long row0, long col0, str name="bundle"):
+              const uint8_t[:, ::1] mask, int version, long row0, long col0, str name="bundle",
+              bint release_pages=False):
     """Plan one output bundle from a source bundle's bytes, index and a 128 x 128 selection mask.
+
+    ``release_pages`` (only for a read-only, file-backed shared mmap) unmaps the source pages
+    behind the scan as it goes, so planning a huge bundle does not grow the process's RSS.
 
     Returns ``(aux, segments, size, tiles, tile_bytes, bundlx)``: ``aux`` a bytearray, ``segments``
     an int64 array of (kind, offset, length) rows, ``size`` the output .bundle bytes, ``bundlx``
@@ -138,7 +153,7 @@ def make_plan(const uint8_t[::1] src, const uint64_t[::1] offsets, const uint32_
     segs_arr = np.empty((2 * n + 1, 3), dtype=np.int64)
     cdef int64_t[:, ::1] segs = segs_arr
     cdef Py_ssize_t nseg = 0, j
-    cdef uint64_t pos = data_start, aux_end = data_start, src_off, seg_len
+    cdef uint64_t pos = data_start, aux_end = data_start, src_off, seg_len, dropped = 0
     cdef int64_t kind
     cdef bint prefixed
     with nogil:
@@ -198,6 +213,9 @@ def make_plan(const uint8_t[::1] src, const uint64_t[::1] offsets, const uint32_
             else:
                 j = (i % PACKET) * PACKET + i // PACKET      # .bundlx is column-major
                 wr_u40(bxp + 16 + 5 * j, pos)
+            if release_pages and off > dropped + RELEASE_WINDOW:
+                drop_range(s + dropped, s + off - 4)
+                dropped = off - 4
             prefixed = off >= 4 and rd_u32(s + off - 4) == sz
             if prefixed:
                 kind = K_SOURCE
@@ -226,6 +244,8 @@ def make_plan(const uint8_t[::1] src, const uint64_t[::1] offsets, const uint32_
                     segs[nseg, 2] = <int64_t>sz
                     nseg += 1
             pos += 4 + sz
+        if release_pages and length > dropped:
+            drop_range(s + dropped, s + length)
     aux = aux[:aux_end]     # a copy: the buffer is still exported to the memoryview
     return aux, segs_arr[:nseg].copy(), total, n, tile_bytes, (bytes(bundlx) if bundlx is not None else None)
 

@@ -170,7 +170,6 @@ def _write(cache: Cache, request: ExportRequest, selection: Selection, layout: L
     info = package_info(cache, selection, layout.version, quality_used)
     stamp = Stamp.now()
     bytes_total, _ = predict_package_size(cache, selection, request, layout=layout, zip64_limit=zip64_limit)
-    thumb = render_thumbnail(cache, selection, info) if layout.has_thumbnail else None
     if layout.is_package:
         f = open(tmp, "wb", buffering=1 << 20)
         sink = ZipSink(ZipWriter(f, zip64_limit=zip64_limit))
@@ -220,9 +219,11 @@ def _write(cache: Cache, request: ExportRequest, selection: Selection, layout: L
     ahead = max(2, 2 * nthreads)          # bounded look-ahead keeps memory flat
     pool = ThreadPoolExecutor(max_workers=nthreads, thread_name_prefix="tilecrate-export")
     pending: deque = deque()
+    # rendered while the bundles are copied, written as the last entry
+    thumb = pool.submit(render_thumbnail, cache, selection, info) if layout.thumbnail_path else None
     try:
         try:
-            for name, data in layout.metadata_files(info, stamp, thumb):
+            for name, data in layout.metadata_files(info, stamp):
                 sink.add_bytes(name, data)
             report(None)
             work = entries(layout, selection)
@@ -254,6 +255,8 @@ def _write(cache: Cache, request: ExportRequest, selection: Selection, layout: L
                 finally:
                     prep.release()
                 report(prep.bsel.ref.level)
+            if thumb is not None:
+                sink.add_bytes(layout.thumbnail_path, thumb.result())
             size = sink.close()
         finally:
             if f is not None:

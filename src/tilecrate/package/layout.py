@@ -47,17 +47,14 @@ class Layout:
         """Path of a level folder, with a trailing slash."""
         return f"{self.tiles_dir}{level_dir(level)}/"
 
-    def metadata_files(self, info: PackageInfo, stamp: Stamp, thumbnail: bytes | None) -> list[tuple[str, bytes | int]]:
-        """(path, bytes) of the metadata files in writing order; the thumbnail may be given as its size."""
-        thumb = thumbnail
+    def metadata_files(self, info: PackageInfo, stamp: Stamp) -> list[tuple[str, bytes]]:
+        """(path, bytes) of the metadata files, written first (the thumbnail comes last: see thumbnail_path)."""
         if self.kind == TPKX:
             return [("iteminfo.json", metadata.iteminfo_json(info, stamp)),
-                    ("root.json", metadata.root_json(info)),
-                    ("thumbnail.png", thumb)]
+                    ("root.json", metadata.root_json(info))]
         if self.kind == TPK:
             return [("esriinfo/item.pkinfo", metadata.item_pkinfo(info, stamp)),
                     ("esriinfo/iteminfo.xml", metadata.iteminfo_xml(info, stamp)),
-                    ("esriinfo/thumbnail/thumbnail.png", thumb),
                     ("servicedescriptions/mapserver/mapserver.json", metadata.mapserver_json(info)),
                     (self.root + "conf.xml", metadata.conf_xml(info)),
                     (self.root + "conf.cdi", metadata.conf_cdi(info)),
@@ -65,9 +62,9 @@ class Layout:
         return [("conf.xml", metadata.conf_xml(info, up_to_exported=True)), ("conf.cdi", metadata.conf_cdi(info))]
 
     @property
-    def has_thumbnail(self) -> bool:
-        """Whether this kind of output carries a thumbnail."""
-        return self.kind != FOLDER
+    def thumbnail_path(self) -> str | None:
+        """Where the thumbnail goes; it is the package's last entry, rendered while the bundles are written."""
+        return {TPKX: "thumbnail.png", TPK: "esriinfo/thumbnail/thumbnail.png"}.get(self.kind)
 
     @property
     def explicit_dirs(self) -> bool:

@@ -45,15 +45,14 @@ def predict_package_size(cache: Cache, selection, request, *, layout: Layout | N
     """(total bytes of the package file or cache folder, bytes per level) without reading tile data."""
     layout = layout or resolve_layout(cache, request, out)
     info = package_info(cache, selection, layout.version, metadata_quality(cache, request))
-    files = layout.metadata_files(info, Stamp.placeholder(), None)
+    files = layout.metadata_files(info, Stamp.placeholder())
     per_level: dict[int, int] = {lv.level: 0 for lv in selection.levels}
     writer = ZipWriter(None, zip64_limit=zip64_limit, dry_run=True) if layout.is_package else None
     total = 0
     for name, data in files:
-        size = thumbnail_size() if data is None else len(data)
         if writer is not None:
-            writer.add_size(name, size)
-        total += size
+            writer.add_size(name, len(data))
+        total += len(data)
     for kind, name, bsel in entries(layout, selection):
         if kind == "dir":
             if writer is not None:
@@ -66,6 +65,10 @@ def predict_package_size(cache: Cache, selection, request, *, layout: Layout | N
             writer.add_size(name, bundle)
             if bundlx:
                 writer.add_size(name[:-1] + "x", bundlx)
+    if layout.thumbnail_path is not None:
+        total += thumbnail_size()
+        if writer is not None:
+            writer.add_size(layout.thumbnail_path, thumbnail_size())
     if writer is not None:
         total = writer.close()
     return total, per_level

@@ -191,7 +191,7 @@ class ZipSink:
         """A planned bundle (CRC already computed off-thread), then its .bundlx for V1."""
         if plan.crc is None:
             plan.compute_crc()
-        self.writer.add_stream(name, plan.size, plan.crc, plan.chunks())
+        self.writer.add_stream(name, plan.size, plan.crc, plan.chunks(populate=True))
         if plan.bundlx is not None:
             self.writer.add_stream(name[:-1] + "x", len(plan.bundlx), plan.bundlx_crc, (plan.bundlx,))
 
