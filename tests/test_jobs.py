@@ -83,7 +83,7 @@ def test_runner_export_estimate_limit_and_expiry(runner):
     assert not os.path.exists(runner.job_dir(over))
     assert runner.cleanup(time.time()) == []
     removed = runner.cleanup(time.time() + 61)
-    assert set(removed) == {job.id, est.id, over.id}, (removed, job.id, est.id, over.id, runner.store.expired(time.time() + 61))
+    assert set(removed) == {job.id, est.id, over.id}, (removed, job.id, est.id, over.id, [(runner.get(i).status, runner.get(i).finished) if runner.get(i) else None for i in (job.id, est.id, over.id)], time.time())
     assert runner.get(job.id) is None and not os.path.exists(runner.job_dir(job))
 
 
