@@ -1,7 +1,6 @@
 """End-to-end: a real `tilecrate serve` process driven over HTTP the way the ArcGIS API for Python does."""
 from __future__ import annotations
 
-import io
 import re
 import zipfile
 from pathlib import Path

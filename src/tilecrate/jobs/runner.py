@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from tilecrate.cache import Cache
-from tilecrate.errors import Cancelled, RequestError, TilecrateError
+from tilecrate.errors import Cancelled, TilecrateError
 from tilecrate.jobs.model import (
     CANCELLED, CANCELLING, ERROR, ESTIMATE, EXECUTING, EXPORT, FAILED, OUTSTANDING, SUBMITTED,
     SUCCEEDED, TERMINAL, WARNING, Job, esri_time, new_job_id,
