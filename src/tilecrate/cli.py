@@ -10,7 +10,7 @@ from typing import Any, Sequence
 from tilecrate.errors import TilecrateError
 
 # each module defines NAME, HELP, add_arguments(parser) and run(args) -> int
-COMMAND_MODULES = ["sample", "inspect", "estimate", "export", "serve"]
+COMMAND_MODULES = ["sample", "inspect", "estimate", "export", "serve", "compare"]
 
 
 def emit_json(obj: Any) -> None:
