@@ -124,3 +124,25 @@ def test_bad_entries_are_refused():
         z.add_stream("b", 10, 0, [b"123"])
     with pytest.raises(ValueError):
         z.add_size("c", 3)                  # only in dry runs
+
+
+def test_crc_computed_while_writing_is_patched_into_the_header(tmp_path):
+    data = os.urandom(200_000)
+    path = tmp_path / "p.zip"
+    with open(path, "wb") as f:
+        f.write(b"prefix")                  # the zip need not start at offset 0 of the file
+        z = ZipWriter(f)
+        assert z.can_patch
+        z.add_stream("a.bin", len(data), None, (memoryview(data)[i:i + 70_000] for i in range(0, len(data), 70_000)))
+        z.add_stream("small", 3, None, (b"abc",))       # still in the write buffer when patched
+        z.close()
+    raw = path.read_bytes()[6:]
+    with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+        assert zf.testzip() is None
+        assert zf.read("a.bin") == data and zf.read("small") == b"abc"
+    import zlib
+
+    at = raw.index(b"PK\x03\x04")
+    assert struct.unpack_from("<L", raw, at + 14)[0] == zlib.crc32(data)   # the local header, not only the CD
+    with pytest.raises(ValueError, match="non-seekable"):
+        ZipWriter(WriteOnly()).add_stream("x", 1, None, (b"x",))

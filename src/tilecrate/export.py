@@ -8,6 +8,7 @@ into place only when complete; an error or a cancel removes it.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import shutil
@@ -171,11 +172,12 @@ def _write(cache: Cache, request: ExportRequest, selection: Selection, layout: L
     stamp = Stamp.now()
     bytes_total, _ = predict_package_size(cache, selection, request, layout=layout, zip64_limit=zip64_limit)
     if layout.is_package:
-        f = open(tmp, "wb", buffering=1 << 20)
+        f = open(tmp, "wb", buffering=1 << 16)     # larger writes bypass the buffer: no extra copy
         sink = ZipSink(ZipWriter(f, zip64_limit=zip64_limit))
     else:
         f = None
         sink = FolderSink(tmp)
+    needs_crc = layout.is_package and sink.needs_crc     # only for outputs that cannot seek back
     warnings: list[str] = []
     levels: dict[int, dict] = {lv.level: {"tiles": 0, "size": 0} for lv in selection.levels if lv.tiles > 0}
     tiles_done = 0
@@ -207,7 +209,7 @@ def _write(cache: Cache, request: ExportRequest, selection: Selection, layout: L
                 data = None
             else:
                 plan = plan_bundle(data, bsel.mask, layout.version, label)
-            if layout.is_package:
+            if needs_crc:
                 plan.compute_crc()
             return _Prepared(bsel, plan, data, found)
         except BaseException:
@@ -216,6 +218,9 @@ def _write(cache: Cache, request: ExportRequest, selection: Selection, layout: L
             raise
 
     nthreads = max(1, int(threads or os.cpu_count() or 1))
+    if policy is not None and nthreads > 1:
+        # bundles are re-encoded in parallel by the pool; libjpeg work inside one bundle stays on one thread
+        policy = dataclasses.replace(policy, threads=1)
     ahead = max(2, 2 * nthreads)          # bounded look-ahead keeps memory flat
     pool = ThreadPoolExecutor(max_workers=nthreads, thread_name_prefix="tilecrate-export")
     pending: deque = deque()

@@ -5,7 +5,7 @@ import os
 
 from tilecrate.package.bundles import BundlePlan
 
-_BUFFER = 1 << 20
+_BUFFER = 1 << 16          # larger writes bypass the buffer: no extra copy
 
 
 class FolderSink:

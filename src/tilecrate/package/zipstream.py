@@ -9,6 +9,7 @@ is kept. ArcGIS Runtime refuses compressed packages, which is why nothing is eve
 from __future__ import annotations
 
 import io
+import os
 import struct
 import time
 from dataclasses import dataclass
@@ -68,6 +69,19 @@ class ZipWriter:
         self._date, self._time = dos_datetime(mtime)
         self.position = 0
         self.closed = False
+        self._fd = None
+        if not dry_run:
+            try:
+                if out.seekable():
+                    self._fd = out.fileno()
+                    self._start = out.tell()
+            except (AttributeError, OSError, ValueError):
+                self._fd = None
+
+    @property
+    def can_patch(self) -> bool:
+        """Whether CRCs may be left to `add_stream` (computed while writing, patched into the header)."""
+        return self._dry or self._fd is not None
 
     # -- writing primitives
 
@@ -113,19 +127,32 @@ class ZipWriter:
         """A whole entry from bytes in memory (metadata files)."""
         self.add_stream(name, len(data), isal_zlib.crc32(data), (data,))
 
-    def add_stream(self, name: str, size: int, crc: int, chunks: Iterable) -> None:
-        """An entry whose size and CRC-32 are known, its bytes streamed from `chunks` (buffers)."""
+    def add_stream(self, name: str, size: int, crc: int | None, chunks: Iterable) -> None:
+        """An entry of known size, its bytes streamed from `chunks` (buffers).
+
+        With `crc=None` (seekable outputs only) the CRC-32 is computed while the bytes pass and
+        written into the local header afterwards, so the data is read once.
+        """
         raw, flags = self._name(name)
-        entry = _Entry(raw, flags, int(size), int(crc) & 0xFFFFFFFF, self.position, False)
+        if crc is None and not self.can_patch:
+            raise ValueError(f"zip entry {name}: a non-seekable stream needs the CRC-32 before the data")
+        entry = _Entry(raw, flags, int(size), int(crc or 0) & 0xFFFFFFFF, self.position, False)
         self._write(self._local_header(entry))
         if self._dry:
             self.position += entry.size
         else:
             start = self.position
+            running = 0
             for chunk in chunks:
+                if crc is None:
+                    running = isal_zlib.crc32(chunk, running)
                 self._write(chunk)
             if self.position - start != entry.size:
                 raise ValueError(f"zip entry {name}: {self.position - start} bytes written, {entry.size} announced")
+            if crc is None:
+                entry.crc = running & 0xFFFFFFFF
+                self._out.flush()       # the header may still sit in the buffer
+                os.pwrite(self._fd, struct.pack("<L", entry.crc), self._start + entry.offset + 14)
         self._entries.append(entry)
 
     def add_size(self, name: str, size: int) -> None:
@@ -187,9 +214,14 @@ class ZipSink:
         """A whole file from memory."""
         self.writer.add_bytes(name, data)
 
+    @property
+    def needs_crc(self) -> bool:
+        """Whether plans must carry their CRC before writing (non-seekable outputs)."""
+        return not self.writer.can_patch
+
     def add_bundle(self, name: str, plan) -> None:
-        """A planned bundle (CRC already computed off-thread), then its .bundlx for V1."""
-        if plan.crc is None:
+        """A planned bundle, then its .bundlx for V1; CRCs computed while writing unless the plan has them."""
+        if plan.crc is None and self.needs_crc:
             plan.compute_crc()
         self.writer.add_stream(name, plan.size, plan.crc, plan.chunks(populate=True))
         if plan.bundlx is not None:
