@@ -134,3 +134,23 @@ def test_outputs_expire_after_max_file_age(tmp_path, sample_v2):
         assert not (data / "arcgisoutput" / "Quick_MapServer" / sub["jobId"]).exists()
     finally:
         srv.stop()
+
+
+def test_sigterm_during_export_fails_the_job_cleanly(tmp_path, sample_v2):
+    data = tmp_path / "data"
+    cfg = write_config(tmp_path / "tilecrate.toml", data, {"Slow": {"source": sample_v2}})
+    srv = Server(cfg, data, free_port(), delay=DELAY)
+    srv.start()
+    try:
+        job_id = srv.submit("Slow", EXPORT, {"tilePackage": "true", "levels": "0-5"})["jobId"]
+        wait_executing(srv, job_id)
+        t0 = time.monotonic()
+        srv.stop()                                  # SIGTERM: the running export is stopped, not awaited
+        assert time.monotonic() - t0 < 1.0 + DELAY
+        srv.start()
+        job = srv.poll("Slow", EXPORT, job_id, timeout=5)
+        assert job["jobStatus"] == "esriJobFailed"
+        assert job["messages"][-2]["description"] == "The server stopped while this job was running; submit it again."
+        assert not job_dir(srv, job_id).exists()
+    finally:
+        srv.stop()

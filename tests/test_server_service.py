@@ -39,3 +39,27 @@ def test_real_sources_as_services(key, real_dir):
         assert svc.tile(lv, ref.row0 + PACKET * 1000, 0) is None
     finally:
         svc.close()
+
+
+def _args(**kw):
+    import argparse
+
+    base = dict(config=None, cache=None, name=None, demo=False, host=None, port=None, data_dir=None, token=None,
+                max_file_age=None, max_outstanding_jobs=None, max_export_tiles=None, workers=None, quiet=True)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_serve_command_configs(tmp_path, real_dir):
+    from tilecrate.commands.serve import build_config
+
+    usa = str(real_path("Usa.tpkx"))
+    cfg = build_config(_args(cache=usa, data_dir=str(tmp_path), port=9000, token="t", max_export_tiles=5))
+    svc = cfg.services["Usa"]
+    assert (svc.source, svc.max_export_tiles_count, cfg.port, cfg.token, cfg.host) == (usa, 5, 9000, "t", "127.0.0.1")
+    assert cfg.output_dir == str(tmp_path / "arcgisoutput")
+    assert list(build_config(_args(cache=usa, name="Other", data_dir=str(tmp_path))).services) == ["Other"]
+    for bad in (_args(), _args(cache=usa, demo=True), _args(cache=usa, name="a/b"),
+                _args(cache=usa, max_outstanding_jobs=0), _args(cache=usa, port=-1)):
+        with pytest.raises(ConfigError):
+            build_config(bad)
