@@ -12,3 +12,4 @@ PORT=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true' EXIT
 .venv/bin/python scripts/demo_client.py --url "http://127.0.0.1:$PORT" --levels 0-5 --out data/demo-download
+.venv/bin/tilecrate export data/sample -o data/sample.tpkx --levels 0-5

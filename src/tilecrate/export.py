@@ -17,6 +17,7 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -105,6 +106,23 @@ def _os_error(e: OSError, out: str) -> ExportError:
         return ExportError(f"{out}: the disk is full (no space left while writing the export)")
     where = e.filename or out
     return ExportError(f"{where}: cannot write the export ({e.strerror or e})")
+
+
+def _wait(fut, check_cancel):
+    """A worker's result, checking for a cancel every 0.1 s meanwhile (re-encoding a bundle takes long)."""
+    while True:
+        try:
+            return fut.result(timeout=0.1)
+        except FutureTimeout:
+            check_cancel()
+
+
+def _release_result(fut) -> None:
+    if fut.cancelled() or fut.exception() is not None:
+        return
+    prep = fut.result()
+    if prep is not None:
+        prep.release()
 
 
 class _Prepared:
@@ -248,7 +266,7 @@ def _write(cache: Cache, request: ExportRequest, selection: Selection, layout: L
                 if kind == "dir":
                     sink.add_dir(name)
                     continue
-                prep = fut.result()
+                prep = _wait(fut, check_cancel)
                 check_cancel()
                 try:
                     sink.add_bundle(name, prep.plan)
@@ -267,19 +285,16 @@ def _write(cache: Cache, request: ExportRequest, selection: Selection, layout: L
             if f is not None:
                 f.close()
     except BaseException:
+        # do not wait for bundles still being planned or re-encoded (a cancel must be quick):
+        # their mappings are closed as soon as they finish
+        pool.shutdown(wait=False, cancel_futures=True)
         for _, _, fut in pending:
             if fut is not None:
-                fut.cancel()
-        pool.shutdown(wait=True)
-        # close the mappings of bundles that were planned but never written
-        for _, _, fut in pending:
-            if fut is not None and not fut.cancelled() and fut.exception() is None:
-                prep = fut.result()
-                if prep is not None:
-                    prep.release()
+                fut.add_done_callback(_release_result)
+        if thumb is not None:
+            thumb.cancel()
         raise
-    finally:
-        pool.shutdown(wait=True)
+    pool.shutdown(wait=True)
     return ExportResult(out, tiles_done, size, levels, warnings, quality_used, layout.kind,
                         info.storage_format)
 
