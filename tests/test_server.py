@@ -343,3 +343,28 @@ def test_html_pages_and_form_flow(server):
     done = server.get(f"{server.svc('World')}/exportTiles/jobs/{job_id}", {"f": "html"}).body.decode()
     assert "esriJobSucceeded" in done and "World.tpkx" in done and 'http-equiv="refresh"' not in done
     assert server.get("/arcgis/rest/services", {"f": "html"}).body.decode().count("MapServer?f=html") == 4
+
+
+def test_tilepackagekreator_and_setup_map_area_styles(server, sample_v2):
+    """TPKK: GET ?f=pjson everywhere, folder `<value>/?f=pjson`; SMA: POST form with `polygon`."""
+    svc = server.svc("World")
+    ring = [[-10, 30], [30, 30], [30, 55], [-10, 55], [-10, 30]]
+    aoi = '{"geometryType":"esriGeometryPolygon","features":[{"geometry":{"rings":[%s],"spatialReference":{"wkid":4326}}}]}' % ring
+    est = server.get(f"{svc}/estimateExportTilesSize", {"f": "pjson", "tilePackage": "true", "exportBy": "LevelID",
+                                                        "levels": "0-4", "exportExtent": "DEFAULT", "areaOfInterest": aoi}).json()
+    job = server.poll("World", ESTIMATE, est["jobId"])
+    assert job["jobStatus"] == "esriJobSucceeded", job
+    value = server.get(f"{svc}/estimateExportTilesSize/jobs/{est['jobId']}/results/out_service_url",
+                       {"f": "pjson"}).json()["value"]
+    # SMA posts the form, with the plain polygon under `polygon`
+    poly = '{"rings":[%s],"spatialReference":{"wkid":4326}}' % ring
+    sub = server.post(f"{svc}/exportTiles", {"f": "json", "exportBy": "LevelID", "levels": "0-4",
+                                             "tilePackage": "true", "polygon": poly}).json()
+    job = server.poll("World", EXPORT, sub["jobId"])
+    assert job["jobStatus"] == "esriJobSucceeded", job
+    folder = server.get(f"{svc}/exportTiles/jobs/{sub['jobId']}/results/out_service_url", {"f": "pjson"}).json()["value"]
+    listing = server.get(folder + "/", {"f": "pjson"}).json()
+    first = next(f for f in listing["files"] if ".tpk" in f["name"])
+    body = server.get(first["url"], {"token": ""}).body
+    assert len(body) == first["size"] == value["totalSize"]
+    assert 0 < value["totalTilesToExport"] < 123
