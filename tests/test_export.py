@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
+import sys
 import threading
 import zipfile
 
@@ -203,15 +205,33 @@ def test_refusals(sample_v2, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["taken"]
 
 
-def test_optimize_without_recompress_module_is_a_clear_error(sample_v2, tmp_path):
-    try:
-        import tilecrate.recompress  # noqa: F401
-    except ImportError:
-        with pytest.raises(ExportError, match="optimizeTilesForSize"):
-            export(sample_v2, ExportRequest(levels="0", optimize_tiles_for_size=True, compression_quality=50),
-                   str(tmp_path / "q.tpkx"))
-    else:
-        pytest.skip("tilecrate.recompress is present; its end-to-end test lives with it")
+def test_optimize_without_recompress_module_is_a_clear_error(sample_v2, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tilecrate.recompress", None)     # as if the module were missing
+    with pytest.raises(ExportError, match="optimizeTilesForSize"):
+        export(sample_v2, ExportRequest(levels="0", optimize_tiles_for_size=True, compression_quality=50),
+               str(tmp_path / "q.tpkx"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_export(sample_v2, tmp_path, capsys):
+    from tilecrate.cli import main
+
+    out = tmp_path / "cli.tpk"
+    assert main(["export", str(sample_v2), "-o", str(out), "--levels", "0-3", "--extent=-10,35,25,55",
+                 "--aoi-sr", "4326", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["kind"] == "tpk" and doc["size"] == out.stat().st_size and doc["tiles"] > 0
+    assert set(doc["levels"]) == {"0", "1", "2", "3"}
+    assert main(["export", str(sample_v2), "-o", str(tmp_path / "d"), "--levels", "0-1", "--no-tile-package",
+                 "--storage-format", "Compact", "-q"]) == 0
+    with open_cache(tmp_path / "d") as back:
+        assert back.storage_format == COMPACT_V1
+    capsys.readouterr()
+    assert main(["export", str(sample_v2), "-o", str(tmp_path / "bad.tpkx"), "--levels", "0-99", "--json"]) == 1
+    assert "level" in json.loads(capsys.readouterr().out)["error"]
+    assert main(["export", str(sample_v2), "-o", str(tmp_path / "q.tpkx"), "--levels", "0",
+                 "--compression-quality", "50"]) == 1
+    assert not (tmp_path / "bad.tpkx").exists() and not (tmp_path / "q.tpkx").exists()
 
 
 def test_public_api(sample_v2, tmp_path):

@@ -239,7 +239,7 @@ def _write(cache: Cache, request: ExportRequest, selection: Selection, layout: L
     if policy is not None and nthreads > 1:
         # bundles are re-encoded in parallel by the pool; libjpeg work inside one bundle stays on one thread
         policy = dataclasses.replace(policy, threads=1)
-    ahead = max(2, 2 * nthreads)          # bounded look-ahead keeps memory flat
+    ahead = nthreads + 1                  # bounded look-ahead keeps memory flat
     pool = ThreadPoolExecutor(max_workers=nthreads, thread_name_prefix="tilecrate-export")
     pending: deque = deque()
     # rendered while the bundles are copied, written as the last entry
