@@ -186,3 +186,40 @@ def test_crc_matches_zlib(v2_cache):
             if version == 1:
                 assert plan.bundlx_crc == zlib.crc32(plan.bundlx)
             del plan
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@st.composite
+def _indexes(draw):
+    length = draw(st.integers(0, 4000))
+    src = draw(st.binary(min_size=length, max_size=length))
+    cells = draw(st.lists(st.integers(0, N - 1), max_size=30, unique=True))
+    offsets = np.zeros(N, np.uint64)
+    sizes = np.zeros(N, np.uint32)
+    for c in cells:
+        offsets[c] = draw(st.integers(0, 4200))        # sometimes past the end, sometimes overlapping
+        sizes[c] = draw(st.integers(1, 300))
+    mask = np.zeros(N, np.uint8)
+    for c in draw(st.lists(st.sampled_from(cells), unique=True)) if cells else []:
+        mask[c] = 1
+    return src, offsets, sizes, mask.reshape(128, 128), draw(st.sampled_from([1, 2]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(_indexes())
+def test_plans_of_arbitrary_indexes(case):
+    """Any index: either a clear BundleError, or an output whose tiles are exactly the selected source ranges."""
+    src, offsets, sizes, mask, version = case
+    chosen = [i for i in np.flatnonzero(mask.ravel()) if sizes[i]]
+    in_bounds = all(int(offsets[i]) + int(sizes[i]) <= len(src) for i in chosen)
+    if not in_bounds:
+        with pytest.raises(BundleError):
+            _plan.make_plan(src, offsets, sizes, mask, version, 0, 0)
+        return
+    aux, segs, size, n, nbytes, bundlx = _plan.make_plan(src, offsets, sizes, mask, version, 0, 0)
+    out = b"".join(bytes((memoryview(src) if k == 0 else memoryview(aux))[o:o + l]) for k, o, l in segs)
+    assert len(out) == size and n == len(chosen)
+    got = read_v2(out)["tiles"] if version == 2 else read_v1(out, bundlx)["tiles"]
+    assert got == {int(i): src[int(offsets[i]):int(offsets[i]) + int(sizes[i])] for i in chosen}
