@@ -138,13 +138,14 @@ def test_dct_never_refines_a_step_and_is_lossless_at_source_quality(tiles):
             assert steps != src_tables[tid]
 
 
-def test_fused_huffman_statistics_match_libjpeg_optimize_pass(tiles):
+@pytest.mark.parametrize("method", ["dct", "pixel"])
+def test_fused_huffman_statistics_match_libjpeg_optimize_pass(tiles, method):
     """optimize=2 builds the tables from our own symbol counts; libjpeg's pass (1) must give the same bytes."""
     sources = tiles[:12] + odd_jpegs()
     for q in (70, 35):
-        ours, s2, _ = recode(sources, q, "dct", allow_larger=True, optimize=2)
-        theirs, s1, _ = recode(sources, q, "dct", allow_larger=True, optimize=1)
-        plain, s0, _ = recode(sources, q, "dct", allow_larger=True, optimize=0)
+        ours, s2, _ = recode(sources, q, method, allow_larger=True, optimize=2)
+        theirs, s1, _ = recode(sources, q, method, allow_larger=True, optimize=1)
+        plain, s0, _ = recode(sources, q, method, allow_larger=True, optimize=0)
         assert (s2 == _jpeg.OK).all() and (s1 == _jpeg.OK).all() and (s0 == _jpeg.OK).all()
         assert ours == theirs
         assert sum(map(len, ours)) < sum(map(len, plain))

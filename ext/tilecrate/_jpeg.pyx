@@ -8,7 +8,10 @@ Two methods, both per tile, both with per-tile error handling:
     max(source step, requested step) with dead-zone rounding, write the coefficients (no IDCT,
     colour conversion or FDCT).
 Both write optimized Huffman tables and keep ICC profiles (APP2); other APPn/COM segments are
-dropped (they are size, not pixels). A tile whose bytes do not start FF D8 FF is left alone; a tile
+dropped (they are size, not pixels). The Huffman statistics are counted by our own bitmask walk
+over each block's nonzero coefficients (fused with requantization on the DCT path, swapped in for
+libjpeg's encode_mcu_gather on the pixel path); libjpeg's jpeg_gen_optimal_table builds the
+tables, so the bytes are identical to libjpeg's optimize_coding at a fraction of its cost. A tile whose bytes do not start FF D8 FF is left alone; a tile
 that libjpeg rejects or warns about (corrupt or truncated data) keeps its original bytes and gets
 a message. libjpeg's error_exit and warnings longjmp back to the tile's entry point, so no libjpeg
 error can reach exit() or cross a tile boundary. One decompress + compress struct per thread,
@@ -68,6 +71,8 @@ cdef extern from *:
         unsigned long outsize;
         unsigned char *rows;        /* pixel path scanline buffer */
         size_t rows_cap;
+        long g_dc[NUM_HUFF_TBLS][257], g_ac[NUM_HUFF_TBLS][257];   /* pixel path symbol counts */
+        int g_last_dc[MAX_COMPS_IN_SCAN];
     } tc_ctx;
 
     /* target tables of the requested quality: [0] luminance, [1] chrominance, natural order */
@@ -182,65 +187,6 @@ cdef extern from *:
         return (cs == JCS_YCbCr || cs == JCS_YCCK) && (ci == 1 || ci == 2);
     }
 
-    /* decode to the source colour space, encode at the requested quality */
-    static int tc_pixel(tc_ctx *x, int quality, const tc_tables *t) {
-        struct jpeg_decompress_struct *d = &x->d;
-        struct jpeg_compress_struct *c = &x->c;
-        J_COLOR_SPACE cs;
-        JSAMPROW rowp[TC_ROWS];
-        size_t stride;
-        int ci, i;
-        jpeg_read_header(d, TRUE);
-        if (!tc_check_header(x)) return 0;
-        cs = d->jpeg_color_space;
-        if (cs != JCS_GRAYSCALE && cs != JCS_YCbCr && cs != JCS_RGB && cs != JCS_CMYK && cs != JCS_YCCK) {
-            snprintf(x->err.msg, TC_MSG, "unsupported colour space %d", (int)cs);
-            return 0;
-        }
-        d->out_color_space = cs;           /* no colour conversion on the way out or back in */
-        /* replicated chroma, averaged back down by the encoder at the same sampling, returns the
-           source chroma; fancy (triangle) upsampling would blur it and costs time */
-        d->do_fancy_upsampling = FALSE;
-        jpeg_start_decompress(d);
-        stride = (size_t)d->output_width * (size_t)d->output_components;
-        if (x->rows_cap < stride * TC_ROWS) {
-            unsigned char *nb = (unsigned char *)realloc(x->rows, stride * TC_ROWS);
-            if (nb == NULL) { snprintf(x->err.msg, TC_MSG, "out of memory"); return 0; }
-            x->rows = nb; x->rows_cap = stride * TC_ROWS;
-        }
-        for (i = 0; i < TC_ROWS; i++) rowp[i] = x->rows + (size_t)i * stride;
-        c->image_width = d->output_width;
-        c->image_height = d->output_height;
-        c->input_components = d->output_components;
-        c->in_color_space = cs;
-        jpeg_set_defaults(c);
-        if (c->num_components == d->num_components)
-            for (ci = 0; ci < c->num_components; ci++) {
-                c->comp_info[ci].h_samp_factor = d->comp_info[ci].h_samp_factor;
-                c->comp_info[ci].v_samp_factor = d->comp_info[ci].v_samp_factor;
-            }
-        jpeg_set_quality(c, quality, TRUE);
-        c->optimize_coding = t->optimize ? TRUE : FALSE;
-        c->write_JFIF_header = d->saw_JFIF_marker;
-        if (d->saw_JFIF_marker) {
-            c->density_unit = d->density_unit;
-            c->X_density = d->X_density;
-            c->Y_density = d->Y_density;
-        }
-        x->outbuf = NULL; x->outsize = 0;
-        jpeg_mem_dest(c, &x->outbuf, &x->outsize);
-        jpeg_start_compress(c, TRUE);
-        tc_copy_icc(x);
-        while (d->output_scanline < d->output_height) {
-            JDIMENSION n = jpeg_read_scanlines(d, rowp, TC_ROWS);
-            if (n == 0) { snprintf(x->err.msg, TC_MSG, "decoder returned no rows"); return 0; }
-            jpeg_write_scanlines(c, rowp, n);
-        }
-        jpeg_finish_compress(c);
-        jpeg_finish_decompress(d);
-        return 1;
-    }
-
     /* natural index of the k-th coefficient in zigzag order (what the entropy coder walks) */
     static const int tc_zigzag[DCTSIZE2] = {
         0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48,
@@ -327,6 +273,126 @@ cdef extern from *:
             prev = k;
         }
         if (prev < DCTSIZE2 - 1) ac[0]++;
+        return 1;
+    }
+
+    /* The public layout of libjpeg's entropy encoder object (jpegint.h, unchanged since 6b). */
+    struct tc_entropy_encoder {
+        void (*start_pass)(j_compress_ptr cinfo, boolean gather_statistics);
+        boolean (*encode_mcu)(j_compress_ptr cinfo, JBLOCKROW *MCU_data);
+        void (*finish_pass)(j_compress_ptr cinfo);
+    };
+
+    static const tc_rq tc_no_requant = {{0}, {0}, {0}, 0};
+
+    /* the optimize pass's statistics, counted by tc_block instead of libjpeg's encode_mcu_gather */
+    static boolean tc_gather_mcu(j_compress_ptr cinfo, JBLOCKROW *MCU_data) {
+        tc_ctx *x = (tc_ctx *)cinfo->client_data;
+        for (int blkn = 0; blkn < cinfo->blocks_in_MCU; blkn++) {
+            int ci = cinfo->MCU_membership[blkn];
+            jpeg_component_info *comp = cinfo->cur_comp_info[ci];
+            if (!tc_block(MCU_data[blkn][0], &tc_no_requant, &x->g_last_dc[ci],
+                          x->g_dc[comp->dc_tbl_no], x->g_ac[comp->ac_tbl_no])) {
+                snprintf(x->err.msg, TC_MSG, "DCT coefficient out of range");
+                longjmp(x->err.jb, 1);
+            }
+        }
+        return TRUE;
+    }
+
+    /* what libjpeg's finish_pass_gather does: one optimal table per table slot in use */
+    static void tc_gather_finish(j_compress_ptr cinfo) {
+        tc_ctx *x = (tc_ctx *)cinfo->client_data;
+        int did_dc[NUM_HUFF_TBLS] = {0}, did_ac[NUM_HUFF_TBLS] = {0};
+        for (int ci = 0; ci < cinfo->comps_in_scan; ci++) {
+            int dt = cinfo->cur_comp_info[ci]->dc_tbl_no, at = cinfo->cur_comp_info[ci]->ac_tbl_no;
+            if (!did_dc[dt]) {
+                if (cinfo->dc_huff_tbl_ptrs[dt] == NULL) cinfo->dc_huff_tbl_ptrs[dt] = jpeg_alloc_huff_table((j_common_ptr)cinfo);
+                jpeg_gen_optimal_table(cinfo, cinfo->dc_huff_tbl_ptrs[dt], x->g_dc[dt]);
+                did_dc[dt] = 1;
+            }
+            if (!did_ac[at]) {
+                if (cinfo->ac_huff_tbl_ptrs[at] == NULL) cinfo->ac_huff_tbl_ptrs[at] = jpeg_alloc_huff_table((j_common_ptr)cinfo);
+                jpeg_gen_optimal_table(cinfo, cinfo->ac_huff_tbl_ptrs[at], x->g_ac[at]);
+                did_ac[at] = 1;
+            }
+        }
+    }
+
+    /* jpeg_start_compress has set up the statistics pass (nothing is coded until the first
+       scanlines arrive): swap in the fast counter for that pass only; libjpeg's own start_pass
+       installs the real coder for the output pass */
+    static void tc_hook_gather(tc_ctx *x, const tc_tables *t) {
+        struct jpeg_compress_struct *c = &x->c;
+        struct tc_entropy_encoder *e = (struct tc_entropy_encoder *)c->entropy;
+        if (t->optimize != 2 || !c->optimize_coding || c->progressive_mode || c->restart_interval != 0 ||
+            c->restart_in_rows != 0 || c->comps_in_scan > MAX_COMPS_IN_SCAN || e == NULL)
+            return;
+        memset(x->g_dc, 0, sizeof(x->g_dc));
+        memset(x->g_ac, 0, sizeof(x->g_ac));
+        memset(x->g_last_dc, 0, sizeof(x->g_last_dc));
+        c->client_data = x;
+        e->encode_mcu = tc_gather_mcu;
+        e->finish_pass = tc_gather_finish;
+    }
+
+    /* decode to the source colour space, encode at the requested quality */
+    static int tc_pixel(tc_ctx *x, int quality, const tc_tables *t) {
+        struct jpeg_decompress_struct *d = &x->d;
+        struct jpeg_compress_struct *c = &x->c;
+        J_COLOR_SPACE cs;
+        JSAMPROW rowp[TC_ROWS];
+        size_t stride;
+        int ci, i;
+        jpeg_read_header(d, TRUE);
+        if (!tc_check_header(x)) return 0;
+        cs = d->jpeg_color_space;
+        if (cs != JCS_GRAYSCALE && cs != JCS_YCbCr && cs != JCS_RGB && cs != JCS_CMYK && cs != JCS_YCCK) {
+            snprintf(x->err.msg, TC_MSG, "unsupported colour space %d", (int)cs);
+            return 0;
+        }
+        d->out_color_space = cs;           /* no colour conversion on the way out or back in */
+        /* replicated chroma, averaged back down by the encoder at the same sampling, returns the
+           source chroma; fancy (triangle) upsampling would blur it and costs time */
+        d->do_fancy_upsampling = FALSE;
+        jpeg_start_decompress(d);
+        stride = (size_t)d->output_width * (size_t)d->output_components;
+        if (x->rows_cap < stride * TC_ROWS) {
+            unsigned char *nb = (unsigned char *)realloc(x->rows, stride * TC_ROWS);
+            if (nb == NULL) { snprintf(x->err.msg, TC_MSG, "out of memory"); return 0; }
+            x->rows = nb; x->rows_cap = stride * TC_ROWS;
+        }
+        for (i = 0; i < TC_ROWS; i++) rowp[i] = x->rows + (size_t)i * stride;
+        c->image_width = d->output_width;
+        c->image_height = d->output_height;
+        c->input_components = d->output_components;
+        c->in_color_space = cs;
+        jpeg_set_defaults(c);
+        if (c->num_components == d->num_components)
+            for (ci = 0; ci < c->num_components; ci++) {
+                c->comp_info[ci].h_samp_factor = d->comp_info[ci].h_samp_factor;
+                c->comp_info[ci].v_samp_factor = d->comp_info[ci].v_samp_factor;
+            }
+        jpeg_set_quality(c, quality, TRUE);
+        c->optimize_coding = t->optimize ? TRUE : FALSE;
+        c->write_JFIF_header = d->saw_JFIF_marker;
+        if (d->saw_JFIF_marker) {
+            c->density_unit = d->density_unit;
+            c->X_density = d->X_density;
+            c->Y_density = d->Y_density;
+        }
+        x->outbuf = NULL; x->outsize = 0;
+        jpeg_mem_dest(c, &x->outbuf, &x->outsize);
+        jpeg_start_compress(c, TRUE);
+        tc_hook_gather(x, t);
+        tc_copy_icc(x);
+        while (d->output_scanline < d->output_height) {
+            JDIMENSION n = jpeg_read_scanlines(d, rowp, TC_ROWS);
+            if (n == 0) { snprintf(x->err.msg, TC_MSG, "decoder returned no rows"); return 0; }
+            jpeg_write_scanlines(c, rowp, n);
+        }
+        jpeg_finish_compress(c);
+        jpeg_finish_decompress(d);
         return 1;
     }
 
@@ -546,7 +612,8 @@ def recode(buf, offsets, sizes, int quality, str method="dct", int threads=0,
     None means "keep the original bytes" (status says why). The GIL is released while tiles are
     coded, spread over `threads` OpenMP threads (0 = all). optimize: 0 = standard Huffman tables,
     1 = libjpeg's optimize pass, 2 = optimal tables from statistics gathered during requantization
-    (DCT path; byte-identical to 1, one pass fewer; the pixel path treats 2 as 1).
+    (byte-identical to 1, much cheaper: fused with requantization on the DCT path, a bitmask
+    counter in place of libjpeg's encode_mcu_gather on the pixel path).
     """
     if optimize not in (0, 1, 2):
         raise ValueError("optimize must be 0, 1 or 2")

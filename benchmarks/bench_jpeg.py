@@ -1,0 +1,124 @@
+"""Re-encoding speed (tiles/s), output bytes and PSNR: Pillow in a Python loop (the naive baseline), our pixel
+path and our DCT path, each on one core and on all cores, over tiles read once into memory.
+
+Run: `.venv/bin/pytest benchmarks/bench_jpeg.py --benchmark-enable --large-sample data/large`
+(without --large-sample a smaller generated sample is used). Targets: pixel path >= 1.3x Pillow per core,
+>= 1.8x from one core to two, DCT path >= 1.4x the pixel path at no larger output.
+Each configuration runs several rounds and the fastest counts (the machine may be shared).
+"""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tilecrate import _jpeg
+from tilecrate.cache import open_cache
+from tilecrate.sample import SampleSpec, make_sample
+from conftest import report
+
+QUALITY = 60            # below the sample's 75, the usual kind of request
+TILES = 2000
+PSNR_TILES = 200        # PSNR is measured on the first tiles of the set
+ROUNDS = 3
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+_results: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module")
+def tile_set(request, tmp_path_factory):
+    """TILES JPEG tiles spread over the large sample's deepest levels (or a generated sample's tiles)."""
+    path = request.config.getoption("--large-sample")
+    if not path:
+        path = tmp_path_factory.mktemp("bench") / "jpeg"
+        make_sample(path, SampleSpec(levels=tuple(range(0, 8))))
+    tiles = []
+    with open_cache(str(path)) as cache:
+        refs = [ref for lv in sorted(cache.levels, reverse=True) for ref in cache.bundles(lv)]
+        for ref in refs:
+            with cache.open_bundle(ref) as data:
+                idx = np.flatnonzero(data.sizes)
+                step = max(1, len(idx) // 400)        # spread over each bundle, not one corner
+                for i in idx[::step]:
+                    o, s = int(data.offsets[i]), int(data.sizes[i])
+                    tiles.append(bytes(data.buf[o:o + s]))
+            if len(tiles) >= TILES:
+                break
+    tiles = tiles[:TILES]
+    sizes = np.array([len(t) for t in tiles], np.uint32)
+    offsets = np.zeros(len(tiles), np.uint64)
+    offsets[1:] = np.cumsum(sizes[:-1])
+    src_px = [np.asarray(Image.open(io.BytesIO(t)).convert("RGB"), np.float64) for t in tiles[:PSNR_TILES]]
+    return {"tiles": tiles, "buf": b"".join(tiles), "offsets": offsets, "sizes": sizes, "src_px": src_px,
+            "source_bytes": int(sizes.sum())}
+
+
+def _psnr(tile_set, outputs) -> float:
+    vals = []
+    for ref, data in zip(tile_set["src_px"], outputs):
+        new = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float64)
+        mse = float(((ref - new) ** 2).mean())
+        vals.append(99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse))
+    return float(np.mean(vals))
+
+
+def _record(name, benchmark, tile_set, outputs, request, threads):
+    best = benchmark.stats.stats.min
+    n = len(tile_set["tiles"])
+    row = {"tiles_per_s": n / best, "threads": threads, "bytes": sum(map(len, outputs)),
+           "ratio_to_source": sum(map(len, outputs)) / tile_set["source_bytes"], "psnr": _psnr(tile_set, outputs)}
+    _results[name] = row
+    report(request, f"re-encode {name}", **row)
+
+
+def _pillow(tiles):
+    out = []
+    for t in tiles:
+        with Image.open(io.BytesIO(t)) as im:
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=QUALITY, optimize=True)     # optimized Huffman, like ours
+            out.append(buf.getvalue())
+    return out
+
+
+def test_pillow_python_loop(benchmark, tile_set, request):
+    outputs = benchmark.pedantic(_pillow, args=(tile_set["tiles"],), rounds=ROUNDS, iterations=1)
+    _record("pillow loop (1 core)", benchmark, tile_set, outputs, request, 1)
+
+
+@pytest.mark.parametrize("method", ["pixel", "dct"])
+@pytest.mark.parametrize("threads", [1, CORES])
+def test_ours(benchmark, tile_set, request, method, threads):
+    def run():
+        new, status, _ = _jpeg.recode(tile_set["buf"], tile_set["offsets"], tile_set["sizes"], QUALITY, method,
+                                      threads, allow_larger=True)
+        return new, status
+
+    new, status = benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+    assert (status == _jpeg.OK).all()
+    _record(f"{method} x{threads}", benchmark, tile_set, new, request, threads)
+
+
+def test_ratios(request):
+    need = ["pillow loop (1 core)", "pixel x1", f"pixel x{CORES}", "dct x1", f"dct x{CORES}"]
+    if any(k not in _results for k in need):
+        pytest.skip("run the whole module to get the ratios")
+    r = {k: _results[k] for k in need}
+    base = r["pillow loop (1 core)"]
+    figures = {
+        "pixel_x1_vs_pillow": r["pixel x1"]["tiles_per_s"] / base["tiles_per_s"],
+        f"pixel_x{CORES}_vs_x1": r[f"pixel x{CORES}"]["tiles_per_s"] / r["pixel x1"]["tiles_per_s"],
+        "dct_x1_vs_pixel_x1": r["dct x1"]["tiles_per_s"] / r["pixel x1"]["tiles_per_s"],
+        f"dct_x{CORES}_vs_pixel_x{CORES}": r[f"dct x{CORES}"]["tiles_per_s"] / r[f"pixel x{CORES}"]["tiles_per_s"],
+        f"dct_x{CORES}_vs_x1": r[f"dct x{CORES}"]["tiles_per_s"] / r["dct x1"]["tiles_per_s"],
+        f"dct_x{CORES}_vs_pillow": r[f"dct x{CORES}"]["tiles_per_s"] / base["tiles_per_s"],
+        "dct_bytes_vs_pixel": r["dct x1"]["bytes"] / r["pixel x1"]["bytes"],
+        "dct_psnr_minus_pixel_db": r["dct x1"]["psnr"] - r["pixel x1"]["psnr"],
+        "pixel_bytes_vs_pillow": r["pixel x1"]["bytes"] / base["bytes"],
+        "cores": CORES,
+    }
+    report(request, "re-encode ratios", **figures)
