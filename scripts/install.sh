@@ -25,4 +25,9 @@ if .venv/bin/python -m pip show pillow >/dev/null 2>&1; then
   .venv/bin/python -m pip uninstall -q -y pillow
   .venv/bin/python -m pip install -q --force-reinstall --no-deps pillow-simd
 fi
+# pip names them apart but they share files: fail loudly rather than run on a mix of the two
+if .venv/bin/python -m pip show pillow >/dev/null 2>&1 || ! .venv/bin/python -m pip show pillow-simd >/dev/null 2>&1; then
+  echo "install.sh: PIL must come from pillow-simd alone (pip show pillow / pillow-simd disagree)" >&2
+  exit 1
+fi
 .venv/bin/tilecrate --version

@@ -44,19 +44,25 @@ def version_text() -> str:
         import PIL
         from importlib import metadata
 
-        dists = [d for d in ("pillow-simd", "Pillow", "pillow") if _has_dist(metadata, d)]
-        pil = f"PIL {PIL.__version__} ({', '.join(dists) or 'unknown distribution'})"
+        names = []
+        for d in ("pillow-simd", "Pillow"):
+            name = _dist_name(metadata, d)
+            if name and name not in names:
+                names.append(name)
+        pil = f"PIL {PIL.__version__} ({', '.join(names) or 'unknown distribution'})"
+        if len(names) > 1:
+            # both own the PIL folder: whichever installed last wins, file by file
+            pil += "; WARNING: Pillow and pillow-simd are both installed, run scripts/install.sh"
     except ImportError:
         pil = "PIL not installed"
     return f"tilecrate {__version__}; {pil}"
 
 
-def _has_dist(metadata, name: str) -> bool:
+def _dist_name(metadata, name: str) -> str | None:
     try:
-        metadata.distribution(name)
-        return True
+        return metadata.distribution(name).metadata["Name"]
     except metadata.PackageNotFoundError:
-        return False
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
