@@ -62,6 +62,9 @@ def test_compare_rows(sample_v2):
         assert rows[(60, m)].psnr > rows[(30, m)].psnr > 25
         assert 1.0 > rows[(60, m)].ssim > rows[(30, m)].ssim > 0.5
         assert rows[(60, m)].tiles_per_s > 0 and rows[(60, m)].reencoded == 40
+    with open_cache(str(sample_v2)) as cache:
+        strong = compare(cache, [60], ["dct"], levels="3-5", sample=40, deadzone=0.3).rows[0]
+    assert strong.bytes < rows[(60, "dct")].bytes and strong.psnr < rows[(60, "dct")].psnr
 
 
 def test_cli_table_csv_plot_json(sample_mixed, tmp_path, capsys):
@@ -92,6 +95,7 @@ def test_cli_table_csv_plot_json(sample_mixed, tmp_path, capsys):
     (["--methods", "wavelet"], "unknown method"),
     (["--levels", "17-19"], "none of levels"),
     (["--sample", "0"], "at least 1"),
+    (["--deadzone", "0.7"], "between 0 and 0.5"),
 ])
 def test_cli_errors_are_one_line(sample_v2, capsys, args, message):
     assert main(["compare", str(sample_v2), "--quiet"] + args) == 1

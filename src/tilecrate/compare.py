@@ -19,7 +19,7 @@ import numpy as np
 
 from tilecrate.cache import Cache
 from tilecrate.errors import RequestError
-from tilecrate.recompress import RecompressPolicy, reencode_tiles
+from tilecrate.recompress import DEFAULT_DEADZONE, RecompressPolicy, reencode_tiles
 from tilecrate.request import parse_levels
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -171,8 +171,10 @@ def ssim(a: np.ndarray, b: np.ndarray, window: int = 8) -> float:
 
 def compare(cache: Cache, qualities: Sequence[int], methods: Sequence[str] = ("dct", "pixel"), *,
             levels: str | None = None, sample: int = 200, threads: int = 0,
-            progress: Callable[[int], None] | None = None) -> CompareResult:
+            deadzone: float = DEFAULT_DEADZONE, progress: Callable[[int], None] | None = None) -> CompareResult:
     """Re-encode a sample of the cache's tiles at each quality with each method and measure the result."""
+    if not 0.0 <= deadzone <= 0.5:
+        raise RequestError(f"--deadzone must be between 0 and 0.5, not {deadzone}")
     chosen = choose_levels(cache, levels)
     tiles = sample_tiles(cache, chosen, sample)
     data = [t[3] for t in tiles]
@@ -188,7 +190,7 @@ def compare(cache: Cache, qualities: Sequence[int], methods: Sequence[str] = ("d
                                       method=method, threads=threads, tile_format=str(cache.tile_format or ""))
             if policy.active:
                 t0 = time.perf_counter()
-                result = reencode_tiles(data, q, method=method, threads=threads)
+                result = reencode_tiles(data, q, method=method, threads=threads, deadzone=deadzone)
                 seconds = time.perf_counter() - t0
                 out, status = result.tiles, result.status
                 reencoded = int((status == 0).sum())

@@ -6,6 +6,7 @@ import argparse
 from tilecrate.cache import open_cache
 from tilecrate.cli import emit_json, progress_bar
 from tilecrate.compare import compare, format_table, parse_methods, parse_qualities, plot_png, write_csv
+from tilecrate.recompress import DEFAULT_DEADZONE
 
 NAME = "compare"
 HELP = "re-encode a sample of a cache's JPEG tiles at several qualities and compare size, speed and fidelity"
@@ -21,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default="dct,pixel",
                    help="re-encoding methods: dct (requantization), pixel (decode + encode); default both")
     p.add_argument("--threads", type=int, default=0, help="threads for re-encoding (default: all cores)")
+    p.add_argument("--deadzone", type=float, default=DEFAULT_DEADZONE, metavar="R",
+                   help="DCT path: AC rounding offset, 0.5 = nearest, smaller = more zeros "
+                        f"(default {DEFAULT_DEADZONE:.4g}: nearest, exact halves toward zero)")
     p.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     p.add_argument("--plot", metavar="FILE.png", help="also draw size vs quality, one line per method, as PNG")
 
@@ -33,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         with progress_bar(len(qualities) * len(methods), "compare", unit="setting",
                           enabled=not args.quiet and not args.json) as bar:
             result = compare(cache, qualities, methods, levels=args.levels, sample=args.sample,
-                             threads=args.threads, progress=bar.update)
+                             threads=args.threads, deadzone=args.deadzone, progress=bar.update)
     if args.csv:
         write_csv(result, args.csv)
     if args.plot:
