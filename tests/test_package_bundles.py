@@ -9,7 +9,8 @@ import pytest
 from tilecrate import _plan
 from tilecrate.cache import BundleRef, open_cache
 from tilecrate.errors import BundleError
-from tilecrate.package.bundles import SEG_SOURCE, output_sizes, plan_bundle, plan_from_tiles
+from tilecrate.package import bundles
+from tilecrate.package.bundles import output_sizes, plan_bundle, plan_from_tiles
 
 N = 16384
 
@@ -79,6 +80,9 @@ def test_plans_write_what_readers_read(request, source, version):
                 for mask in _masks(data.sizes):
                     plan = plan_bundle(data, mask, version)
                     out = plan.to_bytes()
+                    from_file = plan_bundle(data, mask, version, cache=cache)
+                    assert from_file.file is not None and from_file.to_bytes() == out
+                    del from_file
                     expected = _source_tiles(data, mask)
                     assert len(out) == plan.size
                     assert plan.tiles == len(expected)
@@ -102,14 +106,31 @@ def test_plans_write_what_readers_read(request, source, version):
                     del plan
 
 
-def test_contiguous_tiles_are_copied_as_one_range(v2_cache):
+def test_contiguous_tiles_are_copied_as_one_run(v2_cache):
     ref = v2_cache.bundles(5)[0]
     with v2_cache.open_bundle(ref) as data:
-        plan = plan_bundle(data, (data.sizes > 0).reshape(128, 128), 2)
-        # the generated sample stores tiles back to back with prefixes: header + one source run
-        assert len(plan.segments) == 2
-        assert plan.segments[1][0] == SEG_SOURCE
-        assert plan.segments[1][2] == int(data.sizes.sum()) + 4 * plan.tiles
+        plan = plan_bundle(data, (data.sizes > 0).reshape(128, 128), 2, cache=v2_cache)
+        # the generated sample stores tiles back to back: one read covers them all
+        assert len(plan.runs) == 1
+        off, length, first, count = plan.runs[0].tolist()
+        assert (first, count) == (0, plan.tiles)
+        assert length == int(data.sizes.sum()) + 4 * (plan.tiles - 1)
+        assert plan.file == str(v2_cache.bundle_key(ref)[0].split("::", 1)[1]) and plan.file_offset == 0
+        from_file = plan.to_bytes()
+        plan.file = None                           # the same bytes copied from the mapping
+        assert plan.to_bytes() == from_file
+        del plan
+
+
+def test_runs_are_capped(v2_cache, monkeypatch):
+    monkeypatch.setattr(bundles, "RUN", 50_000)
+    ref = v2_cache.bundles(5)[0]
+    with v2_cache.open_bundle(ref) as data:
+        mask = (data.sizes > 0).reshape(128, 128)
+        plan = plan_bundle(data, mask, 2, cache=v2_cache)
+        assert len(plan.runs) > 1
+        assert all(l + 4 <= 50_000 or c == 1 for _, l, _, c in plan.runs.tolist())
+        assert read_v2(plan.to_bytes())["tiles"] == _source_tiles(data, mask)
         del plan
 
 
@@ -135,10 +156,11 @@ def test_missing_or_wrong_prefixes_are_regenerated():
     offsets, sizes = _bundle.parse_v2(src)
     mask = np.ones((128, 128), np.uint8)
     for version in (2, 1):
-        aux, segs, size, n, nbytes, bundlx = _plan.make_plan(src, offsets, sizes, mask, version, 0, 0)
-        out = b"".join(bytes((memoryview(src) if k == 0 else memoryview(aux))[o:o + l]) for k, o, l in segs)
-        assert len(out) == size and n == 4 and nbytes == 318
-        got = read_v2(out)["tiles"] if version == 2 else read_v1(out, bundlx)["tiles"]
+        plan = bundles._make(BundleRef(0, 0, 0), src, len(src), offsets, sizes, mask, version, "x")
+        out = plan.to_bytes()
+        assert len(out) == plan.size and plan.tiles == 4 and plan.tile_bytes == 318
+        assert len(plan.runs) == 1          # back to back with 4 garbage bytes between: still one read
+        got = read_v2(out)["tiles"] if version == 2 else read_v1(out, plan.bundlx)["tiles"]
         assert got == tiles
 
 
@@ -149,14 +171,16 @@ def test_out_of_bounds_index_is_refused():
     offsets[5], sizes[5] = 199990, 20
     mask = np.ones((128, 128), np.uint8)
     with pytest.raises(BundleError, match="row 0, column 5"):
-        _plan.make_plan(src, offsets, sizes, mask, 2, 0, 0, "x.bundle")
+        _plan.make_plan(len(src), offsets, sizes, mask, 2, 0, 0, "x.bundle")
     offsets[5], sizes[5] = 2**63, 20
     with pytest.raises(BundleError):
-        _plan.make_plan(src, offsets, sizes, mask, 2, 0, 0)
+        _plan.make_plan(len(src), offsets, sizes, mask, 2, 0, 0)
     with pytest.raises(ValueError):
-        _plan.make_plan(src, offsets[:10], sizes, mask, 2, 0, 0)
+        _plan.make_plan(len(src), offsets[:10], sizes, mask, 2, 0, 0)
     with pytest.raises(ValueError):
-        _plan.make_plan(src, offsets, sizes, mask, 3, 0, 0)
+        _plan.make_plan(len(src), offsets, sizes, mask, 3, 0, 0)
+    with pytest.raises(ValueError):        # a run that does not fit the buffer
+        _plan.fill_prefixes(bytearray(8), np.array([0, 100], np.uint64), np.array([5, 5], np.uint32), 0, 2)
 
 
 def test_plan_from_new_tile_bytes():
@@ -216,10 +240,10 @@ def test_plans_of_arbitrary_indexes(case):
     in_bounds = all(int(offsets[i]) + int(sizes[i]) <= len(src) for i in chosen)
     if not in_bounds:
         with pytest.raises(BundleError):
-            _plan.make_plan(src, offsets, sizes, mask, version, 0, 0)
+            _plan.make_plan(len(src), offsets, sizes, mask, version, 0, 0)
         return
-    aux, segs, size, n, nbytes, bundlx = _plan.make_plan(src, offsets, sizes, mask, version, 0, 0)
-    out = b"".join(bytes((memoryview(src) if k == 0 else memoryview(aux))[o:o + l]) for k, o, l in segs)
-    assert len(out) == size and n == len(chosen)
-    got = read_v2(out)["tiles"] if version == 2 else read_v1(out, bundlx)["tiles"]
+    plan = bundles._make(BundleRef(0, 0, 0), src, len(src), offsets, sizes, mask, version, "x")
+    out = plan.to_bytes()
+    assert len(out) == plan.size and plan.tiles == len(chosen)
+    got = read_v2(out)["tiles"] if version == 2 else read_v1(out, plan.bundlx)["tiles"]
     assert got == {int(i): src[int(offsets[i]):int(offsets[i]) + int(sizes[i])] for i in chosen}

@@ -1,21 +1,21 @@
 # cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Copy plans for output bundles: which byte ranges land where, the output size, header and index.
 
-An output bundle is the concatenation of *segments*, each either a byte range of the source
-bundle (kind 0) or of the plan's own ``aux`` buffer (kind 1: the header, the index, and any size
-prefix that the source does not already hold right before its tile). Tiles are written in source
-file order so that tiles stored back to back in the source (the usual case) become one range;
-every tile keeps its 4-byte size prefix (V1 records, V2 legacy prefix).
+An output bundle is its header block (`aux`: V2 header + index, or V1 header + zero table)
+followed by *runs*. Tiles are written in source file order; a run is a sequence of tiles stored
+back to back in the source with exactly 4 bytes between them (where the size prefix sits), so a
+run is copied with one read of the source range ``[first tile, last tile end)``. The writer reads
+a run into a buffer 4 bytes in, then `fill_prefixes` writes every tile's 4-byte size prefix into
+the buffer (over the 4 bytes the source had there, right or wrong: the spec calls the V2 prefix
+legacy and some writers leave garbage). Planning reads only the index, never tile bytes.
 
-Every offset and size is checked against the source length before the plan is made, so a writer
-may slice the source with the segments without further checks. Bounds checks are off: the
-functions check lengths up front, then loop.
+Every offset and size is checked against the source length before a plan is made, so a writer
+may read the runs without further checks. Bounds checks are off: the functions check lengths up
+front, then loop.
 """
 import numpy as np
 cimport numpy as cnp
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
-from posix.mman cimport MADV_DONTNEED, madvise
-from posix.unistd cimport sysconf, _SC_PAGESIZE
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 from tilecrate.errors import BundleError
 
@@ -30,23 +30,9 @@ V2_DATA_START = 64 + N * 8            # 131136
 V1_HEADER_SIZE = 60
 V1_DATA_START = 60 + N * 4            # 65596
 BUNDLX_SIZE = 16 + N * 5 + 16         # 81952
-cdef enum:
-    K_SOURCE = 0
-    K_AUX = 1
-SEG_SOURCE = K_SOURCE
-SEG_AUX = K_AUX
 cdef uint64_t MAX_TILE = (1 << 24) - 1
-cdef uint64_t RELEASE_WINDOW = 8 << 20
-
-
-cdef inline void drop_range(const uint8_t* lo, const uint8_t* hi) noexcept nogil:
-    """Unmap the whole pages inside [lo, hi) of a file-backed shared mapping (they stay in the page cache)."""
-    cdef uintptr_t page = <uintptr_t>sysconf(_SC_PAGESIZE)
-    cdef uintptr_t a = (<uintptr_t>lo + page - 1) & ~(page - 1)
-    cdef uintptr_t b = (<uintptr_t>hi) & ~(page - 1)
-    if b > a:
-        madvise(<void*>a, b - a, MADV_DONTNEED)
 cdef uint64_t MAX_V2_OFFSET = (<uint64_t>1 << 40) - 1
+MAX_TILE_SIZE = MAX_TILE
 
 
 cdef inline void wr_u32(uint8_t* p, uint32_t v) noexcept nogil:
@@ -64,10 +50,6 @@ cdef inline void wr_u64(uint8_t* p, uint64_t v) noexcept nogil:
 cdef inline void wr_u40(uint8_t* p, uint64_t v) noexcept nogil:
     wr_u32(p, <uint32_t>v)
     p[4] = (v >> 32) & 0xFF
-
-
-cdef inline uint32_t rd_u32(const uint8_t* p) noexcept nogil:
-    return <uint32_t>p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
 
 
 def bundle_sizes(const uint32_t[::1] sizes, const uint8_t[:, ::1] mask, int version):
@@ -89,17 +71,16 @@ def bundle_sizes(const uint32_t[::1] sizes, const uint8_t[:, ::1] mask, int vers
     return tiles, nbytes, V2_DATA_START + 4 * tiles + nbytes, 0
 
 
-def make_plan(const uint8_t[::1] src, const uint64_t[::1] offsets, const uint32_t[::1] sizes,
+def make_plan(uint64_t length, const uint64_t[::1] offsets, const uint32_t[::1] sizes,
               const uint8_t[:, ::1] mask, int version, long row0, long col0, str name="bundle",
-              bint release_pages=False):
-    """Plan one output bundle from a source bundle's bytes, index and a 128 x 128 selection mask.
+              uint64_t max_run=8 << 20):
+    """Plan one output bundle from a source bundle's length, index and a 128 x 128 selection mask.
 
-    ``release_pages`` (only for a read-only, file-backed shared mmap) unmaps the source pages
-    behind the scan as it goes, so planning a huge bundle does not grow the process's RSS.
-
-    Returns ``(aux, segments, size, tiles, tile_bytes, bundlx)``: ``aux`` a bytearray, ``segments``
-    an int64 array of (kind, offset, length) rows, ``size`` the output .bundle bytes, ``bundlx``
-    the V1 index file (bytes) or None for V2.
+    Returns ``(aux, runs, tile_offsets, tile_sizes, size, tiles, tile_bytes, bundlx)``: ``aux`` the
+    header block (bytearray); ``runs`` int64 rows (source offset, source length, first tile,
+    tile count), each at most ``max_run`` output bytes unless one tile is larger; the selected
+    tiles' source offsets and sizes in writing order; ``size`` the output .bundle bytes;
+    ``bundlx`` the V1 index file (bytes) or None for V2.
     """
     if offsets.shape[0] != N or sizes.shape[0] != N:
         raise ValueError("offsets and sizes must have 16384 entries")
@@ -107,9 +88,7 @@ def make_plan(const uint8_t[::1] src, const uint64_t[::1] offsets, const uint32_
         raise ValueError("mask must be 128 x 128")
     if version not in (1, 2):
         raise ValueError("version must be 1 or 2")
-    cdef uint64_t length = <uint64_t>src.shape[0]
     cdef const uint8_t* m = &mask[0, 0]
-    cdef const uint8_t* s = &src[0] if length > 0 else NULL
     cdef Py_ssize_t i, k, n = 0, bad = -1
     cdef uint64_t tile_bytes = 0, max_size = 0, sz, off
     sel_arr = np.empty(N, dtype=np.int64)
@@ -132,15 +111,14 @@ def make_plan(const uint8_t[::1] src, const uint64_t[::1] offsets, const uint32_
             f"{name}: tile at row {bad // PACKET}, column {bad % PACKET} of the bundle has offset "
             f"{offsets[bad]} and size {sizes[bad]}, outside the bundle ({length} bytes) or over 16 MiB"
         )
-    # source file order: tiles stored back to back become one range
+    # source file order: tiles stored back to back become one run
     order_arr = sel_arr[:n][np.argsort(np.asarray(offsets)[sel_arr[:n]], kind="stable")]
     cdef int64_t[::1] order = order_arr
     cdef uint64_t data_start = V2_DATA_START if version == 2 else V1_DATA_START
     cdef uint64_t total = data_start + 4 * <uint64_t>n + tile_bytes
     if version == 2 and total - 4 > MAX_V2_OFFSET:
         raise BundleError(f"{name}: the output bundle would exceed the 1 TiB a compact V2 offset can address")
-    # aux: header (+ index for V2, + zero table for V1) and room for one prefix per tile
-    aux = bytearray(data_start + 4 * n)
+    aux = bytearray(data_start)
     cdef uint8_t[::1] a = aux
     cdef uint8_t* ap = &a[0]
     bundlx = None
@@ -150,14 +128,15 @@ def make_plan(const uint8_t[::1] src, const uint64_t[::1] offsets, const uint32_
         bundlx = bytearray(BUNDLX_SIZE)
         bx = bundlx
         bxp = &bx[0]
-    segs_arr = np.empty((2 * n + 1, 3), dtype=np.int64)
-    cdef int64_t[:, ::1] segs = segs_arr
-    cdef Py_ssize_t nseg = 0, j
-    cdef uint64_t pos = data_start, aux_end = data_start, src_off, seg_len, dropped = 0
-    cdef int64_t kind
-    cdef bint prefixed
+    toff_arr = np.empty(n, dtype=np.uint64)
+    tsize_arr = np.empty(n, dtype=np.uint32)
+    runs_arr = np.empty((n, 4), dtype=np.int64)
+    cdef uint64_t[::1] toff = toff_arr
+    cdef uint32_t[::1] tsize = tsize_arr
+    cdef int64_t[:, ::1] runs = runs_arr
+    cdef Py_ssize_t nrun = 0, j
+    cdef uint64_t pos = data_start, run_end = 0, run_out = 0
     with nogil:
-        # header
         if version == 2:
             wr_u32(ap, 3)
             wr_u32(ap + 4, N)
@@ -199,55 +178,51 @@ def make_plan(const uint8_t[::1] src, const uint64_t[::1] offsets, const uint32_
             wr_u32(bxp + 20 + 5 * N, 16)
             wr_u32(bxp + 24 + 5 * N, 16)
             wr_u32(bxp + 28 + 5 * N, 0)
-        segs[0, 0] = K_AUX
-        segs[0, 1] = 0
-        segs[0, 2] = <int64_t>data_start
-        nseg = 1
         for k in range(n):
             i = order[k]
             sz = sizes[i]
             off = offsets[i]
-            # index entry for this tile
+            toff[k] = off
+            tsize[k] = <uint32_t>sz
             if version == 2:
                 wr_u64(ap + 64 + 8 * i, (pos + 4) | (sz << 40))
             else:
                 j = (i % PACKET) * PACKET + i // PACKET      # .bundlx is column-major
                 wr_u40(bxp + 16 + 5 * j, pos)
-            if release_pages and off > dropped + RELEASE_WINDOW:
-                drop_range(s + dropped, s + off - 4)
-                dropped = off - 4
-            prefixed = off >= 4 and rd_u32(s + off - 4) == sz
-            if prefixed:
-                kind = K_SOURCE
-                src_off = off - 4
-                seg_len = sz + 4
+            # extend the current run when this tile follows the previous one 4 bytes later
+            if nrun > 0 and off == run_end + 4 and run_out + 4 + sz <= max_run:
+                runs[nrun - 1, 1] += <int64_t>(4 + sz)
+                runs[nrun - 1, 3] += 1
+                run_out += 4 + sz
             else:
-                wr_u32(ap + aux_end, <uint32_t>sz)
-                kind = K_AUX
-                src_off = aux_end
-                seg_len = 4
-                aux_end += 4
-            # append, merging with the previous segment when contiguous in the same buffer
-            if segs[nseg - 1, 0] == kind and <uint64_t>(segs[nseg - 1, 1] + segs[nseg - 1, 2]) == src_off:
-                segs[nseg - 1, 2] += <int64_t>seg_len
-            else:
-                segs[nseg, 0] = kind
-                segs[nseg, 1] = <int64_t>src_off
-                segs[nseg, 2] = <int64_t>seg_len
-                nseg += 1
-            if not prefixed:
-                if segs[nseg - 1, 0] == K_SOURCE and <uint64_t>(segs[nseg - 1, 1] + segs[nseg - 1, 2]) == off:
-                    segs[nseg - 1, 2] += <int64_t>sz
-                else:
-                    segs[nseg, 0] = K_SOURCE
-                    segs[nseg, 1] = <int64_t>off
-                    segs[nseg, 2] = <int64_t>sz
-                    nseg += 1
+                runs[nrun, 0] = <int64_t>off
+                runs[nrun, 1] = <int64_t>sz
+                runs[nrun, 2] = k
+                runs[nrun, 3] = 1
+                nrun += 1
+                run_out = 4 + sz
+            run_end = off + sz
             pos += 4 + sz
-        if release_pages and length > dropped:
-            drop_range(s + dropped, s + length)
-    aux = aux[:aux_end]     # a copy: the buffer is still exported to the memoryview
-    return aux, segs_arr[:nseg].copy(), total, n, tile_bytes, (bytes(bundlx) if bundlx is not None else None)
+    return (aux, runs_arr[:nrun].copy(), toff_arr, tsize_arr, total, n, tile_bytes,
+            (bytes(bundlx) if bundlx is not None else None))
+
+
+def fill_prefixes(uint8_t[::1] buf, const uint64_t[::1] tile_offsets, const uint32_t[::1] tile_sizes,
+                  Py_ssize_t first, Py_ssize_t count):
+    """Write the size prefixes of a run into `buf`, which holds 4 spare bytes then the run's source bytes."""
+    if first < 0 or count < 0 or first + count > tile_offsets.shape[0] or tile_sizes.shape[0] != tile_offsets.shape[0]:
+        raise ValueError("run outside the plan's tiles")
+    if count == 0:
+        return
+    cdef uint64_t base = tile_offsets[first]
+    cdef uint64_t last = tile_offsets[first + count - 1] - base + tile_sizes[first + count - 1] + 4
+    if last > <uint64_t>buf.shape[0]:
+        raise ValueError(f"buffer of {buf.shape[0]} bytes is too small for a run of {last}")
+    cdef Py_ssize_t k
+    cdef uint8_t* b = &buf[0]
+    with nogil:
+        for k in range(first, first + count):
+            wr_u32(b + (tile_offsets[k] - base), tile_sizes[k])
 
 
 def pack_tiles(list tiles):

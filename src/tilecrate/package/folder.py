@@ -36,7 +36,7 @@ class FolderSink:
         path = self._path(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb", buffering=_BUFFER) as f:
-            for chunk in plan.chunks(populate=True):
+            for chunk in plan.chunks():
                 f.write(chunk)
             del chunk
         self.size += plan.size

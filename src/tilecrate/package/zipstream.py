@@ -223,7 +223,7 @@ class ZipSink:
         """A planned bundle, then its .bundlx for V1; CRCs computed while writing unless the plan has them."""
         if plan.crc is None and self.needs_crc:
             plan.compute_crc()
-        self.writer.add_stream(name, plan.size, plan.crc, plan.chunks(populate=True))
+        self.writer.add_stream(name, plan.size, plan.crc, plan.chunks())
         if plan.bundlx is not None:
             self.writer.add_stream(name[:-1] + "x", len(plan.bundlx), plan.bundlx_crc, (plan.bundlx,))
 
