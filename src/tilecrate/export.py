@@ -1,9 +1,10 @@
 """The export pipeline: request -> selection -> per-bundle plans (thread pool) -> package sink, in order.
 
-Workers open a source bundle, plan its output bundle in the compiled core and compute the CRC-32
-of the bytes to come (isal, GIL released); the calling thread writes the results in order into a
-stored zip (.tpkx / .tpk) or a cache folder. At most a few bundles are in flight, so memory does
-not grow with the package. The output is built under a temporary name next to `out` and renamed
+Workers open a source bundle and plan its output bundle in the compiled core from the index alone
+(or re-encode its JPEG tiles first); the calling thread writes the plans in order into a stored
+zip (.tpkx / .tpk) or a cache folder, reading each run of source tiles with one pread (GIL
+released) and computing the CRC-32 as the bytes pass (isal). Only a few bundles are in flight and
+one run buffer is in use, so memory does not grow with the package. The output is built under a temporary name next to `out` and renamed
 into place only when complete; an error or a cancel removes it.
 """
 from __future__ import annotations
@@ -226,7 +227,7 @@ def _write(cache: Cache, request: ExportRequest, selection: Selection, layout: L
                 data.close()
                 data = None
             else:
-                plan = plan_bundle(data, bsel.mask, layout.version, label)
+                plan = plan_bundle(data, bsel.mask, layout.version, label, cache)
             if needs_crc:
                 plan.compute_crc()
             return _Prepared(bsel, plan, data, found)
