@@ -71,6 +71,10 @@ def odd_jpegs() -> list[bytes]:
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85, **({} if mode in ("L", "CMYK") else {"subsampling": sub}))
         out.append(buf.getvalue())
+    buf = io.BytesIO()                        # progressive source: written back as baseline
+    grad = np.clip(np.add.outer(np.arange(100), np.arange(120))[..., None] + rng.normal(0, 15, (100, 120, 3)), 0, 255)
+    Image.fromarray(grad.astype(np.uint8), "RGB").save(buf, "JPEG", quality=85, progressive=True)
+    out.append(buf.getvalue())
     return out
 
 
