@@ -61,12 +61,13 @@ def run(args: argparse.Namespace) -> int:
 
     request = request_from_args(args)
     cancel = threading.Event()
-    bar = progress_bar(None, "export", unit="tile", enabled=not (args.quiet or args.json))
-    state = {"tiles": 0}
+    state = {"tiles": 0, "bar": None}
 
     def on_progress(p) -> None:
-        if bar.total != p.tiles_total:
-            bar.total = p.tiles_total
+        bar = state["bar"]
+        if bar is None:       # made once the selection is known, so it starts with its total
+            bar = state["bar"] = progress_bar(p.tiles_total, "export", unit="tile",
+                                              enabled=not (args.quiet or args.json))
         bar.update(p.tiles_done - state["tiles"])
         state["tiles"] = p.tiles_done
         bar.set_postfix_str(f"L{p.level if p.level is not None else '-'} "
@@ -81,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = export(args.cache, request, args.output, progress=on_progress, cancel=cancel, threads=args.threads)
     finally:
-        bar.close()
+        if state["bar"] is not None:
+            state["bar"].close()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     if args.json:
