@@ -282,6 +282,7 @@ def _write(cache: Cache, request: ExportRequest, selection: Selection, layout: L
             if thumb is not None:
                 sink.add_bytes(layout.thumbnail_path, thumb.result())
             size = sink.close()
+            report(None)              # the final figures: every byte written
         finally:
             if f is not None:
                 f.close()
