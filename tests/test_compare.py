@@ -122,3 +122,12 @@ def test_version_names_the_active_pil(monkeypatch):
 
     monkeypatch.setattr(metadata, "distribution", both)
     assert "pillow-simd, Pillow" in version_text() and "WARNING" in version_text()
+
+
+def test_png_cache_is_reported_unchanged(capsys):
+    """Usa.tpkx holds PNG tiles (two of them corrupt): nothing to re-encode, no metrics, valid JSON."""
+    from conftest import real_path
+
+    assert main(["compare", str(real_path("Usa.tpkx")), "--qualities", "40", "--sample", "20", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["ratio"] == 1.0 and row["psnr"] is None and row["ssim"] is None and row["note"]

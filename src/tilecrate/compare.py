@@ -56,7 +56,8 @@ class CompareResult:
     def to_json(self) -> dict:
         """JSON-ready form."""
         return {"cache": self.cache, "sourceQuality": self.source_quality, "levels": self.levels,
-                "rows": [asdict(r) for r in self.rows]}
+                "rows": [{k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+                          for k, v in asdict(r).items()} for r in self.rows]}
 
 
 def parse_qualities(text: str) -> list[int]:
@@ -224,13 +225,17 @@ def compare(cache: Cache, qualities: Sequence[int], methods: Sequence[str] = ("d
                          levels=chosen, rows=rows)
 
 
+def _num(v: float, digits: int) -> str:
+    return f"{v:.{digits}f}" if np.isfinite(v) else "-"
+
+
 def format_table(result: CompareResult) -> str:
     """The rows as an aligned text table."""
     head = ["quality", "method", "tiles", "bytes", "ratio", "tiles/s", "PSNR dB", "SSIM", "note"]
     lines = [head]
     for r in result.rows:
         lines.append([str(r.quality), r.method, str(r.tiles), f"{r.bytes:,}", f"{r.ratio:.3f}",
-                      f"{r.tiles_per_s:,.0f}" if r.tiles_per_s else "-", f"{r.psnr:.2f}", f"{r.ssim:.4f}",
+                      f"{r.tiles_per_s:,.0f}" if r.tiles_per_s else "-", _num(r.psnr, 2), _num(r.ssim, 4),
                       (f"{r.failed} undecodable kept; " if r.failed else "") + r.note])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = []
