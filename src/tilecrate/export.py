@@ -228,6 +228,10 @@ def _write(cache: Cache, request: ExportRequest, selection: Selection, layout: L
                 data = None
             else:
                 plan = plan_bundle(data, bsel.mask, layout.version, label, cache)
+                if plan.file is not None:     # the writer reads the file: the mapping is not needed
+                    plan.source = b""
+                    data.close()
+                    data = None
             if needs_crc:
                 plan.compute_crc()
             return _Prepared(bsel, plan, data, found)
