@@ -122,3 +122,16 @@ def test_ratios(request):
         "cores": CORES,
     }
     report(request, "re-encode ratios", **figures)
+
+
+def test_sizes_at_an_exact_step_ratio(tile_set, request):
+    """Quality 50 doubles every step of a quality-75 source: where the DCT path's rounding pays off."""
+    figures = {}
+    for method in ("pixel", "dct"):
+        new, status, _ = _jpeg.recode(tile_set["buf"], tile_set["offsets"], tile_set["sizes"], 50, method, 0,
+                                      allow_larger=True)
+        assert (status == _jpeg.OK).all()
+        figures[f"{method}_ratio_to_source"] = sum(map(len, new)) / tile_set["source_bytes"]
+        figures[f"{method}_psnr"] = _psnr(tile_set, new)
+    figures["dct_bytes_vs_pixel"] = figures["dct_ratio_to_source"] / figures["pixel_ratio_to_source"]
+    report(request, "re-encode at quality 50", **figures)
