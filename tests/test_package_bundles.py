@@ -247,3 +247,18 @@ def test_plans_of_arbitrary_indexes(case):
     assert len(out) == plan.size and plan.tiles == len(chosen)
     got = read_v2(out)["tiles"] if version == 2 else read_v1(out, plan.bundlx)["tiles"]
     assert got == {int(i): src[int(offsets[i]):int(offsets[i]) + int(sizes[i])] for i in chosen}
+
+
+def test_source_changed_under_the_export_is_an_error(sample_v2, tmp_path):
+    import shutil
+
+    copy = tmp_path / "c"
+    shutil.copytree(sample_v2, copy)
+    with open_cache(copy) as cache:
+        ref = cache.bundles(5)[0]
+        with cache.open_bundle(ref) as data:
+            plan = plan_bundle(data, (data.sizes > 0).reshape(128, 128), 2, cache=cache)
+        with open(plan.file, "ab") as f:          # another process rewrites the bundle meanwhile
+            f.write(b"more")
+        with pytest.raises(BundleError, match="changed"):
+            plan.to_bytes()
