@@ -325,7 +325,7 @@ cdef extern from *:
     static void tc_hook_gather(tc_ctx *x, const tc_tables *t) {
         struct jpeg_compress_struct *c = &x->c;
         struct tc_entropy_encoder *e = (struct tc_entropy_encoder *)c->entropy;
-        if (t->optimize != 2 || !c->optimize_coding || c->progressive_mode || c->restart_interval != 0 ||
+        if (t->optimize != 2 || !c->optimize_coding || c->progressive_mode || c->arith_code || c->restart_interval != 0 ||
             c->restart_in_rows != 0 || c->comps_in_scan > MAX_COMPS_IN_SCAN || e == NULL)
             return;
         memset(x->g_dc, 0, sizeof(x->g_dc));
@@ -447,7 +447,7 @@ cdef extern from *:
         }
         /* the fused walk must visit blocks exactly as the encoder will: one scan, no restart
            markers, and (interleaved) no dummy blocks at the right or bottom edge */
-        if (t->optimize == 2 && c->restart_interval == 0 && c->restart_in_rows == 0 && nc <= MAX_COMPS_IN_SCAN) {
+        if (t->optimize == 2 && !c->arith_code && !c->progressive_mode && c->restart_interval == 0 && c->restart_in_rows == 0 && nc <= MAX_COMPS_IN_SCAN) {
             fused = 1;
             if (nc > 1) {
                 JDIMENSION mcw = (JDIMENSION)(8 * d->max_h_samp_factor), mch = (JDIMENSION)(8 * d->max_v_samp_factor);
