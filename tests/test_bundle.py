@@ -275,3 +275,17 @@ def test_threads_read_concurrently(sample_v2):
         with ThreadPoolExecutor(4) as pool:
             got = list(pool.map(lambda k: c.tile(*k), keys))
     assert got == [expected[k] for k in keys]
+
+
+def test_bundle_file_ranges(tmp_path, sample_v2, real_dir):
+    from conftest import real_path
+    for path in (sample_v2, real_path("Usa.tpkx"), real_path("states_filled.tpk")):
+        with tilecrate.open_cache(path) as c:
+            for ref in c.bundles():
+                file, offset, file_size = c.bundle_file(ref)
+                assert os.path.getsize(file) == file_size
+                with open(file, "rb") as f, c.open_bundle(ref) as data:
+                    f.seek(offset)
+                    assert f.read(data.buf.nbytes) == bytes(data.buf)
+    with tilecrate.open_cache(real_path("sample_v2.tpkx")) as c:       # deflated entries: memory only
+        assert all(c.bundle_file(ref) is None for ref in c.bundles())

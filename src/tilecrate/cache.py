@@ -147,6 +147,12 @@ class Cache:
         loc = self._loc(ref)
         return loc.bundle if self.kind == "folder" else f"{self.path}!{loc.bundle}"
 
+    def bundle_file(self, ref: BundleRef) -> tuple[str, int, int] | None:
+        """(file, offset of the bundle's first byte in it, the file's size) for reading the bundle with
+        plain reads; None where the bytes exist only in memory (a deflated package entry)."""
+        loc = self._loc(ref)
+        return self._store.file_range(loc.bundle, loc.size)
+
     def _loc(self, ref: BundleRef) -> _Loc:
         try:
             return self._bundles[ref.level][(ref.row0, ref.col0)]
@@ -263,6 +269,9 @@ class _Store:
     def read_small(self, name: str) -> bytes:
         raise NotImplementedError
 
+    def file_range(self, name: str, size: int) -> tuple[str, int, int] | None:
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -279,6 +288,9 @@ class _FolderStore(_Store):
                 raise BundleError(f"{label}: the file is empty")
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return memoryview(mm), mm
+
+    def file_range(self, name: str, size: int) -> tuple[str, int, int] | None:
+        return name, 0, size
 
     def read_small(self, name: str) -> bytes:
         try:
@@ -312,6 +324,12 @@ class _ZipStore(_Store):
         if start + info.compress_size > self.file_size:
             raise BundleError(f"{self.path}!{name}: entry runs past the end of the package (truncated download?)")
         return start, info.compress_size
+
+    def file_range(self, name: str, size: int) -> tuple[str, int, int] | None:
+        if self.infos[name].compress_type != zipfile.ZIP_STORED:
+            return None
+        start, _ = self.data_range(name)
+        return self.path, start, self.file_size
 
     def map(self, name: str, label: str) -> tuple[memoryview, object]:
         info = self.infos[name]

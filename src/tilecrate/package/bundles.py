@@ -111,18 +111,8 @@ class BundlePlan:
 
 
 def source_file(cache: Cache, data: BundleData) -> tuple[str, int, int] | None:
-    """(path, offset, file size) of the file a mapped bundle's bytes come from; None for inflated entries."""
-    mm, offset = _mapping(data.buf)
-    if mm is None:
-        return None
-    if cache.kind == "folder":
-        key, prefix = cache.bundle_key(data.ref)[0], f"{cache.path}::"
-        if not key.startswith(prefix):
-            return None
-        path = key[len(prefix):]
-    else:
-        path = cache.path                       # a stored entry: a byte range of the package's mapping
-    return path, offset, len(mm)
+    """(path, offset, file size) of the file a bundle's bytes come from; None for inflated entries."""
+    return cache.bundle_file(data.ref)
 
 
 def _mask_u8(mask: np.ndarray) -> np.ndarray:
