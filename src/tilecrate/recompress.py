@@ -8,7 +8,7 @@ truncated data) keeps its original bytes and the export records a warning naming
 a re-encoded tile that came out no smaller than the original is also kept as it was.
 
 Method: "auto" means DCT-domain requantization ("dct"). Measured on 256 px tiles of the large
-sample (README, "Re-encoding"): it is about 2x faster than the pixel round trip per core, writes
+sample (README, "Re-encoding"): it is about 1.5x faster than the pixel round trip per core, writes
 the same bytes to within 0.1 % and keeps PSNR equal or slightly higher, because it skips the
 IDCT/FDCT and resampling rounding and never refines a quantization step. The pixel path stays
 available ("pixel") for sources the DCT path cannot improve on, and for comparison.
