@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from tilecrate.cache import open_cache
 from tilecrate.cli import emit_json, human_bytes
-from tilecrate.errors import RequestError
 from tilecrate.estimate import estimate
 from tilecrate.presence import PresenceStore
-from tilecrate.request import ExportRequest
+from tilecrate.commands.requestargs import add_request_arguments, request_from_args
 
 NAME = "estimate"
 HELP = "count the tiles an export would take and the exact size of the package it would write"
@@ -18,48 +16,9 @@ HELP = "count the tiles an export would take and the exact size of the package i
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `tilecrate estimate` (the exportTiles vocabulary)."""
     p.add_argument("cache", help="cache folder, .tpk, .tpkx or .vtpk")
-    p.add_argument("--levels", required=True,
-                   help="levels, e.g. 0-5 or '1-4, 7-9' (scales or resolutions with --export-by)")
-    p.add_argument("--export-by", default="LevelID", help="LevelID (default), Scale or Resolution")
-    p.add_argument("--extent", help="xmin,ymin,xmax,ymax, Envelope JSON or DEFAULT (the full extent)")
-    p.add_argument("--aoi", help="area of interest: a file or inline JSON (Esri FeatureSet/Polygon/Envelope or "
-                                 "GeoJSON); supersedes --extent")
-    p.add_argument("--aoi-sr", help="spatial reference of --aoi/--extent when they carry none "
-                                    "(e.g. 4326; default: the cache's for Esri JSON and extents, 4326 for GeoJSON)")
-    p.add_argument("--storage-format", help="CompactV2 (.tpkx) or Compact (.tpk); default: the cache's own")
-    p.add_argument("--tile-package", action=argparse.BooleanOptionalAction, default=True,
-                   help="estimate a tile package (default) or, with --no-tile-package, a cache folder")
+    add_request_arguments(p)
     p.add_argument("--presence-store", metavar="DIR",
                    help="an LMDB folder remembering which tiles each bundle holds (faster repeated estimates)")
-
-
-def read_aoi(value: str | None) -> str | None:
-    """The AOI argument as JSON text: inline JSON as is, otherwise the contents of the named file."""
-    if value is None:
-        return None
-    text = value.strip()
-    if text.startswith("{"):
-        return text
-    if not os.path.isfile(value):
-        raise RequestError(f"--aoi {value!r} is neither JSON nor a readable file")
-    try:
-        with open(value, encoding="utf-8-sig") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise RequestError(f"cannot read --aoi {value}: {e}") from None
-
-
-def request_from_args(args: argparse.Namespace) -> ExportRequest:
-    """The ExportRequest the shared options describe."""
-    return ExportRequest(
-        levels=args.levels,
-        export_by=args.export_by,
-        extent=args.extent,
-        area_of_interest=read_aoi(args.aoi),
-        aoi_sr=args.aoi_sr,
-        tile_package=args.tile_package,
-        storage_format=args.storage_format,
-    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,56 @@
+"""The exportTiles vocabulary shared by `tilecrate estimate` and `tilecrate export`."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from tilecrate.errors import RequestError
+from tilecrate.request import ExportRequest
+
+
+def add_request_arguments(p: argparse.ArgumentParser) -> None:
+    """--levels, --export-by, --extent, --aoi, --aoi-sr, --storage-format, --tile-package."""
+    p.add_argument("--levels", required=True,
+                   help="levels, e.g. 0-5 or '1-4, 7-9' (scales or resolutions with --export-by)")
+    p.add_argument("--export-by", default="LevelID", help="LevelID (default), Scale or Resolution")
+    p.add_argument("--extent", help="xmin,ymin,xmax,ymax, Envelope JSON or DEFAULT (the full extent)")
+    p.add_argument("--aoi", help="area of interest: a file or inline JSON (Esri FeatureSet/Polygon/Envelope or "
+                                 "GeoJSON); supersedes --extent")
+    p.add_argument("--aoi-sr", help="spatial reference of --aoi/--extent when they carry none "
+                                    "(e.g. 4326; default: the cache's for Esri JSON and extents, 4326 for GeoJSON)")
+    p.add_argument("--storage-format",
+                   help="CompactV2 (.tpkx) or Compact (.tpk); default: from the output's extension if there "
+                        "is one, else the cache's own")
+    p.add_argument("--tile-package", action=argparse.BooleanOptionalAction, default=True,
+                   help="a tile package (default) or, with --no-tile-package, a cache folder "
+                        "(conf.xml, conf.cdi, _alllayers)")
+
+
+def read_aoi(value: str | None) -> str | None:
+    """The AOI argument as JSON text: inline JSON as is, otherwise the contents of the named file."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.startswith("{"):
+        return text
+    if not os.path.isfile(value):
+        raise RequestError(f"--aoi {value!r} is neither JSON nor a readable file")
+    try:
+        with open(value, encoding="utf-8-sig") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RequestError(f"cannot read --aoi {value}: {e}") from None
+
+
+def request_from_args(args: argparse.Namespace, **more) -> ExportRequest:
+    """The ExportRequest the shared options describe (plus any further fields given)."""
+    return ExportRequest(
+        levels=args.levels,
+        export_by=args.export_by,
+        extent=args.extent,
+        area_of_interest=read_aoi(args.aoi),
+        aoi_sr=args.aoi_sr,
+        tile_package=args.tile_package,
+        storage_format=args.storage_format,
+        **more,
+    )
