@@ -79,7 +79,8 @@ def _selection_extent(cache: Cache, selection) -> Extent | None:
     for b in finest.bundles:
         if b.tiles <= 0:
             continue
-        rows, cols = np.nonzero(np.asarray(b.mask).reshape(PACKET, PACKET))
+        m = np.asarray(b.mask).reshape(PACKET, PACKET)
+        rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
         if rows.size:
             rmin, rmax = min(rmin, b.ref.row0 + int(rows.min())), max(rmax, b.ref.row0 + int(rows.max()))
             cmin, cmax = min(cmin, b.ref.col0 + int(cols.min())), max(cmax, b.ref.col0 + int(cols.max()))
