@@ -74,7 +74,7 @@ def test_runner_export_estimate_limit_and_expiry(runner):
     job = wait(runner, runner.submit(EXPORT, "S", {"levels": "0-2", "tilePackage": "true", "f": "json"}).id)
     assert job.status == SUCCEEDED, job.messages
     assert "f" not in job.params
-    path = os.path.join(runner.job_dir(job), "S.tpkx")      # the sample is V2: its format is kept
+    path = os.path.join(runner.job_dir(job), "S.tpk")       # no storageFormatType: ArcGIS's default, Compact
     assert os.path.getsize(path) == job.result["size"] and job.result["folder"] == f"S_MapServer/{job.id}"
     est = wait(runner, runner.submit(ESTIMATE, "S", {"levels": "0-2", "tilePackage": "true"}).id)
     assert est.result["value"]["totalSize"] == job.result["size"]

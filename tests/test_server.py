@@ -135,14 +135,9 @@ def test_export_tpkx_like_the_python_api(server, sample_v2, tmp_path):
 def test_python_api_default_recompression(server, sample_v2, tmp_path):
     """export_tiles() sends optimizeTilesForSize=True&compressionQuality=75 unless told otherwise."""
     def tiles_of(path):
-        out = {}
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                if info.filename.endswith(".bundle"):
-                    parts = info.filename.split("/")
-                    lv, (r0, c0) = parse_level_dir(parts[-2]), parse_bundle_name(parts[-1])
-                    out.update({(lv, r0 + i // 128, c0 + i % 128): d for i, d in read_v2_bundle(zf.read(info)).items()})
-        return out
+        assert path.name.endswith(".tpk")     # no storageFormat sent: ArcGIS's default, Compact
+        with open_cache(path) as pkg:
+            return {(lv, r, c): t for lv, r, c, t in pkg.iter_tiles()}
 
     want = source_tiles(sample_v2, {4, 5})
     base = {"tilePackage": "True", "exportBy": "LevelID", "levels": "4-5", "optimizeTilesForSize": "True"}

@@ -220,14 +220,20 @@ class ExportRequest:
         extent = get("exportExtent", "extent")
         if isinstance(extent, str) and extent.strip().upper() == "DEFAULT":
             extent = None
+        tile_package = parse_bool(get("tilePackage"), "tilePackage", False)
+        storage_format = get("storageFormatType", "storageFormat", "esriMapCacheStorageMode")
+        if tile_package and storage_format is None:
+            # ArcGIS's Export Cache task defaults to Compact (FORMATS.md §1.2), and a client that
+            # does not name a format predates .tpkx (storageFormatType came with 10.7): give it a .tpk
+            storage_format = COMPACT_V1
         return cls(
             levels=levels,
             export_by=get("exportBy"),
             extent=extent,
             area_of_interest=get("areaOfInterest", "polygon"),
             aoi_sr=get("aoiSR", "inSR"),
-            tile_package=parse_bool(get("tilePackage"), "tilePackage", False),
-            storage_format=get("storageFormatType", "storageFormat", "esriMapCacheStorageMode"),
+            tile_package=tile_package,
+            storage_format=storage_format,
             optimize_tiles_for_size=parse_bool(get("optimizeTilesForSize"), "optimizeTilesForSize", False),
             compression_quality=get("compressionQuality"),
         )

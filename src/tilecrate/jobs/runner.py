@@ -292,7 +292,8 @@ class JobRunner:
         per_level = {ls.level: ls.tiles for ls in selection.levels}
         self._note(job.id, f"Exporting {selection.tiles} tiles from {len(per_level)} level(s) "
                            f"({', '.join(str(lv) for lv in per_level)})")
-        # without storageFormatType the package keeps the source's format, as estimate() assumes
+        # ExportRequest.from_params made a package without storageFormatType Compact; a cache
+        # folder without one keeps the source's format (as estimate() assumes)
         fmt = request.storage_format or svc.cache.storage_format
         out_dir = self.job_dir(job)
         os.makedirs(out_dir, exist_ok=True)
