@@ -43,7 +43,7 @@ class SampleSpec:
 
 
 def large_spec(version: int = 2, tile_format: str = "JPEG") -> SampleSpec:
-    """The benchmark preset: levels 0-10 over a wide extent, ~128 000 tiles, about 1.4 GB."""
+    """The benchmark preset: levels 0-10 over a wide extent, ~128 000 tiles, about 1.8 GB."""
     return SampleSpec(levels=tuple(range(0, 11)), tile_format=tile_format, version=version, extent=LARGE_EXTENT)
 
 

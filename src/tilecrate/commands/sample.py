@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Compact (V1: .bundle + .bundlx) or CompactV2 (default)")
     p.add_argument("--quality", type=int, default=75, help="JPEG quality (default 75)")
     p.add_argument("--large", action="store_true",
-                   help="benchmark preset: levels 0-10, ~128 000 tiles, about 1.4 GB")
+                   help="benchmark preset: levels 0-10, ~128 000 tiles, about 1.8 GB")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes to render with")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
