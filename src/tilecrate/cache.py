@@ -16,7 +16,7 @@ import xml.etree.ElementTree as ET
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -213,8 +213,8 @@ class Cache:
                     off, size = int(data.offsets[i]), int(data.sizes[i])
                     yield ref.level, ref.row0 + i // PACKET, ref.col0 + i % PACKET, bytes(data.buf[off:off + size])
 
-    def level_summary(self) -> dict[int, dict]:
-        """Per level: bundles, tiles and tile bytes, from the indexes."""
+    def level_summary(self, on_bundle: Callable[[BundleRef], None] | None = None) -> dict[int, dict]:
+        """Per level: bundles, tiles and tile bytes, from the indexes (`on_bundle` after each one)."""
         out = {}
         for lv in self.levels:
             tiles = nbytes = 0
@@ -223,6 +223,8 @@ class Cache:
                 _, sizes = self.index(ref)
                 tiles += int(np.count_nonzero(sizes))
                 nbytes += int(sizes.sum(dtype=np.uint64))
+                if on_bundle is not None:
+                    on_bundle(ref)
             out[lv] = {"bundles": len(refs), "tiles": tiles, "bytes": nbytes}
         return out
 

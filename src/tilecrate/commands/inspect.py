@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from tilecrate.cache import open_cache
-from tilecrate.cli import emit_json, human_bytes
+from tilecrate.cli import emit_json, human_bytes, progress_bar
 
 NAME = "inspect"
 HELP = "show a cache's or package's scheme, levels, bundles, tiles and bytes"
@@ -15,10 +15,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="cache folder, .tpk, .tpkx or .vtpk")
 
 
-def describe(path: str) -> dict:
-    """The inspect report as a JSON-ready dict."""
+def describe(path: str, show_progress: bool = False) -> dict:
+    """The inspect report as a JSON-ready dict (a progress bar over bundles when asked)."""
     with open_cache(path) as cache:
-        levels = cache.level_summary()
+        with progress_bar(len(cache.bundles()), "inspect", unit="bundle", enabled=show_progress) as bar:
+            levels = cache.level_summary(on_bundle=lambda ref: bar.update(1))
         scheme = cache.scheme
         extent = cache.full_extent
         return {
@@ -47,7 +48,7 @@ def describe(path: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """Print the report (table, or JSON with --json)."""
-    info = describe(args.path)
+    info = describe(args.path, show_progress=not (args.quiet or args.json))
     if args.json:
         emit_json(info)
         return 0
