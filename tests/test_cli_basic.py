@@ -52,3 +52,28 @@ def test_errors_are_one_line(tmp_path):
 def test_version_names_the_pil():
     r = run("--version")
     assert r.returncode == 0 and "tilecrate" in r.stdout and "PIL" in r.stdout
+
+
+def test_serve_announces_itself_as_json_once_listening(tmp_path):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tilecrate.cli", "serve", "--demo", "--json", "--quiet",
+                             "--port", str(port), "--data-dir", str(tmp_path / "d")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not lines or lines[-1] != "}\n":
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            lines.append(line)
+        info = json.loads("".join(lines))
+        assert info["services"] == ["SampleWorld"] and info["url"].endswith(f":{port}/arcgis/rest/services")
+        with urllib.request.urlopen(info["url"] + "?f=json", timeout=10) as r:
+            assert [s["name"] for s in json.load(r)["services"]] == ["SampleWorld"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 
+from tilecrate.cli import emit_json
 from tilecrate.errors import TilecrateError
 
 NAME = "serve"
@@ -81,11 +82,18 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.makedirs(cfg.data_dir, exist_ok=True)
     app = create_app(cfg)
-    names = ", ".join(cfg.services)
-    print(f"tilecrate: serving {names} on http://{cfg.host}:{cfg.port}/arcgis/rest/services "
-          f"(data in {cfg.data_dir})", file=sys.stderr, flush=True)
+    url = f"http://{cfg.host}:{cfg.port}/arcgis/rest/services"
+
+    def announce(_aiohttp_banner: str) -> None:
+        # run_app calls this once the socket is bound, so nothing is announced for a failed start
+        if args.json:
+            emit_json({"url": url, "services": list(cfg.services), "dataDir": cfg.data_dir})
+            sys.stdout.flush()
+        print(f"tilecrate: serving {', '.join(cfg.services)} on {url} (data in {cfg.data_dir})",
+              file=sys.stderr, flush=True)
+
     try:
-        web.run_app(app, host=cfg.host, port=cfg.port, print=None, access_log=None,
+        web.run_app(app, host=cfg.host, port=cfg.port, print=announce, access_log=None,
                     handle_signals=True, shutdown_timeout=5)
     except OSError as e:
         raise TilecrateError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
