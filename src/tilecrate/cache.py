@@ -14,6 +14,7 @@ import struct
 import threading
 import xml.etree.ElementTree as ET
 import zipfile
+from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple
@@ -262,20 +263,23 @@ class Cache:
 # storage backends
 
 
-class _Store:
-    """Byte access to the files of a cache."""
+class _Store(ABC):
+    """Byte access to the files of a cache: a folder, or the entries of a package."""
 
+    @abstractmethod
     def map(self, name: str, label: str) -> tuple[memoryview, object]:
-        raise NotImplementedError
+        """A view of a bundle's bytes and the object to close when done with it (or None)."""
 
+    @abstractmethod
     def read_small(self, name: str) -> bytes:
-        raise NotImplementedError
+        """The whole content of a small file (metadata, .bundlx)."""
 
+    @abstractmethod
     def file_range(self, name: str, size: int) -> tuple[str, int, int] | None:
-        raise NotImplementedError
+        """(file, offset, file size) holding a bundle's bytes on disk, or None if only in memory."""
 
     def close(self) -> None:
-        pass
+        """Release files and mappings."""
 
 
 class _FolderStore(_Store):
