@@ -289,3 +289,32 @@ def test_bundle_file_ranges(tmp_path, sample_v2, real_dir):
                     assert f.read(data.buf.nbytes) == bytes(data.buf)
     with tilecrate.open_cache(real_path("sample_v2.tpkx")) as c:       # deflated entries: memory only
         assert all(c.bundle_file(ref) is None for ref in c.bundles())
+
+
+def test_bundle_truncated_while_open(tmp_path, sample_v2):
+    """A bundle rewritten under a running server: an error for that tile, never SIGBUS."""
+    cache_dir = tmp_path / "c"
+    shutil.copytree(sample_v2, cache_dir)
+    victim = cache_dir / "_alllayers" / "L05" / "R0000C0000.bundle"
+    with tilecrate.open_cache(cache_dir) as c:
+        ref = tilecrate.BundleRef(5, 0, 0)
+        offsets, sizes = c.index(ref)
+        last = int(np.argmax(offsets * (sizes > 0)))
+        row, col = last // 128, last % 128
+        assert c.tile(5, row, col) is not None
+        os.truncate(victim, int(offsets[last]) + 10)
+        with pytest.raises(BundleError, match="changed after its index was read"):
+            c.tile(5, row, col)
+
+
+def test_parse_v2_index_from_the_head_alone():
+    data = _v2({3: b"abc", 9000: b"z" * 70})
+    head = data[:_bundle.V2_DATA_START]
+    offsets, sizes = _bundle.parse_v2_index(head, len(data), "b")
+    assert data[offsets[9000]:offsets[9000] + sizes[9000]] == b"z" * 70
+    with pytest.raises(BundleError, match="past the end"):
+        _bundle.parse_v2_index(head, len(data) - 1, "b")
+    with pytest.raises(BundleError, match="only 100 bytes of the header and index"):
+        _bundle.parse_v2_index(head[:100], len(data), "b")
+    with pytest.raises(BundleError, match="read from a file of"):
+        _bundle.parse_v2_index(data, 10, "b")

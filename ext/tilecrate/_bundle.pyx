@@ -66,10 +66,19 @@ def v2_header_problem(const uint8_t[::1] buf):
 
 def parse_v2(const uint8_t[::1] buf, str name="bundle"):
     """Parse a compact V2 bundle (the whole file's bytes) into (offsets, sizes), row-major."""
+    return parse_v2_index(buf, <uint64_t>buf.shape[0], name)
+
+
+def parse_v2_index(const uint8_t[::1] buf, uint64_t length, str name="bundle"):
+    """Parse a V2 bundle's header and index (its first bytes, at least 131 136 of them) into
+    (offsets, sizes), checking every entry against ``length``, the size of the whole file."""
+    if <uint64_t>buf.shape[0] > length:
+        raise BundleError(f"{name}: {buf.shape[0]} bytes read from a file of {length}")
     problem = v2_header_problem(buf)
     if problem is not None:
+        if buf.shape[0] < V2_DATA_START and length >= V2_DATA_START:
+            problem = f"only {buf.shape[0]} bytes of the header and index could be read"
         raise BundleError(f"{name}: {problem}")
-    cdef uint64_t length = <uint64_t>buf.shape[0]
     offsets_arr = np.zeros(N, dtype=np.uint64)
     sizes_arr = np.zeros(N, dtype=np.uint32)
     cdef uint64_t[::1] offsets = offsets_arr

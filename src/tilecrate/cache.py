@@ -169,15 +169,33 @@ class Cache:
         return _bundle.parse_v2(buf, label)
 
     def index(self, ref: BundleRef) -> tuple[np.ndarray, np.ndarray]:
-        """(offsets, sizes) of a bundle, row-major 16 384 entries; kept in a small LRU."""
+        """(offsets, sizes) of a bundle, row-major 16 384 entries; kept in a small LRU.
+
+        A V2 index is read with one plain read of the header and index (no mapping: cheaper, and a
+        file truncated under a running server gives an error, not SIGBUS); V1 needs the tiles'
+        size prefixes, so the bundle is mapped.
+        """
         with self._lock:
             hit = self._index_cache.get(ref)
             if hit is not None:
                 self._index_cache.move_to_end(ref)
                 return hit
-        with self.open_bundle(ref) as data:
-            result = (data.offsets, data.sizes)
+        loc = self._loc(ref)
+        if loc.bundlx is not None:
+            with self.open_bundle(ref) as data:
+                return data.offsets, data.sizes
+        label = self.bundle_label(ref)
+        head, file_size = self._store.head(loc.bundle, _bundle.V2_DATA_START, label)
+        result = _bundle.parse_v2_index(head, file_size, label)
+        self._remember(ref, result)
         return result
+
+    def _remember(self, ref: BundleRef, index: tuple[np.ndarray, np.ndarray]) -> None:
+        with self._lock:
+            self._index_cache[ref] = index
+            self._index_cache.move_to_end(ref)
+            while len(self._index_cache) > _INDEX_CACHE_SIZE:
+                self._index_cache.popitem(last=False)
 
     def open_bundle(self, ref: BundleRef) -> BundleData:
         """Map a bundle and parse its index; close the result when done with the bytes."""
@@ -190,11 +208,7 @@ class Cache:
             if closer is not None:
                 closer.close()
             raise
-        with self._lock:
-            self._index_cache[ref] = (offsets, sizes)
-            self._index_cache.move_to_end(ref)
-            while len(self._index_cache) > _INDEX_CACHE_SIZE:
-                self._index_cache.popitem(last=False)
+        self._remember(ref, (offsets, sizes))
         return BundleData(ref, buf, offsets, sizes, closer)
 
     def tile(self, level: int, row: int, col: int) -> bytes | None:
@@ -203,8 +217,12 @@ class Cache:
         ref = BundleRef(level, r0, c0)
         if row < 0 or col < 0 or not self.has_bundle(ref):
             return None
-        with self.open_bundle(ref) as data:
-            return data.tile(row, col)
+        offsets, sizes = self.index(ref)
+        i = (row - r0) * PACKET + (col - c0)
+        size = int(sizes[i])
+        if size == 0:
+            return None
+        return self._store.read_at(self._loc(ref).bundle, int(offsets[i]), size, self.bundle_label(ref))
 
     def iter_tiles(self, level: int | None = None) -> Iterator[tuple[int, int, int, bytes]]:
         """(level, row, col, bytes) of every tile, bundle by bundle, row-major inside bundles."""
@@ -278,6 +296,14 @@ class _Store(ABC):
     def file_range(self, name: str, size: int) -> tuple[str, int, int] | None:
         """(file, offset, file size) holding a bundle's bytes on disk, or None if only in memory."""
 
+    @abstractmethod
+    def head(self, name: str, length: int, label: str) -> tuple[bytes, int]:
+        """(up to `length` first bytes of a bundle, the bundle's whole size)."""
+
+    @abstractmethod
+    def read_at(self, name: str, offset: int, length: int, label: str) -> bytes:
+        """`length` bytes of a bundle from `offset` (BundleError if the bundle is shorter now)."""
+
     def close(self) -> None:
         """Release files and mappings."""
 
@@ -297,6 +323,37 @@ class _FolderStore(_Store):
 
     def file_range(self, name: str, size: int) -> tuple[str, int, int] | None:
         return name, 0, size
+
+    def _open(self, name: str, label: str) -> int:
+        try:
+            return os.open(name, os.O_RDONLY)
+        except OSError as e:
+            raise CacheError(f"{label}: cannot open ({e.strerror})") from None
+
+    def head(self, name: str, length: int, label: str) -> tuple[bytes, int]:
+        fd = self._open(name, label)
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                raise BundleError(f"{label}: the file is empty")
+            return os.pread(fd, min(length, size), 0), size
+        except OSError as e:
+            raise CacheError(f"{label}: cannot read ({e.strerror})") from None
+        finally:
+            os.close(fd)
+
+    def read_at(self, name: str, offset: int, length: int, label: str) -> bytes:
+        fd = self._open(name, label)
+        try:
+            data = os.pread(fd, length, offset)
+        except OSError as e:
+            raise CacheError(f"{label}: cannot read ({e.strerror})") from None
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            raise BundleError(f"{label}: the file ends before the tile at offset {offset} "
+                              f"({length} bytes); it changed after its index was read")
+        return data
 
     def read_small(self, name: str) -> bytes:
         try:
@@ -336,6 +393,22 @@ class _ZipStore(_Store):
             return None
         start, _ = self.data_range(name)
         return self.path, start, self.file_size
+
+    def head(self, name: str, length: int, label: str) -> tuple[bytes, int]:
+        view, _ = self.map(name, label)
+        try:
+            return bytes(view[:length]), view.nbytes
+        finally:
+            view.release()
+
+    def read_at(self, name: str, offset: int, length: int, label: str) -> bytes:
+        view, _ = self.map(name, label)
+        try:
+            if offset + length > view.nbytes:
+                raise BundleError(f"{label}: the tile at offset {offset} ({length} bytes) is past the entry's end")
+            return bytes(view[offset:offset + length])
+        finally:
+            view.release()
 
     def map(self, name: str, label: str) -> tuple[memoryview, object]:
         info = self.infos[name]
