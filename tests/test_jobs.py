@@ -169,3 +169,23 @@ maxExportTilesCount = 7
         (tmp_path / "b.toml").write_text(text)
         with pytest.raises(ConfigError, match=words):
             load_config(str(tmp_path / "b.toml"))
+
+
+def test_cancel_stops_a_running_estimate_promptly(runner, monkeypatch):
+    """estimateExportTilesSize reads every selected bundle index: a cancel must stop it within about a second."""
+    import tilecrate.selection as selection
+    real = selection.select_level
+    started = threading.Event()
+
+    def slow_level(*a, **kw):              # a level of a big cache: one second of index reads
+        started.set()
+        time.sleep(1.0)
+        return real(*a, **kw)
+    monkeypatch.setattr(selection, "select_level", slow_level)
+    job = runner.submit(ESTIMATE, "S", {"levels": "0-5", "tilePackage": "true"})
+    assert started.wait(10)
+    t0 = time.monotonic()
+    runner.cancel(job.id)
+    done = wait(runner, job.id)
+    assert done.status == CANCELLED, done.messages
+    assert time.monotonic() - t0 < 2.0     # the level being read, not all six

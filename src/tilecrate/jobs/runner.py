@@ -268,8 +268,8 @@ class JobRunner:
             from tilecrate.estimate import estimate
         except ImportError as e:
             raise JobError(f"this tilecrate build cannot estimate exports yet ({e}).") from None
-        est = estimate(svc.cache, request)
-        if cancel.is_set():  # estimate() cannot be interrupted; honour a cancel that came meanwhile
+        est = estimate(svc.cache, request, cancel=cancel)  # select() checks the cancel per bundle
+        if cancel.is_set():  # a cancel that came after the selection
             raise Cancelled("cancelled")
         value = {"totalSize": int(est.total_size), "totalTilesToExport": int(est.total_tiles)}
         notes = [f"Level {lv}: {v.get('tiles', 0)} tiles, {v.get('size', 0)} bytes" for lv, v in sorted(est.levels.items())]
