@@ -269,3 +269,36 @@ def test_arguments_are_validated(tiles):
         _jpeg.recode(buf, offs, sizes[:2], 50, "dct")
     new, status, errors = _jpeg.recode(b"", np.zeros(0, np.uint64), np.zeros(0, np.uint32), 50, "dct")
     assert new == [] and len(status) == 0 and errors == {}
+
+
+ERROR_AFTER_OUTPUT = r"""
+import io, sys
+import numpy as np
+from PIL import Image
+from tilecrate import _jpeg
+rng = np.random.default_rng(1)
+buf = io.BytesIO()
+Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(
+    buf, "JPEG", quality=90, icc_profile=b"\0" * 20000)
+bad = buf.getvalue()
+bad = bad[:len(bad) // 2]                     # truncated in the entropy data
+for method in ("pixel", "dct"):
+    for optimize in (0, 1, 2):
+        for _ in range(3):
+            new, status, errors = _jpeg.recode(bad, np.zeros(1, np.uint64), np.array([len(bad)], np.uint32),
+                                               50, method, 1, optimize=optimize)
+            assert status[0] == _jpeg.FAILED and new == [None] and errors[0], (method, optimize, errors)
+print("ok")
+"""
+
+
+def test_error_after_the_encoder_has_grown_its_buffer_is_clean():
+    """A tile that fails once the encoder has written more than its first 4 KiB (here a 20 kB ICC
+    profile, then truncated scan data) must not double-free the output buffer: libjpeg's
+    jpeg_mem_dest frees the caller's pointer when it grows and reports the new one only at the end.
+    Run in a child process: heap corruption would abort the test run."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", ERROR_AFTER_OUTPUT], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])

@@ -32,6 +32,7 @@ tc_init_zigzag()
 cdef extern from *:
     """
     #include <stdio.h>
+    #include <stddef.h>
     #include <stdlib.h>
     #include <string.h>
     #include <setjmp.h>
@@ -67,8 +68,10 @@ cdef extern from *:
         tc_err err;
         tc_progress prog;
         int ready;
-        unsigned char *outbuf;      /* owned by libjpeg's mem dest until handed over */
+        struct jpeg_destination_mgr dst;   /* our memory destination: see tc_dst_init */
+        unsigned char *outbuf;      /* the live output buffer (freed on error, handed over on success) */
         unsigned long outsize;
+        size_t outcap;
         unsigned char *rows;        /* pixel path scanline buffer */
         size_t rows_cap;
         long g_dc[NUM_HUFF_TBLS][257], g_ac[NUM_HUFF_TBLS][257];   /* pixel path symbol counts */
@@ -133,6 +136,51 @@ cdef extern from *:
         }
     }
 
+    /* A memory destination that always knows its live buffer. libjpeg's jpeg_mem_dest frees the
+       buffer it gave the caller when it grows it and reports the new one only when compression
+       finishes, so after an error mid-way the caller holds a freed pointer (a double free) and
+       the live buffer leaks. */
+    #define TC_OUT_START 4096
+    static tc_ctx *tc_ctx_of_dest(j_compress_ptr c) {
+        return (tc_ctx *)((char *)c->dest - offsetof(tc_ctx, dst));
+    }
+
+    static void tc_dst_init(j_compress_ptr c) {
+        tc_ctx *x = tc_ctx_of_dest(c);
+        free(x->outbuf);
+        x->outsize = 0;
+        x->outcap = TC_OUT_START;
+        x->outbuf = (unsigned char *)malloc(x->outcap);
+        if (x->outbuf == NULL) {
+            x->outcap = 0;
+            snprintf(x->err.msg, TC_MSG, "out of memory");
+            longjmp(x->err.jb, 1);
+        }
+        c->dest->next_output_byte = x->outbuf;
+        c->dest->free_in_buffer = x->outcap;
+    }
+
+    /* called when the buffer is full: double it, keep what is written */
+    static boolean tc_dst_empty(j_compress_ptr c) {
+        tc_ctx *x = tc_ctx_of_dest(c);
+        size_t cap = x->outcap * 2;
+        unsigned char *nb = (unsigned char *)realloc(x->outbuf, cap);
+        if (nb == NULL) {
+            snprintf(x->err.msg, TC_MSG, "out of memory");
+            longjmp(x->err.jb, 1);
+        }
+        x->outbuf = nb;
+        c->dest->next_output_byte = nb + x->outcap;
+        c->dest->free_in_buffer = cap - x->outcap;
+        x->outcap = cap;
+        return TRUE;
+    }
+
+    static void tc_dst_term(j_compress_ptr c) {
+        tc_ctx *x = tc_ctx_of_dest(c);
+        x->outsize = (unsigned long)(x->outcap - c->dest->free_in_buffer);
+    }
+
     static int tc_ctx_init(tc_ctx *x) {
         memset(x, 0, sizeof(*x));
         x->d.err = jpeg_std_error(&x->err.pub);
@@ -143,6 +191,10 @@ cdef extern from *:
         jpeg_create_decompress(&x->d);
         x->c.err = &x->err.pub;
         jpeg_create_compress(&x->c);
+        x->dst.init_destination = tc_dst_init;
+        x->dst.empty_output_buffer = tc_dst_empty;
+        x->dst.term_destination = tc_dst_term;
+        x->c.dest = &x->dst;
         x->prog.pub.progress_monitor = tc_progress_monitor;
         x->prog.d = &x->d;
         x->d.progress = &x->prog.pub;
@@ -381,8 +433,6 @@ cdef extern from *:
             c->X_density = d->X_density;
             c->Y_density = d->Y_density;
         }
-        x->outbuf = NULL; x->outsize = 0;
-        jpeg_mem_dest(c, &x->outbuf, &x->outsize);
         jpeg_start_compress(c, TRUE);
         tc_hook_gather(x, t);
         tc_copy_icc(x);
@@ -428,7 +478,6 @@ cdef extern from *:
                 rq[ci].den[k] = (double)steps[ci][k] * 256.0;
             }
         }
-        x->outbuf = NULL; x->outsize = 0;
         jpeg_copy_critical_parameters(d, c);
         /* one table slot per distinct step table (components may have shared a source table) */
         for (ci = 0; ci < nc; ci++) {
@@ -523,7 +572,6 @@ cdef extern from *:
             }
             c->optimize_coding = t->optimize ? TRUE : FALSE;
         }
-        jpeg_mem_dest(c, &x->outbuf, &x->outsize);
         jpeg_write_coefficients(c, coefs);
         tc_copy_icc(x);
         jpeg_finish_compress(c);
@@ -567,7 +615,7 @@ cdef extern from *:
             return TC_NOT_SMALLER;
         }
         *out = x->outbuf; *outlen = x->outsize;
-        x->outbuf = NULL;
+        x->outbuf = NULL; x->outcap = 0;
         return TC_OK;
     }
     """
