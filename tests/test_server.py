@@ -305,6 +305,14 @@ def test_bad_requests_get_esri_error_json(server, path, params, code):
     assert err["code"] == code and isinstance(err["message"], str) and isinstance(err["details"], list)
 
 
+@pytest.mark.parametrize("path", ["tile/%C2%B2/0/0", "tile/0/%D9%A1/0", "tilemap/0/0/0/%C2%B9/1", "%E2%91%A0"])
+def test_non_ascii_digits_in_paths_are_refused(server, path):
+    # str.isdigit() holds for '²', '①' and Arabic-Indic digits: none of them is a level, row or column
+    r = server.get(f"{server.svc('World')}/{path}", {"f": "json"})
+    assert r.status in (200, 400, 404) and r.json()["error"]["code"] in (400, 404), (r.status, r.body[:200])
+    assert "unexpected error answering" not in server.log.read_text()
+
+
 @pytest.mark.parametrize("params,words", [
     ({"levels": "0", "exportExtent": "1,2"}, "exportExtent"),
     ({"levels": "0", "areaOfInterest": "garbage"}, "area of interest"),

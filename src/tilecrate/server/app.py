@@ -211,7 +211,7 @@ def _service(request: web.Request) -> Service:
 
 
 def _int(text: str, what: str) -> int:
-    if not text.isdigit() or len(text) > _MAX_INT_TEXT:
+    if not (text.isascii() and text.isdigit()) or len(text) > _MAX_INT_TEXT:  # not '²' or '١'
         raise EsriError(400, f"{what} must be a whole number, not {text[:30]!r}")
     return int(text)
 
