@@ -49,6 +49,34 @@ def test_store_index_admission_expiry_and_reopen(tmp_path):
     again.close()
 
 
+def test_full_store_refuses_new_jobs_but_admitted_ones_can_still_finish(tmp_path):
+    """A job store filled by submissions must still record the progress and end of the jobs it admitted."""
+    from tilecrate.jobs.store import StoreError
+    store = JobStore(str(tmp_path / "db"), map_size=1 << 20)
+    admitted = []
+    with pytest.raises(StoreError, match="full"):
+        for _ in range(1000):
+            job = Job(new_job_id(), EXPORT, "S", {"levels": "0", "areaOfInterest": "x" * 20000})
+            store.admit(job, None)
+            admitted.append(job.id)
+    assert len(admitted) > 5
+
+    def progress(j: Job) -> None:
+        j.status = EXECUTING
+        j.progress = {"type": "default", "message": "Exporting", "percent": 50}
+        j.add_message("Exporting level 0: 1 tiles")
+
+    def finish(j: Job) -> None:
+        j.status, j.finished, j.progress = SUCCEEDED, time.time(), None
+        j.add_message("Succeeded at ...")
+    for job_id in admitted:           # none may be left executing for ever
+        store.update(job_id, progress)
+        store.update(job_id, finish, lambda j: j.finished + 60)
+    assert sorted(store.ids_by_status(SUCCEEDED)) == sorted(admitted)
+    assert sorted(store.expired(time.time() + 120)) == sorted(admitted)
+    store.close()
+
+
 @pytest.fixture
 def runner(tmp_path, sample_v2):
     cache = open_cache(str(sample_v2))

@@ -16,6 +16,12 @@ from tilecrate.errors import TilecrateError
 from tilecrate.jobs.model import OUTSTANDING, Job
 
 _MAP_SIZE = 8 << 30  # sparse on Linux: the file only grows as records are written
+# new jobs are refused (as a full store) once live records fill this share of the map: the rest is
+# kept for the progress and end of the jobs already admitted, which must never fail to be recorded
+_ADMIT_SHARE = 0.5
+
+
+_FULL = "The job store is full; finished jobs are removed after maxFileAge, try again later."
 
 
 class StoreError(TilecrateError):
@@ -53,6 +59,7 @@ class JobStore:
         self._jobs = self.env.open_db(b"jobs")
         self._status = self.env.open_db(b"status")
         self._expiry = self.env.open_db(b"expiry")
+        self._admit_limit = int(map_size * _ADMIT_SHARE)
 
     def close(self) -> None:
         """Close the environment."""
@@ -118,8 +125,14 @@ class JobStore:
             self._write(txn, job, Job.from_bytes(old) if old is not None else None)
 
     def admit(self, job: Job, limit: int | None) -> None:
-        """Store a new job unless `limit` jobs are outstanding (AdmissionRefused); one transaction."""
+        """Store a new job unless `limit` jobs are outstanding (AdmissionRefused); one transaction.
+
+        A store past its admission share is full for new jobs (StoreError), so that the jobs already
+        admitted can always record their progress and their end.
+        """
         with self._begin_write() as txn:
+            if self._live_bytes(txn) + 2 * len(job.to_bytes()) > self._admit_limit:
+                raise StoreError(_FULL)
             if limit is not None:
                 outstanding = sum(1 for s in OUTSTANDING for _ in self._scan_status(txn, s))
                 if outstanding >= limit:
@@ -163,6 +176,14 @@ class JobStore:
             for k in stale:
                 txn.delete(k, db=self._expiry)
 
+    def _live_bytes(self, txn) -> int:
+        """Bytes of the pages the records and indexes use now (free pages not counted)."""
+        total = 0
+        for db in (self._jobs, self._status, self._expiry):
+            st = txn.stat(db)
+            total += (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * st["psize"]
+        return total
+
     @contextlib.contextmanager
     def _begin_write(self):
         """A write transaction; LMDB failures (map full, disk errors) become StoreError."""
@@ -170,7 +191,6 @@ class JobStore:
             with self.env.begin(write=True) as txn:
                 yield txn
         except lmdb.MapFullError:
-            raise StoreError("The job store is full; finished jobs are removed after maxFileAge, "
-                             "try again later.") from None
+            raise StoreError(_FULL) from None
         except lmdb.Error as e:
             raise StoreError(f"the job store cannot be written: {e}") from None
