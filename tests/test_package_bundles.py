@@ -183,6 +183,23 @@ def test_out_of_bounds_index_is_refused():
         _plan.fill_prefixes(bytearray(8), np.array([0, 100], np.uint64), np.array([5, 5], np.uint32), 0, 2)
 
 
+def test_fill_prefixes_checks_every_tile_of_the_run():
+    """Offsets that go back, or past the end, in the middle of a run must not write outside `buf`
+    (only the run's last tile used to be checked). `buf` is a window into a larger buffer, so a
+    stray write lands where the test can see it instead of corrupting the heap."""
+    big = bytearray(4096)
+    window = memoryview(big)[2048:2068]
+    for offs in ([100, 50, 110], [0, 1000, 10], [0, 2**63, 10]):
+        with pytest.raises(ValueError, match="outside"):
+            _plan.fill_prefixes(window, np.array(offs, np.uint64), np.array([1, 1, 1], np.uint32), 0, 3)
+        assert big == bytearray(4096)
+    with pytest.raises(ValueError, match="outside"):           # the tile's bytes must fit too
+        _plan.fill_prefixes(window, np.array([0, 8, 10], np.uint64), np.array([1, 30, 1], np.uint32), 0, 3)
+    _plan.fill_prefixes(window, np.array([0, 9, 14], np.uint64), np.array([5, 1, 2], np.uint32), 0, 3)
+    assert big[2048:2068] == b"\x05\0\0\0" + bytes(5) + b"\x01\0\0\0" + bytes(1) + b"\x02\0\0\0" + bytes(2)
+    assert big[:2048] == bytes(2048) and big[2068:] == bytes(2028)
+
+
 def test_plan_from_new_tile_bytes():
     mask = np.zeros((128, 128), np.uint8)
     mask[3, 4] = mask[3, 5] = mask[100, 0] = 1

@@ -218,7 +218,19 @@ def fill_prefixes(uint8_t[::1] buf, const uint64_t[::1] tile_offsets, const uint
     cdef uint64_t last = tile_offsets[first + count - 1] - base + tile_sizes[first + count - 1] + 4
     if last > <uint64_t>buf.shape[0]:
         raise ValueError(f"buffer of {buf.shape[0]} bytes is too small for a run of {last}")
-    cdef Py_ssize_t k
+    # every tile, not only the last: offsets that go back (or jump past the end) must not write
+    # outside the buffer (off - base wraps to a huge value when off < base)
+    cdef Py_ssize_t k, bad = -1
+    cdef uint64_t cap = <uint64_t>buf.shape[0], rel
+    with nogil:
+        for k in range(first, first + count):
+            rel = tile_offsets[k] - base
+            if rel > cap - 4 or tile_sizes[k] > cap - 4 - rel:
+                bad = k
+                break
+    if bad >= 0:
+        raise ValueError(f"tile {bad - first} of the run (offset {tile_offsets[bad]}, {tile_sizes[bad]} bytes) "
+                         f"lies outside the {cap}-byte buffer of a run starting at {base}")
     cdef uint8_t* b = &buf[0]
     with nogil:
         for k in range(first, first + count):
