@@ -217,3 +217,15 @@ def test_cancel_stops_a_running_estimate_promptly(runner, monkeypatch):
     done = wait(runner, job.id)
     assert done.status == CANCELLED, done.messages
     assert time.monotonic() - t0 < 2.0     # the level being read, not all six
+
+
+def test_many_long_level_ranges_fail_fast(runner):
+    """A GET can carry thousands of long level ranges off the scheme: the job fails at once, not after minutes."""
+    levels = ",".join(f"{24 + i % 7}-{9000 + i % 900}" for i in range(20000))   # ~200 KB of ranges
+    t0 = time.monotonic()
+    job = wait(runner, runner.submit(ESTIMATE, "S", {"levels": levels}).id, timeout=3)
+    assert time.monotonic() - t0 < 3
+    assert job.status == FAILED
+    error = [m["description"] for m in job.messages if m["type"] == "esriJobMessageTypeError"][0]
+    assert error.startswith("ERROR: level 24-9000, 25-9001,") and "not in the cache's tiling scheme" in error
+    assert len(error) < len(levels)                           # each distinct range named once

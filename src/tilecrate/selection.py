@@ -8,6 +8,7 @@ never read, only bundle indexes.
 """
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from dataclasses import dataclass, field
@@ -90,8 +91,8 @@ def resolve_levels(scheme: TileScheme, export_by: str, items: list[tuple[float, 
     chosen: set[int] = set()
     by = export_by.lower()
     if by == "levelid":
-        known = {lod.level for lod in scheme.lods}
-        missing: list[str] = []
+        known = sorted({lod.level for lod in scheme.lods})
+        missing: dict[str, None] = {}   # ordered, each text once: a request may repeat a range
         for lo, hi in items:
             if lo != int(lo) or hi != int(hi):
                 raise RequestError(f"level {_fmt(lo if lo != int(lo) else hi)} is not a whole number; "
@@ -99,10 +100,13 @@ def resolve_levels(scheme: TileScheme, export_by: str, items: list[tuple[float, 
             a, b = sorted((int(lo), int(hi)))
             if b - a > 10_000:
                 raise RequestError(f"level range {a}-{b} is absurdly long")
-            absent = [lv for lv in range(a, b + 1) if lv not in known]
+            # the known levels in a..b, found without walking the range: a GET may carry many
+            # thousands of long ranges, and this runs in a job worker
+            inside = known[bisect.bisect_left(known, a):bisect.bisect_right(known, b)]
+            chosen.update(inside)
+            absent = _gaps(a, b, inside)
             if absent:
-                missing.append(_ranges(absent))
-            chosen.update(lv for lv in range(a, b + 1) if lv in known)
+                missing[absent] = None
         if missing:
             raise RequestError(f"level {', '.join(missing)} not in the cache's tiling scheme "
                                f"(it has levels {_describe_levels(scheme)})")
@@ -132,15 +136,13 @@ def resolve_levels(scheme: TileScheme, export_by: str, items: list[tuple[float, 
     return sorted(chosen)
 
 
-def _ranges(levels: list[int]) -> str:
-    out, start, prev = [], levels[0], levels[0]
-    for lv in levels[1:] + [None]:
-        if lv is not None and lv == prev + 1:
-            prev = lv
-            continue
-        out.append(f"{start}" if start == prev else f"{start}-{prev}")
-        if lv is not None:
-            start = prev = lv
+def _gaps(a: int, b: int, inside: list[int]) -> str:
+    """The levels of a..b not in `inside` (ascending, all within a..b) as text: '24-40', '3,5-6'."""
+    out, start = [], a
+    for lv in inside + [b + 1]:
+        if lv > start:
+            out.append(f"{start}" if start == lv - 1 else f"{start}-{lv - 1}")
+        start = lv + 1
     return ",".join(out)
 
 
