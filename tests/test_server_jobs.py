@@ -52,6 +52,16 @@ def test_token_required_on_every_route(slow):
     assert "error" not in slow.post(svc, {"f": "json", "token": TOKEN}).json()
 
 
+def test_token_that_is_not_utf8_is_an_invalid_token(slow):
+    # header bytes that are not UTF-8 reach the handler as surrogates: still just a wrong token
+    svc = slow.svc("Slow")
+    r = slow.get(svc, {"f": "json"}, headers={"Authorization": "Bearer \xff\xfe"})
+    assert r.status == 200 and r.json()["error"]["code"] == 498
+    r = slow.get(svc + "/tile/0/0/0", headers={"X-Esri-Authorization": "Bearer \xff"})
+    assert r.status == 401 and r.json()["error"]["code"] == 498
+    assert "unexpected error answering" not in slow.log.read_text()
+
+
 def test_admission_503_and_cancel_within_a_second(slow):
     sub = slow.submit("Slow", EXPORT, {"tilePackage": "true", "levels": "0-5", "storageFormat": "tpkx"})
     job_id = sub["jobId"]

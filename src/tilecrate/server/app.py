@@ -171,7 +171,8 @@ async def esri_middleware(request: web.Request, handler: Handler) -> web.StreamR
             if not sent:
                 raise EsriError(499, "This server requires a token: pass token=... or an "
                                      "X-Esri-Authorization: Bearer header.")
-            if not hmac.compare_digest(sent.encode(), cfg.token.encode()):
+            # header bytes that are not UTF-8 arrive as surrogates: encode those too, never fail
+            if not hmac.compare_digest(sent.encode("utf-8", "surrogatepass"), cfg.token.encode()):
                 raise EsriError(498, "The token is not valid.")
         resp = await handler(request)
     except EsriError as e:
