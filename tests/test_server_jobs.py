@@ -164,3 +164,34 @@ def test_sigterm_during_export_fails_the_job_cleanly(tmp_path, sample_v2):
         assert not job_dir(srv, job_id).exists()
     finally:
         srv.stop()
+
+
+def test_expiry_survives_a_failed_cleanup_pass(tmp_path, sample_v2, monkeypatch):
+    """One cleanup pass that fails (any error) must not end expiry for the life of the server."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from tilecrate.jobs import JobRunner
+    from tilecrate.server.app import create_app
+    from tilecrate.server.config import ServerConfig, ServiceConfig
+
+    real = JobRunner.cleanup
+    calls = []
+
+    def flaky(self, now=None):
+        calls.append(now)
+        if len(calls) == 2:                      # the first periodic pass (the first is at startup)
+            raise RuntimeError("a passing failure")
+        return real(self, now)
+    monkeypatch.setattr(JobRunner, "cleanup", flaky)
+    cfg = ServerConfig(services={"Q": ServiceConfig("Q", str(sample_v2))}, data_dir=str(tmp_path / "data"),
+                       max_file_age=1.0)
+
+    async def scenario():
+        async with TestClient(TestServer(create_app(cfg))) as client:
+            deadline = time.monotonic() + 5
+            while len(calls) < 4 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+    asyncio.run(scenario())
+    assert len(calls) >= 4, calls

@@ -573,6 +573,8 @@ async def _clean_periodically(app: web.Application) -> None:
                 log.info("removed %d expired job(s) and their output", len(removed))
         except TilecrateError as e:
             log.warning("cleanup failed: %s", e)
+        except Exception:  # whatever it was, the next pass must still run: outputs must expire
+            log.exception("cleanup failed")
 
 
 async def _cleanup(app: web.Application) -> None:
