@@ -195,3 +195,20 @@ def test_expiry_survives_a_failed_cleanup_pass(tmp_path, sample_v2, monkeypatch)
                 await asyncio.sleep(0.1)
     asyncio.run(scenario())
     assert len(calls) >= 4, calls
+
+
+def test_outputs_download_when_the_data_dir_is_reached_through_a_symlink(tmp_path, sample_v2):
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "data").symlink_to(tmp_path / "disk")       # e.g. a data dir on another mount
+    data = tmp_path / "data"
+    cfg = write_config(tmp_path / "tilecrate.toml", data, {"Quick": {"source": sample_v2}})
+    srv = Server(cfg, data, free_port()).start()
+    try:
+        assert srv.get("/arcgis/rest/directories/arcgisoutput").json() == {"folders": [], "files": []}
+        sub = srv.submit("Quick", EXPORT, {"tilePackage": "true", "levels": "0-1"})
+        job = srv.poll("Quick", EXPORT, sub["jobId"])
+        assert job["jobStatus"] == "esriJobSucceeded", job
+        _, files = srv.download_all(srv.result("Quick", EXPORT, job), tmp_path)
+        assert len(files) == 1 and files[0].stat().st_size > 0
+    finally:
+        srv.stop()

@@ -258,8 +258,8 @@ def _output_path(request: web.Request, rel: str) -> str:
     if any(p in (".", "..") or p.startswith(".") or "\\" in p or "\0" in p for p in parts):
         raise EsriError(404, f"no output at {rel[:200]}", http_status=404)
     path = os.path.join(root, *parts)
-    real = os.path.realpath(path)
-    if os.path.commonpath([real, root]) != root:
+    real, real_root = os.path.realpath(path), os.path.realpath(root)  # the data dir may be a symlink
+    if os.path.commonpath([real, real_root]) != real_root:
         raise EsriError(404, f"no output at {rel[:200]}", http_status=404)
     return path
 
