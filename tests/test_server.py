@@ -247,6 +247,18 @@ def test_job_inputs_and_url_forms(server):
     assert err["error"]["code"] == 400
 
 
+@pytest.mark.parametrize("extra", ['"note":NaN', '"note":1e400', '"note":-Infinity'])
+def test_job_input_that_is_not_strict_json_is_answered_as_text(server, extra):
+    # Python's json reads NaN and 1e400 (as inf); they cannot be answered as JSON, so the text is
+    aoi = ('{"rings":[[[-1000000,-1000000],[1000000,-1000000],[1000000,1000000],[-1000000,-1000000]]],'
+           '"spatialReference":{"wkid":102100},' + extra + '}')
+    sub = server.submit("World", ESTIMATE, {"levels": "0", "areaOfInterest": aoi})
+    r = server.get(f"{server.svc('World')}/{ESTIMATE}/jobs/{sub['jobId']}/inputs/area_of_interest", {"f": "json"})
+    assert r.status == 200 and r.json() == {"paramName": "area_of_interest", "dataType": "GPFeatureRecordSetLayer",
+                                            "value": aoi}
+    assert "unexpected error answering" not in server.log.read_text()
+
+
 def test_download_supports_range(server, tmp_path):
     _, listing, files = run_export(server, "World", {"tilePackage": "true", "levels": "0-1"}, tmp_path)
     url = listing["files"][0]["url"]

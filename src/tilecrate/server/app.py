@@ -465,7 +465,9 @@ async def h_input(request: web.Request) -> web.Response:
     dtype, value = found
     if dtype == "GPFeatureRecordSetLayer" and isinstance(value, str):
         try:
-            value = json.loads(value)
+            parsed = json.loads(value)
+            json.dumps(parsed, allow_nan=False)  # NaN or 1e400 cannot be answered as JSON: keep the text
+            value = parsed
         except ValueError:
             pass
     return await reply(request, {"paramName": name, "dataType": dtype, "value": value})
