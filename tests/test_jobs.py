@@ -229,3 +229,22 @@ def test_many_long_level_ranges_fail_fast(runner):
     error = [m["description"] for m in job.messages if m["type"] == "esriJobMessageTypeError"][0]
     assert error.startswith("ERROR: level 24-9000, 25-9001,") and "not in the cache's tiling scheme" in error
     assert len(error) < len(levels)                           # each distinct range named once
+
+
+def test_jobs_kept_for_ever_do_not_stop_others_expiring(tmp_path, sample_v2):
+    """max_file_age = inf keeps outputs; once the server runs with a finite age again, other jobs still expire."""
+    store = JobStore(str(tmp_path / "db"))
+    with open_cache(str(sample_v2)) as cache:
+        services = {"S": JobService("S", cache, 50)}
+        forever = JobRunner(store, services, str(tmp_path / "out"), workers=1, max_file_age=float("inf"))
+        kept = wait(forever, forever.submit(ESTIMATE, "S", {"levels": "0"}).id)
+        forever.close()
+        finite = JobRunner(store, services, str(tmp_path / "out"), workers=1, max_file_age=60)
+        gone = wait(finite, finite.submit(ESTIMATE, "S", {"levels": "0"}).id)
+        assert finite.cleanup(time.time() + 120) == [gone.id]
+        assert store.get(kept.id).status == SUCCEEDED and store.get(gone.id) is None
+        finite.close()
+    store.close()
+    with pytest.raises(ConfigError, match="max_file_age"):
+        from tilecrate.server.config import ServerConfig, validate
+        validate(ServerConfig(max_file_age=float("nan")))

@@ -11,6 +11,7 @@ crash are marked failed and their partial output removed.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import threading
@@ -342,8 +343,10 @@ class JobRunner:
         self.store.update(job_id, done, self._expiry)
 
     def _expiry(self, job: Job) -> float | None:
-        """When a finished job and its output go: maxFileAge after it finished."""
-        return job.finished + self.max_file_age if job.status in TERMINAL and job.finished else None
+        """When a finished job and its output go: maxFileAge after it finished (never for an infinite age)."""
+        if job.status not in TERMINAL or not job.finished or not math.isfinite(self.max_file_age):
+            return None
+        return job.finished + self.max_file_age
 
     def _scrub(self, text: str, svc: JobService | None) -> str:
         """Messages are shown to clients: name the service and the output folder, not server paths."""

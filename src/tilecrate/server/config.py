@@ -148,7 +148,7 @@ def validate(cfg: ServerConfig) -> ServerConfig:
     """Check ranges: ports, limits, ages."""
     if not 0 <= cfg.port <= 65535:
         raise ConfigError(f"port {cfg.port} is not a TCP port")
-    if cfg.max_file_age <= 0:
+    if not cfg.max_file_age > 0:  # also NaN; inf keeps outputs for ever
         raise ConfigError("max_file_age must be a positive number of seconds")
     if cfg.maximum_outstanding_jobs is not None and cfg.maximum_outstanding_jobs < 1:
         raise ConfigError("maximum_outstanding_jobs must be at least 1 (omit it for unlimited)")
