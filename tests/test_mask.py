@@ -331,3 +331,48 @@ def test_arbitrary_float_polygons_agree_with_geos_up_to_ties(points):
         assert shapely.distance(shapely.box(c, r, c + 1, r + 1), poly) < eps
     for r, c in want - got:      # we miss a tile GEOS takes: the polygon may only graze its border
         assert not shapely.intersects(shapely.box(c + eps, r + eps, c + 1 - eps, r + 1 - eps), poly)
+
+
+SHARED_RASTERIZER = r"""
+import threading
+import numpy as np
+from tilecrate import _mask
+
+n = 2000                                  # a star: many edges active in every row
+ang = np.linspace(0, 2 * np.pi, n, endpoint=False)
+rad = 5000 + 3000 * (np.arange(n) % 2)
+x, y = 10000 + rad * np.cos(ang), 10000 + rad * np.sin(ang)
+rast = _mask.Rasterizer(np.column_stack([x, y, np.roll(x, -1), np.roll(y, -1)]))
+rows = list(range(2000, 18000, 512))
+want = {r: rast.spans(r, 128) for r in rows}
+want_count = rast.count(9000, 11000, 0, 20000)
+wrong = []
+
+def sweep(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(60):
+        r = int(rng.choice(rows))
+        rp, sp = rast.spans(r, 128)
+        if not (np.array_equal(rp, want[r][0]) and np.array_equal(sp, want[r][1])):
+            wrong.append(r)
+        if rng.random() < 0.1 and rast.count(9000, 11000, 0, 20000) != want_count:
+            wrong.append("count")
+
+threads = [threading.Thread(target=sweep, args=(s,)) for s in range(3)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("wrong", len(wrong))
+"""
+
+
+def test_one_rasterizer_shared_by_threads():
+    """spans/count release the GIL while they move the sweep state (active edges, span buffers)
+    of the Rasterizer: calls from two threads on one instance must take turns, not corrupt the
+    buffers (that segfaulted). In a child process, so a crash fails this test only."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", SHARED_RASTERIZER], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.split() == ["wrong", "0"], (run.returncode, run.stdout, run.stderr[-2000:])

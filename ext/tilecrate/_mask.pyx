@@ -23,6 +23,8 @@ sweep over R rows costs O(E log E + sum of active edges) and memory is O(E + spa
 Bounds checks are off: every array handed in is checked for shape and consistency first, and
 every index written is clipped to the array it writes.
 """
+import threading
+
 import numpy as np
 cimport numpy as cnp
 from libc.math cimport ceil, floor, isfinite
@@ -97,8 +99,10 @@ cdef class Rasterizer:
     cdef Buf out                       # merged spans of the current call
     cdef int64_t next_row              # the sweep position (rows below it are done)
     cdef readonly int64_t row_min, row_max, col_min, col_max
+    cdef object lock                   # one sweep at a time: the GIL is released while it runs
 
     def __cinit__(self, edges):
+        self.lock = threading.Lock()
         self.active = NULL
         self.xs = NULL
         self.row_spans.data = NULL
@@ -251,28 +255,30 @@ cdef class Rasterizer:
         cdef Py_ssize_t i, k
         cdef int64_t r
         cdef int failed = 0
+        cdef int64_t[:, ::1] ov
         cdef Buf* o = &self.out
-        o.n = 0
-        with nogil:
-            for i in range(nrows):
-                r = row_start + i
-                if r < self.row_min or r > self.row_max:
+        with self.lock:
+            o.n = 0
+            with nogil:
+                for i in range(nrows):
+                    r = row_start + i
+                    if r < self.row_min or r > self.row_max:
+                        rp[i + 1] = o.n
+                        continue
+                    if self._row(r) < 0 or buf_reserve(o, o.n + self.row_spans.n) < 0:
+                        failed = 1
+                        break
+                    for k in range(2 * self.row_spans.n):
+                        o.data[2 * o.n + k] = self.row_spans.data[k]
+                    o.n += self.row_spans.n
                     rp[i + 1] = o.n
-                    continue
-                if self._row(r) < 0 or buf_reserve(o, o.n + self.row_spans.n) < 0:
-                    failed = 1
-                    break
-                for k in range(2 * self.row_spans.n):
-                    o.data[2 * o.n + k] = self.row_spans.data[k]
-                o.n += self.row_spans.n
-                rp[i + 1] = o.n
-        if failed:
-            raise MemoryError()
-        out = np.empty((o.n, 2), dtype=np.int64)
-        cdef int64_t[:, ::1] ov = out
-        for k in range(o.n):
-            ov[k, 0] = o.data[2 * k]
-            ov[k, 1] = o.data[2 * k + 1]
+            if failed:
+                raise MemoryError()
+            out = np.empty((o.n, 2), dtype=np.int64)
+            ov = out
+            for k in range(o.n):
+                ov[k, 0] = o.data[2 * k]
+                ov[k, 1] = o.data[2 * k + 1]
         return row_ptr, out
 
     def count(self, int64_t row_first, int64_t row_last, int64_t col_first, int64_t col_last):
@@ -281,30 +287,31 @@ cdef class Rasterizer:
         cdef Py_ssize_t k
         cdef int failed = 0
         cdef Buf* b = &self.row_spans
-        with nogil:
-            r = row_first if row_first > self.row_min else self.row_min
-            stop = row_last if row_last < self.row_max else self.row_max
-            while r <= stop:
-                if self._row(r) < 0:
-                    failed = 1
-                    break
-                for k in range(b.n):
-                    s = b.data[2 * k]
-                    e = b.data[2 * k + 1]
-                    if s < col_first:
-                        s = col_first
-                    if e > col_last:
-                        e = col_last
-                    if e >= s:
-                        total += e - s + 1
-                # nothing active and the next edge starts later: jump there
-                if self.n_active == 0:
-                    if self.next_edge >= self.n:
+        with self.lock:
+            with nogil:
+                r = row_first if row_first > self.row_min else self.row_min
+                stop = row_last if row_last < self.row_max else self.row_max
+                while r <= stop:
+                    if self._row(r) < 0:
+                        failed = 1
                         break
-                    if self.rstart[self.next_edge] > r + 1:
-                        r = self.rstart[self.next_edge]
-                        continue
-                r += 1
+                    for k in range(b.n):
+                        s = b.data[2 * k]
+                        e = b.data[2 * k + 1]
+                        if s < col_first:
+                            s = col_first
+                        if e > col_last:
+                            e = col_last
+                        if e >= s:
+                            total += e - s + 1
+                    # nothing active and the next edge starts later: jump there
+                    if self.n_active == 0:
+                        if self.next_edge >= self.n:
+                            break
+                        if self.rstart[self.next_edge] > r + 1:
+                            r = self.rstart[self.next_edge]
+                            continue
+                    r += 1
         if failed:
             raise MemoryError()
         return total
