@@ -248,3 +248,21 @@ def test_jobs_kept_for_ever_do_not_stop_others_expiring(tmp_path, sample_v2):
     with pytest.raises(ConfigError, match="max_file_age"):
         from tilecrate.server.config import ServerConfig, validate
         validate(ServerConfig(max_file_age=float("nan")))
+
+
+def test_cleanup_of_many_expired_jobs_is_not_quadratic(runner):
+    """Tens of thousands of finished estimates (a busy hour) expire in one quick pass."""
+    from tilecrate.jobs.store import _expiry_key
+    store, n, done = runner.store, 20000, time.time() - 100
+    with store._begin_write() as txn:          # filled in one transaction: fsync per job would be slow
+        for i in range(n):
+            job = Job(new_job_id(), ESTIMATE, "S", {"levels": "0"}, status=SUCCEEDED, finished=done + i * 1e-3)
+            store._write(txn, job, None)
+            txn.put(_expiry_key(job.finished + 60, job.id), b"", db=store._expiry)
+    keep = Job(new_job_id(), ESTIMATE, "S", {"levels": "0"}, status=SUCCEEDED, finished=time.time())
+    store.put(keep)
+    store.set_expiry(keep.id, keep.finished + 60)
+    t0 = time.monotonic()
+    assert len(runner.cleanup(done + 61 + n * 1e-3)) == n
+    assert time.monotonic() - t0 < 8
+    assert store.all_ids() == [keep.id] and store.expired(keep.finished + 61) == [keep.id]

@@ -33,6 +33,7 @@ log = logging.getLogger("tilecrate.jobs")
 
 RESTART_MESSAGE = "The server stopped while this job was running; submit it again."
 _PROGRESS_INTERVAL = 0.25  # seconds between progress writes to the store
+_CLEANUP_BATCH = 1000  # expired jobs removed per store transaction
 
 
 @dataclass
@@ -193,16 +194,21 @@ class JobRunner:
     def cleanup(self, now: float | None = None) -> list[str]:
         """Remove finished jobs whose maxFileAge has passed, with their output."""
         now = time.time() if now is None else now
-        removed = []
+        removed: list[str] = []
+        batch: list[str] = []
         for job_id in self.store.expired(now):
             job = self.store.get(job_id)
             if job is not None and job.status not in TERMINAL:
                 continue
             if job is not None:
                 self._remove_output(job)
-            self.store.delete(job_id)
-            removed.append(job_id)
-        return removed
+            batch.append(job_id)
+            if len(batch) >= _CLEANUP_BATCH:
+                self.store.delete(*batch)
+                removed += batch
+                batch = []
+        self.store.delete(*batch)
+        return removed + batch
 
     # the work --------------------------------------------------------------------------------
 

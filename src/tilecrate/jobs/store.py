@@ -164,15 +164,23 @@ class JobStore:
         with self._begin_write() as txn:
             txn.put(_expiry_key(when, job_id), b"", db=self._expiry)
 
-    def delete(self, job_id: str) -> None:
-        """Remove a job record, its index entries and its expiry records."""
+    def delete(self, *job_ids: str) -> None:
+        """Remove job records, their index entries and their expiry records, in one transaction.
+
+        The expiry records are found in one pass however many jobs go: cleanup removes expired
+        jobs in batches, and a pass per job made it quadratic in the number of stored jobs.
+        """
+        ids = set(job_ids)
+        if not ids:
+            return
         with self._begin_write() as txn:
-            data = txn.get(job_id.encode(), db=self._jobs)
-            if data is not None:
-                txn.delete(_status_key(Job.from_bytes(data).status, job_id), db=self._status)
-                txn.delete(job_id.encode(), db=self._jobs)
+            for job_id in ids:
+                data = txn.get(job_id.encode(), db=self._jobs)
+                if data is not None:
+                    txn.delete(_status_key(Job.from_bytes(data).status, job_id), db=self._status)
+                    txn.delete(job_id.encode(), db=self._jobs)
             cur = txn.cursor(db=self._expiry)
-            stale = [k for k in cur.iternext(keys=True, values=False) if k.decode().endswith("\0" + job_id)]
+            stale = [k for k in cur.iternext(keys=True, values=False) if k.decode().partition("\0")[2] in ids]
             for k in stale:
                 txn.delete(k, db=self._expiry)
 
