@@ -200,6 +200,14 @@ def test_fill_prefixes_checks_every_tile_of_the_run():
     assert big[:2048] == bytes(2048) and big[2068:] == bytes(2028)
 
 
+def test_fill_prefixes_refuses_runs_past_the_plan():
+    offs, sizes = np.zeros(3, np.uint64), np.zeros(3, np.uint32)
+    for first, count in ((2, 2), (-1, 1), (0, -1), (4, 0), (2**40, 2**63 - 2**40 + 5), (2**62, 2**62)):
+        with pytest.raises(ValueError, match="outside the plan"):      # first + count wraps: not a pass
+            _plan.fill_prefixes(bytearray(64), offs, sizes, first, count)
+    _plan.fill_prefixes(bytearray(64), offs, sizes, 3, 0)
+
+
 def test_plan_from_new_tile_bytes():
     mask = np.zeros((128, 128), np.uint8)
     mask[3, 4] = mask[3, 5] = mask[100, 0] = 1

@@ -210,7 +210,9 @@ def make_plan(uint64_t length, const uint64_t[::1] offsets, const uint32_t[::1] 
 def fill_prefixes(uint8_t[::1] buf, const uint64_t[::1] tile_offsets, const uint32_t[::1] tile_sizes,
                   Py_ssize_t first, Py_ssize_t count):
     """Write the size prefixes of a run into `buf`, which holds 4 spare bytes then the run's source bytes."""
-    if first < 0 or count < 0 or first + count > tile_offsets.shape[0] or tile_sizes.shape[0] != tile_offsets.shape[0]:
+    # count > shape - first, not first + count > shape: the sum of two huge values wraps negative
+    if (first < 0 or count < 0 or first > tile_offsets.shape[0] or count > tile_offsets.shape[0] - first
+            or tile_sizes.shape[0] != tile_offsets.shape[0]):
         raise ValueError("run outside the plan's tiles")
     if count == 0:
         return
