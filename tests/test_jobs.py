@@ -266,3 +266,29 @@ def test_cleanup_of_many_expired_jobs_is_not_quadratic(runner):
     assert len(runner.cleanup(done + 61 + n * 1e-3)) == n
     assert time.monotonic() - t0 < 8
     assert store.all_ids() == [keep.id] and store.expired(keep.finished + 61) == [keep.id]
+
+
+def test_output_is_on_disk_before_the_job_is_recorded_succeeded(runner, monkeypatch):
+    """The store is durable (LMDB, synced): a machine crash must not leave a succeeded job with a torn package."""
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    seen = {}
+    real_finish = runner._finish
+
+    def finish(job_id, status, *a, **kw):
+        seen[status] = list(synced)
+        return real_finish(job_id, status, *a, **kw)
+    monkeypatch.setattr(runner, "_finish", finish)
+    job = wait(runner, runner.submit(EXPORT, "S", {"levels": "0-1", "tilePackage": "true"}).id)
+    assert job.status == SUCCEEDED, job.messages
+    package = os.path.join(runner.job_dir(job), "S.tpk")
+    assert package in seen[SUCCEEDED] and runner.job_dir(job) in seen[SUCCEEDED]   # the file and its name
+    folder = wait(runner, runner.submit(EXPORT, "S", {"levels": "0-1", "tilePackage": "false"}).id)
+    assert folder.status == SUCCEEDED, folder.messages
+    files = [os.path.join(d, f) for d, _, fs in os.walk(runner.job_dir(folder)) for f in fs]
+    assert files and set(files) <= set(seen[SUCCEEDED])

@@ -312,6 +312,7 @@ class JobRunner:
         result = export(svc.cache, request, target, progress=reporter, cancel=cancel,
                         threads=self.export_threads, selection=selection)
         reporter.flush()
+        _sync_to_disk(result.path, out_dir)  # the store is synced: "succeeded" must never outlive the data
         if cancel.is_set():
             raise Cancelled("cancelled")
         notes = [f"Level {lv}: {v.get('tiles', 0)} tiles, {v.get('size', 0)} bytes"
@@ -364,6 +365,24 @@ class JobRunner:
         path = self.job_dir(job)
         if os.path.commonpath([path, self.output_root]) == self.output_root and path != self.output_root:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _sync_to_disk(path: str, parent: str) -> None:
+    """fsync an output (a file, or every file and folder of a cache folder) and the folder naming it."""
+    def sync(p: str, flags: int) -> None:
+        fd = os.open(p, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if os.path.isdir(path):
+        for folder, _, files in os.walk(path):
+            for name in files:
+                sync(os.path.join(folder, name), os.O_RDONLY)
+            sync(folder, os.O_RDONLY | os.O_DIRECTORY)
+    else:
+        sync(path, os.O_RDONLY)
+    sync(parent, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def _exclusive(path: str):
