@@ -169,3 +169,46 @@ def test_real_jpeg_caches_reencode(tmp_path):
             elif st == _jpeg.OK:
                 assert len(new) < len(old) and decode(new).shape == decode(old).shape
         assert (result.status == _jpeg.OK).sum() >= 0.8 * sum(jpeg), key
+
+
+def test_recompress_bundle_reads_tiles_from_the_file_with_the_same_result(sample_v2, tmp_path):
+    policy = RecompressPolicy(quality=40, source_quality=75)
+    with open_cache(str(sample_v2)) as cache:
+        ref = cache.bundles(5)[0]
+        with cache.open_bundle(ref) as data:
+            mask = full_mask(data)
+            mask[::3, :] = 0
+            assert recompress_bundle(policy, data, mask, cache) == recompress_bundle(policy, data, mask)
+
+
+TRUNCATED_UNDER_REENCODING = r"""
+import os, sys
+import numpy as np
+from tilecrate.cache import open_cache
+from tilecrate.errors import BundleError
+from tilecrate.recompress import RecompressPolicy, recompress_bundle
+
+with open_cache(sys.argv[1]) as cache:
+    ref = cache.bundles(5)[0]
+    with cache.open_bundle(ref) as data:
+        mask = (data.sizes > 0).reshape(128, 128).astype(np.uint8)
+        os.truncate(cache.bundle_file(ref)[0], 131136 + 100)   # re-seeded under a running export
+        try:
+            recompress_bundle(RecompressPolicy(quality=40, source_quality=75), data, mask, cache)
+        except BundleError as e:
+            print("BundleError", "changed" in str(e))
+"""
+
+
+def test_bundle_truncated_while_reencoded_is_an_error_not_sigbus(sample_v2, tmp_path):
+    """The re-encoder used to read tiles straight from the bundle's mapping: a file truncated
+    meanwhile killed the process with SIGBUS. In a child process, so that crash fails only this test."""
+    import shutil
+    import subprocess
+    import sys
+
+    copy = tmp_path / "c"
+    shutil.copytree(sample_v2, copy)
+    run = subprocess.run([sys.executable, "-c", TRUNCATED_UNDER_REENCODING, str(copy)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.split() == ["BundleError", "True"], (run.returncode, run.stderr[-2000:])

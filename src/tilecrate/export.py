@@ -222,7 +222,7 @@ def _write(cache: Cache, request: ExportRequest, selection: Selection, layout: L
             if policy is not None:
                 from tilecrate.recompress import recompress_bundle
 
-                new_tiles, found = recompress_bundle(policy, data, bsel.mask)
+                new_tiles, found = recompress_bundle(policy, data, bsel.mask, cache)
                 plan = plan_from_tiles(bsel.ref, new_tiles, bsel.mask, layout.version, label)
                 data.close()
                 data = None

@@ -15,6 +15,7 @@ available ("pixel") for sources the DCT path cannot improve on, and for comparis
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from tilecrate import _jpeg
 from tilecrate.cache import BundleData, Cache
-from tilecrate.errors import RequestError
+from tilecrate.errors import BundleError, RequestError
 from tilecrate.tiling import PACKET
 
 JPEG_FORMATS = ("JPEG", "MIXED")
@@ -109,9 +110,34 @@ def reencode_tiles(tiles: Sequence[bytes], quality: int, *, method: str = "auto"
     return Reencoded(out, status, errors)
 
 
-def recompress_bundle(policy: RecompressPolicy, data: BundleData, mask: np.ndarray
-                      ) -> tuple[list[bytes], list[str]]:
-    """New bytes for every selected tile of a bundle (row-major mask order) and warnings for undecodable ones."""
+def _read_tiles(where: tuple[str, int, int], offsets: np.ndarray, sizes: np.ndarray, label: str
+                ) -> tuple[bytearray, np.ndarray]:
+    """The tiles at `offsets`/`sizes` of a bundle stored at `where` (file, offset, file size), read
+    with pread into one buffer: (buffer, the tiles' offsets in it)."""
+    path, base, file_size = where
+    at = np.zeros(len(sizes), dtype=np.uint64)
+    if len(sizes) > 1:
+        np.cumsum(sizes[:-1], dtype=np.uint64, out=at[1:])
+    buf = bytearray(int(sizes.sum(dtype=np.uint64)))
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        if os.fstat(f.fileno()).st_size != file_size:
+            raise BundleError(f"{label}: the file changed while it was being exported")
+        fd = f.fileno()
+        for o, s, a in zip(offsets.tolist(), sizes.tolist(), at.tolist()):
+            if s and os.preadv(fd, [view[a:a + s]], base + o) != s:
+                raise BundleError(f"{label}: the file changed while it was being exported")
+    return buf, at
+
+
+def recompress_bundle(policy: RecompressPolicy, data: BundleData, mask: np.ndarray,
+                      cache: Cache | None = None) -> tuple[list[bytes], list[str]]:
+    """New bytes for every selected tile of a bundle (row-major mask order) and warnings for undecodable ones.
+
+    With `cache`, the selected tiles are first read from the bundle's file with plain reads (as
+    `BundlePlan.chunks` does), so the compiled re-encoder never reads the mapping: a bundle
+    truncated while it is re-encoded is a BundleError, not a SIGBUS that ends the process.
+    """
     mask = np.asarray(mask)
     if mask.shape != (PACKET, PACKET):
         raise ValueError(f"bundle mask must be {PACKET}x{PACKET}, not {mask.shape}")
@@ -121,7 +147,11 @@ def recompress_bundle(policy: RecompressPolicy, data: BundleData, mask: np.ndarr
     buf = data.buf
     if not policy.active or len(idx) == 0:
         return [bytes(buf[o:o + s]) for o, s in zip(offsets.tolist(), sizes.tolist())], []
-    if buf.ndim != 1 or buf.itemsize != 1:
+    where = cache.bundle_file(data.ref) if cache is not None else None
+    if where is not None:
+        buf, offsets = _read_tiles(where, offsets, sizes, cache.bundle_label(data.ref))
+        buf = memoryview(buf)
+    elif buf.ndim != 1 or buf.itemsize != 1:
         buf = buf.cast("B")
     new, status, errors = _jpeg.recode(buf, offsets, sizes, max(1, policy.quality), policy.resolved_method,
                                        policy.threads, policy.deadzone, False)
