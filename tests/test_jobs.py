@@ -292,3 +292,24 @@ def test_output_is_on_disk_before_the_job_is_recorded_succeeded(runner, monkeypa
     assert folder.status == SUCCEEDED, folder.messages
     files = [os.path.join(d, f) for d, _, fs in os.walk(runner.job_dir(folder)) for f in fs]
     assert files and set(files) <= set(seen[SUCCEEDED])
+
+
+def test_close_waits_for_a_cleanup_pass_in_progress(runner, monkeypatch):
+    """The server closes the store right after runner.close(): no cleanup pass may still be using it."""
+    real = runner.store.expired
+    entered = threading.Event()
+
+    def slow_expired(now):
+        entered.set()
+        time.sleep(0.5)
+        return real(now)
+    monkeypatch.setattr(runner.store, "expired", slow_expired)
+    finished = []
+    t = threading.Thread(target=lambda: (runner.cleanup(), finished.append(time.monotonic())))
+    t.start()
+    assert entered.wait(5)
+    runner.close()
+    closed = time.monotonic()
+    t.join(5)
+    assert finished and finished[0] <= closed
+    assert runner.cleanup() == []                 # and none starts once closed

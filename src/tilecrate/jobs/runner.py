@@ -79,6 +79,8 @@ class JobRunner:
         self._events: dict[str, threading.Event] = {}
         self._events_lock = threading.Lock()
         self._stopping = False
+        self._closed = False
+        self._cleanup_lock = threading.Lock()  # close() waits for a cleanup pass in progress
         os.makedirs(self.output_root, exist_ok=True)
         self._lock = _exclusive(os.path.join(self.output_root, ".tilecrate-server.lock"))
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="tilecrate-job")
@@ -135,6 +137,8 @@ class JobRunner:
             for ev in self._events.values():
                 ev.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._cleanup_lock:  # the store is closed after this returns: no pass may be running
+            self._closed = True
         self.recover()  # anything still queued
         self._lock.close()
 
@@ -192,8 +196,11 @@ class JobRunner:
         return job
 
     def cleanup(self, now: float | None = None) -> list[str]:
-        """Remove finished jobs whose maxFileAge has passed, with their output."""
-        now = time.time() if now is None else now
+        """Remove finished jobs whose maxFileAge has passed, with their output (nothing once closed)."""
+        with self._cleanup_lock:
+            return [] if self._closed else self._cleanup(time.time() if now is None else now)
+
+    def _cleanup(self, now: float) -> list[str]:
         removed: list[str] = []
         batch: list[str] = []
         for job_id in self.store.expired(now):
