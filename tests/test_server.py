@@ -383,3 +383,17 @@ def test_tilepackagekreator_and_setup_map_area_styles(server, sample_v2):
     body = server.get(first["url"], {"token": ""}).body
     assert len(body) == first["size"] == value["totalSize"]
     assert 0 < value["totalTilesToExport"] < 123
+
+
+def test_head_never_submits_or_cancels(server):
+    import urllib.error
+    import urllib.request
+
+    for path in ("/exportTiles?levels=0&f=json", "/estimateExportTilesSize?levels=0&f=json"):
+        req = urllib.request.Request(server.url(server.svc("World") + path), method="HEAD")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 405
+    req = urllib.request.Request(server.url(server.svc("World") + "?f=json"), method="HEAD")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 200

@@ -497,7 +497,7 @@ async def h_output(request: web.Request) -> web.StreamResponse:
 
 
 def add_routes(app: web.Application) -> None:
-    """Register every route for GET and POST (HEAD comes with GET)."""
+    """Register every route for GET and POST (and HEAD where GET has no side effect)."""
     ops = "{op:(?i:exportTiles|estimateExportTilesSize)}"
     routes: list[tuple[str, Handler]] = [
         ("/", h_root),
@@ -516,7 +516,8 @@ def add_routes(app: web.Application) -> None:
                    (prefix + "/results/{param}", h_result), (prefix + "/inputs/{param}", h_input)]
     routes += [(OUTPUT, h_output), (OUTPUT + "/", h_output), (OUTPUT + "/{path:.*}", h_output)]
     for path, handler in routes:
-        app.router.add_get(path, handler)          # HEAD included
+        # HEAD comes with GET, except where a GET acts (a link checker's HEAD must not submit or cancel)
+        app.router.add_get(path, handler, allow_head=handler not in (h_submit, h_cancel))
         app.router.add_post(path, handler)
 
 
