@@ -23,7 +23,7 @@ from conftest import REAL_SOURCES, real_path
 KNOWN_CORRUPT = {("Usa.tpkx", 0, 0, 0), ("Usa.tpkx", 1, 0, 0), ("Usa_extracted", 0, 0, 0)}
 
 
-def _ref_v2(data: bytes) -> dict[tuple[int, int], bytes]:
+def reference_v2(data: bytes) -> dict[tuple[int, int], bytes]:
     """(row, col) within the bundle -> tile bytes, per FORMATS.md §6.3."""
     version, _, _, offset_bytes = struct.unpack_from("<4I", data, 0)
     assert version == 3 and offset_bytes == 5
@@ -73,7 +73,7 @@ def reference_tiles(path: Path) -> dict[tuple[int, int, int], bytes]:
             continue
         level, r0, c0 = int(m.group(1)), int(m.group(2), 16), int(m.group(3), 16)
         bundlx = files.get(name[:-1] + "x")
-        found = _ref_v1(bundlx, data) if bundlx is not None else _ref_v2(data)
+        found = _ref_v1(bundlx, data) if bundlx is not None else reference_v2(data)
         for (r, c), t in found.items():
             tiles[(level, r0 + r, c0 + c)] = t
     return tiles

@@ -218,14 +218,7 @@ def write_config(path: Path, data_dir: Path, services: dict[str, dict], **server
 
 
 def read_v2_bundle(data: bytes) -> dict[int, bytes]:
-    """Tiles of a compact V2 bundle by index (FORMATS.md §6.3: 64-byte header, 16384 x uint64 index)."""
-    import struct
+    """Tiles of a compact V2 bundle by row-major index, read by the FORMATS.md §6.3 reference reader."""
+    from test_fixtures import reference_v2
 
-    out = {}
-    for i in range(16384):
-        (v,) = struct.unpack_from("<Q", data, 64 + 8 * i)
-        size, off = v >> 40, v & ((1 << 40) - 1)
-        if size:
-            assert off + size <= len(data)
-            out[i] = data[off:off + size]
-    return out
+    return {r * 128 + c: t for (r, c), t in reference_v2(data).items()}
