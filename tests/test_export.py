@@ -5,7 +5,6 @@ import errno
 import json
 import os
 import shutil
-import sys
 import threading
 import zipfile
 
@@ -203,14 +202,6 @@ def test_refusals(sample_v2, tmp_path):
     with pytest.raises(ExportError, match="does not exist"):
         export(sample_v2, ExportRequest(levels="0"), str(tmp_path / "nowhere" / "x.tpkx"))
     assert sorted(os.listdir(tmp_path)) == ["taken"]
-
-
-def test_optimize_without_recompress_module_is_a_clear_error(sample_v2, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tilecrate.recompress", None)     # as if the module were missing
-    with pytest.raises(ExportError, match="optimizeTilesForSize"):
-        export(sample_v2, ExportRequest(levels="0", optimize_tiles_for_size=True, compression_quality=50),
-               str(tmp_path / "q.tpkx"))
-    assert os.listdir(tmp_path) == []
 
 
 def test_cli_export(sample_v2, tmp_path, capsys):

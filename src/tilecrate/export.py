@@ -28,8 +28,10 @@ from tilecrate.package.bundles import BundlePlan, plan_bundle, plan_from_tiles
 from tilecrate.package.folder import FolderSink
 from tilecrate.package.layout import Layout, entries, resolve_layout
 from tilecrate.package.metadata import Stamp, package_info
+from tilecrate.package.sizing import predict_package_size
 from tilecrate.package.thumbnail import render_thumbnail
 from tilecrate.package.zipstream import ZIP64_LIMIT, ZipSink, ZipWriter
+from tilecrate.recompress import policy_for, recompress_bundle
 from tilecrate.request import ExportRequest
 from tilecrate.selection import Selection, select
 
@@ -68,17 +70,6 @@ class ExportResult:
             "warnings": list(self.warnings), "qualityUsed": self.quality_used,
             "seconds": round(self.seconds, 3),
         }
-
-
-def _policy(cache: Cache, request: ExportRequest):
-    """The re-encoding policy, or None when optimizeTilesForSize is not asked for."""
-    if not request.optimize_tiles_for_size:
-        return None
-    try:
-        from tilecrate.recompress import policy_for
-    except ImportError:
-        raise ExportError("optimizeTilesForSize is not available yet in this build of tilecrate") from None
-    return policy_for(cache, request)
 
 
 def _check_source(cache: Cache) -> None:
@@ -161,7 +152,7 @@ def export(cache: Cache | str, request: ExportRequest, out: str, *,
     started = time.perf_counter()
     if selection is None:
         selection = select(cache, request, cancel=cancel)
-    policy = _policy(cache, request)
+    policy = policy_for(cache, request) if request.optimize_tiles_for_size else None
     active = policy is not None and policy.active
     quality_used = policy.quality_used if policy is not None else None
     tmp = _temp_path(out)
@@ -185,8 +176,6 @@ def export(cache: Cache | str, request: ExportRequest, out: str, *,
 
 def _write(cache: Cache, request: ExportRequest, selection: Selection, layout: Layout, tmp: str, out: str,
            policy, quality_used: int | None, progress, cancel, threads, zip64_limit) -> ExportResult:
-    from tilecrate.package.sizing import predict_package_size
-
     info = package_info(cache, selection, layout.version, quality_used)
     stamp = Stamp.now()
     bytes_total, _ = predict_package_size(cache, selection, request, layout=layout, zip64_limit=zip64_limit)
@@ -220,8 +209,6 @@ def _write(cache: Cache, request: ExportRequest, selection: Selection, layout: L
         try:
             found: list[str] = []
             if policy is not None:
-                from tilecrate.recompress import recompress_bundle
-
                 new_tiles, found = recompress_bundle(policy, data, bsel.mask, cache)
                 plan = plan_from_tiles(bsel.ref, new_tiles, bsel.mask, layout.version, label)
                 data.close()

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from tilecrate.cache import Cache
+from tilecrate.estimate import estimate
+from tilecrate.export import export
 from tilecrate.errors import Cancelled, TilecrateError
 from tilecrate.jobs.model import (
     CANCELLED, CANCELLING, ERROR, ESTIMATE, EXECUTING, EXPORT, FAILED, OUTSTANDING, SUBMITTED,
@@ -28,6 +30,7 @@ from tilecrate.jobs.model import (
 )
 from tilecrate.jobs.store import JobStore
 from tilecrate.request import COMPACT_V2, ExportRequest
+from tilecrate.selection import select
 
 log = logging.getLogger("tilecrate.jobs")
 
@@ -278,10 +281,6 @@ class JobRunner:
             raise
 
     def _estimate(self, job: Job, svc: JobService, request: ExportRequest, cancel: threading.Event) -> None:
-        try:
-            from tilecrate.estimate import estimate
-        except ImportError as e:
-            raise JobError(f"this tilecrate build cannot estimate exports yet ({e}).") from None
         est = estimate(svc.cache, request, cancel=cancel)  # select() checks the cancel per bundle
         if cancel.is_set():  # a cancel that came after the selection
             raise Cancelled("cancelled")
@@ -293,11 +292,6 @@ class JobRunner:
         self._finish(job.id, SUCCEEDED, None, result={"value": value}, notes=notes)
 
     def _export(self, job: Job, svc: JobService, request: ExportRequest, cancel: threading.Event) -> None:
-        try:
-            from tilecrate.export import export
-            from tilecrate.selection import select
-        except ImportError as e:
-            raise JobError(f"this tilecrate build cannot export yet ({e}).") from None
         selection = select(svc.cache, request, cancel=cancel)
         if cancel.is_set():
             raise Cancelled("cancelled")

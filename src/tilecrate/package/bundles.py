@@ -7,7 +7,6 @@ holds a whole bundle in memory except re-encoded tiles.
 """
 from __future__ import annotations
 
-import mmap
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -19,27 +18,7 @@ from tilecrate import _plan
 from tilecrate.cache import BundleData, BundleRef, Cache
 from tilecrate.errors import BundleError
 
-V1_BUNDLX_SIZE = _plan.BUNDLX_SIZE
 RUN = 8 << 20                    # a run (one read, one write) holds at most this many bytes, unless one tile is larger
-_PAGE = mmap.PAGESIZE
-
-
-def _mapping(view: memoryview) -> tuple[mmap.mmap | None, int]:
-    """The mmap a view slices (if any) and the view's offset in it."""
-    obj = view.obj
-    if not isinstance(obj, mmap.mmap):
-        return None, 0
-    base = np.frombuffer(obj, np.uint8).ctypes.data
-    return obj, np.frombuffer(view, np.uint8).ctypes.data - base if view.nbytes else 0
-
-
-def _drop_pages(mm: mmap.mmap, start: int, length: int) -> None:
-    """Unmap pages this process no longer needs (they stay in the page cache; RSS stays flat)."""
-    aligned = start - start % _PAGE
-    try:
-        mm.madvise(mmap.MADV_DONTNEED, aligned, start + length - aligned)
-    except (AttributeError, OSError, ValueError):
-        pass  # only an optimisation
 
 
 @dataclass
@@ -88,11 +67,8 @@ class BundlePlan:
                     yield view[:4 + length]
             return
         src = memoryview(self.source).cast("B") if not isinstance(self.source, memoryview) else self.source
-        mm, base = _mapping(src)
         for off, length, first, count in self.runs.tolist():
             view[4:4 + length] = src[off:off + length]
-            if mm is not None:
-                _drop_pages(mm, base + off, length)
             _plan.fill_prefixes(buf, self.tile_offsets, self.tile_sizes, first, count)
             yield view[:4 + length]
 

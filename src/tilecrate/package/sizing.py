@@ -8,15 +8,14 @@ estimate does, it counts the source tiles' bytes.
 """
 from __future__ import annotations
 
+from tilecrate import _plan
 from tilecrate.cache import Cache
 from tilecrate.package.layout import Layout, entries, resolve_layout
 from tilecrate.package.metadata import Stamp, package_info
 from tilecrate.package.thumbnail import thumbnail_size
 from tilecrate.package.zipstream import ZIP64_LIMIT, ZipWriter
+from tilecrate.recompress import policy_for
 
-V2_EMPTY = 64 + 16384 * 8          # header + index
-V1_EMPTY = 60 + 16384 * 4          # header + zero table
-BUNDLX = 16 + 16384 * 5 + 16
 
 
 def bundle_file_sizes(tiles: int, tile_bytes: int, version: int) -> tuple[int, int]:
@@ -24,17 +23,13 @@ def bundle_file_sizes(tiles: int, tile_bytes: int, version: int) -> tuple[int, i
     if tiles <= 0:
         return 0, 0
     if version == 2:
-        return V2_EMPTY + 4 * tiles + tile_bytes, 0
-    return V1_EMPTY + 4 * tiles + tile_bytes, BUNDLX
+        return _plan.V2_DATA_START + 4 * tiles + tile_bytes, 0
+    return _plan.V1_DATA_START + 4 * tiles + tile_bytes, _plan.BUNDLX_SIZE
 
 
 def metadata_quality(cache: Cache, request) -> int | None:
     """The compressionQuality the package metadata will state (the re-encoding quality when one applies)."""
     if not getattr(request, "optimize_tiles_for_size", False):
-        return None
-    try:
-        from tilecrate.recompress import policy_for
-    except ImportError:
         return None
     policy = policy_for(cache, request)
     return policy.quality_used if policy is not None else None
