@@ -9,6 +9,7 @@ import threading
 from dataclasses import dataclass, field
 
 from tilecrate.cache import Cache, open_cache
+from tilecrate.package.sizing import predict_package_size
 from tilecrate.presence import PresenceStore
 from tilecrate.request import ExportRequest
 from tilecrate.selection import Selection, select
@@ -33,8 +34,6 @@ class Estimate:
 
 def estimate_selection(cache: Cache, selection: Selection, request: ExportRequest) -> Estimate:
     """The estimate of an already computed selection."""
-    from tilecrate.package.sizing import predict_package_size
-
     total, per_level = predict_package_size(cache, selection, request)
     levels = {
         ls.level: {"tiles": ls.tiles, "size": int(per_level.get(ls.level, 0)), "tileBytes": ls.tile_bytes}

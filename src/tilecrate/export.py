@@ -178,7 +178,8 @@ def _write(cache: Cache, request: ExportRequest, selection: Selection, layout: L
            policy, quality_used: int | None, progress, cancel, threads, zip64_limit) -> ExportResult:
     info = package_info(cache, selection, layout.version, quality_used)
     stamp = Stamp.now()
-    bytes_total, _ = predict_package_size(cache, selection, request, layout=layout, zip64_limit=zip64_limit)
+    bytes_total, _ = predict_package_size(cache, selection, request, layout=layout, zip64_limit=zip64_limit,
+                                          info=info)
     if layout.is_package:
         f = open(tmp, "wb", buffering=1 << 16)     # larger writes bypass the buffer: no extra copy
         sink = ZipSink(ZipWriter(f, zip64_limit=zip64_limit))

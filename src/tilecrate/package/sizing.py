@@ -11,7 +11,7 @@ from __future__ import annotations
 from tilecrate import _plan
 from tilecrate.cache import Cache
 from tilecrate.package.layout import Layout, entries, resolve_layout
-from tilecrate.package.metadata import Stamp, package_info
+from tilecrate.package.metadata import PackageInfo, Stamp, package_info
 from tilecrate.package.thumbnail import thumbnail_size
 from tilecrate.package.zipstream import ZIP64_LIMIT, ZipWriter
 from tilecrate.recompress import policy_for
@@ -36,10 +36,14 @@ def metadata_quality(cache: Cache, request) -> int | None:
 
 
 def predict_package_size(cache: Cache, selection, request, *, layout: Layout | None = None,
-                         out: str | None = None, zip64_limit: int = ZIP64_LIMIT) -> tuple[int, dict[int, int]]:
-    """(total bytes of the package file or cache folder, bytes per level) without reading tile data."""
+                         out: str | None = None, zip64_limit: int = ZIP64_LIMIT,
+                         info: PackageInfo | None = None) -> tuple[int, dict[int, int]]:
+    """(total bytes of the package file or cache folder, bytes per level) without reading tile data.
+
+    `info` is the export's own PackageInfo when it has one (saves computing it twice)."""
     layout = layout or resolve_layout(cache, request, out)
-    info = package_info(cache, selection, layout.version, metadata_quality(cache, request))
+    if info is None:
+        info = package_info(cache, selection, layout.version, metadata_quality(cache, request))
     files = layout.metadata_files(info, Stamp.placeholder())
     per_level: dict[int, int] = {lv.level: 0 for lv in selection.levels}
     writer = ZipWriter(None, zip64_limit=zip64_limit, dry_run=True) if layout.is_package else None
