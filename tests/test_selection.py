@@ -231,3 +231,19 @@ def test_level_20_over_a_continent_visits_only_existing_bundles(tmp_path):
         sel = select(c, ExportRequest("20", area_of_interest=europe))
     assert [b.ref[1:] for b in sel.bundles()] == [refs[0]]
     assert sel.tiles == len(range(0, 16384, 5))
+
+
+def test_level_selection_tile_range():
+    from tilecrate.cache import BundleRef
+    from tilecrate.selection import BundleSelection, LevelSelection
+
+    def bsel(row0, col0, cells):
+        m = np.zeros((128, 128), np.uint8)
+        for r, c in cells:
+            m[r, c] = 1
+        return BundleSelection(BundleRef(9, row0, col0), m, len(cells), 0)
+
+    lv = LevelSelection(9, [bsel(0, 128, [(5, 7), (100, 0)]), bsel(128, 0, [(0, 127), (3, 3)]),
+                            bsel(256, 256, [])])
+    assert lv.tile_range() == (5, 131, 3, 135)
+    assert LevelSelection(9, [bsel(0, 0, [])]).tile_range() is None

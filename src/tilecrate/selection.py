@@ -48,6 +48,22 @@ class LevelSelection:
     tiles: int = 0
     tile_bytes: int = 0
 
+    def tile_range(self) -> tuple[int, int, int, int] | None:
+        """Inclusive (row_min, row_max, col_min, col_max) of the selected tiles; None if there are none."""
+        rmin = cmin = math.inf
+        rmax = cmax = -math.inf
+        for b in self.bundles:
+            if b.tiles <= 0:
+                continue
+            m = np.asarray(b.mask).reshape(PACKET, PACKET)
+            rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+            if rows.size:
+                rmin, rmax = min(rmin, b.ref.row0 + int(rows[0])), max(rmax, b.ref.row0 + int(rows[-1]))
+                cmin, cmax = min(cmin, b.ref.col0 + int(cols[0])), max(cmax, b.ref.col0 + int(cols[-1]))
+        if rmin is math.inf:
+            return None
+        return rmin, rmax, cmin, cmax
+
 
 @dataclass
 class Selection:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from tilecrate.cache import COMPACT_V1, COMPACT_V2, BundleRef, Cache
+from tilecrate.cache import COMPACT_V2, BundleRef, Cache
 from tilecrate.errors import RequestError
 from tilecrate.package import metadata
 from tilecrate.package.metadata import PackageInfo, Stamp
@@ -91,11 +91,6 @@ def resolve_layout(cache: Cache, request, out: str | os.PathLike | None = None) 
     else:
         version = 2 if cache.storage_format == COMPACT_V2 else 1
     return Layout(TPKX if version == 2 else TPK, version)
-
-
-def storage_format_name(version: int) -> str:
-    """The long storage format name of a bundle version."""
-    return COMPACT_V2 if version == 2 else COMPACT_V1
 
 
 def entries(layout: Layout, selection):

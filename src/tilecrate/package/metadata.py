@@ -15,7 +15,6 @@ import uuid
 from dataclasses import dataclass, field
 from xml.sax.saxutils import escape
 
-import numpy as np
 
 from tilecrate.cache import COMPACT_V1, COMPACT_V2, Cache
 from tilecrate.tiling import PACKET, Extent, SpatialRef
@@ -74,18 +73,10 @@ def _selection_extent(cache: Cache, selection) -> Extent | None:
     finest = levels[-1]
     if not cache.scheme.has_level(finest.level):
         return cache.full_extent
-    rmin = cmin = math.inf
-    rmax = cmax = -math.inf
-    for b in finest.bundles:
-        if b.tiles <= 0:
-            continue
-        m = np.asarray(b.mask).reshape(PACKET, PACKET)
-        rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
-        if rows.size:
-            rmin, rmax = min(rmin, b.ref.row0 + int(rows.min())), max(rmax, b.ref.row0 + int(rows.max()))
-            cmin, cmax = min(cmin, b.ref.col0 + int(cols.min())), max(cmax, b.ref.col0 + int(cols.max()))
-    if rmin is math.inf:
+    bounds = finest.tile_range()
+    if bounds is None:
         return cache.full_extent
+    rmin, rmax, cmin, cmax = bounds
     x0, _, _, y1 = cache.scheme.tile_bounds(finest.level, rmin, cmin)
     _, y0, x1, _ = cache.scheme.tile_bounds(finest.level, rmax, cmax)
     tiles = Extent(x0, y0, x1, y1, cache.scheme.spatial_ref)

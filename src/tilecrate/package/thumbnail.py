@@ -59,16 +59,10 @@ def _pick_level(selection) -> tuple[int, tuple[int, int, int, int]] | None:
     for lv in selection.levels:
         if lv.tiles <= 0:
             continue
-        rmin = cmin = 1 << 62
-        rmax = cmax = -1
-        for b in lv.bundles:
-            rows, cols = np.nonzero(np.asarray(b.mask).reshape(PACKET, PACKET))
-            if rows.size:
-                rmin, rmax = min(rmin, b.ref.row0 + int(rows.min())), max(rmax, b.ref.row0 + int(rows.max()))
-                cmin, cmax = min(cmin, b.ref.col0 + int(cols.min())), max(cmax, b.ref.col0 + int(cols.max()))
-        if rmax < 0:
+        bbox = lv.tile_range()
+        if bbox is None:
             continue
-        bbox = (rmin, rmax, cmin, cmax)
+        rmin, rmax, cmin, cmax = bbox
         fits = rmax - rmin < MAX_TILES_SIDE and cmax - cmin < MAX_TILES_SIDE
         if choice is None or fits:
             choice = (lv.level, bbox)
