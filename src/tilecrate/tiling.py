@@ -48,6 +48,11 @@ class SpatialRef:
             return self.wkt.lstrip().upper().startswith("GEOGCS")
         return False
 
+    @property
+    def units(self) -> str:
+        """The `units` value of service and package JSON: esriDecimalDegrees or esriMeters."""
+        return "esriDecimalDegrees" if self.is_geographic else "esriMeters"
+
     def to_json(self) -> dict:
         """`spatialReference` JSON: wkid/latestWkid when known, else wkt."""
         out: dict = {}

@@ -156,10 +156,6 @@ def _scales(info: PackageInfo) -> tuple[float, float]:
     return max(l.scale for l in lods), min(l.scale for l in lods)
 
 
-def _units(sr: SpatialRef) -> str:
-    return "esriDecimalDegrees" if sr.is_geographic else "esriMeters"
-
-
 # ------------------------------------------------------------------------------------------
 # conf.xml / conf.cdi (tpk, cache folders)
 
@@ -239,7 +235,7 @@ def root_json(info: PackageInfo) -> bytes:
         "version": 1.0,
         "serviceDescription": "",
         "spatialReference": sr,
-        "units": _units(s.spatial_ref),
+        "units": s.spatial_ref.units,
         "minLOD": min_lod,
         "maxLOD": max_lod,
         "minScale": min_scale,
@@ -350,7 +346,7 @@ def mapserver_json(info: PackageInfo) -> bytes:
         "fullExtent": ext,
         "minScale": min_scale,
         "maxScale": max_scale,
-        "units": _units(s.spatial_ref),
+        "units": s.spatial_ref.units,
         "capabilities": "Map",
         "exportTilesAllowed": False,
     }

@@ -40,7 +40,6 @@ class Service:
         lods = scheme.lods
         levels = cache.levels or [lod.level for lod in lods]
         sr = scheme.spatial_ref.to_json()
-        units = "esriDecimalDegrees" if scheme.spatial_ref.is_geographic else "esriMeters"
         out: dict = {
             "currentVersion": CURRENT_VERSION,
             "cimVersion": "3.1.0",
@@ -66,7 +65,7 @@ class Service:
             "minLOD": min(levels) if levels else 0,
             "maxLOD": max(levels) if levels else 0,
             "resampling": False,
-            "units": units,
+            "units": scheme.spatial_ref.units,
             "supportedImageFormatTypes": cache.tile_format,
             "documentInfo": {"Title": self.name, "Author": "", "Comments": "", "Subject": "",
                              "Category": "", "AntialiasingMode": "None", "TextAntialiasingMode": "Force",
