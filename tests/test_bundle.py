@@ -318,3 +318,19 @@ def test_parse_v2_index_from_the_head_alone():
         _bundle.parse_v2_index(head[:100], len(data), "b")
     with pytest.raises(BundleError, match="read from a file of"):
         _bundle.parse_v2_index(data, 10, "b")
+
+
+def test_tile_range_and_derived_extent(real_dir):
+    from conftest import real_path
+    with tilecrate.open_cache(real_path("googlemaps.tpkx")) as c:
+        assert c.tile_range(0) == (0, 1, 0, 0)          # rows outside the nominal 2^0 grid
+        assert c.tile_range(23) is None
+    with tilecrate.open_cache(real_path("tiler-sample")) as c:
+        cells = [(r, col) for _, r, col, _ in c.iter_tiles(2)]
+        rows, cols = [r for r, _ in cells], [col for _, col in cells]
+        assert c.tile_range(2) == (min(rows), max(rows), min(cols), max(cols))
+        c.full_extent = None
+        x0, _, _, y1 = c.scheme.tile_bounds(2, min(rows), min(cols))
+        _, y0, x1, _ = c.scheme.tile_bounds(2, max(rows), max(cols))
+        e = c.data_extent()
+        assert (e.xmin, e.ymin, e.xmax, e.ymax) == (x0, y0, x1, y1)

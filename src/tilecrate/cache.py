@@ -254,17 +254,28 @@ class Cache:
         lv = self.levels[0] if self.levels else None
         if lv is None or not self.scheme.has_level(lv):
             raise CacheError(f"{self.path}: no data extent in the metadata and no tiles to derive one from")
-        rows, cols = [], []
-        for ref in self.bundles(lv):
-            _, sizes = self.index(ref)
-            idx = np.flatnonzero(sizes)
-            rows.extend((ref.row0 + idx // PACKET).tolist())
-            cols.extend((ref.col0 + idx % PACKET).tolist())
-        if not rows:
+        bounds = self.tile_range(lv)
+        if bounds is None:
             raise CacheError(f"{self.path}: the cache holds no tiles")
-        x0, _, _, y1 = self.scheme.tile_bounds(lv, min(rows), min(cols))
-        _, y0, x1, _ = self.scheme.tile_bounds(lv, max(rows), max(cols))
+        rmin, rmax, cmin, cmax = bounds
+        x0, _, _, y1 = self.scheme.tile_bounds(lv, rmin, cmin)
+        _, y0, x1, _ = self.scheme.tile_bounds(lv, rmax, cmax)
         return Extent(x0, y0, x1, y1, self.scheme.spatial_ref)
+
+    def tile_range(self, level: int) -> tuple[int, int, int, int] | None:
+        """Inclusive (row_min, row_max, col_min, col_max) of the tiles present at a level; None if none."""
+        rmin = cmin = None
+        rmax = cmax = None
+        for ref in self.bundles(level):
+            present = self.index(ref)[1].reshape(PACKET, PACKET) > 0
+            rows, cols = np.flatnonzero(present.any(axis=1)), np.flatnonzero(present.any(axis=0))
+            if not rows.size:
+                continue
+            r0, r1 = ref.row0 + int(rows[0]), ref.row0 + int(rows[-1])
+            c0, c1 = ref.col0 + int(cols[0]), ref.col0 + int(cols[-1])
+            rmin, rmax = (r0, r1) if rmin is None else (min(rmin, r0), max(rmax, r1))
+            cmin, cmax = (c0, c1) if cmin is None else (min(cmin, c0), max(cmax, c1))
+        return None if rmin is None else (rmin, rmax, cmin, cmax)
 
     def close(self) -> None:
         """Close the underlying files."""

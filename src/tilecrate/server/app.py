@@ -15,7 +15,6 @@ import time
 from typing import Awaitable, Callable
 from urllib.parse import quote
 
-import numpy as np
 from aiohttp import web
 
 from tilecrate.errors import RequestError, TilecrateError
@@ -26,7 +25,6 @@ from tilecrate.server import html
 from tilecrate.server.config import ServerConfig
 from tilecrate.server.errors import EsriError
 from tilecrate.server.service import CURRENT_VERSION, Service, open_service
-from tilecrate.tiling import PACKET
 
 log = logging.getLogger("tilecrate.server")
 
@@ -311,17 +309,12 @@ def _compute_preview(svc: Service) -> tuple[int, list[int], list[int]] | None:
     """The finest level whose tiles fit a 4 x 4 grid (else 4 x 4 tiles of the coarsest level)."""
     best = None
     for lv in svc.cache.levels:
-        rows, cols = set(), set()
-        for ref in svc.cache.bundles(lv):
-            _, sizes = svc.cache.index(ref)
-            idx = np.flatnonzero(sizes)
-            rows.update((ref.row0 + idx // PACKET).tolist())
-            cols.update((ref.col0 + idx % PACKET).tolist())
-        if not rows:
+        bounds = svc.cache.tile_range(lv)
+        if bounds is None:
             continue
-        r, c = sorted(rows), sorted(cols)
-        if best is None or (r[-1] - r[0] < 4 and c[-1] - c[0] < 4):
-            best = (lv, list(range(r[0], min(r[0] + 4, r[-1] + 1))), list(range(c[0], min(c[0] + 4, c[-1] + 1))))
+        r0, r1, c0, c1 = bounds
+        if best is None or (r1 - r0 < 4 and c1 - c0 < 4):
+            best = (lv, list(range(r0, min(r0 + 4, r1 + 1))), list(range(c0, min(c0 + 4, c1 + 1))))
         else:
             break
     return best
