@@ -617,11 +617,15 @@ def _check_scheme(scheme: TileScheme, label: str) -> None:
             raise CacheError(f"{label}: level {lod.level} has resolution {lod.resolution}")
 
 
+_STORAGE_NAMES = {"compact": COMPACT_V1, "compactv1": COMPACT_V1, "tpk": COMPACT_V1,
+                  "compactv2": COMPACT_V2, "tpkx": COMPACT_V2, "exploded": EXPLODED}
+
+
 def normalize_storage_format(value: str) -> str:
-    """The long esriMapCacheStorageMode* name for any spelling (`compactV2`, `COMPACT_V2`, ...)."""
-    key = str(value).strip().lower().replace("_", "").replace("esrimapcachestoragemode", "")
-    return {"compact": COMPACT_V1, "compactv1": COMPACT_V1, "compactv2": COMPACT_V2,
-            "exploded": EXPLODED}.get(key, str(value))
+    """The long esriMapCacheStorageMode* name for any spelling (`compactV2`, `COMPACT_V2`, `tpkx`, ...);
+    an unknown value comes back as it was."""
+    key = "".join(str(value).split()).lower().replace("_", "").replace("-", "")
+    return _STORAGE_NAMES.get(key.replace("esrimapcachestoragemode", ""), str(value))
 
 
 def _check_storage(meta: _Meta, label: str) -> None:

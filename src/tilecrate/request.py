@@ -14,18 +14,12 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
+from tilecrate.cache import COMPACT_V1, COMPACT_V2
+from tilecrate.cache import normalize_storage_format as cache_storage_format
 from tilecrate.errors import RequestError
 
-COMPACT_V1 = "esriMapCacheStorageModeCompact"
-COMPACT_V2 = "esriMapCacheStorageModeCompactV2"
 EXPORT_BY = {"levelid": "LevelID", "scale": "Scale", "resolution": "Resolution"}
 
-_STORAGE_ALIASES = {
-    "compact": COMPACT_V1, "compactv1": COMPACT_V1, "compact_v1": COMPACT_V1, "tpk": COMPACT_V1,
-    "esrimapcachestoragemodecompact": COMPACT_V1, "esrimapcachestoragemodecompactv1": COMPACT_V1,
-    "compactv2": COMPACT_V2, "compact_v2": COMPACT_V2, "tpkx": COMPACT_V2,
-    "esrimapcachestoragemodecompactv2": COMPACT_V2,
-}
 _TRUE = {"true", "1", "yes", "on", "t", "y"}
 _FALSE = {"false", "0", "no", "off", "f", "n"}
 _NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
@@ -39,9 +33,8 @@ def normalize_storage_format(value: str | None) -> str | None:
     text = str(value).strip()
     if not text:
         return None
-    key = text.lower().replace("-", "_").replace(" ", "")
-    found = _STORAGE_ALIASES.get(key) or _STORAGE_ALIASES.get(key.replace("_", ""))
-    if found is None:
+    found = cache_storage_format(text)
+    if found not in (COMPACT_V1, COMPACT_V2):
         raise RequestError(
             f"unknown storage format {text!r}: use esriMapCacheStorageModeCompactV2 (.tpkx) "
             f"or esriMapCacheStorageModeCompact (.tpk); CompactV2, Compact, tpkx and tpk also work")
