@@ -28,6 +28,7 @@ TILE = 256
 DEFAULT_EXTENT = (-25.0, -35.0, 45.0, 62.0)      # lon/lat: Europe and Africa
 LARGE_EXTENT = (-30.0, -40.0, 60.0, 65.0)
 FORMATS = ("JPEG", "PNG", "MIXED")
+MAX_SAMPLE_LEVEL = 20
 
 
 @dataclass(frozen=True)
@@ -344,8 +345,8 @@ def make_sample(out: str | os.PathLike, spec: SampleSpec = SampleSpec(), *, work
         raise TilecrateError(f"sample format must be one of {', '.join(FORMATS)}, not {spec.tile_format}")
     if spec.version not in (1, 2):
         raise TilecrateError("sample version must be 1 (compact V1) or 2 (compact V2)")
-    if not spec.levels or min(spec.levels) < 0 or max(spec.levels) > 20:
-        raise TilecrateError("sample levels must lie within 0-20")
+    if not spec.levels or min(spec.levels) < 0 or max(spec.levels) > MAX_SAMPLE_LEVEL:
+        raise TilecrateError(f"sample levels must lie within 0-{MAX_SAMPLE_LEVEL}")
     if os.path.exists(out):
         if not overwrite and os.listdir(out):
             raise TilecrateError(f"{out} exists and is not empty (use --force to replace it)")

@@ -5,23 +5,23 @@ import argparse
 import os
 
 from tilecrate.cli import emit_json, human_bytes, progress_bar
-from tilecrate.sample import FORMATS, SampleSpec, _bundle_jobs, count_tiles, large_spec, make_sample
+from tilecrate.errors import RequestError
+from tilecrate.request import parse_levels
+from tilecrate.sample import FORMATS, MAX_SAMPLE_LEVEL, SampleSpec, _bundle_jobs, count_tiles, large_spec, make_sample
 
 NAME = "sample"
 HELP = "write a deterministic sample cache (Web Mercator, photo-like imagery)"
 
 
 def _levels(text: str) -> tuple[int, ...]:
-    out: list[int] = []
-    for part in text.replace(" ", "").split(","):
-        if "-" in part:
-            a, b = part.split("-", 1)
-            out.extend(range(int(a), int(b) + 1))
-        elif part:
-            out.append(int(part))
-    if not out:
-        raise argparse.ArgumentTypeError("no levels")
-    return tuple(sorted(set(out)))
+    """--levels as LevelIDs, in the exportTiles `levels` grammar ('0-5', '1-4, 7')."""
+    try:
+        items = parse_levels(text)
+    except RequestError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if any(v != int(v) or not 0 <= v <= MAX_SAMPLE_LEVEL for item in items for v in item):
+        raise argparse.ArgumentTypeError(f"sample levels are whole numbers within 0-{MAX_SAMPLE_LEVEL}")
+    return tuple(sorted({lv for lo, hi in items for lv in range(int(min(lo, hi)), int(max(lo, hi)) + 1)}))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
