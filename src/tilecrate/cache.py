@@ -288,6 +288,37 @@ class Cache:
         self.close()
 
 
+class BundleReader:
+    """Plain reads from the file holding a bundle, refusing a file whose size changed since the
+    bundle's index was read (a changed bundle must be an error, never wrong bytes)."""
+
+    def __init__(self, where: tuple[str, int, int], label: str):
+        self.path, self.base, size = where
+        self.label = label
+        self._f = open(self.path, "rb", buffering=0)
+        if os.fstat(self._f.fileno()).st_size != size:
+            self.close()
+            raise self._changed()
+
+    def _changed(self) -> BundleError:
+        return BundleError(f"{self.label}: the file changed while it was being exported")
+
+    def read_into(self, view: memoryview, offset: int) -> None:
+        """Fill `view` from `offset` of the bundle (GIL released in the read)."""
+        if os.preadv(self._f.fileno(), [view], self.base + offset) != len(view):
+            raise self._changed()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._f.close()
+
+    def __enter__(self) -> "BundleReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 # --------------------------------------------------------------------------------------------
 # storage backends
 

@@ -15,15 +15,14 @@ available ("pixel") for sources the DCT path cannot improve on, and for comparis
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from tilecrate import _jpeg
-from tilecrate.cache import BundleData, Cache
-from tilecrate.errors import BundleError, RequestError
+from tilecrate.cache import BundleData, BundleReader, Cache
+from tilecrate.errors import RequestError
 from tilecrate.tiling import PACKET
 
 JPEG_FORMATS = ("JPEG", "MIXED")
@@ -114,19 +113,15 @@ def _read_tiles(where: tuple[str, int, int], offsets: np.ndarray, sizes: np.ndar
                 ) -> tuple[bytearray, np.ndarray]:
     """The tiles at `offsets`/`sizes` of a bundle stored at `where` (file, offset, file size), read
     with pread into one buffer: (buffer, the tiles' offsets in it)."""
-    path, base, file_size = where
     at = np.zeros(len(sizes), dtype=np.uint64)
     if len(sizes) > 1:
         np.cumsum(sizes[:-1], dtype=np.uint64, out=at[1:])
     buf = bytearray(int(sizes.sum(dtype=np.uint64)))
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        if os.fstat(f.fileno()).st_size != file_size:
-            raise BundleError(f"{label}: the file changed while it was being exported")
-        fd = f.fileno()
+    with BundleReader(where, label) as reader:
         for o, s, a in zip(offsets.tolist(), sizes.tolist(), at.tolist()):
-            if s and os.preadv(fd, [view[a:a + s]], base + o) != s:
-                raise BundleError(f"{label}: the file changed while it was being exported")
+            if s:
+                reader.read_into(view[a:a + s], o)
     return buf, at
 
 

@@ -7,7 +7,6 @@ holds a whole bundle in memory except re-encoded tiles.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -15,8 +14,7 @@ import numpy as np
 from isal import isal_zlib
 
 from tilecrate import _plan
-from tilecrate.cache import BundleData, BundleRef, Cache
-from tilecrate.errors import BundleError
+from tilecrate.cache import BundleData, BundleReader, BundleRef, Cache
 
 RUN = 8 << 20                    # a run (one read, one write) holds at most this many bytes, unless one tile is larger
 
@@ -56,13 +54,9 @@ class BundlePlan:
         buf = bytearray(longest)
         view = memoryview(buf)
         if self.file is not None:
-            with open(self.file, "rb", buffering=0) as f:
-                if os.fstat(f.fileno()).st_size != self.file_size:
-                    raise BundleError(f"{self.file}: the file changed while it was being exported")
-                fd = f.fileno()
+            with BundleReader((self.file, self.file_offset, self.file_size), self.file) as reader:
                 for off, length, first, count in self.runs.tolist():
-                    if os.preadv(fd, [view[4:4 + length]], self.file_offset + off) != length:
-                        raise BundleError(f"{self.file}: the file changed while it was being exported")
+                    reader.read_into(view[4:4 + length], off)
                     _plan.fill_prefixes(buf, self.tile_offsets, self.tile_sizes, first, count)
                     yield view[:4 + length]
             return
