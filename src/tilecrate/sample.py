@@ -1,4 +1,4 @@
-"""A deterministic sample cache: Web Mercator, 256 px, photo-like imagery, compact V1 or V2.
+"""A deterministic sample cache: Web Mercator, 256 px, photo-like imagery or elevation, compact V1 or V2.
 
 The imagery is continuous across tiles and levels (fractal value noise in world coordinates,
 coloured like terrain, with hill shading and fine texture), so JPEG tiles have real sizes
@@ -6,6 +6,11 @@ coloured like terrain, with hill shading and fine texture), so JPEG tiles have r
 its level/row/col, so no two tiles share bytes and a tile put in the wrong place is caught.
 Writing uses plain Python file I/O on purpose: the sample is test input, built independently
 of tilecrate's own bundle writers.
+
+The LERC format is an elevation cache as ArcGIS elevation services serve it (FORMATS.md §19): the
+same world terrain in metres, 257 x 257 float32 samples per 256 px tile sitting on the tile edges
+(neighbours share their edge samples exactly), encoded as LERC1 with maxZError 0.1 m by
+tilecrate.lerc1 (checked against Esri's own decoder in the tests).
 """
 from __future__ import annotations
 
@@ -21,13 +26,18 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
+from tilecrate import lerc1
 from tilecrate.errors import TilecrateError
 from tilecrate.tiling import PACKET, WEB_MERCATOR_HALF, bundle_name, level_dir, web_mercator_scheme
 
 TILE = 256
 DEFAULT_EXTENT = (-25.0, -35.0, 45.0, 62.0)      # lon/lat: Europe and Africa
 LARGE_EXTENT = (-30.0, -40.0, 60.0, 65.0)
-FORMATS = ("JPEG", "PNG", "MIXED")
+FORMATS = ("JPEG", "PNG", "MIXED", "LERC")
+LERC_MAX_Z_ERROR = 0.1                           # metres, what the LERC sample's tiles guarantee
+LERC_SAMPLES = TILE + 1                          # samples per side of an elevation tile (§19.2)
+SEA_LEVEL = 0.46                                 # terrain value drawn as 0 m (the imagery's coast)
+RELIEF_M = 15000.0                               # metres per unit of the terrain value
 MAX_SAMPLE_LEVEL = 20
 
 
@@ -148,6 +158,12 @@ def _height(level: int, row: int, col: int, seed: int, grid: int = 33) -> np.nda
 _TEXTURES: dict[int, np.ndarray] = {}
 
 
+def elevation(level: int, row: int, col: int, seed: int = 7) -> np.ndarray:
+    """Float32 heights in metres (257 x 257) of a tile of the sample terrain, edge-aligned samples."""
+    h = _height(level, row, col, seed, grid=LERC_SAMPLES)
+    return ((h - SEA_LEVEL) * RELIEF_M).astype(np.float32)
+
+
 def _texture(key: int) -> np.ndarray:
     """Fine ground texture (one of 16), the detail that makes JPEG sizes realistic."""
     key %= 16
@@ -203,7 +219,9 @@ def _jpeg_with_comment(img: Image.Image, quality: int, comment: bytes) -> bytes:
 
 
 def encode_tile(spec: SampleSpec, level: int, row: int, col: int) -> bytes:
-    """The bytes the sample stores for one tile (JPEG or PNG per the spec's format)."""
+    """The bytes the sample stores for one tile (JPEG, PNG or LERC per the spec's format)."""
+    if spec.tile_format == "LERC":
+        return lerc1.encode(elevation(level, row, col, spec.seed), LERC_MAX_Z_ERROR)
     rgb = render_tile(level, row, col, spec.seed)
     cover = _coverage(spec, level, row, col)
     tag = f"tilecrate sample L{level} R{row} C{col}".encode()
@@ -272,6 +290,9 @@ def _conf_xml(spec: SampleSpec) -> str:
         f"<Resolution>{l.resolution!r}</Resolution></LODInfo>" for l in scheme.lods
     )
     fmt_quality = spec.quality if spec.tile_format in ("JPEG", "MIXED") else 0
+    # an elevation cache says how many bands its tiles hold and the LERC error they were written with
+    lerc = (f"<BandCount>1</BandCount><LERCError>{LERC_MAX_Z_ERROR!r}</LERCError>"
+            if spec.tile_format == "LERC" else "")
     storage = "esriMapCacheStorageModeCompactV2" if spec.version == 2 else "esriMapCacheStorageModeCompact"
     return (
         "<?xml version=\"1.0\" encoding=\"utf-8\" ?><CacheInfo xsi:type='typens:CacheInfo' "
@@ -287,7 +308,7 @@ def _conf_xml(spec: SampleSpec) -> str:
         f"<TileCols>{TILE}</TileCols><TileRows>{TILE}</TileRows><DPI>96</DPI><PreciseDPI>96</PreciseDPI>"
         f"<LODInfos xsi:type='typens:ArrayOfLODInfo'>{lods}</LODInfos></TileCacheInfo>"
         f"<TileImageInfo xsi:type='typens:TileImageInfo'><CacheTileFormat>{spec.tile_format}</CacheTileFormat>"
-        f"<CompressionQuality>{fmt_quality}</CompressionQuality><Antialiasing>false</Antialiasing></TileImageInfo>"
+        f"<CompressionQuality>{fmt_quality}</CompressionQuality><Antialiasing>false</Antialiasing>{lerc}</TileImageInfo>"
         f"<CacheStorageInfo xsi:type='typens:CacheStorageInfo'><StorageFormat>{storage}</StorageFormat>"
         "<PacketSize>128</PacketSize></CacheStorageInfo></CacheInfo>"
     )

@@ -10,7 +10,7 @@ from tilecrate.request import parse_levels
 from tilecrate.sample import FORMATS, MAX_SAMPLE_LEVEL, SampleSpec, _bundle_jobs, count_tiles, large_spec, make_sample
 
 NAME = "sample"
-HELP = "write a deterministic sample cache (Web Mercator, photo-like imagery)"
+HELP = "write a deterministic sample cache (Web Mercator; photo-like imagery, or LERC elevation)"
 
 
 def _levels(text: str) -> tuple[int, ...]:
