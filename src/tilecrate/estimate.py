@@ -1,18 +1,19 @@
 """Exact export estimates (estimateExportTilesSize): tile count and package bytes, from bundle indexes only.
 
-The count is the selection's (the same number the maxExportTilesCount check uses); the size is
-what export() would write, as tilecrate.package.sizing predicts it. No tile data is read.
+An estimate is the export's plan with a dry-run sink: the count is the plan's selection (the same
+number the maxExportTilesCount check uses), the size what export() would write, replayed through
+the zip writer in dry-run mode (tilecrate.package.sizing). No tile data is read.
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
 
-from tilecrate.cache import Cache, open_cache
-from tilecrate.package.sizing import predict_package_size
+from tilecrate.cache import Cache
+from tilecrate.plan import ExportPlan, make_plan
 from tilecrate.presence import PresenceStore
 from tilecrate.request import ExportRequest
-from tilecrate.selection import Selection, select
+from tilecrate.selection import Selection
 
 
 @dataclass
@@ -32,20 +33,22 @@ class Estimate:
         }
 
 
-def estimate_selection(cache: Cache, selection: Selection, request: ExportRequest) -> Estimate:
-    """The estimate of an already computed selection."""
-    total, per_level = predict_package_size(cache, selection, request)
+def estimate_plan(plan: ExportPlan) -> Estimate:
+    """The estimate of a plan: its selection's counts and the exact bytes its output will have."""
+    total, per_level = plan.predicted()
     levels = {
         ls.level: {"tiles": ls.tiles, "size": int(per_level.get(ls.level, 0)), "tileBytes": ls.tile_bytes}
-        for ls in selection.levels
+        for ls in plan.selection.levels
     }
-    return Estimate(selection.tiles, int(total), levels)
+    return Estimate(plan.tiles, int(total), levels)
+
+
+def estimate_selection(cache: Cache, selection: Selection, request: ExportRequest) -> Estimate:
+    """The estimate of an already computed selection."""
+    return estimate_plan(make_plan(cache, request, None, selection=selection))
 
 
 def estimate(cache: Cache | str, request: ExportRequest, *, cancel: threading.Event | None = None,
              presence: PresenceStore | None = None) -> Estimate:
     """Exact totalTilesToExport and totalSize (bytes of the package export() would write)."""
-    if isinstance(cache, Cache):
-        return estimate_selection(cache, select(cache, request, cancel=cancel, presence=presence), request)
-    with open_cache(str(cache)) as opened:
-        return estimate_selection(opened, select(opened, request, cancel=cancel, presence=presence), request)
+    return estimate_plan(make_plan(cache, request, None, cancel=cancel, presence=presence))

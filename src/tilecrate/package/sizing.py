@@ -17,7 +17,6 @@ from tilecrate.package.zipstream import ZIP64_LIMIT, ZipWriter
 from tilecrate.recompress import policy_for
 
 
-
 def bundle_file_sizes(tiles: int, tile_bytes: int, version: int) -> tuple[int, int]:
     """(.bundle bytes, .bundlx bytes) of an output bundle holding `tiles` tiles of `tile_bytes` bytes."""
     if tiles <= 0:
@@ -40,10 +39,16 @@ def predict_package_size(cache: Cache, selection, request, *, layout: Layout | N
                          info: PackageInfo | None = None) -> tuple[int, dict[int, int]]:
     """(total bytes of the package file or cache folder, bytes per level) without reading tile data.
 
-    `info` is the export's own PackageInfo when it has one (saves computing it twice)."""
+    For callers holding a selection but no plan; an ExportPlan's `predicted()` calls predict_size."""
     layout = layout or resolve_layout(cache, request, out)
     if info is None:
         info = package_info(cache, selection, layout.version, metadata_quality(cache, request))
+    return predict_size(layout, info, selection, zip64_limit=zip64_limit)
+
+
+def predict_size(layout: Layout, info: PackageInfo, selection, *,
+                 zip64_limit: int = ZIP64_LIMIT) -> tuple[int, dict[int, int]]:
+    """(total bytes, bytes per level) of a resolved output: the layout replayed through a dry-run zip writer."""
     files = layout.metadata_files(info, Stamp.placeholder())
     per_level: dict[int, int] = {lv.level: 0 for lv in selection.levels}
     writer = ZipWriter(None, zip64_limit=zip64_limit, dry_run=True) if layout.is_package else None

@@ -1,0 +1,126 @@
+"""What every runner shares: progress and result records, the cancel check, and moving outputs into place."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tilecrate.errors import Cancelled, ExportError
+
+
+@dataclass
+class ExportProgress:
+    """Where an export is: tiles and output bytes written so far, of the totals, and the current level."""
+
+    tiles_done: int
+    tiles_total: int
+    bytes_done: int
+    bytes_total: int
+    level: int | None
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote."""
+
+    path: str                      # the package file, or the cache folder when tile_package is False
+    tiles: int
+    size: int                      # bytes written (file size or folder total)
+    levels: dict[int, dict] = field(default_factory=dict)   # {level: {"tiles": n, "size": bytes}}
+    warnings: list[str] = field(default_factory=list)
+    quality_used: int | None = None
+    kind: str = ""                 # tpkx | tpk | folder
+    storage_format: str = ""
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        """JSON-ready form (the CLI's --json output)."""
+        return {
+            "path": self.path, "kind": self.kind, "storageFormat": self.storage_format,
+            "tiles": self.tiles, "size": self.size,
+            "levels": {str(k): dict(v) for k, v in sorted(self.levels.items())},
+            "warnings": list(self.warnings), "qualityUsed": self.quality_used,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class CancelFlag(Protocol):
+    """Anything with is_set(): a threading.Event in-process, a Dask Event on a cluster."""
+
+    def is_set(self) -> bool:
+        """True once the export must stop."""
+
+
+def check_cancel(cancel: CancelFlag | None) -> None:
+    """Raise Cancelled when the flag is set."""
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("the export was cancelled")
+
+
+def remove(path: str) -> None:
+    """Remove a file or a folder tree, ignoring what is already gone."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def os_error(e: OSError, out: str) -> ExportError:
+    """An ExportError for an OSError met while writing `out` (a full disk is named as such)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ExportError(f"{out}: the disk is full (no space left while writing the export)")
+    where = e.filename or out
+    return ExportError(f"{where}: cannot write the export ({e.strerror or e})")
+
+
+def sibling_temp(path: str, tag: str = "tmp") -> str:
+    """A hidden name next to `path` for this process (a rename away from `path`)."""
+    folder, base = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{base}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _fsync_tree(path: str) -> None:
+    def sync(p: str, flags: int) -> None:
+        fd = os.open(p, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if os.path.isdir(path):
+        for folder, _, files in os.walk(path):
+            for name in files:
+                sync(os.path.join(folder, name), os.O_RDONLY)
+            sync(folder, os.O_RDONLY | os.O_DIRECTORY)
+    else:
+        sync(path, os.O_RDONLY)
+
+
+def move_into_place(src: str, dest: str) -> None:
+    """Move a finished output to `dest`: a rename, or across file systems a copy to a hidden name next
+    to `dest`, synced, then renamed, so `dest` never shows a half-written file."""
+    if os.path.isdir(dest):
+        os.rmdir(dest)          # an empty folder of the same name (export() checked it is empty)
+    try:
+        os.replace(src, dest)
+        return
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    tmp = sibling_temp(dest)
+    try:
+        if os.path.isdir(src):
+            shutil.copytree(src, tmp)
+        else:
+            shutil.copyfile(src, tmp)       # copy_file_range / sendfile inside
+        _fsync_tree(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        remove(tmp)
+        raise
+    remove(src)

@@ -1,0 +1,213 @@
+"""The per-bundle task every runner runs: a BundleTask -> one planned (or re-encoded) output bundle.
+
+`prepare_bundle` plans the output bundle from the source index (or re-encodes its JPEG tiles);
+the in-process writer streams that plan straight into the package, and `run_bundle_task` writes
+it as a file into a staging folder under a temporary name renamed into place, so running a task
+twice (a Dask worker died mid-task and the task ran again elsewhere) leaves the same file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+from isal import isal_zlib
+
+from tilecrate.cache import BundleData, Cache, open_cache
+from tilecrate.errors import BundleError
+from tilecrate.package.bundles import BundlePlan, plan_bundle, plan_from_tiles
+from tilecrate.plan import BundleTask, SourceRef
+from tilecrate.recompress import recompress_bundle
+from tilecrate.runners.base import CancelFlag, check_cancel
+from tilecrate.tiling import PACKET
+
+REENCODE_CHUNK = 1024       # tiles re-encoded between two cancel checks (~0.25 s on one core)
+_OPEN_CACHES = 4
+
+
+@dataclass
+class BundleOutput:
+    """A task's result: the staged .bundle (and V1 .bundlx) with sizes and CRC-32s, and warnings."""
+
+    index: int
+    name: str                      # path inside the package or folder
+    path: str                      # the staged .bundle file
+    size: int
+    crc32: int
+    level: int
+    tiles: int
+    tile_bytes: int
+    bundlx_path: str | None = None
+    bundlx_size: int = 0
+    bundlx_crc32: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+class Prepared:
+    """A planned output bundle and the source mapping its bytes may point into (closed by release)."""
+
+    __slots__ = ("task", "plan", "data", "warnings")
+
+    def __init__(self, task: BundleTask, plan: BundlePlan, data: BundleData | None, warnings: list[str]):
+        self.task, self.plan, self.data, self.warnings = task, plan, data, warnings
+
+    def release(self) -> None:
+        """Drop the bytes and close the mapping (safe to call twice)."""
+        self.plan.source = b""
+        if self.data is not None:
+            self.data.close()
+            self.data = None
+
+
+# --------------------------------------------------------------------------------------------
+# the source, as a worker process sees it
+
+_caches: OrderedDict[str, Cache] = OrderedDict()
+_caches_lock = threading.Lock()
+
+
+def source_cache(source: SourceRef, *, fresh: bool = False) -> Cache:
+    """This process's open Cache of a source (a few kept open); `fresh` reopens it (the files changed)."""
+    with _caches_lock:
+        cache = _caches.get(source.path)
+        if cache is not None and not fresh:
+            _caches.move_to_end(source.path)
+            return cache
+    opened = open_cache(source.path)
+    with _caches_lock:
+        old = _caches.pop(source.path, None)
+        _caches[source.path] = opened
+        while len(_caches) > _OPEN_CACHES:
+            _, gone = _caches.popitem(last=False)
+            gone.close()
+    if old is not None:
+        old.close()
+    return opened
+
+
+def _checked_cache(task: BundleTask) -> Cache:
+    """The source cache, reopened once if the bundle's size differs from the plan's; still different: an error."""
+    cache = source_cache(task.source)
+    if cache.has_bundle(task.ref) and cache.bundle_file_size(task.ref) == task.source_size:
+        return cache
+    cache = source_cache(task.source, fresh=True)
+    if not cache.has_bundle(task.ref) or cache.bundle_file_size(task.ref) != task.source_size:
+        raise BundleError(f"{task.source.path}: the bundle of level {task.ref.level} at row {task.ref.row0}, "
+                          f"column {task.ref.col0} changed or vanished since the export was planned")
+    return cache
+
+
+# --------------------------------------------------------------------------------------------
+# the work
+
+
+def _reencode(task: BundleTask, data: BundleData, mask: np.ndarray, cache: Cache,
+              cancel: CancelFlag | None, threads: int | None) -> tuple[list[bytes], list[str]]:
+    """Re-encode the selected tiles, a band of rows at a time so a cancel is seen between bands."""
+    policy = task.policy
+    if threads is not None:
+        policy = dataclasses.replace(policy, threads=int(threads))
+    if cancel is None:
+        return recompress_bundle(policy, data, mask, cache)
+    tiles: list[bytes] = []
+    warnings: list[str] = []
+    per_row = mask.sum(axis=1)
+    row = 0
+    while row < PACKET:
+        check_cancel(cancel)
+        end, count = row, 0
+        while end < PACKET and (count == 0 or count + per_row[end] <= REENCODE_CHUNK):
+            count += int(per_row[end])
+            end += 1
+        if count:
+            band = np.zeros_like(mask)
+            band[row:end] = mask[row:end]
+            new, found = recompress_bundle(policy, data, band, cache)
+            tiles += new
+            warnings += found
+        row = end
+    return tiles, warnings
+
+
+def prepare_bundle(task: BundleTask, cache: Cache, *, cancel: CancelFlag | None = None,
+                   threads: int | None = None, needs_crc: bool = False) -> Prepared:
+    """Plan one output bundle (re-encoding first under an active policy); the runner streams or stages it."""
+    check_cancel(cancel)
+    data = cache.open_bundle(task.ref)
+    label = cache.bundle_label(task.ref)
+    mask = task.mask
+    try:
+        found: list[str] = []
+        if task.policy is not None:
+            new_tiles, found = _reencode(task, data, mask, cache, cancel, threads)
+            plan = plan_from_tiles(task.ref, new_tiles, mask, task.version, label)
+            data.close()
+            data = None
+        else:
+            plan = plan_bundle(data, mask, task.version, label, cache)
+            if plan.file is not None:     # the writer reads the file: the mapping is not needed
+                plan.source = b""
+                data.close()
+                data = None
+        if plan.tiles != task.tiles:
+            raise BundleError(f"{label}: holds {plan.tiles} of the {task.tiles} selected tiles now; "
+                              "the source changed since the export was planned")
+        if needs_crc:
+            plan.compute_crc()
+        return Prepared(task, plan, data, found)
+    except BaseException:
+        if data is not None:
+            data.close()
+        raise
+
+
+def _write_file(final: str, chunks, cancel: CancelFlag | None) -> tuple[int, int]:
+    """Write chunks to `final` through a temporary name (renamed when complete): (size, CRC-32)."""
+    check_cancel(cancel)      # no new file once the job is cancelled (staging is being removed)
+    tmp = f"{final}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    size = crc = 0
+    try:
+        with open(fd, "wb", buffering=0, closefd=True) as f:
+            for chunk in chunks:
+                crc = isal_zlib.crc32(chunk, crc)
+                view = memoryview(chunk)
+                while view.nbytes:
+                    view = view[f.write(view):]
+                size += len(chunk)
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return size, crc & 0xFFFFFFFF
+
+
+def run_bundle_task(task: BundleTask, cancel: CancelFlag | None = None, *, cache: Cache | None = None,
+                    threads: int | None = None) -> BundleOutput:
+    """Make one output bundle as a file under task.staging (idempotent: temp name + rename)."""
+    if task.staging is None:
+        raise ValueError("run_bundle_task needs a task with a staging folder")
+    if cache is None:
+        cache = _checked_cache(task)
+    prep = prepare_bundle(task, cache, cancel=cancel, threads=threads)
+    try:
+        plan = prep.plan
+        final = os.path.join(task.staging, *task.name.split("/"))
+        size, crc = _write_file(final, plan.chunks(), cancel)
+        if size != plan.size:
+            raise BundleError(f"{cache.bundle_label(task.ref)}: {size} bytes written of {plan.size} planned")
+        out = BundleOutput(task.index, task.name, final, size, crc, task.ref.level, plan.tiles, plan.tile_bytes,
+                           warnings=list(prep.warnings))
+        if plan.bundlx is not None:
+            out.bundlx_path = final[:-1] + "x"
+            out.bundlx_size, out.bundlx_crc32 = _write_file(out.bundlx_path, (plan.bundlx,), cancel)
+        return out
+    finally:
+        prep.release()
