@@ -54,6 +54,20 @@ def test_version_names_the_pil():
     assert r.returncode == 0 and "tilecrate" in r.stdout and "PIL" in r.stdout
 
 
+def test_version_names_the_active_pil(tmp_path, monkeypatch):
+    """pillow-simd is the PIL in use; an install with Pillow as well is called out."""
+    from tilecrate.cli import version_text
+
+    text = version_text()
+    assert "(pillow-simd)" in text and "WARNING" not in text
+    # a second distribution owning PIL, found on sys.path the way importlib.metadata finds it
+    dist = tmp_path / "pillow-9.0.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: Pillow\nVersion: 9.0.0\n\nbody\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "pillow-simd, Pillow" in version_text() and "WARNING" in version_text()
+
+
 def test_serve_announces_itself_as_json_once_listening(tmp_path):
     import socket
     import urllib.request

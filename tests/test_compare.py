@@ -102,28 +102,6 @@ def test_cli_errors_are_one_line(sample_v2, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
-def test_version_names_the_active_pil(monkeypatch):
-    """pillow-simd is the PIL in use; an install with Pillow as well is called out."""
-    from importlib import metadata
-
-    from tilecrate.cli import version_text
-
-    text = version_text()
-    assert "(pillow-simd)" in text and "WARNING" not in text
-
-    class Fake:
-        def __init__(self, name):
-            self.metadata = {"Name": name}
-
-    real = metadata.distribution
-
-    def both(name):
-        return Fake("Pillow") if name.lower() == "pillow" else real(name)
-
-    monkeypatch.setattr(metadata, "distribution", both)
-    assert "pillow-simd, Pillow" in version_text() and "WARNING" in version_text()
-
-
 def test_png_cache_is_reported_unchanged(capsys):
     """Usa.tpkx holds PNG tiles (two of them corrupt): nothing to re-encode, no metrics, valid JSON."""
     from conftest import real_path

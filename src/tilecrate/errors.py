@@ -23,3 +23,11 @@ class ExportError(TilecrateError):
 
 class Cancelled(ExportError):
     """An export was cancelled on purpose."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The process was asked to stop by a signal (SIGINT or SIGTERM); raised where Ctrl-C would be."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

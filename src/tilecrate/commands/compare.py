@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from tilecrate.cache import open_cache
-from tilecrate.cli import emit_json, progress_bar
+from tilecrate.commands.output import emit_json, progress_bar
 from tilecrate.compare import compare, format_table, parse_methods, parse_qualities, plot_png, write_csv
 from tilecrate.recompress import DEFAULT_DEADZONE
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from tilecrate.cache import open_cache
-from tilecrate.cli import emit_json, human_bytes
+from tilecrate.commands.output import emit_json, human_bytes
 from tilecrate.estimate import estimate
 from tilecrate.presence import PresenceStore
 from tilecrate.commands.requestargs import add_request_arguments, request_from_args

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import threading
 
-from tilecrate.cli import emit_json, human_bytes, progress_bar
-from tilecrate.commands.requestargs import add_request_arguments
+from tilecrate.commands.output import cancel_on_signals, emit_json, human_bytes, progress_bar
+from tilecrate.commands.requestargs import add_request_arguments, output_path
 from tilecrate.commands.requestargs import request_from_args as shared_request
 from tilecrate.errors import RequestError
 from tilecrate.request import ExportRequest
@@ -18,7 +17,7 @@ HELP = "export tiles to a .tpkx, a .tpk or a cache folder (the exportTiles job, 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `tilecrate export` (the exportTiles vocabulary)."""
     p.add_argument("cache", help="source: cache folder, .tpk or .tpkx")
-    p.add_argument("-o", "--output", required=True,
+    p.add_argument("-o", "--output", required=True, type=output_path,
                    help="OUT.tpkx (compact V2), OUT.tpk (compact V1) or, with --no-tile-package, a new folder")
     add_request_arguments(p)
     p.add_argument("--optimize-tiles-for-size", action="store_true",
@@ -53,19 +52,13 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"L{p.level if p.level is not None else '-'} "
                             f"{human_bytes(p.bytes_done)}/{human_bytes(p.bytes_total)}", refresh=False)
 
-    def on_sigint(signum, frame) -> None:
-        # first Ctrl-C: stop cleanly (the partial output is removed); second: the default
-        cancel.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
     try:
-        result = export(args.cache, request, args.output, progress=on_progress, cancel=cancel, threads=args.threads)
+        with cancel_on_signals(cancel):     # Ctrl-C and SIGTERM: stop, remove the partial output
+            result = export(args.cache, request, args.output, progress=on_progress, cancel=cancel,
+                            threads=args.threads)
     finally:
         if state["bar"] is not None:
             state["bar"].close()
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
     if args.json:
         emit_json(result.to_json())
         return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from tilecrate.cache import open_cache
-from tilecrate.cli import emit_json, human_bytes, progress_bar
+from tilecrate.commands.output import emit_json, human_bytes, progress_bar
 
 NAME = "inspect"
 HELP = "show a cache's or package's scheme, levels, bundles, tiles and bytes"

@@ -26,6 +26,18 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
                         "(conf.xml, conf.cdi, _alllayers)")
 
 
+def output_path(value: str) -> str:
+    """An -o/--output argument: a non-empty path naming a file or folder, not a folder's trailing slash."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("the output path is empty")
+    if "\0" in value:
+        raise argparse.ArgumentTypeError("the output path holds a NUL character")
+    name = os.path.basename(value.rstrip(os.sep)) if value.rstrip(os.sep) else ""
+    if name in ("", ".", ".."):
+        raise argparse.ArgumentTypeError(f"{value!r} names no file or folder to create")
+    return value
+
+
 def read_aoi(value: str | None) -> str | None:
     """The AOI argument as JSON text: inline JSON as is, otherwise the contents of the named file."""
     if value is None:
