@@ -329,15 +329,17 @@ def test_non_ascii_digits_in_paths_are_refused(server, path):
     ({"levels": "0", "exportExtent": "1,2"}, "exportExtent"),
     ({"levels": "0", "areaOfInterest": "garbage"}, "area of interest"),
     ({"levels": "40"}, "level 40"),
+    ({"levels": "0", "exportExtent": '{"xmin": 1e8, "ymin": 1e8, "xmax": 2e8, "ymax": 2e8}'}, "outside the cache"),
 ])
-def test_failed_job_reports_why(server, params, words):
-    # well-formed requests the cache cannot satisfy fail as jobs, with the reason in an error message
-    sub = server.submit("World", EXPORT, {"tilePackage": "true", **params})
-    job = server.poll("World", EXPORT, sub["jobId"])
-    assert job["jobStatus"] == "esriJobFailed"
-    errors = [m["description"] for m in job["messages"] if m["type"] == "esriJobMessageTypeError"]
-    assert len(errors) == 1 and words in errors[0]
-    assert re.match(r"Failed at .* \(Elapsed Time: ", job["messages"][-1]["description"])
+def test_request_that_would_fail_is_refused_at_submit(server, params, words):
+    # the whole request is checked at submit: the Esri error comes at once, and no job is stored
+    jobs_dir = server.data_dir / "jobs.lmdb"
+    r = server.get(f"{server.svc('World')}/{EXPORT}", {"f": "json", "tilePackage": "true", **params})
+    assert r.status == 200
+    err = r.json()["error"]
+    assert err["code"] == 400 and words in err["details"][0], err
+    assert "jobId" not in r.json() and jobs_dir.is_dir()
+    assert "unexpected error answering" not in server.log.read_text()
 
 
 # ------------------------------------------------------------------------------------------

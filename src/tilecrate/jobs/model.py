@@ -1,4 +1,9 @@
-"""A job record: kind, esriJob* state, messages, progress and result, stored as JSON in LMDB."""
+"""A job record: kind, esriJob* state, messages, progress and result, stored as JSON in LMDB.
+
+The stored record is the small, hot part (read and rewritten on every state change); the request's
+parameters (which may hold a large area of interest) are stored apart and read only when the job
+starts or its inputs are asked for. The Esri job JSON is stored ready-made next to the record.
+"""
 from __future__ import annotations
 
 import json
@@ -72,19 +77,36 @@ class Job:
     messages: list[dict] = field(default_factory=list)
     progress: dict | None = None
     result: dict | None = None
+    client: str = ""  # who submitted it (address or user): the per-client quotas count by this
+    driver: str | None = None  # "pid:start time" of the process whose worker pool holds the job
+    version: int = 0  # bumped on every stored change
 
     def add_message(self, description: str, kind: str = INFO) -> None:
         """Append a job message (type is one of the esriJobMessageType* names)."""
         self.messages.append({"type": kind, "description": description})
 
     def to_bytes(self) -> bytes:
-        """The stored form."""
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        """The stored hot record: everything but the parameters (stored apart, see params_bytes)."""
+        d = asdict(self)
+        d.pop("params")
+        return json.dumps(d, separators=(",", ":")).encode()
+
+    def params_bytes(self) -> bytes:
+        """The stored form of the parameters."""
+        return json.dumps(self.params, separators=(",", ":")).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Job":
-        """Read the stored form."""
-        return cls(**json.loads(data))
+    def from_bytes(cls, data: bytes, params: dict[str, str] | None = None) -> "Job":
+        """Read the stored form (records written before parameters were stored apart carry them)."""
+        d = json.loads(data)
+        d.setdefault("params", {})
+        if params is not None:
+            d["params"] = params
+        return cls(**{k: v for k, v in d.items() if k in _FIELDS})
+
+    def public_bytes(self) -> bytes:
+        """The Esri job JSON, compact, as answered to f=json."""
+        return json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False).encode()
 
     def input_value(self, name: str) -> tuple[str, object] | None:
         """(dataType, value) of a job input by GP name or REST parameter name, or None."""
@@ -112,6 +134,9 @@ class Job:
             out["inputs"] = {name: {"paramUrl": f"inputs/{name}"} for name in INPUTS}
         out["messages"] = list(self.messages)
         return out
+
+
+_FIELDS = frozenset(Job.__dataclass_fields__)
 
 
 def _param(params: dict, name: str | None) -> object:

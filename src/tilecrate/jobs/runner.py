@@ -7,6 +7,14 @@ with the error in its messages. Cancel sets a threading.Event that select() and 
 per bundle (esriJobCancelling -> esriJobCancelled, partial output removed). Finished jobs expire
 after max_file_age together with their output. On start, jobs left submitted or executing by a
 crash are marked failed and their partial output removed.
+
+A job's end is always recorded: it is an `essential` store write (on a full disk the store gives
+up its space reserve for it); if even that fails, the end is kept in memory and the periodic
+sweep writes it, and the sweep also fails jobs whose driving process is gone. Budgets: a job
+running longer than `job_seconds` is stopped through its cancel event and failed; memory is
+watched by sampling the process's resident size (threads share one heap, so a job's own use is
+not measurable: a job is failed when the growth since it started exceeds its budget times the
+number of jobs running, i.e. when the jobs together pass their budgets and this one took part).
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 from tilecrate.cache import Cache
 from tilecrate.estimate import estimate
@@ -28,15 +36,26 @@ from tilecrate.jobs.model import (
     CANCELLED, CANCELLING, ERROR, ESTIMATE, EXECUTING, EXPORT, FAILED, OUTSTANDING, SUBMITTED,
     SUCCEEDED, TERMINAL, WARNING, Job, esri_time, new_job_id,
 )
-from tilecrate.jobs.store import JobStore
+from tilecrate.jobs.store import JobStore, Quota, StoreError
 from tilecrate.request import COMPACT_V2, ExportRequest
-from tilecrate.selection import select
+from tilecrate.errors import RequestError
+from tilecrate.selection import area_of, resolve_levels, select
 
 log = logging.getLogger("tilecrate.jobs")
 
 RESTART_MESSAGE = "The server stopped while this job was running; submit it again."
-_PROGRESS_INTERVAL = 0.25  # seconds between progress writes to the store
+_PROGRESS_INTERVAL = 0.5  # seconds between progress writes (status is read far more often than this)
+_MEMORY_POLL = 0.2  # seconds between resident-size samples while jobs run
 _CLEANUP_BATCH = 1000  # expired jobs removed per store transaction
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one job may use: stored parameter bytes, wall-clock seconds, memory (None: no limit)."""
+
+    max_input_bytes: int | None = 256 << 10
+    seconds: float | None = 3600.0
+    memory_bytes: int | None = 1 << 30
 
 
 @dataclass
@@ -72,8 +91,16 @@ class JobRunner:
 
     def __init__(self, store: JobStore, services: Mapping[str, JobService], output_root: str, *,
                  workers: int = 2, max_outstanding: int | None = None, max_file_age: float = 600.0,
-                 export_threads: int | None = None):
+                 export_threads: int | None = None, quota: Quota | None = None, budget: Budget | None = None):
         self.store = store
+        self.quota = quota
+        self.budget = budget or Budget()
+        self.driver = _process_identity(os.getpid())
+        self._unrecorded: dict[str, tuple] = {}  # job id -> _finish arguments the store refused
+        self._timed_out: set[str] = set()
+        self._running_rss: dict[str, int] = {}  # job id -> resident bytes when it started
+        self._over_memory: set[str] = set()
+        self._watcher: threading.Thread | None = None
         self.services = dict(services)
         self.output_root = os.path.abspath(output_root)
         self.max_outstanding = max_outstanding
@@ -102,20 +129,7 @@ class JobRunner:
 
     def recover(self) -> list[str]:
         """After a crash: fail jobs left outstanding, remove their partial output and stray folders."""
-        now = time.time()
-        failed = []
-        for job_id in self.store.ids_by_status(*OUTSTANDING):
-            def mark(job: Job) -> None:
-                job.status = FAILED
-                job.finished = now
-                job.progress = None
-                job.add_message(RESTART_MESSAGE, ERROR)
-                job.add_message(f"Failed at {esri_time(now)} {_elapsed(job)}")
-            job = self.store.update(job_id, mark, self._expiry)
-            if job is None:
-                continue
-            self._remove_output(job)
-            failed.append(job_id)
+        failed = self._fail_orphans(lambda job: True)
         known = set(self.store.all_ids())
         for svc_dir in self._service_dirs():
             for name in os.listdir(svc_dir):
@@ -124,6 +138,57 @@ class JobRunner:
         if failed:
             log.warning("marked %d interrupted job(s) failed: %s", len(failed), ", ".join(failed))
         return failed
+
+    def _fail_orphans(self, orphaned: Callable[[Job], bool], message: str = RESTART_MESSAGE) -> list[str]:
+        """Fail outstanding jobs that no live process drives (and that `orphaned` accepts)."""
+        now = time.time()
+        failed = []
+        with self._events_lock:
+            mine = set(self._events)
+        for job_id in self.store.ids_by_status(*OUTSTANDING):
+            if job_id in mine:
+                continue
+
+            def mark(job: Job) -> bool | None:
+                if job.status not in OUTSTANDING or not orphaned(job):
+                    return False
+                if job.driver and job.driver != self.driver and _process_alive(job.driver):
+                    return False  # another front end's job, and that process is running
+                job.status = FAILED
+                job.finished = now
+                job.progress = None
+                job.add_message(message, ERROR)
+                job.add_message(f"Failed at {esri_time(now)} {_elapsed(job)}")
+                return None
+            job = self.store.update(job_id, mark, self._expiry, essential=True)
+            if job is None or job.status != FAILED or job.finished != now:
+                continue
+            self._remove_output(job)
+            failed.append(job_id)
+        return failed
+
+    def sweep(self) -> list[str]:
+        """Periodic repair: restore the disk reserve, record job ends the store refused, fail jobs
+        whose driving process is gone (or that this process no longer runs). Returns the ids failed."""
+        with self._cleanup_lock:  # like cleanup: never on a closed store
+            return [] if self._closed else self._sweep()
+
+    def _sweep(self) -> list[str]:
+        self.store.restore_reserve()
+        for job_id, args in list(self._unrecorded.items()):
+            try:
+                self._write_end(job_id, *args)
+            except StoreError:
+                continue
+            self._unrecorded.pop(job_id, None)
+        pending = set(self._unrecorded)
+        orphans = self._fail_orphans(
+            lambda job: job.id not in pending and (job.driver == self.driver or not job.driver
+                                                  or not _process_alive(job.driver)),
+            "The server lost track of this job (its worker stopped); submit it again.")
+        if orphans:
+            log.warning("failed %d job(s) nobody was running: %s", len(orphans), ", ".join(orphans))
+        return orphans
 
     def _service_dirs(self) -> list[str]:
         out = []
@@ -140,6 +205,8 @@ class JobRunner:
             for ev in self._events.values():
                 ev.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._events_lock:
+            self._events.clear()  # queued jobs that never ran: recover() below fails them
         with self._cleanup_lock:  # the store is closed after this returns: no pass may be running
             self._closed = True
         self.recover()  # anything still queued
@@ -147,17 +214,27 @@ class JobRunner:
 
     # operations ------------------------------------------------------------------------------
 
-    def submit(self, kind: str, service: str, params: Mapping[str, str]) -> Job:
-        """Validate, admit (AdmissionRefused when full) and queue a job; returns it as stored."""
+    def submit(self, kind: str, service: str, params: Mapping[str, str], client: str = "") -> Job:
+        """Validate, admit (AdmissionRefused, QuotaExceeded, StoreError when full) and queue a job.
+
+        The whole request is checked first (parameters, levels against the cache, the area), so a
+        request that would fail gets a RequestError now rather than a failed job. `client` (an
+        address or a user name) is what the per-client quotas count by.
+        """
         if kind not in (EXPORT, ESTIMATE):
             raise JobError(f"unknown job kind {kind!r}")
-        if service not in self.services:
+        svc = self.services.get(service)
+        if svc is None:
             raise JobError(f"service {service!r} does not exist")
         clean = {str(k): str(v) for k, v in params.items()
                  if str(k).lower() not in ("f", "token") and v is not None}
-        ExportRequest.from_params(clean)  # RequestError now rather than a failed job
-        job = Job(new_job_id(), kind, service, clean)
-        self.store.admit(job, self.max_outstanding)
+        job = Job(new_job_id(), kind, service, clean, client=client, driver=self.driver)
+        limit = self.budget.max_input_bytes
+        if limit is not None and len(job.params_bytes()) > limit:
+            raise RequestError(f"the request's parameters take {len(job.params_bytes())} bytes; this server "
+                               f"accepts at most {limit} bytes per job (simplify the area of interest)")
+        validate_request(svc.cache, clean)
+        self.store.admit(job, self.max_outstanding, self.quota)
         with self._events_lock:
             self._events[job.id] = threading.Event()
         try:
@@ -167,8 +244,12 @@ class JobRunner:
         return job
 
     def get(self, job_id: str) -> Job | None:
-        """The stored job, or None."""
-        return self.store.get(job_id)
+        """The stored job (with its parameters), or None."""
+        job = self.store.get(job_id)
+        pending = self._unrecorded.get(job_id)
+        if job is not None and pending is not None and job.status not in TERMINAL:
+            job.status = pending[0]  # the end the store could not take yet; the sweep writes it
+        return job
 
     def cancel(self, job_id: str) -> Job:
         """Ask a job to stop: esriJobCancelling now, esriJobCancelled once the work has stopped."""
@@ -203,6 +284,11 @@ class JobRunner:
         with self._cleanup_lock:
             return [] if self._closed else self._cleanup(time.time() if now is None else now)
 
+    def is_running(self, job_id: str) -> bool:
+        """Whether this process holds the job (queued or running)."""
+        with self._events_lock:
+            return job_id in self._events
+
     def _cleanup(self, now: float) -> list[str]:
         removed: list[str] = []
         batch: list[str] = []
@@ -225,6 +311,11 @@ class JobRunner:
     def _run(self, job_id: str) -> None:
         with self._events_lock:
             cancel = self._events.setdefault(job_id, threading.Event())
+        timer = None
+        if self.budget.seconds is not None:
+            timer = threading.Timer(self.budget.seconds, self._out_of_time, (job_id, cancel))
+            timer.daemon = True
+            timer.start()
         try:
             self._run_job(job_id, cancel)
         except BaseException:  # never lose a job to a bug: record it, then log the traceback
@@ -232,8 +323,62 @@ class JobRunner:
             self._finish(job_id, FAILED, "ERROR 999999: Something unexpected caused the tool to fail. "
                                          "The server log has the details.")
         finally:
+            if timer is not None:
+                timer.cancel()
             with self._events_lock:
                 self._events.pop(job_id, None)
+                self._running_rss.pop(job_id, None)
+                self._timed_out.discard(job_id)
+                self._over_memory.discard(job_id)
+
+    def _out_of_time(self, job_id: str, cancel: threading.Event) -> None:
+        with self._events_lock:
+            self._timed_out.add(job_id)
+        cancel.set()
+
+    def _budget_message(self, job_id: str) -> str | None:
+        """Why a cancelled job was really stopped: its time or memory budget, or None."""
+        with self._events_lock:
+            if job_id in self._timed_out:
+                return (f"ERROR: the job ran longer than this server allows ({self.budget.seconds:g} seconds, "
+                        f"[limits] job_seconds); export fewer levels or a smaller area.")
+            if job_id in self._over_memory:
+                return (f"ERROR: the job used more memory than this server allows "
+                        f"({(self.budget.memory_bytes or 0) >> 20} MB, [limits] job_memory_mb); "
+                        f"export fewer levels or a smaller or simpler area.")
+        return None
+
+    def _watch_start(self, job_id: str) -> None:
+        if self.budget.memory_bytes is None:
+            return
+        with self._events_lock:
+            self._running_rss[job_id] = _rss()
+            if self._watcher is None or not self._watcher.is_alive():
+                self._watcher = threading.Thread(target=self._watch_memory, name="tilecrate-memory", daemon=True)
+                self._watcher.start()
+
+    def _watch_memory(self) -> None:
+        """Sample the resident size while jobs run; stop the ones past their share (see the module doc)."""
+        limit = self.budget.memory_bytes or 0
+        while not self._stopping:
+            with self._events_lock:
+                running = dict(self._running_rss)
+            if not running:
+                with self._events_lock:
+                    if not self._running_rss:
+                        self._watcher = None
+                        return
+                time.sleep(_MEMORY_POLL)
+                continue
+            rss = _rss()
+            for job_id, start in running.items():
+                if rss - start > limit * len(running):
+                    with self._events_lock:
+                        self._over_memory.add(job_id)
+                        ev = self._events.get(job_id)
+                    if ev is not None:
+                        ev.set()
+            time.sleep(_MEMORY_POLL)
 
     def _run_job(self, job_id: str, cancel: threading.Event) -> None:
         start = time.time()
@@ -243,6 +388,7 @@ class JobRunner:
                 return False
             job.status = EXECUTING
             job.started = start
+            job.driver = self.driver
             job.add_message(f"Start Time: {esri_time(start)}")
             job.progress = {"type": "default", "message": "Selecting tiles", "percent": 0}
             return None
@@ -255,17 +401,24 @@ class JobRunner:
         if job.status != EXECUTING:
             return
         svc = self.services.get(job.service)
+        self._watch_start(job_id)
         try:
             if svc is None:
                 raise JobError(f"the service {job.service} is no longer configured on this server")
-            request = ExportRequest.from_params(job.params)
+            params = self.store.inputs(job_id)
+            if params is None:
+                raise JobError("the job's parameters are missing from the job store")
+            request = ExportRequest.from_params(params)
             if job.kind == ESTIMATE:
                 self._estimate(job, svc, request, cancel)
             else:
                 self._export(job, svc, request, cancel)
         except Cancelled:
             self._remove_output(job)
-            if self._stopping:
+            over = self._budget_message(job_id)
+            if over is not None:
+                self._finish(job_id, FAILED, over)
+            elif self._stopping:
                 self._finish(job_id, FAILED, RESTART_MESSAGE)
             else:
                 self._finish(job_id, CANCELLED, None)
@@ -276,6 +429,9 @@ class JobRunner:
         except MemoryError:
             self._remove_output(job)
             self._finish(job_id, FAILED, "ERROR 999998: the server ran out of memory running this job.")
+        except RecursionError:
+            self._remove_output(job)
+            self._finish(job_id, FAILED, "ERROR: a parameter is nested too deeply to be read.")
         except Exception:
             self._remove_output(job)
             raise
@@ -329,11 +485,23 @@ class JobRunner:
     # recording -------------------------------------------------------------------------------
 
     def _note(self, job_id: str, text: str, kind: str | None = None) -> None:
-        self.store.update(job_id, lambda j: j.add_message(text, kind) if kind else j.add_message(text))
+        try:
+            self.store.update(job_id, lambda j: j.add_message(text, kind) if kind else j.add_message(text))
+        except StoreError as e:  # a message is not worth failing the job for; its end is recorded apart
+            log.warning("job %s: message not recorded: %s", job_id, e)
 
     def _finish(self, job_id: str, status: str, error: str | None, *, result: dict | None = None,
                 notes: list[str] = (), warnings: list[str] = ()) -> None:
-        now = time.time()
+        """Record a job's end; when the store refuses even with its reserve, keep it for the sweep."""
+        args = (status, error, result, tuple(notes), tuple(warnings), time.time())
+        try:
+            self._write_end(job_id, *args)
+        except StoreError as e:
+            log.error("job %s: its end (%s) could not be recorded yet: %s", job_id, status, e)
+            self._unrecorded[job_id] = args
+
+    def _write_end(self, job_id: str, status: str, error: str | None, result: dict | None,
+                   notes: tuple, warnings: tuple, now: float) -> None:
 
         def done(job: Job) -> None:
             for text in notes:
@@ -348,7 +516,7 @@ class JobRunner:
             job.result = result
             word = {SUCCEEDED: "Succeeded", FAILED: "Failed", CANCELLED: "Cancelled"}[status]
             job.add_message(f"{word} at {esri_time(now)} {_elapsed(job)}")
-        self.store.update(job_id, done, self._expiry)
+        self.store.update(job_id, done, self._expiry, essential=True)
 
     def _expiry(self, job: Job) -> float | None:
         """When a finished job and its output go: maxFileAge after it finished (never for an infinite age)."""
@@ -366,6 +534,44 @@ class JobRunner:
         path = self.job_dir(job)
         if os.path.commonpath([path, self.output_root]) == self.output_root and path != self.output_root:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def validate_request(cache: Cache, params: Mapping[str, str]) -> ExportRequest:
+    """The whole request checked against a cache (parameters, levels, area): RequestError if it would fail."""
+    try:
+        request = ExportRequest.from_params(params)
+        resolve_levels(cache.scheme, request.export_by, request.level_items)
+        area_of(cache, request)
+    except RecursionError:
+        raise RequestError("a parameter is nested too deeply to be read") from None
+    return request
+
+
+def _rss() -> int:
+    """Resident bytes of this process (/proc/self/statm)."""
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _process_identity(pid: int) -> str:
+    """pid:start-time, so that a pid reused by another process is not taken for the same one."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return f"{pid}:{stat[stat.rindex(b')') + 2:].split()[19].decode()}"
+    except (OSError, IndexError, ValueError):
+        return str(pid)
+
+
+def _process_alive(driver: str) -> bool:
+    """Whether the process a driver identity names is still running."""
+    try:
+        pid = int(driver.split(":")[0])
+    except ValueError:
+        return False
+    if pid <= 0:
+        return False
+    return _process_identity(pid) == driver if ":" in driver else os.path.exists(f"/proc/{pid}")
 
 
 def _sync_to_disk(path: str, parent: str) -> None:
@@ -438,4 +644,7 @@ class _ProgressWriter:
             job.progress = {"type": "default", "message": f"{text}: {p.tiles_done} of {p.tiles_total} tiles",
                             "percent": min(pct, 100)}
             return None
-        self.runner.store.update(self.job_id, change)
+        try:
+            self.runner.store.update(self.job_id, change)
+        except StoreError as e:  # progress is not worth failing the job for
+            log.warning("job %s: progress not recorded: %s", self.job_id, e)

@@ -1,13 +1,33 @@
-"""JobStore: job records in one LMDB environment, with an index by status and expiry records.
+"""JobStore: job records in one LMDB environment, with indexes, quotas and a disk-space reserve.
 
-Sub-databases: `jobs` (id -> JSON), `status` (status NUL id -> ''), `expiry` (zero-padded
-expiry time NUL id -> ''). Every change is one short write transaction, so the index never
-disagrees with the records, also after a kill -9 (LMDB commits are atomic and durable).
+Sub-databases:
+  `jobs`     id -> the hot record (JSON, small: state, messages, progress, result)
+  `public`   id -> service NUL kind NUL the Esri job JSON, ready to send (status polls parse nothing)
+  `inputs`   id -> the request parameters (JSON; possibly a large area of interest), read when the
+             job starts and by the inputs route only
+  `status`   status NUL id -> ''
+  `owners`   client NUL id -> stored input bytes (8 bytes, big-endian): per-client quotas
+  `pending`  client NUL id -> '' while the job is outstanding: per-client outstanding quota
+  `expiry`   zero-padded expiry time NUL id -> ''
+Every change is one short write transaction, so the indexes never disagree with the records, also
+after a kill -9 (LMDB commits are atomic and durable). Admission, with every quota, is one write
+transaction too, so front-end processes sharing the store never admit more than the limits together.
+
+A full disk: LMDB's data file grows as pages are written, and on a full disk that write fails. The
+store keeps a reserve file next to its data; a write that records a job's end (`essential`) that
+fails for lack of space deletes the reserve and tries again, so the end lands. Until the reserve is
+back (`restore_reserve`, tried by the runner's sweep), new jobs are refused.
 """
 from __future__ import annotations
 
 import contextlib
+import json
+import errno
+import logging
 import os
+import struct
+import threading
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import lmdb
@@ -15,13 +35,18 @@ import lmdb
 from tilecrate.errors import TilecrateError
 from tilecrate.jobs.model import OUTSTANDING, Job
 
+log = logging.getLogger("tilecrate.jobs")
+
 _MAP_SIZE = 8 << 30  # sparse on Linux: the file only grows as records are written
 # new jobs are refused (as a full store) once live records fill this share of the map: the rest is
 # kept for the progress and end of the jobs already admitted, which must never fail to be recorded
 _ADMIT_SHARE = 0.5
-
+RESERVE_BYTES = 8 << 20  # disk kept free for the records of jobs' ends (a few pages each)
+_RESERVE_NAME = "reserve.bin"
 
 _FULL = "The job store is full; finished jobs are removed after maxFileAge, try again later."
+_DISK_FULL = ("The disk of the job store is full; new jobs are refused until space is freed "
+              "(finished jobs are removed after maxFileAge).")
 
 
 class StoreError(TilecrateError):
@@ -38,6 +63,21 @@ class AdmissionRefused(TilecrateError):
         self.limit = limit
 
 
+class QuotaExceeded(TilecrateError):
+    """One client holds as many jobs (or stored bytes) as it may; the job was not stored."""
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Per-client limits checked at admission (None: no limit)."""
+
+    max_jobs_per_client: int | None = 500  # stored jobs, finished ones included until they expire
+    max_outstanding_per_client: int | None = 16  # submitted, executing or cancelling
+    max_input_bytes_per_client: int | None = 32 << 20  # stored parameters of its jobs together
+    large_input: int = 16 << 10  # parameters above this size make a "large" job ...
+    large_share: float = 0.5  # ... admitted only while the store is under this share of its room
+
+
 def _status_key(status: str, job_id: str) -> bytes:
     return f"{status}\0{job_id}".encode()
 
@@ -46,39 +86,132 @@ def _expiry_key(when: float, job_id: str) -> bytes:
     return f"{when:017.3f}\0{job_id}".encode()
 
 
+def _client_key(client: str, job_id: str) -> bytes:
+    return f"{client}\0{job_id}".encode()
+
+
+def clean_client(client: str) -> str:
+    """A client name usable as a key prefix (no NUL, bounded length)."""
+    return client.replace("\0", "")[:200]
+
+
+def _no_space(e: BaseException) -> bool:
+    """Whether an LMDB failure means the disk (or the map) has no room (py-lmdb gives no errno)."""
+    return isinstance(e, lmdb.MapFullError) or "No space left" in str(e) or "Disk quota" in str(e)
+
+
 class JobStore:
     """Durable job records; safe to use from the event loop and from worker threads."""
 
-    def __init__(self, path: str, map_size: int = _MAP_SIZE):
+    def __init__(self, path: str, map_size: int = _MAP_SIZE, *, reserve_bytes: int = RESERVE_BYTES):
         os.makedirs(path, exist_ok=True)
         try:
-            self.env = lmdb.open(path, map_size=map_size, max_dbs=4, subdir=True, sync=True,
+            self.env = lmdb.open(path, map_size=map_size, max_dbs=8, subdir=True, sync=True,
                                  metasync=True, max_readers=256)
         except lmdb.Error as e:
             raise StoreError(f"cannot open the job store at {path}: {e}") from None
         self._jobs = self.env.open_db(b"jobs")
+        self._public = self.env.open_db(b"public")
+        self._inputs = self.env.open_db(b"inputs")
         self._status = self.env.open_db(b"status")
+        self._owners = self.env.open_db(b"owners")
+        self._pending = self.env.open_db(b"pending")
         self._expiry = self.env.open_db(b"expiry")
         self._admit_limit = int(map_size * _ADMIT_SHARE)
+        self._reserve_path = os.path.join(path, _RESERVE_NAME)
+        self._reserve_bytes = reserve_bytes
+        self._reserve_lock = threading.Lock()
+        self.degraded = False  # the reserve was used and is not back yet: new jobs are refused
+        self.restore_reserve()
 
     def close(self) -> None:
         """Close the environment."""
         self.env.close()
 
+    # the disk-space reserve ------------------------------------------------------------------
+
+    def restore_reserve(self) -> bool:
+        """Make sure the reserve file exists at full size; True when it does."""
+        if self._reserve_bytes <= 0:
+            self.degraded = False
+            return True
+        with self._reserve_lock:
+            try:
+                st = os.stat(self._reserve_path)
+                if st.st_size >= self._reserve_bytes and st.st_blocks * 512 >= self._reserve_bytes:
+                    self.degraded = False
+                    return True
+            except FileNotFoundError:
+                pass
+            tmp = self._reserve_path + ".tmp"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    try:
+                        os.posix_fallocate(fd, 0, self._reserve_bytes)
+                    except OSError as e:
+                        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                            raise
+                        os.write(fd, b"\0" * self._reserve_bytes)  # file systems without fallocate
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, self._reserve_path)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                if not self.degraded:
+                    log.warning("job store: cannot keep %d bytes of disk in reserve: %s", self._reserve_bytes,
+                                e.strerror or e)
+                self.degraded = True
+                return False
+            self.degraded = False
+            return True
+
+    def _release_reserve(self) -> bool:
+        with self._reserve_lock:
+            try:
+                os.unlink(self._reserve_path)
+            except FileNotFoundError:
+                return False
+            self.degraded = True
+            log.warning("job store: the disk is full; used the reserve to record a job's end")
+            return True
+
     # reads -----------------------------------------------------------------------------------
 
-    def get(self, job_id: str) -> Job | None:
-        """The job with this id, or None."""
-        with self.env.begin(db=self._jobs) as txn:
+    def get(self, job_id: str, *, inputs: bool = True) -> Job | None:
+        """The job with this id (with its parameters unless inputs=False), or None."""
+        key = job_id.encode()
+        with self.env.begin() as txn:
+            data = txn.get(key, db=self._jobs)
+            if data is None:
+                return None
+            raw = txn.get(key, db=self._inputs) if inputs else None
+        return Job.from_bytes(data, json.loads(raw) if raw is not None else None)
+
+    def public(self, job_id: str) -> tuple[str, str, bytes] | None:
+        """(service, kind, Esri job JSON bytes) of a job, without parsing anything, or None."""
+        with self.env.begin(db=self._public, buffers=True) as txn:
             data = txn.get(job_id.encode())
-        return Job.from_bytes(data) if data is not None else None
+            if data is None:
+                return None
+            data = bytes(data)
+        service, kind, body = data.split(b"\0", 2)
+        return service.decode(), kind.decode(), body
+
+    def inputs(self, job_id: str) -> dict[str, str] | None:
+        """The stored parameters of a job, or None."""
+        with self.env.begin(db=self._inputs) as txn:
+            raw = txn.get(job_id.encode())
+        return json.loads(raw) if raw is not None else None
 
     def ids_by_status(self, *statuses: str) -> list[str]:
         """Ids of the jobs in any of these states."""
         out = []
         with self.env.begin(db=self._status) as txn:
             for status in statuses:
-                out.extend(self._scan_status(txn, status))
+                out.extend(self._scan(txn, self._status, status))
         return out
 
     def count(self, *statuses: str) -> int:
@@ -89,6 +222,11 @@ class JobStore:
         """Every stored job id."""
         with self.env.begin(db=self._jobs) as txn:
             return [k.decode() for k in txn.cursor().iternext(keys=True, values=False)]
+
+    def client_usage(self, client: str) -> tuple[int, int, int]:
+        """(stored jobs, outstanding jobs, stored input bytes) of one client."""
+        with self.env.begin() as txn:
+            return self._usage(txn, clean_client(client))
 
     def expired(self, now: float) -> list[str]:
         """Ids whose expiry time has passed."""
@@ -101,63 +239,133 @@ class JobStore:
                 out.append(job_id)
         return out
 
-    def _scan_status(self, txn, status: str) -> Iterable[str]:
-        prefix = f"{status}\0".encode()
-        cur = txn.cursor(db=self._status)
+    def _scan(self, txn, db, prefix_text: str, values: bool = False) -> Iterable:
+        prefix = f"{prefix_text}\0".encode()
+        cur = txn.cursor(db=db)
         if cur.set_range(prefix):
-            for key in cur.iternext(keys=True, values=False):
+            for key, value in cur.iternext(keys=True, values=True):
                 if not key.startswith(prefix):
                     break
-                yield key[len(prefix):].decode()
+                yield (key[len(prefix):].decode(), value) if values else key[len(prefix):].decode()
+
+    def _usage(self, txn, client: str) -> tuple[int, int, int]:
+        jobs = nbytes = 0
+        for _, value in self._scan(txn, self._owners, client, values=True):
+            jobs += 1
+            nbytes += struct.unpack(">Q", value)[0] if len(value) == 8 else 0
+        outstanding = sum(1 for _ in self._scan(txn, self._pending, client))
+        return jobs, outstanding, nbytes
 
     # writes ----------------------------------------------------------------------------------
 
     def _write(self, txn, job: Job, old: Job | None) -> None:
+        job.version = (old.version if old is not None else job.version) + 1
         if old is not None and old.status != job.status:
             txn.delete(_status_key(old.status, job.id), db=self._status)
         txn.put(_status_key(job.status, job.id), b"", db=self._status)
-        txn.put(job.id.encode(), job.to_bytes(), db=self._jobs)
+        if job.client or (old is not None and old.client):
+            key = _client_key(clean_client(job.client), job.id)
+            if job.status in OUTSTANDING:
+                txn.put(key, b"", db=self._pending)
+            else:
+                txn.delete(key, db=self._pending)
+        key = job.id.encode()
+        txn.put(key, job.to_bytes(), db=self._jobs)
+        txn.put(key, b"\0".join((job.service.encode(), job.kind.encode(), job.public_bytes())), db=self._public)
+
+    def _write_new(self, txn, job: Job) -> int:
+        """A new record with its parameters and owner entry; returns the stored parameter bytes."""
+        params = job.params_bytes()
+        txn.put(job.id.encode(), params, db=self._inputs)
+        if job.client:
+            txn.put(_client_key(clean_client(job.client), job.id), struct.pack(">Q", len(params)), db=self._owners)
+        self._write(txn, job, None)
+        return len(params)
 
     def put(self, job: Job) -> None:
-        """Insert or replace a job record."""
+        """Insert or replace a job record (with its parameters)."""
         with self._begin_write() as txn:
             old = txn.get(job.id.encode(), db=self._jobs)
-            self._write(txn, job, Job.from_bytes(old) if old is not None else None)
+            if old is None:
+                self._write_new(txn, job)
+            else:
+                txn.put(job.id.encode(), job.params_bytes(), db=self._inputs)
+                self._write(txn, job, Job.from_bytes(old))
 
-    def admit(self, job: Job, limit: int | None) -> None:
-        """Store a new job unless `limit` jobs are outstanding (AdmissionRefused); one transaction.
+    def admit(self, job: Job, limit: int | None, quota: Quota | None = None) -> None:
+        """Store a new job unless a limit is reached; one transaction.
 
-        A store past its admission share is full for new jobs (StoreError), so that the jobs already
-        admitted can always record their progress and their end.
+        AdmissionRefused: `limit` jobs are outstanding (site-wide). QuotaExceeded: the job's client
+        holds its share. StoreError: the store (or the disk under it) is too full; a store past its
+        admission share is full for new jobs so that the jobs already admitted can always record
+        their progress and their end, and jobs with large parameters may only fill part of it, so
+        that ordinary jobs are admitted while there is room for them.
         """
+        job.client = clean_client(job.client)
+        params = len(job.params_bytes())
+        need = 2 * (len(job.to_bytes()) + params + len(job.public_bytes())) + 4096
         with self._begin_write() as txn:
-            if self._live_bytes(txn) + 2 * len(job.to_bytes()) > self._admit_limit:
+            if self.degraded:
+                raise StoreError(_DISK_FULL)
+            live = self._live_bytes(txn)
+            if live + need > self._admit_limit:
                 raise StoreError(_FULL)
+            if quota is not None and params > quota.large_input and \
+                    live + need > self._admit_limit * quota.large_share:
+                raise StoreError(f"The job store is too full for a request of {params} bytes; smaller requests "
+                                 f"are still accepted. Finished jobs are removed after maxFileAge.")
+            if quota is not None and job.client:
+                self._check_quota(txn, job.client, params, quota)
             if limit is not None:
-                outstanding = sum(1 for s in OUTSTANDING for _ in self._scan_status(txn, s))
+                outstanding = sum(1 for s in OUTSTANDING for _ in self._scan(txn, self._status, s))
                 if outstanding >= limit:
                     raise AdmissionRefused(outstanding, limit)
-            self._write(txn, job, None)
+            self._write_new(txn, job)
+
+    def _check_quota(self, txn, client: str, params: int, quota: Quota) -> None:
+        jobs, outstanding, nbytes = self._usage(txn, client)
+        if quota.max_outstanding_per_client is not None and outstanding >= quota.max_outstanding_per_client:
+            raise QuotaExceeded(f"You have {outstanding} jobs submitted or executing, as many as one client may "
+                                f"have ({quota.max_outstanding_per_client}); wait for one to finish.")
+        if quota.max_jobs_per_client is not None and jobs >= quota.max_jobs_per_client:
+            raise QuotaExceeded(f"You have {jobs} stored jobs, as many as one client may keep "
+                                f"({quota.max_jobs_per_client}); finished jobs are removed after maxFileAge.")
+        if quota.max_input_bytes_per_client is not None and nbytes + params > quota.max_input_bytes_per_client:
+            raise QuotaExceeded(f"Your stored jobs' parameters take {nbytes} bytes; this request's {params} more "
+                                f"would pass one client's share ({quota.max_input_bytes_per_client} bytes). "
+                                f"Finished jobs are removed after maxFileAge.")
 
     def update(self, job_id: str, change: Callable[[Job], bool | None],
-               expire_at: Callable[[Job], float | None] | None = None) -> Job | None:
+               expire_at: Callable[[Job], float | None] | None = None, *, essential: bool = False) -> Job | None:
         """Read-modify-write one job atomically; `change` returns False to leave it as it was.
 
         `expire_at(job)` (after the change) gives an expiry time to record in the same transaction.
+        The job passed to `change` has no parameters (they are stored apart and never rewritten).
+        `essential`: a job's end; on a full disk the reserve is given up to record it.
         """
-        with self._begin_write() as txn:
-            data = txn.get(job_id.encode(), db=self._jobs)
-            if data is None:
-                return None
-            old = Job.from_bytes(data)
-            job = Job.from_bytes(data)
-            if change(job) is False:
-                return old  # nothing written: the commit is empty
-            self._write(txn, job, old)
-            when = expire_at(job) if expire_at is not None else None
-            if when is not None:
-                txn.put(_expiry_key(when, job.id), b"", db=self._expiry)
-            return job
+        def attempt() -> Job | None:
+            with self._begin_write() as txn:
+                data = txn.get(job_id.encode(), db=self._jobs)
+                if data is None:
+                    return None
+                old = Job.from_bytes(data)
+                job = Job.from_bytes(data)
+                if change(job) is False:
+                    return old  # nothing written: the commit is empty
+                self._write(txn, job, old)
+                when = expire_at(job) if expire_at is not None else None
+                if when is not None:
+                    txn.put(_expiry_key(when, job.id), b"", db=self._expiry)
+                return job
+        return self._essential(attempt) if essential else attempt()
+
+    def _essential(self, attempt: Callable):
+        try:
+            return attempt()
+        except StoreError as e:
+            if not getattr(e, "no_space", False) or not self._release_reserve():
+                raise
+        return attempt()
 
     def set_expiry(self, job_id: str, when: float) -> None:
         """Record when a finished job and its output are to be removed."""
@@ -165,7 +373,7 @@ class JobStore:
             txn.put(_expiry_key(when, job_id), b"", db=self._expiry)
 
     def delete(self, *job_ids: str) -> None:
-        """Remove job records, their index entries and their expiry records, in one transaction.
+        """Remove job records, their parameters, index entries and expiry records, in one transaction.
 
         The expiry records are found in one pass however many jobs go: cleanup removes expired
         jobs in batches, and a pass per job made it quadratic in the number of stored jobs.
@@ -173,21 +381,32 @@ class JobStore:
         ids = set(job_ids)
         if not ids:
             return
-        with self._begin_write() as txn:
-            for job_id in ids:
-                data = txn.get(job_id.encode(), db=self._jobs)
-                if data is not None:
-                    txn.delete(_status_key(Job.from_bytes(data).status, job_id), db=self._status)
-                    txn.delete(job_id.encode(), db=self._jobs)
-            cur = txn.cursor(db=self._expiry)
-            stale = [k for k in cur.iternext(keys=True, values=False) if k.decode().partition("\0")[2] in ids]
-            for k in stale:
-                txn.delete(k, db=self._expiry)
+
+        def attempt() -> None:
+            with self._begin_write() as txn:
+                for job_id in ids:
+                    key = job_id.encode()
+                    data = txn.get(key, db=self._jobs)
+                    if data is not None:
+                        job = Job.from_bytes(data)
+                        txn.delete(_status_key(job.status, job_id), db=self._status)
+                        if job.client:
+                            ckey = _client_key(clean_client(job.client), job_id)
+                            txn.delete(ckey, db=self._owners)
+                            txn.delete(ckey, db=self._pending)
+                        txn.delete(key, db=self._jobs)
+                    txn.delete(key, db=self._public)
+                    txn.delete(key, db=self._inputs)
+                cur = txn.cursor(db=self._expiry)
+                stale = [k for k in cur.iternext(keys=True, values=False) if k.decode().partition("\0")[2] in ids]
+                for k in stale:
+                    txn.delete(k, db=self._expiry)
+        self._essential(attempt)  # deleting frees room: it must work on a full disk too
 
     def _live_bytes(self, txn) -> int:
         """Bytes of the pages the records and indexes use now (free pages not counted)."""
         total = 0
-        for db in (self._jobs, self._status, self._expiry):
+        for db in (self._jobs, self._public, self._inputs, self._status, self._owners, self._pending, self._expiry):
             st = txn.stat(db)
             total += (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * st["psize"]
         return total
@@ -199,6 +418,10 @@ class JobStore:
             with self.env.begin(write=True) as txn:
                 yield txn
         except lmdb.MapFullError:
-            raise StoreError(_FULL) from None
+            err = StoreError(_FULL)
+            err.no_space = True
+            raise err from None
         except lmdb.Error as e:
-            raise StoreError(f"the job store cannot be written: {e}") from None
+            err = StoreError(f"the job store cannot be written: {e}")
+            err.no_space = _no_space(e)
+            raise err from None

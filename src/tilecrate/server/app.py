@@ -2,7 +2,11 @@
 
 One middleware answers every failure as Esri error JSON (or an HTML page with f=html), adds CORS
 headers, and checks the token when one is configured. Handlers only read and route: cache reads
-and job submission run in the default executor; LMDB reads (microseconds) run on the loop.
+(tiles, tilemaps, previews) run on their own bounded thread pool with a timeout, so reads stuck on
+a file cannot take the threads job submission and cancel use (the default executor); LMDB reads
+(microseconds) run on the loop. Job status is answered from the store's ready-made JSON bytes.
+
+Routes are one table (`add_routes`); a new service kind adds its handlers there.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable
 from urllib.parse import quote
 
@@ -19,7 +24,8 @@ from aiohttp import web
 
 from tilecrate.errors import RequestError, TilecrateError
 from tilecrate.jobs import AdmissionRefused, JobError, JobRunner, JobService, JobStore
-from tilecrate.jobs.store import StoreError
+from tilecrate.jobs.runner import Budget
+from tilecrate.jobs.store import QuotaExceeded, Quota, StoreError
 from tilecrate.jobs.model import ESTIMATE, EXPORT, SUCCEEDED, Job, is_job_id
 from tilecrate.server import html
 from tilecrate.server.config import ServerConfig
@@ -32,8 +38,9 @@ ROOT = "/arcgis/rest"
 OUTPUT = f"{ROOT}/directories/arcgisoutput"
 _SVC = ROOT + "/services/{service}/MapServer"
 _OPS = {"exporttiles": EXPORT, "estimateexporttilessize": ESTIMATE}
-MAX_REQUEST_LINE = 1024 * 1024
-MAX_BODY = 4 * 1024 * 1024
+MAX_REQUEST_LINE = 1024 * 1024  # at most; never more than [limits] max_body_bytes
+_MAX_DETAIL = 2000  # characters of an error detail answered (a message may quote a whole parameter)
+_SWEEP_INTERVAL = 2.0  # seconds between runner sweeps (job ends to record, orphaned jobs)
 _MAX_INT_TEXT = 12  # digits accepted in a level/row/col path segment
 _CORS = {"Access-Control-Allow-Origin": "*",
          "Access-Control-Expose-Headers": "Content-Length, Content-Range, Retry-After, Content-Disposition"}
@@ -47,6 +54,7 @@ RUNNER = web.AppKey("runner", JobRunner)
 STORE = web.AppKey("store", JobStore)
 PREVIEWS = web.AppKey("previews", dict)
 CLEANER = web.AppKey("cleaner", asyncio.Task)
+TILE_POOL = web.AppKey("tile_pool", ThreadPoolExecutor)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -120,11 +128,28 @@ async def reply(request: web.Request, obj: dict, render: Callable[[], str] | Non
 
 
 def base_url(request: web.Request) -> str:
-    """Scheme and host clients reach us at (public_url when configured)."""
+    """Scheme and host clients reach us at: public_url when configured, else the Host header when it
+    names us (a configured host name, the address the request came in on, or localhost), else that
+    address. A forged Host header is never written into a URL we hand out."""
     cfg = request.app[CFG]
     if cfg.public_url:
         return cfg.public_url.rstrip("/")
-    return f"{request.scheme}://{request.host}"
+    sock = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    if not sock:
+        return f"{request.scheme}://{cfg.host}:{cfg.port}"
+    addr, port = sock[0], sock[1]
+    bound = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+    allowed = {bound, f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"}
+    allowed.update(h.lower() for h in cfg.host_names)
+    host = (request.headers.get("Host") or "").strip().lower()
+    if request.scheme == "http" and port == 80 or request.scheme == "https" and port == 443:
+        allowed.update({"localhost", "127.0.0.1", "[::1]", addr if ":" not in addr else f"[{addr}]"})
+    return f"{request.scheme}://{host if host in allowed else bound}"
+
+
+def client_of(request: web.Request) -> str:
+    """Who is asking, for the per-client quotas: the peer address (a user name once users exist)."""
+    return request.remote or ""
 
 
 def token_of(params: dict[str, str], request: web.Request) -> str | None:
@@ -145,6 +170,7 @@ def _is_binary(request: web.Request) -> bool:
 
 
 def _error_response(request: web.Request, err: EsriError) -> web.Response:
+    err.details = [d if len(d) <= _MAX_DETAIL else d[:_MAX_DETAIL] + " …" for d in err.details]
     binary = _is_binary(request)
     status = err.http_status(binary)
     params = request.get("tc_params") or dict(request.query)
@@ -175,9 +201,14 @@ async def esri_middleware(request: web.Request, handler: Handler) -> web.StreamR
         resp = await handler(request)
     except EsriError as e:
         resp = _error_response(request, e)
+    except RequestError as e:  # a parameter a handler could not read: the message says which
+        resp = _error_response(request, EsriError(400, str(e), message="Invalid or missing input parameters."))
     except TilecrateError as e:  # e.g. a corrupt bundle behind a tile: the reader's message says which
         log.warning("%s %s: %s", request.method, request.path[:300], e)
         resp = _error_response(request, EsriError(400, "the cache cannot be read here; the server log has the details"))
+    except RecursionError:
+        resp = _error_response(request, EsriError(400, "a parameter is nested too deeply to be read",
+                                                  message="Invalid or missing input parameters."))
     except web.HTTPException as e:
         if e.status < 400:  # redirects
             e.headers.update(_CORS)
@@ -215,12 +246,16 @@ def _int(text: str, what: str) -> int:
     return int(text)
 
 
-def _job(request: web.Request) -> tuple[Service, Job]:
+def _no_job(job_id: str) -> EsriError:
+    return EsriError(400, f"Job '{job_id[:60]}' does not exist or is inaccessible.", message="Invalid URL")
+
+
+def _job(request: web.Request, inputs: bool = False) -> tuple[Service, Job]:
     svc = _service(request)
     job_id = request.match_info["job"]
-    job = request.app[STORE].get(job_id) if is_job_id(job_id) else None
+    job = request.app[STORE].get(job_id, inputs=inputs) if is_job_id(job_id) else None
     if job is None or job.service != svc.name:
-        raise EsriError(400, f"Job '{job_id[:60]}' does not exist or is inaccessible.", message="Invalid URL")
+        raise _no_job(job_id)
     return svc, job
 
 
@@ -236,6 +271,19 @@ async def run_blocking(request: web.Request, fn, *args):
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
+async def read_cache(request: web.Request, fn, *args):
+    """Run a cache read on the tile pool; a read not done within tile_read_timeout is answered 503
+    (its thread stays with the read; a queued read that times out never starts)."""
+    timeout = request.app[CFG].limits.tile_read_timeout
+    fut = asyncio.get_running_loop().run_in_executor(request.app[TILE_POOL], fn, *args)
+    try:
+        return await asyncio.wait_for(fut, timeout)
+    except asyncio.TimeoutError:
+        log.warning("%s: a cache read took more than %gs", request.path[:300], timeout)
+        raise EsriError(503, f"the cache could not be read within {timeout:g} seconds; try again later",
+                        headers={"Retry-After": "10"}) from None
+
+
 def output_listing(request: web.Request, rel: str, path: str) -> dict:
     """`{"folders": [...], "files": [{"name", "url", "size"}]}` of an arcgisoutput folder."""
     url = f"{base_url(request)}{OUTPUT}" + (f"/{quote(rel)}" if rel else "")
@@ -244,6 +292,8 @@ def output_listing(request: web.Request, rel: str, path: str) -> dict:
         if entry.name.startswith(".") or entry.is_symlink():
             continue  # temporary names of outputs still being written, and anything not ours
         if entry.is_dir():
+            if rel.count("/") == 0 and rel:
+                continue  # a service folder: job folders are reachable by their id only, never listed
             folders.append(entry.name)
         elif entry.is_file():
             files.append({"name": entry.name, "url": f"{url}/{quote(entry.name)}", "size": entry.stat().st_size})
@@ -301,7 +351,7 @@ async def h_service(request: web.Request) -> web.Response:
 async def _preview(request: web.Request, svc: Service) -> tuple[int, list[int], list[int]] | None:
     previews = request.app[PREVIEWS]
     if svc.name not in previews:
-        previews[svc.name] = await run_blocking(request, _compute_preview, svc)
+        previews[svc.name] = await read_cache(request, _compute_preview, svc)
     return previews[svc.name]
 
 
@@ -340,7 +390,7 @@ async def h_tile(request: web.Request) -> web.StreamResponse:
     level = _int(request.match_info["level"], "level")
     row = _int(request.match_info["row"], "row")
     col = _int(request.match_info["col"], "column")
-    found = await run_blocking(request, svc.tile, level, row, col)
+    found = await read_cache(request, svc.tile, level, row, col)
     if found is None:
         raise EsriError(404, f"no tile at level {level}, row {row}, column {col}", message="Tile not found",
                         http_status=404)
@@ -356,7 +406,7 @@ async def h_tilemap(request: web.Request) -> web.Response:
     width, height = _int(m["width"], "width"), _int(m["height"], "height")
     if not (1 <= width and 1 <= height):
         raise EsriError(400, "width and height must be at least 1")
-    obj = await run_blocking(request, svc.tilemap, level, row, col, width, height)
+    obj = await read_cache(request, svc.tilemap, level, row, col, width, height)
     return await reply(request, obj, default="json")
 
 
@@ -375,13 +425,19 @@ async def h_submit(request: web.Request) -> web.StreamResponse:
         return html_response(html.service_page(ROOT, svc.name, info, None, param(params, "token")))
     runner = request.app[RUNNER]
     try:
-        job = await run_blocking(request, runner.submit, kind, svc.name, params)
-    except RequestError as e:
-        raise EsriError(400, str(e), message="Invalid or missing input parameters.") from None
+        job = await run_blocking(request, runner.submit, kind, svc.name, params, client_of(request))
+    except (RequestError, RecursionError) as e:
+        text = str(e) if isinstance(e, RequestError) else "a parameter is nested too deeply to be read"
+        raise EsriError(400, text, message="Invalid or missing input parameters.") from None
+    except QuotaExceeded as e:  # one client's share: a real 429, so it is not retried as a 5xx
+        raise EsriError(429, str(e), message="Too many jobs from this client", headers={"Retry-After": "60"},
+                        http_status=429) from None
     except (AdmissionRefused, StoreError) as e:  # a full job store frees itself as jobs expire
         raise EsriError(503, str(e), message="Too many outstanding jobs", headers={"Retry-After": "300"}) from None
     except JobError as e:
         raise EsriError(400, str(e)) from None
+    except TilecrateError as e:  # anything else the request made the checks raise: answered, not logged
+        raise EsriError(400, str(e), message="Invalid or missing input parameters.") from None
     obj = {"jobId": job.id, "jobStatus": job.status}
     if f == "html":
         tok = param(params, "token")
@@ -402,11 +458,19 @@ def _files_of(request: web.Request, job: Job) -> tuple[list[dict], list[str]] | 
 
 
 async def h_job(request: web.Request) -> web.Response:
-    """A job resource at any of its URLs."""
+    """A job resource at any of its URLs; f=json is the stored JSON as it is (nothing parsed)."""
+    params = await params_of(request)
+    f = fmt_of(params)
+    if f == "json":
+        svc = _service(request)
+        job_id = request.match_info["job"]
+        found = request.app[STORE].public(job_id) if is_job_id(job_id) else None
+        if found is None or found[0] != svc.name:
+            raise _no_job(job_id)
+        return web.Response(body=found[2], content_type="application/json", charset="utf-8")
     svc, job = _job(request)
     obj = job.to_json()
-    params = await params_of(request)
-    if fmt_of(params) == "html":
+    if f == "html":
         found = _files_of(request, job) or ([], [])
         estimate = (job.result or {}).get("value") if job.kind == ESTIMATE else None
         return html_response(html.job_page(ROOT, svc.name, job.kind, obj, found[0], found[1], estimate,
@@ -450,7 +514,7 @@ async def h_result(request: web.Request) -> web.Response:
 
 async def h_input(request: web.Request) -> web.Response:
     """`…/jobs/<id>/inputs/<name>`."""
-    _, job = _job(request)
+    _, job = _job(request, inputs=True)  # the only route that reads the stored parameters
     name = request.match_info["param"]
     found = job.input_value(name)
     if found is None:
@@ -518,8 +582,10 @@ def create_app(cfg: ServerConfig) -> web.Application:
     """The application; services, job store and runner are opened on startup and closed on cleanup."""
     # clients put whole areaOfInterest polygons in GET query strings (the ArcGIS API for Python
     # does): accept request lines far beyond aiohttp's 8 KiB default
-    app = web.Application(middlewares=[esri_middleware], client_max_size=MAX_BODY,
-                          handler_args={"max_line_size": MAX_REQUEST_LINE, "max_field_size": 65536})
+    body = cfg.limits.max_body_bytes
+    app = web.Application(middlewares=[esri_middleware], client_max_size=body,
+                          handler_args={"max_line_size": min(MAX_REQUEST_LINE, body) + 8192,
+                                        "max_field_size": 65536})
     app[CFG] = cfg
     app[SERVICES] = {}
     app[PREVIEWS] = {}
@@ -543,30 +609,44 @@ async def _startup(app: web.Application) -> None:
                 svc.close()
             raise
         store = JobStore(cfg.store_dir)
+        lim = cfg.limits
         runner = JobRunner(store, {n: JobService(n, s.cache, s.config.max_export_tiles_count)
                                    for n, s in services.items()},
                            cfg.output_dir, workers=cfg.workers, max_outstanding=cfg.maximum_outstanding_jobs,
-                           max_file_age=cfg.max_file_age, export_threads=cfg.export_threads)
+                           max_file_age=cfg.max_file_age, export_threads=cfg.export_threads,
+                           quota=Quota(max_jobs_per_client=lim.max_jobs_per_client,
+                                       max_outstanding_per_client=lim.max_outstanding_per_client,
+                                       max_input_bytes_per_client=lim.max_input_bytes_per_client),
+                           budget=Budget(max_input_bytes=lim.max_input_bytes,
+                                         seconds=lim.job_seconds or None,
+                                         memory_bytes=(lim.job_memory_mb << 20) or None))
         runner.recover()
         runner.cleanup()
         return services, store, runner
 
     services, store, runner = await loop.run_in_executor(None, open_all)
     app[SERVICES].update(services)
+    app[TILE_POOL] = ThreadPoolExecutor(max_workers=cfg.limits.tile_read_threads, thread_name_prefix="tilecrate-read")
     app[STORE] = store
     app[RUNNER] = runner
     app[CLEANER] = asyncio.create_task(_clean_periodically(app))
 
 
 async def _clean_periodically(app: web.Application) -> None:
+    """Sweep (job ends to record, orphaned jobs, the store's disk reserve) often; expire less often."""
     interval = max(0.5, min(30.0, app[CFG].max_file_age / 4))
     loop = asyncio.get_running_loop()
+    next_cleanup = time.monotonic() + interval
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(min(interval, _SWEEP_INTERVAL))
+        runner = app[RUNNER]
         try:
-            removed = await loop.run_in_executor(None, app[RUNNER].cleanup, time.time())
-            if removed:
-                log.info("removed %d expired job(s) and their output", len(removed))
+            await loop.run_in_executor(None, runner.sweep)
+            if time.monotonic() >= next_cleanup:
+                next_cleanup = time.monotonic() + interval
+                removed = await loop.run_in_executor(None, runner.cleanup, time.time())
+                if removed:
+                    log.info("removed %d expired job(s) and their output", len(removed))
         except TilecrateError as e:
             log.warning("cleanup failed: %s", e)
         except Exception:  # whatever it was, the next pass must still run: outputs must expire
@@ -584,5 +664,8 @@ async def _cleanup(app: web.Application) -> None:
     store = app.get(STORE)
     if store is not None:
         store.close()
+    pool = app.get(TILE_POOL)
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)  # a read stuck on a file must not hold up the exit
     for svc in app[SERVICES].values():
         svc.close()

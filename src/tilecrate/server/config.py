@@ -9,6 +9,20 @@ max_file_age = 600                   # seconds before outputs and finished jobs 
 maximum_outstanding_jobs = 8         # omit for unlimited
 workers = 2                          # jobs run at once
 token = "change-me"                  # optional: required on every request when set
+public_url = "https://maps.example.com"  # optional: the URL clients reach us at (else the Host
+host_names = ["maps.example.com:8000"]   # header is used only when it names us: these names, the
+                                     # bound address or localhost; otherwise the bound address)
+
+[limits]                             # all optional; the defaults are shown (README: "Limits")
+max_body_bytes = 2097152             # request body (and a GET's request line) at most 2 MiB
+max_input_bytes = 262144             # a job's stored parameters (its area of interest) at most 256 KiB
+max_jobs_per_client = 500            # jobs one client (address) may have stored, finished ones included
+max_outstanding_per_client = 16      # jobs one client may have submitted or executing
+max_input_bytes_per_client = 33554432  # stored parameters of one client's jobs together
+job_seconds = 3600                   # a job running longer fails ("0": no limit)
+job_memory_mb = 1024                 # a job whose memory growth passes this fails ("0": no limit)
+tile_read_threads = 8                # tile and tilemap reads run on their own threads ...
+tile_read_timeout = 10               # ... and a read not done in this many seconds is answered 503
 
 [services.World]
 source = "caches/world"              # cache folder, .tpk or .tpkx
@@ -52,6 +66,21 @@ class ServiceConfig:
 
 
 @dataclass
+class Limits:
+    """Bounds on what clients may make the server store and run (see the module doc)."""
+
+    max_body_bytes: int = 2 << 20
+    max_input_bytes: int = 256 << 10
+    max_jobs_per_client: int = 500
+    max_outstanding_per_client: int = 16
+    max_input_bytes_per_client: int = 32 << 20
+    job_seconds: float = 3600.0
+    job_memory_mb: int = 1024
+    tile_read_threads: int = 8
+    tile_read_timeout: float = 10.0
+
+
+@dataclass
 class ServerConfig:
     """Everything `tilecrate serve` needs."""
 
@@ -65,6 +94,8 @@ class ServerConfig:
     export_threads: int | None = None
     token: str | None = None
     public_url: str | None = None
+    host_names: list = field(default_factory=list)
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def output_dir(self) -> str:
@@ -90,6 +121,8 @@ def _pick(table: dict, where: str, spec: dict[str, type]) -> dict:
         want = spec[name]
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if want is list and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+            raise ConfigError(f"{where}: {key} must be a list of strings, not {value!r}")
         if want is int and isinstance(value, bool) or not isinstance(value, want):
             raise ConfigError(f"{where}: {key} must be {want.__name__}, not {value!r}")
         out[name] = value
@@ -98,7 +131,10 @@ def _pick(table: dict, where: str, spec: dict[str, type]) -> dict:
 
 _SERVER_KEYS = {"host": str, "port": int, "data_dir": str, "max_file_age": float,
                 "maximum_outstanding_jobs": int, "workers": int, "export_threads": int,
-                "token": str, "public_url": str}
+                "token": str, "public_url": str, "host_names": list}
+_LIMIT_KEYS = {"max_body_bytes": int, "max_input_bytes": int, "max_jobs_per_client": int,
+               "max_outstanding_per_client": int, "max_input_bytes_per_client": int, "job_seconds": float,
+               "job_memory_mb": int, "tile_read_threads": int, "tile_read_timeout": float}
 _SERVICE_KEYS = {"source": str, "export_tiles_allowed": bool, "max_export_tiles_count": int,
                  "description": str, "copyright": str}
 
@@ -120,14 +156,19 @@ def load_config(path: str) -> ServerConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
     base = os.path.dirname(os.path.abspath(path))
-    unknown = set(raw) - {"server", "services"}
+    unknown = set(raw) - {"server", "services", "limits"}
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; use [server] and [services.NAME]")
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; "
+                          f"use [server], [limits] and [services.NAME]")
     server = raw.get("server", {})
     if not isinstance(server, dict):
         raise ConfigError(f"{path}: [server] must be a table")
     cfg = ServerConfig(**_pick(server, f"{path} [server]", _SERVER_KEYS))
     cfg.data_dir = os.path.normpath(os.path.join(base, cfg.data_dir))
+    limits = raw.get("limits", {})
+    if not isinstance(limits, dict):
+        raise ConfigError(f"{path}: [limits] must be a table")
+    cfg.limits = Limits(**_pick(limits, f"{path} [limits]", _LIMIT_KEYS))
     services = raw.get("services", {})
     if not isinstance(services, dict) or not services:
         raise ConfigError(f"{path}: no services: add a [services.NAME] table with source = \"path/to/cache\"")
@@ -154,6 +195,17 @@ def validate(cfg: ServerConfig) -> ServerConfig:
         raise ConfigError("maximum_outstanding_jobs must be at least 1 (omit it for unlimited)")
     if cfg.workers < 1:
         raise ConfigError("workers must be at least 1")
+    lim = cfg.limits
+    for name in ("max_body_bytes", "max_input_bytes", "max_jobs_per_client", "max_outstanding_per_client",
+                 "max_input_bytes_per_client", "tile_read_threads"):
+        if getattr(lim, name) < 1:
+            raise ConfigError(f"[limits] {name} must be at least 1")
+    for name in ("job_seconds", "job_memory_mb", "tile_read_timeout"):
+        value = getattr(lim, name)
+        if not value >= 0 or value == float("inf"):  # also NaN
+            raise ConfigError(f"[limits] {name} must be a finite number, 0 or more")
+    if lim.tile_read_timeout == 0:
+        raise ConfigError("[limits] tile_read_timeout must be more than 0")
     if cfg.token is not None and not cfg.token.strip():
         raise ConfigError("token must not be empty (omit it to serve without tokens)")
     for svc in cfg.services.values():
