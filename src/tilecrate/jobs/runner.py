@@ -160,7 +160,11 @@ class JobRunner:
                 job.add_message(message, ERROR)
                 job.add_message(f"Failed at {esri_time(now)} {_elapsed(job)}")
                 return None
-            job = self.store.update(job_id, mark, self._expiry, essential=True)
+            try:
+                job = self.store.update(job_id, mark, self._expiry, essential=True)
+            except StoreError as e:  # the next sweep (or start) tries again
+                log.error("job %s: cannot record it failed: %s", job_id, e)
+                continue
             if job is None or job.status != FAILED or job.finished != now:
                 continue
             self._remove_output(job)
@@ -318,6 +322,10 @@ class JobRunner:
             timer.start()
         try:
             self._run_job(job_id, cancel)
+        except StoreError as e:  # e.g. a full disk under the store: the end still lands (reserve, sweep)
+            log.error("job %s: %s", job_id, e)
+            self._finish(job_id, FAILED, f"ERROR: the server could not record this job's progress, its disk may "
+                                         f"be full ({e}).")
         except BaseException:  # never lose a job to a bug: record it, then log the traceback
             log.exception("job %s failed unexpectedly", job_id)
             self._finish(job_id, FAILED, "ERROR 999999: Something unexpected caused the tool to fail. "

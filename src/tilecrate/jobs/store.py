@@ -95,11 +95,6 @@ def clean_client(client: str) -> str:
     return client.replace("\0", "")[:200]
 
 
-def _no_space(e: BaseException) -> bool:
-    """Whether an LMDB failure means the disk (or the map) has no room (py-lmdb gives no errno)."""
-    return isinstance(e, lmdb.MapFullError) or "No space left" in str(e) or "Disk quota" in str(e)
-
-
 class JobStore:
     """Durable job records; safe to use from the event loop and from worker threads."""
 
@@ -360,10 +355,11 @@ class JobStore:
         return self._essential(attempt) if essential else attempt()
 
     def _essential(self, attempt: Callable):
+        # any failed commit may be the disk: a full tmpfs answers a short page write with EIO
         try:
             return attempt()
-        except StoreError as e:
-            if not getattr(e, "no_space", False) or not self._release_reserve():
+        except StoreError:
+            if not self._release_reserve():
                 raise
         return attempt()
 
@@ -418,10 +414,6 @@ class JobStore:
             with self.env.begin(write=True) as txn:
                 yield txn
         except lmdb.MapFullError:
-            err = StoreError(_FULL)
-            err.no_space = True
-            raise err from None
+            raise StoreError(_FULL) from None
         except lmdb.Error as e:
-            err = StoreError(f"the job store cannot be written: {e}")
-            err.no_space = _no_space(e)
-            raise err from None
+            raise StoreError(f"the job store cannot be written: {e}") from None
