@@ -1,0 +1,574 @@
+"""The .vtpk writer: a vector tile package of the tiles an export selects (FORMATS.md §12, §18).
+
+Layout, in the sorted order ArcGIS writes (natural-earth.vtpk): `esriinfo/item.pkinfo`,
+`esriinfo/iteminfo.xml`, `esriinfo/thumbnail/thumbnail.png` (the source's), `p12/metadata.json`
+(the source's), `p12/resources/…` (copied whole: styles, sprites, fonts, info), `p12/root.json`
+(the source's with minLOD/maxLOD, extents and minScale of the export), `p12/tile/Lzz/R…C….bundle`
+(compact V2, tile bytes passed through: gzip'd MVT is never re-encoded, so optimizeTilesForSize is
+ignored as ArcGIS ignores it) and `p12/tilemap/root.json`, the quadtree index rebuilt for the
+exported tiles. Entries are STORED. One generator lists the entries for both the writer and the
+size prediction, so an estimate equals the bytes written.
+
+The source is a .vtpk (read in place) or an extracted package folder (the folder holding
+root.json, with `esriinfo/` optionally next to it).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+import uuid
+import xml.etree.ElementTree as ET
+import zipfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, NamedTuple
+from xml.sax.saxutils import escape
+
+import numpy as np
+
+from tilecrate import _plan
+from tilecrate.cache import Cache
+from tilecrate.errors import Cancelled, ExportError, RequestError
+from tilecrate.package.bundles import plan_bundle
+from tilecrate.package.metadata import Stamp, to_wgs84
+from tilecrate.package.zipstream import ZIP64_LIMIT, ZipWriter
+from tilecrate.request import ExportRequest
+from tilecrate.selection import Selection, area_of, select
+from tilecrate.tiling import PACKET, Extent, bundle_name, level_dir
+
+ROOT = "p12/"
+KIND = "vtpk"
+STORAGE_FORMAT = "esriMapCacheStorageModeCompactV2"
+MAX_SMALL = 4 << 20            # source metadata read into memory (root.json, iteminfo.xml) at most this big
+_CHUNK = 1 << 20
+_LOD_RATIO_TOL = 1e-3
+
+
+def is_vector_source(cache: Cache) -> bool:
+    """Whether a cache holds vector tiles (a .vtpk or an extracted one): its export is a .vtpk."""
+    return cache.kind == "vtpk" or cache.tile_format.lower() == "pbf"
+
+
+class VtpkProgress(NamedTuple):
+    """Where a .vtpk export is (the same fields as tilecrate.export.ExportProgress)."""
+
+    tiles_done: int
+    tiles_total: int
+    bytes_done: int
+    bytes_total: int
+    level: int | None
+
+
+@dataclass
+class VtpkResult:
+    """What a .vtpk export wrote (the same fields as tilecrate.export.ExportResult)."""
+
+    path: str
+    tiles: int
+    size: int
+    levels: dict[int, dict] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    quality_used: int | None = None
+    kind: str = KIND
+    storage_format: str = STORAGE_FORMAT
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# the source package's files
+
+
+@dataclass(frozen=True)
+class _File:
+    """A file of the source package to copy: its name in the output, size and (if known) CRC-32."""
+
+    name: str
+    size: int
+    crc: int | None
+    src: str                   # zip entry name, or file path
+
+
+class _Source:
+    """The non-tile files of a source vector package: a .vtpk zip or an extracted folder."""
+
+    def __init__(self, cache: Cache):
+        self.cache = cache
+        self.label = cache.path
+        self.warnings: list[str] = []
+        self._zf: zipfile.ZipFile | None = None
+        if os.path.isdir(cache.path):
+            self._init_folder(cache.path)
+        else:
+            self._init_zip(cache.path)
+
+    def _init_zip(self, path: str) -> None:
+        try:
+            self._zf = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ExportError(f"{path}: cannot read the vector tile package ({e})") from None
+        infos = {i.filename: i for i in self._zf.infolist() if not i.is_dir()}
+        roots = [n for n in infos if n.rsplit("/", 1)[-1] == "root.json"
+                 and "/resources/" not in "/" + n and "/tilemap/" not in "/" + n]
+        if not roots:
+            raise ExportError(f"{path}: no root.json in the package")
+        root_json = min(roots, key=lambda n: n.count("/"))
+        base = root_json[:-len("root.json")]
+        self.root_json = self._read_zip(infos[root_json])
+        self.files: dict[str, _File] = {}
+        for name, info in sorted(infos.items()):
+            if name.startswith(base + "resources/"):
+                self._add(ROOT + name[len(base):], info.file_size, info.CRC, name)
+            elif name == base + "metadata.json":
+                self._add(ROOT + "metadata.json", info.file_size, info.CRC, name)
+            elif name == "esriinfo/thumbnail/thumbnail.png":
+                self._add(name, info.file_size, info.CRC, name)
+        item = infos.get("esriinfo/iteminfo.xml")
+        self.iteminfo = self._read_zip(item) if item is not None and item.file_size <= MAX_SMALL else None
+
+    def _init_folder(self, root: str) -> None:
+        self.root_json = self._read_path(os.path.join(root, "root.json"))
+        self.files = {}
+        for name, path in self._walk(os.path.join(root, "resources"), "resources/"):
+            self._add(ROOT + name, os.path.getsize(path), None, path)
+        for out_name, path in ((ROOT + "metadata.json", os.path.join(root, "metadata.json")),
+                               ("esriinfo/thumbnail/thumbnail.png",
+                                os.path.join(root, os.pardir, "esriinfo", "thumbnail", "thumbnail.png"))):
+            if os.path.isfile(path) and not os.path.islink(path):
+                self._add(out_name, os.path.getsize(path), None, path)
+        item = os.path.join(root, os.pardir, "esriinfo", "iteminfo.xml")
+        self.iteminfo = (self._read_path(item) if os.path.isfile(item) and os.path.getsize(item) <= MAX_SMALL
+                         else None)
+
+    def _walk(self, folder: str, prefix: str) -> Iterator[tuple[str, str]]:
+        if not os.path.isdir(folder):
+            return
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames.sort()
+            rel = os.path.relpath(dirpath, folder).replace(os.sep, "/")
+            for fn in sorted(filenames):
+                path = os.path.join(dirpath, fn)
+                if os.path.islink(path) or not os.path.isfile(path):
+                    self.warnings.append(f"{path}: not a regular file; left out of the package")
+                    continue
+                yield prefix + (fn if rel == "." else f"{rel}/{fn}"), path
+
+    def _add(self, name: str, size: int, crc: int | None, src: str) -> None:
+        parts = name.split("/")
+        if "\\" in name or any(p in ("", ".", "..") for p in parts):
+            # an entry an unzipper would write outside its folder is not copied into our package
+            self.warnings.append(f"{self.label}: resource {name!r} has an unsafe name; left out of the package")
+            return
+        self.files[name] = _File(name, int(size), crc, src)
+
+    def _read_zip(self, info: zipfile.ZipInfo) -> bytes:
+        if info.file_size > MAX_SMALL:
+            raise ExportError(f"{self.label}!{info.filename}: {info.file_size} bytes is too large for package metadata")
+        try:
+            return self._zf.read(info)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise ExportError(f"{self.label}!{info.filename}: cannot read ({e})") from None
+
+    def _read_path(self, path: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_SMALL + 1)
+        except OSError as e:
+            raise ExportError(f"{path}: cannot read ({e.strerror})") from None
+        if len(data) > MAX_SMALL:
+            raise ExportError(f"{path}: too large for package metadata")
+        return data
+
+    def chunks(self, f: _File, check: Callable[[], None]) -> Iterator[bytes]:
+        """A source file's bytes in pieces; an error if it is not the size it was listed with."""
+        done = 0
+        try:
+            if self._zf is not None:
+                with self._zf.open(f.src) as src:      # zipfile checks the CRC-32 at the end
+                    while piece := src.read(_CHUNK):
+                        check()
+                        done += len(piece)
+                        if done > f.size:
+                            break
+                        yield piece
+            else:
+                with open(f.src, "rb") as src:
+                    while piece := src.read(min(_CHUNK, f.size - done + 1)):
+                        check()
+                        done += len(piece)
+                        if done > f.size:
+                            break
+                        yield piece
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise ExportError(f"{self.label}: cannot copy {f.name} ({e})") from None
+        if done != f.size:
+            raise ExportError(f"{self.label}: {f.name} changed while it was being exported "
+                              f"({f.size} bytes listed, {done} read)")
+
+    def close(self) -> None:
+        """Close the source zip."""
+        if self._zf is not None:
+            self._zf.close()
+            self._zf = None
+
+
+# --------------------------------------------------------------------------------------------
+# tilemap
+
+
+def _check_quadtree(cache: Cache, levels: list[int]) -> None:
+    """The tilemap index assumes level 0 is one tile and each level halves the resolution."""
+    if not levels:
+        return
+    lods = {lod.level: lod for lod in cache.scheme.lods}
+    if 0 not in lods:
+        raise ExportError(f"{cache.path}: the tiling scheme has no level 0, so the tilemap quadtree of a "
+                          ".vtpk cannot index it (not supported)")
+    for lv in range(1, max(levels) + 1):
+        if lv not in lods or abs(lods[lv - 1].resolution / lods[lv].resolution - 2.0) > 2.0 * _LOD_RATIO_TOL:
+            raise ExportError(f"{cache.path}: level {lv} is not half the resolution of level {lv - 1}; "
+                              "a .vtpk tilemap needs a quadtree tiling scheme (not supported)")
+
+
+def present_tiles(selection: Selection) -> dict[int, np.ndarray]:
+    """{level: int64 keys row << 32 | col} of the selected tiles."""
+    out: dict[int, np.ndarray] = {}
+    for lv in selection.levels:
+        keys = []
+        for b in lv.bundles:
+            if b.tiles <= 0:
+                continue
+            cells = np.flatnonzero(np.asarray(b.mask).reshape(-1))
+            rows = b.ref.row0 + cells // PACKET
+            cols = b.ref.col0 + cells % PACKET
+            keys.append((rows.astype(np.int64) << 32) | cols.astype(np.int64))
+        if keys:
+            out[lv.level] = np.concatenate(keys)
+    return out
+
+
+def tilemap_index(tiles: dict[int, np.ndarray]) -> bytes:
+    """`{"index": node}` (FORMATS.md §18.4) of the tiles present: 1 = leaf, 0 = none, [nw, ne, sw, se].
+
+    A tile absent while tiles below it are present (levels left out of the export) is written as an
+    array, i.e. as present: the format cannot say "absent, but look deeper".
+    """
+    if not tiles:
+        return b'{"index":0}'
+    deepest = max(tiles)
+    below: dict[int, str] = {}
+    for lv in range(deepest, -1, -1):
+        here: dict[int, str] = {}
+        keys = tiles.get(lv)
+        if keys is not None:
+            side = 1 << lv
+            rows, cols = keys >> 32, keys & 0xFFFFFFFF
+            if (rows >= side).any() or (cols >= side).any() or (keys < 0).any():
+                raise ExportError(f"level {lv} has tiles outside its 2^{lv} x 2^{lv} grid; a .vtpk tilemap "
+                                  "cannot index them (not supported)")
+            for k in keys.tolist():
+                here[k] = "1"
+        kids: dict[int, dict[int, str]] = defaultdict(dict)
+        for k, text in below.items():
+            r, c = k >> 32, k & 0xFFFFFFFF
+            kids[((r >> 1) << 32) | (c >> 1)][((r & 1) << 1) | (c & 1)] = text
+        for k, quad in kids.items():
+            here[k] = "[" + ",".join(quad.get(i, "0") for i in range(4)) + "]"
+        below = here
+    return b'{"index":' + below.get(0, "0").encode() + b"}"
+
+
+# --------------------------------------------------------------------------------------------
+# metadata
+
+
+@dataclass(frozen=True)
+class _Info:
+    """The facts the metadata states: exported levels, extent (native and WGS 84)."""
+
+    levels: list[int]
+    extent: Extent | None
+    geo_extent: Extent | None
+
+
+def _export_info(cache: Cache, request: ExportRequest | None, selection: Selection) -> _Info:
+    """Levels with tiles, and the extent: the source's full extent clipped to the exported tiles
+    (all levels: a vector package's deepest level is often sparse, clients overzoom) and to the
+    request's area."""
+    levels = [lv.level for lv in selection.levels if lv.tiles > 0]
+    boxes = []
+    for lv in selection.levels:
+        bounds = lv.tile_range() if lv.tiles > 0 and cache.scheme.has_level(lv.level) else None
+        if bounds is not None:
+            rmin, rmax, cmin, cmax = bounds
+            x0, _, _, y1 = cache.scheme.tile_bounds(lv.level, rmin, cmin)
+            _, y0, x1, _ = cache.scheme.tile_bounds(lv.level, rmax, cmax)
+            boxes.append((x0, y0, x1, y1))
+    if not boxes:
+        return _Info(levels, cache.full_extent, to_wgs84(cache.full_extent))
+    box = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+    # tile edges computed from rounded resolutions differ from the source's extent by micrometres:
+    # a whole-package export keeps the source's numbers
+    tol = 1e-9 * max(box[2] - box[0], box[3] - box[1])
+    box = (box[0] - tol, box[1] - tol, box[2] + tol, box[3] + tol)
+    clips = []
+    if cache.full_extent is not None and cache.full_extent.is_valid:
+        f = cache.full_extent
+        clips.append((f.xmin, f.ymin, f.xmax, f.ymax))
+    area = area_of(cache, request) if request is not None else None
+    if area is not None:
+        clips.append(tuple(area.bounds))
+    for c in clips:
+        clipped = (max(box[0], c[0]), max(box[1], c[1]), min(box[2], c[2]), min(box[3], c[3]))
+        if clipped[0] < clipped[2] and clipped[1] < clipped[3]:
+            box = clipped
+    extent = Extent(*box, cache.scheme.spatial_ref)
+    return _Info(levels, extent, to_wgs84(extent))
+
+
+def _root_json(source: _Source, cache: Cache, selection: Selection, info: _Info) -> tuple[dict, bytes]:
+    try:
+        root = json.loads(source.root_json.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{cache.path}: root.json is not valid JSON ({e})") from None
+    if not isinstance(root, dict):
+        raise ExportError(f"{cache.path}: root.json is not a JSON object")
+    levels = info.levels
+    if levels:
+        first = root.get("minLOD")
+        root["minLOD"], root["maxLOD"] = levels[0], levels[-1]
+        if isinstance(first, (int, float)) and levels[0] > first and cache.scheme.has_level(levels[0]):
+            # no tiles above the first exported level: clients should not ask for them
+            root["minScale"] = cache.scheme.lod(levels[0]).scale
+    if info.extent is not None:
+        ext = info.extent.to_json()
+        for key in ("initialExtent", "fullExtent"):
+            old = root.get(key)
+            if isinstance(old, dict) and isinstance(old.get("spatialReference"), dict):
+                ext = dict(ext, spatialReference=old["spatialReference"])
+            root[key] = ext
+    return root, json.dumps(root, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _item_texts(source: _Source, name: str) -> dict[str, str]:
+    """Title, snippet, tags... of the source item (iteminfo.xml), to carry into the export's item."""
+    texts = {"name": name, "title": name, "snippet": "", "description": "", "summary": "", "tags": "",
+             "accessinformation": "", "licenseinfo": ""}
+    if source.iteminfo:
+        try:
+            root = ET.fromstring(source.iteminfo.lstrip(b"\xef\xbb\xbf").strip())
+        except ET.ParseError:
+            source.warnings.append(f"{source.label}: esriinfo/iteminfo.xml is not valid XML; item texts not copied")
+            return texts
+        for key in texts:
+            el = root.find(key)
+            if el is not None and el.text is not None:
+                texts[key] = el.text.strip()
+    return texts
+
+
+def _sr_name(cache: Cache) -> str:
+    code = cache.scheme.spatial_ref.code
+    if code in (3857, 102100):
+        return "WGS_1984_Web_Mercator_Auxiliary_Sphere"
+    return f"WKID {code}" if code else "Unknown"
+
+
+def _num(v: float) -> str:
+    return repr(float(v)) if not float(v).is_integer() else str(int(v))
+
+
+def iteminfo_xml(texts: dict[str, str], stamp: Stamp, info, root: dict, cache: Cache) -> bytes:
+    """esriinfo/iteminfo.xml of a .vtpk, shaped like ArcGIS's (item type "Vector Tile Package")."""
+    g = info.geo_extent
+    extent = (f"<extent>\n<xmin>{_num(g.xmin)}</xmin>\n<ymin>{_num(g.ymin)}</ymin>\n"
+              f"<xmax>{_num(g.xmax)}</xmax>\n<ymax>{_num(g.ymax)}</ymax>\n</extent>\n") if g is not None else "<extent></extent>\n"
+    e = {k: escape(v) for k, v in texts.items()}
+    scales = "".join(f"<{k}>{_num(root[k])}</{k}>\n" for k in ("minScale", "maxScale")
+                     if isinstance(root.get(k), (int, float)) and math.isfinite(root[k]))
+    text = (
+        "<?xml version=\"1.0\" encoding=\"utf-8\" ?>\n<ESRI_ItemInformation Culture='en-US'>\n"
+        f"<name>{e['name']}</name>\n<guid>{stamp.guid}</guid>\n<version>1.0</version>\n"
+        f"<created>{stamp.iso}</created>\n<modified>{stamp.iso}</modified>\n<catalogpath></catalogpath>\n"
+        f"<snippet>{e['snippet']}</snippet>\n<description>{e['description']}</description>\n"
+        f"<summary>{e['summary']}</summary>\n<title>{e['title']}</title>\n<tags>{e['tags']}</tags>\n"
+        "<type>Vector Tile Package</type>\n<typekeywords>\n<typekeyword>Data</typekeyword>\n"
+        "<typekeyword>Vector Tile Package</typekeyword>\n<typekeyword>vtpk</typekeyword>\n</typekeywords>\n"
+        "<thumbnail>thumbnail/thumbnail.png</thumbnail>\n<documentation></documentation>\n<url></url>\n"
+        f"{extent}<spatialreference>{escape(_sr_name(cache))}</spatialreference>\n{scales}"
+        f"<datalastModifiedTime>{stamp.iso}</datalastModifiedTime>\n"
+        f"<accessinformation>{e['accessinformation']}</accessinformation>\n"
+        f"<licenseinfo>{e['licenseinfo']}</licenseinfo>\n</ESRI_ItemInformation>\n"
+    )
+    return text.encode("utf-8")
+
+
+def item_pkinfo(texts: dict[str, str], stamp: Stamp) -> bytes:
+    """esriinfo/item.pkinfo of a .vtpk."""
+    text = (
+        "<?xml version=\"1.0\" encoding=\"utf-8\" ?>\n<pkinfo Culture='en-US'>\n"
+        f"<ID>{stamp.guid}</ID>\n<name>{escape(texts['name'])}</name>\n<version>11.2</version>\n"
+        f"<size>-1</size>\n<created>{stamp.iso}</created>\n<type>Vector Tile Package</type>\n"
+        "<servable>false</servable>\n<packagelocation></packagelocation>\n<pkinfolocation></pkinfolocation>\n"
+        "<documenttypes>\n<documenttype>Lyr</documenttype>\n</documenttypes>\n</pkinfo>\n"
+    )
+    return text.encode("utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# the entries, shared by the writer and the size prediction
+
+
+def _entries(source: _Source, cache: Cache, request: ExportRequest | None, selection: Selection, stamp: Stamp):
+    """("bytes", name, data) | ("file", name, _File) | ("bundle", name, BundleSelection), in writing order."""
+    info = _export_info(cache, request, selection)
+    _check_quadtree(cache, info.levels)
+    tilemap = tilemap_index(present_tiles(selection))
+    root, root_bytes = _root_json(source, cache, selection, info)
+    texts = _item_texts(source, os.path.splitext(os.path.basename(cache.path))[0] or cache.name)
+    yield "bytes", "esriinfo/item.pkinfo", item_pkinfo(texts, stamp)
+    yield "bytes", "esriinfo/iteminfo.xml", iteminfo_xml(texts, stamp, info, root, cache)
+    files = dict(source.files)
+    for name in sorted(n for n in files if not n.startswith(ROOT)):
+        yield "file", name, files.pop(name)
+    if ROOT + "metadata.json" in files:
+        yield "file", ROOT + "metadata.json", files.pop(ROOT + "metadata.json")
+    for name in sorted(files):
+        yield "file", name, files[name]
+    yield "bytes", ROOT + "root.json", root_bytes
+    for lv in selection.levels:
+        for b in lv.bundles:
+            if b.tiles > 0:
+                yield "bundle", f"{ROOT}tile/{level_dir(b.ref.level)}/{bundle_name(b.ref.row0, b.ref.col0)}", b
+    yield "bytes", ROOT + "tilemap/root.json", tilemap
+
+
+def _bundle_size(bsel) -> int:
+    return _plan.V2_DATA_START + 4 * bsel.tiles + bsel.tile_bytes
+
+
+def predict_vtpk_size(cache: Cache, selection: Selection, request: ExportRequest | None = None, *,
+                      zip64_limit: int = ZIP64_LIMIT) -> tuple[int, dict[int, int]]:
+    """(bytes of the .vtpk export_vtpk writes, bundle bytes per level), from indexes and metadata only."""
+    source = _Source(cache)
+    try:
+        writer = ZipWriter(None, zip64_limit=zip64_limit, dry_run=True)
+        per_level: dict[int, int] = {lv.level: 0 for lv in selection.levels}
+        for kind, name, item in _entries(source, cache, request, selection, Stamp.placeholder()):
+            if kind == "bytes":
+                writer.add_size(name, len(item))
+            elif kind == "file":
+                writer.add_size(name, item.size)
+            else:
+                size = _bundle_size(item)
+                per_level[item.ref.level] = per_level.get(item.ref.level, 0) + size
+                writer.add_size(name, size)
+        return writer.close(), per_level
+    finally:
+        source.close()
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+
+
+def check_output_name(out: str) -> None:
+    """A vector export is always a .vtpk: refuse raster package names."""
+    ext = os.path.splitext(os.fspath(out))[1].lower()
+    if ext in (".tpk", ".tpkx"):
+        raise RequestError(f"{out}: vector tiles are exported as a .vtpk package, not a {ext}; "
+                           "name the output *.vtpk")
+
+
+def _temp_path(out: str) -> str:
+    folder, base = os.path.split(os.path.abspath(out))
+    return os.path.join(folder, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def export_vtpk(cache: Cache, request: ExportRequest, out: str, *,
+                progress: Callable[[VtpkProgress], None] | None = None,
+                cancel: threading.Event | None = None, selection: Selection | None = None,
+                zip64_limit: int = ZIP64_LIMIT) -> VtpkResult:
+    """Write the vector tiles a request selects (levels, exportExtent, polygon/areaOfInterest) as a .vtpk.
+
+    tilePackage, storageFormatType and optimizeTilesForSize are ignored, as the VectorTileServer
+    ignores them: the output is always a .vtpk of compact V2 bundles with the tiles as stored.
+    """
+    out = os.path.abspath(os.fspath(out))
+    check_output_name(out)
+    if os.path.isdir(out):
+        raise ExportError(f"{out}: a folder with this name exists; choose another output or remove it")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise ExportError(f"{os.path.dirname(out)}: the output folder does not exist")
+    started = time.perf_counter()
+    if selection is None:
+        selection = select(cache, request, cancel=cancel)
+    source = _Source(cache)
+    tmp = _temp_path(out)
+    try:
+        bytes_total, _ = predict_vtpk_size(cache, selection, request, zip64_limit=zip64_limit)
+        result = _write(source, cache, request, selection, tmp, bytes_total, progress, cancel, zip64_limit)
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("the export was cancelled")
+        os.replace(tmp, out)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and not isinstance(e, ExportError):
+            where = e.filename or out
+            if e.errno in (28, 122):     # ENOSPC, EDQUOT
+                raise ExportError(f"{out}: the disk is full (no space left while writing the export)") from None
+            raise ExportError(f"{where}: cannot write the export ({e.strerror or e})") from None
+        raise
+    finally:
+        source.close()
+    result.path = out
+    result.warnings = source.warnings + result.warnings
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _write(source: _Source, cache: Cache, request: ExportRequest, selection: Selection, tmp: str, bytes_total: int,
+           progress, cancel, zip64_limit: int) -> VtpkResult:
+    def check() -> None:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("the export was cancelled")
+
+    levels: dict[int, dict] = {}
+    tiles_done = 0
+    with open(tmp, "wb", buffering=1 << 16) as f:
+        writer = ZipWriter(f, zip64_limit=zip64_limit)
+
+        def report(level: int | None) -> None:
+            if progress is not None:
+                progress(VtpkProgress(tiles_done, selection.tiles, writer.position, bytes_total, level))
+
+        report(None)
+        for kind, name, item in _entries(source, cache, request, selection, Stamp.now()):
+            check()
+            if kind == "bytes":
+                writer.add_bytes(name, item)
+            elif kind == "file":
+                writer.add_stream(name, item.size, item.crc, source.chunks(item, check))
+            else:
+                with cache.open_bundle(item.ref) as data:
+                    plan = plan_bundle(data, item.mask, 2, cache.bundle_label(item.ref), cache)
+                    writer.add_stream(name, plan.size, None, _checked(plan.chunks(), check))
+                lv = levels.setdefault(item.ref.level, {"tiles": 0, "size": 0})
+                lv["tiles"] += plan.tiles
+                lv["size"] += plan.size
+                tiles_done += plan.tiles
+                report(item.ref.level)
+        size = writer.close()
+        report(None)
+    return VtpkResult(tmp, tiles_done, size, levels)
+
+
+def _checked(chunks, check):
+    for c in chunks:
+        check()
+        yield c
