@@ -7,6 +7,7 @@ streams its bundle tasks in order into the package, a Dask runner (tilecrate.run
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -14,6 +15,7 @@ from typing import Callable
 
 from tilecrate.cache import Cache, open_cache
 from tilecrate.errors import Cancelled, ExportError
+from tilecrate.package.vtpk import export_vtpk, is_vector_source
 from tilecrate.package.zipstream import ZIP64_LIMIT
 from tilecrate.plan import ExportPlan, check_source, make_plan
 from tilecrate.request import ExportRequest
@@ -78,6 +80,12 @@ def export(cache: Cache | str, request: ExportRequest, out: str, *,
             return export(opened, request, out, progress=progress, cancel=cancel, threads=threads,
                           selection=selection, zip64_limit=zip64_limit, scheduler=scheduler,
                           local_temp_folder=local_temp_folder)
+    if is_vector_source(cache):
+        # vector tiles: always a .vtpk, written by tilecrate.package.vtpk (H5, issue 13)
+        wrapped = None if progress is None else (lambda p: progress(ExportProgress(*p)))
+        done = export_vtpk(cache, request, out, progress=wrapped, cancel=cancel, selection=selection,
+                           zip64_limit=zip64_limit)
+        return ExportResult(**dataclasses.asdict(done))
     check_source(cache)
     started = time.perf_counter()
     plan = make_plan(cache, request, out, cancel=cancel, selection=selection, zip64_limit=zip64_limit)
