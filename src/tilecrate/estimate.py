@@ -9,11 +9,12 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from tilecrate.cache import Cache
+from tilecrate.cache import Cache, open_cache
+from tilecrate.package.vtpk import is_vector_source, predict_vtpk_size
 from tilecrate.plan import ExportPlan, make_plan
 from tilecrate.presence import PresenceStore
 from tilecrate.request import ExportRequest
-from tilecrate.selection import Selection
+from tilecrate.selection import Selection, select
 
 
 @dataclass
@@ -45,10 +46,25 @@ def estimate_plan(plan: ExportPlan) -> Estimate:
 
 def estimate_selection(cache: Cache, selection: Selection, request: ExportRequest) -> Estimate:
     """The estimate of an already computed selection."""
+    if is_vector_source(cache):
+        return _estimate_vtpk(cache, selection, request)
     return estimate_plan(make_plan(cache, request, None, selection=selection))
+
+
+def _estimate_vtpk(cache: Cache, selection: Selection, request: ExportRequest) -> Estimate:
+    """A vector source exports a .vtpk (tilecrate.package.vtpk, H5): its exact size from the same entry list."""
+    total, per_level = predict_vtpk_size(cache, selection, request)
+    levels = {ls.level: {"tiles": ls.tiles, "size": int(per_level.get(ls.level, 0)), "tileBytes": ls.tile_bytes}
+              for ls in selection.levels}
+    return Estimate(selection.tiles, int(total), levels)
 
 
 def estimate(cache: Cache | str, request: ExportRequest, *, cancel: threading.Event | None = None,
              presence: PresenceStore | None = None) -> Estimate:
     """Exact totalTilesToExport and totalSize (bytes of the package export() would write)."""
+    if not isinstance(cache, Cache):
+        with open_cache(str(cache)) as opened:
+            return estimate(opened, request, cancel=cancel, presence=presence)
+    if is_vector_source(cache):
+        return _estimate_vtpk(cache, select(cache, request, cancel=cancel, presence=presence), request)
     return estimate_plan(make_plan(cache, request, None, cancel=cancel, presence=presence))
