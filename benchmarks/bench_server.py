@@ -1,8 +1,10 @@
-"""The job API over loopback: job-status requests/s and submit-to-download time of a small export.
+"""The job API over loopback: hot routes vs a trivial aiohttp handler, and submit-to-download time.
 
-Baselines are measured in the same run: a trivial aiohttp handler answering a fixed small JSON
-(what the framework alone costs per request), and the same export done in-process with
-tilecrate.export() (what the job API adds around the work). Both servers are single processes.
+Hot routes (job status, tile, tilemap, service root): requests/s of ours vs a trivial aiohttp
+server answering the same bytes on the same paths (one process each, measured in the same run,
+rounds alternated). The load generator is `wrk` (Debian package) when installed, else an aiohttp
+client in its own process. Submit-to-download: the same export done in-process with
+tilecrate.export() as the baseline.
 
 Run: `.venv/bin/pytest benchmarks/bench_server.py --benchmark-enable [--large-sample data/large]`
 """
@@ -11,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -27,18 +31,45 @@ from conftest import report
 from tilecrate.request import ExportRequest
 from tilecrate.sample import SampleSpec, make_sample
 
-REQUESTS = 4000
 CONCURRENCY = 32
+SECONDS = 2.0  # per measurement
+ROUNDS = 3  # paired rounds (ours, trivial) per route; the median ratio is reported
+# the trivial server: each path answers the bytes of a file written by the benchmark (the same bytes
+# ours answers there), after reading the query as any handler must
 _BASELINE = r"""
 import sys
+from pathlib import Path
 from aiohttp import web
-body = '{"jobId":"j00000000000000000000000000000000_et","jobStatus":"esriJobSucceeded","messages":[]}'
-async def job(request):
-    await request.post()
-    return web.Response(text=body, content_type="application/json")
+folder = Path(sys.argv[2])
 app = web.Application()
-app.router.add_route("*", "/job", job)
+for f in folder.iterdir():
+    body, ctype = f.read_bytes(), f.suffix[1:].replace("_", "/")
+    path = "/" + f.stem.replace("~", "/")
+    async def handler(request, body=body, ctype=ctype):
+        request.query.get("f")
+        return web.Response(body=body, content_type=ctype)
+    app.router.add_get(path, handler)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+"""
+_CLIENT = r"""
+import asyncio, sys, time
+import aiohttp
+url, seconds, concurrency = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+async def main():
+    done = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        end = time.perf_counter() + seconds
+        async def worker():
+            nonlocal done
+            while time.perf_counter() < end:
+                async with session.get(url) as r:
+                    assert r.status == 200, r.status
+                    await r.read()
+                done += 1
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        print(done / (time.perf_counter() - t0))
+asyncio.run(main())
 """
 
 
@@ -99,34 +130,25 @@ def servers(tmp_path_factory, request):
     for name, path in services.items():
         lines += [f"[services.{name}]", f'source = "{path}"', "max_export_tiles_count = 1000000"]
     (root / "tilecrate.toml").write_text("\n".join(lines) + "\n")
-    port, bport = _free_port(), _free_port()
+    port = _free_port()
     ours = _start([sys.executable, "-m", "tilecrate.cli", "serve", str(root / "tilecrate.toml"), "--port", str(port),
                    "--quiet"], f"http://127.0.0.1:{port}/arcgis/rest/info?f=json", root)
-    base = _start([sys.executable, "-c", _BASELINE, str(bport)], f"http://127.0.0.1:{bport}/job", root)
-    yield {"root": root, "services": services, "ours": f"http://127.0.0.1:{port}",
-           "baseline": f"http://127.0.0.1:{bport}/job"}
+    yield {"root": root, "services": services, "ours": f"http://127.0.0.1:{port}"}
     _stop(ours)
-    _stop(base)
 
 
-async def _hammer(url: str, n: int, concurrency: int) -> float:
-    import aiohttp
-
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
-        async def one() -> None:
-            async with session.post(url, data={"f": "json"}) as resp:
-                assert resp.status == 200
-                await resp.read()
-
-        await asyncio.gather(*(one() for _ in range(concurrency)))        # warm connections
-        todo = iter(range(n))
-
-        async def worker() -> None:
-            for _ in todo:
-                await one()
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return time.perf_counter() - t0
+def load(url: str, seconds: float = SECONDS, concurrency: int = CONCURRENCY) -> float:
+    """Requests/s of GET url: wrk when installed, else an aiohttp client process."""
+    wrk = shutil.which("wrk")
+    if wrk:
+        out = subprocess.run([wrk, "-t1", f"-c{concurrency}", f"-d{seconds}s", url], capture_output=True,
+                             text=True, check=True).stdout
+        if re.search(r"Non-2xx or 3xx responses", out):
+            raise AssertionError(f"{url}: errors under load:\n{out}")
+        return float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))
+    out = subprocess.run([sys.executable, "-c", _CLIENT, url, str(seconds), str(concurrency)],
+                         capture_output=True, text=True, check=True).stdout
+    return float(out.strip())
 
 
 def _export_flow(base: str, service: str, params: dict, dest: Path) -> int:
@@ -147,18 +169,46 @@ def _export_flow(base: str, service: str, params: dict, dest: Path) -> int:
     return n
 
 
-def test_job_status_requests_per_second(benchmark, servers, request):
-    svc = f"{servers['ours']}/arcgis/rest/services/Sample/MapServer"
-    job = _get_json(f"{svc}/exportTiles", {"f": "json", "levels": "0-1", "tilePackage": "true"})
+def test_hot_routes_vs_trivial_handler(benchmark, servers, request, tmp_path):
+    """Job status, tile, tilemap and service root: ours vs a trivial handler serving the same bytes."""
+    svc_path = "/arcgis/rest/services/Sample/MapServer"
+    svc = servers["ours"] + svc_path
+    done = _get_json(f"{svc}/exportTiles", {"f": "json", "levels": "0-1", "tilePackage": "true"})
     _export_flow(servers["ours"], "Sample", {"levels": "0", "tilePackage": "true"}, servers["root"])
-    url = f"{svc}/exportTiles/jobs/{job['jobId']}"
-    t_base = min(asyncio.run(_hammer(servers["baseline"], REQUESTS, CONCURRENCY)) for _ in range(3))
-    runs: list[float] = []
-    benchmark.pedantic(lambda: runs.append(asyncio.run(_hammer(url, REQUESTS, CONCURRENCY))), rounds=3, iterations=1)
-    t_ours = min(runs)
-    report(request, "job status", requests=REQUESTS, concurrency=CONCURRENCY,
-           job_status_req_per_s=REQUESTS / t_ours, trivial_aiohttp_req_per_s=REQUESTS / t_base,
-           job_status_vs_trivial=t_base / t_ours)
+    routes = {
+        "job status": (f"{svc_path}/exportTiles/jobs/{done['jobId']}", "?f=json"),
+        "tile": (f"{svc_path}/tile/2/1/1", ""),
+        "tilemap": (f"{svc_path}/tilemap/3/0/0/8/8", "?f=json"),
+        "service root": (svc_path, "?f=json"),
+    }
+    files = tmp_path / "baseline"
+    files.mkdir()
+    for name, (path, query) in routes.items():
+        with urllib.request.urlopen(servers["ours"] + path + query, timeout=30) as r:
+            body, ctype = r.read(), r.headers.get_content_type()
+            assert r.status == 200 and b'"error"' not in body[:20], body[:200]
+        (files / (path.strip("/").replace("/", "~") + "." + ctype.replace("/", "_"))).write_bytes(body)
+    bport = _free_port()
+    base = _start([sys.executable, "-c", _BASELINE, str(bport), str(files)],
+                  f"http://127.0.0.1:{bport}{routes['service root'][0]}", tmp_path)
+    try:
+        benchmark.pedantic(_measure, (request, servers["ours"], bport, routes), rounds=1, iterations=1)
+    finally:
+        _stop(base)
+
+
+def _measure(request, ours_base: str, bport: int, routes: dict) -> None:
+    for name, (path, query) in routes.items():
+        ratios, ours_rates, base_rates = [], [], []
+        for _ in range(ROUNDS):
+            ours = load(ours_base + path + query)
+            trivial = load(f"http://127.0.0.1:{bport}{path}{query}")
+            ours_rates.append(ours)
+            base_rates.append(trivial)
+            ratios.append(ours / trivial)
+        report(request, name, ours_req_per_s=statistics.median(ours_rates),
+                   trivial_req_per_s=statistics.median(base_rates), ours_vs_trivial=statistics.median(ratios),
+                   load_generator="wrk" if shutil.which("wrk") else "aiohttp client process")
 
 
 @pytest.mark.parametrize("service,levels", [("Sample", "0-5"), ("Large", "0-8")])

@@ -204,11 +204,15 @@ def _send(req: urllib.request.Request) -> Reply:
         return Reply(e.code, dict(e.headers.items()), e.read())
 
 
-def write_config(path: Path, data_dir: Path, services: dict[str, dict], **server) -> Path:
+def write_config(path: Path, data_dir: Path, services: dict[str, dict], limits: dict | None = None,
+                 **server) -> Path:
     """A TOML config file."""
     lines = ["[server]", f'data_dir = "{data_dir}"']
     for k, v in server.items():
         lines.append(f"{k} = {json.dumps(v)}")
+    if limits:
+        lines.append("\n[limits]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in limits.items()]
     for name, opts in services.items():
         lines.append(f"\n[services.{name}]")
         for k, v in opts.items():

@@ -1,0 +1,175 @@
+"""A real server under misbehaving clients: request and input limits, per-client quotas, budgets,
+output privacy, forged Host headers, deeply nested JSON, a FIFO where a bundle should be (issue 9)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from test_server_support import Server, free_port, write_config
+
+EXPORT, ESTIMATE = "exportTiles", "estimateExportTilesSize"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, sample_v2):
+    root = tmp_path_factory.mktemp("limits")
+    data = root / "data"
+    cfg = write_config(root / "tilecrate.toml", data, {"World": {"source": sample_v2}},
+                       limits={"max_body_bytes": 65536, "max_input_bytes": 8192},
+                       host_names=["maps.example.org:8443"])
+    srv = Server(cfg, data, free_port()).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory, sample_v2):
+    root = tmp_path_factory.mktemp("limits-slow")
+    data = root / "data"
+    cfg = write_config(root / "tilecrate.toml", data, {"Slow": {"source": sample_v2}}, workers=1,
+                       limits={"job_seconds": 1.5, "max_outstanding_per_client": 1})
+    srv = Server(cfg, data, free_port(), delay=0.5).start()
+    yield srv
+    srv.stop()
+
+
+def _post_raw(server: Server, path: str, body: bytes) -> tuple[int, bytes]:
+    req = urllib.request.Request(server.url(path), data=body,
+                                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_request_body_over_the_limit_is_an_esri_error(server):
+    status, body = _post_raw(server, f"{server.svc('World')}/{EXPORT}",
+                             urllib.parse.urlencode({"f": "json", "levels": "0", "pad": "x" * 70000}).encode())
+    assert status == 413 and json.loads(body)["error"]["code"] == 413
+
+
+def test_stored_inputs_are_bounded(server):
+    ring = [[-10 + i * 1e-4, 40 + (i % 3) * 1e-4] for i in range(700)] + [[-10, 40]]
+    aoi = json.dumps({"rings": [ring], "spatialReference": {"wkid": 4326}})
+    assert 8192 < len(aoi) < 60000
+    r = server.post(f"{server.svc('World')}/{EXPORT}", {"f": "json", "levels": "0", "areaOfInterest": aoi})
+    err = r.json()["error"]
+    assert r.status == 200 and err["code"] == 400 and "at most 8192 bytes per job" in err["details"][0]
+    assert list((server.data_dir / "arcgisoutput").glob("*/*")) == []
+
+
+@pytest.mark.parametrize("name", ["levels", "areaOfInterest", "exportExtent", "aoiSR"])
+def test_deeply_nested_json_is_an_esri_error(server, name):
+    params = {"f": "json", "levels": "0", name: "[" * 5000 + "]" * 5000}
+    r = server.post(f"{server.svc('World')}/{EXPORT}", params)
+    assert r.status == 200, r.status
+    err = r.json()["error"]
+    assert err["code"] == 400 and err["details"] and len(err["details"][0]) <= 2002
+    assert "unexpected error answering" not in server.log.read_text()
+
+
+def _job_done(server: Server, host: str | None = None) -> dict:
+    sub = server.submit("World", EXPORT, {"levels": "0-1", "tilePackage": "true"})
+    return server.poll("World", EXPORT, sub["jobId"])
+
+
+def test_service_output_folder_lists_no_jobs(server):
+    job = _job_done(server)
+    folder = server.result("World", EXPORT, job)
+    out = f"{server.base}/arcgis/rest/directories/arcgisoutput"
+    assert server.get(out + "/World_MapServer").json() == {"folders": [], "files": []}
+    assert server.get(out + "/World_MapServer", {"f": "html"}).body.count(job["jobId"].encode()) == 0
+    assert server.get(out).json()["folders"] == ["World_MapServer"]
+    listing = server.get(folder).json()  # the job's own folder, by its id
+    assert [f["name"] for f in listing["files"]] == ["World.tpk"]
+
+
+def test_forged_host_header_is_not_written_into_urls(server):
+    job = _job_done(server)
+    url = f"{server.svc('World')}/{EXPORT}/jobs/{job['jobId']}/results/out_service_url"
+
+    def result_with(host: str) -> str:
+        return server.get(url, {"f": "json"}, headers={"Host": host}).json()["value"]
+    assert result_with("evil.example").startswith(f"http://127.0.0.1:{server.port}/arcgis/rest/directories/")
+    assert result_with(f"localhost:{server.port}").startswith(f"http://localhost:{server.port}/")
+    assert result_with("maps.example.org:8443").startswith("http://maps.example.org:8443/")  # host_names
+    for f in server.get(result_with("evil.example")).json()["files"]:
+        assert f["url"].startswith(f"http://127.0.0.1:{server.port}/")
+    listing = server.get(result_with("x"), headers={"Host": "attacker.example:80"}).json()
+    assert all("attacker" not in f["url"] for f in listing["files"])
+
+
+def test_status_is_the_stored_json_in_every_format(server):
+    job = _job_done(server)
+    base = f"{server.svc('World')}/{EXPORT}/jobs/{job['jobId']}"
+    compact = server.get(base, {"f": "json"})
+    assert compact.headers["Content-Type"].startswith("application/json")
+    assert b"\n" not in compact.body and compact.json() == job
+    assert server.get(base, {"f": "pjson"}).json() == job
+    assert job["jobId"].encode() in server.get(base, {"f": "html"}).body
+    # another service's URL or a bad id: still the Esri error
+    assert server.get(base.replace("jobs/j", "jobs/k"), {"f": "json"}).json()["error"]["code"] == 400
+
+
+def test_per_client_quota_and_time_budget(slow):
+    sub = slow.submit("Slow", EXPORT, {"tilePackage": "true", "levels": "0-5"})
+    # one outstanding job per client: the second is refused with a real 429, not queued
+    r = slow.get(f"{slow.svc('Slow')}/{ESTIMATE}", {"f": "json", "levels": "0"})
+    assert r.status == 429 and r.headers["Retry-After"] == "60"
+    assert r.json()["error"]["code"] == 429 and "one client" in r.json()["error"]["details"][0]
+    t0 = time.monotonic()
+    job = slow.poll("Slow", EXPORT, sub["jobId"], timeout=15)
+    assert job["jobStatus"] == "esriJobFailed" and time.monotonic() - t0 < 5
+    errors = [m["description"] for m in job["messages"] if m["type"] == "esriJobMessageTypeError"]
+    assert len(errors) == 1 and "ran longer than this server allows (1.5 seconds" in errors[0]
+    assert not (slow.data_dir / "arcgisoutput" / "Slow_MapServer" / sub["jobId"]).exists()
+    # the slot is free again
+    est = slow.submit("Slow", ESTIMATE, {"levels": "0"})
+    assert slow.poll("Slow", ESTIMATE, est["jobId"])["jobStatus"] == "esriJobSucceeded"
+
+
+def test_a_fifo_bundle_does_not_stall_the_server(tmp_path, sample_v2):
+    """Tile reads run on their own bounded pool with a timeout: a read that blocks (a FIFO named like a
+    bundle) answers an error, and everything else (other tiles, submissions, status) keeps answering."""
+    src = tmp_path / "cache"
+    shutil.copytree(sample_v2, src)
+    fifo = src / "_alllayers" / "L02" / "R0000C0000.bundle"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    data = tmp_path / "data"
+    cfg = write_config(tmp_path / "tilecrate.toml", data, {"F": {"source": src}},
+                       limits={"tile_read_threads": 2, "tile_read_timeout": 1})
+    srv = Server(cfg, data, free_port())
+    try:
+        srv.start()
+        answers: list[int] = []
+
+        def hit() -> None:
+            answers.append(srv.get(f"{srv.svc('F')}/tile/2/0/0").status)
+        threads = [threading.Thread(target=hit) for _ in range(12)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        # while those wait, the rest of the server answers at once
+        assert srv.get("/arcgis/rest/info", {"f": "json"}).status == 200
+        assert time.monotonic() - t0 < 2
+        est = srv.submit("F", ESTIMATE, {"levels": "0-1"})
+        assert srv.poll("F", ESTIMATE, est["jobId"], timeout=10)["jobStatus"] == "esriJobSucceeded"
+        for t in threads:
+            t.join(15)
+        assert len(answers) == 12 and all(a in (400, 404, 503) for a in answers), answers
+        assert time.monotonic() - t0 < 12
+        assert srv.get(f"{srv.svc('F')}/tile/1/0/0").status in (200, 404, 503)
+    finally:
+        t0 = time.monotonic()
+        srv.stop()  # SIGTERM: bounded even with reads stuck on the FIFO
+        assert time.monotonic() - t0 < 9
