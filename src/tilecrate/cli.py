@@ -188,16 +188,19 @@ def _unexpected(e: BaseException) -> str:
     """A readable line for an error nothing below turned into a TilecrateError."""
     kind = type(e).__name__
     module = type(e).__module__ or ""
+    detail = " ".join(str(e).split())
+    if len(detail) > MAX_MESSAGE // 2:
+        detail = detail[:MAX_MESSAGE // 2] + "…"
     if isinstance(e, RecursionError):
         text = "the input is nested too deeply"
     elif isinstance(e, MemoryError):
         text = "out of memory"
     elif module == "zlib":
-        text = f"corrupt compressed data ({e})"
+        text = f"corrupt compressed data ({detail})"
     elif module.startswith("pyproj"):
-        text = f"coordinate transformation failed ({e})"
+        text = f"coordinate transformation failed ({detail})"
     else:
-        text = f"unexpected {kind}: {e}" if str(e) else f"unexpected {kind}"
+        text = f"unexpected {kind}: {detail}" if detail else f"unexpected {kind}"
     return text + " (TILECRATE_DEBUG=1 shows the traceback)"
 
 
