@@ -1,8 +1,11 @@
 """A streaming zip writer for tile packages: STORED entries only, ZIP64 when needed, isal CRC-32.
 
-Every entry's size and CRC are known before its bytes are written (the caller computes the CRC
-while planning, off the writer's thread), so local headers carry them and no data descriptor
-is needed; the writer never seeks, so it can write to a pipe or socket as well as to a file.
+Every entry's size is known before its bytes are written; its CRC too, or (seekable outputs) it
+is computed as the bytes pass and patched into the local header, so no data descriptor is needed
+and the writer never seeks: it can write to a pipe or socket as well as to a file. Entries can be
+made of byte ranges of other files (`add_parts`, `add_file`): those are copied in the kernel
+(`package.kcopy`: copy_file_range, else sendfile, else pread/write) while a helper thread reads
+the next ranges for their CRC-32.
 Memory is flat in the package size: only the central directory (one small record per entry)
 is kept. ArcGIS Runtime refuses compressed packages, which is why nothing is ever deflated.
 """
@@ -16,6 +19,10 @@ from dataclasses import dataclass
 from typing import BinaryIO, Iterable
 
 from isal import isal_zlib
+
+from tilecrate.package import kcopy
+from tilecrate.package.kcopy import (METHODS, WRITE_MODES, CopyRange, KernelCopier, RunScanner, check_unchanged,
+                                     open_source, part_size, plan_parts, write_parts)
 
 ZIP64_LIMIT = 0xFFFFFFFF     # a size or offset at or above this needs ZIP64 records
 _MAX16 = 0xFFFF
@@ -56,7 +63,7 @@ class ZipWriter:
     """
 
     def __init__(self, out: BinaryIO | None, *, zip64_limit: int = ZIP64_LIMIT, dry_run: bool = False,
-                 mtime: float | None = None):
+                 mtime: float | None = None, copy_method: str | None = None):
         if not dry_run and out is None:
             raise ValueError("an output stream is needed unless dry_run is set")
         if isinstance(out, io.RawIOBase):
@@ -70,6 +77,9 @@ class ZipWriter:
         self.position = 0
         self.closed = False
         self._fd = None
+        self._copier: KernelCopier | None = None
+        self.copy_method = copy_method or kcopy.COPY_METHOD
+        self._scanner: RunScanner | None = None
         if not dry_run:
             try:
                 if out.seekable():
@@ -77,6 +87,15 @@ class ZipWriter:
                     self._start = out.tell()
             except (AttributeError, OSError, ValueError):
                 self._fd = None
+            copy_method = copy_method or kcopy.COPY_METHOD
+            if copy_method not in WRITE_MODES:
+                raise ValueError(f"unknown copy method {copy_method!r} (one of {', '.join(WRITE_MODES)})")
+            try:
+                # a pipe or socket takes kernel copies too (sendfile); only in-memory streams do not
+                if copy_method in METHODS:
+                    self._copier = KernelCopier(out.fileno(), copy_method)
+            except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+                self._copier = None
 
     @property
     def can_patch(self) -> bool:
@@ -155,6 +174,63 @@ class ZipWriter:
                 os.pwrite(self._fd, struct.pack("<L", entry.crc), self._start + entry.offset + 14)
         self._entries.append(entry)
 
+    @property
+    def dry_run(self) -> bool:
+        """Whether only positions advance."""
+        return self._dry
+
+    @property
+    def copier(self) -> KernelCopier | None:
+        """The kernel copier of this output (None for in-memory streams and dry runs)."""
+        return self._copier
+
+    def add_parts(self, name: str, size: int, parts, crc: int | None = None) -> None:
+        """An entry made of parts in order: bytes-like objects and `kcopy.CopyRange`s of open files.
+
+        Ranges are copied file to file in the kernel. With `crc=None` (seekable outputs) the CRC-32
+        is computed from the ranges read ahead on a helper thread and patched into the header; a
+        given CRC is checked whenever the ranges are read anyway (prefix checks), and a mismatch
+        (a source rewritten since planning) is an error.
+        """
+        parts = list(parts)
+        if sum(part_size(p) for p in parts) != int(size):
+            raise ValueError(f"zip entry {name}: parts of {sum(part_size(p) for p in parts)} bytes, {size} announced")
+        raw, flags = self._name(name)
+        if crc is None and not self.can_patch:
+            raise ValueError(f"zip entry {name}: a non-seekable stream needs the CRC-32 before the data")
+        entry = _Entry(raw, flags, int(size), int(crc or 0) & 0xFFFFFFFF, self.position, False)
+        self._write(self._local_header(entry))
+        if self._dry:
+            self.position += entry.size
+            self._entries.append(entry)
+            return
+        checked = any(isinstance(p, CopyRange) and p.prefix_at is not None for p in parts)
+        need_crc = crc is None or checked
+        if self._scanner is None and (need_crc or self._copier is None):
+            self._scanner = RunScanner()
+        start = self.position
+        got, written = write_parts(parts, self._write, self._copier, self._scanner, need_crc,
+                                   flush=self._out.flush)
+        self.position = start + written      # _write counted only what passed through it
+        if crc is None:
+            entry.crc = got
+            self._out.flush()
+            os.pwrite(self._fd, struct.pack("<L", entry.crc), self._start + entry.offset + 14)
+        elif need_crc and got != entry.crc:
+            raise ValueError(f"zip entry {name}: the bytes' CRC-32 is not the one planned (a source changed)")
+        self._entries.append(entry)
+
+    def add_file(self, name: str, path: str, size: int, crc: int) -> None:
+        """A whole file (a staged bundle) of known size and CRC-32, copied in the kernel."""
+        if self._dry:
+            self.add_parts(name, size, [CopyRange(-1, 0, int(size), path)], crc)
+            return
+        fd = open_source(path, int(size), path)
+        try:
+            self.add_parts(name, size, [CopyRange(fd, 0, int(size), path)], crc)
+        finally:
+            os.close(fd)
+
     def add_size(self, name: str, size: int) -> None:
         """Dry runs only: account for an entry of `size` bytes without its data."""
         if not self._dry:
@@ -196,8 +272,19 @@ class ZipWriter:
             self._write(_EOCD.pack(b"PK\x05\x06", 0, 0, count, count, cd_size, cd_start, 0))
         if not self._dry:
             self._out.flush()
+        self._close_scanner()
         self.closed = True
         return self.position
+
+    def _close_scanner(self) -> None:
+        if self._scanner is not None:
+            self._scanner.close()
+            self._scanner = None
+
+    def __del__(self):
+        scanner = getattr(self, "_scanner", None)
+        if scanner is not None:
+            scanner.close()
 
 
 class ZipSink:
@@ -220,12 +307,33 @@ class ZipSink:
         return not self.writer.can_patch
 
     def add_bundle(self, name: str, plan) -> None:
-        """A planned bundle, then its .bundlx for V1; CRCs computed while writing unless the plan has them."""
+        """A planned bundle, then its .bundlx for V1; CRCs computed while writing unless the plan has them.
+
+        Runs of source tiles are copied from the source file in the kernel when the writer has a
+        file descriptor (their size prefixes checked on the way); else, and for plans without a
+        source file (re-encoded or inflated tiles), through the plan's buffer.
+        """
         if plan.crc is None and self.needs_crc:
             plan.compute_crc()
-        self.writer.add_stream(name, plan.size, plan.crc, plan.chunks())
+        if not self._add_kernel(name, plan):
+            self.writer.add_stream(name, plan.size, plan.crc, plan.chunks())
         if plan.bundlx is not None:
             self.writer.add_stream(name[:-1] + "x", len(plan.bundlx), plan.bundlx_crc, (plan.bundlx,))
+
+    def _add_kernel(self, name: str, plan) -> bool:
+        if plan.file is None or self.writer.dry_run or self.writer.copy_method == "chunks":
+            return False
+        file_id = getattr(plan, "file_id", None)
+        fd = open_source(plan.file, plan.file_size, plan.file, file_id)
+        try:
+            parts = plan_parts(plan, fd, plan.file)
+            if parts is None:
+                return False
+            self.writer.add_parts(name, plan.size, parts, plan.crc)
+            check_unchanged(fd, plan.file_size, plan.file, file_id)
+            return True
+        finally:
+            os.close(fd)
 
     def close(self) -> int:
         """Finish the zip; its size in bytes."""

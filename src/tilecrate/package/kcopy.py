@@ -1,0 +1,354 @@
+"""Copies of byte ranges between files in the kernel, and the CRC-32 of those ranges read ahead.
+
+`KernelCopier.copy` moves `length` bytes from (source fd, offset) to an output fd at its current
+position with `copy_file_range` (the bytes never enter this process), falling back to `sendfile`
+and then to pread/write when a file system or the output kind refuses (EXDEV across file
+systems, EINVAL for pipes and sockets, EBADF for O_APPEND outputs, ENOSYS, EOPNOTSUPP); the
+refusal is remembered so later copies start with what worked. A source that ends before the
+range does (the file shrank while we copy) is an error, never a short entry.
+
+The zip needs a CRC-32 of those bytes before its central directory, so `RunScanner` reads each
+range with pread on a helper thread, ahead of the writer, and takes isal's CRC-32 from that
+buffer while the writer's kernel copy of the previous range runs (both release the GIL). The
+same read checks the tiles' 4-byte size prefixes: a run whose source prefixes are wrong is
+handed back fixed, and the writer writes that buffer instead of copying from the file.
+Python's `os.copy_file_range`/`os.sendfile` are used as they are: one syscall per run of up to
+8 MiB costs microseconds next to the copy, so a compiled wrapper was measured to gain nothing.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from isal import isal_zlib
+
+from tilecrate.errors import BundleError
+
+METHODS = ("copy_file_range", "sendfile", "readwrite")
+WRITE_MODES = METHODS + ("buffered", "chunks")
+# how file ranges reach an output (zip or folder): a method of METHODS (kernel copies, falling back
+# in that order), "buffered" (written from the helper's read-ahead buffers), or "chunks" (bundles
+# through the plan's own buffer, read and written on the writer's thread: the path before kernel
+# copies, kept as the benchmarks' baseline)
+COPY_METHOD = "copy_file_range"
+# refusals that mean "not between these files", not "the copy failed"
+_REFUSED = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP,
+                      errno.EBADF, errno.ESPIPE})
+_RW_BUFFER = 1 << 20
+SCAN_AHEAD = 2                   # runs read ahead of the writer (each holds one buffer of up to a run)
+
+
+class SourceChanged(BundleError):
+    """The source file ended before a range that was planned inside it."""
+
+
+def _changed(label: str) -> SourceChanged:
+    return SourceChanged(f"{label}: the file changed while it was being exported")
+
+
+class KernelCopier:
+    """Copies ranges of source files to one output fd at its current file position.
+
+    `method` picks the first method to try (tests force the fallbacks); a refused method is
+    dropped for the rest of this copier's life. `copied[m]` counts the bytes each method moved.
+    """
+
+    def __init__(self, out_fd: int, method: str = "copy_file_range"):
+        if method not in METHODS:
+            raise ValueError(f"unknown copy method {method!r} (one of {', '.join(METHODS)})")
+        self.out_fd = out_fd
+        self._methods = list(METHODS[METHODS.index(method):])
+        self.copied = {m: 0 for m in METHODS}
+        self._buf: bytearray | None = None
+
+    @property
+    def method(self) -> str:
+        """The method the next copy starts with."""
+        return self._methods[0]
+
+    def copy(self, src_fd: int, offset: int, length: int, label: str) -> None:
+        """Copy `length` bytes from `offset` of `src_fd` to the output (GIL released in each syscall)."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"{label}: bad range (offset {offset}, length {length})")
+        done = 0
+        while done < length:
+            method = self._methods[0]
+            try:
+                n = self._step(method, src_fd, offset + done, length - done)
+            except OSError as e:
+                if e.errno in _REFUSED and len(self._methods) > 1:
+                    self._methods.pop(0)     # every method writes at the output's position: resume there
+                    continue
+                raise
+            if n == 0:
+                raise _changed(label)
+            self.copied[method] += n
+            done += n
+
+    def _step(self, method: str, src: int, offset: int, count: int) -> int:
+        if method == "copy_file_range":
+            return os.copy_file_range(src, self.out_fd, count, offset)
+        if method == "sendfile":
+            return os.sendfile(self.out_fd, src, offset, count)
+        if self._buf is None:
+            self._buf = bytearray(_RW_BUFFER)
+        view = memoryview(self._buf)[:min(count, _RW_BUFFER)]
+        n = os.preadv(src, [view], offset)
+        if n > 0:
+            _write_all(self.out_fd, view[:n])
+        return n
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view.nbytes:
+        view = view[os.write(fd, view):]
+
+
+class ScannedRun:
+    """A run read by the scanner: its CRC-32, and its bytes (`data`, in a pooled buffer) when kept
+    or when the source's prefixes were wrong and had to be fixed; `release()` returns the buffer."""
+
+    __slots__ = ("crc", "length", "data", "fixed", "_buf", "_pool")
+
+    def __init__(self, crc: int, length: int, data: memoryview | None, fixed: bool, buf, pool):
+        self.crc, self.length, self.data, self.fixed, self._buf, self._pool = crc, length, data, fixed, buf, pool
+
+    def release(self) -> None:
+        """Give the buffer back to the scanner (the data is invalid afterwards)."""
+        if self._buf is not None:
+            self.data = None
+            self._pool.append(self._buf)
+            self._buf = None
+
+
+def check_prefixes(buf: np.ndarray, rel: np.ndarray, sizes: np.ndarray) -> bool:
+    """Whether the 4 bytes at each `rel` offset of `buf` hold the matching size, little-endian."""
+    if not len(rel):
+        return True
+    pos = rel[:, None] + np.arange(4, dtype=np.int64)
+    got = buf[pos].astype(np.uint32)
+    value = got[:, 0] | (got[:, 1] << 8) | (got[:, 2] << 16) | (got[:, 3] << 24)
+    return bool(np.array_equal(value, sizes))
+
+
+def fix_prefixes(buf: np.ndarray, rel: np.ndarray, sizes: np.ndarray) -> None:
+    """Write each size as 4 little-endian bytes at its `rel` offset of `buf`."""
+    pos = rel[:, None] + np.arange(4, dtype=np.int64)
+    buf[pos] = np.asarray(sizes, dtype="<u4").view(np.uint8).reshape(-1, 4)
+
+
+class RunScanner:
+    """Reads file ranges on a helper thread ahead of the writer: CRC-32, prefix check and fix.
+
+    Buffers come from a small pool (a run's buffer is reused once the writer released it), so
+    memory is a few runs whatever the package size.
+    """
+
+    def __init__(self, threads: int = 1):
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tilecrate-scan")
+        self._free: deque = deque()      # append/pop are atomic: writer and helper share it unlocked
+
+    def _take(self, size: int) -> bytearray:
+        try:
+            buf = self._free.pop()
+        except IndexError:
+            buf = None
+        if buf is None or len(buf) < size:
+            buf = bytearray(max(size, 1 << 20))
+        return buf
+
+    def submit(self, fd: int, offset: int, length: int, rel: np.ndarray, sizes: np.ndarray,
+               label: str, keep: bool = False, crc: bool = True) -> Future:
+        """Read `length` bytes at `offset`; a Future of a ScannedRun (holding the bytes when `keep`)."""
+        return self._pool.submit(self._scan, fd, offset, length, rel, sizes, label, keep, crc)
+
+    def _scan(self, fd: int, offset: int, length: int, rel: np.ndarray, sizes: np.ndarray,
+              label: str, keep: bool, want_crc: bool) -> ScannedRun:
+        buf = self._take(length)
+        try:
+            view = memoryview(buf)[:length]
+            got = 0
+            while got < length:
+                n = os.preadv(fd, [view[got:]], offset + got)
+                if n == 0:
+                    raise _changed(label)
+                got += n
+            arr = np.frombuffer(buf, dtype=np.uint8, count=length)
+            fixed = not check_prefixes(arr, rel, sizes)
+            if fixed:     # legacy or garbage prefixes in the source: the writer takes these bytes
+                fix_prefixes(arr, rel, sizes)
+            del arr
+            crc = isal_zlib.crc32(view) if want_crc else 0
+        except BaseException:
+            self._free.append(buf)
+            raise
+        if keep or fixed:
+            return ScannedRun(crc, length, view, fixed, buf, self._free)
+        del view
+        self._free.append(buf)
+        return ScannedRun(crc, length, None, False, None, self._free)
+
+    def close(self) -> None:
+        """Stop the helper thread (pending scans are cancelled) and drop the buffers."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._free.clear()
+
+
+def crc_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC-32 of A + B from CRC(A), CRC(B) and len(B)."""
+    return isal_zlib.crc32_combine(crc1, crc2, len2) & 0xFFFFFFFF
+
+
+@dataclass
+class CopyRange:
+    """`length` bytes at `offset` of the open file `fd`, as part of a zip entry or output file.
+
+    `prefix_at` (offsets relative to `offset`) and `prefix_sizes` name the 4-byte size prefixes
+    the bytes must hold; a range whose source prefixes differ is written fixed from memory.
+    """
+
+    fd: int
+    offset: int
+    length: int
+    label: str
+    prefix_at: np.ndarray | None = None
+    prefix_sizes: np.ndarray | None = None
+
+    def check(self) -> None:
+        """Refuse a range that is negative, or prefixes that do not lie inside it."""
+        if self.offset < 0 or self.length < 0:
+            raise ValueError(f"{self.label}: bad range (offset {self.offset}, length {self.length})")
+        if self.prefix_at is not None and len(self.prefix_at):
+            if len(self.prefix_at) != len(self.prefix_sizes):
+                raise ValueError(f"{self.label}: {len(self.prefix_at)} prefix offsets for {len(self.prefix_sizes)} sizes")
+            if int(self.prefix_at.min()) < 0 or int(self.prefix_at.max()) > self.length - 4:
+                raise ValueError(f"{self.label}: a size prefix lies outside its {self.length}-byte range")
+
+
+def part_size(part) -> int:
+    """Bytes of one part: a CopyRange or a bytes-like object."""
+    if isinstance(part, CopyRange):
+        return part.length
+    return memoryview(part).nbytes
+
+
+def write_parts(parts, write, copier: KernelCopier | None, scanner: RunScanner | None,
+                need_crc: bool, flush=None) -> tuple[int | None, int]:
+    """Write `parts` in order: bytes through `write`, FileRanges by kernel copy; (CRC-32 or None, bytes).
+
+    FileRanges are read ahead on `scanner` when the CRC is needed or prefixes must be checked;
+    `flush` empties the caller's buffer before each kernel copy (the copy writes at the fd's
+    position). Without a `copier`, every range is read ahead and its buffer passed to `write`.
+    """
+    parts = list(parts)
+    for p in parts:
+        if isinstance(p, CopyRange):
+            p.check()
+    keep = copier is None
+    scans = [isinstance(p, CopyRange) and (need_crc or keep or p.prefix_at is not None) for p in parts]
+    if any(scans) and scanner is None:
+        raise ValueError("a scanner is needed to read file ranges")
+    crc = 0
+    total = 0
+    ahead: dict[int, Future] = {}
+    nxt = 0
+    try:
+        for i, p in enumerate(parts):
+            while nxt < len(parts) and nxt <= i + SCAN_AHEAD:
+                if scans[nxt]:
+                    q = parts[nxt]
+                    ahead[nxt] = scanner.submit(q.fd, q.offset, q.length, _rel(q), _sizes(q), q.label, keep,
+                                                need_crc)
+                nxt += 1
+            if not isinstance(p, CopyRange):
+                view = memoryview(p).cast("B")
+                if need_crc:
+                    crc = isal_zlib.crc32(view, crc)
+                write(view)
+                total += view.nbytes
+                continue
+            scanned = ahead.pop(i).result() if i in ahead else None
+            try:
+                if scanned is not None and scanned.data is not None:
+                    write(scanned.data)
+                else:
+                    if flush is not None:
+                        flush()
+                    copier.copy(p.fd, p.offset, p.length, p.label)
+            finally:
+                if scanned is not None:
+                    scanned.release()
+            if need_crc:
+                crc = crc_combine(crc, scanned.crc, p.length)
+            total += p.length
+    finally:
+        # the scans read the callers' fds and hold pooled buffers: settle every one before returning
+        for fut in ahead.values():
+            fut.cancel()
+        for fut in ahead.values():
+            if not fut.cancelled() and fut.exception() is None:
+                fut.result().release()
+    return (crc & 0xFFFFFFFF if need_crc else None), total
+
+
+_EMPTY_I64 = np.zeros(0, dtype=np.int64)
+_EMPTY_U32 = np.zeros(0, dtype=np.uint32)
+
+
+def _rel(p: CopyRange) -> np.ndarray:
+    return _EMPTY_I64 if p.prefix_at is None else np.asarray(p.prefix_at, dtype=np.int64)
+
+
+def _sizes(p: CopyRange) -> np.ndarray:
+    return _EMPTY_U32 if p.prefix_sizes is None else np.asarray(p.prefix_sizes, dtype=np.uint32)
+
+
+def identity(st: os.stat_result) -> tuple:
+    """(device, inode, size, mtime in ns): a file's content version, as the cache records it."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def open_source(path: str, size: int, label: str, file_id: tuple | None = None) -> int:
+    """An fd of the regular file `path`, refused when it is no longer the planned version (its size
+    is not `size`, or its identity is not `file_id` when known)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{label}: not a regular file")
+        if st.st_size != size or (file_id is not None and identity(st) != tuple(file_id)):
+            raise _changed(label)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_unchanged(fd: int, size: int, label: str, file_id: tuple | None = None) -> None:
+    """Refuse a source that changed while it was copied (same test as `open_source`)."""
+    st = os.fstat(fd)
+    if st.st_size != size or (file_id is not None and identity(st) != tuple(file_id)):
+        raise _changed(label)
+
+
+def plan_parts(plan, fd: int, label: str) -> list | None:
+    """A bundle plan as parts: its header block from memory, then each run as a CopyRange of the
+    source (the run's first prefix included) with the prefixes it must hold; None when a run
+    cannot be taken from the file as it is (then the plan's buffered path writes it)."""
+    if plan.file is None:
+        return None
+    parts: list = [plan.aux]
+    offsets = plan.tile_offsets
+    sizes = plan.tile_sizes
+    limit = plan.file_size - plan.file_offset
+    for off, length, first, count in plan.runs.tolist():
+        if off < 4 or off + length > limit or count < 1:
+            return None
+        rel = offsets[first:first + count].astype(np.int64) - off      # prefix at tile - 4, range at off - 4
+        parts.append(CopyRange(fd, plan.file_offset + off - 4, length + 4, label, rel, sizes[first:first + count]))
+    return parts
