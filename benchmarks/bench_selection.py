@@ -42,7 +42,7 @@ def europe():
     x, y = TO_3857.transform(ring[:, 0], ring[:, 1])
     poly = shapely.Polygon(np.column_stack([x, y]))
     assert poly.is_valid and shapely.get_num_coordinates(poly) == 1001
-    return web_mercator_scheme(19), Area(tuple(poly.bounds), poly)
+    return web_mercator_scheme(19), Area.from_shapely(poly), poly
 
 
 def _run(benchmark, fn, *args):
@@ -63,7 +63,7 @@ def _candidates(scheme, area, levels) -> int:
     return total
 
 
-def _shapely_seconds_per_tile(scheme, area, level: int, sample: int = 100_000) -> float:
+def _shapely_seconds_per_tile(scheme, area, poly, level: int, sample: int = 100_000) -> float:
     """The baseline: prepared-polygon intersects on tile boxes, timed on a subsample of one level's candidates."""
     r0, r1, c0, c1 = rect_range(scheme, level, area.bounds)
     rng = np.random.default_rng(5)
@@ -72,7 +72,6 @@ def _shapely_seconds_per_tile(scheme, area, level: int, sample: int = 100_000) -
     w, h = scheme.tile_span(level)
     xmin = scheme.origin_x + cols * w
     ymax = scheme.origin_y - rows * h
-    poly = area.polygon
     shapely.prepare(poly)
     t0 = time.perf_counter()
     boxes = shapely.box(xmin, ymax - h, xmin + w, ymax)
@@ -87,11 +86,11 @@ def _shapely_seconds_per_tile(scheme, area, level: int, sample: int = 100_000) -
 
 
 def test_rasterize_count_levels_0_18(benchmark, europe, request):
-    scheme, area = europe
+    scheme, area, _ = europe
     levels = list(range(19))
     counts, t = _run(benchmark, count_wanted, scheme, area, levels)
     candidates = _candidates(scheme, area, levels)
-    per_tile_shapely = _shapely_seconds_per_tile(scheme, area, 12)
+    per_tile_shapely = _shapely_seconds_per_tile(scheme, area, europe[2], 12)
     ms_per_million = t * 1e3 / (candidates / 1e6)
     shapely_ms_per_million = per_tile_shapely * 1e9
     report(request, "rasterize+count 1000-vertex AOI, levels 0-18",
@@ -104,7 +103,7 @@ def test_rasterize_count_levels_0_18(benchmark, europe, request):
 
 def test_masks_per_bundle_level_14(benchmark, europe, request):
     """128x128 masks for every bundle position the AOI's bbox touches at level 14 (no cache needed)."""
-    scheme, area = europe
+    scheme, area, _ = europe
     lv = 14
     r0, r1, c0, c1 = rect_range(scheme, lv, area.bounds)
     band_rows = range(r0 // PACKET * PACKET, r1 + 1, PACKET)

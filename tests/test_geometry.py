@@ -13,8 +13,8 @@ from pyproj import Transformer
 
 from tilecrate import geometry
 from tilecrate.errors import RequestError
-from tilecrate.geometry import (WGS84, crs_for, parse_aoi, parse_extent, polygon_edges, project,
-                                request_area, same_sr, spatial_ref_from)
+from tilecrate.geometry import (WGS84, Area, crs_for, parse_aoi, parse_extent, request_area, same_sr,
+                                spatial_ref_from)
 from tilecrate.tiling import WEB_MERCATOR, SpatialRef
 
 TO_3857 = Transformer.from_crs(4326, 3857, always_xy=True)
@@ -22,10 +22,42 @@ SQUARE = [[-100, 35], [-100, 45], [-90, 45], [-90, 35], [-100, 35]]
 FEATURESET = {"features": [{"geometry": {"rings": [SQUARE], "spatialReference": {"wkid": 4326}}}]}
 
 
+def _parity(px, py, e) -> bool:
+    x0, y0, x1, y1 = e.T
+    cross = (y0 > py) != (y1 > py)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xc = x0 + (py - y0) * (x1 - x0) / (y1 - y0)
+    return bool(np.count_nonzero(cross & (px < xc)) % 2)
+
+
+def region(edges, groups):
+    """The fill rule, independently: per group the faces of the noded edges with odd crossing parity, unioned."""
+    parts = []
+    for g in np.unique(groups):
+        e = edges[groups == g]
+        lines = shapely.MultiLineString([[(a, b), (c, d)] for a, b, c, d in e])
+        for face in shapely.get_parts(shapely.polygonize(shapely.get_parts(shapely.node(lines)))):
+            p = face.representative_point()
+            if _parity(p.x, p.y, e):
+                parts.append(face)
+    return shapely.union_all(parts) if parts else shapely.MultiPolygon()
+
+
+def rings_region(rs):
+    """The region a reader's ring set means."""
+    edges, groups = geometry._ring_edges(rs)
+    return region(edges, groups)
+
+
+def area_region(area: Area):
+    return shapely.box(*area.bounds) if area.is_rectangle else region(area.edges, area.groups)
+
+
 def _one(value, esri_default=WEB_MERCATOR, geojson_default=WGS84, **kw):
     parts = parse_aoi(value, esri_default, geojson_default, **kw)
     assert len(parts) == 1
-    return parts[0]
+    rs, sr = parts[0]
+    return rings_region(rs), sr
 
 
 def test_spatial_refs():
@@ -92,6 +124,7 @@ def test_rings_orientation_holes_and_multipart():
 
 
 def test_many_features_union_and_sr_per_feature():
+    """Features in the same spatial reference are read together (one group each); others apart."""
     fs = {"spatialReference": {"wkid": 3857}, "geometryType": "esriGeometryPolygon", "features": [
         {"geometry": {"rings": [[[0, 0], [0, 2], [2, 2], [2, 0], [0, 0]]]}, "attributes": {"OID": 1}},
         {"geometry": {"rings": [[[1, 1], [1, 3], [3, 3], [3, 1], [1, 1]]]}},
@@ -99,10 +132,14 @@ def test_many_features_union_and_sr_per_feature():
         {"geometry": None},
     ]}
     parts = parse_aoi(fs, WEB_MERCATOR, WGS84)
-    assert [p[1].code for p in parts] == [3857, 3857, 4326]
+    assert [p[1].code for p in parts] == [3857, 4326]
+    assert parts[0][0].group.tolist() == [0, 1] and parts[1][0].group.tolist() == [2]
     area = request_area(None, fs, None, WEB_MERCATOR)
-    assert area.polygon is not None
-    assert area.polygon.area > 7  # both small squares and the projected one
+    assert not area.is_rectangle
+    # overlapping features are a union (not even-odd across features): 4 + 4 - 1 and the projected square
+    got = area_region(area)
+    assert got.intersection(shapely.box(-1, -1, 4, 4)).area == pytest.approx(7)
+    assert got.area > 7
 
 
 def test_envelope_and_polygon_forms():
@@ -121,16 +158,26 @@ def test_geojson_forms():
     feature = {"type": "Feature", "properties": {}, "geometry": poly}
     assert _one(feature)[0].area == 84
     fc = {"type": "FeatureCollection", "features": [feature, {"type": "Feature", "geometry": multi}]}
-    assert [g.area for g, _ in parse_aoi(fc, WEB_MERCATOR, WGS84)] == [84, pytest.approx(100.5)]
+    (rs, sr), = parse_aoi(fc, WEB_MERCATOR, WGS84)
+    assert rs.group.tolist() == [0, 0, 1, 2]     # the Polygon (shell and hole), then each MultiPolygon part
+    assert rings_region(rs).area == pytest.approx(84 + 100.5 - 84)   # the union: the square part covers the first
+    overlapping = {"type": "MultiPolygon", "coordinates": [[SQUARE], [[[-95, 40], [-80, 40], [-80, 50], [-95, 50]]]]}
+    assert _one(overlapping)[0].area == pytest.approx(100 + 150 - 25)   # parts are a union
     legacy = dict(poly, crs={"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::3857"}})
     assert _one(legacy)[1].code == 3857
     assert _one(poly, geojson_default=SpatialRef(3857))[1].code == 3857
 
 
-def test_invalid_geometry_is_repaired():
+def test_invalid_geometry_means_its_even_odd_region():
+    """No repair: a self-intersecting ring is its even-odd region (what make_valid gives too)."""
     bowtie = {"rings": [[[0, 0], [10, 10], [10, 0], [0, 10], [0, 0]]]}
     geom, _ = _one(bowtie)
-    assert geom.is_valid and geom.area == pytest.approx(50)
+    assert geom.area == pytest.approx(50)
+    assert geom.equals(shapely.make_valid(shapely.Polygon(bowtie["rings"][0])))
+    # a pentagram: the even-odd rule leaves the centre pentagon out
+    star = [[math.cos(math.pi / 2 + k * 4 * math.pi / 5), math.sin(math.pi / 2 + k * 4 * math.pi / 5)] for k in range(5)]
+    geom, _ = _one({"rings": [star]})
+    assert not geom.contains(shapely.Point(0, 0)) and geom.contains(shapely.Point(0, 0.7))
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -155,6 +202,8 @@ def test_vertex_limit_refuses_before_heavy_work(monkeypatch):
     ring = [[math.cos(a), math.sin(a)] for a in np.linspace(0, 2 * math.pi, 2001)]
     with pytest.raises(RequestError, match="more than 1,000 vertices"):
         parse_aoi({"rings": [ring]}, WEB_MERCATOR, WGS84, max_vertices=1000)
+    with pytest.raises(RequestError, match="more than 1,000 vertices"):
+        request_area(None, {"rings": [ring]}, None, WEB_MERCATOR, limits=geometry.GeometryLimits(max_vertices=1000))
     monkeypatch.setattr(geometry, "MAX_VERTICES", 500)
     with pytest.raises(RequestError, match="MAX_VERTICES"):
         request_area(None, {"rings": [ring]}, None, WEB_MERCATOR)
@@ -164,8 +213,8 @@ def test_vertex_limit_refuses_before_heavy_work(monkeypatch):
 
 def test_project_densifies_edges():
     # a long diagonal edge in degrees: its true course in Web Mercator is a curve
-    tri = shapely.Polygon([(-60, -50), (60, 70), (60, -50)])
-    out = project(tri, WGS84, WEB_MERCATOR)
+    area = request_area(None, {"rings": [[(-60, -50), (60, 70), (60, -50)]]}, 4326, WEB_MERCATOR)
+    out = area_region(area)
     # points along the diagonal, projected one by one, lie on the projected boundary
     t = np.linspace(0.05, 0.95, 19)
     lon, lat = -60 + 120 * t, -50 + 120 * t
@@ -177,12 +226,11 @@ def test_project_densifies_edges():
 
 
 def test_project_clips_to_web_mercator_latitudes():
-    box = shapely.box(-10, 80, 10, 89.9)
-    out = project(box, WGS84, WEB_MERCATOR)
-    assert np.isfinite(shapely.get_coordinates(out)).all()
-    assert out.bounds[3] == pytest.approx(TO_3857.transform(0, 85.06)[1], rel=1e-3)
+    area = request_area("-10,80,10,89.9", None, 4326, WEB_MERCATOR)
+    assert area.is_rectangle
+    assert area.bounds[3] == pytest.approx(TO_3857.transform(0, 85.06)[1], rel=1e-3)
     with pytest.raises(RequestError, match="outside"):
-        project(shapely.box(-10, 86, 10, 89.9), WGS84, WEB_MERCATOR)
+        request_area("-10,86,10,89.9", None, 4326, WEB_MERCATOR)
 
 
 def test_request_area_forms():
@@ -203,15 +251,17 @@ def test_request_area_forms():
     assert request_area(None, None, None, WEB_MERCATOR) is None
     assert request_area("DEFAULT", None, None, WEB_MERCATOR) is None
     tri = request_area(None, {"rings": [[[0, 0], [0, 1], [1, 0], [0, 0]]]}, None, WEB_MERCATOR)
-    assert not tri.is_rectangle and tri.vertex_count == 4
+    assert not tri.is_rectangle and tri.vertex_count == 3
 
 
-def test_polygon_edges():
+def test_area_edges_from_shapely():
     poly = shapely.Polygon([(0, 0), (4, 0), (4, 4), (0, 4)], [[(1, 1), (2, 1), (2, 2), (1, 1)]])
-    edges = polygon_edges(shapely.MultiPolygon([poly, shapely.box(10, 10, 11, 11)]))
-    assert edges.shape == (4 + 3 + 4, 4)
+    area = Area.from_shapely(shapely.MultiPolygon([poly, shapely.box(10, 10, 11, 12)]))
+    edges = area.edges
+    assert edges.shape == (4 + 3 + 4, 4) and area.groups.tolist() == [0] * 7 + [1] * 4
     # each edge ends where the next of its ring begins; no edge joins two rings
     assert not ((edges[:, :2] == [2, 2]).all(axis=1) & (edges[:, 2:] == [0, 0]).all(axis=1)).any()
+    assert area_region(area).equals(shapely.MultiPolygon([poly, shapely.box(10, 10, 11, 12)]))
 
 
 _json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
@@ -253,5 +303,5 @@ def test_random_rings_raise_request_errors_only(rings, sr, form):
         area = request_area(None, aoi, None, WEB_MERCATOR)
     except RequestError:
         return
-    assert area.polygon is None or (area.polygon.is_valid and not area.polygon.is_empty)
+    assert area.is_rectangle or (len(area.edges) and np.isfinite(area.edges).all())
     assert all(math.isfinite(v) for v in area.bounds)

@@ -1,34 +1,42 @@
-# cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: cdivision=False
 """Area-of-interest rasterization onto a tile grid, by scanline spans, never a level-wide grid.
 
 Coordinates are fractional tile coordinates of one level: ``col = (x - origin_x) / tile_width``,
 ``row = (origin_y - y) / tile_height``; tile (row, col) is the closed square
 ``[col, col + 1] x [row, row + 1]``.
 
-Convention (conservative): a tile is selected iff its closed square intersects the closed polygon
-(interior or boundary). A tile that only touches the polygon at an edge or a corner is in. The
-polygon is given as edges of closed rings; rings combine by the even-odd rule, which is what a
-valid polygon with holes and several parts needs (the geometry layer makes rings valid first).
+Convention (conservative): a tile is selected iff its closed square intersects the closed area
+(interior or boundary). A tile that only touches the area at an edge or a corner is in.
 
-How: a tile is in iff (a) some polygon edge meets its closed square, or (b) its centre is inside
-the polygon. If no edge meets the square, the square lies wholly inside or wholly outside, and
-its centre decides. (a) is the x-range of each edge clipped to the row's closed strip; (b) is the
-even-odd crossings of the row's centre line. Both are column intervals; a row's result is their
-merged union. Arithmetic is exact for vertices with few significant bits (x is computed as
-``x0 + ((y - y0) * dx) / dy``), so exact touches are decided exactly.
+Fill rule: the area is given as edges of closed rings, each edge tagged with a group (one
+geometry: an Esri polygon, a GeoJSON Polygon, one feature). Within a group rings combine by the
+even-odd rule (a point is inside iff a ray from it crosses the group's rings an odd number of
+times: Esri's rings-with-holes for valid input, and a defined answer for any input, valid or
+not); groups combine by union. The closed area is that interior plus every edge, so no repair
+(make_valid, union) is needed before rasterizing.
+
+How: a tile is in iff (a) some edge meets its closed square, or (b) its centre is inside. If no
+edge meets the square, the square lies wholly inside or wholly outside every group, and its
+centre decides. (a) is the x-range of each edge clipped to the row's closed strip; (b) is the
+even-odd crossings of the row's centre line, paired within each group. Both are column
+intervals; a row's result is their merged union. Arithmetic is exact for vertices with few
+significant bits (x is computed as ``x0 + ((y - y0) * dx) / dy``), so exact touches are decided
+exactly.
 
 Rows are swept in ascending order with an active edge table (edges sorted by first row), so a
 sweep over R rows costs O(E log E + sum of active edges) and memory is O(E + spans of one band).
 
-Bounds checks are off: every array handed in is checked for shape and consistency first, and
-every index written is clipped to the array it writes.
+Every public entry point checks its arguments (shapes, dtypes, ranges) before any loop; bounds
+checks are turned off only in the functions whose indexes those checks (or the sweep's own
+invariants, noted there) prove in range.
 """
+cimport cython
 import threading
 
 import numpy as np
 cimport numpy as cnp
-from libc.math cimport ceil, floor, isfinite
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.math cimport ceil, floor
+from libc.stdint cimport INT64_MAX, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort, realloc
 
 cnp.import_array()
@@ -39,12 +47,24 @@ cdef enum:
 
 # tile coordinates beyond this lose integer precision in doubles; the geometry layer refuses them
 MAX_COORD = 2.0 ** 50
+# rows or columns given to spans/count/window_mask beyond this are refused: every sum of two of
+# them stays far inside int64
+MAX_INDEX = 2 ** 62
+# rows one spans() call may return (callers ask for one bundle row, 128)
+MAX_SPAN_ROWS = 1 << 20
 
 
-cdef int cmp_double(const void* a, const void* b) noexcept nogil:
-    cdef double x = (<const double*>a)[0]
-    cdef double y = (<const double*>b)[0]
-    return (x > y) - (x < y)
+cdef struct Cross:
+    double x           # where a row's centre line crosses an edge
+    int64_t g          # the edge's group
+
+
+cdef int cmp_cross(const void* a, const void* b) noexcept nogil:
+    cdef const Cross* p = <const Cross*>a
+    cdef const Cross* q = <const Cross*>b
+    if p.g != q.g:
+        return (p.g > q.g) - (p.g < q.g)
+    return (p.x > q.x) - (p.x < q.x)
 
 
 cdef int cmp_span(const void* a, const void* b) noexcept nogil:
@@ -53,6 +73,7 @@ cdef int cmp_span(const void* a, const void* b) noexcept nogil:
     return (x > y) - (x < y)
 
 
+@cython.cdivision(True)   # every caller has y0 != y1 whenever y lies strictly between them
 cdef inline double x_at(double x0, double y0, double x1, double y1, double y) noexcept nogil:
     # multiply before dividing: exact whenever the true value is representable
     if y == y0:
@@ -85,24 +106,28 @@ cdef int buf_reserve(Buf* b, Py_ssize_t pairs) noexcept nogil:
 
 
 cdef class Rasterizer:
-    """Scanline sweep of one level's polygon edges (array (n, 4): x0, y0, x1, y1 in tile units)."""
+    """Scanline sweep of one level's edges (array (n, 4): x0, y0, x1, y1 in tile units), with an
+    optional group per edge (int64 (n,): even-odd within a group, union across groups)."""
 
     cdef double[:, ::1] edges          # sorted by first row
+    cdef int64_t[::1] group            # group of each (sorted) edge
     cdef int64_t[::1] rstart           # first row whose closed strip meets the edge
     cdef int64_t[::1] rend             # last such row
     cdef Py_ssize_t n
     cdef Py_ssize_t next_edge          # first edge not yet activated
     cdef Py_ssize_t* active
     cdef Py_ssize_t n_active
-    cdef double* xs                    # crossings of one row (capacity n)
+    cdef Cross* xs                     # crossings of one row (capacity n)
     cdef Buf row_spans                 # unmerged intervals of one row
     cdef Buf out                       # merged spans of the current call
     cdef int64_t next_row              # the sweep position (rows below it are done)
+    cdef bint ready                    # __init__ completed: the memoryviews are set
     cdef readonly int64_t row_min, row_max, col_min, col_max
     cdef object lock                   # one sweep at a time: the GIL is released while it runs
 
-    def __cinit__(self, edges):
+    def __cinit__(self, *args, **kwargs):
         self.lock = threading.Lock()
+        self.ready = False
         self.active = NULL
         self.xs = NULL
         self.row_spans.data = NULL
@@ -110,7 +135,9 @@ cdef class Rasterizer:
         self.out.data = NULL
         self.out.n = self.out.cap = 0
 
-    def __init__(self, edges):
+    def __init__(self, edges, groups=None):
+        if self.ready:
+            raise RuntimeError("a Rasterizer is initialised once; make a new one for other edges")
         arr = np.ascontiguousarray(edges, dtype=np.float64)
         if arr.ndim != 2 or arr.shape[1] != 4:
             raise ValueError("edges must be an array of shape (n, 4): x0, y0, x1, y1")
@@ -118,21 +145,37 @@ cdef class Rasterizer:
             raise ValueError("edges hold a non-finite coordinate")
         if arr.shape[0] and np.abs(arr).max() > MAX_COORD:
             raise ValueError("edges lie too far from the tile origin for exact tile arithmetic")
+        if groups is None:
+            grp = np.zeros(arr.shape[0], dtype=np.int64)
+        else:
+            grp = np.asarray(groups)
+            if grp.ndim != 1 or grp.shape[0] != arr.shape[0] or not (
+                    grp.dtype.kind in "iu" or (grp.dtype.kind == "b" and grp.shape[0] == 0)):
+                raise ValueError("groups must be an integer array with one entry per edge")
+            if grp.dtype.kind == "u" and grp.shape[0] and grp.max() > INT64_MAX:
+                raise ValueError("groups must fit in int64")
+            grp = grp.astype(np.int64)
         ymin = np.minimum(arr[:, 1], arr[:, 3])
         ymax = np.maximum(arr[:, 1], arr[:, 3])
         rs = (np.ceil(ymin) - 1).astype(np.int64)
         re = np.floor(ymax).astype(np.int64)
         order = np.argsort(rs, kind="stable")
+        cdef Py_ssize_t n = arr.shape[0]
+        cdef Py_ssize_t cap = n if n else 1
+        active = <Py_ssize_t*>malloc(cap * sizeof(Py_ssize_t))
+        xs = <Cross*>malloc(cap * sizeof(Cross))
+        if active == NULL or xs == NULL:
+            free(active)
+            free(xs)
+            raise MemoryError()
+        self.active = active
+        self.xs = xs
         self.edges = np.ascontiguousarray(arr[order])
+        self.group = np.ascontiguousarray(grp[order])
         self.rstart = np.ascontiguousarray(rs[order])
         self.rend = np.ascontiguousarray(re[order])
-        self.n = arr.shape[0]
-        cdef Py_ssize_t cap = self.n if self.n else 1
-        self.active = <Py_ssize_t*>malloc(cap * sizeof(Py_ssize_t))
-        self.xs = <double*>malloc(cap * sizeof(double))
-        if self.active == NULL or self.xs == NULL:
-            raise MemoryError()
-        if self.n:
+        self.n = n
+        if n:
             xmin = np.minimum(arr[:, 0], arr[:, 2]).min()
             xmax = np.maximum(arr[:, 0], arr[:, 2]).max()
             self.row_min, self.row_max = int(rs.min()), int(re.max())
@@ -140,6 +183,7 @@ cdef class Rasterizer:
         else:
             self.row_min, self.row_max, self.col_min, self.col_max = 0, -1, 0, -1
         self._reset()
+        self.ready = True
 
     def __dealloc__(self):
         free(self.active)
@@ -157,6 +201,10 @@ cdef class Rasterizer:
         self.n_active = 0
         self.next_row = self.row_min
 
+    # indexes: next_edge < n (loop condition), active[] holds at most n entries (each edge is
+    # activated once per sweep) and every entry is < n
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
     cdef int _advance_to(self, int64_t r) noexcept nogil:
         """Make the active table hold exactly the edges whose row range contains r."""
         cdef Py_ssize_t i, k = 0
@@ -175,6 +223,10 @@ cdef class Rasterizer:
         self.next_row = r + 1
         return 0
 
+    # indexes: e comes from active[] (< n); spans written < n_active + n_active // 2 + 1 pairs,
+    # which buf_reserve made room for; crossings < n_active <= n, the capacity of xs
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
     cdef int _row(self, int64_t r) noexcept nogil:
         """Merged selected column intervals of row r into self.row_spans; -1 on allocation failure."""
         cdef Py_ssize_t i, j, e, nx = 0
@@ -215,16 +267,21 @@ cdef class Rasterizer:
             b.data[2 * b.n] = <int64_t>ceil(xa) - 1
             b.data[2 * b.n + 1] = <int64_t>floor(xb)
             b.n += 1
-            # (b) even-odd crossings of the row's centre line
+            # (b) crossings of the row's centre line (half-open in y, so a vertex counts once)
             if (y0 > yc) != (y1 > yc):
-                self.xs[nx] = x_at(x0, y0, x1, y1, yc)
+                self.xs[nx].x = x_at(x0, y0, x1, y1, yc)
+                self.xs[nx].g = self.group[e]
                 nx += 1
         if nx > 1:
-            qsort(self.xs, nx, sizeof(double), cmp_double)
+            # even-odd within each group: sorted by (group, x), the group's crossings pair up
+            qsort(self.xs, nx, sizeof(Cross), cmp_cross)
             j = 0
             while j + 1 < nx:
-                s = <int64_t>ceil(self.xs[j] - 0.5)
-                en = <int64_t>floor(self.xs[j + 1] - 0.5)
+                if self.xs[j].g != self.xs[j + 1].g:
+                    j += 1          # a group with an odd count (rings not closed): its last one is alone
+                    continue
+                s = <int64_t>ceil(self.xs[j].x - 0.5)
+                en = <int64_t>floor(self.xs[j + 1].x - 0.5)
                 if en >= s:
                     b.data[2 * b.n] = s
                     b.data[2 * b.n + 1] = en
@@ -245,11 +302,21 @@ cdef class Rasterizer:
             b.n = j + 1
         return 0
 
+    cdef void _check_ready(self) except *:
+        if not self.ready:
+            raise RuntimeError("the Rasterizer was not initialised with edges")
+
+    # indexes: rp has nrows + 1 entries and i < nrows; ov has o.n rows and k < o.n
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
     def spans(self, int64_t row_start, Py_ssize_t nrows):
         """Selected column spans of rows [row_start, row_start + nrows): (row_ptr int64[nrows + 1],
         spans int64[m, 2] inclusive (first, last) columns, ascending and disjoint per row)."""
-        if nrows < 0:
-            raise ValueError("nrows must be >= 0")
+        self._check_ready()
+        if not 0 <= nrows <= MAX_SPAN_ROWS:
+            raise ValueError(f"nrows must be from 0 to {MAX_SPAN_ROWS}")
+        if not -MAX_INDEX <= row_start <= MAX_INDEX:
+            raise ValueError("row_start is out of range")
         row_ptr = np.zeros(nrows + 1, dtype=np.int64)
         cdef int64_t[::1] rp = row_ptr
         cdef Py_ssize_t i, k
@@ -281,14 +348,19 @@ cdef class Rasterizer:
                 ov[k, 1] = o.data[2 * k + 1]
         return row_ptr, out
 
+    # indexes: b.data holds 2 * b.n entries (filled by _row); rstart is read at next_edge < n
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
     def count(self, int64_t row_first, int64_t row_last, int64_t col_first, int64_t col_last):
         """How many tiles of rows [row_first, row_last] x cols [col_first, col_last] are selected."""
+        self._check_ready()
         cdef int64_t total = 0, r, s, e, stop
         cdef Py_ssize_t k
         cdef int failed = 0
         cdef Buf* b = &self.row_spans
         with self.lock:
             with nogil:
+                # row_min/row_max lie within +-(MAX_COORD + 1): r + 1 never overflows
                 r = row_first if row_first > self.row_min else self.row_min
                 stop = row_last if row_last < self.row_max else self.row_max
                 while r <= stop:
@@ -296,6 +368,7 @@ cdef class Rasterizer:
                         failed = 1
                         break
                     for k in range(b.n):
+                        # span ends lie within +-(MAX_COORD + 1), so e - s cannot overflow
                         s = b.data[2 * k]
                         e = b.data[2 * k + 1]
                         if s < col_first:
@@ -303,7 +376,12 @@ cdef class Rasterizer:
                         if e > col_last:
                             e = col_last
                         if e >= s:
+                            if total > INT64_MAX - (e - s + 1):
+                                failed = 2
+                                break
                             total += e - s + 1
+                    if failed:
+                        break
                     # nothing active and the next edge starts later: jump there
                     if self.n_active == 0:
                         if self.next_edge >= self.n:
@@ -312,6 +390,8 @@ cdef class Rasterizer:
                             r = self.rstart[self.next_edge]
                             continue
                     r += 1
+        if failed == 2:
+            raise OverflowError("the count of selected tiles exceeds 2**63")
         if failed:
             raise MemoryError()
         return total
@@ -321,9 +401,13 @@ def _check_spans(row_ptr, spans, Py_ssize_t nrows):
     rp = np.ascontiguousarray(row_ptr, dtype=np.int64)
     sp = np.ascontiguousarray(spans, dtype=np.int64)
     if sp.ndim != 2 or sp.shape[1] != 2:
+        if sp.size % 2:
+            raise ValueError("spans must be an array of (first, last) column pairs")
         sp = sp.reshape(-1, 2)
     if rp.ndim != 1 or rp.shape[0] < nrows + 1:
         raise ValueError(f"row_ptr must have at least {nrows + 1} entries")
+    if sp.shape[0] and np.abs(sp).max() > MAX_INDEX:
+        raise ValueError("spans hold a column out of range")
     cdef int64_t[::1] v = rp
     cdef Py_ssize_t i, m = sp.shape[0]
     cdef bint ok = v[0] >= 0 and v[nrows] <= m
@@ -335,9 +419,15 @@ def _check_spans(row_ptr, spans, Py_ssize_t nrows):
     return rp, sp
 
 
+# indexes: _check_spans proved 0 <= rp[i] <= rp[i + 1] <= len(sp) for i < PACKET; columns are
+# clipped to 0..PACKET - 1 before m is written, and col0 and the spans lie within +-MAX_INDEX
+@cython.boundscheck(False)
+@cython.wraparound(False)
 def window_mask(row_ptr, spans, int64_t col0):
     """The 128x128 uint8 mask of a bundle whose first column is col0, from the spans of its 128
     rows (as returned by Rasterizer.spans(row0, 128)); returns (mask, selected count)."""
+    if not -MAX_INDEX <= col0 <= MAX_INDEX:
+        raise ValueError("col0 is out of range")
     rp_a, sp_a = _check_spans(row_ptr, spans, PACKET)
     cdef int64_t[::1] rp = rp_a
     cdef int64_t[:, ::1] sp = sp_a
@@ -363,14 +453,21 @@ def window_mask(row_ptr, spans, int64_t col0):
     return mask, n
 
 
+# indexes: mask is checked to be C-contiguous (128, 128) and sizes to hold N entries; i < N
+@cython.boundscheck(False)
+@cython.wraparound(False)
 def apply_presence(mask, sizes):
     """AND a bundle mask with its tiles that exist (size > 0), in place; returns (tiles, bytes)."""
     if not (isinstance(mask, np.ndarray) and mask.dtype == np.uint8 and mask.shape == (PACKET, PACKET)
-            and mask.flags.c_contiguous):
-        raise ValueError("mask must be a C-contiguous uint8 array of shape (128, 128)")
-    sz_a = np.ascontiguousarray(sizes, dtype=np.uint32)
+            and mask.flags.c_contiguous and mask.flags.writeable):
+        raise ValueError("mask must be a writable C-contiguous uint8 array of shape (128, 128)")
+    sz_a = np.ascontiguousarray(sizes)
     if sz_a.ndim != 1 or sz_a.shape[0] != N:
         raise ValueError("sizes must hold 16384 entries")
+    if sz_a.dtype != np.uint32:
+        if sz_a.dtype.kind not in "iu" or (sz_a.size and (sz_a.min() < 0 or sz_a.max() > 0xFFFFFFFF)):
+            raise ValueError("sizes must be whole numbers from 0 to 2**32 - 1")
+        sz_a = sz_a.astype(np.uint32)
     cdef uint8_t[:, ::1] m = mask
     cdef uint32_t[::1] sz = sz_a
     cdef Py_ssize_t i

@@ -1,59 +1,169 @@
-"""Export areas: extents and areas of interest (Esri JSON or GeoJSON) in the cache's coordinates.
+"""Export areas: extents and areas of interest (Esri JSON or GeoJSON) as edges in the cache's coordinates.
 
 Reading: an extent is `xmin,ymin,xmax,ymax`, Envelope JSON (string or dict) or DEFAULT; an area
 of interest is an Esri FeatureSet (one or many polygon features), a plain Esri Polygon, an
 Envelope, or GeoJSON (Polygon, MultiPolygon, Feature, FeatureCollection, GeometryCollection).
-Esri rings are combined by nesting (even-odd), so ring orientation does not matter: clients
-write both conventions. Spatial references come as wkid, latestWkid or WKT; a geometry without
-one is in the `default` reference the caller names (the cache's for Esri JSON, WGS 84 for
-GeoJSON, unless `aoi_sr` says otherwise).
+Spatial references come as wkid, latestWkid or WKT; a geometry without one is in the `default`
+reference the caller names (the cache's for Esri JSON, WGS 84 for GeoJSON, unless `aoi_sr` says
+otherwise).
+
+Fill rule (what area a set of rings means, valid or not): rings of one geometry (an Esri
+polygon, a GeoJSON Polygon, one part of a MultiPolygon) combine by the even-odd rule, so ring
+orientation does not matter (clients write both conventions) and a ring inside an odd number of
+others is a hole; geometries (features, parts) combine by union. The closed area is that
+interior plus every ring edge. tilecrate._mask rasterizes exactly this from the edges, so no
+polygon is ever repaired or unioned: the cost is linear in the vertices (n log n sorts).
+
+Cost is bounded before heavy work (GeometryLimits): vertices and rings are counted while the
+JSON is read, nesting is bounded, and after projecting, the most edges any horizontal line
+crosses (what one row of the rasterizer costs) is checked.
 
 Projecting: edges are densified in the source coordinates first (a straight edge in degrees is
 a curve in Web Mercator), geographic input is clipped to the target's area of use (Web Mercator
-stops at ±85.06°), and the result is made valid with shapely. Geometry with more than
-MAX_VERTICES vertices is refused before any heavy work.
+stops at ±85.06°), then every vertex goes through pyproj. pyproj is imported only when an area
+needs projecting.
 """
 from __future__ import annotations
 
 import functools
 import json
 import math
-from dataclasses import dataclass
-from typing import Any
+import reprlib
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
-import shapely
-import shapely.errors
-from pyproj import CRS, Transformer
-from pyproj.exceptions import CRSError, ProjError
-from shapely.geometry.base import BaseGeometry
 
-from tilecrate.errors import RequestError
+from tilecrate.errors import Cancelled, RequestError
 from tilecrate.tiling import Extent, SpatialRef
 
-MAX_VERTICES = 1_000_000          # refuse geometry above this many vertices (override per call or here)
-MAX_COORDINATE = 1e15            # coordinates beyond this are junk in any spatial reference
+if TYPE_CHECKING:
+    from pyproj import CRS, Transformer
+
+    from tilecrate.request import ExportRequest
+
+MAX_VERTICES = 1_000_000          # vertices as given, counted while reading
+MAX_RINGS = 100_000               # rings over all features and parts
+MAX_LINE_CROSSINGS = 20_000       # edges one horizontal line (in the cache's coordinates) may cross
+MAX_JSON_DEPTH = 32               # nesting of geometry JSON (arrays and objects) our readers follow
+MAX_COORDINATE = 1e15             # coordinates beyond this are junk in any spatial reference
+MAX_WKT_CHARS = 32_768            # real WKT is a few kB; PROJ parses whatever it gets
 DENSIFY_STEPS = 256               # segments along the larger side of the area when projecting
 WEB_MERCATOR_CODES = {3857, 102100, 102113, 900913, 3785, 41001}
 WGS84 = SpatialRef(4326, 4326)
 
+# anything else in a message is shortened: a request may be megabytes or nested a thousand deep
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 80
+_repr.maxlevel = 3
+
+
+def show(value: Any) -> str:
+    """A short, safe repr of user input for an error message (bounded length and depth)."""
+    return _repr.repr(value)
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """An exception text as one bounded line."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
 
 @dataclass(frozen=True)
+class GeometryLimits:
+    """What an area may cost, checked before heavy work; the defaults are the module constants."""
+
+    max_vertices: int = MAX_VERTICES
+    max_rings: int = MAX_RINGS
+    max_line_crossings: int = MAX_LINE_CROSSINGS
+    max_json_depth: int = MAX_JSON_DEPTH
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"GeometryLimits.{f.name} must be a positive whole number, not {v!r}")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> "GeometryLimits":
+        """Limits from a config mapping (keys as the field names; absent = default)."""
+        base = default_limits()
+        if not cfg:
+            return base
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - names)
+        if unknown:
+            raise ValueError(f"unknown geometry limit {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        values = {n: getattr(base, n) for n in names}
+        values.update(cfg)
+        return cls(**values)
+
+
+def default_limits() -> GeometryLimits:
+    """The limits the module constants give now (read at call time, so they can be tuned)."""
+    return GeometryLimits(MAX_VERTICES, MAX_RINGS, MAX_LINE_CROSSINGS, MAX_JSON_DEPTH)
+
+
+def _limits(limits: GeometryLimits | None, max_vertices: int | None = None) -> GeometryLimits:
+    lim = limits if limits is not None else default_limits()
+    if max_vertices is not None:
+        lim = GeometryLimits(max_vertices, lim.max_rings, lim.max_line_crossings, lim.max_json_depth)
+    return lim
+
+
+Cancel = Callable[[], Any]
+
+
+def check_cancel(cancel: Any, what: str) -> None:
+    """Stop if `cancel` says so: a threading.Event that is set, or a callable returning true.
+
+    A callable may also raise its own error (a job's time or memory budget), which propagates.
+    """
+    if cancel is None:
+        return
+    is_set = getattr(cancel, "is_set", None)
+    if is_set() if is_set is not None else cancel():
+        raise Cancelled(f"cancelled while {what}")
+
+
+# --------------------------------------------------------------------------------------------
+# the result
+
+
+@dataclass(frozen=True, eq=False)
 class Area:
-    """An export area in the cache's coordinates: its bounds, and a polygon unless it is the bounds."""
+    """An export area in the cache's coordinates: its bounds, and its edges unless it is the bounds.
+
+    `edges` is (n, 4) float64 (x0, y0, x1, y1) and `groups` (n,) int64: edges of one group combine
+    by the even-odd rule, groups by union (see the module docstring).
+    """
 
     bounds: tuple[float, float, float, float]
-    polygon: BaseGeometry | None = None
+    edges: np.ndarray | None = None
+    groups: np.ndarray | None = None
 
     @property
     def is_rectangle(self) -> bool:
         """True when the area is exactly its bounding rectangle."""
-        return self.polygon is None
+        return self.edges is None
 
     @property
     def vertex_count(self) -> int:
-        """Vertices of the polygon (4 for a rectangle)."""
-        return 4 if self.polygon is None else int(shapely.get_num_coordinates(self.polygon))
+        """Edges of the area (4 for a rectangle): each ring has as many vertices as edges."""
+        return 4 if self.edges is None else int(len(self.edges))
+
+    @classmethod
+    def from_shapely(cls, geom: Any) -> "Area":
+        """An Area from a shapely (Multi)Polygon: one group per polygon (tests, benchmarks)."""
+        import shapely
+
+        parts = [p for p in shapely.get_parts(geom) if not p.is_empty]
+        rings, groups = [], []
+        for g, p in enumerate(parts):
+            for r in shapely.get_rings(p):
+                rings.append(shapely.get_coordinates(r)[:-1])
+                groups.append(g)
+        return _area_from_edges(*_ring_edges(_RingSet.of(rings, groups)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,24 +178,35 @@ def spatial_ref_from(value: Any) -> SpatialRef | None:
         raise RequestError(f"not a spatial reference: {value!r}")
     if isinstance(value, int):
         return SpatialRef(value)
+    if isinstance(value, float) and value.is_integer():
+        return SpatialRef(int(value))
     if isinstance(value, dict):
         low = {str(k).lower(): v for k, v in value.items()}
         wkt = low.get("wkt")
         sr = SpatialRef(_sr_code(low.get("wkid")), _sr_code(low.get("latestwkid")),
-                        wkt.strip() if isinstance(wkt, str) and wkt.strip() else None)
+                        _check_wkt(wkt.strip()) if isinstance(wkt, str) and wkt.strip() else None)
         if sr.code is None and not sr.wkt:
-            raise RequestError(f"spatialReference has no wkid, latestWkid or wkt: {json.dumps(value)[:200]}")
+            raise RequestError(f"spatialReference has no wkid, latestWkid or wkt: {show(value)}")
         return sr
-    text = str(value).strip()
+    if not isinstance(value, str):
+        raise RequestError(f"not a spatial reference: {show(value)}")
+    text = value.strip()
     if not text:
         return None
-    if text.lstrip("+-").isdigit():
+    if text.lstrip("+-").isdigit() and len(text) < 20:
         return SpatialRef(int(text))
     if text.startswith("{"):
-        return spatial_ref_from(_load_json(text, "spatial reference"))
+        return spatial_ref_from(load_json(text, "spatial reference"))
     if ":" in text and text.split(":", 1)[1].strip().isdigit() and len(text) < 32:
         return SpatialRef(int(text.split(":", 1)[1]))
-    return SpatialRef(wkt=text)
+    return SpatialRef(wkt=_check_wkt(text))
+
+
+def _check_wkt(text: str) -> str:
+    if len(text) > MAX_WKT_CHARS:
+        raise RequestError(f"the spatial reference WKT is {len(text):,} characters long; "
+                           f"more than {MAX_WKT_CHARS:,} is not a spatial reference")
+    return text
 
 
 def _sr_code(v: Any) -> int | None:
@@ -93,15 +214,18 @@ def _sr_code(v: Any) -> int | None:
     if isinstance(v, bool) or v is None:
         return None
     if isinstance(v, int):
-        return v
+        return v if abs(v) < 2**31 else None
     if isinstance(v, float):
-        return int(v) if math.isfinite(v) and v.is_integer() else None
-    if isinstance(v, str) and v.strip().lstrip("+-").isdigit():
+        return int(v) if math.isfinite(v) and v.is_integer() and abs(v) < 2**31 else None
+    if isinstance(v, str) and v.strip().lstrip("+-").isdigit() and len(v.strip()) < 12:
         return int(v.strip())
     return None
 
 
-def _code_crs(code: int) -> CRS | None:
+def _code_crs(code: int) -> "CRS | None":
+    from pyproj import CRS
+    from pyproj.exceptions import CRSError
+
     if code in WEB_MERCATOR_CODES:
         return CRS.from_epsg(3857)
     for auth in ("EPSG", "ESRI"):
@@ -113,8 +237,11 @@ def _code_crs(code: int) -> CRS | None:
 
 
 @functools.lru_cache(maxsize=64)
-def crs_for(sr: SpatialRef) -> CRS | None:
+def crs_for(sr: SpatialRef) -> "CRS | None":
     """The pyproj CRS of a spatial reference (latestWkid, then wkid, then WKT); None if it has none."""
+    from pyproj import CRS
+    from pyproj.exceptions import CRSError
+
     tried = []
     for code in (sr.latest_wkid, sr.wkid):
         if code is not None and code not in tried:
@@ -124,9 +251,9 @@ def crs_for(sr: SpatialRef) -> CRS | None:
                 return crs
     if sr.wkt:
         try:
-            return CRS.from_user_input(sr.wkt)
+            return CRS.from_user_input(_check_wkt(sr.wkt))
         except CRSError as e:
-            raise RequestError(f"cannot read the spatial reference WKT ({e})") from None
+            raise RequestError(f"cannot read the spatial reference WKT: {one_line(e, 160)}") from None
     if tried:
         raise RequestError(f"unknown spatial reference wkid {tried[0]}: not an EPSG or ESRI code")
     return None
@@ -156,15 +283,34 @@ def _sr_label(sr: SpatialRef) -> str:
     return "WKT " + (sr.wkt or "")[:60] if sr.wkt else "unknown"
 
 
+@functools.lru_cache(maxsize=64)
+def _transformer(src: "CRS", dst: "CRS") -> "Transformer":
+    from pyproj import Transformer
+    from pyproj.exceptions import ProjError
+
+    try:
+        return Transformer.from_crs(src, dst, always_xy=True)
+    except ProjError as e:
+        text = str(e)
+        if "celestial body" in text:
+            raise RequestError(
+                f"cannot project between {src.name!r} and {dst.name!r}: they are not on the same "
+                f"celestial body (a WKT on a non-Earth ellipsoid?)") from None
+        raise RequestError(f"cannot project from {src.name!r} to {dst.name!r}: {one_line(text, 160)}") from None
+
+
 # --------------------------------------------------------------------------------------------
 # reading
 
 
-def _load_json(text: str, what: str) -> Any:
+def load_json(text: str, what: str) -> Any:
+    """JSON text to Python, RequestError (one line) for bad or absurdly nested JSON."""
     try:
         return json.loads(text)
+    except RecursionError:
+        raise RequestError(f"the {what} is nested too deeply to be read") from None
     except ValueError as e:
-        raise RequestError(f"the {what} is not valid JSON ({e})") from None
+        raise RequestError(f"the {what} is not valid JSON ({one_line(e, 120)})") from None
 
 
 def _finite(values: list[float], what: str) -> None:
@@ -172,45 +318,56 @@ def _finite(values: list[float], what: str) -> None:
         raise RequestError(f"the {what} has a coordinate that is not a finite number")
 
 
-def parse_extent(value: str | dict | Extent, default_sr: SpatialRef) -> Extent | None:
+def _box_numbers(low: dict, what: str) -> list[float]:
+    try:
+        nums = [float(low[k]) for k in ("xmin", "ymin", "xmax", "ymax")]
+    except (TypeError, ValueError, OverflowError):
+        raise RequestError(f"the {what} has a value that is not a number") from None
+    _finite(nums, what)
+    return nums
+
+
+def parse_extent(value: str | dict | Extent | None, default_sr: SpatialRef, *,
+                 limits: GeometryLimits | None = None) -> Extent | None:
     """An extent from 'xmin,ymin,xmax,ymax', Envelope JSON or DEFAULT (None); checks it is a real box."""
-    if value is None or isinstance(value, Extent):
-        ext = value
-    else:
-        obj = value
+    depth = _limits(limits).max_json_depth
+    for _ in range(depth):
+        if value is None or isinstance(value, Extent):
+            ext = value
+            break
         if isinstance(value, str):
             text = value.strip()
             if not text or text.upper() == "DEFAULT":
                 return None
             if text.startswith("{"):
-                obj = _load_json(text, "exportExtent")
-            else:
-                parts = [p for p in text.replace(";", ",").split(",")]
-                if len(parts) != 4:
-                    raise RequestError(f"exportExtent must be xmin,ymin,xmax,ymax or Envelope JSON, not {text!r}")
-                try:
-                    nums = [float(p) for p in parts]
-                except ValueError:
-                    raise RequestError(f"exportExtent has a value that is not a number: {text!r}") from None
-                _finite(nums, "exportExtent")
-                ext = Extent(*nums, default_sr)
-                obj = None
-        if obj is not None:
-            if not isinstance(obj, dict):
-                raise RequestError("exportExtent JSON must be an object with xmin, ymin, xmax, ymax")
-            low = {str(k).lower(): v for k, v in obj.items()}
-            if "extent" in low and isinstance(low["extent"], dict):  # {"extent": {...}} wrappers
-                return parse_extent(low["extent"], default_sr)
-            missing = [k for k in ("xmin", "ymin", "xmax", "ymax") if low.get(k) is None]
-            if missing:
-                raise RequestError(f"exportExtent JSON lacks {', '.join(missing)}")
+                value = load_json(text, "exportExtent")
+                continue
+            parts = text.replace(";", ",").split(",")
+            if len(parts) != 4:
+                raise RequestError(f"exportExtent must be xmin,ymin,xmax,ymax or Envelope JSON, not {show(text)}")
             try:
-                nums = [float(low[k]) for k in ("xmin", "ymin", "xmax", "ymax")]
-            except (TypeError, ValueError):
-                raise RequestError("exportExtent JSON has a value that is not a number") from None
+                nums = [float(p) for p in parts]
+            except ValueError:
+                raise RequestError(f"exportExtent has a value that is not a number: {show(text)}") from None
             _finite(nums, "exportExtent")
-            sr = spatial_ref_from(low.get("spatialreference")) or default_sr
-            ext = Extent(*nums, sr)
+            ext = Extent(*nums, default_sr)
+            break
+        if not isinstance(value, dict):
+            raise RequestError("exportExtent JSON must be an object with xmin, ymin, xmax, ymax")
+        low = {str(k).lower(): v for k, v in value.items()}
+        if "extent" in low and isinstance(low["extent"], dict):  # {"extent": {...}} wrappers
+            value = low["extent"]
+            continue
+        missing = [k for k in ("xmin", "ymin", "xmax", "ymax") if low.get(k) is None]
+        if missing:
+            raise RequestError(f"exportExtent JSON lacks {', '.join(missing)}")
+        nums = _box_numbers(low, "exportExtent")
+        ext = Extent(*nums, spatial_ref_from(low.get("spatialreference")) or default_sr)
+        break
+    else:
+        raise RequestError(f"exportExtent is nested more than {depth} levels deep")
+    if ext is None:
+        return None
     if not ext.is_valid:
         raise RequestError(f"exportExtent is inverted or not finite: xmin {ext.xmin}, ymin {ext.ymin}, "
                            f"xmax {ext.xmax}, ymax {ext.ymax}")
@@ -219,35 +376,100 @@ def parse_extent(value: str | dict | Extent, default_sr: SpatialRef) -> Extent |
     return ext
 
 
-class _Counter:
-    """Counts vertices as geometry is read, refusing absurd input before shapely sees it."""
+@dataclass(frozen=True, eq=False)
+class _RingSet:
+    """Closed rings as flat arrays: a ring's last vertex connects to its first."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.n = 0
+    xy: np.ndarray        # (n, 2) float64
+    start: np.ndarray     # (k + 1,) int64 offsets of the rings in xy
+    group: np.ndarray     # (k,) int64
 
-    def add(self, k: int) -> None:
-        self.n += k
-        if self.n > self.limit:
-            raise RequestError(
-                f"the area of interest has more than {self.limit:,} vertices; simplify it "
-                f"(the limit is tilecrate.geometry.MAX_VERTICES)")
+    @classmethod
+    def of(cls, rings: list[np.ndarray], groups: list[int]) -> "_RingSet":
+        lengths = np.array([len(r) for r in rings], dtype=np.int64)
+        start = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        xy = np.vstack(rings).astype(np.float64) if rings else np.zeros((0, 2))
+        return cls(xy.reshape(-1, 2), start, np.asarray(groups, dtype=np.int64).reshape(-1))
+
+    @property
+    def rings(self) -> int:
+        """Number of rings."""
+        return len(self.start) - 1
+
+    def ring_of_vertex(self) -> np.ndarray:
+        """The ring index of every vertex."""
+        return np.repeat(np.arange(self.rings), np.diff(self.start))
+
+    def next_index(self) -> np.ndarray:
+        """For every vertex, the index of the next one of its ring (the last wraps to the first)."""
+        nxt = np.arange(1, len(self.xy) + 1, dtype=np.int64)
+        some = np.diff(self.start) > 0
+        nxt[self.start[1:][some] - 1] = self.start[:-1][some]
+        return nxt
 
 
-def _ring_array(ring: Any, counter: _Counter) -> np.ndarray:
-    if not isinstance(ring, (list, tuple)):
-        raise RequestError("a polygon ring must be a list of [x, y] points")
-    counter.add(len(ring))
+class _Reader:
+    """Reads geometry JSON into rings per spatial reference, counting against the limits as it goes."""
+
+    def __init__(self, limits: GeometryLimits):
+        self.limits = limits
+        self.vertices = 0
+        self.ring_count = 0
+        self.groups = 0
+        # per spatial reference: flat points, ring lengths, ring groups
+        self.by_sr: dict[SpatialRef, tuple[list, list[int], list[int]]] = {}
+
+    def new_group(self) -> int:
+        self.groups += 1
+        return self.groups - 1
+
+    def add_rings(self, rings: Any, sr: SpatialRef, group: int | None = None, what: str = "polygon 'rings'") -> None:
+        if not isinstance(rings, list):
+            raise RequestError(f"{what} must be a list of rings")
+        g = self.new_group() if group is None else group
+        pts, lengths, groups = self.by_sr.setdefault(sr, ([], [], []))
+        for ring in rings:
+            if not isinstance(ring, (list, tuple)):
+                raise RequestError("a polygon ring must be a list of [x, y] points")
+            self.ring_count += 1
+            self.vertices += len(ring)
+            if self.ring_count > self.limits.max_rings:
+                raise RequestError(f"the area of interest has more than {self.limits.max_rings:,} rings; "
+                                   f"simplify it or merge its features")
+            if self.vertices > self.limits.max_vertices:
+                raise RequestError(
+                    f"the area of interest has more than {self.limits.max_vertices:,} vertices; simplify it "
+                    f"(the limit is tilecrate.geometry.MAX_VERTICES)")
+            pts.extend(ring)
+            lengths.append(len(ring))
+            groups.append(g)
+
+    def add_box(self, nums: list[float], sr: SpatialRef) -> None:
+        x0, y0, x1, y1 = nums
+        self.add_rings([[[x0, y0], [x0, y1], [x1, y1], [x1, y0]]], sr)
+
+    def ring_sets(self) -> list[tuple[_RingSet, SpatialRef]]:
+        """The rings read, per spatial reference, checked and without degenerate rings."""
+        out = []
+        for sr, (pts, lengths, groups) in self.by_sr.items():
+            xy = _points_array(pts, lengths)
+            rs = _clean(xy, np.asarray(lengths, dtype=np.int64), np.asarray(groups, dtype=np.int64))
+            if rs.rings:
+                out.append((rs, sr))
+        return out
+
+
+def _points_array(pts: list, lengths: list[int]) -> np.ndarray:
     try:
-        arr = np.asarray(ring, dtype=np.float64)
-        if arr.ndim != 2 or arr.shape[1] < 2:
+        arr = np.asarray(pts, dtype=np.float64)
+        if arr.ndim != 2 or arr.shape[1] < 2 or arr.shape[0] != len(pts):
             raise ValueError
         arr = arr[:, :2]
-    except (TypeError, ValueError):
-        # points of mixed dimension ([x, y] and [x, y, z]) or junk
+    except (TypeError, ValueError, OverflowError):
+        # points of mixed dimension ([x, y] and [x, y, z]), or junk
         try:
-            arr = np.asarray([[float(p[0]), float(p[1])] for p in ring], dtype=np.float64).reshape(-1, 2)
-        except (TypeError, ValueError, IndexError, KeyError):
+            arr = np.array([(float(p[0]), float(p[1])) for p in pts], dtype=np.float64).reshape(-1, 2)
+        except (TypeError, ValueError, IndexError, KeyError, OverflowError):
             raise RequestError("a polygon ring has a point that is not [x, y] numbers") from None
     if not np.isfinite(arr).all():
         raise RequestError("the area of interest has a coordinate that is not a finite number")
@@ -257,140 +479,122 @@ def _ring_array(ring: Any, counter: _Counter) -> np.ndarray:
     return arr
 
 
-def _polygonal(geom: BaseGeometry) -> BaseGeometry:
-    """The polygonal part of a geometry, made valid (lines and points dropped)."""
-    if geom.is_empty:
-        return shapely.MultiPolygon()
-    if not geom.is_valid:
-        geom = shapely.make_valid(geom)
-    parts = [p for p in shapely.get_parts(geom) if p.geom_type in ("Polygon", "MultiPolygon")]
-    if not parts:
-        return shapely.MultiPolygon()
-    polys = []
-    for p in parts:
-        polys.extend(shapely.get_parts(p))
-    polys = [p for p in polys if not p.is_empty and p.area > 0]
-    if not polys:
-        return shapely.MultiPolygon()
-    return polys[0] if len(polys) == 1 else shapely.union_all(polys)
+def _clean(xy: np.ndarray, lengths: np.ndarray, groups: np.ndarray) -> _RingSet:
+    """Rings without their repeated closing vertex, and without rings that enclose no area."""
+    start = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    some = np.flatnonzero(lengths >= 2)
+    first, last = start[:-1][some], start[1:][some] - 1
+    closed = (xy[first] == xy[last]).all(axis=1)
+    keep_vertex = np.ones(len(xy), dtype=bool)
+    keep_vertex[last[closed]] = False
+    lengths = lengths.copy()
+    lengths[some[closed]] -= 1
+    rs = _RingSet(xy[keep_vertex], np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), groups)
+    return _drop_flat_rings(rs)
 
 
-def rings_to_geometry(rings: list[np.ndarray]) -> BaseGeometry:
-    """Esri rings to a valid (Multi)Polygon by nesting: a ring inside an odd number of others is a hole."""
-    polys = []
-    for r in rings:
-        if len(r) < 3:
-            continue
-        p = _polygonal(shapely.Polygon(r)) if len(np.unique(r, axis=0)) >= 3 else None
-        if p is not None and not p.is_empty:
-            polys.append(p)
-    if not polys:
-        return shapely.MultiPolygon()
-    if len(polys) == 1:
-        return polys[0]
-    arr = np.array(polys, dtype=object)
-    tree = shapely.STRtree(arr)
-    inner, outer = tree.query(arr, predicate="covered_by")
-    keep = inner != outer
-    inner, outer = inner[keep], outer[keep]
-    depth = np.bincount(inner, minlength=len(polys))
-    holes_of: dict[int, list[int]] = {}
-    for i, j in zip(inner.tolist(), outer.tolist()):
-        if depth[i] % 2 == 1 and depth[j] == depth[i] - 1:
-            holes_of.setdefault(j, []).append(i)
-    pieces = []
-    for i, p in enumerate(polys):
-        if depth[i] % 2:
-            continue
-        holes = holes_of.get(i)
-        pieces.append(p.difference(shapely.union_all([polys[h] for h in holes])) if holes else p)
-    return _polygonal(shapely.union_all(pieces))
+def _drop_flat_rings(rs: _RingSet) -> _RingSet:
+    """Without rings of fewer than 3 vertices or with all vertices on one line: they enclose nothing."""
+    if not rs.rings:
+        return rs
+    lengths = np.diff(rs.start)
+    ring = rs.ring_of_vertex()
+    first = rs.xy[rs.start[:-1][ring]] if len(ring) else rs.xy
+    d = rs.xy - first
+    nxt = rs.next_index()
+    cross = d[:, 0] * d[nxt, 1] - d[:, 1] * d[nxt, 0]
+    bent = np.bincount(ring, weights=cross != 0, minlength=rs.rings) > 0
+    good = bent & (lengths >= 3)
+    if good.all():
+        return rs
+    keep_vertex = good[ring]
+    kept = lengths[good]
+    return _RingSet(rs.xy[keep_vertex], np.concatenate([[0], np.cumsum(kept)]).astype(np.int64), rs.group[good])
 
 
-def _esri_geometry(g: dict, counter: _Counter) -> BaseGeometry:
+def _esri_geometry(g: dict, sr: SpatialRef, reader: _Reader) -> None:
     low = {str(k).lower(): v for k, v in g.items()}
     if "rings" in low:
-        rings = low["rings"]
-        if not isinstance(rings, list):
-            raise RequestError("polygon 'rings' must be a list of rings")
-        return rings_to_geometry([_ring_array(r, counter) for r in rings])
+        reader.add_rings(low["rings"], sr)
+        return
     if all(k in low for k in ("xmin", "ymin", "xmax", "ymax")):
-        try:
-            nums = [float(low[k]) for k in ("xmin", "ymin", "xmax", "ymax")]
-        except (TypeError, ValueError):
-            raise RequestError("the envelope has a value that is not a number") from None
-        _finite(nums, "envelope")
+        nums = _box_numbers(low, "envelope")
         if nums[0] > nums[2] or nums[1] > nums[3]:
             raise RequestError("the envelope is inverted (xmin > xmax or ymin > ymax)")
-        counter.add(4)
-        return _polygonal(shapely.box(*nums))
+        reader.add_box(nums, sr)
+        return
     if "paths" in low or "points" in low or ("x" in low and "y" in low):
         raise RequestError("the area of interest must be a polygon or an envelope, not a line or points")
     raise RequestError("the area of interest geometry has no 'rings' (polygon) or xmin/ymin/xmax/ymax (envelope)")
 
 
-def _geojson_geometry(g: dict, counter: _Counter) -> BaseGeometry:
+def _geojson_geometry(g: dict, sr: SpatialRef, reader: _Reader, depth: int = 0) -> None:
+    if depth > reader.limits.max_json_depth:
+        raise RequestError(f"the GeoJSON geometry is nested more than {reader.limits.max_json_depth} levels deep")
     kind = g.get("type")
     coords = g.get("coordinates")
     if kind == "Polygon":
-        return _geojson_polygon(coords, counter)
-    if kind == "MultiPolygon":
+        _geojson_polygon(coords, sr, reader)
+    elif kind == "MultiPolygon":
         if not isinstance(coords, list):
             raise RequestError("GeoJSON MultiPolygon coordinates must be a list of polygons")
-        parts = [_geojson_polygon(c, counter) for c in coords]
-        return _polygonal(shapely.union_all(parts)) if parts else shapely.MultiPolygon()
-    if kind == "GeometryCollection":
-        parts = [_geojson_geometry(x, counter) for x in g.get("geometries") or [] if isinstance(x, dict)]
-        return _polygonal(shapely.union_all(parts)) if parts else shapely.MultiPolygon()
-    if kind in ("Point", "MultiPoint", "LineString", "MultiLineString"):
+        for c in coords:
+            _geojson_polygon(c, sr, reader)       # each part its own group: parts combine by union
+    elif kind == "GeometryCollection":
+        members = g.get("geometries") or []
+        if not isinstance(members, list):
+            raise RequestError("GeoJSON GeometryCollection 'geometries' must be a list")
+        for x in members:
+            if isinstance(x, dict):
+                _geojson_geometry(x, sr, reader, depth + 1)
+    elif kind in ("Point", "MultiPoint", "LineString", "MultiLineString"):
         raise RequestError(f"the area of interest must be a polygon, not a GeoJSON {kind}")
-    raise RequestError(f"unsupported GeoJSON geometry type {kind!r}")
+    else:
+        raise RequestError(f"unsupported GeoJSON geometry type {show(kind)}")
 
 
-def _geojson_polygon(coords: Any, counter: _Counter) -> BaseGeometry:
+def _geojson_polygon(coords: Any, sr: SpatialRef, reader: _Reader) -> None:
     if not isinstance(coords, list) or not coords:
         raise RequestError("GeoJSON Polygon coordinates must be a list of rings")
-    rings = [_ring_array(r, counter) for r in coords]
-    shell, holes = rings[0], [h for h in rings[1:] if len(h) >= 3]
-    if len(shell) < 3:
-        return shapely.MultiPolygon()
-    return _polygonal(shapely.Polygon(shell, holes))
+    reader.add_rings(coords, sr, what="GeoJSON Polygon coordinates")
 
 
 def _geojson_crs(obj: dict) -> SpatialRef | None:
     crs = obj.get("crs")
     if isinstance(crs, dict):
-        name = (crs.get("properties") or {}).get("name")
+        props = crs.get("properties")
+        name = props.get("name") if isinstance(props, dict) else None
         if isinstance(name, str):
             # "EPSG:3857" or "urn:ogc:def:crs:EPSG::3857"; CRS84 is WGS 84
             if "CRS84" in name.upper():
                 return WGS84
             tail = name.rsplit(":", 1)[-1]
-            if tail.isdigit():
+            if tail.isdigit() and len(tail) < 12:
                 return SpatialRef(int(tail))
-            return SpatialRef(wkt=name)
+            return SpatialRef(wkt=_check_wkt(name))
     return None
 
 
+_GEOJSON_TYPES = ("FeatureCollection", "Feature", "Polygon", "MultiPolygon", "GeometryCollection", "Point",
+                  "MultiPoint", "LineString", "MultiLineString")
+
+
 def parse_aoi(value: str | dict, esri_default: SpatialRef, geojson_default: SpatialRef, *,
-              max_vertices: int | None = None) -> list[tuple[BaseGeometry, SpatialRef]]:
-    """Read an area of interest into (geometry, spatial reference) parts, each valid and polygonal."""
-    limit = MAX_VERTICES if max_vertices is None else max_vertices
-    counter = _Counter(limit)
+              max_vertices: int | None = None,
+              limits: GeometryLimits | None = None) -> list[tuple[_RingSet, SpatialRef]]:
+    """Read an area of interest into rings per spatial reference (flat arrays; groups numbered across all)."""
+    reader = _Reader(_limits(limits, max_vertices))
     obj = value
     if isinstance(value, str):
         text = value.strip()
         if not text.startswith("{"):
             raise RequestError("the area of interest must be JSON: an Esri FeatureSet, Polygon or Envelope, or GeoJSON")
-        obj = _load_json(text, "area of interest")
+        obj = load_json(text, "area of interest")
     if not isinstance(obj, dict):
         raise RequestError("the area of interest must be a JSON object")
-    out: list[tuple[BaseGeometry, SpatialRef]] = []
     low = {str(k).lower(): v for k, v in obj.items()}
     gtype = obj.get("type")
-    if isinstance(gtype, str) and gtype in ("FeatureCollection", "Feature", "Polygon", "MultiPolygon",
-                                            "GeometryCollection", "Point", "MultiPoint", "LineString",
-                                            "MultiLineString"):
+    if isinstance(gtype, str) and gtype in _GEOJSON_TYPES:
         sr = _geojson_crs(obj) or geojson_default
         if gtype == "FeatureCollection":
             feats = obj.get("features")
@@ -399,14 +603,14 @@ def parse_aoi(value: str | dict, esri_default: SpatialRef, geojson_default: Spat
             for f in feats:
                 g = f.get("geometry") if isinstance(f, dict) else None
                 if isinstance(g, dict):
-                    out.append((_geojson_geometry(g, counter), sr))
+                    _geojson_geometry(g, sr, reader)
         elif gtype == "Feature":
             g = obj.get("geometry")
             if not isinstance(g, dict):
                 raise RequestError("GeoJSON Feature has no geometry")
-            out.append((_geojson_geometry(g, counter), sr))
+            _geojson_geometry(g, sr, reader)
         else:
-            out.append((_geojson_geometry(obj, counter), sr))
+            _geojson_geometry(obj, sr, reader)
     elif "features" in low:
         feats = low["features"]
         if not isinstance(feats, list):
@@ -421,125 +625,293 @@ def parse_aoi(value: str | dict, esri_default: SpatialRef, geojson_default: Spat
             if not isinstance(g, dict):
                 raise RequestError("a feature's geometry must be a JSON object")
             gsr = spatial_ref_from({str(k).lower(): v for k, v in g.items()}.get("spatialreference")) or set_sr
-            out.append((_esri_geometry(g, counter), gsr))
+            _esri_geometry(g, gsr, reader)
     elif "geometry" in low and isinstance(low["geometry"], dict):
         g = low["geometry"]
         gl = {str(k).lower(): v for k, v in g.items()}
         sr = spatial_ref_from(gl.get("spatialreference")) or spatial_ref_from(low.get("spatialreference")) or esri_default
-        out.append((_esri_geometry(g, counter), sr))
+        _esri_geometry(g, sr, reader)
     else:
         sr = spatial_ref_from(low.get("spatialreference")) or esri_default
-        out.append((_esri_geometry(obj, counter), sr))
-    out = [(g, sr) for g, sr in out if not g.is_empty]
+        _esri_geometry(obj, sr, reader)
+    out = reader.ring_sets()
     if not out:
         raise RequestError("the area of interest is empty: it has no polygon with an area")
     return out
 
 
 # --------------------------------------------------------------------------------------------
+# clipping (geographic input to the target's area of use)
+
+
+def _clip_half(rs: _RingSet, axis: int, c: float, keep_below: bool) -> _RingSet:
+    """Sutherland-Hodgman against one half-plane, every ring at once: keeps winding numbers inside."""
+    if not rs.rings:
+        return rs
+    v = rs.xy[:, axis]
+    inside = v <= c if keep_below else v >= c
+    if inside.all():
+        return rs
+    nxt = rs.next_index()
+    s, e = rs.xy, rs.xy[nxt]
+    in_e = inside[nxt]
+    crossing = inside != in_e
+    # per edge S->E: the crossing point if it crosses, then E if E is inside
+    count = crossing.astype(np.int64) + in_e
+    pos = np.concatenate([[0], np.cumsum(count)])
+    out = np.empty((int(pos[-1]), 2), dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (c - s[:, axis]) / (e[:, axis] - s[:, axis])
+    other = 1 - axis
+    ci = np.flatnonzero(crossing)
+    cross_pt = np.empty((len(ci), 2))
+    cross_pt[:, axis] = c               # exactly on the line: the boundary fix finds these edges
+    cross_pt[:, other] = s[ci, other] + t[ci] * (e[ci, other] - s[ci, other])
+    out[pos[ci]] = cross_pt
+    ei = np.flatnonzero(in_e)
+    out[pos[ei] + crossing[ei]] = e[ei]
+    ring = rs.ring_of_vertex()
+    per_ring = np.bincount(ring, weights=count, minlength=rs.rings).astype(np.int64)
+    # a ring's outputs are contiguous and cyclic: wherever they start, they close the same ring
+    clipped = _RingSet(out, np.concatenate([[0], np.cumsum(per_ring)]).astype(np.int64), rs.group)
+    return _drop_flat_rings(clipped)
+
+
+def _clip_rect(rs: _RingSet, rect: tuple[float, float, float, float]) -> tuple[_RingSet, np.ndarray, np.ndarray]:
+    """Rings clipped to a rectangle, and the edges on its sides that bound the clipped area.
+
+    Clipping leaves edges along the rectangle's sides where a ring left and re-entered it, also
+    over stretches the area does not reach there. Along each side the area just inside is
+    filled exactly where an odd number of a group's on-side edges cover it (the crossing count
+    changes by that many); so on-side edges are replaced by those odd-coverage intervals.
+    Returns (rings, their edges to drop: bool per vertex, extra edges (m, 5): x0, y0, x1, y1, group).
+    """
+    x0, y0, x1, y1 = rect
+    for axis, c, below in ((0, x0, False), (0, x1, True), (1, y0, False), (1, y1, True)):
+        rs = _clip_half(rs, axis, c, below)
+    nxt = rs.next_index()
+    a, b = rs.xy, rs.xy[nxt]
+    drop = np.zeros(len(a), dtype=bool)
+    extra = []
+    for axis, c in ((0, x0), (0, x1), (1, y0), (1, y1)):
+        on = (a[:, axis] == c) & (b[:, axis] == c)
+        if not on.any():
+            continue
+        drop |= on
+        other = 1 - axis
+        grp = rs.group[rs.ring_of_vertex()[on]]
+        ends = np.concatenate([a[on, other], b[on, other]])
+        gg = np.concatenate([grp, grp])
+        order = np.lexsort((ends, gg))
+        ends, gg = ends[order], gg[order]
+        # each edge adds two endpoints, so every group has an even count: pair them up in order
+        lo, hi, g = ends[0::2], ends[1::2], gg[0::2]
+        keep = hi > lo
+        seg = np.empty((int(keep.sum()), 5))
+        seg[:, axis] = c
+        seg[:, 2 + axis] = c
+        seg[:, other] = lo[keep]
+        seg[:, 2 + other] = hi[keep]
+        seg[:, 4] = g[keep]
+        extra.append(seg)
+    return rs, drop, (np.vstack(extra) if extra else np.zeros((0, 5)))
+
+
+# --------------------------------------------------------------------------------------------
 # projecting
 
 
-@functools.lru_cache(maxsize=64)
-def _transformer(src: CRS, dst: CRS) -> Transformer:
-    return Transformer.from_crs(src, dst, always_xy=True)
+def _densify_counts(lengths: np.ndarray, step: float, budget: int) -> np.ndarray:
+    """Pieces per edge so that no piece is longer than step, at most `budget` pieces in all."""
+    if step <= 0 or not len(lengths):
+        return np.ones(len(lengths), dtype=np.int64)
+    total = float(lengths.sum())
+    if total / step > budget:
+        step = total / max(budget, 1)
+    return np.maximum(np.ceil(lengths / step), 1).astype(np.int64)
 
 
-def project(geom: BaseGeometry, src: SpatialRef, dst: SpatialRef, *,
-            max_vertices: int | None = None) -> BaseGeometry:
-    """A valid polygonal geometry from `src` into `dst` coordinates, densified first, clipped to dst's domain."""
+def _split(a: np.ndarray, b: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Points a + (b - a) * j / k for j = 0..k-1 of every edge, edge after edge."""
+    idx = np.repeat(np.arange(len(a)), k)
+    j = np.arange(len(idx)) - np.repeat(np.cumsum(k) - k, k)
+    t = (j / k[idx])[:, None]
+    return a[idx] + (b[idx] - a[idx]) * t
+
+
+def _project_rings(rs: _RingSet, src: SpatialRef, dst: SpatialRef, limits: GeometryLimits,
+                   cancel: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Edges (n, 4) and groups of rings from `src` into `dst`, densified first, clipped to dst's domain."""
     if same_sr(src, dst):
-        return geom
-    limit = MAX_VERTICES if max_vertices is None else max_vertices
-    if max(abs(v) for v in geom.bounds) > MAX_COORDINATE:
-        raise RequestError(f"the area has a coordinate beyond ±{MAX_COORDINATE:g} and cannot be projected; "
-                           f"check its spatial reference")
+        return _ring_edges(rs)
     src_crs, dst_crs = crs_for(src), crs_for(dst)
     if dst_crs is None:
         raise RequestError(f"cannot project the area from {_sr_label(src)}: the cache's spatial reference is unknown")
     if src_crs is None:
         raise RequestError("the area of interest's spatial reference is unknown")
+    transformer = _transformer(src_crs, dst_crs)
+    drop = np.zeros(len(rs.xy), dtype=bool)
+    extra = np.zeros((0, 5))
     if src_crs.is_geographic:
+        rect = [-180.0, -90.0, 180.0, 90.0]
         aou = dst_crs.area_of_use
         if aou is not None and aou.west < aou.east:
-            geom = _polygonal(geom.intersection(shapely.box(aou.west, aou.south, aou.east, aou.north)))
-        geom = _polygonal(geom.intersection(shapely.box(-180.0, -90.0, 180.0, 90.0)))
-        if geom.is_empty:
-            raise RequestError(
-                f"the area of interest lies outside the area the cache's spatial reference covers "
-                f"({aou.west:g}..{aou.east:g} E, {aou.south:g}..{aou.north:g} N)" if aou is not None else
-                "the area of interest lies outside the valid longitudes and latitudes")
-    xmin, ymin, xmax, ymax = geom.bounds
-    n = int(shapely.get_num_coordinates(geom))
-    step = max(xmax - xmin, ymax - ymin) / DENSIFY_STEPS
-    if step > 0:
-        budget = max(limit - n, 1)
-        length = float(geom.length)
-        if length / step > budget:
-            step = length / budget
-        geom = shapely.segmentize(geom, step)
-    transformer = _transformer(src_crs, dst_crs)
-
-    def fwd(xy: np.ndarray) -> np.ndarray:
-        x, y = transformer.transform(xy[:, 0], xy[:, 1], errcheck=False)
-        return np.column_stack([x, y])
+            rect = [max(rect[0], aou.west), max(rect[1], aou.south), min(rect[2], aou.east), min(rect[3], aou.north)]
+        lo, hi = rs.xy.min(axis=0), rs.xy.max(axis=0)
+        if lo[0] < rect[0] or lo[1] < rect[1] or hi[0] > rect[2] or hi[1] > rect[3]:
+            rs, drop, extra = _clip_rect(rs, tuple(rect))
+            if not rs.rings:
+                raise RequestError(
+                    f"the area of interest lies outside the area the cache's spatial reference covers "
+                    f"({aou.west:g}..{aou.east:g} E, {aou.south:g}..{aou.north:g} N)" if aou is not None else
+                    "the area of interest lies outside the valid longitudes and latitudes")
+    check_cancel(cancel, "projecting the area")
+    # densify: pieces no longer than 1/DENSIFY_STEPS of the area's larger side, within the vertex budget
+    nxt = rs.next_index()
+    a, b = rs.xy, rs.xy[nxt]
+    ea, eb = extra[:, 0:2], extra[:, 2:4]
+    span = np.ptp(np.vstack([a, ea]), axis=0).max() if len(a) else 0.0
+    lengths = np.hypot(*(np.vstack([b - a, eb - ea]).T))
+    n_edges = len(lengths)
+    k = _densify_counts(lengths, span / DENSIFY_STEPS, max(limits.max_vertices - n_edges, 0) + n_edges)
+    k_ring, k_extra = k[:len(a)], k[len(a):]
+    k_ring = np.where(drop, 1, k_ring)              # dropped edges are not drawn: no need to bend them
+    pts = _split(a, b, k_ring)
+    ring_ends = np.cumsum(np.bincount(rs.ring_of_vertex(), weights=k_ring, minlength=rs.rings)).astype(np.int64)
+    dense = _RingSet(pts, np.concatenate([[0], ring_ends]), rs.group)
+    dense_drop = np.repeat(drop, k_ring)
+    # the extra (side) edges: pieces plus their end point, as open paths
+    ext_pts = _split(ea, eb, k_extra)
+    ext_end = np.cumsum(k_extra + 1) - 1
+    ext_all = np.empty((len(ext_pts) + len(ea), 2))
+    is_end = np.zeros(len(ext_all), dtype=bool)
+    is_end[ext_end] = True
+    ext_all[~is_end] = ext_pts
+    ext_all[is_end] = eb
+    check_cancel(cancel, "projecting the area")
+    allp = np.vstack([dense.xy, ext_all]) if len(ext_all) else dense.xy
+    from pyproj.exceptions import ProjError
 
     try:
-        out = shapely.transform(geom, fwd)
+        x, y = transformer.transform(allp[:, 0], allp[:, 1], errcheck=False)
     except ProjError as e:
-        raise RequestError(f"cannot project the area of interest to the cache's spatial reference ({e})") from None
-    if not np.isfinite(shapely.get_coordinates(out)).all():
+        raise RequestError(f"cannot project the area of interest to the cache's spatial reference: "
+                           f"{one_line(e, 160)}") from None
+    proj = np.column_stack([np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)])
+    if not np.isfinite(proj).all():
         raise RequestError(
             f"the area of interest cannot be projected from {_sr_label(src)} to the cache's {_sr_label(dst)}: "
             f"part of it lies outside the valid area of that projection")
-    out = _polygonal(out)
-    if out.is_empty:
-        raise RequestError("the area of interest is empty after projecting it to the cache's spatial reference")
-    return out
+    ring_xy = proj[:len(dense.xy)]
+    moved = _RingSet(ring_xy, dense.start, dense.group)
+    edges, groups = _ring_edges(moved)
+    edges, groups = edges[~dense_drop], groups[~dense_drop]
+    if len(ext_all):
+        ep = proj[len(dense.xy):]
+        starts = np.flatnonzero(~is_end)
+        e2 = np.hstack([ep[starts], ep[starts + 1]])
+        g2 = np.repeat(extra[:, 4].astype(np.int64), k_extra)
+        edges, groups = np.vstack([edges, e2]), np.concatenate([groups, g2])
+    return edges, groups
 
 
-def _as_area(geom: BaseGeometry) -> Area:
-    bounds = tuple(float(v) for v in geom.bounds)
-    # an axis-aligned rectangle (an envelope, or one projected by a cylindrical projection)
-    if geom.geom_type == "Polygon" and not geom.interiors and abs(geom.area - shapely.box(*bounds).area) <= \
-            1e-12 * max(shapely.box(*bounds).area, 1e-300):
+def _ring_edges(rs: _RingSet) -> tuple[np.ndarray, np.ndarray]:
+    """Every ring edge (n, 4) and its group."""
+    nxt = rs.next_index()
+    edges = np.ascontiguousarray(np.hstack([rs.xy, rs.xy[nxt]]), dtype=np.float64)
+    return edges, rs.group[rs.ring_of_vertex()]
+
+
+def line_crossings(edges: np.ndarray) -> int:
+    """The most edges one horizontal line crosses (ends touching the line count once)."""
+    if not len(edges):
+        return 0
+    ya, yb = np.minimum(edges[:, 1], edges[:, 3]), np.maximum(edges[:, 1], edges[:, 3])
+    slanted = yb > ya
+    ya, yb = ya[slanted], yb[slanted]
+    if not len(ya):
+        return 0
+    # events: +1 at the lower end, -1 at the upper; at equal y the -1s first (half-open [ya, yb))
+    ys = np.concatenate([ya, yb])
+    delta = np.concatenate([np.ones(len(ya), np.int64), -np.ones(len(yb), np.int64)])
+    order = np.lexsort((delta, ys))
+    return int(np.cumsum(delta[order]).max())
+
+
+def _area_from_edges(edges: np.ndarray, groups: np.ndarray) -> Area:
+    xs, ys = edges[:, 0::2], edges[:, 1::2]
+    bounds = (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
+    if _is_bounds(edges, groups, bounds):
         return Area(bounds)
-    return Area(bounds, geom)
+    return Area(bounds, np.ascontiguousarray(edges, dtype=np.float64), np.ascontiguousarray(groups, dtype=np.int64))
+
+
+def _is_bounds(edges: np.ndarray, groups: np.ndarray, bounds: tuple[float, float, float, float]) -> bool:
+    """Whether one group's edges all run along its bounding box and wind around it once."""
+    if len(edges) > 100_000 or (len(groups) and groups.min() != groups.max()):
+        return False
+    x0, y0, x1, y1 = bounds
+    if x0 == x1 or y0 == y1:
+        return False
+    ex0, ey0, ex1, ey1 = edges.T
+    on_side = (((ex0 == x0) & (ex1 == x0)) | ((ex0 == x1) & (ex1 == x1))
+               | ((ey0 == y0) & (ey1 == y0)) | ((ey0 == y1) & (ey1 == y1)))
+    if not on_side.all():
+        return False
+    # all edges on the box's sides: the signed area is (winding number) x (box area)
+    signed = 0.5 * float(np.sum(ex0 * ey1 - ex1 * ey0))
+    box = (x1 - x0) * (y1 - y0)
+    return abs(abs(signed) - box) <= 1e-9 * box
 
 
 def request_area(extent: str | dict | None, aoi: str | dict | None, aoi_sr: Any, target: SpatialRef, *,
-                 max_vertices: int | None = None) -> Area | None:
+                 max_vertices: int | None = None, limits: GeometryLimits | None = None,
+                 cancel: Any = None) -> Area | None:
     """The export area of a request in `target` coordinates; None for the full extent (no extent, no AOI)."""
+    lim = _limits(limits, max_vertices)
     try:
-        return _request_area(extent, aoi, aoi_sr, target, max_vertices)
-    except shapely.errors.GEOSException as e:
-        # degenerate input that got past the checks; GEOS says why
-        raise RequestError(f"the area cannot be used as a polygon ({e})") from None
+        return _request_area(extent, aoi, aoi_sr, target, lim, cancel)
+    except RecursionError:
+        raise RequestError("the area is nested too deeply to be read") from None
+    except MemoryError:
+        raise RequestError("the area is too large to read in the memory available") from None
 
 
-def _request_area(extent, aoi, aoi_sr, target: SpatialRef, max_vertices: int | None) -> Area | None:
+def _request_area(extent, aoi, aoi_sr, target: SpatialRef, lim: GeometryLimits, cancel: Any) -> Area | None:
     given_sr = spatial_ref_from(aoi_sr)
     if aoi is not None:
-        parts = parse_aoi(aoi, given_sr or target, given_sr or WGS84, max_vertices=max_vertices)
-        projected = [project(g, sr, target, max_vertices=max_vertices) for g, sr in parts]
-        geom = projected[0] if len(projected) == 1 else _polygonal(shapely.union_all(projected))
-        if geom.is_empty:
-            raise RequestError("the area of interest is empty")
-        return _as_area(geom)
-    ext = parse_extent(extent, given_sr or target) if extent is not None else None
-    if ext is None:
-        return None
-    if same_sr(ext.spatial_ref, target):
-        return Area((ext.xmin, ext.ymin, ext.xmax, ext.ymax))
-    box = shapely.box(ext.xmin, ext.ymin, ext.xmax, ext.ymax)
-    return _as_area(project(box, ext.spatial_ref, target, max_vertices=max_vertices))
+        parts = parse_aoi(aoi, given_sr or target, given_sr or WGS84, limits=lim)
+    else:
+        ext = parse_extent(extent, given_sr or target, limits=lim) if extent is not None else None
+        if ext is None:
+            return None
+        if same_sr(ext.spatial_ref, target):
+            return Area((ext.xmin, ext.ymin, ext.xmax, ext.ymax))
+        box = np.array([[ext.xmin, ext.ymin], [ext.xmin, ext.ymax], [ext.xmax, ext.ymax], [ext.xmax, ext.ymin]])
+        parts = [(_RingSet(box, np.array([0, 4]), np.array([0])), ext.spatial_ref)]
+    check_cancel(cancel, "reading the area")
+    all_edges, all_groups = [], []
+    for rs, sr in parts:
+        e, g = _project_rings(rs, sr, target, lim, cancel)
+        all_edges.append(e)
+        all_groups.append(g)
+    edges = np.vstack(all_edges) if all_edges else np.zeros((0, 4))
+    groups = np.concatenate(all_groups) if all_groups else np.zeros(0, np.int64)
+    if not len(edges):
+        raise RequestError("the area of interest is empty after projecting it to the cache's spatial reference")
+    check_cancel(cancel, "checking the area")
+    crossings = line_crossings(edges)
+    if crossings > lim.max_line_crossings:
+        raise RequestError(
+            f"the area of interest is too convoluted: one horizontal line crosses {crossings:,} of its edges "
+            f"(the limit is {lim.max_line_crossings:,}); simplify it")
+    return _area_from_edges(edges, groups)
 
 
-def polygon_edges(geom: BaseGeometry) -> np.ndarray:
-    """Every ring edge of a (Multi)Polygon as an (n, 4) float64 array: x0, y0, x1, y1."""
-    rings = shapely.get_rings(shapely.get_parts(geom))
-    xy, idx = shapely.get_coordinates(rings, return_index=True)
-    if len(xy) < 2:
-        return np.zeros((0, 4), dtype=np.float64)
-    same = idx[1:] == idx[:-1]
-    return np.ascontiguousarray(np.hstack([xy[:-1][same], xy[1:][same]]), dtype=np.float64)
+def validate_request_area(request: "ExportRequest", target_sr: SpatialRef,
+                          limits: GeometryLimits | None = None) -> Area | None:
+    """The request's area in `target_sr` (None = everything), or RequestError: for submit-time checks.
+
+    Bounded by `limits` (vertices, rings, nesting, line crossings): no repair, no tile or index read.
+    """
+    return request_area(request.extent, request.area_of_interest, request.aoi_sr, target_sr, limits=limits)

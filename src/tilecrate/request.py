@@ -7,7 +7,6 @@ being present here; tilecrate.geometry reads it, because that needs the cache's 
 """
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import re
@@ -17,6 +16,7 @@ from typing import Mapping
 from tilecrate.cache import COMPACT_V1, COMPACT_V2
 from tilecrate.cache import normalize_storage_format as cache_storage_format
 from tilecrate.errors import RequestError
+from tilecrate.geometry import load_json, show
 
 EXPORT_BY = {"levelid": "LevelID", "scale": "Scale", "resolution": "Resolution"}
 
@@ -26,28 +26,35 @@ _NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
 _ITEM_RE = re.compile(rf"^\s*({_NUMBER})\s*(?:-\s*({_NUMBER})\s*)?$")
 
 
+def _text(value: object, name: str) -> str:
+    """A scalar parameter as text; RequestError for lists, objects and the like (never str() of them)."""
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    raise RequestError(f"{name} must be a single value, not {show(value)}")
+
+
 def normalize_storage_format(value: str | None) -> str | None:
     """The long storage format name for any accepted spelling, None for absent; RequestError otherwise."""
     if value is None:
         return None
-    text = str(value).strip()
+    text = _text(value, "storageFormatType").strip()
     if not text:
         return None
     found = cache_storage_format(text)
     if found not in (COMPACT_V1, COMPACT_V2):
         raise RequestError(
-            f"unknown storage format {text!r}: use esriMapCacheStorageModeCompactV2 (.tpkx) "
+            f"unknown storage format {show(text)}: use esriMapCacheStorageModeCompactV2 (.tpkx) "
             f"or esriMapCacheStorageModeCompact (.tpk); CompactV2, Compact, tpkx and tpk also work")
     return found
 
 
 def normalize_export_by(value: str | None) -> str:
     """'LevelID', 'Scale' or 'Resolution' for any casing; absent means LevelID."""
-    if value is None or not str(value).strip():
+    if value is None or not _text(value, "exportBy").strip():
         return "LevelID"
-    found = EXPORT_BY.get(str(value).strip().lower())
+    found = EXPORT_BY.get(_text(value, "exportBy").strip().lower())
     if found is None:
-        raise RequestError(f"unknown exportBy {value!r}: use LevelID, Scale or Resolution")
+        raise RequestError(f"unknown exportBy {show(value)}: use LevelID, Scale or Resolution")
     return found
 
 
@@ -57,14 +64,14 @@ def parse_bool(value: object, name: str, default: bool) -> bool:
         return default
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
+    text = _text(value, name).strip().lower()
     if not text:
         return default
     if text in _TRUE:
         return True
     if text in _FALSE:
         return False
-    raise RequestError(f"{name} must be true or false, not {value!r}")
+    raise RequestError(f"{name} must be true or false, not {show(value)}")
 
 
 def parse_quality(value: object) -> int | None:
@@ -72,16 +79,16 @@ def parse_quality(value: object) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool):
-        raise RequestError(f"compressionQuality must be a whole number from 0 to 100, not {value!r}")
+        raise RequestError(f"compressionQuality must be a whole number from 0 to 100, not {show(value)}")
     if isinstance(value, float):
         if not value.is_integer():
-            raise RequestError(f"compressionQuality must be a whole number from 0 to 100, not {value!r}")
+            raise RequestError(f"compressionQuality must be a whole number from 0 to 100, not {show(value)}")
         value = int(value)
-    text = str(value).strip()
+    text = _text(value, "compressionQuality").strip()
     if not text:
         return None
-    if not re.fullmatch(r"[+-]?\d+(?:\.0*)?", text):
-        raise RequestError(f"compressionQuality must be a whole number from 0 to 100, not {text!r}")
+    if len(text) > 12 or not re.fullmatch(r"[+-]?\d+(?:\.0*)?", text):
+        raise RequestError(f"compressionQuality must be a whole number from 0 to 100, not {show(text)}")
     q = int(float(text))
     if not 0 <= q <= 100:
         raise RequestError(f"compressionQuality must be from 0 to 100, not {q}")
@@ -94,7 +101,7 @@ def parse_levels(levels: str | tuple | list | int | float) -> list[tuple[float, 
     A number is (v, v); a range keeps the order written (scale ranges run either way).
     """
     if isinstance(levels, bool):
-        raise RequestError(f"levels must be numbers or ranges such as 0-5 or 1-4,7-9, not {levels!r}")
+        raise RequestError(f"levels must be numbers or ranges such as 0-5 or 1-4,7-9, not {show(levels)}")
     if isinstance(levels, numbers.Real):
         items = [levels]
     elif isinstance(levels, (tuple, list, range)):
@@ -103,11 +110,11 @@ def parse_levels(levels: str | tuple | list | int | float) -> list[tuple[float, 
         text = levels.strip()
         if text.startswith("["):  # a JSON list, as some clients send
             try:
-                items = json.loads(text)
-            except ValueError:
-                raise RequestError(f"levels is not a valid list: {levels!r}") from None
+                items = load_json(text, "levels list")
+            except RequestError as e:
+                raise RequestError(f"levels is not a valid list: {e}") from None
             if not isinstance(items, list):
-                raise RequestError(f"levels is not a valid list: {levels!r}")
+                raise RequestError(f"levels is not a valid list: {show(levels)}")
         else:
             items = [t for t in text.split(",")]
             if len(items) == 1 and not items[0].strip():
@@ -117,24 +124,24 @@ def parse_levels(levels: str | tuple | list | int | float) -> list[tuple[float, 
     out: list[tuple[float, float]] = []
     for item in items:
         if isinstance(item, bool):
-            raise RequestError(f"bad level {item!r}: expected a number")
+            raise RequestError(f"bad level {show(item)}: expected a number")
         if isinstance(item, numbers.Real):
             lo = hi = float(item)
         elif isinstance(item, (tuple, list)) and len(item) == 2:
             lo, hi = (_number(v, levels) for v in item)
         elif isinstance(item, str):
             if not item.strip():
-                raise RequestError(f"levels has an empty item: {levels!r}")
+                raise RequestError(f"levels has an empty item: {show(levels)}")
             m = _ITEM_RE.match(item)
             if not m:
                 raise RequestError(
-                    f"bad level item {item.strip()!r} in {levels!r}: use numbers and ranges such as 0-5 or 1-4,7-9")
+                    f"bad level item {show(item.strip())} in {show(levels)}: use numbers and ranges such as 0-5 or 1-4,7-9")
             lo = float(m.group(1))
             hi = float(m.group(2)) if m.group(2) is not None else lo
         else:
-            raise RequestError(f"bad level item {item!r}: expected a number or a range")
+            raise RequestError(f"bad level item {show(item)}: expected a number or a range")
         if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise RequestError(f"levels must be finite numbers, got {item!r}")
+            raise RequestError(f"levels must be finite numbers, got {show(item)}")
         out.append((lo, hi))
     if not out:
         raise RequestError("no levels given: pass levels such as 0-5 or 1-4,7-9")
@@ -142,10 +149,12 @@ def parse_levels(levels: str | tuple | list | int | float) -> list[tuple[float, 
 
 
 def _number(v: object, whole: object) -> float:
+    if isinstance(v, bool):
+        raise RequestError(f"bad level {show(v)} in {show(whole)}: expected a number")
     try:
         return float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise RequestError(f"bad level {v!r} in {whole!r}: expected a number") from None
+    except (TypeError, ValueError, OverflowError):
+        raise RequestError(f"bad level {show(v)} in {show(whole)}: expected a number") from None
 
 
 @dataclass(frozen=True)

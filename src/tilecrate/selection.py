@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
@@ -18,15 +17,17 @@ import numpy as np
 
 from tilecrate import _mask
 from tilecrate.cache import BundleRef, Cache
-from tilecrate.errors import Cancelled, RequestError
-from tilecrate.geometry import Area, polygon_edges, request_area
+from tilecrate.errors import RequestError
+from tilecrate.geometry import Area, GeometryLimits, check_cancel, request_area
 from tilecrate.request import ExportRequest
 from tilecrate.tiling import PACKET, Extent, TileScheme
 
 if TYPE_CHECKING:
+    from tilecrate.geometry import Cancel
     from tilecrate.presence import PresenceStore
 
 LOD_REL_TOL = 1e-3   # scales/resolutions copied with rounding still match (adjacent LODs differ ~2x)
+COUNT_ROWS = 1 << 16  # rows counted between two looks at `cancel`
 
 
 @dataclass
@@ -184,18 +185,18 @@ def rect_range(scheme: TileScheme, level: int, bounds: tuple[float, float, float
 
 
 class LevelArea:
-    """The export area on one level's grid: per-band spans, from a rectangle or a rasterized polygon."""
+    """The export area on one level's grid: per-band spans, from a rectangle or rasterized edges."""
 
     def __init__(self, scheme: TileScheme, level: int, area: Area):
         self.rast = None
-        if area.polygon is None:
+        if area.edges is None:
             self.row0, self.row1, self.col0, self.col1 = rect_range(scheme, level, area.bounds)
         else:
-            edges = tile_coords(scheme, level, polygon_edges(area.polygon))
+            edges = tile_coords(scheme, level, area.edges)
             if edges.size and np.abs(edges).max() > _mask.MAX_COORD:
                 raise RequestError(f"the area's coordinates lie too far from the tile origin for level {level} "
                                    f"(beyond {_mask.MAX_COORD:.0f} tiles); check its spatial reference")
-            self.rast = _mask.Rasterizer(edges)
+            self.rast = _mask.Rasterizer(edges, area.groups)
             self.row0, self.row1 = self.rast.row_min, self.rast.row_max
             self.col0, self.col1 = self.rast.col_min, self.rast.col_max
 
@@ -209,27 +210,34 @@ class LevelArea:
         spans = np.tile(np.array([[self.col0, self.col1]], dtype=np.int64), (int(inside.sum()), 1))
         return row_ptr, spans
 
-    def count(self, row_first: int, row_last: int, col_first: int, col_last: int) -> int:
-        """Wanted tiles in a window (presence not considered)."""
+    def count(self, row_first: int, row_last: int, col_first: int, col_last: int, *, cancel=None) -> int:
+        """Wanted tiles in a window (presence not considered); `cancel` is polled every COUNT_ROWS rows."""
         if self.rast is not None:
-            return int(self.rast.count(row_first, row_last, col_first, col_last))
+            total = 0
+            r = max(row_first, self.row0)
+            last = min(row_last, self.row1)
+            while r <= last:
+                check_cancel(cancel, "counting tiles")
+                stop = min(r + COUNT_ROWS - 1, last)
+                total += int(self.rast.count(r, stop, col_first, col_last))
+                r = stop + 1
+            return total
         rows = min(row_last, self.row1) - max(row_first, self.row0) + 1
         cols = min(col_last, self.col1) - max(col_first, self.col0) + 1
         return max(rows, 0) * max(cols, 0)
 
 
-def count_wanted(scheme: TileScheme, area: Area, levels: list[int]) -> dict[int, int]:
+def count_wanted(scheme: TileScheme, area: Area, levels: list[int], *, cancel=None) -> dict[int, int]:
     """Tiles the area touches per level, on the grid rows/cols >= 0, whether or not a cache holds them."""
     out = {}
     for lv in levels:
         la = LevelArea(scheme, lv, area)
-        out[lv] = la.count(max(la.row0, 0), la.row1, max(la.col0, 0), la.col1)
+        out[lv] = la.count(max(la.row0, 0), la.row1, max(la.col0, 0), la.col1, cancel=cancel)
     return out
 
 
-def _check_cancel(cancel: threading.Event | None) -> None:
-    if cancel is not None and cancel.is_set():
-        raise Cancelled("cancelled while selecting tiles")
+def _check_cancel(cancel) -> None:
+    check_cancel(cancel, "selecting tiles")
 
 
 def _full_mask(sizes: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -245,8 +253,11 @@ def _sizes_getter(cache: Cache, presence: "PresenceStore | None"):
 
 
 def select_level(cache: Cache, level: int, area: Area | None, *,
-                 cancel: threading.Event | None = None, presence: "PresenceStore | None" = None) -> LevelSelection:
-    """One level's selection: every existing bundle the area touches, masked to wanted and present tiles."""
+                 cancel: "Cancel | None" = None, presence: "PresenceStore | None" = None) -> LevelSelection:
+    """One level's selection: every existing bundle the area touches, masked to wanted and present tiles.
+
+    `cancel` (an Event or a callable, see geometry.check_cancel) is polled per bundle row and per bundle.
+    """
     sizes_of = _sizes_getter(cache, presence)
     out = LevelSelection(level)
     refs = cache.bundles(level)
@@ -303,9 +314,11 @@ def _bundle_extent(cache: Cache) -> Extent | None:
     return Extent(x0, y0, x1, y1, cache.scheme.spatial_ref)
 
 
-def area_of(cache: Cache, request: ExportRequest) -> Area | None:
+def area_of(cache: Cache, request: ExportRequest, *, limits: GeometryLimits | None = None,
+            cancel: "Cancel | None" = None) -> Area | None:
     """The request's export area in the cache's coordinates (None = everything); refuses areas off the cache."""
-    area = request_area(request.extent, request.area_of_interest, request.aoi_sr, cache.scheme.spatial_ref)
+    area = request_area(request.extent, request.area_of_interest, request.aoi_sr, cache.scheme.spatial_ref,
+                        limits=limits, cancel=cancel)
     if area is None:
         return None
     ext = cache.full_extent if cache.full_extent is not None and cache.full_extent.is_valid else _bundle_extent(cache)
@@ -322,14 +335,25 @@ def area_of(cache: Cache, request: ExportRequest) -> Area | None:
     return area
 
 
-def select(cache: Cache, request: ExportRequest, *, cancel: threading.Event | None = None,
-           presence: "PresenceStore | None" = None) -> Selection:
+def validate_request(cache: Cache, request: ExportRequest, limits: GeometryLimits | None = None) -> Area | None:
+    """Everything a request can get wrong before a tile is read (levels, area, area off the cache), or RequestError.
+
+    Meant for submit time: bounded by `limits`, reads no bundle index. Returns the area (None = everything).
+    """
+    resolve_levels(cache.scheme, request.export_by, request.level_items)
+    return area_of(cache, request, limits=limits)
+
+
+def select(cache: Cache, request: ExportRequest, *, cancel: "Cancel | None" = None,
+           presence: "PresenceStore | None" = None, limits: GeometryLimits | None = None) -> Selection:
     """The tiles a request exports from a cache: per level, per bundle, wanted and present.
 
     With a `presence` store (tilecrate.presence), bundle indexes read once are remembered there.
+    `cancel`: a threading.Event or a callable polled between steps (see geometry.check_cancel);
+    `limits`: what the area may cost (geometry.GeometryLimits; default: the module's).
     """
     levels = resolve_levels(cache.scheme, request.export_by, request.level_items)
-    area = area_of(cache, request)
+    area = area_of(cache, request, limits=limits, cancel=cancel)
     out = [select_level(cache, lv, area, cancel=cancel, presence=presence) for lv in levels]
     if presence is not None:
         presence.flush()
