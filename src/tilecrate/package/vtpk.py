@@ -14,26 +14,29 @@ root.json, with `esriinfo/` optionally next to it).
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import struct
 import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
 import zipfile
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple
 from xml.sax.saxutils import escape
 
 import numpy as np
+from isal import isal_zlib
 
 from tilecrate import _plan
 from tilecrate.cache import Cache
 from tilecrate.errors import Cancelled, ExportError, RequestError
 from tilecrate.package.bundles import plan_bundle
-from tilecrate.package.metadata import Stamp, to_wgs84
+from tilecrate.package.metadata import WGS84, Stamp, to_wgs84
 from tilecrate.package.zipstream import ZIP64_LIMIT, ZipWriter
 from tilecrate.request import ExportRequest
 from tilecrate.selection import Selection, area_of, select
@@ -44,6 +47,10 @@ KIND = "vtpk"
 STORAGE_FORMAT = "esriMapCacheStorageModeCompactV2"
 MAX_SMALL = 4 << 20            # source metadata read into memory (root.json, iteminfo.xml) at most this big
 _CHUNK = 1 << 20
+_LISTINGS: "OrderedDict[tuple, tuple]" = OrderedDict()
+_LISTINGS_LOCK = threading.Lock()
+_LISTINGS_SIZE = 16
+WHOLE = 8 << 20                # source files up to this size are copied with one read and a CRC check
 _LOD_RATIO_TOL = 1e-3
 
 
@@ -99,25 +106,50 @@ class _Source:
         self.label = cache.path
         self.warnings: list[str] = []
         self._zf: zipfile.ZipFile | None = None
+        self._is_zip = False
+        self._fd: int | None = None
+        self._infos: dict[str, zipfile.ZipInfo] = {}
         if os.path.isdir(cache.path):
             self._init_folder(cache.path)
         else:
             self._init_zip(cache.path)
 
     def _init_zip(self, path: str) -> None:
+        self._is_zip = True
         try:
-            self._zf = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as e:
-            raise ExportError(f"{path}: cannot read the vector tile package ({e})") from None
-        infos = {i.filename: i for i in self._zf.infolist() if not i.is_dir()}
+            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            st = os.fstat(self._fd)
+        except OSError as e:
+            raise ExportError(f"{path}: cannot read the vector tile package ({e.strerror})") from None
+        self._zip_size = st.st_size
+        # a server exports the same package again and again: its listing is kept per file identity
+        key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with _LISTINGS_LOCK:
+            hit = _LISTINGS.get(key)
+            if hit is not None:
+                _LISTINGS.move_to_end(key)
+        if hit is None:
+            hit = self._list_zip(path)
+            with _LISTINGS_LOCK:
+                _LISTINGS[key] = hit
+                while len(_LISTINGS) > _LISTINGS_SIZE:
+                    _LISTINGS.popitem(last=False)
+        self._infos, self.root_json, self.iteminfo, files, warnings = hit
+        self.files = dict(files)
+        self.warnings = list(warnings)
+
+    def _list_zip(self, path: str) -> tuple:
+        """(infos, root.json bytes, iteminfo.xml bytes or None, files, warnings) of a package."""
+        infos = {i.filename: i for i in self._zipfile().infolist() if not i.is_dir()}
+        self._infos = infos
         roots = [n for n in infos if n.rsplit("/", 1)[-1] == "root.json"
                  and "/resources/" not in "/" + n and "/tilemap/" not in "/" + n]
         if not roots:
             raise ExportError(f"{path}: no root.json in the package")
         root_json = min(roots, key=lambda n: n.count("/"))
         base = root_json[:-len("root.json")]
-        self.root_json = self._read_zip(infos[root_json])
-        self.files: dict[str, _File] = {}
+        root_bytes = self._read_zip(infos[root_json])
+        self.files = {}
         for name, info in sorted(infos.items()):
             if name.startswith(base + "resources/"):
                 self._add(ROOT + name[len(base):], info.file_size, info.CRC, name)
@@ -126,7 +158,18 @@ class _Source:
             elif name == "esriinfo/thumbnail/thumbnail.png":
                 self._add(name, info.file_size, info.CRC, name)
         item = infos.get("esriinfo/iteminfo.xml")
-        self.iteminfo = self._read_zip(item) if item is not None and item.file_size <= MAX_SMALL else None
+        iteminfo = self._read_zip(item) if item is not None and item.file_size <= MAX_SMALL else None
+        return infos, root_bytes, iteminfo, dict(self.files), list(self.warnings)
+
+    def _zipfile(self) -> zipfile.ZipFile:
+        """The package opened with zipfile (only for listing it, deflated entries and large ones)."""
+        if self._zf is None:
+            try:
+                # the same file as the descriptor the listing came from, even if renamed over since
+                self._zf = zipfile.ZipFile(os.fdopen(os.dup(self._fd), "rb"))
+            except (zipfile.BadZipFile, OSError) as e:
+                raise ExportError(f"{self.label}: cannot read the vector tile package ({e})") from None
+        return self._zf
 
     def _init_folder(self, root: str) -> None:
         self.root_json = self._read_path(os.path.join(root, "root.json"))
@@ -167,7 +210,7 @@ class _Source:
         if info.file_size > MAX_SMALL:
             raise ExportError(f"{self.label}!{info.filename}: {info.file_size} bytes is too large for package metadata")
         try:
-            return self._zf.read(info)
+            return self._zipfile().read(info)
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
             raise ExportError(f"{self.label}!{info.filename}: cannot read ({e})") from None
 
@@ -181,12 +224,73 @@ class _Source:
             raise ExportError(f"{path}: too large for package metadata")
         return data
 
+    def _changed(self, f: _File, what: str) -> ExportError:
+        return ExportError(f"{self.label}: {f.name} changed while it was being exported ({what})")
+
+    def _stored_start(self, f: _File, info: zipfile.ZipInfo) -> int:
+        """Where a stored entry's bytes start in the zip (after its local header)."""
+        hdr = self._pread(30, info.header_offset)
+        if len(hdr) < 30 or bytes(hdr[:4]) != b"PK\x03\x04":
+            raise self._changed(f, "its local header is gone")
+        name_len, extra_len = struct.unpack_from("<HH", hdr, 26)
+        start = info.header_offset + 30 + name_len + extra_len
+        if start + info.compress_size > self._zip_size:
+            raise ExportError(f"{self.label}: {f.name} runs past the end of the package (truncated?)")
+        return start
+
+    def prefetch(self, limit: int) -> None:
+        """Read the stored entries of at most `limit` bytes with one read of the span holding them
+        (a package's resources lie together: one pread instead of two per font file)."""
+        if not self._is_zip:
+            return
+        small = [self._infos[f.src] for f in self.files.values()
+                 if f.size <= limit and self._infos[f.src].compress_type == zipfile.ZIP_STORED]
+        if not small:
+            return
+        lo = min(i.header_offset for i in small)
+        # a local header is 30 bytes + name + extra (at most 64 KiB each) before the data
+        hi = max(i.header_offset + 30 + len(i.orig_filename.encode("utf-8", "surrogateescape")) + 65535 * 2
+                 + i.compress_size for i in small)
+        hi = min(hi, self._zip_size)
+        if hi - lo > 4 * limit:
+            return                     # scattered: read entry by entry
+        self._span = (lo, memoryview(os.pread(self._fd, hi - lo, lo)))
+
+    def _pread(self, length: int, offset: int) -> bytes | memoryview:
+        span = getattr(self, "_span", None)
+        if span is not None:
+            lo, data = span
+            if lo <= offset and offset + length <= lo + len(data):
+                return data[offset - lo:offset - lo + length]
+        return os.pread(self._fd, length, offset)
+
+    def read_whole(self, f: _File) -> tuple[bytes | memoryview, int]:
+        """(bytes, CRC-32) of a file of at most WHOLE bytes, checked against its listed size (and CRC)."""
+        try:
+            if self._is_zip:
+                info = self._infos[f.src]
+                if info.compress_type == zipfile.ZIP_STORED:
+                    data = self._pread(f.size, self._stored_start(f, info))
+                else:
+                    data = self._zipfile().read(info)          # zipfile checks the CRC-32
+            else:
+                with open(f.src, "rb") as src:
+                    data = src.read(f.size + 1)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise ExportError(f"{self.label}: cannot copy {f.name} ({e})") from None
+        if len(data) != f.size:
+            raise self._changed(f, f"{f.size} bytes listed, {len(data)} read")
+        crc = isal_zlib.crc32(data) & 0xFFFFFFFF
+        if f.crc is not None and crc != f.crc:
+            raise ExportError(f"{self.label}: {f.name} is corrupt or changed (CRC-32 mismatch)")
+        return data, crc
+
     def chunks(self, f: _File, check: Callable[[], None]) -> Iterator[bytes]:
-        """A source file's bytes in pieces; an error if it is not the size it was listed with."""
+        """A large source file's bytes in pieces; an error if it is not the size it was listed with."""
         done = 0
         try:
-            if self._zf is not None:
-                with self._zf.open(f.src) as src:      # zipfile checks the CRC-32 at the end
+            if self._is_zip:
+                with self._zipfile().open(f.src) as src:      # zipfile checks the CRC-32 at the end
                     while piece := src.read(_CHUNK):
                         check()
                         done += len(piece)
@@ -204,14 +308,16 @@ class _Source:
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
             raise ExportError(f"{self.label}: cannot copy {f.name} ({e})") from None
         if done != f.size:
-            raise ExportError(f"{self.label}: {f.name} changed while it was being exported "
-                              f"({f.size} bytes listed, {done} read)")
+            raise self._changed(f, f"{f.size} bytes listed, {done} read")
 
     def close(self) -> None:
         """Close the source zip."""
         if self._zf is not None:
             self._zf.close()
             self._zf = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,7 +413,7 @@ def _export_info(cache: Cache, request: ExportRequest | None, selection: Selecti
             _, y0, x1, _ = cache.scheme.tile_bounds(lv.level, rmax, cmax)
             boxes.append((x0, y0, x1, y1))
     if not boxes:
-        return _Info(levels, cache.full_extent, to_wgs84(cache.full_extent))
+        return _Info(levels, cache.full_extent, _geographic(cache.full_extent))
     box = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
     # tile edges computed from rounded resolutions differ from the source's extent by micrometres:
     # a whole-package export keeps the source's numbers
@@ -325,7 +431,23 @@ def _export_info(cache: Cache, request: ExportRequest | None, selection: Selecti
         if clipped[0] < clipped[2] and clipped[1] < clipped[3]:
             box = clipped
     extent = Extent(*box, cache.scheme.spatial_ref)
-    return _Info(levels, extent, to_wgs84(extent))
+    return _Info(levels, extent, _geographic(extent))
+
+
+def _geographic(extent: Extent | None) -> Extent | None:
+    """The extent in WGS 84: Web Mercator by its closed-form inverse (building a pyproj transformer
+    costs milliseconds per export), anything else through pyproj."""
+    if extent is None or extent.spatial_ref.code not in (3857, 102100, 102113, 900913):
+        return to_wgs84(extent)
+    r = 6378137.0
+
+    def lon(x: float) -> float:
+        return max(-180.0, min(180.0, math.degrees(x / r)))
+
+    def lat(y: float) -> float:
+        return math.degrees(2.0 * math.atan(math.exp(y / r)) - math.pi / 2.0)
+
+    return Extent(lon(extent.xmin), lat(extent.ymin), lon(extent.xmax), lat(extent.ymax), WGS84)
 
 
 def _root_json(source: _Source, cache: Cache, selection: Selection, info: _Info) -> tuple[dict, bytes]:
@@ -421,42 +543,51 @@ def item_pkinfo(texts: dict[str, str], stamp: Stamp) -> bytes:
 # the entries, shared by the writer and the size prediction
 
 
-def _entries(source: _Source, cache: Cache, request: ExportRequest | None, selection: Selection, stamp: Stamp):
-    """("bytes", name, data) | ("file", name, _File) | ("bundle", name, BundleSelection), in writing order."""
-    info = _export_info(cache, request, selection)
-    _check_quadtree(cache, info.levels)
-    tilemap = tilemap_index(present_tiles(selection))
-    root, root_bytes = _root_json(source, cache, selection, info)
-    texts = _item_texts(source, os.path.splitext(os.path.basename(cache.path))[0] or cache.name)
-    yield "bytes", "esriinfo/item.pkinfo", item_pkinfo(texts, stamp)
-    yield "bytes", "esriinfo/iteminfo.xml", iteminfo_xml(texts, stamp, info, root, cache)
-    files = dict(source.files)
-    for name in sorted(n for n in files if not n.startswith(ROOT)):
-        yield "file", name, files.pop(name)
-    if ROOT + "metadata.json" in files:
-        yield "file", ROOT + "metadata.json", files.pop(ROOT + "metadata.json")
-    for name in sorted(files):
-        yield "file", name, files[name]
-    yield "bytes", ROOT + "root.json", root_bytes
-    for lv in selection.levels:
-        for b in lv.bundles:
-            if b.tiles > 0:
-                yield "bundle", f"{ROOT}tile/{level_dir(b.ref.level)}/{bundle_name(b.ref.row0, b.ref.col0)}", b
-    yield "bytes", ROOT + "tilemap/root.json", tilemap
+class VtpkPackage:
+    """Everything a .vtpk export writes, worked out once (metadata, tilemap, the source's files);
+    only the item's GUID and time differ between `entries(stamp)` calls, with fixed widths."""
 
+    def __init__(self, cache: Cache, request: ExportRequest | None, selection: Selection):
+        self.cache, self.selection = cache, selection
+        self.source = _Source(cache)
+        try:
+            self.info = _export_info(cache, request, selection)
+            _check_quadtree(cache, self.info.levels)
+            self.tilemap = tilemap_index(present_tiles(selection))
+            self.root, self.root_bytes = _root_json(self.source, cache, selection, self.info)
+            self.texts = _item_texts(self.source, os.path.splitext(os.path.basename(cache.path))[0] or cache.name)
+        except BaseException:
+            self.source.close()
+            raise
 
-def _bundle_size(bsel) -> int:
-    return _plan.V2_DATA_START + 4 * bsel.tiles + bsel.tile_bytes
+    @property
+    def warnings(self) -> list[str]:
+        """What was left out of the package, and why."""
+        return self.source.warnings
 
+    def entries(self, stamp: Stamp):
+        """("bytes", name, data) | ("file", name, _File) | ("bundle", name, BundleSelection), in writing order."""
+        yield "bytes", "esriinfo/item.pkinfo", item_pkinfo(self.texts, stamp)
+        yield "bytes", "esriinfo/iteminfo.xml", iteminfo_xml(self.texts, stamp, self.info, self.root, self.cache)
+        files = dict(self.source.files)
+        for name in sorted(n for n in files if not n.startswith(ROOT)):
+            yield "file", name, files.pop(name)
+        if ROOT + "metadata.json" in files:
+            yield "file", ROOT + "metadata.json", files.pop(ROOT + "metadata.json")
+        for name in sorted(files):
+            yield "file", name, files[name]
+        yield "bytes", ROOT + "root.json", self.root_bytes
+        for lv in self.selection.levels:
+            for b in lv.bundles:
+                if b.tiles > 0:
+                    yield "bundle", f"{ROOT}tile/{level_dir(b.ref.level)}/{bundle_name(b.ref.row0, b.ref.col0)}", b
+        yield "bytes", ROOT + "tilemap/root.json", self.tilemap
 
-def predict_vtpk_size(cache: Cache, selection: Selection, request: ExportRequest | None = None, *,
-                      zip64_limit: int = ZIP64_LIMIT) -> tuple[int, dict[int, int]]:
-    """(bytes of the .vtpk export_vtpk writes, bundle bytes per level), from indexes and metadata only."""
-    source = _Source(cache)
-    try:
+    def predicted_size(self, zip64_limit: int = ZIP64_LIMIT) -> tuple[int, dict[int, int]]:
+        """(bytes of the .vtpk, bundle bytes per level), from indexes and metadata only."""
         writer = ZipWriter(None, zip64_limit=zip64_limit, dry_run=True)
-        per_level: dict[int, int] = {lv.level: 0 for lv in selection.levels}
-        for kind, name, item in _entries(source, cache, request, selection, Stamp.placeholder()):
+        per_level: dict[int, int] = {lv.level: 0 for lv in self.selection.levels}
+        for kind, name, item in self.entries(Stamp.placeholder()):
             if kind == "bytes":
                 writer.add_size(name, len(item))
             elif kind == "file":
@@ -466,8 +597,27 @@ def predict_vtpk_size(cache: Cache, selection: Selection, request: ExportRequest
                 per_level[item.ref.level] = per_level.get(item.ref.level, 0) + size
                 writer.add_size(name, size)
         return writer.close(), per_level
-    finally:
-        source.close()
+
+    def close(self) -> None:
+        """Close the source files."""
+        self.source.close()
+
+    def __enter__(self) -> "VtpkPackage":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _bundle_size(bsel) -> int:
+    return _plan.V2_DATA_START + 4 * bsel.tiles + bsel.tile_bytes
+
+
+def predict_vtpk_size(cache: Cache, selection: Selection, request: ExportRequest | None = None, *,
+                      zip64_limit: int = ZIP64_LIMIT) -> tuple[int, dict[int, int]]:
+    """(bytes of the .vtpk export_vtpk writes, bundle bytes per level), from indexes and metadata only."""
+    with VtpkPackage(cache, request, selection) as pkg:
+        return pkg.predicted_size(zip64_limit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,42 +655,40 @@ def export_vtpk(cache: Cache, request: ExportRequest, out: str, *,
     started = time.perf_counter()
     if selection is None:
         selection = select(cache, request, cancel=cancel)
-    source = _Source(cache)
     tmp = _temp_path(out)
-    try:
-        bytes_total, _ = predict_vtpk_size(cache, selection, request, zip64_limit=zip64_limit)
-        result = _write(source, cache, request, selection, tmp, bytes_total, progress, cancel, zip64_limit)
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("the export was cancelled")
-        os.replace(tmp, out)
-    except BaseException as e:
+    with VtpkPackage(cache, request, selection) as pkg:
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError) and not isinstance(e, ExportError):
-            where = e.filename or out
-            if e.errno in (28, 122):     # ENOSPC, EDQUOT
-                raise ExportError(f"{out}: the disk is full (no space left while writing the export)") from None
-            raise ExportError(f"{where}: cannot write the export ({e.strerror or e})") from None
-        raise
-    finally:
-        source.close()
+            result = _write(pkg, tmp, progress, cancel, zip64_limit)
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("the export was cancelled")
+            os.replace(tmp, out)
+        except BaseException as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            if isinstance(e, OSError):
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise ExportError(f"{out}: the disk is full (no space left while writing the export)") from None
+                raise ExportError(f"{e.filename or out}: cannot write the export ({e.strerror or e})") from None
+            raise
+        result.warnings = pkg.warnings + result.warnings
     result.path = out
-    result.warnings = source.warnings + result.warnings
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _write(source: _Source, cache: Cache, request: ExportRequest, selection: Selection, tmp: str, bytes_total: int,
-           progress, cancel, zip64_limit: int) -> VtpkResult:
+def _write(pkg: VtpkPackage, tmp: str, progress, cancel, zip64_limit: int) -> VtpkResult:
     def check() -> None:
         if cancel is not None and cancel.is_set():
             raise Cancelled("the export was cancelled")
 
+    cache, selection, source = pkg.cache, pkg.selection, pkg.source
+    bytes_total = pkg.predicted_size(zip64_limit)[0] if progress is not None else 0
+    source.prefetch(WHOLE)
     levels: dict[int, dict] = {}
     tiles_done = 0
-    with open(tmp, "wb", buffering=1 << 16) as f:
+    with open(tmp, "wb", buffering=1 << 20) as f:
         writer = ZipWriter(f, zip64_limit=zip64_limit)
 
         def report(level: int | None) -> None:
@@ -548,16 +696,24 @@ def _write(source: _Source, cache: Cache, request: ExportRequest, selection: Sel
                 progress(VtpkProgress(tiles_done, selection.tiles, writer.position, bytes_total, level))
 
         report(None)
-        for kind, name, item in _entries(source, cache, request, selection, Stamp.now()):
+        for kind, name, item in pkg.entries(Stamp.now()):
             check()
             if kind == "bytes":
                 writer.add_bytes(name, item)
+            elif kind == "file" and item.size <= WHOLE:
+                data, crc = source.read_whole(item)
+                writer.add_stream(name, item.size, crc, (data,))
             elif kind == "file":
-                writer.add_stream(name, item.size, item.crc, source.chunks(item, check))
+                writer.add_stream(name, item.size, None, source.chunks(item, check))
             else:
                 with cache.open_bundle(item.ref) as data:
                     plan = plan_bundle(data, item.mask, 2, cache.bundle_label(item.ref), cache)
-                    writer.add_stream(name, plan.size, None, _checked(plan.chunks(), check))
+                    if plan.size <= WHOLE:
+                        # CRC first: the local header is then written once, not patched after a flush
+                        whole = plan.to_bytes()
+                        writer.add_stream(name, plan.size, isal_zlib.crc32(whole), (whole,))
+                    else:
+                        writer.add_stream(name, plan.size, None, _checked(plan.chunks(), check))
                 lv = levels.setdefault(item.ref.level, {"tiles": 0, "size": 0})
                 lv["tiles"] += plan.tiles
                 lv["size"] += plan.size
