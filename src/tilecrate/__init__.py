@@ -1,6 +1,5 @@
 """tilecrate: a fast open-source implementation of ArcGIS MapServer exportTiles."""
 import sys
-import types
 
 from tilecrate.errors import BundleError, CacheError, ExportError, RequestError, TilecrateError
 
@@ -57,7 +56,7 @@ def _shadowed(name: str) -> property:
     return property(get, set_, doc=f"tilecrate.{name}.{name}")
 
 
-class _Package(types.ModuleType):
+class _Package(type(sys)):
     estimate = _shadowed("estimate")
     export = _shadowed("export")
 

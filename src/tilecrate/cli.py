@@ -4,27 +4,37 @@ Exit codes: 0 done (also when stdout's reader stopped reading early, e.g. `| hea
 2 bad usage, 130 interrupted by Ctrl-C (SIGINT), 143 terminated (SIGTERM). Every failure is one line
 `tilecrate: error: ...` on stderr (and `{"error": ...}` on stdout with --json); TILECRATE_DEBUG=1
 adds the traceback of unexpected errors.
+
+Start-up matters (every small job of a shell batch pays it): this module imports only what
+`--version` needs; argparse, signals and the output helpers come with a command.
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
-import signal
 import sys
-import threading
-from typing import Any, NoReturn, Sequence
 
 from tilecrate.commands import COMMANDS
-from tilecrate.commands.output import (close_broken_stdout, emit_json, human_bytes, is_broken_stdout,
-                                       progress_bar, stdout_closed)
 from tilecrate.errors import Interrupted, TilecrateError
 
-__all__ = ["main", "build_parser", "version_text", "emit_json", "progress_bar", "human_bytes"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any, Sequence
+
+__all__ = ["main", "build_parser", "version_text", "print_line", "emit_json", "progress_bar", "human_bytes"]
 
 # kept for callers that list the commands; the table with their summaries is tilecrate.commands.COMMANDS
 COMMAND_MODULES = list(COMMANDS)
 MAX_MESSAGE = 1000          # an error line is cut here (a message may quote megabytes of input)
+
+
+def __getattr__(name: str):
+    """emit_json, progress_bar and human_bytes live in tilecrate.commands.output (imported on use)."""
+    if name in ("emit_json", "progress_bar", "human_bytes"):
+        from tilecrate.commands import output
+
+        return getattr(output, name)
+    raise AttributeError(f"module 'tilecrate.cli' has no attribute {name!r}")
 
 
 def version_text() -> str:
@@ -63,9 +73,7 @@ def _dist_name(name: str) -> str | None:
         except OSError:
             continue
         for d in listing:
-            if not d.endswith(".dist-info"):
-                continue
-            if _norm(d[: -len(".dist-info")].split("-", 1)[0]) != want:
+            if not d.endswith(".dist-info") or _norm(d[: -len(".dist-info")].split("-", 1)[0]) != want:
                 continue
             try:
                 with open(os.path.join(entry or ".", d, "METADATA"), encoding="utf-8", errors="replace") as f:
@@ -79,75 +87,35 @@ def _dist_name(name: str) -> str | None:
     return None
 
 
-class _VersionAction(argparse.Action):
-    """--version, computed only when asked (it reads PIL's distribution metadata)."""
-
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
-        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
-
-    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:
-        _print(version_text())
-        parser.exit()
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with usage errors as one line (exit 2), like every other error of ours."""
-
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(f"{message} (see `{self.prog} --help`)")
-
-
-class _UsageError(Exception):
-    pass
-
-
-def _chosen(argv: Sequence[str]) -> str | None:
-    """The subcommand named on the command line (the first word that is not an option), if any."""
-    for a in argv:
-        if a == "--":
-            return None
-        if not a.startswith("-"):
-            return a if a in COMMANDS else None
-    return None
-
-
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser; only the chosen subcommand's module is imported (every one for --help)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    chosen = _chosen(argv)
-    full = chosen is None and (not argv or "-h" in argv or "--help" in argv)
-    parser = _Parser(prog="tilecrate", description="Export tiles from Esri compact caches.",
-                     epilog="exit codes: 0 done, 1 failed, 2 bad usage, 130 interrupted (Ctrl-C), "
-                            "143 terminated (SIGTERM); TILECRATE_DEBUG=1 shows tracebacks")
-    parser.add_argument("--version", action=_VersionAction, help="show the version and the PIL in use")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    for name, summary in COMMANDS.items():
-        if name != chosen and not full:
-            sub.add_parser(name, help=summary)     # named for the usage line, not loaded
-            continue
-        mod = importlib.import_module(f"tilecrate.commands.{name}")
-        p = sub.add_parser(mod.NAME, help=summary, description=mod.HELP)
-        p.add_argument("--json", action="store_true", help="print the result (or the error) as one JSON object")
-        p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
-    return parser
+    from tilecrate.commands.parser import build_parser as build
+
+    return build(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run, and turn every error into one line on stderr and an exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv == ["--version"]:           # the common probe, answered without argparse
+        try:
+            print_line(version_text())
+            return 0
+        except BaseException as e:      # noqa: BLE001 - the same last guard as every command
+            return _handle(e, False)
+    import signal
+
+    from tilecrate.commands.parser import UsageError
+
     wants_json = "--json" in argv
     previous = _on_sigterm_raise()
     try:
         try:
-            parser = build_parser(argv)
-            args = parser.parse_args(argv)
+            args = build_parser(argv).parse_args(argv)
         except SystemExit as e:          # --help, --version
             _flush()
             return e.code if isinstance(e.code, int) else 0
-        except _UsageError as e:
+        except UsageError as e:
             return _fail(wants_json, str(e), 2)
         code = int(args._run(args) or 0)
         _flush()
@@ -160,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _handle(e: BaseException, wants_json: bool) -> int:
+    from tilecrate.commands.output import close_broken_stdout, is_broken_stdout, stdout_closed
+
     if isinstance(e, SystemExit):
         raise e
     if is_broken_stdout(e) or (stdout_closed() and isinstance(e, BrokenPipeError)):
@@ -167,6 +137,8 @@ def _handle(e: BaseException, wants_json: bool) -> int:
         close_broken_stdout()
         return 0
     if isinstance(e, KeyboardInterrupt):
+        import signal
+
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
         return _fail(wants_json, what, 128 + int(signum))
@@ -175,8 +147,6 @@ def _handle(e: BaseException, wants_json: bool) -> int:
     if isinstance(e, OSError):
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         return _fail(wants_json, f"{where}{e.strerror or e}", 1)
-    if isinstance(e, _UsageError):
-        return _fail(wants_json, str(e), 2)
     if os.environ.get("TILECRATE_DEBUG"):
         import traceback
 
@@ -209,6 +179,8 @@ def _fail(wants_json: bool, message: str, code: int) -> int:
     if len(message) > MAX_MESSAGE:
         message = message[:MAX_MESSAGE] + "…"
     if wants_json:
+        from tilecrate.commands.output import emit_json
+
         emit_json({"error": message})
     try:
         print(f"tilecrate: error: {message}", file=sys.stderr, flush=True)
@@ -217,16 +189,21 @@ def _fail(wants_json: bool, message: str, code: int) -> int:
     return code
 
 
-def _print(text: str) -> None:
+def print_line(text: str) -> None:
+    """Print one line on stdout now; a reader that has gone away is not an error."""
     try:
         print(text, flush=True)
     except OSError as e:
+        from tilecrate.commands.output import close_broken_stdout, is_broken_stdout
+
         if not is_broken_stdout(e):
             raise
         close_broken_stdout()
 
 
 def _flush() -> None:
+    from tilecrate.commands.output import close_broken_stdout, is_broken_stdout, stdout_closed
+
     if stdout_closed():
         return
     try:
@@ -239,6 +216,9 @@ def _flush() -> None:
 
 def _on_sigterm_raise() -> Any:
     """SIGTERM raises Interrupted where Ctrl-C raises KeyboardInterrupt, so the same cleanup runs."""
+    import signal
+    import threading
+
     if threading.current_thread() is not threading.main_thread():
         return None
 

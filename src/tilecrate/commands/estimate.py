@@ -6,7 +6,6 @@ import argparse
 from tilecrate.cache import open_cache
 from tilecrate.commands.output import emit_json, human_bytes
 from tilecrate.estimate import estimate
-from tilecrate.presence import PresenceStore
 from tilecrate.commands.requestargs import add_request_arguments, request_from_args
 
 NAME = "estimate"
@@ -26,6 +25,8 @@ def run(args: argparse.Namespace) -> int:
     request = request_from_args(args)
     with open_cache(args.cache) as cache:
         if args.presence_store:
+            from tilecrate.presence import PresenceStore     # lmdb: only when asked for
+
             with PresenceStore(args.presence_store) as store:
                 est = estimate(cache, request, presence=store)
         else:

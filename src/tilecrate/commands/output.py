@@ -12,9 +12,12 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Iterator
 
 from tilecrate.errors import Cancelled, Interrupted
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Iterator
 
 # set once stdout's reader has gone away (`tilecrate ... --json | head -1`): later output is dropped
 _stdout_closed = False
