@@ -117,8 +117,11 @@ def test_contiguous_tiles_are_copied_as_one_run(v2_cache):
         assert length == int(data.sizes.sum()) + 4 * (plan.tiles - 1)
         assert plan.file == str(v2_cache.bundle_key(ref)[0].split("::", 1)[1]) and plan.file_offset == 0
         from_file = plan.to_bytes()
-        plan.file = None                           # the same bytes copied from the mapping
-        assert plan.to_bytes() == from_file
+        assert plan.source == b"" and plan.file_id == data.where.file_id   # nothing of the bundle in memory
+        whole = bytes(data.buf)                    # the same bytes copied from memory
+        in_memory = bundles._make(ref, whole, len(whole), data.offsets, data.sizes,
+                                  (data.sizes > 0).reshape(128, 128), 2, "x")
+        assert in_memory.to_bytes() == from_file
         del plan
 
 
@@ -190,7 +193,7 @@ def test_fill_prefixes_checks_every_tile_of_the_run():
     big = bytearray(4096)
     window = memoryview(big)[2048:2068]
     for offs in ([100, 50, 110], [0, 1000, 10], [0, 2**63, 10]):
-        with pytest.raises(ValueError, match="outside"):
+        with pytest.raises(ValueError, match="outside|backwards"):
             _plan.fill_prefixes(window, np.array(offs, np.uint64), np.array([1, 1, 1], np.uint32), 0, 3)
         assert big == bytearray(4096)
     with pytest.raises(ValueError, match="outside"):           # the tile's bytes must fit too
@@ -198,6 +201,48 @@ def test_fill_prefixes_checks_every_tile_of_the_run():
     _plan.fill_prefixes(window, np.array([0, 9, 14], np.uint64), np.array([5, 1, 2], np.uint32), 0, 3)
     assert big[2048:2068] == b"\x05\0\0\0" + bytes(5) + b"\x01\0\0\0" + bytes(1) + b"\x02\0\0\0" + bytes(2)
     assert big[:2048] == bytes(2048) and big[2068:] == bytes(2028)
+
+
+def test_fill_prefixes_refuses_small_windows_and_backward_offsets():
+    """Issue 9 item 8: a window under 4 bytes, or offsets going backwards, used to write outside `buf`."""
+    big = bytearray(64)
+    for n in (0, 1, 2, 3):
+        window = memoryview(big)[32:32 + n]
+        with pytest.raises(ValueError, match="cannot hold a size prefix"):
+            _plan.fill_prefixes(window, np.array([7], np.uint64), np.array([0], np.uint32), 0, 1)
+        assert big == bytearray(64)
+    window = memoryview(big)[32:48]
+    # the last tile's offset is below the first: `last` wraps to a small number that passed the check
+    with pytest.raises(ValueError, match="backwards"):
+        _plan.fill_prefixes(window, np.array([100, 90], np.uint64), np.array([0, 8], np.uint32), 0, 2)
+    with pytest.raises(ValueError, match="backwards"):
+        _plan.fill_prefixes(window, np.array([4, 0, 8], np.uint64), np.array([0, 0, 0], np.uint32), 0, 3)
+    assert big == bytearray(64)
+
+
+def test_plan_entry_points_refuse_bad_arguments():
+    offsets, sizes = np.zeros(N, np.uint64), np.zeros(N, np.uint32)
+    mask = np.ones((128, 128), np.uint8)
+    for row0, col0 in ((-128, 0), (0, -128), (5, 0), (0, 7), (2**32, 0), (0x7fffffff, 0x7fffffff)):
+        with pytest.raises(ValueError, match="multiple of 128"):
+            _plan.make_plan(1000, offsets, sizes, mask, 2, row0, col0)
+    with pytest.raises(ValueError, match="max_run"):
+        _plan.make_plan(1000, offsets, sizes, mask, 2, 0, 0, "x", 0)
+    with pytest.raises(ValueError, match="out of range"):
+        _plan.make_plan(2**63, offsets, sizes, mask, 2, 0, 0)
+    with pytest.raises(ValueError, match="128 x 128"):
+        _plan.make_plan(1000, offsets, sizes, np.ones((64, 256), np.uint8), 2, 0, 0)
+    for version in (0, 3, -1):
+        with pytest.raises(ValueError, match="version"):
+            _plan.bundle_sizes(sizes, mask, version)
+    with pytest.raises(ValueError, match="16384"):
+        _plan.bundle_sizes(sizes[:100], mask, 2)
+    with pytest.raises(TypeError):
+        _plan.pack_tiles([b"ok", None])
+    with pytest.raises(TypeError):
+        _plan.pack_tiles([b"ok", "text"])
+    with pytest.raises(ValueError):                   # tile sizes and offsets of different lengths
+        _plan.fill_prefixes(bytearray(64), np.zeros(3, np.uint64), np.zeros(2, np.uint32), 0, 2)
 
 
 def test_fill_prefixes_refuses_runs_past_the_plan():

@@ -1,4 +1,4 @@
-# cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: cdivision=True
 """Compact bundle indexes (V1 and V2) parsed into one model, with every offset checked.
 
 The model, shared by both formats: two arrays of 16 384 entries in row-major order
@@ -6,11 +6,19 @@ The model, shared by both formats: two arrays of 16 384 entries in row-major ord
 byte inside the bundle) and ``sizes`` (uint32, 0 = no tile). Every entry with a size is proven to
 lie inside the bundle before it is returned, so callers can slice without further checks.
 
-Bounds checks are off for this module: each function checks lengths up front, then loops.
+Bounds checks are off only in the functions whose loops index memoryviews after a length check
+above them proved every index in range (marked with the decorators); raw pointer reads are done
+only after the same checks. `parse_v1_fd` reads the V1 size prefixes with pread of exactly the
+bytes needed (no mapping: a file truncated under us is an error, never SIGBUS).
 """
 import numpy as np
+cimport cython
 cimport numpy as cnp
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.errno cimport errno
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from posix.types cimport off_t
+from posix.unistd cimport pread
 
 from tilecrate.errors import BundleError
 
@@ -20,6 +28,10 @@ cdef enum:
     N = 16384
     PACKET = 128
 cdef uint64_t OFFSET_MASK = (<uint64_t>1 << 40) - 1
+cdef uint64_t MAX_FILE = (<uint64_t>1 << 62)     # fits off_t with room for base + length
+# size prefixes closer together than this are read with one pread (dense small tiles)
+cdef enum:
+    WINDOW = 16384
 
 V2_HEADER_SIZE = 64
 V2_INDEX_SIZE = N * 8
@@ -69,6 +81,8 @@ def parse_v2(const uint8_t[::1] buf, str name="bundle"):
     return parse_v2_index(buf, <uint64_t>buf.shape[0], name)
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
 def parse_v2_index(const uint8_t[::1] buf, uint64_t length, str name="bundle"):
     """Parse a V2 bundle's header and index (its first bytes, at least 131 136 of them) into
     (offsets, sizes), checking every entry against ``length``, the size of the whole file."""
@@ -123,6 +137,8 @@ def v1_header_problem(const uint8_t[::1] bundlx, const uint8_t[::1] bundle):
     return None
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
 def parse_v1(const uint8_t[::1] bundlx, const uint8_t[::1] bundle, str name="bundle"):
     """Parse a compact V1 pair (.bundlx bytes, .bundle bytes) into (offsets, sizes), row-major."""
     problem = v1_header_problem(bundlx, bundle)
@@ -166,4 +182,123 @@ def parse_v1(const uint8_t[::1] bundlx, const uint8_t[::1] bundle, str name="bun
         raise BundleError(
             f"{name}: {where} has size {rd_u32(data + off)} at offset {off}, past the end of the .bundle ({length} bytes)"
         )
+    return offsets_arr, sizes_arr
+
+
+cdef int _pread_full(int fd, uint8_t* dst, uint64_t n, uint64_t at) noexcept nogil:
+    """Read exactly n bytes at `at`: 0, 1 when the file ends first, -errno on an error."""
+    cdef ssize_t got
+    while n > 0:
+        got = pread(fd, dst, n, <off_t>at)
+        if got < 0:
+            if errno == 4:      # EINTR
+                continue
+            return -errno
+        if got == 0:
+            return 1
+        dst += got
+        n -= <uint64_t>got
+        at += <uint64_t>got
+    return 0
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def parse_v1_fd(const uint8_t[::1] bundlx, int fd, uint64_t base, uint64_t length, str name="bundle"):
+    """Parse a compact V1 bundle whose .bundle bytes are ``length`` bytes at ``base`` of the open file
+    ``fd``, reading only its header and the size prefixes with pread; returns (offsets, sizes) as
+    `parse_v1` does. A file that ends early is a BundleError (it changed after it was measured)."""
+    if fd < 0:
+        raise ValueError("fd must be an open file descriptor")
+    if base > MAX_FILE or length > MAX_FILE:
+        raise ValueError(f"base {base} or length {length} is out of range")
+    cdef Py_ssize_t nx = bundlx.shape[0]
+    if nx != BUNDLX_SIZE and nx != BUNDLX_SIZE_NO_FOOTER:
+        raise BundleError(f"{name}: .bundlx is {nx} bytes, expected {BUNDLX_SIZE} "
+                          f"(or {BUNDLX_SIZE_NO_FOOTER} without footer)")
+    cdef const uint8_t* x = &bundlx[0]
+    if rd_u32(x) != 3 or rd_u32(x + 12) != 5:
+        raise BundleError(f"{name}: .bundlx header is ({rd_u32(x)}, {rd_u32(x + 4)}, {rd_u32(x + 8)}, "
+                          f"{rd_u32(x + 12)}), expected (3, 16, 16384, 5)")
+    if length < V1_HEADER_SIZE:
+        raise BundleError(f"{name}: truncated: .bundle is {length} bytes, a compact V1 bundle needs a "
+                          f"{V1_HEADER_SIZE}-byte header")
+    cdef uint8_t head[4]
+    cdef int rc
+    with nogil:
+        rc = _pread_full(fd, head, 4, base)
+    if rc < 0:
+        raise OSError(-rc, f"{name}: cannot read")
+    if rc > 0:
+        raise BundleError(f"{name}: the file ends before its header; it changed while being read")
+    if rd_u32(head) != 3:
+        raise BundleError(f"{name}: not a compact V1 bundle: version field is {rd_u32(head)}, expected 3")
+    raw_arr = np.zeros(N, dtype=np.uint64)
+    cdef uint64_t[::1] raw = raw_arr
+    cdef Py_ssize_t i, k, m, bad = -1
+    cdef uint64_t off
+    with nogil:
+        for i in range(N):
+            off = rd_u40(x + 16 + 5 * i)
+            raw[i] = off
+            if off != 0 and off + 4 > length:
+                bad = i
+                break
+    if bad >= 0:
+        raise BundleError(f"{name}: tile at row {bad % PACKET}, column {bad // PACKET} of the bundle points at "
+                          f"offset {raw[bad]}, past the end of the .bundle ({length} bytes)")
+    # column-major cells in file order, so prefixes close together are read with one pread
+    order_arr = np.argsort(raw_arr, kind="stable").astype(np.int64)
+    cdef int64_t[::1] order = order_arr
+    offsets_arr = np.zeros(N, dtype=np.uint64)
+    sizes_arr = np.zeros(N, dtype=np.uint32)
+    cdef uint64_t[::1] offsets = offsets_arr
+    cdef uint32_t[::1] sizes = sizes_arr
+    cdef uint8_t* win = <uint8_t*>malloc(WINDOW + 4)
+    if win == NULL:
+        raise MemoryError()
+    cdef uint64_t start = 0, end = 0, size = 0, last
+    cdef int why = 0
+    rc = 0
+    with nogil:
+        k = 0
+        while k < N:
+            i = order[k]
+            off = raw[i]
+            if off == 0:          # MapProxy's "missing"; ArcGIS points at the zero table
+                k += 1
+                continue
+            if not (start <= off and off + 4 <= end):
+                # one read from this prefix to the last prefix within WINDOW bytes of it
+                start = off
+                last = off + 4
+                m = k + 1
+                while m < N and raw[order[m]] + 4 - start <= WINDOW:
+                    last = raw[order[m]] + 4
+                    m += 1
+                rc = _pread_full(fd, win, last - start, base + start)
+                if rc != 0:
+                    bad = i
+                    break
+                end = last
+            size = rd_u32(win + (off - start))
+            if size != 0:
+                if off + 4 + size > length:
+                    bad = i
+                    why = 2
+                    break
+                m = (i % PACKET) * PACKET + i // PACKET          # .bundlx is column-major
+                offsets[m] = off + 4
+                sizes[m] = <uint32_t>size
+            k += 1
+    free(win)
+    if rc < 0:
+        raise OSError(-rc, f"{name}: cannot read")
+    if bad >= 0:
+        where = f"tile at row {bad % PACKET}, column {bad // PACKET} of the bundle"
+        if why == 2:
+            raise BundleError(f"{name}: {where} has size {size} at offset {raw[bad]}, past the end of the "
+                              f".bundle ({length} bytes)")
+        raise BundleError(f"{name}: the file ends before the size prefix of the {where}; "
+                          "it changed while being read")
     return offsets_arr, sizes_arr

@@ -1,4 +1,4 @@
-# cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: cdivision=True
 """Copy plans for output bundles: which byte ranges land where, the output size, header and index.
 
 An output bundle is its header block (`aux`: V2 header + index, or V1 header + zero table)
@@ -10,10 +10,12 @@ the buffer (over the 4 bytes the source had there, right or wrong: the spec call
 legacy and some writers leave garbage). Planning reads only the index, never tile bytes.
 
 Every offset and size is checked against the source length before a plan is made, so a writer
-may read the runs without further checks. Bounds checks are off: the functions check lengths up
-front, then loop.
+may read the runs without further checks. Every public function validates its arguments (shapes,
+version, positions, run ranges, buffer sizes); bounds checks are off only in the functions whose
+loops run after such a check proved every index in range (marked with the decorators).
 """
 import numpy as np
+cimport cython
 cimport numpy as cnp
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
@@ -33,6 +35,8 @@ BUNDLX_SIZE = 16 + N * 5 + 16         # 81952
 cdef uint64_t MAX_TILE = (1 << 24) - 1
 cdef uint64_t MAX_V2_OFFSET = (<uint64_t>1 << 40) - 1
 MAX_TILE_SIZE = MAX_TILE
+cdef uint64_t MAX_LENGTH = (<uint64_t>1 << 62)
+MAX_POSITION = (1 << 32) - PACKET       # V1 headers store the bundle's rows and columns as uint32
 
 
 cdef inline void wr_u32(uint8_t* p, uint32_t v) noexcept nogil:
@@ -52,10 +56,14 @@ cdef inline void wr_u40(uint8_t* p, uint64_t v) noexcept nogil:
     p[4] = (v >> 32) & 0xFF
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
 def bundle_sizes(const uint32_t[::1] sizes, const uint8_t[:, ::1] mask, int version):
     """(tiles, tile bytes, .bundle bytes, .bundlx bytes) an output bundle will have, from the index alone."""
     if sizes.shape[0] != N or mask.shape[0] != PACKET or mask.shape[1] != PACKET:
         raise ValueError("sizes must have 16384 entries and mask must be 128 x 128")
+    if version not in (1, 2):
+        raise ValueError("version must be 1 or 2")
     cdef const uint8_t* m = &mask[0, 0]
     cdef Py_ssize_t i
     cdef uint64_t tiles = 0, nbytes = 0
@@ -71,6 +79,8 @@ def bundle_sizes(const uint32_t[::1] sizes, const uint8_t[:, ::1] mask, int vers
     return tiles, nbytes, V2_DATA_START + 4 * tiles + nbytes, 0
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
 def make_plan(uint64_t length, const uint64_t[::1] offsets, const uint32_t[::1] sizes,
               const uint8_t[:, ::1] mask, int version, long row0, long col0, str name="bundle",
               uint64_t max_run=8 << 20):
@@ -88,6 +98,12 @@ def make_plan(uint64_t length, const uint64_t[::1] offsets, const uint32_t[::1] 
         raise ValueError("mask must be 128 x 128")
     if version not in (1, 2):
         raise ValueError("version must be 1 or 2")
+    if length > MAX_LENGTH:
+        raise ValueError(f"source length {length} is out of range")
+    if not (0 <= row0 <= MAX_POSITION and 0 <= col0 <= MAX_POSITION) or row0 % PACKET or col0 % PACKET:
+        raise ValueError(f"bundle position ({row0}, {col0}) is not a multiple of 128 in [0, 2^32 - 128]")
+    if max_run == 0:
+        raise ValueError("max_run must be at least 1")
     cdef const uint8_t* m = &mask[0, 0]
     cdef Py_ssize_t i, k, n = 0, bad = -1
     cdef uint64_t tile_bytes = 0, max_size = 0, sz, off
@@ -207,6 +223,8 @@ def make_plan(uint64_t length, const uint64_t[::1] offsets, const uint32_t[::1] 
             (bytes(bundlx) if bundlx is not None else None))
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
 def fill_prefixes(uint8_t[::1] buf, const uint64_t[::1] tile_offsets, const uint32_t[::1] tile_sizes,
                   Py_ssize_t first, Py_ssize_t count):
     """Write the size prefixes of a run into `buf`, which holds 4 spare bytes then the run's source bytes."""
@@ -216,20 +234,28 @@ def fill_prefixes(uint8_t[::1] buf, const uint64_t[::1] tile_offsets, const uint
         raise ValueError("run outside the plan's tiles")
     if count == 0:
         return
+    if buf.shape[0] < 4:
+        raise ValueError(f"a buffer of {buf.shape[0]} bytes cannot hold a size prefix (4 bytes)")
     cdef uint64_t base = tile_offsets[first]
     cdef uint64_t last = tile_offsets[first + count - 1] - base + tile_sizes[first + count - 1] + 4
     if last > <uint64_t>buf.shape[0]:
         raise ValueError(f"buffer of {buf.shape[0]} bytes is too small for a run of {last}")
     # every tile, not only the last: offsets that go back (or jump past the end) must not write
     # outside the buffer (off - base wraps to a huge value when off < base)
-    cdef Py_ssize_t k, bad = -1
+    cdef Py_ssize_t k, bad = -1, back = -1
     cdef uint64_t cap = <uint64_t>buf.shape[0], rel
     with nogil:
         for k in range(first, first + count):
+            if k > first and tile_offsets[k] < tile_offsets[k - 1]:
+                back = k
+                break
             rel = tile_offsets[k] - base
             if rel > cap - 4 or tile_sizes[k] > cap - 4 - rel:
                 bad = k
                 break
+    if back >= 0:
+        raise ValueError(f"tile {back - first} of the run (offset {tile_offsets[back]}) lies before the tile "
+                         f"ahead of it (offset {tile_offsets[back - 1]}): a run's offsets must not go backwards")
     if bad >= 0:
         raise ValueError(f"tile {bad - first} of the run (offset {tile_offsets[bad]}, {tile_sizes[bad]} bytes) "
                          f"lies outside the {cap}-byte buffer of a run starting at {base}")
@@ -244,6 +270,8 @@ def pack_tiles(list tiles):
     cdef Py_ssize_t n = len(tiles), k
     cdef uint64_t total = 0
     for t in tiles:
+        if not isinstance(t, (bytes, bytearray)):
+            raise TypeError(f"tiles must be bytes, not {type(t).__name__}")
         total += 4 + len(t)
     buf = bytearray(total)
     offs = np.empty(n, dtype=np.uint64)

@@ -1,20 +1,22 @@
 """Opening a source cache: a compact cache folder (V1 or V2) or a .tpk / .tpkx / .vtpk read in place.
 
-A cache is a tile scheme plus bundles. Bundles are found by name; their bytes are mmapped (a
-folder's .bundle files, or a stored entry of a package, which is a byte range of the zip) and only
-deflated package entries are decompressed into memory. Indexes are parsed by the compiled core
-into (offsets, sizes) arrays relative to the bundle's own first byte.
+A cache is a tile scheme plus bundles. Bundles are found by name and read with pread
+(tilecrate.sourcefiles): nothing is mapped, so a file truncated or overwritten under a running
+server is an error for that request, never SIGBUS. Every read validates the file as it is now
+(device, inode, size, mtime): parsed indexes are kept in a small LRU keyed by that identity, so a
+replaced bundle is re-read, and a bundle that changes during one read is a BundleError naming it.
+Folders are listed again (per level, at most once per `RELIST_SECONDS`) when asked for a bundle
+that is not known, so new bundles appear and removed ones disappear while the cache is open.
+Bundle names off the 128-tile grid, and entries that are not regular files, are refused with a
+warning in `Cache.warnings`.
 """
 from __future__ import annotations
 
 import json
-import mmap
 import os
-import struct
 import threading
+import time
 import xml.etree.ElementTree as ET
-import zipfile
-from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple
@@ -23,6 +25,19 @@ import numpy as np
 
 from tilecrate import _bundle
 from tilecrate.errors import BundleError, CacheError
+from tilecrate.sourcefiles import (
+    FileId,
+    FileRange,
+    FolderStore,
+    Gone,
+    Source,
+    Stale,
+    ZipStore,
+    changed,
+    file_id,
+    open_regular,
+    read_regular,
+)
 from tilecrate.tiling import (
     LOD,
     PACKET,
@@ -38,7 +53,11 @@ COMPACT_V1 = "esriMapCacheStorageModeCompact"
 COMPACT_V2 = "esriMapCacheStorageModeCompactV2"
 EXPLODED = "esriMapCacheStorageModeExploded"
 _INDEX_CACHE_SIZE = 64
-_DEFLATED_CACHE_SIZE = 8
+RELIST_SECONDS = 1.0              # a folder level (or a package) is listed again at most this often
+MAX_POSITION = (1 << 31) - PACKET  # bundle rows/columns past this are refused (V1 headers hold uint32)
+_MAX_WARNINGS = 1000
+
+__all__ = ["BundleData", "BundleReader", "BundleRef", "Cache", "FileRange", "open_cache"]
 
 
 class BundleRef(NamedTuple):
@@ -49,15 +68,58 @@ class BundleRef(NamedTuple):
     col0: int
 
 
+class _FileBytes:
+    """A bundle's bytes read on demand from one open file: slicing preads and checks the file is
+    still the version the index was read from (BundleError otherwise). Stands where a mapping stood."""
+
+    def __init__(self, src: Source):
+        self._src = src
+        self.nbytes = src.length
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def __getitem__(self, key) -> bytes:
+        if isinstance(key, int):
+            return self[key:key + 1][0] if key >= 0 else self[self.nbytes + key]
+        start, stop, step = key.indices(self.nbytes)
+        if step != 1:
+            raise ValueError("bundle bytes are read in contiguous slices")
+        data = self._src.pread(start, max(0, stop - start))
+        self._src.check()
+        return data
+
+    def __bytes__(self) -> bytes:
+        return self[:]
+
+    def tobytes(self) -> bytes:
+        """The whole bundle (for small bundles and tests)."""
+        return self[:]
+
+    def cast(self, fmt: str) -> memoryview:
+        """The whole bundle in memory as a memoryview (callers that need a buffer)."""
+        return memoryview(self[:]).cast(fmt)
+
+    def release(self) -> None:
+        """Kept for callers written for a mapping; the file closes with its BundleData."""
+
+
 @dataclass
 class BundleData:
-    """One bundle's bytes and parsed index; `buf` stays valid until `close()`."""
+    """One bundle's parsed index and access to its bytes (`buf`: sliceable; a memoryview for
+    in-memory bundles, file reads for files); close() when done."""
 
     ref: BundleRef
-    buf: memoryview
+    buf: object
     offsets: np.ndarray
     sizes: np.ndarray
     _closer: object = None
+    where: FileRange | None = None        # the file the index was read from (None: memory only)
+
+    @property
+    def length(self) -> int:
+        """Bytes of the .bundle."""
+        return len(self.buf) if not isinstance(self.buf, memoryview) else self.buf.nbytes
 
     def tile(self, row: int, col: int) -> bytes | None:
         """Bytes of a tile of this bundle (absolute row/col), or None if absent."""
@@ -71,8 +133,9 @@ class BundleData:
         return bytes(self.buf[off:off + size])
 
     def close(self) -> None:
-        """Release the mapping (safe to call twice)."""
-        self.buf.release()
+        """Close the file (safe to call twice)."""
+        if isinstance(self.buf, memoryview):
+            self.buf.release()
         if self._closer is not None:
             self._closer.close()
             self._closer = None
@@ -86,12 +149,10 @@ class BundleData:
 
 @dataclass
 class _Loc:
-    """Where a bundle's bytes live: a folder file, or a zip entry (stored or deflated)."""
+    """Where a bundle's bytes live: a folder file, or a zip entry name."""
 
     bundle: str                      # file path, or zip entry name
     bundlx: str | None = None        # V1 only
-    size: int = 0                    # bytes of the .bundle
-    mtime: float = 0.0
 
 
 @dataclass
@@ -107,122 +168,248 @@ class Cache:
     compression_quality: int
     full_extent: Extent | None
     initial_extent: Extent | None
-    _store: "_Store" = field(repr=False)
+    _store: object = field(repr=False)
     _bundles: dict = field(repr=False)   # level -> {(row0, col0): _Loc}
+    _tiles_dir: str | None = field(default=None, repr=False)   # folder: the level folders' parent
+    _tiles_prefix: str | None = field(default=None, repr=False)  # package: the level folders' prefix
+    warnings: list = field(default_factory=list)     # bundles refused (names off the grid, not files)
     _index_cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _level_dirs: dict = field(default_factory=dict, repr=False)
+    _listed: dict = field(default_factory=dict, repr=False)    # level (or None: levels) -> monotonic time
+    _warned: set = field(default_factory=set, repr=False)
 
     @property
     def version(self) -> int:
         """1 for compact V1 bundles, 2 for compact V2."""
         return 1 if self.storage_format == COMPACT_V1 else 2
 
+    # -- listing -------------------------------------------------------------------------------
+
+    def _stale(self, key) -> bool:
+        return time.monotonic() - self._listed.get(key, float("-inf")) >= RELIST_SECONDS
+
+    def _warn(self, message: str) -> None:
+        with self._lock:
+            if message not in self._warned and len(self.warnings) < _MAX_WARNINGS:
+                self._warned.add(message)
+                self.warnings.append(message)
+
+    def _refresh_levels(self) -> None:
+        """List the level folders again (folder caches) or re-read a replaced package's directory."""
+        with self._lock:
+            if not self._stale(None):
+                return
+            self._listed[None] = time.monotonic()
+            if self._tiles_dir is None:
+                self._refresh_package(check=True)
+                return
+            dirs = _level_dirs(self._tiles_dir)
+            for lv in list(self._bundles):
+                if lv not in dirs:
+                    del self._bundles[lv]
+            self._level_dirs = dirs
+            for lv in dirs:
+                if lv not in self._bundles:
+                    self._refresh_level(lv, force=True)
+
+    def _refresh_level(self, level: int, force: bool = False) -> None:
+        if self._tiles_dir is None:
+            return               # packages are listed whole (_refresh_levels), and checked on every read
+        with self._lock:
+            if not force and not self._stale(level):
+                return
+            self._listed[level] = time.monotonic()
+            path = self._level_dirs.get(level)
+            found = _list_level(path, self._warn) if path is not None else {}
+            if found:
+                self._bundles[level] = found
+            else:
+                self._bundles.pop(level, None)
+
+    def _refresh_package(self, check: bool) -> None:
+        """Re-read the central directory when the package file is not the one listed."""
+        with self._lock:
+            if check:
+                try:
+                    now = file_id(os.stat(self.path))
+                except OSError:
+                    return           # gone: every read reports it
+                if now == self._store.fid:
+                    return
+            store = ZipStore(self.path)
+            self._store = store
+            self._bundles = _list_package(store, self._tiles_prefix, self._warn)
+            self._index_cache.clear()
+            self._listed[None] = time.monotonic()
+
+    def _forget(self, ref: BundleRef) -> None:
+        with self._lock:
+            found = self._bundles.get(ref.level)
+            if found is not None:
+                found.pop((ref.row0, ref.col0), None)
+                if not found:
+                    del self._bundles[ref.level]
+            self._index_cache.pop(ref, None)
+
     @property
     def levels(self) -> list[int]:
         """LevelIDs that have at least one bundle, ascending."""
-        return sorted(lv for lv, b in self._bundles.items() if b)
+        self._refresh_levels()
+        with self._lock:
+            return sorted(lv for lv, b in self._bundles.items() if b)
 
     def bundles(self, level: int | None = None) -> list[BundleRef]:
         """Bundles present, of one level or of all levels, sorted by level, row, col."""
         levels = [level] if level is not None else self.levels
         out = []
         for lv in levels:
-            out.extend(BundleRef(lv, r, c) for r, c in sorted(self._bundles.get(lv, {})))
+            self._refresh_level(lv)
+            with self._lock:
+                keys = sorted(self._bundles.get(lv, {}))
+            out.extend(BundleRef(lv, r, c) for r, c in keys)
         return out
 
     def has_bundle(self, ref: BundleRef) -> bool:
-        """Whether this bundle exists in the cache."""
-        return (ref.row0, ref.col0) in self._bundles.get(ref.level, {})
+        """Whether this bundle exists in the cache (a bundle not known yet is looked for again,
+        at most once per RELIST_SECONDS per level)."""
+        with self._lock:
+            if (ref.row0, ref.col0) in self._bundles.get(ref.level, {}):
+                return True
+        if self._tiles_dir is not None:
+            self._refresh_levels()
+            self._refresh_level(ref.level)
+        else:
+            self._refresh_levels()
+        with self._lock:
+            return (ref.row0, ref.col0) in self._bundles.get(ref.level, {})
 
-    def bundle_file_size(self, ref: BundleRef) -> int:
-        """Size in bytes of the .bundle file (without .bundlx)."""
-        return self._loc(ref).size
-
-    def bundle_key(self, ref: BundleRef) -> tuple[str, int, float]:
-        """(location, size, mtime) identifying this bundle's current content, for caching indexes."""
-        loc = self._loc(ref)
-        return f"{self.path}::{loc.bundle}", loc.size, loc.mtime
+    def _loc(self, ref: BundleRef) -> _Loc:
+        with self._lock:
+            loc = self._bundles.get(ref.level, {}).get((ref.row0, ref.col0))
+        if loc is None and self.has_bundle(ref):
+            with self._lock:
+                loc = self._bundles.get(ref.level, {}).get((ref.row0, ref.col0))
+        if loc is None:
+            raise CacheError(f"{self.path}: no bundle at level {ref.level}, row {ref.row0}, column {ref.col0}")
+        return loc
 
     def bundle_label(self, ref: BundleRef) -> str:
         """A readable name for messages: the bundle's path (inside the package for packages)."""
         loc = self._loc(ref)
         return loc.bundle if self.kind == "folder" else f"{self.path}!{loc.bundle}"
 
-    def bundle_file(self, ref: BundleRef) -> tuple[str, int, int] | None:
-        """(file, offset of the bundle's first byte in it, the file's size) for reading the bundle with
-        plain reads; None where the bytes exist only in memory (a deflated package entry)."""
-        loc = self._loc(ref)
-        return self._store.file_range(loc.bundle, loc.size)
+    # -- reading -------------------------------------------------------------------------------
 
-    def _loc(self, ref: BundleRef) -> _Loc:
-        try:
-            return self._bundles[ref.level][(ref.row0, ref.col0)]
-        except KeyError:
-            raise CacheError(f"{self.path}: no bundle at level {ref.level}, row {ref.row0}, column {ref.col0}") from None
+    def _open(self, ref: BundleRef) -> Source:
+        """Open a bundle for one read; a replaced package is listed again (once), a removed bundle
+        is forgotten (Gone)."""
+        for attempt in (0, 1):
+            loc = self._loc(ref)
+            label = loc.bundle if self.kind == "folder" else f"{self.path}!{loc.bundle}"
+            try:
+                return self._store.open(loc.bundle, loc.bundlx, label)
+            except Stale:
+                if attempt:
+                    raise
+                self._refresh_package(check=False)
+            except Gone:
+                self._forget(ref)
+                raise
+        raise AssertionError("unreachable")
 
-    def _parse(self, ref: BundleRef, buf: memoryview) -> tuple[np.ndarray, np.ndarray]:
-        loc = self._loc(ref)
-        label = self.bundle_label(ref)
-        if loc.bundlx is not None:
-            bx = self._store.read_small(loc.bundlx)
-            return _bundle.parse_v1(bx, buf, label)
-        return _bundle.parse_v2(buf, label)
-
-    def index(self, ref: BundleRef) -> tuple[np.ndarray, np.ndarray]:
-        """(offsets, sizes) of a bundle, row-major 16 384 entries; kept in a small LRU.
-
-        A V2 index is read with one plain read of the header and index (no mapping: cheaper, and a
-        file truncated under a running server gives an error, not SIGBUS); V1 needs the tiles'
-        size prefixes, so the bundle is mapped.
-        """
+    def _index_of(self, ref: BundleRef, src: Source) -> tuple[np.ndarray, np.ndarray]:
+        """The index of the bundle `src` reads, from the LRU when its identity matches."""
         with self._lock:
             hit = self._index_cache.get(ref)
-            if hit is not None:
+            if hit is not None and hit[0] == src.key:
                 self._index_cache.move_to_end(ref)
-                return hit
-        loc = self._loc(ref)
-        if loc.bundlx is not None:
-            with self.open_bundle(ref) as data:
-                return data.offsets, data.sizes
-        label = self.bundle_label(ref)
-        head, file_size = self._store.head(loc.bundle, _bundle.V2_DATA_START, label)
-        result = _bundle.parse_v2_index(head, file_size, label)
-        self._remember(ref, result)
-        return result
-
-    def _remember(self, ref: BundleRef, index: tuple[np.ndarray, np.ndarray]) -> None:
+                return hit[1], hit[2]
+        if src.bundlx is not None:
+            if src.memory is not None:
+                offsets, sizes = _bundle.parse_v1(src.bundlx, src.memory, src.label)
+            else:
+                offsets, sizes = _bundle.parse_v1_fd(src.bundlx, src.fd, src.base, src.length, src.label)
+        else:
+            head = src.pread(0, min(_bundle.V2_DATA_START, src.length))
+            offsets, sizes = _bundle.parse_v2_index(head, src.length, src.label)
+        src.check()
         with self._lock:
-            self._index_cache[ref] = index
+            self._index_cache[ref] = (src.key, offsets, sizes, src.where)
             self._index_cache.move_to_end(ref)
             while len(self._index_cache) > _INDEX_CACHE_SIZE:
                 self._index_cache.popitem(last=False)
+        return offsets, sizes
+
+    def index_with_key(self, ref: BundleRef) -> tuple[tuple, np.ndarray, np.ndarray]:
+        """(identity of the version read, offsets, sizes) of a bundle: its index as it is now."""
+        with self._open(ref) as src:
+            offsets, sizes = self._index_of(ref, src)
+            return src.key, offsets, sizes
+
+    def index(self, ref: BundleRef) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets, sizes) of a bundle as it is now, row-major 16 384 entries (kept in a small LRU
+        keyed by the file's identity: a replaced bundle is read again)."""
+        return self.index_with_key(ref)[1:]
+
+    def bundle_key(self, ref: BundleRef) -> tuple[str, tuple]:
+        """(location, identity of the bundle's current content), for keeping indexes elsewhere."""
+        loc = self._loc(ref)
+        with self._open(ref) as src:
+            return f"{self.path}::{loc.bundle}", src.key
+
+    def bundle_file_size(self, ref: BundleRef) -> int:
+        """Size in bytes of the .bundle (without .bundlx), as it is now."""
+        with self._open(ref) as src:
+            return src.length
+
+    def bundle_file(self, ref: BundleRef) -> FileRange | None:
+        """(file, offset of the bundle's first byte in it, the file's size) of the version whose index
+        was read last (`FileRange.file_id` names it), for plain reads; None where the bytes exist only
+        in memory (a deflated package entry). Prefer `BundleData.where` of an open bundle."""
+        with self._lock:
+            hit = self._index_cache.get(ref)
+        if hit is None:
+            with self._open(ref) as src:
+                self._index_of(ref, src)
+                return src.where
+        return hit[3]
 
     def open_bundle(self, ref: BundleRef) -> BundleData:
-        """Map a bundle and parse its index; close the result when done with the bytes."""
-        loc = self._loc(ref)
-        buf, closer = self._store.map(loc.bundle, self.bundle_label(ref))
+        """The bundle's index as it is now and its bytes (read on demand from the same open file;
+        no mapping); close the result when done with the bytes."""
+        src = self._open(ref)
         try:
-            offsets, sizes = self._parse(ref, buf)
+            offsets, sizes = self._index_of(ref, src)
+            if src.memory is not None:
+                src.close()
+                return BundleData(ref, memoryview(src.memory), offsets, sizes, None, None)
+            return BundleData(ref, _FileBytes(src), offsets, sizes, src, src.where)
         except BaseException:
-            buf.release()
-            if closer is not None:
-                closer.close()
+            src.close()
             raise
-        self._remember(ref, (offsets, sizes))
-        return BundleData(ref, buf, offsets, sizes, closer)
 
     def tile(self, level: int, row: int, col: int) -> bytes | None:
-        """Bytes of one tile, or None where the cache has none."""
+        """Bytes of one tile as the file holds it now, or None where the cache has none."""
+        if row < 0 or col < 0:
+            return None
         r0, c0 = bundle_origin(row, col)
         ref = BundleRef(level, r0, c0)
-        if row < 0 or col < 0 or not self.has_bundle(ref):
+        if not self.has_bundle(ref):
             return None
-        offsets, sizes = self.index(ref)
-        i = (row - r0) * PACKET + (col - c0)
-        size = int(sizes[i])
-        if size == 0:
+        try:
+            src = self._open(ref)
+        except Gone:
             return None
-        return self._store.read_at(self._loc(ref).bundle, int(offsets[i]), size, self.bundle_label(ref))
+        with src:
+            offsets, sizes = self._index_of(ref, src)
+            i = (row - r0) * PACKET + (col - c0)
+            size = int(sizes[i])
+            if size == 0:
+                return None
+            data = src.pread(int(offsets[i]), size)
+            src.check()
+            return data
 
     def iter_tiles(self, level: int | None = None) -> Iterator[tuple[int, int, int, bytes]]:
         """(level, row, col, bytes) of every tile, bundle by bundle, row-major inside bundles."""
@@ -278,8 +465,10 @@ class Cache:
         return None if rmin is None else (rmin, rmax, cmin, cmax)
 
     def close(self) -> None:
-        """Close the underlying files."""
+        """Drop what is kept between reads (no file stays open)."""
         self._store.close()
+        with self._lock:
+            self._index_cache.clear()
 
     def __enter__(self) -> "Cache":
         return self
@@ -289,28 +478,37 @@ class Cache:
 
 
 class BundleReader:
-    """Plain reads from the file holding a bundle, refusing a file whose size changed since the
-    bundle's index was read (a changed bundle must be an error, never wrong bytes)."""
+    """Plain reads from the file holding a bundle, each checked against the version whose index was
+    read (`where.file_id` when known, else its size): a changed bundle is an error, never wrong bytes."""
 
     def __init__(self, where: tuple[str, int, int], label: str):
         self.path, self.base, size = where
         self.label = label
-        self._f = open(self.path, "rb", buffering=0)
-        if os.fstat(self._f.fileno()).st_size != size:
+        self._fd, st = open_regular(self.path, label)
+        self._id = getattr(where, "file_id", None)
+        now = file_id(st)
+        if (self._id is not None and now != self._id) or now[2] != size:
             self.close()
-            raise self._changed()
-
-    def _changed(self) -> BundleError:
-        return BundleError(f"{self.label}: the file changed while it was being exported")
+            raise changed(label)
+        self._id = now
 
     def read_into(self, view: memoryview, offset: int) -> None:
-        """Fill `view` from `offset` of the bundle (GIL released in the read)."""
-        if os.preadv(self._f.fileno(), [view], self.base + offset) != len(view):
-            raise self._changed()
+        """Fill `view` from `offset` of the bundle (GIL released in the read), then check the file."""
+        n = len(view)
+        done = 0
+        while done < n:
+            got = os.preadv(self._fd, [view[done:]], self.base + offset + done)
+            if got <= 0:
+                raise changed(self.label)
+            done += got
+        if file_id(os.fstat(self._fd)) != self._id:
+            raise changed(self.label)
 
     def close(self) -> None:
-        """Close the file."""
-        self._f.close()
+        """Close the file (safe to call twice)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self) -> "BundleReader":
         return self
@@ -320,179 +518,75 @@ class BundleReader:
 
 
 # --------------------------------------------------------------------------------------------
-# storage backends
+# listing
 
 
-class _Store(ABC):
-    """Byte access to the files of a cache: a folder, or the entries of a package."""
-
-    @abstractmethod
-    def map(self, name: str, label: str) -> tuple[memoryview, object]:
-        """A view of a bundle's bytes and the object to close when done with it (or None)."""
-
-    @abstractmethod
-    def read_small(self, name: str) -> bytes:
-        """The whole content of a small file (metadata, .bundlx)."""
-
-    @abstractmethod
-    def file_range(self, name: str, size: int) -> tuple[str, int, int] | None:
-        """(file, offset, file size) holding a bundle's bytes on disk, or None if only in memory."""
-
-    @abstractmethod
-    def head(self, name: str, length: int, label: str) -> tuple[bytes, int]:
-        """(up to `length` first bytes of a bundle, the bundle's whole size)."""
-
-    @abstractmethod
-    def read_at(self, name: str, offset: int, length: int, label: str) -> bytes:
-        """`length` bytes of a bundle from `offset` (BundleError if the bundle is shorter now)."""
-
-    def close(self) -> None:
-        """Release files and mappings."""
+def _on_grid(rc: tuple[int, int]) -> bool:
+    r, c = rc
+    return r % PACKET == 0 and c % PACKET == 0 and 0 <= r <= MAX_POSITION and 0 <= c <= MAX_POSITION
 
 
-class _FolderStore(_Store):
-    def map(self, name: str, label: str) -> tuple[memoryview, object]:
+def _level_dirs(tiles_dir: str) -> dict[int, str]:
+    out = {}
+    try:
+        with os.scandir(tiles_dir) as it:
+            for e in it:
+                level = parse_level_dir(e.name)
+                if level is not None and e.is_dir():
+                    out[level] = e.path
+    except OSError:
+        pass
+    return out
+
+
+def _list_level(path: str, warn: Callable[[str], None]) -> dict:
+    """{(row0, col0): _Loc} of a level folder's bundles; names off the grid and non-files refused."""
+    try:
+        with os.scandir(path) as files:
+            entries = {e.name: e for e in files}
+    except OSError:
+        return {}
+    lower = {n.lower(): n for n in entries}
+    found = {}
+    for n, entry in entries.items():
+        rc = parse_bundle_name(n)
+        if rc is None:
+            continue
+        if not _on_grid(rc):
+            warn(f"{entry.path}: not a bundle of the 128-tile grid (row and column must be multiples of 128); skipped")
+            continue
         try:
-            f = open(name, "rb")
-        except OSError as e:
-            raise CacheError(f"{label}: cannot open ({e.strerror})") from None
-        with f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                raise BundleError(f"{label}: the file is empty")
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return memoryview(mm), mm
-
-    def file_range(self, name: str, size: int) -> tuple[str, int, int] | None:
-        return name, 0, size
-
-    def _open(self, name: str, label: str) -> int:
-        try:
-            return os.open(name, os.O_RDONLY)
-        except OSError as e:
-            raise CacheError(f"{label}: cannot open ({e.strerror})") from None
-
-    def head(self, name: str, length: int, label: str) -> tuple[bytes, int]:
-        fd = self._open(name, label)
-        try:
-            size = os.fstat(fd).st_size
-            if size == 0:
-                raise BundleError(f"{label}: the file is empty")
-            return os.pread(fd, min(length, size), 0), size
-        except OSError as e:
-            raise CacheError(f"{label}: cannot read ({e.strerror})") from None
-        finally:
-            os.close(fd)
-
-    def read_at(self, name: str, offset: int, length: int, label: str) -> bytes:
-        fd = self._open(name, label)
-        try:
-            data = os.pread(fd, length, offset)
-        except OSError as e:
-            raise CacheError(f"{label}: cannot read ({e.strerror})") from None
-        finally:
-            os.close(fd)
-        if len(data) != length:
-            raise BundleError(f"{label}: the file ends before the tile at offset {offset} "
-                              f"({length} bytes); it changed after its index was read")
-        return data
-
-    def read_small(self, name: str) -> bytes:
-        try:
-            with open(name, "rb") as f:
-                return f.read()
-        except OSError as e:
-            raise CacheError(f"{name}: cannot read ({e.strerror})") from None
+            regular = entry.is_file()
+        except OSError:
+            regular = False
+        if not regular:
+            warn(f"{entry.path}: not a regular file; skipped")
+            continue
+        bx = lower.get(n.lower()[:-1] + "x")
+        found[rc] = _Loc(entry.path, os.path.join(path, bx) if bx else None)
+    return found
 
 
-class _ZipStore(_Store):
-    """Entries of a zip: stored ones are slices of one mmap, deflated ones are inflated once."""
-
-    def __init__(self, path: str, zf: zipfile.ZipFile):
-        self.path = path
-        self.zf = zf
-        self._zf_lock = threading.Lock()
-        self.infos = {i.filename: i for i in zf.infolist()}
-        self._file = open(path, "rb")
-        self.file_size = os.fstat(self._file.fileno()).st_size
-        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-        self._inflated: OrderedDict[str, bytes] = OrderedDict()
-
-    def data_range(self, name: str) -> tuple[int, int]:
-        """(offset, length) of a stored entry's bytes in the zip file."""
-        info = self.infos[name]
-        hdr = self._mm[info.header_offset:info.header_offset + 30]
-        if len(hdr) < 30 or hdr[:4] != b"PK\x03\x04":
-            raise CacheError(f"{self.path}!{name}: bad local file header")
-        name_len, extra_len = struct.unpack("<HH", hdr[26:30])
-        start = info.header_offset + 30 + name_len + extra_len
-        if start + info.compress_size > self.file_size:
-            raise BundleError(f"{self.path}!{name}: entry runs past the end of the package (truncated download?)")
-        return start, info.compress_size
-
-    def file_range(self, name: str, size: int) -> tuple[str, int, int] | None:
-        if self.infos[name].compress_type != zipfile.ZIP_STORED:
-            return None
-        start, _ = self.data_range(name)
-        return self.path, start, self.file_size
-
-    def head(self, name: str, length: int, label: str) -> tuple[bytes, int]:
-        view, _ = self.map(name, label)
-        try:
-            return bytes(view[:length]), view.nbytes
-        finally:
-            view.release()
-
-    def read_at(self, name: str, offset: int, length: int, label: str) -> bytes:
-        view, _ = self.map(name, label)
-        try:
-            if offset + length > view.nbytes:
-                raise BundleError(f"{label}: the tile at offset {offset} ({length} bytes) is past the entry's end")
-            return bytes(view[offset:offset + length])
-        finally:
-            view.release()
-
-    def map(self, name: str, label: str) -> tuple[memoryview, object]:
-        info = self.infos[name]
-        if info.compress_type == zipfile.ZIP_STORED:
-            start, length = self.data_range(name)
-            if length == 0:
-                raise BundleError(f"{label}: the entry is empty")
-            return memoryview(self._mm)[start:start + length], None
-        data = self._inflate(name, label)
-        return memoryview(data), None
-
-    def _inflate(self, name: str, label: str) -> bytes:
-        with self._zf_lock:
-            data = self._inflated.get(name)
-            if data is not None:
-                self._inflated.move_to_end(name)
-                return data
-            try:
-                data = self.zf.read(name)
-            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-                raise BundleError(f"{label}: cannot inflate the entry ({e})") from None
-            if not data:
-                raise BundleError(f"{label}: the entry is empty")
-            self._inflated[name] = data
-            while len(self._inflated) > _DEFLATED_CACHE_SIZE:
-                self._inflated.popitem(last=False)
-            return data
-
-    def read_small(self, name: str) -> bytes:
-        with self._zf_lock:
-            try:
-                return self.zf.read(name)
-            except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as e:
-                raise CacheError(f"{self.path}!{name}: cannot read ({e})") from None
-
-    def close(self) -> None:
-        try:
-            self._mm.close()
-        except BufferError:
-            pass  # a BundleData still holds a slice; the mapping goes when it is released
-        self._file.close()
-        self.zf.close()
+def _list_package(store: ZipStore, prefix: str, warn: Callable[[str], None]) -> dict:
+    bundles: dict[int, dict] = {}
+    lower = {n.lower(): n for n in store.infos}
+    for n in store.infos:
+        if not n.startswith(prefix):
+            continue
+        parts = n[len(prefix):].split("/")
+        if len(parts) != 2:
+            continue
+        level = parse_level_dir(parts[0])
+        rc = parse_bundle_name(parts[1])
+        if level is None or rc is None:
+            continue
+        if not _on_grid(rc):
+            warn(f"{store.path}!{n}: not a bundle of the 128-tile grid (row and column must be multiples of 128); "
+                 "skipped")
+            continue
+        bx = lower.get(n.lower()[:-1] + "x")
+        bundles.setdefault(level, {})[rc] = _Loc(n, bx)
+    return bundles
 
 
 # --------------------------------------------------------------------------------------------
@@ -677,11 +771,13 @@ def open_cache(path: str | os.PathLike) -> Cache:
         raise CacheError(f"{path}: no such file or folder")
     if os.path.isdir(path):
         return _open_folder(path)
+    fd, _ = open_regular(path, path)       # a FIFO or device is refused here, never waited on
     try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
+        magic = os.pread(fd, 4, 0)
     except OSError as e:
         raise CacheError(f"{path}: cannot read ({e.strerror})") from None
+    finally:
+        os.close(fd)
     if magic[:2] != b"PK":
         raise CacheError(f"{path}: not a tile package (not a zip file) and not a cache folder")
     return _open_zip(path)
@@ -713,17 +809,14 @@ def _open_folder(path: str) -> Cache:
                 conf = _find_conf(root)
                 break
     if conf is not None:
-        with open(conf, "rb") as f:
-            meta = parse_conf_xml(f.read(), conf)
+        meta = parse_conf_xml(read_regular(conf, conf), conf)
         cdi = os.path.join(root, "conf.cdi")
         if os.path.isfile(cdi):
-            with open(cdi, "rb") as f:
-                meta.full_extent = parse_conf_cdi(f.read(), cdi, meta.scheme.spatial_ref)
+            meta.full_extent = parse_conf_cdi(read_regular(cdi, cdi), cdi, meta.scheme.spatial_ref)
         tiles_dir = os.path.join(root, "_alllayers")
         label = conf
     elif os.path.isfile(root_json):
-        with open(root_json, "rb") as f:
-            meta, tbp = parse_root_json(f.read(), root_json)
+        meta, tbp = parse_root_json(read_regular(root_json, root_json), root_json)
         tiles_dir = os.path.normpath(os.path.join(root, tbp))
         label = root_json
     else:
@@ -731,29 +824,24 @@ def _open_folder(path: str) -> Cache:
     _check_storage(meta, label)
     if not os.path.isdir(tiles_dir):
         raise CacheError(f"{path}: no tile folder ({os.path.basename(tiles_dir)}) next to {os.path.basename(label)}")
-    bundles: dict[int, dict] = {}
-    with os.scandir(tiles_dir) as levels:
-        for lvl in levels:
-            level = parse_level_dir(lvl.name)
-            if level is None or not lvl.is_dir():
-                continue
-            found = {}
-            with os.scandir(lvl.path) as files:
-                names = {e.name: e for e in files}
-            lower = {n.lower(): n for n in names}
-            for n, entry in names.items():
-                rc = parse_bundle_name(n)
-                if rc is None:
-                    continue
-                st = entry.stat()
-                bx = lower.get(n.lower()[:-1] + "x")
-                found[rc] = _Loc(entry.path, os.path.join(lvl.path, bx) if bx else None, st.st_size, st.st_mtime)
-            if found:
-                bundles[level] = found
     name = os.path.basename(os.path.normpath(root))
     if name.lower() == "layers":
         name = os.path.basename(os.path.dirname(os.path.normpath(root))) or name
-    return _make_cache(os.path.abspath(path), "folder", meta.name or name, meta, _FolderStore(), bundles, label)
+    warnings: list[str] = []
+    dirs = _level_dirs(tiles_dir)
+    bundles = {}
+    for level, lpath in dirs.items():
+        found = _list_level(lpath, warnings.append)
+        if found:
+            bundles[level] = found
+    cache = _make_cache(os.path.abspath(path), "folder", meta.name or name, meta, FolderStore(), bundles, label)
+    cache._tiles_dir = tiles_dir
+    cache._level_dirs = dirs
+    now = time.monotonic()
+    cache._listed = {None: now, **{lv: now for lv in dirs}}
+    for w in warnings:
+        cache._warn(w)
+    return cache
 
 
 def _display_name(name: str) -> str:
@@ -765,15 +853,7 @@ def _display_name(name: str) -> str:
 
 
 def _open_zip(path: str) -> Cache:
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise CacheError(f"{path}: not a readable zip package ({e})") from None
-    try:
-        store = _ZipStore(path, zf)
-    except (OSError, ValueError) as e:
-        zf.close()
-        raise CacheError(f"{path}: cannot map the package ({e})") from None
+    store = ZipStore(path)
     try:
         return _open_zip_store(path, store)
     except BaseException:
@@ -781,7 +861,7 @@ def _open_zip(path: str) -> Cache:
         raise
 
 
-def _open_zip_store(path: str, store: _ZipStore) -> Cache:
+def _open_zip_store(path: str, store: ZipStore) -> Cache:
     names = list(store.infos)
     ext = os.path.splitext(path)[1].lower()
     root_jsons = [n for n in names if n.rsplit("/", 1)[-1] == "root.json"
@@ -817,29 +897,15 @@ def _open_zip_store(path: str, store: _ZipStore) -> Cache:
         if meta.name is None and base:
             meta.name = _display_name(base.rstrip("/").rsplit("/", 1)[-1])
     _check_storage(meta, label)
-    bundles: dict[int, dict] = {}
-    lower = {n.lower(): n for n in names}
-    for n in names:
-        if not n.startswith(tiles_prefix):
-            continue
-        parts = n[len(tiles_prefix):].split("/")
-        if len(parts) != 2:
-            continue
-        level = parse_level_dir(parts[0])
-        rc = parse_bundle_name(parts[1])
-        if level is None or rc is None:
-            continue
-        bx = lower.get(n.lower()[:-1] + "x")
-        bundles.setdefault(level, {})[rc] = _Loc(n, bx, store.infos[n].file_size, 0.0)
-    try:
-        mtime = os.stat(path).st_mtime
-    except OSError:
-        mtime = 0.0
-    for found in bundles.values():
-        for loc in found.values():
-            loc.mtime = mtime
+    warnings: list[str] = []
+    bundles = _list_package(store, tiles_prefix, warnings.append)
     name = meta.name or os.path.splitext(os.path.basename(path))[0]
-    return _make_cache(os.path.abspath(path), kind, name, meta, store, bundles, label)
+    cache = _make_cache(os.path.abspath(path), kind, name, meta, store, bundles, label)
+    cache._tiles_prefix = tiles_prefix
+    cache._listed = {None: time.monotonic()}
+    for w in warnings:
+        cache._warn(w)
+    return cache
 
 
 def _join_zip(base: str, rel: str) -> str:
@@ -857,13 +923,8 @@ def _make_cache(path, kind, name, meta: _Meta, store, bundles, label) -> Cache:
         # conf.xml says V1, but no .bundlx exists: trust the files if the bundles are V2
         sample_level = min(bundles)
         sample = next(iter(bundles[sample_level].values()))
-        buf, closer = store.map(sample.bundle, label)
-        try:
-            problem = _bundle.v2_header_problem(buf)
-        finally:
-            buf.release()
-            if closer is not None:
-                closer.close()
+        with store.open(sample.bundle, None, label) as src:
+            problem = _bundle.v2_header_problem(src.pread(0, min(_bundle.V2_DATA_START, src.length)))
         if problem is not None:
             raise CacheError(f"{label}: the cache is compact V1 but {sample.bundle} has no .bundlx index next to it")
     return Cache(path, kind, name, meta.scheme, storage, meta.tile_format, meta.quality,

@@ -1,9 +1,11 @@
 """Which tiles each bundle holds, kept in LMDB so repeated estimates need not reread bundle indexes.
 
-A record is keyed by the bundle's identity (location, byte size, mtime: `Cache.bundle_key`), so a
-rewritten bundle gets a new key and stale records are never used. The value is a presence bitmap
-(16 384 bits, row-major) followed by the sizes of the present tiles (uint32 each): from it the
-full `sizes` array of the index is rebuilt exactly. Misses are read from the bundle and written
+A record is keyed by the bundle's location and the identity of its content (device, inode, size,
+mtime_ns of the file, and of the .bundlx for V1: `Cache.bundle_key`), so a rewritten or replaced
+bundle gets a new key and stale records are never used; a miss is stored under the identity of the
+version its index was actually read from (`Cache.index_with_key`), never under an older one.
+The value is a presence bitmap (16 384 bits, row-major) followed by the sizes of the present
+tiles (uint32 each): from it the full `sizes` array of the index is rebuilt exactly. Misses are read from the bundle and written
 back in one transaction per batch.
 """
 from __future__ import annotations
@@ -24,10 +26,10 @@ _MAGIC = b"TCP1"
 _BITMAP = N // 8
 
 
-def _key(bundle_key: tuple[str, int, float]) -> bytes:
-    where, size, mtime = bundle_key
+def _key(bundle_key: tuple[str, tuple]) -> bytes:
+    where, identity = bundle_key
     # LMDB keys are at most 511 bytes; paths can be longer, so hash them
-    return hashlib.blake2b(f"{where}\0{size}\0{mtime!r}".encode("utf-8", "surrogatepass"), digest_size=20).digest()
+    return hashlib.blake2b(f"{where}\0{identity!r}".encode("utf-8", "surrogatepass"), digest_size=20).digest()
 
 
 def encode(sizes: np.ndarray) -> bytes:
@@ -72,14 +74,15 @@ class PresenceStore:
 
     def sizes(self, cache: Cache, ref: BundleRef) -> np.ndarray:
         """The bundle's per-tile sizes (uint32[16384], 0 = absent), from the store or from its index."""
-        key = _key(cache.bundle_key(ref))
+        where, identity = cache.bundle_key(ref)
         with self.env.begin(buffers=True) as txn:
-            value = txn.get(key)
+            value = txn.get(_key((where, identity)))
             sizes = decode(bytes(value)) if value is not None else None
         if sizes is not None:
             self.hits += 1
             return sizes
-        sizes = cache.index(ref)[1]
+        identity, _, sizes = cache.index_with_key(ref)
+        key = _key((where, identity))
         with self._lock:
             self.misses += 1
             if not self.readonly:

@@ -142,9 +142,9 @@ def recompress_bundle(policy: RecompressPolicy, data: BundleData, mask: np.ndarr
     buf = data.buf
     if not policy.active or len(idx) == 0:
         return [bytes(buf[o:o + s]) for o, s in zip(offsets.tolist(), sizes.tolist())], []
-    where = cache.bundle_file(data.ref) if cache is not None else None
+    where = data.where or (cache.bundle_file(data.ref) if cache is not None else None)
     if where is not None:
-        buf, offsets = _read_tiles(where, offsets, sizes, cache.bundle_label(data.ref))
+        buf, offsets = _read_tiles(where, offsets, sizes, cache.bundle_label(data.ref) if cache is not None else where[0])
         buf = memoryview(buf)
     elif buf.ndim != 1 or buf.itemsize != 1:
         buf = buf.cast("B")

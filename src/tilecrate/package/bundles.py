@@ -3,7 +3,9 @@
 The compiled core (`tilecrate._plan`) makes the plan from the source index alone: the header
 block (header and index), and the runs of tiles stored back to back in the source, each copied
 with one read and one write. Writers stream a plan through one buffer of at most a run; nothing
-holds a whole bundle in memory except re-encoded tiles.
+holds a whole bundle in memory except re-encoded tiles. A plan made from a bundle file reads its
+runs from that file with pread (`cache.BundleReader`), each read checked against the identity of
+the version whose index the plan was made from: a bundle changed under an export is an error.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import numpy as np
 from isal import isal_zlib
 
 from tilecrate import _plan
-from tilecrate.cache import BundleData, BundleReader, BundleRef, Cache
+from tilecrate.cache import BundleData, BundleReader, BundleRef, Cache, FileRange
 
 RUN = 8 << 20                    # a run (one read, one write) holds at most this many bytes, unless one tile is larger
 
@@ -39,6 +41,7 @@ class BundlePlan:
     file: str | None = None                  # the file holding `source` (see source_file), if known
     file_offset: int = 0                     # where `source` starts in it
     file_size: int = 0                       # the file's size when planned (a changed file is an error)
+    file_id: tuple | None = None             # (device, inode, size, mtime_ns) of that file when planned
 
     def chunks(self):
         """The output .bundle's bytes as memoryviews, each valid until the next one is asked for.
@@ -54,7 +57,8 @@ class BundlePlan:
         buf = bytearray(longest)
         view = memoryview(buf)
         if self.file is not None:
-            with BundleReader((self.file, self.file_offset, self.file_size), self.file) as reader:
+            where = FileRange(self.file, self.file_offset, self.file_size, self.file_id)
+            with BundleReader(where, self.file) as reader:
                 for off, length, first, count in self.runs.tolist():
                     reader.read_into(view[4:4 + length], off)
                     _plan.fill_prefixes(buf, self.tile_offsets, self.tile_sizes, first, count)
@@ -80,8 +84,13 @@ class BundlePlan:
         return b"".join(bytes(c) for c in self.chunks())
 
 
-def source_file(cache: Cache, data: BundleData) -> tuple[str, int, int] | None:
-    """(path, offset, file size) of the file a bundle's bytes come from; None for inflated entries."""
+def source_file(cache: Cache | None, data: BundleData) -> FileRange | None:
+    """(path, offset, file size) of the file a bundle's bytes come from (the version its index was
+    read from); None for inflated entries."""
+    if data.where is not None:
+        return data.where
+    if cache is None or isinstance(data.buf, (bytes, bytearray, memoryview)):
+        return None
     return cache.bundle_file(data.ref)
 
 
@@ -99,12 +108,15 @@ def plan_bundle(data: BundleData, mask: np.ndarray, version: int, label: str = "
                 cache: Cache | None = None) -> BundlePlan:
     """Plan the output bundle holding the masked tiles of `data`, written as compact V1 or V2.
 
-    With `cache`, the plan reads source runs from the bundle's file (see `BundlePlan.chunks`).
+    A bundle read from a file is planned to be read from that file (see `BundlePlan.chunks`), with
+    or without `cache`; `source` then holds no bytes.
     """
-    plan = _make(data.ref, data.buf, data.buf.nbytes, data.offsets, data.sizes, mask, version, label)
-    where = source_file(cache, data) if cache is not None else None
+    where = source_file(cache, data)
+    source = b"" if where is not None else data.buf
+    plan = _make(data.ref, source, data.length, data.offsets, data.sizes, mask, version, label)
     if where is not None:
         plan.file, plan.file_offset, plan.file_size = where
+        plan.file_id = where.file_id
     return plan
 
 
