@@ -13,7 +13,7 @@ import zipfile
 import pytest
 from shapely.geometry import Polygon, box
 
-from tilecrate.errors import Cancelled, ExportError, RequestError, TilecrateError
+from tilecrate.errors import Cancelled, ExportError, TilecrateError
 from tilecrate.estimate import estimate
 from tilecrate.export import export
 from tilecrate.package.vtpk import export_vtpk, predict_vtpk_size, tilemap_index
@@ -218,7 +218,7 @@ def test_optimize_tiles_for_size_is_ignored(fixture_vtpk, source, tmp_path):
 
 
 def test_raster_package_names_are_refused(fixture_vtpk, tmp_path):
-    with pytest.raises(RequestError, match=r"\.vtpk"):
+    with pytest.raises(ExportError, match=r"vector tile.*\.vtpk"):
         export(fixture_vtpk, ExportRequest(levels="0-2"), str(tmp_path / "x.tpkx"))
     assert os.listdir(tmp_path) == []
 

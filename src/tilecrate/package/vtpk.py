@@ -34,7 +34,7 @@ from isal import isal_zlib
 
 from tilecrate import _plan
 from tilecrate.cache import Cache
-from tilecrate.errors import Cancelled, ExportError, RequestError
+from tilecrate.errors import Cancelled, ExportError
 from tilecrate.package.bundles import plan_bundle
 from tilecrate.package.metadata import WGS84, Stamp, to_wgs84
 from tilecrate.package.zipstream import ZIP64_LIMIT, ZipWriter
@@ -628,8 +628,8 @@ def check_output_name(out: str) -> None:
     """A vector export is always a .vtpk: refuse raster package names."""
     ext = os.path.splitext(os.fspath(out))[1].lower()
     if ext in (".tpk", ".tpkx"):
-        raise RequestError(f"{out}: vector tiles are exported as a .vtpk package, not a {ext}; "
-                           "name the output *.vtpk")
+        raise ExportError(f"{out}: vector tile packages are exported as a .vtpk package, not a {ext}; "
+                          "name the output *.vtpk")
 
 
 def _temp_path(out: str) -> str:
