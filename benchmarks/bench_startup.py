@@ -1,0 +1,131 @@
+"""CLI start-up: `tilecrate --version`, `import tilecrate` and a ~100-tile export as whole processes, next to
+`python -c pass` and to the same export in-process (ratios from one run, paired rounds, medians).
+
+Targets (issue 11): `--version` and the export process under 3x `python -c pass`; the export process
+within 2x the in-process export. Bytecode is cached (in a private PYTHONPYCACHEPREFIX) as an
+installed package's would be, even where PYTHONDONTWRITEBYTECODE is set.
+
+Run: `.venv/bin/python -m pytest benchmarks/bench_startup.py --benchmark-enable`
+Where the time goes: `.venv/bin/python -X importtime -m tilecrate.cli export ... 2>&1 | sort -t'|' -k2 -n`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import tilecrate
+from conftest import report
+from tilecrate.request import ExportRequest
+
+ROUNDS = 15
+CONSOLE = Path(sys.executable).with_name("tilecrate")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    """The subprocesses' environment: bytecode cached in a private folder, as in an installed package."""
+    e = dict(os.environ)
+    e.pop("PYTHONDONTWRITEBYTECODE", None)
+    e["PYTHONPYCACHEPREFIX"] = str(tmp_path_factory.mktemp("pycache"))
+    return e
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> tuple[Path, str]:
+    """A sample cache and the levels of a ~100-tile export from it."""
+    from tilecrate.sample import SampleSpec, make_sample
+
+    out = tmp_path_factory.mktemp("startup") / "s"
+    make_sample(out, SampleSpec())          # levels 0-5: 123 tiles
+    return out, "0-5"
+
+
+def _cli() -> list[str]:
+    if not CONSOLE.exists():
+        pytest.fail(f"{CONSOLE}: the console script is not installed (scripts/install.sh)")
+    return [str(CONSOLE)]
+
+
+def _timed(cmd: list[str], env: dict) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def _paired(contenders: dict, rounds: int = ROUNDS) -> dict[str, float]:
+    """Median seconds of each contender, run in turn round after round (load changes hit all alike)."""
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    for fn in contenders.values():            # warm-up: bytecode written, files in the page cache
+        fn()
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            times[name].append(fn())
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def test_version_and_import_vs_python(benchmark, request, env):
+    """`tilecrate --version` and `import tilecrate` as processes vs `python -c pass` (target < 3x)."""
+    python = [sys.executable, "-c", "pass"]
+    version = _cli() + ["--version"]
+    imp = [sys.executable, "-c", "import tilecrate"]
+    med = _paired({"python": lambda: _timed(python, env), "version": lambda: _timed(version, env),
+                   "import": lambda: _timed(imp, env)})
+    benchmark.pedantic(_timed, args=(version, env), rounds=5, iterations=1)
+    report(request, "startup: tilecrate --version", python_ms=med["python"] * 1e3, version_ms=med["version"] * 1e3,
+           import_ms=med["import"] * 1e3, version_vs_python=med["version"] / med["python"],
+           import_vs_python=med["import"] / med["python"])
+
+
+def test_small_export_process_vs_in_process(benchmark, request, env, small, tmp_path):
+    """A 123-tile .tpkx export: whole process vs python -c pass (target < 3x) and vs in-process (target <= 2x)."""
+    cache, levels = small
+    out_proc = tmp_path / "proc.tpkx"
+    out_in = tmp_path / "in.tpkx"
+    req = ExportRequest(levels=levels)
+    cmd = _cli() + ["export", str(cache), "-o", str(out_proc), "--levels", levels, "--quiet"]
+
+    def process() -> float:
+        if out_proc.exists():
+            out_proc.unlink()
+        return _timed(cmd, env)
+
+    def in_process() -> float:
+        if out_in.exists():
+            out_in.unlink()
+        t0 = time.perf_counter()
+        tilecrate.export(str(cache), req, str(out_in))      # opens the cache, as the process does
+        return time.perf_counter() - t0
+
+    python = [sys.executable, "-c", "pass"]
+    med = _paired({"python": lambda: _timed(python, env), "process": process, "in_process": in_process})
+    result = benchmark.pedantic(in_process, rounds=5, iterations=1)
+    assert result > 0 and out_proc.exists() and out_in.stat().st_size == out_proc.stat().st_size
+    report(request, "startup: 123-tile export", python_ms=med["python"] * 1e3, process_ms=med["process"] * 1e3,
+           in_process_ms=med["in_process"] * 1e3, process_vs_python=med["process"] / med["python"],
+           process_vs_in_process=med["process"] / med["in_process"])
+
+
+def test_import_profile(request, env, small, tmp_path):
+    """The heaviest imports of a small export's process (-X importtime, cumulative), for the record."""
+    cache, levels = small
+    out = tmp_path / "p.tpkx"
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "tilecrate.cli", "export", str(cache), "-o",
+                        str(out), "--levels", levels, "--quiet"], env=env, capture_output=True, text=True, check=True)
+    roots = []
+    for line in r.stderr.splitlines():
+        if not line.startswith("import time:") or "cumulative" in line:
+            continue
+        _, cumulative, name = line[len("import time:"):].split("|")
+        if name[1:2] != " ":            # the tree's roots: what each first import from our code costs
+            roots.append((int(cumulative), name.strip()))
+    roots = sorted(roots, reverse=True)[:8]
+    report(request, "startup: heaviest imports of an export (ms, cumulative)",
+           **{n: us / 1e3 for us, n in roots})
+    shutil.rmtree(tmp_path, ignore_errors=True)
