@@ -376,3 +376,110 @@ def test_one_rasterizer_shared_by_threads():
 
     run = subprocess.run([sys.executable, "-c", SHARED_RASTERIZER], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.split() == ["wrong", "0"], (run.returncode, run.stdout, run.stderr[-2000:])
+
+
+# --------------------------------------------------------------------------------------------
+# groups: even-odd within a group, union across groups
+
+
+def test_groups_union_while_rings_of_one_group_are_even_odd():
+    a = [(0.5, 0.5), (6.5, 0.5), (6.5, 6.5), (0.5, 6.5)]
+    b = [(2.5, 2.5), (9.5, 2.5), (9.5, 9.5), (2.5, 9.5)]
+    edges = edges_of([a, b])
+    one_group = compiled_tiles(edges, ((0, 0),))
+    rast = _mask.Rasterizer(edges, np.array([0] * 4 + [1] * 4))
+    mask, _ = _mask.window_mask(*rast.spans(0, 128), 0)
+    two_groups = set(zip(*[x.tolist() for x in np.nonzero(mask)]))
+    # one group: the overlap (tile centres 3.5..5.5 inside both) is a hole; its rim lies on edges
+    assert one_group == reference_tiles([[(int(x * S), int(y * S)) for x, y in r] for r in (a, b)])
+    assert (4, 4) not in one_group and (4, 4) in two_groups
+    # two groups: the union of the two squares and the tiles touching it
+    corners = {(r, c) for r in range(7, 10) for c in range(0, 2)} | {(r, c) for r in range(0, 2) for c in range(7, 10)}
+    assert two_groups == {(r, c) for r in range(0, 10) for c in range(0, 10)} - corners
+    assert rast.count(0, 20, 0, 20) == len(two_groups)
+
+
+# --------------------------------------------------------------------------------------------
+# every public entry point refuses bad arguments (issue 9 item 8)
+
+
+SQUARE_EDGES = edges_of([[(1.5, 1.5), (5.5, 1.5), (5.5, 5.5), (1.5, 5.5)]])
+
+
+@pytest.mark.parametrize("edges, groups, message", [
+    (np.zeros((3, 3)), None, "shape"),
+    (np.zeros(4), None, "shape"),
+    (np.array([[0, 0, np.inf, 1.0]]), None, "non-finite"),
+    (np.array([[0, 0, 2.0 ** 51, 1.0]]), None, "too far"),
+    (SQUARE_EDGES, np.zeros(3, np.int64), "one entry per edge"),
+    (SQUARE_EDGES, np.zeros((4, 1), np.int64), "one entry per edge"),
+    (SQUARE_EDGES, np.zeros(4, np.float64), "integer"),
+    (SQUARE_EDGES, np.full(4, 2**63, np.uint64), "int64"),
+    (np.array([["a", "b", "c", "d"]]), None, "could not convert"),
+])
+def test_rasterizer_refuses_bad_input(edges, groups, message):
+    with pytest.raises(ValueError, match=message):
+        _mask.Rasterizer(edges, groups)
+
+
+def test_rasterizer_refuses_reinit_and_use_before_init():
+    rast = _mask.Rasterizer(SQUARE_EDGES)
+    with pytest.raises(RuntimeError, match="once"):
+        rast.__init__(np.zeros((0, 4)))
+    assert rast.count(0, 10, 0, 10) == 25       # unchanged: rows and cols 1..5
+    bare = _mask.Rasterizer.__new__(_mask.Rasterizer)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        bare.spans(0, 128)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        bare.count(0, 1, 0, 1)
+
+
+@pytest.mark.parametrize("row_start, nrows", [(0, -1), (0, _mask.MAX_SPAN_ROWS + 1), (2**62 + 1, 1), (-(2**62) - 1, 1)])
+def test_spans_refuses_bad_windows(row_start, nrows):
+    rast = _mask.Rasterizer(SQUARE_EDGES)
+    with pytest.raises(ValueError):
+        rast.spans(row_start, nrows)
+
+
+def test_count_refuses_to_overflow():
+    w = 2.0 ** 49
+    rast = _mask.Rasterizer(edges_of([[(-w, 0.5), (w, 0.5), (w, 9000.5), (-w, 9000.5)]]))
+    assert rast.count(0, 0, -(2**62), 2**62) == 2 ** 50 + 2
+    with pytest.raises(OverflowError):
+        rast.count(0, 9000, -(2**63), 2**63 - 1)
+
+
+@pytest.mark.parametrize("row_ptr, spans, col0, message", [
+    (np.zeros(10, np.int64), np.zeros((0, 2), np.int64), 0, "at least 129"),
+    (np.zeros(129, np.int64), np.zeros(3, np.int64), 0, "pairs"),
+    (np.zeros(129, np.int64), np.array([[0, 2**62 + 5]], np.int64), 0, "out of range"),
+    (np.zeros(129, np.int64), np.zeros((0, 2), np.int64), 2**62 + 1, "col0"),
+    (np.full(129, -1, np.int64), np.zeros((0, 2), np.int64), 0, "valid index"),
+    (np.concatenate([[0], np.full(128, 3)]).astype(np.int64), np.zeros((2, 2), np.int64), 0, "valid index"),
+])
+def test_window_mask_refuses_bad_input(row_ptr, spans, col0, message):
+    with pytest.raises(ValueError, match=message):
+        _mask.window_mask(row_ptr, spans, col0)
+
+
+@pytest.mark.parametrize("make_mask, sizes, message", [
+    (lambda: np.zeros((128, 128), np.uint8)[:, ::-1], np.zeros(16384, np.uint32), "C-contiguous"),
+    (lambda: np.zeros((128, 128), np.uint8).T.copy()[:64], np.zeros(16384, np.uint32), "shape"),
+    (lambda: np.zeros((128, 128), np.bool_), np.zeros(16384, np.uint32), "uint8"),
+    (lambda: np.zeros((128, 128), np.uint8), np.zeros(16384, np.float64), "whole numbers"),
+    (lambda: np.zeros((128, 128), np.uint8), np.full(16384, -1, np.int64), "whole numbers"),
+    (lambda: np.zeros((128, 128), np.uint8), np.full(16384, 2**32, np.int64), "whole numbers"),
+    (lambda: np.zeros((128, 128), np.uint8), np.zeros((128, 128), np.uint32), "16384"),
+])
+def test_apply_presence_refuses_bad_input(make_mask, sizes, message):
+    with pytest.raises(ValueError, match=message):
+        _mask.apply_presence(make_mask(), sizes)
+
+
+def test_apply_presence_refuses_a_read_only_mask_and_takes_int64_sizes():
+    mask = np.ones((128, 128), np.uint8)
+    mask.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        _mask.apply_presence(mask, np.ones(16384, np.uint32))
+    tiles, nbytes = _mask.apply_presence(np.ones((128, 128), np.uint8), np.full(16384, 7, np.int64))
+    assert (tiles, nbytes) == (16384, 7 * 16384)

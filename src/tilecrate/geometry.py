@@ -19,7 +19,8 @@ JSON is read, nesting is bounded, and after projecting, the most edges any horiz
 crosses (what one row of the rasterizer costs) is checked.
 
 Projecting: edges are densified in the source coordinates first (a straight edge in degrees is
-a curve in Web Mercator), geographic input is clipped to the target's area of use (Web Mercator
+a curve in Web Mercator; pieces of at most 1/DENSIFY_STEPS of the area's larger side, adding at
+most DENSIFY_EXTRA vertices in all), geographic input is clipped to the target's area of use (Web Mercator
 stops at ±85.06°), then every vertex goes through pyproj. pyproj is imported only when an area
 needs projecting.
 """
@@ -49,6 +50,7 @@ MAX_JSON_DEPTH = 32               # nesting of geometry JSON (arrays and objects
 MAX_COORDINATE = 1e15             # coordinates beyond this are junk in any spatial reference
 MAX_WKT_CHARS = 32_768            # real WKT is a few kB; PROJ parses whatever it gets
 DENSIFY_STEPS = 256               # segments along the larger side of the area when projecting
+DENSIFY_EXTRA = 262_144           # vertices densifying may add in all (long edges first need it)
 WEB_MERCATOR_CODES = {3857, 102100, 102113, 900913, 3785, 41001}
 WGS84 = SpatialRef(4326, 4326)
 
@@ -435,11 +437,11 @@ class _Reader:
             self.vertices += len(ring)
             if self.ring_count > self.limits.max_rings:
                 raise RequestError(f"the area of interest has more than {self.limits.max_rings:,} rings; "
-                                   f"simplify it or merge its features")
+                                   f"simplify it or merge its features (the limit is max_rings)")
             if self.vertices > self.limits.max_vertices:
                 raise RequestError(
                     f"the area of interest has more than {self.limits.max_vertices:,} vertices; simplify it "
-                    f"(the limit is tilecrate.geometry.MAX_VERTICES)")
+                    f"(the limit is max_vertices, default tilecrate.geometry.MAX_VERTICES)")
             pts.extend(ring)
             lengths.append(len(ring))
             groups.append(g)
@@ -773,7 +775,7 @@ def _project_rings(rs: _RingSet, src: SpatialRef, dst: SpatialRef, limits: Geome
     span = np.ptp(np.vstack([a, ea]), axis=0).max() if len(a) else 0.0
     lengths = np.hypot(*(np.vstack([b - a, eb - ea]).T))
     n_edges = len(lengths)
-    k = _densify_counts(lengths, span / DENSIFY_STEPS, max(limits.max_vertices - n_edges, 0) + n_edges)
+    k = _densify_counts(lengths, span / DENSIFY_STEPS, n_edges + DENSIFY_EXTRA)
     k_ring, k_extra = k[:len(a)], k[len(a):]
     k_ring = np.where(drop, 1, k_ring)              # dropped edges are not drawn: no need to bend them
     pts = _split(a, b, k_ring)
@@ -904,7 +906,7 @@ def _request_area(extent, aoi, aoi_sr, target: SpatialRef, lim: GeometryLimits, 
     if crossings > lim.max_line_crossings:
         raise RequestError(
             f"the area of interest is too convoluted: one horizontal line crosses {crossings:,} of its edges "
-            f"(the limit is {lim.max_line_crossings:,}); simplify it")
+            f"(the limit, max_line_crossings, is {lim.max_line_crossings:,}); simplify it")
     return _area_from_edges(edges, groups)
 
 
