@@ -6,6 +6,7 @@ the last guard for exceptions nothing below turned into a TilecrateError is test
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -143,6 +144,20 @@ def test_bundle_name_beyond_any_integer(small, tmp_path):
         # refused with one line, or read with the odd file left out (a warning is not a traceback)
         assert r.returncode in (0, 1) and "Traceback" not in r.stderr, r.stderr[-2000:]
         if r.returncode == 1:
+            assert_one_line(r)
+
+
+def test_fifo_named_like_a_bundle_does_not_hang(small, tmp_path):
+    cache = tmp_path / "c"
+    shutil.copytree(small, cache)
+    os.mkfifo(cache / "_alllayers" / "L01" / "R0080C0080.bundle")
+    for args in (["inspect", cache], ["export", cache, "-o", tmp_path / "o.tpkx", "--levels", "0-2"]):
+        try:
+            r = run(*args, timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`tilecrate {args[0]}` hung on a FIFO named like a bundle")
+        assert "Traceback" not in r.stderr, r.stderr[-2000:]
+        if r.returncode != 0:
             assert_one_line(r)
 
 
