@@ -167,7 +167,8 @@ def test_progress_bar_only_on_a_terminal(cache, tmp_path):
     assert r.returncode == 0 and r.stderr == ""
 
 
-@pytest.mark.parametrize("command", [["inspect", "{cache}"], ["sample", "{out}", "--levels", "0-6", "--workers", "1"]])
+@pytest.mark.parametrize("command", [["inspect", "{cache}"], ["sample", "{out}", "--levels", "0-6", "--workers", "1"],
+                                     ["compare", "{cache}", "--qualities", "50,40", "--sample", "20"]])
 def test_sigterm_stops_other_commands_with_one_line(cache, slow, tmp_path, command):
     out = tmp_path / "made"
     args = [a.format(cache=cache, out=out) for a in command]
@@ -178,3 +179,24 @@ def test_sigterm_stops_other_commands_with_one_line(cache, slow, tmp_path, comma
     stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 143, stderr[-2000:]
     assert stderr.splitlines() == ["tilecrate: error: terminated (SIGTERM)"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_stops_cleanly_on_sigterm_and_ctrl_c(cache, tmp_path, sig):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(cli("serve", "--cache", cache, "--port", port, "--data-dir", tmp_path / "d", "--quiet"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert "serving" in line, line + proc.stderr.read()[-2000:]
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
