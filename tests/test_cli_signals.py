@@ -92,6 +92,42 @@ def test_signal_stops_export_and_removes_partial_output(cache, slow, tmp_path, s
     assert temps(out.parent) == [] and not out.exists()
 
 
+def test_sighup_stops_an_export_unless_ignored(cache, slow, tmp_path):
+    """A closed terminal (SIGHUP) stops the export like SIGTERM; under `nohup` (SIGHUP ignored) it goes on."""
+    proc = start_slow_export(slow, cache, tmp_path / "o.tpkx")
+    proc.send_signal(signal.SIGHUP)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 129 and stderr.splitlines() == ["tilecrate: error: terminated (SIGHUP)"]
+    assert temps(tmp_path) == [] and not (tmp_path / "o.tpkx").exists()
+    out = tmp_path / "n.tpkx"
+    proc = subprocess.Popen([sys.executable, str(slow), "export", str(cache), "-o", str(out), "--levels", "0-2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    while not temps(tmp_path) and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGHUP)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-2000:]
+    with zipfile.ZipFile(out) as z:
+        assert z.testzip() is None
+
+
+def test_write_failure_is_one_line_and_leaves_nothing(cache, tmp_path):
+    """A write that fails midway (here: a 64 KiB file size limit, EFBIG) is one line and removes the temp."""
+    import resource
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)       # the write fails instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    out = tmp_path / "o.tpkx"
+    r = subprocess.run(cli("export", cache, "-o", out, "--levels", "0-5"), capture_output=True, text=True,
+                       timeout=60, preexec_fn=limit)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr[-2000:]
+    assert r.stderr.startswith("tilecrate: error: ") and "Traceback" not in r.stderr
+    assert temps(tmp_path) == [] and not out.exists()
+
+
 def test_sigterm_with_json_reports_the_error_as_json(cache, slow, tmp_path):
     proc = start_slow_export(slow, cache, tmp_path / "o.tpkx", "--json")
     proc.terminate()

@@ -19,7 +19,7 @@ from tilecrate.errors import Interrupted, TilecrateError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
-    from typing import Any, Sequence
+    from typing import Sequence
 
 __all__ = ["main", "build_parser", "version_text", "print_line", "emit_json", "progress_bar", "human_bytes"]
 
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tilecrate.commands.parser import UsageError
 
     wants_json = "--json" in argv
-    previous = _on_sigterm_raise()
+    previous = _stop_signals_raise()
     try:
         try:
             args = build_parser(argv).parse_args(argv)
@@ -123,8 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException as e:           # noqa: BLE001 - the last guard: one line whatever went wrong
         return _handle(e, wants_json)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _handle(e: BaseException, wants_json: bool) -> int:
@@ -140,8 +140,7 @@ def _handle(e: BaseException, wants_json: bool) -> int:
         import signal
 
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
-        return _fail(wants_json, what, 128 + int(signum))
+        return _fail(wants_json, signal_message(signum), 128 + int(signum))
     if isinstance(e, TilecrateError):
         return _fail(wants_json, str(e), 1)
     if isinstance(e, OSError):
@@ -214,20 +213,42 @@ def _flush() -> None:
         close_broken_stdout()
 
 
-def _on_sigterm_raise() -> Any:
-    """SIGTERM raises Interrupted where Ctrl-C raises KeyboardInterrupt, so the same cleanup runs."""
+def signal_message(signum: int) -> str:
+    """The error line of a process stopped by a signal: 'interrupted' for Ctrl-C, else the signal's name."""
+    import signal
+
+    if signum == signal.SIGINT:
+        return "interrupted"
+    try:
+        return f"terminated ({signal.Signals(signum).name})"
+    except ValueError:
+        return f"terminated (signal {signum})"
+
+
+def _stop_signals_raise() -> dict:
+    """SIGTERM and SIGHUP raise Interrupted where Ctrl-C raises KeyboardInterrupt, so the same cleanup runs.
+
+    A signal the caller set to be ignored stays ignored (`nohup` ignores SIGHUP). Returns the
+    handlers replaced, to restore them.
+    """
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return {}
 
-    def on_sigterm(signum, frame) -> None:
-        # later SIGTERMs must not interrupt the cleanup the first one started
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    def on_signal(signum, frame) -> None:
+        # later signals must not interrupt the cleanup the first one started
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(s) is on_signal:
+                signal.signal(s, signal.SIG_IGN)
         raise Interrupted(signum)
 
-    return signal.signal(signal.SIGTERM, on_sigterm)
+    previous = {}
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(s) != signal.SIG_IGN:
+            previous[s] = signal.signal(s, on_signal)
+    return previous
 
 
 if __name__ == "__main__":

@@ -117,8 +117,9 @@ def human_bytes(n: float) -> str:
 
 @contextlib.contextmanager
 def cancel_on_signals(cancel: threading.Event) -> Iterator[threading.Event]:
-    """SIGINT and SIGTERM set `cancel` (the work stops cleanly and removes its partial output) and then
-    raise Interrupted instead of the resulting Cancelled; a second signal interrupts at once."""
+    """SIGINT, SIGTERM and SIGHUP set `cancel` (the work stops cleanly and removes its partial output),
+    then Interrupted is raised instead of the resulting Cancelled; a second signal interrupts at once.
+    Signals the caller ignores (`nohup`, a background job's SIGINT) stay ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield cancel
         return
@@ -130,7 +131,10 @@ def cancel_on_signals(cancel: threading.Event) -> Iterator[threading.Event]:
         received.append(signum)
         cancel.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {}
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(s) != signal.SIG_IGN:
+            previous[s] = signal.signal(s, on_signal)
     try:
         yield cancel
     except Cancelled:
