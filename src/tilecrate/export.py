@@ -16,10 +16,11 @@ from typing import Callable
 from tilecrate.cache import Cache, open_cache
 from tilecrate.errors import Cancelled, ExportError
 from tilecrate.package.vtpk import export_vtpk, is_vector_source
+from tilecrate.package.tempfiles import sweep_stale_temps, temp_path
 from tilecrate.package.zipstream import ZIP64_LIMIT
 from tilecrate.plan import ExportPlan, check_source, make_plan
 from tilecrate.request import ExportRequest
-from tilecrate.runners.base import ExportProgress, ExportResult, move_into_place, os_error, remove, sibling_temp
+from tilecrate.runners.base import ExportProgress, ExportResult, move_into_place, os_error, remove
 from tilecrate.runners.inprocess import write_plan
 from tilecrate.selection import Selection
 
@@ -48,7 +49,8 @@ def export_plan(plan: ExportPlan, cache: Cache | None = None, *,
     check_output(plan)
     out = plan.out
     started = time.perf_counter()
-    tmp = sibling_temp(out)
+    sweep_stale_temps(out)
+    tmp = temp_path(out)
     try:
         result = write_plan(plan, cache, tmp, progress=progress, cancel=cancel, threads=threads)
         if cancel is not None and cancel.is_set():

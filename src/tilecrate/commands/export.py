@@ -24,6 +24,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="re-encode JPEG tiles at --compression-quality")
     p.add_argument("--compression-quality", type=int, help="JPEG quality 0-100 for --optimize-tiles-for-size")
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
+    p.add_argument("--scheduler", default=None,
+                   help="run the bundle tasks on a Dask cluster: tcp://HOST:8786, or 'local' for a LocalCluster "
+                        "of worker processes started for this export (default: in this process)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes of --scheduler local (default: one per core)")
+    p.add_argument("--local-temp-folder", action="store_true",
+                   help="with --scheduler: one worker builds the package in its own temp folder and moves it "
+                        "into place (exportTilesUsingLocalTempFolder) instead of staging bundles next to -o")
 
 
 def request_from_args(args: argparse.Namespace) -> ExportRequest:
@@ -32,6 +40,21 @@ def request_from_args(args: argparse.Namespace) -> ExportRequest:
         raise RequestError("--compression-quality only applies with --optimize-tiles-for-size")
     return shared_request(args, optimize_tiles_for_size=args.optimize_tiles_for_size,
                           compression_quality=args.compression_quality)
+
+
+def _scheduler(args: argparse.Namespace):
+    """None (in-process), a scheduler address, or a DaskRunner for `--scheduler local --workers N`."""
+    if args.scheduler is None:
+        if args.workers is not None:
+            raise RequestError("--workers only applies with --scheduler local")
+        return None
+    if args.scheduler == "local" and args.workers is not None:
+        from tilecrate.runners.dask import DaskRunner
+
+        if args.workers < 1:
+            raise RequestError("--workers must be at least 1")
+        return DaskRunner("local", workers=args.workers)
+    return args.scheduler
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,11 +75,15 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"L{p.level if p.level is not None else '-'} "
                             f"{human_bytes(p.bytes_done)}/{human_bytes(p.bytes_total)}", refresh=False)
 
+    scheduler = _scheduler(args)
     try:
         with cancel_on_signals(cancel):     # Ctrl-C and SIGTERM: stop, remove the partial output
             result = export(args.cache, request, args.output, progress=on_progress, cancel=cancel,
-                            threads=args.threads)
+                            threads=args.threads, scheduler=scheduler,
+                            local_temp_folder=args.local_temp_folder)
     finally:
+        if hasattr(scheduler, "close"):     # the LocalCluster started for --workers
+            scheduler.close()
         if state["bar"] is not None:
             state["bar"].close()
     if args.json:

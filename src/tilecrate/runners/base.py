@@ -4,11 +4,11 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from tilecrate.errors import Cancelled, ExportError
+from tilecrate.package.tempfiles import temp_path
 
 
 @dataclass
@@ -79,10 +79,10 @@ def os_error(e: OSError, out: str) -> ExportError:
     return ExportError(f"{where}: cannot write the export ({e.strerror or e})")
 
 
-def sibling_temp(path: str, tag: str = "tmp") -> str:
-    """A hidden name next to `path` for this process (a rename away from `path`)."""
-    folder, base = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{base}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+def sibling_temp(path: str) -> str:
+    """A hidden name next to `path` for this process (a rename away from `path`); the stale-temp
+    sweep (tilecrate.package.tempfiles) removes it if this process dies."""
+    return temp_path(os.path.abspath(path))
 
 
 def _fsync_tree(path: str) -> None:

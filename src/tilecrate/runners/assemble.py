@@ -1,0 +1,63 @@
+"""The package (or cache folder) made from staged bundle files, in the plan's order.
+
+Bundle tasks that ran elsewhere (Dask workers) leave their output bundles in a staging folder laid
+out like the output itself, with size and CRC-32 known. A zip output copies each staged file into
+its entry in the kernel (ZipWriter.add_file: copy_file_range) with that CRC, never recomputed, and
+drops the staged file at once, so staging holds
+only the bundles not yet assembled; a cache folder output *is* the staging folder, so nothing
+is copied there at all.
+"""
+from __future__ import annotations
+
+import os
+
+from tilecrate.package.zipstream import ZipWriter
+from tilecrate.runners.tasks import BundleOutput
+
+class Assembler:
+    """Writes metadata, directories and staged bundles into a zip (`f` open) or a folder (`root`)."""
+
+    def __init__(self, *, writer: ZipWriter | None = None, root: str | None = None):
+        if (writer is None) == (root is None):
+            raise ValueError("an Assembler writes either a zip or a folder")
+        self.writer = writer
+        self.root = root
+        self.size = 0
+
+    @property
+    def position(self) -> int:
+        """Bytes written so far."""
+        return self.writer.position if self.writer is not None else self.size
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        """A whole file from memory (metadata, thumbnail)."""
+        if self.writer is not None:
+            self.writer.add_bytes(name, data)
+            return
+        path = os.path.join(self.root, *name.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+        self.size += len(data)
+
+    def add_dir(self, name: str) -> None:
+        """A directory entry (folders exist already in a staged cache folder)."""
+        if self.writer is not None:
+            self.writer.add_dir(name)
+
+    def add_output(self, out: BundleOutput) -> None:
+        """A task's staged .bundle (and .bundlx): copied into the zip with its CRC, or left in place."""
+        if self.writer is None:
+            self.size += out.size + (out.bundlx_size if out.bundlx_path else 0)
+            return
+        self.writer.add_file(out.name, out.path, out.size, out.crc32)
+        os.unlink(out.path)
+        if out.bundlx_path is not None:
+            self.writer.add_file(out.name[:-1] + "x", out.bundlx_path, out.bundlx_size, out.bundlx_crc32)
+            os.unlink(out.bundlx_path)
+
+    def close(self) -> int:
+        """Finish the output; its size in bytes."""
+        if self.writer is not None:
+            return self.writer.close()
+        return self.size

@@ -1,0 +1,387 @@
+"""The Dask runner: a plan's bundle tasks on a distributed cluster (a tcp:// scheduler or a LocalCluster).
+
+Two site modes (issue 10; the seed's `exportTilesUsingLocalTempFolder`):
+
+* shared folder (default): every bundle task may run on any worker; each writes its output bundle
+  into a staging folder next to the output (shared storage: workers and this process see the same
+  path). This process assembles the package from the staged files in order, with the CRCs the tasks
+  computed, and removes the staging folder. A cache folder output is built in place.
+* local temp folder: the whole job runs as one task on one worker, which builds the package in its
+  own temp folder with the in-process writer and then moves it into place (rename, or copy + rename
+  across file systems: the output never shows a half-written file).
+
+Faults: a worker killed mid-task makes Dask run the task again elsewhere; tasks write under a
+temporary name and rename, so a rerun is harmless. A lost scheduler fails the export with a message
+naming it. Cancel is cooperative: a Dask Event the tasks check per bundle, between bands of
+re-encoded tiles and before creating a file (future.cancel() does not stop a running task).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from distributed import Client, Event, LocalCluster, Variable, get_worker
+
+from tilecrate.cache import Cache, open_cache
+from tilecrate.errors import Cancelled, ExportError, TilecrateError
+from tilecrate.package.metadata import Stamp
+from tilecrate.package.tempfiles import sweep_stale_temps
+from tilecrate.package.thumbnail import render_thumbnail
+from tilecrate.package.zipstream import ZipWriter
+from tilecrate.plan import BundleTask, ExportPlan
+from tilecrate.runners.assemble import Assembler
+from tilecrate.runners.base import (
+    CancelFlag,
+    ExportProgress,
+    ExportResult,
+    check_cancel,
+    move_into_place,
+    os_error,
+    remove,
+    sibling_temp,
+)
+from tilecrate.runners.inprocess import write_plan
+from tilecrate.runners.tasks import BundleOutput, run_bundle_task, source_cache
+
+CANCEL_POLL = 0.05         # seconds between two looks at the cluster's cancel flag from a task
+PROGRESS_EVERY = 0.25      # seconds between two progress updates from a local-temp-folder job
+
+
+class _ClusterCancel:
+    """The job's Dask Event seen from a task, looked at no more than every CANCEL_POLL seconds."""
+
+    def __init__(self, name: str):
+        self.event = Event(name)
+        self.last = 0.0
+        self.seen = False
+
+    def is_set(self) -> bool:
+        """True once the job was cancelled."""
+        now = time.monotonic()
+        if not self.seen and now - self.last >= CANCEL_POLL:
+            self.last = now
+            self.seen = self.event.is_set()
+        return self.seen
+
+
+def _worker_threads() -> int:
+    try:
+        return max(1, int(get_worker().state.nthreads))
+    except (ValueError, AttributeError):
+        return 1
+
+
+def cluster_bundle_task(task: BundleTask, cancel_name: str) -> BundleOutput:
+    """A bundle task on a worker: the shared run_bundle_task with the job's cluster-wide cancel flag."""
+    return run_bundle_task(task, _ClusterCancel(cancel_name), threads=_worker_threads())
+
+
+def cluster_local_job(plan: ExportPlan, cancel_name: str, progress_name: str, local_root: str | None) -> ExportResult:
+    """A whole job on one worker: the package built in its local temp folder, then moved to plan.out."""
+    cancel = _ClusterCancel(cancel_name)
+    cache = source_cache(plan.source)
+    if any(not cache.has_bundle(ref) or cache.bundle_file_size(ref) != size for ref, size in plan.source_sizes.items()):
+        cache = source_cache(plan.source, fresh=True)
+        for ref, size in plan.source_sizes.items():
+            if not cache.has_bundle(ref) or cache.bundle_file_size(ref) != size:
+                raise ExportError(f"{plan.source.path}: the bundle of level {ref.level} at row {ref.row0}, "
+                                  f"column {ref.col0} changed or vanished since the export was planned")
+    var = Variable(progress_name)
+    last = [0.0]
+
+    def report(p: ExportProgress) -> None:
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_EVERY or p.tiles_done == p.tiles_total:
+            last[0] = now
+            var.set((p.tiles_done, p.bytes_done, p.level))
+
+    # named like every temp of ours, so a worker killed mid-job leaves nothing the next job's sweep keeps
+    anchor = os.path.join(local_root or tempfile.gettempdir(), "tilecrate-job")
+    sweep_stale_temps(anchor)
+    folder = sibling_temp(anchor)
+    os.mkdir(folder)
+    try:
+        local = os.path.join(folder, os.path.basename(plan.out))
+        try:
+            result = write_plan(plan, cache, local, progress=report, cancel=cancel, threads=_worker_threads())
+            check_cancel(cancel)
+            move_into_place(local, plan.out)
+        except OSError as e:
+            raise os_error(e, plan.out) from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    result.path = plan.out
+    return result
+
+
+class DaskRunner:
+    """Runs export plans on a Dask cluster: `scheduler` is "tcp://host:port", "local" or a Client."""
+
+    def __init__(self, scheduler: str | Client = "local", *, workers: int | None = None,
+                 threads_per_worker: int = 1, local_temp_dir: str | None = None, connect_timeout: float = 10.0,
+                 lost_after: float = 5.0):
+        self._own_cluster: LocalCluster | None = None
+        self._own_client = False
+        self.local_temp_dir = local_temp_dir
+        self.lost_after = float(lost_after)
+        if isinstance(scheduler, Client):
+            self.client = scheduler
+            self.address = scheduler.scheduler.address
+            return
+        self.address = str(scheduler)
+        try:
+            if self.address == "local":
+                self._own_cluster = LocalCluster(n_workers=int(workers or os.cpu_count() or 1),
+                                                 threads_per_worker=int(threads_per_worker), processes=True,
+                                                 host="127.0.0.1", dashboard_address=None, silence_logs=40)
+                self.address = self._own_cluster.scheduler_address
+                self.client = Client(self._own_cluster, set_as_default=False)
+            else:
+                self.client = Client(self.address, timeout=connect_timeout, set_as_default=False)
+        except (OSError, TimeoutError) as e:
+            self.close()
+            raise ExportError(f"cannot reach the Dask scheduler at {self.address}: {e}") from None
+        self._own_client = True
+
+    def close(self) -> None:
+        """Close the client and the LocalCluster this runner started (a given Client stays open)."""
+        if self._own_client:
+            self.client.close()
+        if self._own_cluster is not None:
+            self._own_cluster.close()
+            self._own_cluster = None
+
+    def __enter__(self) -> "DaskRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def threads(self) -> int:
+        """Worker threads on the cluster now."""
+        return sum(self.client.nthreads().values())
+
+    # -- waiting on the cluster
+
+    def _lost(self) -> ExportError:
+        return ExportError(f"the Dask scheduler at {self.address} was lost (status {self.client.status}); "
+                           "the export stopped")
+
+    def _result(self, fut, cancel: CancelFlag | None, on_wait: Callable[[], None] | None = None):
+        """A task's result, checking this side's cancel and the scheduler meanwhile.
+
+        The future is polled (done() is local state) rather than waited on with result(timeout=):
+        a timed-out result() that races with a gather rescheduled after a worker died has been seen
+        to fail inside distributed instead of waiting for the rerun.
+        """
+        down_since = None
+        polls = 0
+        while not fut.done():
+            time.sleep(0.01)
+            polls += 1
+            if polls % 10:
+                continue
+            check_cancel(cancel)
+            if on_wait is not None:
+                on_wait()
+            if self.client.status != "running":
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > self.lost_after:
+                    raise self._lost()
+            else:
+                down_since = None
+        try:
+            return fut.result()
+        except TilecrateError:
+            raise
+        except Exception as e:
+            if self.client.status != "running":
+                raise self._lost() from None
+            if type(e).__name__ == "KilledWorker":
+                raise ExportError(f"Dask workers died running a bundle of this export ({e}); "
+                                  "the export stopped") from None
+            if type(e).__name__ in ("CancelledError", "FutureCancelledError"):
+                raise self._lost() from None
+            raise
+
+    def _stop(self, futures, cancel_name: str, staging: list[str]) -> None:
+        """After a failure or cancel: tell running tasks to stop, drop queued ones, remove staging."""
+        try:
+            if self.client.status == "running":
+                Event(cancel_name, client=self.client).set()
+                self.client.cancel([f for f in futures if f is not None], force=True)
+        except Exception:  # the scheduler may be the thing that failed
+            pass
+        # a task that saw no cancel yet may still create a file: remove twice, a moment apart
+        for _ in range(2):
+            for path in staging:
+                remove(path)
+            time.sleep(CANCEL_POLL * 2)
+        for path in staging:
+            remove(path)
+
+    # -- running a plan
+
+    def run(self, plan: ExportPlan, *, cache: Cache | None = None,
+            progress: Callable[[ExportProgress], None] | None = None,
+            cancel: CancelFlag | None = None, local_temp_folder: bool = False) -> ExportResult:
+        """Write a plan's output to plan.out on the cluster; the output appears complete or not at all."""
+        if plan.out is None:
+            raise ExportError("the plan has no output path (it was made for an estimate)")
+        if local_temp_folder:
+            return self._run_local_temp(plan, progress, cancel)
+        if cache is None:
+            with open_cache(plan.source.path) as opened:
+                return self._run_shared(plan, opened, progress, cancel)
+        return self._run_shared(plan, cache, progress, cancel)
+
+    def _run_local_temp(self, plan: ExportPlan, progress, cancel) -> ExportResult:
+        token = uuid.uuid4().hex
+        cancel_name, progress_name = f"tilecrate-cancel-{token}", f"tilecrate-progress-{token}"
+        bytes_total, _ = plan.predicted()
+        var = Variable(progress_name, client=self.client)
+        if progress is not None:
+            progress(ExportProgress(0, plan.tiles, 0, bytes_total, None))
+
+        def poll() -> None:
+            if progress is None:
+                return
+            try:
+                tiles, done, level = var.get(timeout=0.01)
+            except Exception:          # not set yet
+                return
+            progress(ExportProgress(tiles, plan.tiles, done, bytes_total, level))
+
+        fut = self.client.submit(cluster_local_job, plan, cancel_name, progress_name, self.local_temp_dir,
+                                 key=f"tilecrate-job-{token}", pure=False)
+        try:
+            result = self._result(fut, cancel, poll)
+        except BaseException:
+            self._stop([fut], cancel_name, [])
+            raise
+        finally:
+            try:
+                var.delete()
+            except Exception:
+                pass
+        if progress is not None:
+            progress(ExportProgress(result.tiles, plan.tiles, result.size, bytes_total, None))
+        return result
+
+    def _run_shared(self, plan: ExportPlan, cache: Cache, progress, cancel) -> ExportResult:
+        layout = plan.layout
+        out = plan.out
+        token = uuid.uuid4().hex
+        cancel_name = f"tilecrate-cancel-{token}"
+        sweep_stale_temps(out)
+        tmp = sibling_temp(out)
+        staging = tmp if not layout.is_package else sibling_temp(out)
+        bytes_total, _ = plan.predicted()
+        futures: deque = deque()
+        f = None
+        try:
+            os.mkdir(staging)
+            for d in plan.dirs():
+                os.makedirs(os.path.join(staging, *d.rstrip("/").split("/")), exist_ok=True)
+            if layout.is_package:
+                f = open(tmp, "wb", buffering=1 << 16)
+                sink = Assembler(writer=ZipWriter(f, zip64_limit=plan.zip64_limit))
+            else:
+                sink = Assembler(root=staging)
+            result = self._assemble(plan, cache, sink, staging, cancel_name, futures, progress, cancel,
+                                    bytes_total)
+            if f is not None:
+                f.close()
+                f = None
+            check_cancel(cancel)
+            if layout.is_package:
+                remove(staging)
+            move_into_place(tmp, out)
+        except BaseException as e:
+            if f is not None:
+                f.close()
+            self._stop(list(futures), cancel_name, [staging, tmp])
+            if isinstance(e, OSError):
+                raise os_error(e, out) from None
+            raise
+        try:
+            Event(cancel_name, client=self.client).clear()    # drops the event from the scheduler
+        except Exception:
+            pass
+        result.path = out
+        return result
+
+    def _assemble(self, plan: ExportPlan, cache: Cache, sink: Assembler, staging: str, cancel_name: str,
+                  futures: deque, progress, cancel, bytes_total: int) -> ExportResult:
+        layout, selection, info = plan.layout, plan.selection, plan.info
+        tasks = iter(list(plan.tasks(staging)))
+        ahead = max(16, 4 * self.threads)      # bounded: staging holds at most this many bundles
+        levels: dict[int, dict] = {lv.level: {"tiles": 0, "size": 0} for lv in selection.levels if lv.tiles > 0}
+        warnings: list[str] = []
+        tiles_done = 0
+
+        def report(level: int | None) -> None:
+            if progress is not None:
+                progress(ExportProgress(tiles_done, selection.tiles, sink.position, bytes_total, level))
+
+        def top_up() -> None:
+            batch = []
+            while len(futures) + len(batch) < ahead:
+                task = next(tasks, None)
+                if task is None:
+                    break
+                batch.append(task)
+            if batch:
+                new = self.client.map(cluster_bundle_task, batch, [cancel_name] * len(batch),
+                                      key=[f"tilecrate-{cancel_name[17:]}-{t.index}" for t in batch], pure=False)
+                futures.extend(new)     # held until assembled: a consumed result is released at once
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilecrate-thumbnail")
+        try:
+            thumb = pool.submit(render_thumbnail, cache, selection, info) if layout.thumbnail_path else None
+            top_up()
+            for name, data in layout.metadata_files(info, Stamp.now()):
+                sink.add_bytes(name, data)
+            report(None)
+            for kind, name, _ in plan.entries():
+                check_cancel(cancel)
+                if kind == "dir":
+                    sink.add_dir(name)
+                    continue
+                out: BundleOutput = self._result(futures[0], cancel)
+                futures.popleft()
+                top_up()
+                check_cancel(cancel)
+                sink.add_output(out)
+                lv = levels.setdefault(out.level, {"tiles": 0, "size": 0})
+                lv["tiles"] += out.tiles
+                lv["size"] += out.size + (out.bundlx_size if out.bundlx_path else 0)
+                tiles_done += out.tiles
+                warnings.extend(out.warnings)
+                report(out.level)
+            if thumb is not None:
+                sink.add_bytes(layout.thumbnail_path, thumb.result())
+            size = sink.close()
+            report(None)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return ExportResult(plan.out, tiles_done, size, levels, warnings, plan.quality_used, layout.kind,
+                            info.storage_format)
+
+
+def run_on_cluster(plan: ExportPlan, scheduler, *, cache: Cache | None = None,
+                   progress: Callable[[ExportProgress], None] | None = None,
+                   cancel: threading.Event | None = None, local_temp_folder: bool = False) -> ExportResult:
+    """Run a plan on `scheduler`: a DaskRunner, a distributed.Client, "tcp://host:port" or "local"."""
+    if isinstance(scheduler, DaskRunner):
+        return scheduler.run(plan, cache=cache, progress=progress, cancel=cancel, local_temp_folder=local_temp_folder)
+    with DaskRunner(scheduler) as runner:
+        return runner.run(plan, cache=cache, progress=progress, cancel=cancel, local_temp_folder=local_temp_folder)
