@@ -196,3 +196,24 @@ def test_guard_names_the_kind_of_failure(small, monkeypatch, capsys, exc, code, 
     assert main(["inspect", str(small)]) == code
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and text in err
+
+
+@pytest.mark.parametrize("kind", ["huge", "devzero", "fifo", "binary"])
+def test_aoi_file_that_is_not_a_small_text_file(small, tmp_path, kind):
+    """--aoi FILE: a 200 MiB file (sparse), /dev/zero, a FIFO nobody writes to, non-UTF-8 bytes: one line, at once."""
+    path = tmp_path / "aoi.json"
+    if kind == "huge":
+        with open(path, "wb") as f:
+            f.truncate(200 << 20)
+    elif kind == "devzero":
+        path = Path("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_bytes(b'{"rings": [[[0, 0], [1, 1]]], "name": "\xff\xfe"}')
+    try:
+        r = run("estimate", small, "--levels", "0-1", "--aoi", path, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"--aoi {kind} hung")
+    line = assert_one_line(r)
+    assert "--aoi" in line

@@ -7,6 +7,10 @@ import os
 from tilecrate.errors import RequestError
 from tilecrate.request import ExportRequest
 
+# an area file is read whole: past this size it cannot be within the geometry limits anyway
+# (a million vertices, the most tilecrate.geometry admits, is about 40 MB of JSON)
+MAX_AOI_BYTES = 128 << 20
+
 
 def add_request_arguments(p: argparse.ArgumentParser) -> None:
     """--levels, --export-by, --extent, --aoi, --aoi-sr, --storage-format, --tile-package."""
@@ -48,10 +52,16 @@ def read_aoi(value: str | None) -> str | None:
     if not os.path.isfile(value):
         raise RequestError(f"--aoi {value!r} is neither JSON nor a readable file")
     try:
-        with open(value, encoding="utf-8-sig") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise RequestError(f"cannot read --aoi {value}: {e}") from None
+        with open(value, "rb") as f:
+            data = f.read(MAX_AOI_BYTES + 1)
+    except OSError as e:
+        raise RequestError(f"cannot read --aoi {value}: {e.strerror or e}") from None
+    if len(data) > MAX_AOI_BYTES:
+        raise RequestError(f"--aoi {value} is larger than {MAX_AOI_BYTES >> 20} MiB; simplify the area first")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"--aoi {value} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def request_from_args(args: argparse.Namespace, **more) -> ExportRequest:
