@@ -33,7 +33,7 @@ from tilecrate.sample import SampleSpec, make_sample
 
 CONCURRENCY = 32
 SECONDS = 2.0  # per measurement
-ROUNDS = 3  # paired rounds (ours, trivial) per route; the median ratio is reported
+ROUNDS = 5  # paired rounds (ours, trivial) per route; the median ratio is reported
 # the trivial server: each path answers the bytes of a file written by the benchmark (the same bytes
 # ours answers there), after reading the query as any handler must
 _BASELINE = r"""
@@ -133,15 +133,41 @@ def servers(tmp_path_factory, request):
     port = _free_port()
     ours = _start([sys.executable, "-m", "tilecrate.cli", "serve", str(root / "tilecrate.toml"), "--port", str(port),
                    "--quiet"], f"http://127.0.0.1:{port}/arcgis/rest/info?f=json", root)
-    yield {"root": root, "services": services, "ours": f"http://127.0.0.1:{port}"}
+    yield {"root": root, "services": services, "ours": f"http://127.0.0.1:{port}", "ours_pid": ours.pid}
     _stop(ours)
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_cpu(url: str, pid: int) -> tuple[float, float]:
+    """(requests/s, server CPU microseconds per request): the second holds up on a loaded machine."""
+    wrk = shutil.which("wrk")
+    c0 = _cpu(pid)
+    if wrk:
+        out = subprocess.run([wrk, "-t1", f"-c{CONCURRENCY}", f"-d{max(1, round(SECONDS))}s", url],
+                             capture_output=True, text=True, check=True).stdout
+        if re.search(r"Non-2xx or 3xx responses", out):
+            raise AssertionError(f"{url}: errors under load:\n{out}")
+        rate = float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))
+        n = int(re.search(r"(\d+) requests in", out).group(1))
+    else:
+        out = subprocess.run([sys.executable, "-c", _CLIENT, url, str(SECONDS), str(CONCURRENCY)],
+                             capture_output=True, text=True, check=True).stdout
+        rate = float(out.strip())
+        n = rate * SECONDS
+    return rate, (_cpu(pid) - c0) / max(n, 1) * 1e6
 
 
 def load(url: str, seconds: float = SECONDS, concurrency: int = CONCURRENCY) -> float:
     """Requests/s of GET url: wrk when installed, else an aiohttp client process."""
     wrk = shutil.which("wrk")
     if wrk:
-        out = subprocess.run([wrk, "-t1", f"-c{concurrency}", f"-d{seconds}s", url], capture_output=True,
+        out = subprocess.run([wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", url], capture_output=True,
                              text=True, check=True).stdout
         if re.search(r"Non-2xx or 3xx responses", out):
             raise AssertionError(f"{url}: errors under load:\n{out}")
@@ -192,23 +218,26 @@ def test_hot_routes_vs_trivial_handler(benchmark, servers, request, tmp_path):
     base = _start([sys.executable, "-c", _BASELINE, str(bport), str(files)],
                   f"http://127.0.0.1:{bport}{routes['service root'][0]}", tmp_path)
     try:
-        benchmark.pedantic(_measure, (request, servers["ours"], bport, routes), rounds=1, iterations=1)
+        benchmark.pedantic(_measure, (request, servers["ours"], servers["ours_pid"], bport, base.pid, routes),
+                           rounds=1, iterations=1)
     finally:
         _stop(base)
 
 
-def _measure(request, ours_base: str, bport: int, routes: dict) -> None:
+def _measure(request, ours_base: str, ours_pid: int, bport: int, base_pid: int, routes: dict) -> None:
     for name, (path, query) in routes.items():
-        ratios, ours_rates, base_rates = [], [], []
+        rates, cpus = [], []
         for _ in range(ROUNDS):
-            ours = load(ours_base + path + query)
-            trivial = load(f"http://127.0.0.1:{bport}{path}{query}")
-            ours_rates.append(ours)
-            base_rates.append(trivial)
-            ratios.append(ours / trivial)
-        report(request, name, ours_req_per_s=statistics.median(ours_rates),
-                   trivial_req_per_s=statistics.median(base_rates), ours_vs_trivial=statistics.median(ratios),
-                   load_generator="wrk" if shutil.which("wrk") else "aiohttp client process")
+            ours = load_cpu(ours_base + path + query, ours_pid)
+            trivial = load_cpu(f"http://127.0.0.1:{bport}{path}{query}", base_pid)
+            rates.append((ours[0], trivial[0]))
+            cpus.append((ours[1], trivial[1]))
+        med = statistics.median
+        report(request, name, ours_req_per_s=med(r[0] for r in rates), trivial_req_per_s=med(r[1] for r in rates),
+               ours_vs_trivial=med(r[0] / r[1] for r in rates),
+               ours_cpu_us_per_req=med(c[0] for c in cpus), trivial_cpu_us_per_req=med(c[1] for c in cpus),
+               cpu_efficiency_vs_trivial=med(c[1] / c[0] for c in cpus),
+               load_generator="wrk" if shutil.which("wrk") else "aiohttp client process")
 
 
 @pytest.mark.parametrize("service,levels", [("Sample", "0-5"), ("Large", "0-8")])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -44,6 +45,9 @@ INPUTS = {
 }
 
 
+_JOB_ID = re.compile(r"j[0-9a-f]{32}_et")
+
+
 def new_job_id() -> str:
     """`j` + 32 hex digits + `_et`, as ArcGIS names export jobs."""
     return "j" + os.urandom(16).hex() + "_et"
@@ -51,8 +55,7 @@ def new_job_id() -> str:
 
 def is_job_id(text: str) -> bool:
     """Whether text has the shape of a job id (checked before any store lookup)."""
-    return (len(text) == 36 and text.startswith("j") and text.endswith("_et")
-            and all(c in "0123456789abcdef" for c in text[1:33]))
+    return _JOB_ID.fullmatch(text) is not None
 
 
 def esri_time(t: float) -> str:

@@ -55,6 +55,9 @@ STORE = web.AppKey("store", JobStore)
 PREVIEWS = web.AppKey("previews", dict)
 CLEANER = web.AppKey("cleaner", asyncio.Task)
 TILE_POOL = web.AppKey("tile_pool", ThreadPoolExecutor)
+JSON_CACHE = web.AppKey("json_cache", dict)
+_JSON_TTL = 1.0  # seconds a service's JSON is reused (its cache may change under us)
+_JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -338,14 +341,21 @@ async def h_services(request: web.Request) -> web.Response:
 
 
 async def h_service(request: web.Request) -> web.Response:
-    """`<name>/MapServer`."""
+    """`<name>/MapServer`; its JSON is made at most once a second (clients read it before every map)."""
     svc = _service(request)
-    info = svc.root_json()
     params = await params_of(request)
-    if fmt_of(params) == "html":
+    f = fmt_of(params)
+    if f == "html":
         preview = await _preview(request, svc)
-        return html_response(html.service_page(ROOT, svc.name, info, preview, param(params, "token")))
-    return await reply(request, info)
+        return html_response(html.service_page(ROOT, svc.name, svc.root_json(), preview, param(params, "token")))
+    cache = request.app[JSON_CACHE]
+    key = (svc.name, f)
+    now = time.monotonic()
+    hit = cache.get(key)
+    if hit is None or hit[0] < now:
+        resp = json_response(svc.root_json(), f)
+        hit = cache[key] = (now + _JSON_TTL, resp.body)
+    return web.Response(body=hit[1], headers=_JSON_HEADERS)
 
 
 async def _preview(request: web.Request, svc: Service) -> tuple[int, list[int], list[int]] | None:
@@ -467,7 +477,7 @@ async def h_job(request: web.Request) -> web.Response:
         found = request.app[STORE].public(job_id) if is_job_id(job_id) else None
         if found is None or found[0] != svc.name:
             raise _no_job(job_id)
-        return web.Response(body=found[2], content_type="application/json", charset="utf-8")
+        return web.Response(body=found[2], headers=_JSON_HEADERS)
     svc, job = _job(request)
     obj = job.to_json()
     if f == "html":
@@ -556,21 +566,22 @@ async def h_output(request: web.Request) -> web.StreamResponse:
 def add_routes(app: web.Application) -> None:
     """Register every route for GET and POST (and HEAD where GET has no side effect)."""
     ops = "{op:(?i:exportTiles|estimateExportTilesSize)}"
-    routes: list[tuple[str, Handler]] = [
+    # the router tries resources in this order: the hot routes (tiles, job status) come first
+    routes: list[tuple[str, Handler]] = [(_SVC + "/tile/{level}/{row}/{col}", h_tile)]
+    for prefix in (_SVC + "/" + ops + "/jobs/{job}", _SVC + "/jobs/{job}"):
+        routes += [(prefix, h_job), (prefix + "/", h_job), (prefix + "/cancel", h_cancel),
+                   (prefix + "/results/{param}", h_result), (prefix + "/inputs/{param}", h_input)]
+    routes += [
+        (_SVC + "/tilemap/{level}/{row}/{col}/{width}/{height}", h_tilemap),
+        (_SVC, h_service), (_SVC + "/", h_service),
         ("/", h_root),
         (f"{ROOT}", h_root), (f"{ROOT}/", h_root),
         (f"{ROOT}/info", h_info),
         (f"{ROOT}/services", h_services), (f"{ROOT}/services/", h_services),
-        (_SVC, h_service), (_SVC + "/", h_service),
         (_SVC + "/layers", h_layers),
         (_SVC + "/{layer:[0-9]+}", h_layer),
-        (_SVC + "/tile/{level}/{row}/{col}", h_tile),
-        (_SVC + "/tilemap/{level}/{row}/{col}/{width}/{height}", h_tilemap),
         (_SVC + "/" + ops, h_submit), (_SVC + "/" + ops + "/submitJob", h_submit),
     ]
-    for prefix in (_SVC + "/jobs/{job}", _SVC + "/" + ops + "/jobs/{job}"):
-        routes += [(prefix, h_job), (prefix + "/", h_job), (prefix + "/cancel", h_cancel),
-                   (prefix + "/results/{param}", h_result), (prefix + "/inputs/{param}", h_input)]
     routes += [(OUTPUT, h_output), (OUTPUT + "/", h_output), (OUTPUT + "/{path:.*}", h_output)]
     for path, handler in routes:
         # HEAD comes with GET, except where a GET acts (a link checker's HEAD must not submit or cancel)
@@ -589,6 +600,7 @@ def create_app(cfg: ServerConfig) -> web.Application:
     app[CFG] = cfg
     app[SERVICES] = {}
     app[PREVIEWS] = {}
+    app[JSON_CACHE] = {}
     add_routes(app)
     app.on_startup.append(_startup)
     app.on_cleanup.append(_cleanup)
