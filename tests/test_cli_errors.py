@@ -56,6 +56,20 @@ def test_empty_or_nameless_output_is_a_usage_error(small, tmp_path, output):
     assert not any(p.name.startswith(".") for p in tmp_path.parent.iterdir() if ".tmp-" in p.name)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "devnull"])
+def test_output_over_a_device_or_fifo_is_refused(small, tmp_path, kind):
+    """The finished output is renamed over -o: a device node or a FIFO there is refused, not replaced."""
+    if kind == "fifo":
+        target = tmp_path / "pipe.tpkx"
+        os.mkfifo(target)
+    else:
+        target = Path(os.devnull)
+    line = assert_one_line(run("export", small, "-o", target, "--levels", "0-1"), 2)
+    assert "not a regular file" in line
+    assert Path(os.devnull).is_char_device() and (kind != "fifo" or target.is_fifo())
+    assert not [p for p in target.parent.iterdir() if ".tmp-" in p.name]
+
+
 def test_usage_errors_are_one_line_and_json(small):
     line = assert_one_line(run("export", small, "--levels", "0-1"), 2)
     assert "-o/--output" in line and "tilecrate export --help" in line

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 
 from tilecrate.errors import RequestError
 from tilecrate.request import ExportRequest
@@ -39,6 +40,14 @@ def output_path(value: str) -> str:
     name = os.path.basename(value.rstrip(os.sep)) if value.rstrip(os.sep) else ""
     if name in ("", ".", ".."):
         raise argparse.ArgumentTypeError(f"{value!r} names no file or folder to create")
+    try:
+        mode = os.stat(value).st_mode
+    except (OSError, ValueError):
+        return value
+    # the finished output is renamed over the path: never over a device, a FIFO or a socket
+    # (`-o /dev/null` as root would replace the device node)
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise argparse.ArgumentTypeError(f"{value} exists and is not a regular file or folder")
     return value
 
 
