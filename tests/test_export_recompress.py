@@ -119,3 +119,30 @@ def test_corrupt_tile_is_exported_verbatim_with_a_warning(sample_v2, tmp_path):
     got = tiles_of(out)
     assert got[(3, row, col)] == broken
     assert sum(1 for k, v in got.items() if v != tiles_of(src)[k]) == len(got) - 1
+
+
+def test_tile_declaring_a_huge_size_is_exported_verbatim_with_a_warning(sample_v2, tmp_path):
+    """A tile whose frame header claims 8192x8192 (a legal tile size, but not this cache's 256) is
+    refused before the codec allocates for it: the export keeps its bytes and names it."""
+    src = tmp_path / "src"
+    shutil.copytree(sample_v2, src)
+    with open_cache(str(src)) as cache:
+        ref = cache.bundles(3)[0]
+        offsets, sizes = cache.index(ref)
+        i = int(np.flatnonzero(sizes)[1])
+        path = os.path.join(str(src), "_alllayers", level_dir(3), bundle_name(ref.row0, ref.col0))
+        row, col = ref.row0 + i // PACKET, ref.col0 + i % PACKET
+    off, size = int(offsets[i]), int(sizes[i])
+    with open(path, "r+b") as f:
+        f.seek(off)
+        tile = bytearray(f.read(size))
+        sof = tile.index(b"\xff\xc0")
+        tile[sof + 5:sof + 9] = (8192).to_bytes(2, "big") * 2
+        f.seek(off)
+        f.write(tile)
+    out = str(tmp_path / "h.tpkx")
+    result = export(str(src), ExportRequest(levels="3", optimize_tiles_for_size=True, compression_quality=40), out)
+    assert len(result.warnings) == 1
+    assert f"level 3 row {row} col {col}" in result.warnings[0] and "8192x8192" in result.warnings[0]
+    got = tiles_of(out)
+    assert got[(3, row, col)] == bytes(tile)

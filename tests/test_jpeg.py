@@ -302,3 +302,230 @@ def test_error_after_the_encoder_has_grown_its_buffer_is_clean():
 
     run = subprocess.run([sys.executable, "-c", ERROR_AFTER_OUTPUT], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])
+
+
+# --- integer requantization, optimal tables, argument checks, size bounds, cancel ---------------
+
+@pytest.mark.parametrize("roff", [128, 127, 102, 85, 0])      # DC, the default, deadzones 0.4 and 0.33, truncation
+def test_reciprocal_requantization_equals_the_exact_rule(roff):
+    """The multiply-and-shift requantizer gives floor((256*a*s + roff*t) / (256*t)) for every source
+    step s and target step t of 8-bit tables and every magnitude a baseline data can carry; the
+    previous double-precision formula agrees too (so output bytes are unchanged)."""
+    recip, doubles, cases = _jpeg._requant_selftest(roff, 255, 255, 2047)
+    assert cases == sum(256 - s for s in range(1, 256)) * 2048
+    assert recip == 0 and doubles == 0
+
+
+def test_reciprocal_requantization_at_the_extremes():
+    """Magnitudes up to 32768 (hostile data: the largest |JCOEF|) and 16-bit source steps (t = s)."""
+    for args in [(127, 12, 255, 32768), (128, 65535, 1, 130), (0, 1, 65535, 3)]:
+        recip, doubles, cases = _jpeg._requant_selftest(*args)
+        assert cases > 0 and recip == 0, args
+
+
+def fibonacci_counts() -> np.ndarray:
+    """Counts whose Huffman code is deeper than 16 bits: exercises the length-limiting step."""
+    f = np.zeros(257, np.int64)
+    a, b = 1, 1
+    for i in range(0, 40):
+        f[i * 3] = a
+        a, b = b, a + b
+    return f
+
+
+def test_optimal_tables_equal_libjpegs():
+    rng = np.random.default_rng(17)
+    cases = [fibonacci_counts()]
+    one = np.zeros(257, np.int64)
+    one[7] = 5
+    cases.append(one)
+    for _ in range(300):
+        f = np.zeros(257, np.int64)
+        n = int(rng.integers(1, 257))
+        idx = rng.choice(256, n, replace=False)
+        kind = rng.integers(0, 3)
+        if kind == 0:
+            f[idx] = rng.integers(1, 4, n)                   # many ties
+        elif kind == 1:
+            f[idx] = rng.geometric(0.05, n)
+        else:
+            f[idx] = (rng.pareto(0.7, n) * 10).astype(np.int64) + 1
+        cases.append(f)
+    for f in cases:
+        ours, lib = _jpeg._optimal_tables(f)
+        assert ours == lib, f.tolist()
+    bits, _ = _jpeg._optimal_tables(fibonacci_counts())[0]
+    assert sum(bits) == np.count_nonzero(fibonacci_counts()) and bits[0] == 0
+
+
+def test_optimal_tables_refuse_bad_counts():
+    with pytest.raises(ValueError, match="ours refused"):       # no symbol: libjpeg's search would underrun
+        _jpeg._optimal_tables(np.zeros(257, np.int64))
+    for bad in [np.zeros(256, np.int64), np.full(257, -1), np.zeros((257, 1), np.int64), np.zeros(257),
+                np.full(257, 10**8, np.int64)]:
+        with pytest.raises(ValueError):
+            _jpeg._optimal_tables(bad)
+
+
+def test_requant_selftest_refuses_bad_arguments():
+    for args in [(256, 1, 1, 1), (-1, 1, 1, 1), (0, 0, 1, 1), (0, 1, 65536, 1), (0, 1, 1, 32769), (0, 1, 1, -1)]:
+        with pytest.raises(ValueError):
+            _jpeg._requant_selftest(*args)
+
+
+def test_every_argument_is_checked(tiles):
+    buf, offs, sizes = batch(tiles[:3])
+    bad_calls = [
+        dict(threads=-1),
+        dict(max_width=-1), dict(max_height=_jpeg.MAX_SIDE + 1),
+        dict(optimize=3), dict(deadzone=float("nan")), dict(deadzone=0.6),
+    ]
+    for kw in bad_calls:
+        with pytest.raises(ValueError):
+            _jpeg.recode(buf, offs, sizes, 50, "dct", **kw)
+    with pytest.raises(TypeError, match="cancel"):
+        _jpeg.recode(buf, offs, sizes, 50, "dct", cancel=3)
+    with pytest.raises(ValueError, match="negative"):
+        _jpeg.recode(buf, offs.astype(np.int64) - 1, sizes, 50, "dct")
+    with pytest.raises(ValueError, match="fit"):                  # would wrap to a small size as uint32
+        _jpeg.recode(buf, offs, sizes.astype(np.uint64) + np.uint64(2**32), 50, "dct")
+    with pytest.raises(ValueError, match="integers"):
+        _jpeg.recode(buf, offs.astype(np.float64) + 0.5, sizes, 50, "dct")
+    with pytest.raises(ValueError, match="one-dimensional"):
+        _jpeg.recode(buf, offs.reshape(3, 1), sizes, 50, "dct")
+    with pytest.raises((ValueError, TypeError)):
+        _jpeg.recode(np.zeros((4, 4), np.uint8), offs, sizes, 50, "dct")
+    with pytest.raises((ValueError, TypeError)):
+        _jpeg.recode(np.zeros(64, np.uint16), offs, sizes, 50, "dct")
+
+
+def jpeg_of(w: int, h: int, mode: str = "RGB", seed: int = 3, **kw) -> bytes:
+    rng = np.random.default_rng(seed)
+    px = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(px).convert(mode).save(buf, "JPEG", quality=85, **kw)
+    return buf.getvalue()
+
+
+def with_sof(data: bytes, width: int, height: int, precision: int | None = None) -> bytes:
+    """The same JPEG with its frame header declaring another size (and sample precision)."""
+    b = bytearray(data)
+    i = 2
+    while b[i] == 0xFF and b[i + 1] not in (0xC0, 0xC1, 0xC2):
+        i += 2 + int.from_bytes(b[i + 2:i + 4], "big")
+    if precision is not None:
+        b[i + 4] = precision
+    b[i + 5:i + 7] = height.to_bytes(2, "big")
+    b[i + 7:i + 9] = width.to_bytes(2, "big")
+    return bytes(b)
+
+
+@pytest.mark.parametrize("method", ["dct", "pixel"])
+def test_images_larger_than_the_tile_size_are_refused_per_tile(tiles, method):
+    big = jpeg_of(512, 256)
+    tall = jpeg_of(64, 300)
+    batch_tiles = [tiles[0], big, tall, tiles[1]]
+    new, status, errors = recode(batch_tiles, 40, method, max_width=256, max_height=256)
+    assert list(status) == [_jpeg.OK, _jpeg.FAILED, _jpeg.FAILED, _jpeg.OK]
+    assert new[1] is None and new[2] is None
+    assert "512x256" in errors[1] and "256x256 limit" in errors[1]
+    assert "64x300" in errors[2]
+    new, status, errors = recode(batch_tiles, 40, method, max_width=512, max_height=300)   # fits now
+    assert (status == _jpeg.OK).all() and errors == {}
+    new, status, errors = recode(batch_tiles, 40, method)                                 # only the core's bound
+    assert (status == _jpeg.OK).all()
+
+
+HOSTILE = r"""
+import io, sys
+import numpy as np
+from PIL import Image
+sys.path.insert(0, sys.argv[1])
+from test_jpeg import jpeg_of, with_sof
+from tilecrate import _jpeg
+good = jpeg_of(256, 256)
+prog = jpeg_of(256, 256, progressive=True)
+cases = {
+    "truncated": good[:len(good) // 3],
+    "huge declared size": with_sof(good, 8192, 8192),
+    "over the core's bound": with_sof(good, 65000, 65000),
+    "progressive, huge declared size": with_sof(prog, 8192, 8192),
+    "progressive, truncated": prog[:len(prog) // 2],
+    "cmyk, huge declared size": with_sof(jpeg_of(64, 64, "CMYK"), 16000, 16000),
+    "12-bit": with_sof(good, 256, 256, precision=12),
+    "zero width": with_sof(good, 0, 256),
+}
+names = list(cases)
+tiles = [cases[k] for k in names]
+sizes = np.array([len(t) for t in tiles], np.uint32)
+offs = np.zeros(len(tiles), np.uint64)
+offs[1:] = np.cumsum(sizes[:-1])
+for method in ("dct", "pixel"):
+    new, status, errors = _jpeg.recode(b"".join(tiles), offs, sizes, 40, method, 2, max_width=256, max_height=256)
+    for i, name in enumerate(names):
+        assert status[i] == _jpeg.FAILED and new[i] is None and errors[i], (method, name, status[i])
+        print(method, name, "->", errors[i])
+print("ok")
+"""
+
+
+def test_hostile_jpegs_keep_their_bytes_and_never_crash():
+    """Truncated, huge declared sizes (baseline, progressive, CMYK), 12-bit, zero width: each FAILED
+    with a message, in a child process so that a crash fails this test instead of the run."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run([sys.executable, "-c", HOSTILE, here], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), (run.returncode, run.stderr[-2000:])
+    out = run.stdout
+    assert "8192x8192 is larger than the 256x256 limit" in out
+    assert "precision" in out.lower()
+
+
+def many(tiles, n):
+    """n tiles that all point at the same few bytes: a long batch from little data."""
+    buf, offs, sizes = batch(tiles[:8])
+    pick = np.arange(n) % len(offs)
+    return buf, offs[pick], sizes[pick]
+
+
+def test_cancel_set_before_the_batch_codes_nothing(tiles):
+    import threading
+
+    ev = threading.Event()
+    ev.set()
+    buf, offs, sizes = many(tiles, 500)
+    new, status, errors = _jpeg.recode(buf, offs, sizes, 40, "dct", cancel=ev)
+    assert (status == _jpeg.CANCELLED).all() and new == [None] * 500 and errors == {}
+    new, status, _ = _jpeg.recode(buf, offs, sizes, 40, "dct", cancel=lambda: True)
+    assert (status == _jpeg.CANCELLED).all()
+
+
+def test_cancel_during_a_batch_stops_between_tiles(tiles):
+    """A batch of ~20 000 tiles is cancelled 0.3 s in: it returns long before it would have finished,
+    tiles coded so far are complete, the others are CANCELLED."""
+    import threading
+    import time
+
+    buf, offs, sizes = many(tiles, 20000)
+    ev = threading.Event()
+    timer = threading.Timer(0.3, ev.set)
+    timer.start()
+    try:
+        t0 = time.monotonic()
+        new, status, errors = _jpeg.recode(buf, offs, sizes, 40, "dct", threads=2, cancel=ev)
+        after_set = time.monotonic() - t0 - 0.3
+    finally:
+        timer.cancel()
+    done = status == _jpeg.OK
+    assert 0 < done.sum() < len(status) and errors == {}
+    assert set(np.unique(status)) == {_jpeg.OK, _jpeg.CANCELLED}
+    assert (status[np.argmax(status == _jpeg.CANCELLED):] == _jpeg.CANCELLED).all()   # a tail, never a gap
+    assert after_set < 2.0, after_set
+    for i in np.flatnonzero(done)[:20]:
+        Image.open(io.BytesIO(new[i])).load()
+    # without cancel the same call codes every tile: the flag, not an error, stopped it
+    new, status, _ = _jpeg.recode(buf, offs[:200], sizes[:200], 40, "dct", cancel=threading.Event())
+    assert (status == _jpeg.OK).all()

@@ -212,3 +212,74 @@ def test_bundle_truncated_while_reencoded_is_an_error_not_sigbus(sample_v2, tmp_
     run = subprocess.run([sys.executable, "-c", TRUNCATED_UNDER_REENCODING, str(copy)],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.split() == ["BundleError", "True"], (run.returncode, run.stderr[-2000:])
+
+
+def big_jpeg(w: int, h: int) -> bytes:
+    rng = np.random.default_rng(4)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def bundle_of(parts: list[bytes], slots: list[int], ref: BundleRef) -> BundleData:
+    buf = bytearray(b"\0" * 64)
+    offsets = np.zeros(PACKET * PACKET, np.uint64)
+    sizes = np.zeros(PACKET * PACKET, np.uint32)
+    for slot, part in zip(slots, parts):
+        offsets[slot], sizes[slot] = len(buf), len(part)
+        buf += part
+    return BundleData(ref, memoryview(bytes(buf)), offsets, sizes)
+
+
+def test_policy_carries_the_cache_tile_size(sample_v2):
+    with open_cache(str(sample_v2)) as cache:
+        p = policy_for(cache, ExportRequest(levels="0-2", optimize_tiles_for_size=True, compression_quality=40))
+        assert p.tile_size == (cache.scheme.tile_cols, cache.scheme.tile_rows) == (256, 256)
+    with pytest.raises(ValueError, match="tile size"):
+        RecompressPolicy(quality=50, source_quality=75, tile_size=(-1, 256))
+
+
+@pytest.mark.parametrize("method", ["dct", "pixel"])
+def test_jpeg_larger_than_the_tile_size_is_kept_with_a_warning(sample_v2, method):
+    """A 1024x512 JPEG in a 256-pixel cache is not decoded at all (its cost would be the attacker's
+    choice): original bytes, one warning naming the tile and the size; its neighbours re-encode."""
+    with open_cache(str(sample_v2)) as cache:
+        tiles = [t for *_, t in cache.iter_tiles(4)][:2]
+    big = big_jpeg(1024, 512)
+    data = bundle_of([tiles[0], big, tiles[1]], [3, 200, 900], BundleRef(6, 128, 0))
+    mask = (data.sizes > 0).reshape(PACKET, PACKET).astype(np.uint8)
+    policy = RecompressPolicy(quality=30, source_quality=75, method=method, tile_size=(256, 256))
+    out, warnings = recompress_bundle(policy, data, mask)
+    assert out[1] == big and out[0] != tiles[0] and out[2] != tiles[1]
+    assert len(warnings) == 1
+    assert "level 6 row 129 col 72" in warnings[0] and "1024x512" in warnings[0]
+    assert "copied unchanged" in warnings[0]
+    # the same bundle with room for it: re-encoded like the others
+    roomy = RecompressPolicy(quality=30, source_quality=75, method=method, tile_size=(1024, 1024))
+    out, warnings = recompress_bundle(roomy, data, mask)
+    assert warnings == [] and out[1] != big and len(out[1]) < len(big)
+    # reencode_tiles takes the same bound
+    res = reencode_tiles([tiles[0], big], 30, method=method, tile_size=(256, 256))
+    assert res.tiles[1] == big and res.status[1] == _jpeg.FAILED and "1024x512" in res.errors[1]
+
+
+def test_cancel_stops_recompress_bundle_and_reencode_tiles(sample_v2):
+    import threading
+
+    from tilecrate.errors import Cancelled
+
+    with open_cache(str(sample_v2)) as cache:
+        tiles = [t for *_, t in cache.iter_tiles(4)][:4]
+    data = bundle_of(tiles, [1, 2, 3, 4], BundleRef(6, 0, 0))
+    mask = (data.sizes > 0).reshape(PACKET, PACKET).astype(np.uint8)
+    policy = RecompressPolicy(quality=30, source_quality=75, tile_size=(256, 256))
+    ev = threading.Event()
+    out, warnings = recompress_bundle(policy, data, mask, cancel=ev)         # not set: a normal result
+    assert len(out) == 4 and warnings == []
+    ev.set()
+    with pytest.raises(Cancelled):
+        recompress_bundle(policy, data, mask, cancel=ev)
+    with pytest.raises(Cancelled):
+        reencode_tiles(tiles, 30, cancel=lambda: True)
+    with pytest.raises(TypeError, match="cancel"):
+        reencode_tiles(tiles, 30, cancel="yes")

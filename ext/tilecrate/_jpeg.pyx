@@ -1,4 +1,4 @@
-# cython: boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+# cython: cdivision=True
 """Batch JPEG re-encoding over libjpeg-turbo's libjpeg API, GIL released, spread over OpenMP threads.
 
 Two methods, both per tile, both with per-tile error handling:
@@ -22,6 +22,8 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport calloc, free
 from cython.parallel cimport prange
 cimport openmp
+
+import time
 
 import numpy as np
 cimport numpy as cnp
@@ -83,6 +85,7 @@ cdef extern from *:
         unsigned int q[2][DCTSIZE2];
         int roff;                   /* rounding offset for AC coefficients, in 1/256 (128 = nearest) */
         int optimize;               /* optimized Huffman tables (an extra pass, smaller output) */
+        unsigned int max_w, max_h;  /* largest image accepted (the cache's tile size) */
     } tc_tables;
 
     static const unsigned int tc_std_lum[DCTSIZE2] = {
@@ -97,7 +100,8 @@ cdef extern from *:
         99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99};
 
     /* the tables jpeg_set_quality(q, force_baseline=TRUE) installs */
-    static void tc_make_tables(tc_tables *t, int quality, int roff, int optimize) {
+    static void tc_make_tables(tc_tables *t, int quality, int roff, int optimize,
+                               unsigned int max_w, unsigned int max_h) {
         int scale = jpeg_quality_scaling(quality);
         for (int i = 0; i < DCTSIZE2; i++) {
             long a = ((long)tc_std_lum[i] * scale + 50L) / 100L;
@@ -107,6 +111,8 @@ cdef extern from *:
         }
         t->roff = roff;
         t->optimize = optimize;
+        t->max_w = max_w == 0 || max_w > TC_MAX_SIDE ? TC_MAX_SIDE : max_w;
+        t->max_h = max_h == 0 || max_h > TC_MAX_SIDE ? TC_MAX_SIDE : max_h;
     }
 
     static void tc_error_exit(j_common_ptr cinfo) {
@@ -212,12 +218,17 @@ cdef extern from *:
         x->outbuf = NULL; x->rows = NULL; x->ready = 0;
     }
 
-    static int tc_check_header(tc_ctx *x) {
+    /* called after jpeg_read_header, before anything the image's size decides is allocated */
+    static int tc_check_header(tc_ctx *x, const tc_tables *t) {
         struct jpeg_decompress_struct *d = &x->d;
-        if (d->image_width == 0 || d->image_height == 0 || d->image_width > TC_MAX_SIDE ||
-            d->image_height > TC_MAX_SIDE ||
-            (long)d->image_width * (long)d->image_height > TC_MAX_PIXELS) {
+        if (d->image_width == 0 || d->image_height == 0) {
             snprintf(x->err.msg, TC_MSG, "unsupported size %ux%u", d->image_width, d->image_height);
+            return 0;
+        }
+        if (d->image_width > t->max_w || d->image_height > t->max_h ||
+            (long)d->image_width * (long)d->image_height > TC_MAX_PIXELS) {
+            snprintf(x->err.msg, TC_MSG, "image %ux%u is larger than the %ux%u limit (the tile size)",
+                     d->image_width, d->image_height, t->max_w, t->max_h);
             return 0;
         }
         if (d->num_components < 1 || d->num_components > 4) {
@@ -254,20 +265,160 @@ cdef extern from *:
     /* exported by libjpeg(-turbo) since 6b but declared only in the internal jchuff.h */
     extern void jpeg_gen_optimal_table(j_compress_ptr cinfo, JHUFF_TBL *htbl, long freq[]);
 
+    /* Requantization by reciprocal multiply, no divide. The rule (unchanged): with source step s,
+       new step t >= s and AC rounding offset roff/256 (DC: 128/256), a magnitude a becomes
+       n = floor((256*a*s + roff*t) / (256*t)). Writing v = a*s = q*t + rem gives
+       n = q + (256*rem >= (256 - roff)*t), because 256*rem + roff*t < 2*256*t. v < 2^31
+       (|a| <= 32768, s <= 65535), so q = (m*v) >> 64 with m = ceil(2^64/t) is exact for t >= 2
+       (Lemire, Kaser, Kurz 2019: exact for all 32-bit v). For t = 1, m = 2^64-1 gives q = v-1 and
+       rem = 1 for v >= 1, and the threshold test (thr <= 256) adds the 1 back. Checked against the
+       exact integer rule for every step pair and coefficient by _requant_selftest. */
     typedef struct {
-        double num_scale[DCTSIZE2], num_add[DCTSIZE2], den[DCTSIZE2];
+        uint64_t m[DCTSIZE2];
+        uint32_t s[DCTSIZE2], step[DCTSIZE2], thr[DCTSIZE2];
         int requant;
     } tc_rq;
 
+    static void tc_rq_set(tc_rq *r, int k, uint32_t s, uint32_t step, int roff) {
+        r->s[k] = s;
+        r->step[k] = step;
+        r->thr[k] = (uint32_t)(256 - roff) * step;
+        r->m[k] = step == 1 ? UINT64_MAX : UINT64_MAX / step + 1;
+    }
+
+    static inline uint32_t tc_requant_mag(uint32_t a, const tc_rq *r, int k) {
+        uint32_t v = a * r->s[k], q, rem;
+    #if defined(__SIZEOF_INT128__)
+        q = (uint32_t)(((unsigned __int128)r->m[k] * v) >> 64);
+    #else
+        q = v / r->step[k];     /* no 128-bit multiply: the divide is still exact */
+    #endif
+        rem = v - q * r->step[k];
+        return q + (rem * 256u >= r->thr[k]);
+    }
+
     static inline void tc_requant_block(JCOEF *co, const tc_rq *r) {
-        /* n = floor((|c|*qs + qt*roff/256) / qt), exact: integers held in doubles, one correctly
-           rounded division; a zero stays zero because roff < 256 */
         for (int k = 0; k < DCTSIZE2; k++) {
             int v = co[k];
-            int a = v < 0 ? -v : v;
-            int n = (int)(((double)a * r->num_scale[k] + r->num_add[k]) / r->den[k]);
-            co[k] = (JCOEF)(v < 0 ? -n : n);
+            uint32_t n = tc_requant_mag((uint32_t)(v < 0 ? -v : v), r, k);
+            co[k] = (JCOEF)(v < 0 ? -(int)n : (int)n);
         }
+    }
+
+    /* the previous rule, in doubles (kept for the self-test only) */
+    static uint32_t tc_requant_double(uint32_t a, uint32_t s, uint32_t step, int roff) {
+        return (uint32_t)(((double)a * ((double)s * 256.0) + (double)step * (double)roff) / ((double)step * 256.0));
+    }
+
+    /* counts of disagreement over s in [1, s_max], t in [s, max(s, t_max)], a in [0, a_max]:
+       [0] reciprocal vs exact integer rule, [1] doubles vs exact, [2] cases checked */
+    static void tc_requant_selftest(int roff, uint32_t s_max, uint32_t t_max, uint32_t a_max, uint64_t out[3]) {
+        tc_rq r;
+        out[0] = out[1] = out[2] = 0;
+        for (uint32_t s = 1; s <= s_max; s++) {
+            uint32_t top = s > t_max ? s : t_max;
+            for (uint32_t t = s; t <= top; t++) {
+                tc_rq_set(&r, 1, s, t, roff);
+                for (uint32_t a = 0; a <= a_max; a++) {
+                    uint64_t exact = ((uint64_t)a * s * 256u + (uint64_t)roff * t) / ((uint64_t)t * 256u);
+                    out[0] += tc_requant_mag(a, &r, 1) != exact;
+                    out[1] += tc_requant_double(a, s, t, roff) != exact;
+                    out[2]++;
+                }
+            }
+        }
+    }
+
+    /* libjpeg's jpeg_gen_optimal_table (Annex K.2, ties to the larger symbol), the same tables
+       from a heap of the symbols in use instead of two scans over all 257 per merge (the library
+       version was ~9 % of a DCT re-encode). 0 if a code would exceed 32 bits (libjpeg errors). */
+    static inline int tc_heap_less(const long *f, const int *sym, int i, int j) {
+        return f[i] < f[j] || (f[i] == f[j] && sym[i] > sym[j]);
+    }
+
+    static void tc_heap_push(long *f, int *sym, int *n, long fv, int sv) {
+        int i = (*n)++;
+        f[i] = fv; sym[i] = sv;
+        while (i > 0) {
+            int p = (i - 1) >> 1;
+            if (!tc_heap_less(f, sym, i, p)) break;
+            long tf = f[i]; f[i] = f[p]; f[p] = tf;
+            int ts = sym[i]; sym[i] = sym[p]; sym[p] = ts;
+            i = p;
+        }
+    }
+
+    static int tc_heap_pop(long *f, int *sym, int *n) {
+        int top = sym[0], i = 0;
+        (*n)--;
+        f[0] = f[*n]; sym[0] = sym[*n];
+        for (;;) {
+            int l = 2 * i + 1, r = l + 1, m = i;
+            if (l < *n && tc_heap_less(f, sym, l, m)) m = l;
+            if (r < *n && tc_heap_less(f, sym, r, m)) m = r;
+            if (m == i) break;
+            long tf = f[i]; f[i] = f[m]; f[m] = tf;
+            int ts = sym[i]; sym[i] = sym[m]; sym[m] = ts;
+            i = m;
+        }
+        return top;
+    }
+
+    static int tc_gen_optimal_table(JHUFF_TBL *htbl, long freq[]) {
+        UINT8 bits[33];
+        int codesize[257], others[257], hs[257], pos[33];
+        long hf[257], total = 0, merged[257];
+        int n = 0, i, j, p;
+        memset(bits, 0, sizeof(bits));
+        freq[256] = 1;
+        for (i = 0; i <= 256; i++) {
+            codesize[i] = 0;
+            others[i] = -1;
+            if (freq[i] < 0) return 0;
+            if (freq[i]) { total += freq[i]; tc_heap_push(hf, hs, &n, freq[i], i); }
+            merged[i] = freq[i];
+        }
+        /* libjpeg ignores counts above 1e9; ours never get near (at most 2^28 symbols a table).
+           No real symbol at all (never from our counters: every block codes a DC and an EOB or
+           a last AC) would send libjpeg's length search below bits[0]. */
+        if (total >= 1000000000L || n < 2) return 0;
+        while (n >= 2) {
+            int c1 = tc_heap_pop(hf, hs, &n), c2 = tc_heap_pop(hf, hs, &n);
+            merged[c1] += merged[c2];
+            merged[c2] = 0;
+            tc_heap_push(hf, hs, &n, merged[c1], c1);
+            codesize[c1]++;
+            while (others[c1] >= 0) { c1 = others[c1]; codesize[c1]++; }
+            others[c1] = c2;
+            codesize[c2]++;
+            while (others[c2] >= 0) { c2 = others[c2]; codesize[c2]++; }
+        }
+        for (i = 0; i <= 256; i++) {
+            if (codesize[i]) {
+                if (codesize[i] > 32) return 0;
+                bits[codesize[i]]++;
+            }
+        }
+        for (i = 32; i > 16; i--) {
+            while (bits[i] > 0) {
+                j = i - 2;
+                while (bits[j] == 0) j--;
+                bits[i] -= 2;
+                bits[i - 1]++;
+                bits[j + 1] += 2;
+                bits[j]--;
+            }
+        }
+        while (bits[i] == 0) i--;
+        bits[i]--;
+        memcpy(htbl->bits, bits, sizeof(htbl->bits));
+        /* symbols by (unlimited) code length, then symbol: a counting sort */
+        memset(pos, 0, sizeof(pos));
+        for (j = 0; j <= 255; j++) if (codesize[j]) pos[codesize[j]]++;
+        for (i = 1, p = 0; i <= 32; i++) { int c = pos[i]; pos[i] = p; p += c; }
+        for (j = 0; j <= 255; j++) if (codesize[j]) htbl->huffval[pos[codesize[j]]++] = (UINT8)j;
+        htbl->sent_table = FALSE;
+        return 1;
     }
 
     static inline int tc_nbits(int v) {
@@ -303,8 +454,8 @@ cdef extern from *:
             int n = __builtin_ctzll(nz);
             nz &= nz - 1;
             if (r->requant) {
-                int v = co[n], a = v < 0 ? -v : v;
-                int q = (int)(((double)a * r->num_scale[n] + r->num_add[n]) / r->den[n]);
+                int v = co[n];
+                int q = (int)tc_requant_mag((uint32_t)(v < 0 ? -v : v), r, n);
                 co[n] = (JCOEF)(v < 0 ? -q : q);
                 if (q == 0) continue;
             }
@@ -335,7 +486,7 @@ cdef extern from *:
         void (*finish_pass)(j_compress_ptr cinfo);
     };
 
-    static const tc_rq tc_no_requant = {{0}, {0}, {0}, 0};
+    static const tc_rq tc_no_requant = {{0}, {0}, {0}, {0}, 0};
 
     /* the optimize pass's statistics, counted by tc_block instead of libjpeg's encode_mcu_gather */
     static boolean tc_gather_mcu(j_compress_ptr cinfo, JBLOCKROW *MCU_data) {
@@ -352,6 +503,11 @@ cdef extern from *:
         return TRUE;
     }
 
+    static void tc_table_error(tc_ctx *x) {
+        snprintf(x->err.msg, TC_MSG, "Huffman code longer than 32 bits");
+        longjmp(x->err.jb, 1);
+    }
+
     /* what libjpeg's finish_pass_gather does: one optimal table per table slot in use */
     static void tc_gather_finish(j_compress_ptr cinfo) {
         tc_ctx *x = (tc_ctx *)cinfo->client_data;
@@ -360,12 +516,12 @@ cdef extern from *:
             int dt = cinfo->cur_comp_info[ci]->dc_tbl_no, at = cinfo->cur_comp_info[ci]->ac_tbl_no;
             if (!did_dc[dt]) {
                 if (cinfo->dc_huff_tbl_ptrs[dt] == NULL) cinfo->dc_huff_tbl_ptrs[dt] = jpeg_alloc_huff_table((j_common_ptr)cinfo);
-                jpeg_gen_optimal_table(cinfo, cinfo->dc_huff_tbl_ptrs[dt], x->g_dc[dt]);
+                if (!tc_gen_optimal_table(cinfo->dc_huff_tbl_ptrs[dt], x->g_dc[dt])) tc_table_error(x);
                 did_dc[dt] = 1;
             }
             if (!did_ac[at]) {
                 if (cinfo->ac_huff_tbl_ptrs[at] == NULL) cinfo->ac_huff_tbl_ptrs[at] = jpeg_alloc_huff_table((j_common_ptr)cinfo);
-                jpeg_gen_optimal_table(cinfo, cinfo->ac_huff_tbl_ptrs[at], x->g_ac[at]);
+                if (!tc_gen_optimal_table(cinfo->ac_huff_tbl_ptrs[at], x->g_ac[at])) tc_table_error(x);
                 did_ac[at] = 1;
             }
         }
@@ -397,7 +553,7 @@ cdef extern from *:
         size_t stride;
         int ci, i;
         jpeg_read_header(d, TRUE);
-        if (!tc_check_header(x)) return 0;
+        if (!tc_check_header(x, t)) return 0;
         cs = d->jpeg_color_space;
         if (cs != JCS_GRAYSCALE && cs != JCS_YCbCr && cs != JCS_RGB && cs != JCS_CMYK && cs != JCS_YCCK) {
             snprintf(x->err.msg, TC_MSG, "unsupported colour space %d", (int)cs);
@@ -459,7 +615,7 @@ cdef extern from *:
         long dcf[NUM_HUFF_TBLS][257], acf[NUM_HUFF_TBLS][257];
         int nslots = 0, ci, k, fused = 0, nc;
         jpeg_read_header(d, TRUE);
-        if (!tc_check_header(x)) return 0;
+        if (!tc_check_header(x, t)) return 0;
         coefs = jpeg_read_coefficients(d);
         if (coefs == NULL) { snprintf(x->err.msg, TC_MSG, "no coefficients"); return 0; }
         nc = d->num_components;
@@ -473,9 +629,7 @@ cdef extern from *:
                 if (s == 0) { snprintf(x->err.msg, TC_MSG, "zero quantization step"); return 0; }
                 steps[ci][k] = s > req[k] ? s : req[k];
                 rq[ci].requant |= steps[ci][k] != s;
-                rq[ci].num_scale[k] = (double)s * 256.0;
-                rq[ci].num_add[k] = (double)steps[ci][k] * (double)(k == 0 ? 128 : t->roff);
-                rq[ci].den[k] = (double)steps[ci][k] * 256.0;
+                tc_rq_set(&rq[ci], k, s, steps[ci][k], k == 0 ? 128 : t->roff);
             }
         }
         jpeg_copy_critical_parameters(d, c);
@@ -544,18 +698,18 @@ cdef extern from *:
                 }
             }
             {
-                /* jpeg_gen_optimal_table consumes freq[], so build each shared table once */
+                /* build each shared table once */
                 int dc_built[NUM_HUFF_TBLS] = {0}, ac_built[NUM_HUFF_TBLS] = {0};
                 for (ci = 0; ci < nc; ci++) {
                     int dt = c->comp_info[ci].dc_tbl_no, at = c->comp_info[ci].ac_tbl_no;
                     if (!dc_built[dt]) {
                         if (c->dc_huff_tbl_ptrs[dt] == NULL) c->dc_huff_tbl_ptrs[dt] = jpeg_alloc_huff_table((j_common_ptr)c);
-                        jpeg_gen_optimal_table(c, c->dc_huff_tbl_ptrs[dt], dcf[dt]);
+                        if (!tc_gen_optimal_table(c->dc_huff_tbl_ptrs[dt], dcf[dt])) goto table;
                         dc_built[dt] = 1;
                     }
                     if (!ac_built[at]) {
                         if (c->ac_huff_tbl_ptrs[at] == NULL) c->ac_huff_tbl_ptrs[at] = jpeg_alloc_huff_table((j_common_ptr)c);
-                        jpeg_gen_optimal_table(c, c->ac_huff_tbl_ptrs[at], acf[at]);
+                        if (!tc_gen_optimal_table(c->ac_huff_tbl_ptrs[at], acf[at])) goto table;
                         ac_built[at] = 1;
                     }
                 }
@@ -579,6 +733,9 @@ cdef extern from *:
         return 1;
     range:
         snprintf(x->err.msg, TC_MSG, "DCT coefficient out of range");
+        return 0;
+    table:
+        snprintf(x->err.msg, TC_MSG, "Huffman code longer than 32 bits");
         return 0;
     }
 
@@ -618,6 +775,27 @@ cdef extern from *:
         x->outbuf = NULL; x->outcap = 0;
         return TC_OK;
     }
+
+    /* tables from the same counts by tc_gen_optimal_table and by libjpeg: out[0..1] ours (bits,
+       huffval), out[2..3] libjpeg's; 1 on success, 0 if ours refused, -1 if libjpeg failed */
+    static int tc_compare_tables(tc_ctx *x, const long *freq, unsigned char out[4][257]) {
+        long f1[257], f2[257];
+        JHUFF_TBL a, b;
+        memcpy(f1, freq, sizeof(f1));
+        memcpy(f2, freq, sizeof(f2));
+        memset(&a, 0, sizeof(a));
+        memset(&b, 0, sizeof(b));
+        memset(out, 0, 4 * 257);
+        if (!x->ready) return -1;
+        if (setjmp(x->err.jb)) return -1;
+        if (!tc_gen_optimal_table(&a, f1)) return 0;
+        jpeg_gen_optimal_table(&x->c, &b, f2);
+        memcpy(out[0], a.bits, sizeof(a.bits));
+        memcpy(out[1], a.huffval, sizeof(a.huffval));
+        memcpy(out[2], b.bits, sizeof(b.bits));
+        memcpy(out[3], b.huffval, sizeof(b.huffval));
+        return 1;
+    }
     """
     enum:
         TC_MSG
@@ -627,6 +805,7 @@ cdef extern from *:
         TC_NOT_SMALLER
         TC_PIXEL
         TC_DCT
+        TC_MAX_SIDE
     ctypedef struct tc_ctx:
         pass
     ctypedef struct tc_tables:
@@ -634,18 +813,24 @@ cdef extern from *:
     int tc_ctx_init(tc_ctx *x) nogil
     void tc_ctx_free(tc_ctx *x) nogil
     void tc_init_zigzag() nogil
-    void tc_make_tables(tc_tables *t, int quality, int roff, int optimize) nogil
+    void tc_make_tables(tc_tables *t, int quality, int roff, int optimize, unsigned int max_w,
+                        unsigned int max_h) nogil
     int tc_recode(tc_ctx *x, const unsigned char *src, size_t len, int method, int quality,
                   const tc_tables *t, int allow_larger, unsigned char **out, size_t *outlen,
                   char *msg) nogil
+    void tc_requant_selftest(int roff, uint32_t s_max, uint32_t t_max, uint32_t a_max, uint64_t out[3]) nogil
+    int tc_compare_tables(tc_ctx *x, const long *freq, unsigned char out[4][257]) nogil
 
 
 OK = TC_OK                    # re-encoded: new bytes returned
 NOT_JPEG = TC_NOT_JPEG        # bytes do not start FF D8 FF: left alone
-FAILED = TC_FAILED            # libjpeg rejected or warned: original bytes kept, message given
+FAILED = TC_FAILED            # libjpeg rejected or warned, or the image is too large: original bytes kept, message given
 NOT_SMALLER = TC_NOT_SMALLER  # re-encoding did not shrink the tile: original bytes kept
+CANCELLED = 4                 # not attempted: the batch was cancelled first (new bytes None)
 METHODS = {"pixel": TC_PIXEL, "dct": TC_DCT}
+MAX_SIDE = TC_MAX_SIDE        # the largest width or height ever accepted
 DEFAULT_DEADZONE = 0.49609375  # 127/256: round to nearest, exact halves toward zero; recompress.py says why
+CANCEL_SLICE = 0.05           # seconds of work between two looks at the cancel flag
 
 
 def max_threads() -> int:
@@ -653,15 +838,60 @@ def max_threads() -> int:
     return openmp.omp_get_max_threads()
 
 
+def _index_array(values, dtype, str name):
+    """values as a contiguous 1-D array of dtype, refusing what would wrap or truncate on the way."""
+    a = np.asarray(values)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, not {a.ndim}-D")
+    if a.size == 0:
+        return np.zeros(0, dtype=dtype)
+    if a.dtype.kind not in "ui":
+        raise ValueError(f"{name} must be integers, not {a.dtype}")
+    if a.dtype.kind == "i" and int(a.min()) < 0:
+        raise ValueError(f"{name} must not be negative")
+    if int(a.max()) > np.iinfo(dtype).max:
+        raise ValueError(f"{name} must fit in {np.dtype(dtype).name}")
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def _cancel_probe(cancel):
+    """A no-argument callable telling whether to stop: from an Event-like (is_set) or a callable."""
+    if cancel is None:
+        return None
+    probe = getattr(cancel, "is_set", None)
+    if callable(probe):
+        return probe
+    if callable(cancel):
+        return cancel
+    raise TypeError("cancel must be an object with is_set() (threading.Event) or a callable returning bool")
+
+
+cdef void _run(tc_ctx *ctxs, int nt, Py_ssize_t start, Py_ssize_t stop, const uint8_t *base,
+               const uint64_t *offs, const uint32_t *lens, int m, int q, const tc_tables *tables, int larger,
+               signed char *status, unsigned char **outs, size_t *outlens, char *msgs) noexcept nogil:
+    # raw pointers: recode checked every offset + length against the buffer and every array's length
+    cdef Py_ssize_t i
+    cdef tc_ctx *cx
+    for i in prange(start, stop, num_threads=nt, schedule="dynamic", chunksize=1):
+        cx = &ctxs[openmp.omp_get_thread_num()]
+        status[i] = <signed char>tc_recode(cx, base + offs[i], lens[i], m, q, tables, larger,
+                                           &outs[i], &outlens[i], msgs + i * TC_MSG)
+
+
 def recode(buf, offsets, sizes, int quality, str method="dct", int threads=0,
-           double deadzone=DEFAULT_DEADZONE, bint allow_larger=False, int optimize=2):
+           double deadzone=DEFAULT_DEADZONE, bint allow_larger=False, int optimize=2,
+           int max_width=0, int max_height=0, cancel=None):
     """Re-encode tiles buf[offsets[i]:offsets[i]+sizes[i]] -> (list of bytes|None, status int8[n], {i: message}).
 
     None means "keep the original bytes" (status says why). The GIL is released while tiles are
     coded, spread over `threads` OpenMP threads (0 = all). optimize: 0 = standard Huffman tables,
     1 = libjpeg's optimize pass, 2 = optimal tables from statistics gathered during requantization
     (byte-identical to 1, much cheaper: fused with requantization on the DCT path, a bitmask
-    counter in place of libjpeg's encode_mcu_gather on the pixel path).
+    counter in place of libjpeg's encode_mcu_gather on the pixel path). max_width/max_height
+    (0 = MAX_SIDE) refuse larger images per tile (FAILED, with a message) before libjpeg allocates
+    for them: pass the cache's tile size. cancel (a threading.Event or a callable) is looked at
+    between slices of about CANCEL_SLICE seconds of work; once it is set, tiles not yet started
+    get CANCELLED and None.
     """
     if optimize not in (0, 1, 2):
         raise ValueError("optimize must be 0, 1 or 2")
@@ -671,9 +901,14 @@ def recode(buf, offsets, sizes, int quality, str method="dct", int threads=0,
         raise ValueError(f"quality must be 1-100, not {quality}")
     if not (0.0 <= deadzone <= 0.5):
         raise ValueError(f"deadzone rounding offset must be in [0, 0.5], not {deadzone}")
+    if threads < 0:
+        raise ValueError(f"threads must be 0 (all cores) or more, not {threads}")
+    if not (0 <= max_width <= TC_MAX_SIDE and 0 <= max_height <= TC_MAX_SIDE):
+        raise ValueError(f"max_width and max_height must be 0-{TC_MAX_SIDE}, not {max_width}x{max_height}")
+    probe = _cancel_probe(cancel)
     cdef const uint8_t[::1] data = buf
-    cdef const uint64_t[::1] offs = np.ascontiguousarray(offsets, dtype=np.uint64)
-    cdef const uint32_t[::1] lens = np.ascontiguousarray(sizes, dtype=np.uint32)
+    cdef const uint64_t[::1] offs = _index_array(offsets, np.uint64, "offsets")
+    cdef const uint32_t[::1] lens = _index_array(sizes, np.uint32, "sizes")
     cdef Py_ssize_t n = offs.shape[0], i
     if lens.shape[0] != n:
         raise ValueError("offsets and sizes differ in length")
@@ -693,15 +928,19 @@ def recode(buf, offsets, sizes, int quality, str method="dct", int threads=0,
     if nt < 1:
         nt = 1
     cdef tc_tables tables
-    tc_make_tables(&tables, quality, <int>(deadzone * 256 + 0.5), optimize)
+    tc_make_tables(&tables, quality, <int>(deadzone * 256 + 0.5), optimize, <unsigned int>max_width,
+                   <unsigned int>max_height)
     cdef int q = quality, larger = allow_larger
     cdef tc_ctx *ctxs = <tc_ctx *>calloc(nt, sizeof(tc_ctx))
     cdef unsigned char **outs = <unsigned char **>calloc(n, sizeof(unsigned char *))
     cdef size_t *outlens = <size_t *>calloc(n, sizeof(size_t))
     cdef char *msgs = <char *>calloc(n, TC_MSG)
     cdef const uint8_t *base = &data[0] if data.shape[0] > 0 else NULL
+    cdef const uint64_t *po = &offs[0]
+    cdef const uint32_t *pl = &lens[0]
+    cdef signed char *ps = &status[0]
     cdef int t
-    cdef tc_ctx *cx
+    cdef Py_ssize_t start = 0, stop, step
     if ctxs == NULL or outs == NULL or outlens == NULL or msgs == NULL:
         free(ctxs); free(outs); free(outlens); free(msgs)
         raise MemoryError("cannot allocate the re-encoding batch")
@@ -711,11 +950,22 @@ def recode(buf, offsets, sizes, int quality, str method="dct", int threads=0,
         for t in range(nt):
             if not tc_ctx_init(&ctxs[t]):
                 raise MemoryError("cannot create libjpeg codecs")
-        with nogil:
-            for i in prange(n, num_threads=nt, schedule="dynamic", chunksize=1):
-                cx = &ctxs[openmp.omp_get_thread_num()]
-                status[i] = <signed char>tc_recode(cx, base + offs[i], lens[i], m, q, &tables, larger,
-                                                   &outs[i], &outlens[i], msgs + i * TC_MSG)
+        # without a cancel flag, one slice; with one, slices sized from the rate so far so that a
+        # cancel waits about CANCEL_SLICE s (a first slice of one tile per thread measures it)
+        step = n if probe is None else nt
+        while start < n:
+            if probe is not None and probe():
+                status_arr[start:] = CANCELLED
+                break
+            stop = min(n, start + step)
+            began = time.perf_counter()
+            with nogil:
+                _run(ctxs, nt, start, stop, base, po, pl, m, q, &tables, larger, ps, outs, outlens, msgs)
+            took = time.perf_counter() - began
+            if probe is not None:
+                per_tile = max(took, 1e-6) / (stop - start)
+                step = max(nt, min(n, int(CANCEL_SLICE / per_tile)))
+            start = stop
         for i in range(n):
             if status[i] == TC_OK:
                 result[i] = PyBytes_FromStringAndSize(<char *>outs[i], <Py_ssize_t>outlens[i])
@@ -730,3 +980,45 @@ def recode(buf, offsets, sizes, int quality, str method="dct", int threads=0,
             tc_ctx_free(&ctxs[t])
         free(ctxs); free(outs); free(outlens); free(msgs)
     return result, status_arr, messages
+
+
+def _requant_selftest(int roff, int s_max, int t_max, int a_max):
+    """(reciprocal vs exact, doubles vs exact, cases): disagreements of the requantization rules over
+    every source step 1..s_max, target step s..max(s, t_max) and magnitude 0..a_max (a test hook)."""
+    if not (0 <= roff <= 255):
+        raise ValueError(f"roff must be 0-255, not {roff}")
+    if not (1 <= s_max <= 65535 and 1 <= t_max <= 65535 and 0 <= a_max <= 32768):
+        raise ValueError("s_max and t_max must be 1-65535, a_max 0-32768")
+    cdef uint64_t out[3]
+    with nogil:
+        tc_requant_selftest(roff, <uint32_t>s_max, <uint32_t>t_max, <uint32_t>a_max, out)
+    return int(out[0]), int(out[1]), int(out[2])
+
+
+def _optimal_tables(freq):
+    """((bits, huffval) ours, (bits, huffval) libjpeg's) for 257 symbol counts (a test hook)."""
+    f = np.asarray(freq)
+    if f.shape != (257,) or f.dtype.kind not in "ui":
+        raise ValueError("freq must be 257 integer counts")
+    if int(f.min()) < 0 or int(f.sum()) >= 1000000000:
+        raise ValueError("freq counts must be >= 0 and total under 1e9")
+    cdef long cf[257]
+    cdef unsigned char out[4][257]
+    cdef int k, rc
+    for k in range(257):
+        cf[k] = <long>int(f[k])
+    cdef tc_ctx *cx = <tc_ctx *>calloc(1, sizeof(tc_ctx))
+    if cx == NULL:
+        raise MemoryError("cannot allocate a codec")
+    try:
+        if not tc_ctx_init(cx):
+            raise MemoryError("cannot create libjpeg codecs")
+        rc = tc_compare_tables(cx, cf, out)
+    finally:
+        tc_ctx_free(cx)
+        free(cx)
+    if rc <= 0:
+        raise ValueError("ours refused the counts" if rc == 0 else "libjpeg refused the counts")
+    ours = (bytes(out[0][:17]), bytes(out[1][:256]))
+    lib = (bytes(out[2][:17]), bytes(out[3][:256]))
+    return ours, lib

@@ -176,6 +176,9 @@ def compare(cache: Cache, qualities: Sequence[int], methods: Sequence[str] = ("d
     """Re-encode a sample of the cache's tiles at each quality with each method and measure the result."""
     if not 0.0 <= deadzone <= 0.5:
         raise RequestError(f"--deadzone must be between 0 and 0.5, not {deadzone}")
+    if threads < 0:
+        raise RequestError(f"--threads must be 0 (all cores) or more, not {threads}")
+    tile_size = (int(cache.scheme.tile_cols), int(cache.scheme.tile_rows))
     chosen = choose_levels(cache, levels)
     tiles = sample_tiles(cache, chosen, sample)
     data = [t[3] for t in tiles]
@@ -191,7 +194,8 @@ def compare(cache: Cache, qualities: Sequence[int], methods: Sequence[str] = ("d
                                       method=method, threads=threads, tile_format=str(cache.tile_format or ""))
             if policy.active:
                 t0 = time.perf_counter()
-                result = reencode_tiles(data, q, method=method, threads=threads, deadzone=deadzone)
+                result = reencode_tiles(data, q, method=method, threads=threads, deadzone=deadzone,
+                                        tile_size=tile_size)
                 seconds = time.perf_counter() - t0
                 out, status = result.tiles, result.status
                 reencoded = int((status == 0).sum())

@@ -5,7 +5,13 @@ cache included), LERC and anything else are copied byte for byte. A requested co
 at or above the cache's own quality copies every tile unchanged, and the package metadata then
 keeps the cache's quality (`quality_used`). A tile libjpeg rejects or warns about (corrupt or
 truncated data) keeps its original bytes and the export records a warning naming level/row/col;
-a re-encoded tile that came out no smaller than the original is also kept as it was.
+a re-encoded tile that came out no smaller than the original is also kept as it was. So is a
+JPEG larger than the cache's tile size (`RecompressPolicy.tile_size`): it is refused before the
+codec allocates for it (a legal 8192x8192 tile costs the DCT path ~384 MB per thread; a hostile
+JPEG in a 256-pixel cache cannot make us pay that), with a warning naming the tile.
+
+Cancel: `recompress_bundle(..., cancel=event)` and `reencode_tiles(..., cancel=event)` look at the
+event (or callable) between slices of about `_jpeg.CANCEL_SLICE` s of coding and raise `Cancelled`.
 
 Method: "auto" means DCT-domain requantization ("dct"). Measured on 256 px tiles of the large
 sample (README, "Re-encoding"): it is about 1.5x faster than the pixel round trip per core, writes
@@ -16,19 +22,20 @@ available ("pixel") for sources the DCT path cannot improve on, and for comparis
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence, Union
 
 import numpy as np
 
 from tilecrate import _jpeg
 from tilecrate.cache import BundleData, BundleReader, Cache
-from tilecrate.errors import RequestError
+from tilecrate.errors import Cancelled, RequestError
 from tilecrate.tiling import PACKET
 
 JPEG_FORMATS = ("JPEG", "MIXED")
 METHODS = ("auto", "dct", "pixel")
 DEFAULT_METHOD = "dct"              # what "auto" resolves to; see the module docstring
 DEFAULT_DEADZONE = 127 / 256        # AC rounding offset: round to nearest, exact halves toward zero (README)
+CancelFlag = Union["threading.Event", Callable[[], bool], None]    # anything with is_set(), or a callable
 
 
 @dataclass(frozen=True)
@@ -41,12 +48,16 @@ class RecompressPolicy:
     threads: int = 0                # 0 = all cores
     tile_format: str = "JPEG"       # the cache's tile format
     deadzone: float = DEFAULT_DEADZONE
+    tile_size: tuple[int, int] = (0, 0)   # (width, height) of the cache's tiles; larger JPEGs are refused (0 = no bound but the core's)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise RequestError(f"unknown re-encoding method {self.method!r}: use auto, dct or pixel")
         if not 0 <= int(self.quality) <= 100:
             raise RequestError(f"compressionQuality must be between 0 and 100, not {self.quality}")
+        w, h = self.tile_size
+        if not (0 <= int(w) <= _jpeg.MAX_SIDE and 0 <= int(h) <= _jpeg.MAX_SIDE):
+            raise ValueError(f"tile size {w}x{h} is outside 0-{_jpeg.MAX_SIDE}")
 
     @property
     def active(self) -> bool:
@@ -82,7 +93,13 @@ def policy_for(cache: Cache, request, *, method: str = "auto", threads: int = 0)
         # no compressionQuality: keep the service's quality (the Runtime SDK's -1)
         quality = source if source > 0 else 100
     return RecompressPolicy(quality=int(quality), source_quality=source, method=method, threads=threads,
-                            tile_format=str(cache.tile_format or ""))
+                            tile_format=str(cache.tile_format or ""), tile_size=_tile_size(cache))
+
+
+def _tile_size(cache: Cache) -> tuple[int, int]:
+    """The cache's (width, height) of a tile, the largest JPEG worth re-encoding."""
+    scheme = cache.scheme
+    return int(scheme.tile_cols), int(scheme.tile_rows)
 
 
 @dataclass
@@ -94,17 +111,25 @@ class Reencoded:
     errors: dict[int, str]          # index -> libjpeg's message, for FAILED tiles
 
 
+def _check_cancelled(status: np.ndarray) -> None:
+    if len(status) and (status == _jpeg.CANCELLED).any():
+        raise Cancelled("the export was cancelled")
+
+
 def reencode_tiles(tiles: Sequence[bytes], quality: int, *, method: str = "auto", threads: int = 0,
-                   deadzone: float = DEFAULT_DEADZONE, allow_larger: bool = False) -> Reencoded:
-    """Re-encode a list of tile images in one parallel call (non-JPEG and failed tiles kept)."""
+                   deadzone: float = DEFAULT_DEADZONE, allow_larger: bool = False,
+                   tile_size: tuple[int, int] = (0, 0), cancel: CancelFlag = None) -> Reencoded:
+    """Re-encode a list of tile images in one parallel call (non-JPEG, failed and oversized tiles kept)."""
     method = DEFAULT_METHOD if method == "auto" else method
-    sizes = np.fromiter((len(t) for t in tiles), dtype=np.uint32, count=len(tiles))
+    sizes = np.fromiter((len(t) for t in tiles), dtype=np.uint64, count=len(tiles))
     offsets = np.zeros(len(tiles), dtype=np.uint64)
     if len(tiles) > 1:
         np.cumsum(sizes[:-1], dtype=np.uint64, out=offsets[1:])
     buf = b"".join(tiles)
     new, status, errors = _jpeg.recode(buf, offsets, sizes, max(1, int(quality)), method, threads,
-                                       deadzone, allow_larger)
+                                       deadzone, allow_larger, max_width=int(tile_size[0]),
+                                       max_height=int(tile_size[1]), cancel=cancel)
+    _check_cancelled(status)
     out = [n if n is not None else bytes(t) for n, t in zip(new, tiles)]
     return Reencoded(out, status, errors)
 
@@ -126,12 +151,14 @@ def _read_tiles(where: tuple[str, int, int], offsets: np.ndarray, sizes: np.ndar
 
 
 def recompress_bundle(policy: RecompressPolicy, data: BundleData, mask: np.ndarray,
-                      cache: Cache | None = None) -> tuple[list[bytes], list[str]]:
-    """New bytes for every selected tile of a bundle (row-major mask order) and warnings for undecodable ones.
+                      cache: Cache | None = None, *, cancel: CancelFlag = None) -> tuple[list[bytes], list[str]]:
+    """New bytes for every selected tile of a bundle (row-major mask order) and warnings for tiles kept as they were.
 
     With `cache`, the selected tiles are first read from the bundle's file with plain reads (as
     `BundlePlan.chunks` does), so the compiled re-encoder never reads the mapping: a bundle
     truncated while it is re-encoded is a BundleError, not a SIGBUS that ends the process.
+    JPEGs larger than `policy.tile_size` (else the cache's tile size) are refused per tile.
+    `cancel` (threading.Event or callable) is looked at between slices of coding: `Cancelled`.
     """
     mask = np.asarray(mask)
     if mask.shape != (PACKET, PACKET):
@@ -148,8 +175,13 @@ def recompress_bundle(policy: RecompressPolicy, data: BundleData, mask: np.ndarr
         buf = memoryview(buf)
     elif buf.ndim != 1 or buf.itemsize != 1:
         buf = buf.cast("B")
+    width, height = policy.tile_size
+    if (width, height) == (0, 0) and cache is not None:
+        width, height = _tile_size(cache)
     new, status, errors = _jpeg.recode(buf, offsets, sizes, max(1, policy.quality), policy.resolved_method,
-                                       policy.threads, policy.deadzone, False)
+                                       policy.threads, policy.deadzone, False, max_width=int(width),
+                                       max_height=int(height), cancel=cancel)
+    _check_cancelled(status)
     tiles = [n if n is not None else bytes(buf[o:o + s])
              for n, o, s in zip(new, offsets.tolist(), sizes.tolist())]
     warnings = []
@@ -157,6 +189,6 @@ def recompress_bundle(policy: RecompressPolicy, data: BundleData, mask: np.ndarr
     for i in sorted(errors):
         k = int(idx[i])
         row, col = ref.row0 + k // PACKET, ref.col0 + k % PACKET
-        warnings.append(f"level {ref.level} row {row} col {col}: JPEG tile could not be decoded "
+        warnings.append(f"level {ref.level} row {row} col {col}: JPEG tile not re-encoded "
                         f"({errors[i]}); copied unchanged")
     return tiles, warnings
