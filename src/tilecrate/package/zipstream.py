@@ -3,9 +3,9 @@
 Every entry's size is known before its bytes are written; its CRC too, or (seekable outputs) it
 is computed as the bytes pass and patched into the local header, so no data descriptor is needed
 and the writer never seeks: it can write to a pipe or socket as well as to a file. Entries can be
-made of byte ranges of other files (`add_parts`, `add_file`): those are copied in the kernel
-(`package.kcopy`: copy_file_range, else sendfile, else pread/write) while a helper thread reads
-the next ranges for their CRC-32.
+made of byte ranges of other files (`add_parts`, `add_file`): a helper thread reads the next
+ranges (CRC-32, size prefixes) while the writer writes the last one; a staged file of known
+CRC is copied in the kernel (`package.kcopy`).
 Memory is flat in the package size: only the central directory (one small record per entry)
 is kept. ArcGIS Runtime refuses compressed packages, which is why nothing is ever deflated.
 """
@@ -92,8 +92,7 @@ class ZipWriter:
                 raise ValueError(f"unknown copy method {copy_method!r} (one of {', '.join(WRITE_MODES)})")
             try:
                 # a pipe or socket takes kernel copies too (sendfile); only in-memory streams do not
-                if copy_method in METHODS:
-                    self._copier = KernelCopier(out.fileno(), copy_method)
+                self._copier = KernelCopier(out.fileno(), copy_method if copy_method in METHODS else METHODS[0])
             except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
                 self._copier = None
 
@@ -206,10 +205,13 @@ class ZipWriter:
             return
         checked = any(isinstance(p, CopyRange) and p.prefix_at is not None for p in parts)
         need_crc = crc is None or checked
-        if self._scanner is None and (need_crc or self._copier is None):
+        # ranges read anyway (for their CRC or prefixes) are written from the read buffers unless a
+        # kernel method is asked for (see kcopy: copy_file_range measured at about half the rate)
+        copier = self._copier if (self.copy_method in METHODS or not need_crc) else None
+        if self._scanner is None and (need_crc or copier is None):
             self._scanner = RunScanner()
         start = self.position
-        got, written = write_parts(parts, self._write, self._copier, self._scanner, need_crc,
+        got, written = write_parts(parts, self._write, copier, self._scanner, need_crc,
                                    flush=self._out.flush)
         self.position = start + written      # _write counted only what passed through it
         if crc is None:
@@ -309,9 +311,9 @@ class ZipSink:
     def add_bundle(self, name: str, plan) -> None:
         """A planned bundle, then its .bundlx for V1; CRCs computed while writing unless the plan has them.
 
-        Runs of source tiles are copied from the source file in the kernel when the writer has a
-        file descriptor (their size prefixes checked on the way); else, and for plans without a
-        source file (re-encoded or inflated tiles), through the plan's buffer.
+        Runs of source tiles are read ahead from the source file on a helper thread (CRC-32, size
+        prefixes checked and fixed) and written by this thread (`kcopy`); plans without a source
+        file (re-encoded or inflated tiles) go through the plan's buffer.
         """
         if plan.crc is None and self.needs_crc:
             plan.compute_crc()

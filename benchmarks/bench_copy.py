@@ -1,0 +1,182 @@
+"""Pass-through exports vs `cp` of the same bytes: the copy path of package.kcopy ("new": runs
+read ahead with their CRC on a helper thread, written by the writer; "cfr": the same with the
+writer's copies done by copy_file_range) against the path it replaced ("old": read, CRC and
+write one after the other on the writer's thread), whole sample and a bbox, in-process and as a
+process, page cache warm and cold. Ratios from one run, each a median over paired rounds.
+
+Run: `.venv/bin/pytest benchmarks/bench_copy.py --benchmark-enable -s`
+The sample (levels 0-9 of `tilecrate sample`, ~305 MB; TILECRATE_COPY_LEVELS to change) is made
+once under $TILECRATE_BENCH_DIR (default /tmp/tilecrate-bench) and reused. Cold rounds drop the
+page cache (`echo 3 > /proc/sys/vm/drop_caches`) before every contender; without permission they
+are skipped with a printed note.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import tilecrate
+from tilecrate.package import kcopy
+from tilecrate.request import ExportRequest
+from conftest import report
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = Path(os.environ.get("TILECRATE_BENCH_DIR", "/tmp/tilecrate-bench"))
+LEVELS = os.environ.get("TILECRATE_COPY_LEVELS", "0-9")
+BBOX = "-10,30,40,60"            # lon/lat: Western Europe and the Mediterranean
+ROUNDS = int(os.environ.get("TILECRATE_COPY_ROUNDS", "3"))
+TILECRATE = [sys.executable, "-m", "tilecrate.cli"]
+
+
+@pytest.fixture(scope="module")
+def medium() -> Path:
+    """The medium sample (made once, reused while its marker exists)."""
+    out = BENCH_DIR / f"medium-{LEVELS}"
+    if not (out / ".complete").exists():
+        if out.exists():
+            shutil.rmtree(out)
+        BENCH_DIR.mkdir(parents=True, exist_ok=True)
+        subprocess.run(TILECRATE + ["sample", str(out), "--levels", LEVELS, "--quiet"], check=True, cwd=ROOT)
+        (out / ".complete").write_text("")
+    return out
+
+
+def _can_drop() -> bool:
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def _drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def _warm(folder: Path) -> None:
+    for p in folder.rglob("*.bundle*"):
+        with open(p, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+def _rm(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _bundle_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if info.filename.endswith(".bundle"):
+                h.update(info.filename.encode() + info.CRC.to_bytes(4, "little") + zf.read(info))
+    return h.hexdigest()
+
+
+def _export_args(src: Path, out: Path, bbox: bool) -> list[str]:
+    args = [str(src), "-o", str(out), "--levels", LEVELS, "--quiet"]
+    return args + (["--extent=" + BBOX, "--aoi-sr", "4326"] if bbox else [])
+
+
+def _contenders(src: Path, tmp: Path, bbox: bool):
+    """name -> a function that runs it once and returns its seconds (output removed before)."""
+    req = ExportRequest(levels=LEVELS, **({"extent": BBOX, "aoi_sr": 4326} if bbox else {}))
+    outs = {m: tmp / f"{m}.tpkx" for m in ("new", "cfr", "old", "new_proc", "old_proc")}
+
+    def inproc(mode: str, out: Path):
+        def run() -> float:
+            _rm(out)
+            old = kcopy.COPY_METHOD
+            kcopy.COPY_METHOD = mode
+            try:
+                t0 = time.perf_counter()
+                tilecrate.export(str(src), req, str(out))
+                return time.perf_counter() - t0
+            finally:
+                kcopy.COPY_METHOD = old
+        return run
+
+    def proc(mode: str, out: Path):
+        env = dict(os.environ, TILECRATE_COPY_METHOD=mode)
+
+        def run() -> float:
+            _rm(out)
+            t0 = time.perf_counter()
+            subprocess.run(TILECRATE + ["export"] + _export_args(src, out, bbox), check=True, env=env, cwd=ROOT)
+            return time.perf_counter() - t0
+        return run
+
+    cp_src = tmp / "new.tpkx"               # cp of the package's bytes (made by the first round)
+    cp_dst = tmp / "cp-copy.tpkx"
+
+    def cp() -> float:
+        _rm(cp_dst)
+        t0 = time.perf_counter()
+        subprocess.run(["cp", str(cp_src), str(cp_dst)], check=True)
+        return time.perf_counter() - t0
+
+    runs = {"new": inproc("buffered", outs["new"]), "cfr": inproc("copy_file_range", outs["cfr"]),
+            "old": inproc("chunks", outs["old"]), "new_proc": proc("buffered", outs["new_proc"]),
+            "old_proc": proc("chunks", outs["old_proc"]), "cp": cp}
+    if not bbox:                            # the whole sample: also `cp -r` of the source bundles
+        tree = tmp / "cp-tree"
+
+        def cp_r() -> float:
+            _rm(tree)
+            t0 = time.perf_counter()
+            subprocess.run(["cp", "-r", str(src / "_alllayers"), str(tree)], check=True)
+            return time.perf_counter() - t0
+        runs["cp_r"] = cp_r
+    return runs, outs
+
+
+@pytest.mark.parametrize("cache", ["warm", "cold"])
+@pytest.mark.parametrize("area", ["whole", "bbox"])
+def test_passthrough_export_vs_cp(benchmark, request, medium, tmp_path, area, cache):
+    """Kernel-copy export vs cp and vs the buffered path, medians of paired rounds."""
+    if cache == "cold" and not _can_drop():
+        print(f"\nNOTE: cold rounds skipped: /proc/sys/vm/drop_caches is not writable (root: {os.geteuid() == 0})")
+        pytest.skip("cannot drop the page cache here (needs root and a writable /proc/sys/vm/drop_caches)")
+    runs, outs = _contenders(medium, tmp_path, area == "bbox")
+    runs["new"]()                           # the package cp copies, and a first import of everything
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(ROUNDS):
+        for name, run in runs.items():
+            if cache == "cold":
+                _drop_caches()
+            else:
+                _warm(medium)
+            times[name].append(run())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    benchmark.pedantic(runs["new"], rounds=1, iterations=1)
+    size = outs["new"].stat().st_size
+    digests = {_bundle_digest(outs[m]) for m in outs}
+    assert len(digests) == 1, "the copy paths wrote different bundles"
+    figures = dict(MB=round(size / 1e6, 1), rounds=ROUNDS,
+                   new_MB_s=size / 1e6 / med["new"], cp_MB_s=size / 1e6 / med["cp"],
+                   new_vs_cp=med["cp"] / med["new"], new_process_vs_cp=med["cp"] / med["new_proc"],
+                   cfr_vs_cp=med["cp"] / med["cfr"],
+                   old_vs_cp=med["cp"] / med["old"], old_process_vs_cp=med["cp"] / med["old_proc"],
+                   new_vs_old=med["old"] / med["new"], new_process_vs_old=med["old_proc"] / med["new_proc"])
+    if "cp_r" in med:
+        figures.update(new_vs_cp_r=med["cp_r"] / med["new"], new_process_vs_cp_r=med["cp_r"] / med["new_proc"])
+    figures["load1"] = round(os.getloadavg()[0], 2)
+    report(request, f"pass-through export ({area}, {cache}) vs cp", **figures)
+    print(f"\n{area} {cache}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in figures.items()))
+    print("  medians (s): " + ", ".join(f"{k}={v:.3f}" for k, v in med.items()))
