@@ -173,3 +173,48 @@ def test_a_fifo_bundle_does_not_stall_the_server(tmp_path, sample_v2):
         t0 = time.monotonic()
         srv.stop()  # SIGTERM: bounded even with reads stuck on the FIFO
         assert time.monotonic() - t0 < 9
+
+
+def test_a_job_never_stays_executing_on_a_full_disk(tmp_path, sample_v2):
+    """The data dir (job store and outputs) on a small tmpfs, filled while an export runs: the job
+    fails with a readable message, new jobs are refused until space is freed, then admitted again."""
+    import subprocess
+    import uuid
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    assert r.returncode == 0, f"cannot mount a tmpfs for the full-disk test (run as root): {r.stderr}"
+    data = mnt / "data"
+    cfg = write_config(tmp_path / "tilecrate.toml", data, {"Slow": {"source": sample_v2}}, workers=1)
+    srv = Server(cfg, data, free_port(), delay=0.3)
+    filler = mnt / f"filler-{uuid.uuid4().hex}"
+    try:
+        srv.start()
+        sub = srv.submit("Slow", EXPORT, {"tilePackage": "true", "levels": "0-5"})
+        srv.poll("Slow", EXPORT, sub["jobId"], until=lambda j: j["jobStatus"] == "esriJobExecuting")
+        with open(filler, "wb", buffering=0) as f:
+            for size in (1 << 20, 4096, 1):
+                try:
+                    while True:
+                        f.write(b"\xa5" * size)
+                except OSError:
+                    pass
+        job = srv.poll("Slow", EXPORT, sub["jobId"], timeout=20)
+        assert job["jobStatus"] == "esriJobFailed", job
+        errors = [m["description"] for m in job["messages"] if m["type"] == "esriJobMessageTypeError"]
+        assert len(errors) == 1 and "disk" in errors[0] and str(data) not in errors[0], errors
+        r = srv.get(f"{srv.svc('Slow')}/{ESTIMATE}", {"f": "json", "levels": "0"})
+        assert r.status == 503 and "disk" in r.json()["error"]["details"][0], (r.status, r.body[:300])
+        filler.unlink()
+        deadline = time.monotonic() + 10
+        while True:  # the sweep (every 2 s) restores the reserve, then jobs are admitted again
+            r = srv.get(f"{srv.svc('Slow')}/{ESTIMATE}", {"f": "json", "levels": "0"})
+            if r.status == 200:
+                break
+            assert time.monotonic() < deadline, r.body[:300]
+            time.sleep(0.3)
+        assert srv.poll("Slow", ESTIMATE, r.json()["jobId"])["jobStatus"] == "esriJobSucceeded"
+    finally:
+        srv.stop()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

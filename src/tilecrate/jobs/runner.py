@@ -18,6 +18,7 @@ number of jobs running, i.e. when the jobs together pass their budgets and this 
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -247,9 +248,9 @@ class JobRunner:
             self._finish(job.id, FAILED, RESTART_MESSAGE)
         return job
 
-    def get(self, job_id: str) -> Job | None:
-        """The stored job (with its parameters), or None."""
-        job = self.store.get(job_id)
+    def get(self, job_id: str, *, inputs: bool = True) -> Job | None:
+        """The stored job (with its parameters unless inputs=False), or None."""
+        job = self.store.get(job_id, inputs=inputs)
         pending = self._unrecorded.get(job_id)
         if job is not None and pending is not None and job.status not in TERMINAL:
             job.status = pending[0]  # the end the store could not take yet; the sweep writes it
@@ -287,6 +288,10 @@ class JobRunner:
         """Remove finished jobs whose maxFileAge has passed, with their output (nothing once closed)."""
         with self._cleanup_lock:
             return [] if self._closed else self._cleanup(time.time() if now is None else now)
+
+    def has_pending_end(self, job_id: str) -> bool:
+        """Whether this job's end is known but not yet in the store (a full disk; the sweep writes it)."""
+        return job_id in self._unrecorded
 
     def is_running(self, job_id: str) -> bool:
         """Whether this process holds the job (queued or running)."""
@@ -440,6 +445,13 @@ class JobRunner:
         except RecursionError:
             self._remove_output(job)
             self._finish(job_id, FAILED, "ERROR: a parameter is nested too deeply to be read.")
+        except OSError as e:  # e.g. a full disk under the output: say so, without server paths
+            self._remove_output(job)
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
+                raise
+            log.error("job %s: %s", job_id, e)
+            self._finish(job_id, FAILED, f"ERROR: the output could not be written: {e.strerror or e}. "
+                                         f"The server's disk may be full; try again later.")
         except Exception:
             self._remove_output(job)
             raise

@@ -471,7 +471,7 @@ async def h_job(request: web.Request) -> web.Response:
     """A job resource at any of its URLs; f=json is the stored JSON as it is (nothing parsed)."""
     params = await params_of(request)
     f = fmt_of(params)
-    if f == "json":
+    if f == "json" and not request.app[RUNNER].has_pending_end(request.match_info["job"]):
         svc = _service(request)
         job_id = request.match_info["job"]
         found = request.app[STORE].public(job_id) if is_job_id(job_id) else None
@@ -479,6 +479,7 @@ async def h_job(request: web.Request) -> web.Response:
             raise _no_job(job_id)
         return web.Response(body=found[2], headers=_JSON_HEADERS)
     svc, job = _job(request)
+    job = request.app[RUNNER].get(job.id, inputs=False) or job  # with an end the store could not take yet
     obj = job.to_json()
     if f == "html":
         found = _files_of(request, job) or ([], [])
