@@ -270,3 +270,24 @@ def test_a_job_never_stays_executing_when_the_disk_fills(small_disk, sample_v2):
         runner.close()
         store.close()
         cache.close()
+
+
+def test_limits_config(tmp_path, sample_v2):
+    from tilecrate.server.config import ConfigError, load_config
+
+    path = tmp_path / "t.toml"
+    path.write_text(f'[server]\nhost_names = ["maps.example.org:8443"]\n[limits]\nmax_body_bytes = 1000\n'
+                    f'jobSeconds = 5\nmax_vertices = 5000\n[services.S]\nsource = "{sample_v2}"\n')
+    cfg = load_config(str(path))
+    assert cfg.host_names == ["maps.example.org:8443"] and cfg.limits.max_body_bytes == 1000
+    assert cfg.limits.job_seconds == 5.0 and cfg.limits.geometry() == {"max_vertices": 5000}
+    assert cfg.limits.max_input_bytes == 256 << 10  # the default
+    for bad, words in (("max_body_bytes = 0", "at least 1"), ("job_seconds = nan", "finite"),
+                       ("max_outputs = 3", "unknown setting"), ("tile_read_timeout = 0", "more than 0"),
+                       ("max_rings = -1", "at least 1")):
+        path.write_text(f'[limits]\n{bad}\n[services.S]\nsource = "{sample_v2}"\n')
+        with pytest.raises(ConfigError, match=words):
+            load_config(str(path))
+    path.write_text(f'[server]\nhost_names = "x"\n[services.S]\nsource = "{sample_v2}"\n')
+    with pytest.raises(ConfigError, match="list of strings"):
+        load_config(str(path))

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from tilecrate.cache import Cache
-from tilecrate.estimate import estimate
+from tilecrate.estimate import estimate_selection
+from tilecrate.geometry import GeometryLimits
 from tilecrate.export import export
 from tilecrate.errors import Cancelled, TilecrateError
 from tilecrate.jobs.model import (
@@ -40,7 +41,8 @@ from tilecrate.jobs.model import (
 from tilecrate.jobs.store import JobStore, Quota, StoreError
 from tilecrate.request import COMPACT_V2, ExportRequest
 from tilecrate.errors import RequestError
-from tilecrate.selection import area_of, resolve_levels, select
+from tilecrate.selection import select
+from tilecrate.selection import validate_request as _validate_selection
 
 log = logging.getLogger("tilecrate.jobs")
 
@@ -57,6 +59,7 @@ class Budget:
     max_input_bytes: int | None = 256 << 10
     seconds: float | None = 3600.0
     memory_bytes: int | None = 1 << 30
+    geometry: GeometryLimits | None = None  # what an area may cost (None: the geometry module's defaults)
 
 
 @dataclass
@@ -238,7 +241,7 @@ class JobRunner:
         if limit is not None and len(job.params_bytes()) > limit:
             raise RequestError(f"the request's parameters take {len(job.params_bytes())} bytes; this server "
                                f"accepts at most {limit} bytes per job (simplify the area of interest)")
-        validate_request(svc.cache, clean)
+        validate_request(svc.cache, clean, self.budget.geometry)
         self.store.admit(job, self.max_outstanding, self.quota)
         with self._events_lock:
             self._events[job.id] = threading.Event()
@@ -457,7 +460,10 @@ class JobRunner:
             raise
 
     def _estimate(self, job: Job, svc: JobService, request: ExportRequest, cancel: threading.Event) -> None:
-        est = estimate(svc.cache, request, cancel=cancel)  # select() checks the cancel per bundle
+        selection = select(svc.cache, request, cancel=cancel, limits=self.budget.geometry)  # cancel per bundle
+        if cancel.is_set():
+            raise Cancelled("cancelled")
+        est = estimate_selection(svc.cache, selection, request)
         if cancel.is_set():  # a cancel that came after the selection
             raise Cancelled("cancelled")
         value = {"totalSize": int(est.total_size), "totalTilesToExport": int(est.total_tiles)}
@@ -468,7 +474,7 @@ class JobRunner:
         self._finish(job.id, SUCCEEDED, None, result={"value": value}, notes=notes)
 
     def _export(self, job: Job, svc: JobService, request: ExportRequest, cancel: threading.Event) -> None:
-        selection = select(svc.cache, request, cancel=cancel)
+        selection = select(svc.cache, request, cancel=cancel, limits=self.budget.geometry)
         if cancel.is_set():
             raise Cancelled("cancelled")
         if selection.tiles > svc.max_export_tiles_count:
@@ -556,12 +562,12 @@ class JobRunner:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def validate_request(cache: Cache, params: Mapping[str, str]) -> ExportRequest:
+def validate_request(cache: Cache, params: Mapping[str, str],
+                     limits: GeometryLimits | None = None) -> ExportRequest:
     """The whole request checked against a cache (parameters, levels, area): RequestError if it would fail."""
     try:
         request = ExportRequest.from_params(params)
-        resolve_levels(cache.scheme, request.export_by, request.level_items)
-        area_of(cache, request)
+        _validate_selection(cache, request, limits)
     except RecursionError:
         raise RequestError("a parameter is nested too deeply to be read") from None
     return request

@@ -23,6 +23,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from tilecrate.errors import RequestError, TilecrateError
+from tilecrate.geometry import GeometryLimits
 from tilecrate.jobs import AdmissionRefused, JobError, JobRunner, JobService, JobStore
 from tilecrate.jobs.runner import Budget
 from tilecrate.jobs.store import QuotaExceeded, Quota, StoreError
@@ -536,7 +537,7 @@ async def h_input(request: web.Request) -> web.Response:
             parsed = json.loads(value)
             json.dumps(parsed, allow_nan=False)  # NaN or 1e400 cannot be answered as JSON: keep the text
             value = parsed
-        except ValueError:
+        except (ValueError, RecursionError):  # answered as the text it is
             pass
     return await reply(request, {"paramName": name, "dataType": dtype, "value": value})
 
@@ -632,7 +633,8 @@ async def _startup(app: web.Application) -> None:
                                        max_input_bytes_per_client=lim.max_input_bytes_per_client),
                            budget=Budget(max_input_bytes=lim.max_input_bytes,
                                          seconds=lim.job_seconds or None,
-                                         memory_bytes=(lim.job_memory_mb << 20) or None))
+                                         memory_bytes=(lim.job_memory_mb << 20) or None,
+                                         geometry=GeometryLimits.from_config(lim.geometry())))
         runner.recover()
         runner.cleanup()
         return services, store, runner

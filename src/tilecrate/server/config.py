@@ -23,6 +23,10 @@ job_seconds = 3600                   # a job running longer fails ("0": no limit
 job_memory_mb = 1024                 # a job whose memory growth passes this fails ("0": no limit)
 tile_read_threads = 8                # tile and tilemap reads run on their own threads ...
 tile_read_timeout = 10               # ... and a read not done in this many seconds is answered 503
+max_vertices = 1000000               # what an area of interest may cost (tilecrate.geometry.GeometryLimits;
+max_rings = 100000                   # absent: that module's defaults)
+max_line_crossings = 20000
+max_json_depth = 32
 
 [services.World]
 source = "caches/world"              # cache folder, .tpk or .tpkx
@@ -78,6 +82,15 @@ class Limits:
     job_memory_mb: int = 1024
     tile_read_threads: int = 8
     tile_read_timeout: float = 10.0
+    # an area's cost (tilecrate.geometry.GeometryLimits); None: the geometry module's defaults
+    max_vertices: int | None = None
+    max_rings: int | None = None
+    max_line_crossings: int | None = None
+    max_json_depth: int | None = None
+
+    def geometry(self) -> dict[str, int]:
+        """The geometry limits that are set, for GeometryLimits.from_config."""
+        return {k: v for k in GEOMETRY_KEYS if (v := getattr(self, k)) is not None}
 
 
 @dataclass
@@ -132,7 +145,8 @@ def _pick(table: dict, where: str, spec: dict[str, type]) -> dict:
 _SERVER_KEYS = {"host": str, "port": int, "data_dir": str, "max_file_age": float,
                 "maximum_outstanding_jobs": int, "workers": int, "export_threads": int,
                 "token": str, "public_url": str, "host_names": list}
-_LIMIT_KEYS = {"max_body_bytes": int, "max_input_bytes": int, "max_jobs_per_client": int,
+GEOMETRY_KEYS = ("max_vertices", "max_rings", "max_line_crossings", "max_json_depth")
+_LIMIT_KEYS = {**{k: int for k in GEOMETRY_KEYS},"max_body_bytes": int, "max_input_bytes": int, "max_jobs_per_client": int,
                "max_outstanding_per_client": int, "max_input_bytes_per_client": int, "job_seconds": float,
                "job_memory_mb": int, "tile_read_threads": int, "tile_read_timeout": float}
 _SERVICE_KEYS = {"source": str, "export_tiles_allowed": bool, "max_export_tiles_count": int,
@@ -197,8 +211,8 @@ def validate(cfg: ServerConfig) -> ServerConfig:
         raise ConfigError("workers must be at least 1")
     lim = cfg.limits
     for name in ("max_body_bytes", "max_input_bytes", "max_jobs_per_client", "max_outstanding_per_client",
-                 "max_input_bytes_per_client", "tile_read_threads"):
-        if getattr(lim, name) < 1:
+                 "max_input_bytes_per_client", "tile_read_threads", *GEOMETRY_KEYS):
+        if getattr(lim, name) is not None and getattr(lim, name) < 1:
             raise ConfigError(f"[limits] {name} must be at least 1")
     for name in ("job_seconds", "job_memory_mb", "tile_read_timeout"):
         value = getattr(lim, name)
