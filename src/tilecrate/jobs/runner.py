@@ -95,8 +95,11 @@ class JobRunner:
 
     def __init__(self, store: JobStore, services: Mapping[str, JobService], output_root: str, *,
                  workers: int = 2, max_outstanding: int | None = None, max_file_age: float = 600.0,
-                 export_threads: int | None = None, quota: Quota | None = None, budget: Budget | None = None):
+                 export_threads: int | None = None, quota: Quota | None = None, budget: Budget | None = None,
+                 scheduler=None, local_temp_folder: bool = False):
         self.store = store
+        self.scheduler = scheduler  # None: exports run here; else a tilecrate.runners.dask.DaskRunner
+        self.local_temp_folder = local_temp_folder
         self.quota = quota
         self.budget = budget or Budget()
         self.driver = _process_identity(os.getpid())
@@ -492,8 +495,13 @@ class JobRunner:
         else:
             target = os.path.join(out_dir, svc.name)
         reporter = _ProgressWriter(self, job.id, per_level)
+        extra = {}
+        if self.scheduler is not None:
+            extra = {"scheduler": self.scheduler, "local_temp_folder": self.local_temp_folder}
+            self._note(job.id, f"Running on the Dask cluster at {self.scheduler.address}"
+                               + (" (in one worker's local temp folder)" if self.local_temp_folder else ""))
         result = export(svc.cache, request, target, progress=reporter, cancel=cancel,
-                        threads=self.export_threads, selection=selection)
+                        threads=self.export_threads, selection=selection, **extra)
         reporter.flush()
         _sync_to_disk(result.path, out_dir)  # the store is synced: "succeeded" must never outlive the data
         if cancel.is_set():

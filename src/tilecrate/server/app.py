@@ -622,6 +622,11 @@ async def _startup(app: web.Application) -> None:
             for svc in services.values():
                 svc.close()
             raise
+        scheduler = None
+        if cfg.cluster.scheduler:
+            from tilecrate.runners.dask import DaskRunner  # distributed is imported only for a cluster
+
+            scheduler = DaskRunner(cfg.cluster.scheduler, workers=cfg.cluster.workers)
         store = JobStore(cfg.store_dir)
         lim = cfg.limits
         runner = JobRunner(store, {n: JobService(n, s.cache, s.config.max_export_tiles_count)
@@ -634,7 +639,9 @@ async def _startup(app: web.Application) -> None:
                            budget=Budget(max_input_bytes=lim.max_input_bytes,
                                          seconds=lim.job_seconds or None,
                                          memory_bytes=(lim.job_memory_mb << 20) or None,
-                                         geometry=GeometryLimits.from_config(lim.geometry())))
+                                         geometry=GeometryLimits.from_config(lim.geometry())),
+                           scheduler=scheduler,
+                           local_temp_folder=cfg.cluster.export_tiles_using_local_temp_folder)
         runner.recover()
         runner.cleanup()
         return services, store, runner
@@ -676,6 +683,8 @@ async def _cleanup(app: web.Application) -> None:
     loop = asyncio.get_running_loop()
     if runner is not None:
         await loop.run_in_executor(None, runner.close)
+        if runner.scheduler is not None:
+            await loop.run_in_executor(None, runner.scheduler.close)
     store = app.get(STORE)
     if store is not None:
         store.close()

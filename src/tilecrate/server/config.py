@@ -28,6 +28,12 @@ max_rings = 100000                   # absent: that module's defaults)
 max_line_crossings = 20000
 max_json_depth = 32
 
+[cluster]                            # optional: run export jobs on a Dask cluster (issue 10)
+scheduler = "tcp://10.0.0.5:8786"    # or "local": a LocalCluster of worker processes this server starts
+workers = 2                          # LocalCluster workers ("local" only)
+export_tiles_using_local_temp_folder = false  # true: a job's package is built on one worker's local
+                                     # temp folder, then moved into arcgisoutput
+
 [services.World]
 source = "caches/world"              # cache folder, .tpk or .tpkx
 export_tiles_allowed = true
@@ -94,6 +100,15 @@ class Limits:
 
 
 @dataclass
+class ClusterConfig:
+    """Where export jobs run: in this process (no scheduler) or on a Dask cluster."""
+
+    scheduler: str | None = None
+    workers: int | None = None
+    export_tiles_using_local_temp_folder: bool = False
+
+
+@dataclass
 class ServerConfig:
     """Everything `tilecrate serve` needs."""
 
@@ -109,6 +124,7 @@ class ServerConfig:
     public_url: str | None = None
     host_names: list = field(default_factory=list)
     limits: Limits = field(default_factory=Limits)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
     def output_dir(self) -> str:
@@ -145,6 +161,7 @@ def _pick(table: dict, where: str, spec: dict[str, type]) -> dict:
 _SERVER_KEYS = {"host": str, "port": int, "data_dir": str, "max_file_age": float,
                 "maximum_outstanding_jobs": int, "workers": int, "export_threads": int,
                 "token": str, "public_url": str, "host_names": list}
+_CLUSTER_KEYS = {"scheduler": str, "workers": int, "export_tiles_using_local_temp_folder": bool}
 GEOMETRY_KEYS = ("max_vertices", "max_rings", "max_line_crossings", "max_json_depth")
 _LIMIT_KEYS = {**{k: int for k in GEOMETRY_KEYS},"max_body_bytes": int, "max_input_bytes": int, "max_jobs_per_client": int,
                "max_outstanding_per_client": int, "max_input_bytes_per_client": int, "job_seconds": float,
@@ -170,10 +187,10 @@ def load_config(path: str) -> ServerConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
     base = os.path.dirname(os.path.abspath(path))
-    unknown = set(raw) - {"server", "services", "limits"}
+    unknown = set(raw) - {"server", "services", "limits", "cluster"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; "
-                          f"use [server], [limits] and [services.NAME]")
+                          f"use [server], [limits], [cluster] and [services.NAME]")
     server = raw.get("server", {})
     if not isinstance(server, dict):
         raise ConfigError(f"{path}: [server] must be a table")
@@ -183,6 +200,10 @@ def load_config(path: str) -> ServerConfig:
     if not isinstance(limits, dict):
         raise ConfigError(f"{path}: [limits] must be a table")
     cfg.limits = Limits(**_pick(limits, f"{path} [limits]", _LIMIT_KEYS))
+    cluster = raw.get("cluster", {})
+    if not isinstance(cluster, dict):
+        raise ConfigError(f"{path}: [cluster] must be a table")
+    cfg.cluster = ClusterConfig(**_pick(cluster, f"{path} [cluster]", _CLUSTER_KEYS))
     services = raw.get("services", {})
     if not isinstance(services, dict) or not services:
         raise ConfigError(f"{path}: no services: add a [services.NAME] table with source = \"path/to/cache\"")
@@ -218,6 +239,14 @@ def validate(cfg: ServerConfig) -> ServerConfig:
         value = getattr(lim, name)
         if not value >= 0 or value == float("inf"):  # also NaN
             raise ConfigError(f"[limits] {name} must be a finite number, 0 or more")
+    cl = cfg.cluster
+    if cl.scheduler is not None and not (cl.scheduler == "local" or "://" in cl.scheduler):
+        raise ConfigError(f"[cluster] scheduler must be \"local\" or an address such as tcp://host:8786, "
+                          f"not {cl.scheduler!r}")
+    if cl.workers is not None and (cl.workers < 1 or cl.scheduler != "local"):
+        raise ConfigError("[cluster] workers must be at least 1, and only goes with scheduler = \"local\"")
+    if cl.export_tiles_using_local_temp_folder and cl.scheduler is None:
+        raise ConfigError("[cluster] export_tiles_using_local_temp_folder needs a scheduler")
     if lim.tile_read_timeout == 0:
         raise ConfigError("[limits] tile_read_timeout must be more than 0")
     if cfg.token is not None and not cfg.token.strip():
