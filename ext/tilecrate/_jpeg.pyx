@@ -450,16 +450,22 @@ cdef extern from *:
     static inline int tc_block(JCOEF *co, const tc_rq *r, int *last_dc, long *dc, long *ac) {
         uint64_t nz = tc_nonzero_mask(co), zz = 0;
         int nb, prev = 0;
-        while (nz) {
-            int n = __builtin_ctzll(nz);
-            nz &= nz - 1;
-            if (r->requant) {
-                int v = co[n];
-                int q = (int)tc_requant_mag((uint32_t)(v < 0 ? -v : v), r, n);
-                co[n] = (JCOEF)(v < 0 ? -q : q);
-                if (q == 0) continue;
+        if (r->requant) {
+            /* branch-free: whether a coefficient survives requantization is data, not a pattern */
+            while (nz) {
+                int n = __builtin_ctzll(nz);
+                int v = co[n], sign = v >> 31;
+                int q = (int)tc_requant_mag((uint32_t)((v ^ sign) - sign), r, n);
+                nz &= nz - 1;
+                co[n] = (JCOEF)((q ^ sign) - sign);
+                zz |= (uint64_t)(q != 0) << tc_zigzag_pos[n];
             }
-            zz |= 1ULL << tc_zigzag_pos[n];
+        } else {
+            while (nz) {
+                int n = __builtin_ctzll(nz);
+                nz &= nz - 1;
+                zz |= 1ULL << tc_zigzag_pos[n];
+            }
         }
         nb = tc_nbits(co[0] - *last_dc);
         if (nb > 11) return 0;
