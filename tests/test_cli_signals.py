@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tilecrate.package.tempfiles import sweep_stale_temps, temp_path
+from tilecrate.package.tempfiles import is_stale, sweep_stale_temps, temp_path
 
 # runs `tilecrate ARGS...` with every progress update taking 0.3 s
 SLOW = textwrap.dedent("""
@@ -134,6 +134,29 @@ def test_sigterm_with_json_reports_the_error_as_json(cache, slow, tmp_path):
     stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 143 and json.loads(stdout) == {"error": "terminated (SIGTERM)"}
     assert temps(tmp_path) == []
+
+
+def test_sigkilled_export_temp_is_swept_by_the_next_export(cache, slow, tmp_path):
+    out = tmp_path / "o.tpkx"
+    proc = start_slow_export(slow, cache, out)
+    proc.kill()
+    proc.wait(timeout=30)
+    left = temps(tmp_path)
+    assert len(left) == 1 and is_stale(left[0].name, out.name)     # SIGKILL cannot clean up
+    # temps that must survive: one of a live process (this one), one of another host, a stranger's file
+    live = Path(temp_path(str(out)))
+    live.write_bytes(b"live")
+    other_host = tmp_path / (".o.tpkx.tmp-00000000-1-1-" + "ab" * 4)
+    other_host.write_bytes(b"elsewhere")
+    stranger = tmp_path / ".o.tpkx.tmp-notours"
+    stranger.write_bytes(b"user file")
+    r = subprocess.run(cli("export", cache, "-o", out, "--levels", "0-2", "--json"), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert not left[0].exists()
+    assert live.exists() and other_host.exists() and stranger.exists()
+    with zipfile.ZipFile(out) as z:
+        assert z.testzip() is None
 
 
 def test_sweep_removes_only_dead_writers_temps(tmp_path):
