@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -93,20 +94,31 @@ def _export_args(src: Path, out: Path, bbox: bool) -> list[str]:
     return args + (["--extent=" + BBOX, "--aoi-sr", "4326"] if bbox else [])
 
 
+def _cpu(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def _timed(fn, who: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process's threads or of the children) of one call."""
+    c0 = _cpu(who)
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, _cpu(who) - c0
+
+
 def _contenders(src: Path, tmp: Path, bbox: bool):
-    """name -> a function that runs it once and returns its seconds (output removed before)."""
+    """name -> a function that runs it once and returns (wall, CPU) seconds (output removed before)."""
     req = ExportRequest(levels=LEVELS, **({"extent": BBOX, "aoi_sr": 4326} if bbox else {}))
     outs = {m: tmp / f"{m}.tpkx" for m in ("new", "cfr", "old", "new_proc", "old_proc")}
 
     def inproc(mode: str, out: Path):
-        def run() -> float:
+        def run() -> tuple[float, float]:
             _rm(out)
             old = kcopy.COPY_METHOD
             kcopy.COPY_METHOD = mode
             try:
-                t0 = time.perf_counter()
-                tilecrate.export(str(src), req, str(out))
-                return time.perf_counter() - t0
+                return _timed(lambda: tilecrate.export(str(src), req, str(out)), resource.RUSAGE_SELF)
             finally:
                 kcopy.COPY_METHOD = old
         return run
@@ -114,21 +126,18 @@ def _contenders(src: Path, tmp: Path, bbox: bool):
     def proc(mode: str, out: Path):
         env = dict(os.environ, TILECRATE_COPY_METHOD=mode)
 
-        def run() -> float:
+        def run() -> tuple[float, float]:
             _rm(out)
-            t0 = time.perf_counter()
-            subprocess.run(TILECRATE + ["export"] + _export_args(src, out, bbox), check=True, env=env, cwd=ROOT)
-            return time.perf_counter() - t0
+            return _timed(lambda: subprocess.run(TILECRATE + ["export"] + _export_args(src, out, bbox), check=True,
+                                                 env=env, cwd=ROOT), resource.RUSAGE_CHILDREN)
         return run
 
     cp_src = tmp / "new.tpkx"               # cp of the package's bytes (made by the first round)
     cp_dst = tmp / "cp-copy.tpkx"
 
-    def cp() -> float:
+    def cp() -> tuple[float, float]:
         _rm(cp_dst)
-        t0 = time.perf_counter()
-        subprocess.run(["cp", str(cp_src), str(cp_dst)], check=True)
-        return time.perf_counter() - t0
+        return _timed(lambda: subprocess.run(["cp", str(cp_src), str(cp_dst)], check=True), resource.RUSAGE_CHILDREN)
 
     runs = {"new": inproc("buffered", outs["new"]), "cfr": inproc("copy_file_range", outs["cfr"]),
             "old": inproc("chunks", outs["old"]), "new_proc": proc("buffered", outs["new_proc"]),
@@ -136,11 +145,10 @@ def _contenders(src: Path, tmp: Path, bbox: bool):
     if not bbox:                            # the whole sample: also `cp -r` of the source bundles
         tree = tmp / "cp-tree"
 
-        def cp_r() -> float:
+        def cp_r() -> tuple[float, float]:
             _rm(tree)
-            t0 = time.perf_counter()
-            subprocess.run(["cp", "-r", str(src / "_alllayers"), str(tree)], check=True)
-            return time.perf_counter() - t0
+            return _timed(lambda: subprocess.run(["cp", "-r", str(src / "_alllayers"), str(tree)], check=True),
+                          resource.RUSAGE_CHILDREN)
         runs["cp_r"] = cp_r
     return runs, outs
 
@@ -155,14 +163,18 @@ def test_passthrough_export_vs_cp(benchmark, request, medium, tmp_path, area, ca
     runs, outs = _contenders(medium, tmp_path, area == "bbox")
     runs["new"]()                           # the package cp copies, and a first import of everything
     times: dict[str, list[float]] = {k: [] for k in runs}
+    cpus: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(ROUNDS):
         for name, run in runs.items():
             if cache == "cold":
                 _drop_caches()
             else:
                 _warm(medium)
-            times[name].append(run())
+            wall, cpu = run()
+            times[name].append(wall)
+            cpus[name].append(cpu)
     med = {k: statistics.median(v) for k, v in times.items()}
+    cpu = {k: statistics.median(v) for k, v in cpus.items()}
     benchmark.pedantic(runs["new"], rounds=1, iterations=1)
     size = outs["new"].stat().st_size
     digests = {_bundle_digest(outs[m]) for m in outs}
@@ -175,8 +187,12 @@ def test_passthrough_export_vs_cp(benchmark, request, medium, tmp_path, area, ca
                    new_vs_old=med["old"] / med["new"], new_process_vs_old=med["old_proc"] / med["new_proc"])
     if "cp_r" in med:
         figures.update(new_vs_cp_r=med["cp_r"] / med["new"], new_process_vs_cp_r=med["cp_r"] / med["new_proc"])
+    # CPU seconds (user + system) are less at the mercy of the machine's load than wall time
+    figures.update(cpu_new_vs_cp=cpu["cp"] / cpu["new"], cpu_old_vs_cp=cpu["cp"] / cpu["old"],
+                   cpu_cfr_vs_cp=cpu["cp"] / cpu["cfr"], cpu_new_process_vs_cp=cpu["cp"] / cpu["new_proc"])
     figures["load1"] = round(os.getloadavg()[0], 2)
     report(request, f"pass-through export ({area}, {cache}) vs cp", **figures)
     print(f"\n{area} {cache}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in figures.items()))
     print("  medians (s): " + ", ".join(f"{k}={v:.3f}" for k, v in med.items()))
+    print("  CPU medians (s): " + ", ".join(f"{k}={v:.3f}" for k, v in cpu.items()))
