@@ -146,6 +146,19 @@ def test_bundle_changed_during_a_read_is_an_error_naming_it(base, tmp_path):
         assert c.tile(2, 0, 1) == tile_bytes(0, 2, 0, 1)       # a new request reads the new version
 
 
+def test_open_bundle_can_insist_on_the_version_selected(base, tmp_path):
+    root = make_cache(base, tmp_path / "c")
+    ref = BundleRef(2, 0, 0)
+    with open_cache(root) as c:
+        key, _, sizes = c.index_with_key(ref)
+        with c.open_bundle(ref, expect=key) as data:
+            assert (data.sizes == sizes).all()
+        replace_by_rename(bundle_path(root, 2), _v2_bundle(version_tiles(1, 2)))
+        with pytest.raises(BundleError, match="changed after its tiles were selected"):
+            c.open_bundle(ref, expect=key)
+        assert c.bundle_key(ref)[1] == c.index_with_key(ref)[0] != key
+
+
 def test_new_and_removed_bundles_while_open(base, tmp_path, monkeypatch):
     root = make_cache(base, tmp_path / "c")
     monkeypatch.setattr(cache_mod, "RELIST_SECONDS", 0.0)

@@ -375,11 +375,15 @@ class Cache:
                 return src.where
         return hit[3]
 
-    def open_bundle(self, ref: BundleRef) -> BundleData:
+    def open_bundle(self, ref: BundleRef, expect: tuple | None = None) -> BundleData:
         """The bundle's index as it is now and its bytes (read on demand from the same open file;
-        no mapping); close the result when done with the bytes."""
+        no mapping); close the result when done with the bytes. With `expect` (a key from
+        `index_with_key` or `bundle_key`), a bundle that is no longer that version is a BundleError."""
         src = self._open(ref)
         try:
+            if expect is not None and src.key != expect:
+                raise BundleError(f"{src.label}: the bundle changed after its tiles were selected; "
+                                  "run the export again")
             offsets, sizes = self._index_of(ref, src)
             if src.memory is not None:
                 src.close()
