@@ -1,13 +1,16 @@
-"""Selection speed: AOI rasterize+count over levels 0-18, per-bundle masks, estimates over the large sample.
+"""Selection speed: AOI rasterize+count over levels 0-18, per-bundle masks, estimates over the large sample,
+the worst areas of interest the geometry limits admit, and the edge path vs the make_valid path.
 
 Run: `.venv/bin/pytest benchmarks/bench_selection.py --benchmark-enable [--large-sample data/large]`
 Baselines are measured in the same run: shapely tile-box intersection tests on a subsample of
-candidate tiles (the obvious way to do it), and plain reads of every bundle index.
+candidate tiles (the obvious way to do it), plain reads of every bundle index, and the repair
+path the geometry layer used before (make_valid per ring, nesting by covered_by, union_all).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 
 import numpy as np
@@ -235,3 +238,189 @@ def test_estimate_presence_store_speedup(benchmark, many_bundles, tmp_path, requ
            first_run_filling_ms=t_fill * 1e3, with_store_ms=t_store * 1e3, estimate_speedup=t_plain / t_store,
            select_without_ms=s_plain * 1e3, select_with_ms=s_store * 1e3, select_speedup=s_plain / s_store,
            bundles=len(cache.bundles()), tiles=est.total_tiles)
+
+
+# --------------------------------------------------------------------------------------------
+# the worst areas the limits admit (issue 9 item 2: under 2 s and 500 MB)
+
+WORST_CHILD = r"""
+import json, sys, time
+from tilecrate.cache import open_cache
+from tilecrate.geometry import validate_request_area
+from tilecrate.request import ExportRequest
+from tilecrate.selection import select
+
+
+def status(key):
+    # VmHWM is this process image's own high-water mark (ru_maxrss keeps the parent's across exec)
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+
+
+aoi = open(sys.argv[2]).read()
+with open_cache(sys.argv[1]) as c:
+    select(c, ExportRequest("0-5", extent="0,0,1,1", aoi_sr=4326))   # warm: pyproj, CRS database
+    base = status("VmRSS")
+    t0, c0 = time.perf_counter(), time.process_time()
+    req = ExportRequest("0-5", area_of_interest=aoi)
+    area = validate_request_area(req, c.scheme.spatial_ref)
+    t1, c1 = time.perf_counter(), time.process_time()
+    sel = select(c, req)
+    t2, c2 = time.perf_counter(), time.process_time()
+    peak = status("VmHWM")
+print(json.dumps({"validate_s": t1 - t0, "validate_cpu_s": c1 - c0, "select_s": t2 - t1, "select_cpu_s": c2 - c1,
+                  "peak_growth_mb": peak - base, "edges": area.vertex_count, "tiles": sel.tiles}))
+"""
+
+
+def _worst_areas() -> dict[str, str]:
+    """At the default limits: MAX_VERTICES in one ring; as many whose lines cross MAX_LINE_CROSSINGS
+    edges; MAX_RINGS features; all over the sample's extent, in degrees (so projected)."""
+    from tilecrate import geometry as g
+
+    n = g.MAX_VERTICES - 1
+    a = np.linspace(0, 2 * math.pi, n, endpoint=False)
+    r = 25 * (0.8 + 0.15 * np.sin(37 * a) + 0.05 * np.sin(1013 * a))
+    ring = np.column_stack([10 + r * np.cos(a), 10 + 0.8 * r * np.sin(a)])
+    out = {f"{n + 1} vertices, one ring": {"rings": [np.round(ring, 6).tolist()]}}
+    teeth = g.MAX_LINE_CROSSINGS // 2 - 2             # each tooth (down and up) crosses a line twice
+    per = (g.MAX_VERTICES - 8) // teeth            # vertices per tooth: collinear points along its edges
+    t = np.linspace(0, 1, per, endpoint=False)
+    xs = np.repeat(np.linspace(-10, 30, teeth + 1)[:-1], per) + np.tile(t, teeth) * (40 / teeth)
+    ys = 50 * np.abs(2 * np.tile(t, teeth) - 1)
+    out[f"{per * teeth} vertices, {2 * teeth} line crossings"] = {"rings": [np.round(np.column_stack([xs, ys]), 7).tolist()]}
+    k = int(math.isqrt(min(g.MAX_RINGS, g.MAX_VERTICES // 4)))
+    cx, cy = np.meshgrid(np.linspace(-20, 40, k), np.linspace(-30, 55, k))
+    feats = [{"geometry": {"rings": [[[x, y], [x, y + 0.1], [x + 0.1, y + 0.1], [x + 0.1, y]]]}}
+             for x, y in zip(np.round(cx.ravel(), 5).tolist(), np.round(cy.ravel(), 5).tolist())]
+    out[f"{k * k} features"] = {"features": feats}
+    return {name: json.dumps(dict(v, spatialReference={"wkid": 4326})) for name, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def sample_cache(tmp_path_factory):
+    from tilecrate.sample import SampleSpec, make_sample
+
+    out = tmp_path_factory.mktemp("sample") / "cache"
+    make_sample(out, SampleSpec())
+    return out
+
+
+def test_worst_admitted_areas(sample_cache, tmp_path, request):
+    """Each worst case in a fresh process: time to validate (submit) and to select, and peak RSS growth."""
+    import subprocess
+    import sys
+
+    for name, text in _worst_areas().items():
+        path = tmp_path / "aoi.json"
+        path.write_text(text)
+        run = subprocess.run([sys.executable, "-c", WORST_CHILD, str(sample_cache), str(path)],
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        got = json.loads(run.stdout.strip().splitlines()[-1])
+        load = os.getloadavg()[0]
+        report(request, f"worst admitted AOI: {name}", json_mb=len(text) / 1e6, **got, load_avg=load,
+               validate_under_2s=got["validate_s"] < 2, select_under_2s=got["select_s"] < 2,
+               under_500mb=got["peak_growth_mb"] < 500)
+        assert got["tiles"] > 0
+        assert got["peak_growth_mb"] < 500
+
+
+def test_band_cost_at_max_line_crossings(request):
+    """The unit of work between two looks at `cancel`: one bundle row (128 rows) at level 18 under an
+    area at the line-crossing limit (every row has that many active edges)."""
+    from tilecrate import geometry as g
+
+    teeth = g.MAX_LINE_CROSSINGS // 2
+    xs = np.linspace(-1e6, 2e6, 2 * teeth)
+    ys = np.where(np.arange(2 * teeth) % 2 == 0, 4e6, 6e6)
+    area = g.request_area(None, {"rings": [np.column_stack([xs, ys]).tolist()]}, None, web_mercator_scheme(19).spatial_ref)
+    scheme = web_mercator_scheme(19)
+    la = LevelArea(scheme, 18, area)
+    mid = (la.row0 + la.row1) // 2 // PACKET * PACKET
+    t0 = time.perf_counter()
+    rp, sp = la.band(mid)
+    t = time.perf_counter() - t0
+    report(request, "one 128-row band at level 18, area at max_line_crossings", ms=t * 1e3,
+           line_crossings=g.line_crossings(area.edges), spans=len(sp))
+    assert len(sp) > 0
+
+
+# --------------------------------------------------------------------------------------------
+# the edge path (fill rule, no repair) vs the make_valid path it replaced
+
+
+def _old_polygonal(geom):
+    if geom.is_empty:
+        return shapely.MultiPolygon()
+    if not geom.is_valid:
+        geom = shapely.make_valid(geom)
+    parts = [p for p in shapely.get_parts(geom) if p.geom_type in ("Polygon", "MultiPolygon")]
+    polys = [q for p in parts for q in shapely.get_parts(p) if not q.is_empty and q.area > 0]
+    if not polys:
+        return shapely.MultiPolygon()
+    return polys[0] if len(polys) == 1 else shapely.union_all(polys)
+
+
+def _old_rings_to_geometry(rings):
+    """The repair path before: make each ring valid, nest by covered_by, holes by difference, union."""
+    polys = [p for p in (_old_polygonal(shapely.Polygon(r)) for r in rings if len(r) >= 3) if not p.is_empty]
+    if len(polys) <= 1:
+        return polys[0] if polys else shapely.MultiPolygon()
+    arr = np.array(polys, dtype=object)
+    inner, outer = shapely.STRtree(arr).query(arr, predicate="covered_by")
+    keep = inner != outer
+    inner, outer = inner[keep], outer[keep]
+    depth = np.bincount(inner, minlength=len(polys))
+    holes_of: dict[int, list[int]] = {}
+    for i, j in zip(inner.tolist(), outer.tolist()):
+        if depth[i] % 2 == 1 and depth[j] == depth[i] - 1:
+            holes_of.setdefault(j, []).append(i)
+    pieces = [p.difference(shapely.union_all([polys[h] for h in holes_of[i]])) if i in holes_of else p
+              for i, p in enumerate(polys) if depth[i] % 2 == 0]
+    return _old_polygonal(shapely.union_all(pieces))
+
+
+def _old_path(rings, scheme, levels):
+    geom = _old_rings_to_geometry([np.asarray(r, dtype=np.float64) for r in rings])
+    return count_wanted(scheme, Area.from_shapely(geom), levels)
+
+
+def _new_path(rings, scheme, levels):
+    from tilecrate.geometry import request_area
+
+    area = request_area(None, {"rings": rings}, None, scheme.spatial_ref)
+    return count_wanted(scheme, area, levels)
+
+
+@pytest.mark.parametrize("shape", ["europe-1000", "nested-200", "zigzag-2000"])
+def test_edge_path_vs_make_valid_path(shape, request):
+    """Same rings in the cache's coordinates, to tiles counted over levels 0-10; ratio old/new."""
+    scheme = web_mercator_scheme(19)
+    if shape == "europe-1000":
+        ring = wobbly_polygon()
+        x, y = TO_3857.transform(ring[:, 0], ring[:, 1])
+        rings = [np.column_stack([x, y]).tolist()]
+    elif shape == "nested-200":
+        rings = [[[-h, -h], [-h, h], [h, h], [h, -h], [-h, -h]] for h in np.linspace(1e5, 4e6, 200)]
+    else:
+        n = 2000
+        rings = [np.column_stack([np.linspace(-1e6, 2e6, n), np.where(np.arange(n) % 2 == 0, 4e6, 6e6)]).tolist()]
+    levels = list(range(11))
+
+    def best(fn, rounds=3):
+        out, t = None, math.inf
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            out = fn(rings, scheme, levels)
+            t = min(t, time.perf_counter() - t0)
+        return out, t
+
+    new, t_new = best(_new_path)
+    old, t_old = best(_old_path, rounds=1 if shape != "europe-1000" else 3)
+    same = old == new
+    report(request, f"area to tiles, {shape}, levels 0-10", edge_path_ms=t_new * 1e3, make_valid_path_ms=t_old * 1e3,
+           speedup=t_old / t_new, same_counts=same, tiles=sum(new.values()))
+    if shape != "zigzag-2000":     # valid input: both paths mean the same area
+        assert same

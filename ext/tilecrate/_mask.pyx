@@ -38,6 +38,7 @@ cimport numpy as cnp
 from libc.math cimport ceil, floor
 from libc.stdint cimport INT64_MAX, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort, realloc
+from libc.string cimport memcpy, memset
 
 cnp.import_array()
 
@@ -83,6 +84,110 @@ cdef inline double x_at(double x0, double y0, double x1, double y1, double y) no
     return x0 + ((y - y0) * (x1 - x0)) / (y1 - y0)
 
 
+# Rows with many active edges sort thousands of spans and crossings each: an LSD radix sort (8-bit
+# digits, digits every key shares skipped) costs O(n) per digit where qsort costs O(n log n)
+# calls through a function pointer. Below RADIX_MIN items qsort is faster.
+cdef enum:
+    RADIX_MIN = 64
+
+
+cdef inline uint64_t double_key(double x) noexcept nogil:
+    # IEEE-754 bits mapped so that unsigned order is numeric order
+    cdef uint64_t u
+    memcpy(&u, &x, sizeof(double))
+    if u >> 63:
+        return ~u
+    return u | (<uint64_t>1 << 63)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void radix_pairs(int64_t* a, int64_t* tmp, Py_ssize_t n) noexcept nogil:
+    """Sort n (start, end) pairs by start, stably; tmp holds n pairs."""
+    cdef Py_ssize_t count[256]
+    cdef Py_ssize_t i, pos, total
+    cdef int64_t lo = a[0], hi = a[0]
+    cdef uint64_t key
+    cdef int shift = 0, d
+    cdef int64_t* src = a
+    cdef int64_t* dst = tmp
+    cdef int64_t* t
+    for i in range(1, n):
+        if a[2 * i] < lo:
+            lo = a[2 * i]
+        if a[2 * i] > hi:
+            hi = a[2 * i]
+    # starts lie within +-(MAX_COORD + 1), so hi - lo fits
+    cdef uint64_t span = <uint64_t>(hi - lo)
+    while shift < 64 and (span >> shift) != 0:
+        memset(count, 0, sizeof(count))
+        for i in range(n):
+            count[((<uint64_t>(src[2 * i] - lo)) >> shift) & 255] += 1
+        total = 0
+        for d in range(256):
+            pos = count[d]
+            count[d] = total
+            total += pos
+        for i in range(n):
+            key = ((<uint64_t>(src[2 * i] - lo)) >> shift) & 255
+            pos = count[key]
+            count[key] = pos + 1
+            dst[2 * pos] = src[2 * i]
+            dst[2 * pos + 1] = src[2 * i + 1]
+        t = src
+        src = dst
+        dst = t
+        shift += 8
+    if src != a:
+        memcpy(a, src, n * 2 * sizeof(int64_t))
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+cdef void radix_cross(Cross* a, Cross* tmp, Py_ssize_t n, bint by_group) noexcept nogil:
+    """Sort n crossings by (group, x), stably; tmp holds n crossings."""
+    cdef Py_ssize_t count[256]
+    cdef Py_ssize_t i, pos, total
+    cdef uint64_t key, first, diff = 0
+    cdef int shift, d, pass_
+    cdef Cross* src = a
+    cdef Cross* dst = tmp
+    cdef Cross* t
+    for pass_ in range(2 if by_group else 1):
+        # pass 0: x (least significant); pass 1: the group, stable over x
+        first = double_key(src[0].x) if pass_ == 0 else <uint64_t>src[0].g
+        diff = 0
+        for i in range(1, n):
+            key = double_key(src[i].x) if pass_ == 0 else <uint64_t>src[i].g
+            diff |= key ^ first
+        shift = 0
+        while shift < 64 and (diff >> shift) != 0:
+            if ((diff >> shift) & 255) == 0:      # every key has this digit: nothing to move
+                shift += 8
+                continue
+            memset(count, 0, sizeof(count))
+            for i in range(n):
+                key = double_key(src[i].x) if pass_ == 0 else <uint64_t>src[i].g
+                count[(key >> shift) & 255] += 1
+            total = 0
+            for d in range(256):
+                pos = count[d]
+                count[d] = total
+                total += pos
+            for i in range(n):
+                key = double_key(src[i].x) if pass_ == 0 else <uint64_t>src[i].g
+                key = (key >> shift) & 255
+                pos = count[key]
+                count[key] = pos + 1
+                dst[pos] = src[i]
+            t = src
+            src = dst
+            dst = t
+            shift += 8
+    if src != a:
+        memcpy(a, src, n * sizeof(Cross))
+
+
 cdef struct Buf:
     int64_t* data      # pairs (start, end), inclusive columns
     Py_ssize_t n       # pairs in use
@@ -118,6 +223,9 @@ cdef class Rasterizer:
     cdef Py_ssize_t* active
     cdef Py_ssize_t n_active
     cdef Cross* xs                     # crossings of one row (capacity n)
+    cdef Cross* xs_tmp                 # radix sort scratch (capacity n)
+    cdef bint groups                   # more than one group: crossings sort by group too
+    cdef Buf sort_tmp                  # radix sort scratch for row_spans
     cdef Buf row_spans                 # unmerged intervals of one row
     cdef Buf out                       # merged spans of the current call
     cdef int64_t next_row              # the sweep position (rows below it are done)
@@ -130,6 +238,9 @@ cdef class Rasterizer:
         self.ready = False
         self.active = NULL
         self.xs = NULL
+        self.xs_tmp = NULL
+        self.sort_tmp.data = NULL
+        self.sort_tmp.n = self.sort_tmp.cap = 0
         self.row_spans.data = NULL
         self.row_spans.n = self.row_spans.cap = 0
         self.out.data = NULL
@@ -154,22 +265,27 @@ cdef class Rasterizer:
                 raise ValueError("groups must be an integer array with one entry per edge")
             if grp.dtype.kind == "u" and grp.shape[0] and grp.max() > INT64_MAX:
                 raise ValueError("groups must fit in int64")
-            grp = grp.astype(np.int64)
+            # dense ranks 0..G-1: the same partition, and keys the radix sort can take as unsigned
+            grp = np.unique(grp, return_inverse=True)[1].astype(np.int64).reshape(-1)
         ymin = np.minimum(arr[:, 1], arr[:, 3])
         ymax = np.maximum(arr[:, 1], arr[:, 3])
         rs = (np.ceil(ymin) - 1).astype(np.int64)
         re = np.floor(ymax).astype(np.int64)
-        order = np.argsort(rs, kind="stable")
+        order = np.argsort(rs)   # any order among edges of the same first row
         cdef Py_ssize_t n = arr.shape[0]
         cdef Py_ssize_t cap = n if n else 1
         active = <Py_ssize_t*>malloc(cap * sizeof(Py_ssize_t))
         xs = <Cross*>malloc(cap * sizeof(Cross))
-        if active == NULL or xs == NULL:
+        xs_tmp = <Cross*>malloc(cap * sizeof(Cross))
+        if active == NULL or xs == NULL or xs_tmp == NULL:
             free(active)
             free(xs)
+            free(xs_tmp)
             raise MemoryError()
         self.active = active
         self.xs = xs
+        self.xs_tmp = xs_tmp
+        self.groups = bool(n and grp.min() != grp.max())
         self.edges = np.ascontiguousarray(arr[order])
         self.group = np.ascontiguousarray(grp[order])
         self.rstart = np.ascontiguousarray(rs[order])
@@ -188,6 +304,8 @@ cdef class Rasterizer:
     def __dealloc__(self):
         free(self.active)
         free(self.xs)
+        free(self.xs_tmp)
+        free(self.sort_tmp.data)
         free(self.row_spans.data)
         free(self.out.data)
 
@@ -274,7 +392,10 @@ cdef class Rasterizer:
                 nx += 1
         if nx > 1:
             # even-odd within each group: sorted by (group, x), the group's crossings pair up
-            qsort(self.xs, nx, sizeof(Cross), cmp_cross)
+            if nx < RADIX_MIN:
+                qsort(self.xs, nx, sizeof(Cross), cmp_cross)
+            else:
+                radix_cross(self.xs, self.xs_tmp, nx, self.groups)
             j = 0
             while j + 1 < nx:
                 if self.xs[j].g != self.xs[j + 1].g:
@@ -288,7 +409,12 @@ cdef class Rasterizer:
                     b.n += 1
                 j += 2
         # merge: sort by start, fold overlapping or adjacent intervals
-        qsort(b.data, b.n, 2 * sizeof(int64_t), cmp_span)
+        if b.n < RADIX_MIN:
+            qsort(b.data, b.n, 2 * sizeof(int64_t), cmp_span)
+        elif buf_reserve(&self.sort_tmp, b.n) < 0:
+            return -1
+        else:
+            radix_pairs(b.data, self.sort_tmp.data, b.n)
         j = 0
         for i in range(1, b.n):
             if b.data[2 * i] <= b.data[2 * j + 1] + 1:

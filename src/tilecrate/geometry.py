@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
     from tilecrate.request import ExportRequest
 
-MAX_VERTICES = 1_000_000          # vertices as given, counted while reading
+MAX_VERTICES = 250_000            # vertices as given, counted while reading (~6 MB of JSON)
 MAX_RINGS = 100_000               # rings over all features and parts
 MAX_LINE_CROSSINGS = 20_000       # edges one horizontal line (in the cache's coordinates) may cross
 MAX_JSON_DEPTH = 32               # nesting of geometry JSON (arrays and objects) our readers follow
@@ -728,8 +728,9 @@ def _densify_counts(lengths: np.ndarray, step: float, budget: int) -> np.ndarray
     if step <= 0 or not len(lengths):
         return np.ones(len(lengths), dtype=np.int64)
     total = float(lengths.sum())
-    if total / step > budget:
-        step = total / max(budget, 1)
+    spare = budget - len(lengths)          # each edge's ceil() may add one piece beyond length / step
+    if total / step > spare:
+        step = total / max(spare, 1)
     return np.maximum(np.ceil(lengths / step), 1).astype(np.int64)
 
 
