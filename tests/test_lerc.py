@@ -199,6 +199,9 @@ def test_export_to_tpkx_passes_lerc_tiles_through(lerc_sample, tmp_path):
         dst_tiles = {(lv, r, c): t for lv, r, c, t in dst.iter_tiles()}
     assert src_tiles == dst_tiles
     assert result.tiles == len(src_tiles)
+    # and what a client of the package gets back: the terrain, within maxZError
+    for (level, row, col), blob in dst_tiles.items():
+        _within(_decode(blob), elevation(level, row, col), LERC_MAX_Z_ERROR)
 
 
 def test_cli_sample_lerc(tmp_path):

@@ -302,3 +302,23 @@ def test_cli_export_vtpk(fixture_vtpk, source, tmp_path):
     assert report["kind"] == "vtpk" and report["tiles"] == 60
     pkg = _check_package(out, source)
     assert len(pkg["tiles"]) == 60
+
+
+def test_corrupt_resource_is_a_clear_error(fixture_vtpk, tmp_path):
+    bad = tmp_path / "corrupt.vtpk"
+    shutil.copy(fixture_vtpk, bad)
+    with zipfile.ZipFile(bad) as zf:
+        info = zf.getinfo("p12/resources/styles/root.json")
+    with open(bad, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        at = info.header_offset + 30 + name_len + extra_len + 10
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ExportError, match="styles/root.json is corrupt or changed"):
+        export(str(bad), ExportRequest(levels="0-1"), str(out / "x.vtpk"))
+    assert os.listdir(out) == []

@@ -109,10 +109,14 @@ class _Source:
         self._is_zip = False
         self._fd: int | None = None
         self._infos: dict[str, zipfile.ZipInfo] = {}
-        if os.path.isdir(cache.path):
-            self._init_folder(cache.path)
-        else:
-            self._init_zip(cache.path)
+        try:
+            if os.path.isdir(cache.path):
+                self._init_folder(cache.path)
+            else:
+                self._init_zip(cache.path)
+        except BaseException:
+            self.close()
+            raise
 
     def _init_zip(self, path: str) -> None:
         self._is_zip = True
