@@ -136,18 +136,24 @@ def test_per_client_quota_and_time_budget(slow):
     assert slow.poll("Slow", ESTIMATE, est["jobId"])["jobStatus"] == "esriJobSucceeded"
 
 
-def test_a_fifo_bundle_does_not_stall_the_server(tmp_path, sample_v2):
+@pytest.mark.parametrize("how", ["fifo", "stuck read"])
+def test_a_blocked_cache_read_does_not_stall_the_server(tmp_path, sample_v2, how):
     """Tile reads run on their own bounded pool with a timeout: a read that blocks (a FIFO named like a
-    bundle) answers an error, and everything else (other tiles, submissions, status) keeps answering."""
+    bundle, or a read that never returns) answers an error, and everything else (other tiles,
+    submissions, status) keeps answering; the server still stops promptly on SIGTERM."""
     src = tmp_path / "cache"
     shutil.copytree(sample_v2, src)
-    fifo = src / "_alllayers" / "L02" / "R0000C0000.bundle"
-    fifo.unlink()
-    os.mkfifo(fifo)
+    env = {}
+    if how == "fifo":
+        fifo = src / "_alllayers" / "L02" / "R0000C0000.bundle"
+        fifo.unlink()
+        os.mkfifo(fifo)
+    else:
+        env["TC_TEST_STUCK_LEVEL"] = "2"
     data = tmp_path / "data"
     cfg = write_config(tmp_path / "tilecrate.toml", data, {"F": {"source": src}},
                        limits={"tile_read_threads": 2, "tile_read_timeout": 1})
-    srv = Server(cfg, data, free_port())
+    srv = Server(cfg, data, free_port(), env=env)
     try:
         srv.start()
         answers: list[int] = []
@@ -168,11 +174,14 @@ def test_a_fifo_bundle_does_not_stall_the_server(tmp_path, sample_v2):
             t.join(15)
         assert len(answers) == 12 and all(a in (400, 404, 503) for a in answers), answers
         assert time.monotonic() - t0 < 12
-        assert srv.get(f"{srv.svc('F')}/tile/1/0/0").status in (200, 404, 503)
+        if how == "stuck read":
+            assert answers.count(503) == 12 and "a cache read took more than 1s" in srv.log.read_text()
+        assert srv.get(f"{srv.svc('F')}/tile/1/0/0").status == 200  # other levels still read
     finally:
         t0 = time.monotonic()
-        srv.stop()  # SIGTERM: bounded even with reads stuck on the FIFO
+        srv.stop()  # SIGTERM: bounded even with reads stuck
         assert time.monotonic() - t0 < 9
+        assert srv.log.read_text().count("Traceback") == 0
 
 
 def test_a_job_never_stays_executing_on_a_full_disk(tmp_path, sample_v2):
@@ -218,3 +227,44 @@ def test_a_job_never_stays_executing_on_a_full_disk(tmp_path, sample_v2):
     finally:
         srv.stop()
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_read_gate_quarantines_a_hanging_file_and_bounds_its_threads():
+    import asyncio
+
+    from tilecrate.server.errors import EsriError
+    from tilecrate.server.reads import ReadGate
+
+    release = threading.Event()
+
+    def hang():
+        release.wait(30)
+        return "late"
+
+    async def main():
+        gate = ReadGate(2, 0.2, max_stuck=3, quarantine=60)
+        try:
+            assert await gate.run("ok", lambda: 42) == 42
+            with pytest.raises(EsriError) as e:
+                await gate.run("bad", hang)
+            assert e.value.code == 503 and gate.stuck == 1
+            t0 = time.monotonic()
+            with pytest.raises(EsriError, match="did not finish"):  # quarantined: refused at once
+                await gate.run("bad", hang)
+            assert time.monotonic() - t0 < 0.1 and gate.stuck == 1
+            for key in ("b2", "b3"):
+                with pytest.raises(EsriError):
+                    await gate.run(key, hang)
+            assert gate.stuck == 3
+            with pytest.raises(EsriError, match="too many cache reads are blocked"):
+                await gate.run("ok", lambda: 42)
+            release.set()
+            for _ in range(100):
+                if gate.stuck == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert gate.stuck == 0 and await gate.run("ok", lambda: 7) == 7
+        finally:
+            release.set()
+            gate.close()
+    asyncio.run(main())

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 # Start the real CLI; with a delay, each export progress report (one per bundle written) sleeps,
-# which makes a small export last long enough to cancel or kill it midway. Nothing else changes.
+# which makes a small export last long enough to cancel or kill it midway. With TC_TEST_STUCK_LEVEL
+# in the environment, tile reads of that level block for ever. Nothing else changes.
 _LAUNCHER = r"""
 import sys, time
 delay = float(sys.argv[1])
@@ -38,6 +39,18 @@ if delay > 0:
                 progress(p)
         return real(*a, progress=slowed, **kw)
     ex.export = slow_export
+import os
+stuck = os.environ.get("TC_TEST_STUCK_LEVEL")
+if stuck is not None:
+    # a tile read of this level never returns, as a read from a FIFO or a hung network mount would
+    import threading
+    from tilecrate.server import service
+    real_tile = service.Service.tile
+    def stuck_tile(self, level, row, col):
+        if level == int(stuck):
+            threading.Event().wait()
+        return real_tile(self, level, row, col)
+    service.Service.tile = stuck_tile
 from tilecrate.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -75,6 +88,7 @@ class Server:
     proc: subprocess.Popen | None = None
     log: Path | None = None
     extra_args: list = field(default_factory=list)
+    env: dict = field(default_factory=dict)
 
     @property
     def base(self) -> str:
@@ -89,7 +103,7 @@ class Server:
         """Start the process and wait until it answers."""
         self.log = self.data_dir.parent / f"server-{self.port}.log"
         logf = open(self.log, "ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen(
             [PYTHON, "-c", _LAUNCHER, str(self.delay), "serve", str(self.config), "--port", str(self.port),
              *self.extra_args], stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(self.data_dir.parent))

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable
 from urllib.parse import quote
 
@@ -31,6 +30,7 @@ from tilecrate.jobs.model import ESTIMATE, EXPORT, SUCCEEDED, Job, is_job_id
 from tilecrate.server import html
 from tilecrate.server.config import ServerConfig
 from tilecrate.server.errors import EsriError
+from tilecrate.server.reads import ReadGate
 from tilecrate.server.service import CURRENT_VERSION, Service, open_service
 
 log = logging.getLogger("tilecrate.server")
@@ -55,10 +55,11 @@ RUNNER = web.AppKey("runner", JobRunner)
 STORE = web.AppKey("store", JobStore)
 PREVIEWS = web.AppKey("previews", dict)
 CLEANER = web.AppKey("cleaner", asyncio.Task)
-TILE_POOL = web.AppKey("tile_pool", ThreadPoolExecutor)
+READS = web.AppKey("reads", ReadGate)
 JSON_CACHE = web.AppKey("json_cache", dict)
 _JSON_TTL = 1.0  # seconds a service's JSON is reused (its cache may change under us)
 _JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
+_TILE_HEADERS: dict[str, dict[str, str]] = {}  # per content type, made once
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -275,17 +276,17 @@ async def run_blocking(request: web.Request, fn, *args):
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
-async def read_cache(request: web.Request, fn, *args):
-    """Run a cache read on the tile pool; a read not done within tile_read_timeout is answered 503
-    (its thread stays with the read; a queued read that times out never starts)."""
-    timeout = request.app[CFG].limits.tile_read_timeout
-    fut = asyncio.get_running_loop().run_in_executor(request.app[TILE_POOL], fn, *args)
+async def read_cache(request: web.Request, key: tuple, fn, *args):
+    """Run a cache read of the file `key` names on the read threads (tilecrate.server.reads):
+    bounded, answered 503 when it takes longer than tile_read_timeout or that file hung before."""
+    gate = request.app[READS]
+    stuck = gate.stuck
     try:
-        return await asyncio.wait_for(fut, timeout)
-    except asyncio.TimeoutError:
-        log.warning("%s: a cache read took more than %gs", request.path[:300], timeout)
-        raise EsriError(503, f"the cache could not be read within {timeout:g} seconds; try again later",
-                        headers={"Retry-After": "10"}) from None
+        return await gate.run(key, fn, *args)
+    finally:
+        if gate.stuck > stuck:
+            log.warning("%s: a cache read took more than %gs; %d read(s) blocked", request.path[:300],
+                        gate.timeout, gate.stuck)
 
 
 def output_listing(request: web.Request, rel: str, path: str) -> dict:
@@ -362,7 +363,7 @@ async def h_service(request: web.Request) -> web.Response:
 async def _preview(request: web.Request, svc: Service) -> tuple[int, list[int], list[int]] | None:
     previews = request.app[PREVIEWS]
     if svc.name not in previews:
-        previews[svc.name] = await read_cache(request, _compute_preview, svc)
+        previews[svc.name] = await read_cache(request, (svc.name, "preview"), _compute_preview, svc)
     return previews[svc.name]
 
 
@@ -401,12 +402,15 @@ async def h_tile(request: web.Request) -> web.StreamResponse:
     level = _int(request.match_info["level"], "level")
     row = _int(request.match_info["row"], "row")
     col = _int(request.match_info["col"], "column")
-    found = await read_cache(request, svc.tile, level, row, col)
+    found = await read_cache(request, (svc.name, level, row >> 7, col >> 7), svc.tile, level, row, col)
     if found is None:
         raise EsriError(404, f"no tile at level {level}, row {row}, column {col}", message="Tile not found",
                         http_status=404)
     data, ctype = found
-    return web.Response(body=data, content_type=ctype, headers={"Cache-Control": "max-age=3600"})
+    headers = _TILE_HEADERS.get(ctype)
+    if headers is None:
+        headers = _TILE_HEADERS[ctype] = {"Content-Type": ctype, "Cache-Control": "max-age=3600"}
+    return web.Response(body=data, headers=headers)
 
 
 async def h_tilemap(request: web.Request) -> web.Response:
@@ -417,7 +421,8 @@ async def h_tilemap(request: web.Request) -> web.Response:
     width, height = _int(m["width"], "width"), _int(m["height"], "height")
     if not (1 <= width and 1 <= height):
         raise EsriError(400, "width and height must be at least 1")
-    obj = await read_cache(request, svc.tilemap, level, row, col, width, height)
+    obj = await read_cache(request, (svc.name, "tilemap", level, row >> 7, col >> 7),
+                           svc.tilemap, level, row, col, width, height)
     return await reply(request, obj, default="json")
 
 
@@ -648,7 +653,7 @@ async def _startup(app: web.Application) -> None:
 
     services, store, runner = await loop.run_in_executor(None, open_all)
     app[SERVICES].update(services)
-    app[TILE_POOL] = ThreadPoolExecutor(max_workers=cfg.limits.tile_read_threads, thread_name_prefix="tilecrate-read")
+    app[READS] = ReadGate(cfg.limits.tile_read_threads, cfg.limits.tile_read_timeout)
     app[STORE] = store
     app[RUNNER] = runner
     app[CLEANER] = asyncio.create_task(_clean_periodically(app))
@@ -688,8 +693,8 @@ async def _cleanup(app: web.Application) -> None:
     store = app.get(STORE)
     if store is not None:
         store.close()
-    pool = app.get(TILE_POOL)
-    if pool is not None:
-        pool.shutdown(wait=False, cancel_futures=True)  # a read stuck on a file must not hold up the exit
+    reads = app.get(READS)
+    if reads is not None:
+        reads.close()  # a read stuck on a file must not hold up the exit (serve exits without it)
     for svc in app[SERVICES].values():
         svc.close()
