@@ -305,3 +305,35 @@ def test_random_rings_raise_request_errors_only(rings, sr, form):
         return
     assert area.is_rectangle or (len(area.edges) and np.isfinite(area.edges).all())
     assert all(math.isfinite(v) for v in area.bounds)
+
+
+def test_clipping_keeps_only_the_sides_the_area_reaches():
+    """A ∩-shaped ring whose bar lies beyond Web Mercator's 85.06°: clipping leaves its two legs.
+    Sutherland-Hodgman joins the exits along the clip line, also across the gap between the
+    legs; those edges would take tiles the area never touches, so only odd-coverage stretches stay."""
+    legs = [[0, 80], [0, 88], [30, 88], [30, 80], [25, 80], [25, 87], [5, 87], [5, 80]]
+    area = request_area(None, {"rings": [legs], "spatialReference": {"wkid": 4326}}, None, WEB_MERCATOR)
+    top = area.bounds[3]
+    on_top = area.edges[(area.edges[:, 1] == top) & (area.edges[:, 3] == top)]
+    xs = sorted(tuple(sorted((a, b))) for a, b in on_top[:, [0, 2]].tolist())
+    x = lambda lon: TO_3857.transform(lon, 0)[0]          # noqa: E731
+    covered = shapely.union_all([shapely.LineString([(a, 0), (b, 0)]) for a, b in xs])
+    assert covered.equals(shapely.MultiLineString([[(x(0), 0), (x(5), 0)], [(x(25), 0), (x(30), 0)]]))
+    # and the region is the two legs up to the clip line
+    assert area_region(area).area == pytest.approx(2 * (x(5) - x(0)) * (top - TO_3857.transform(0, 80)[1]), rel=1e-6)
+
+
+def test_clipping_counts_parity_per_feature():
+    """Two features overlapping at the clip line: each keeps its own side edges (union across features)."""
+    a = [[0, 80], [0, 88], [20, 88], [20, 80]]
+    b = [[10, 80], [10, 88], [30, 88], [30, 80]]
+    fs = {"features": [{"geometry": {"rings": [a]}}, {"geometry": {"rings": [b]}}], "spatialReference": {"wkid": 4326}}
+    area = request_area(None, fs, None, WEB_MERCATOR)
+    top = area.bounds[3]
+    on_top = area.edges[(area.edges[:, 1] == top) & (area.edges[:, 3] == top)]
+    x = lambda lon: TO_3857.transform(lon, 0)[0]          # noqa: E731
+    groups = area.groups[(area.edges[:, 1] == top) & (area.edges[:, 3] == top)]
+    for g, (lo, hi) in ((0, (0, 20)), (1, (10, 30))):
+        segs = on_top[groups == g][:, [0, 2]].tolist()
+        covered = shapely.union_all([shapely.LineString([(a, 0), (b, 0)]) for a, b in segs])
+        assert covered.bounds == pytest.approx((x(lo), 0, x(hi), 0)) and covered.length == pytest.approx(x(hi) - x(lo))

@@ -149,6 +149,12 @@ def test_line_crossings_measure():
     assert line_crossings(np.vstack([sq, sq * 2, sq * 3])) == 6
     assert line_crossings(np.zeros((0, 4))) == 0
     assert line_crossings(np.array([[0, 0, 5, 0]], dtype=float)) == 0    # horizontal edges cross no line
+    rng = np.random.default_rng(1)
+    for _ in range(300):                  # against the definition: edges active on [ya, yb) at each ya
+        e = rng.integers(0, 6, (int(rng.integers(1, 12)), 4)).astype(float)
+        ya, yb = np.minimum(e[:, 1], e[:, 3]), np.maximum(e[:, 1], e[:, 3])
+        want = max([int(((ya <= y) & (y < yb)).sum()) for y in ya[yb > ya]], default=0)
+        assert line_crossings(e) == want
 
 
 @pytest.mark.parametrize("limits, aoi, message", [

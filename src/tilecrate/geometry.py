@@ -834,11 +834,11 @@ def line_crossings(edges: np.ndarray) -> int:
     ya, yb = ya[slanted], yb[slanted]
     if not len(ya):
         return 0
-    # events: +1 at the lower end, -1 at the upper; at equal y the -1s first (half-open [ya, yb))
-    ys = np.concatenate([ya, yb])
-    delta = np.concatenate([np.ones(len(ya), np.int64), -np.ones(len(yb), np.int64)])
-    order = np.lexsort((delta, ys))
-    return int(np.cumsum(delta[order]).max())
+    # an edge is active on [ya, yb); the count peaks at some lower end y = ya_i, where it is
+    # (lower ends <= y) - (upper ends <= y)
+    ya, yb = np.sort(ya), np.sort(yb)
+    active = np.searchsorted(ya, ya, side="right") - np.searchsorted(yb, ya, side="right")
+    return int(active.max())
 
 
 def _area_from_edges(edges: np.ndarray, groups: np.ndarray) -> Area:
