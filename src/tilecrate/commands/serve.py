@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     """Start the server and serve until interrupted."""
     from aiohttp import web
 
-    from tilecrate.server.app import create_app
+    from tilecrate.server.app import READS, create_app
 
     cfg = build_config(args)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
@@ -97,9 +97,8 @@ def run(args: argparse.Namespace) -> int:
                     handle_signals=True, shutdown_timeout=5)
     except OSError as e:
         raise TilecrateError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
-    import threading
-
-    if any(t.name.startswith("tilecrate-read") and t.is_alive() for t in threading.enumerate()):
+    reads = app.get(READS)
+    if reads is not None and reads.stuck:
         # a cache read is stuck on a file (the job store is closed and synced by now): the
         # interpreter would wait for that thread for ever at exit
         logging.getLogger("tilecrate.server").warning("exiting with a cache read still blocked")

@@ -2,8 +2,9 @@
 
 One middleware answers every failure as Esri error JSON (or an HTML page with f=html), adds CORS
 headers, and checks the token when one is configured. Handlers only read and route: cache reads
-(tiles, tilemaps, previews) run on their own bounded thread pool with a timeout, so reads stuck on
-a file cannot take the threads job submission and cancel use (the default executor); LMDB reads
+(tiles, tilemaps, previews) run through a ReadGate (server/reads.py: bounded, timed out, a hanging
+file quarantined), so reads stuck on a file cannot take the threads job submission and cancel use
+(the default executor) nor every read thread; LMDB reads
 (microseconds) run on the loop. Job status is answered from the store's ready-made JSON bytes.
 
 Routes are one table (`add_routes`); a new service kind adds its handlers there.
