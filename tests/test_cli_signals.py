@@ -172,7 +172,10 @@ def test_sweep_removes_only_dead_writers_temps(tmp_path):
     reused = tmp_path / f".x.tpkx.tmp-{host}-{os.getpid()}-{int(start) + 1}-{rand}"   # our pid, earlier owner
     legacy = tmp_path / f".x.tpkx.tmp-{dead.pid}-{rand}"     # the form without host and start time
     legacy_other = tmp_path / f".y.tpkx.tmp-{dead.pid}-{rand}"     # same form, another output: not judged
-    for p in (ours, dead_file, reused, legacy, legacy_other):
+    # near misses of the format are not ours: int() would read '1_0' and '+5', hex() upper case
+    odd = [tmp_path / f".x.tpkx.tmp-{host}-1_0-{start}-{rand}", tmp_path / f".x.tpkx.tmp-{host}-+5-{start}-{rand}",
+           tmp_path / f".x.tpkx.tmp-{host[:-1]}A-{dead.pid}-{start}-{rand}", tmp_path / f".x.tpkx.tmp-{dead.pid}-{rand}x"]
+    for p in (ours, dead_file, reused, legacy, legacy_other, *odd):
         p.write_bytes(b"x")
     dead_dir.mkdir()
     (dead_dir / "_alllayers").mkdir()
@@ -185,6 +188,7 @@ def test_sweep_removes_only_dead_writers_temps(tmp_path):
     removed = sweep_stale_temps(str(out))
     assert sorted(removed) == sorted(map(str, (dead_file, dead_dir, reused, legacy, dead_link)))
     assert ours.exists() and legacy_other.exists() and (link_target / "keep").exists()
+    assert all(p.exists() for p in odd)
     assert sweep_stale_temps(str(tmp_path / "missing" / "x.tpkx")) == []
 
 

@@ -1,8 +1,8 @@
 """Hidden temporary outputs next to the final path, named so that a later export can tell ours from a dead process.
 
 An output is built as `.NAME.tmp-HOST-PID-START-RAND` next to `NAME` and renamed into place when
-complete. HOST is a hash of this machine's name (an output folder may be shared by several hosts,
-whose pids mean nothing here), PID the writing process, START that process's start time (clock
+complete. HOST is a hash of this machine's name and pid namespace (an output folder may be shared
+by several hosts or containers, whose pids mean nothing here), PID the writing process, START that process's start time (clock
 ticks since boot, from /proc) so that a pid reused by an unrelated process is not mistaken for the
 writer. A process killed with SIGKILL cannot remove its temp file; `sweep_stale_temps` removes the
 ones whose writer is gone before a new export writes in the same folder.
@@ -18,8 +18,31 @@ import uuid
 _MARK = ".tmp-"
 
 
+_HOST_TAG: list[str] = []
+
+
 def _host_tag() -> str:
-    return hashlib.blake2s(os.uname().nodename.encode("utf-8", "surrogateescape"), digest_size=4).hexdigest()
+    if not _HOST_TAG:
+        _HOST_TAG.append(_make_host_tag())
+    return _HOST_TAG[0]
+
+
+def _make_host_tag() -> str:
+    # the pid namespace too: containers that share a host name still number their processes apart
+    try:
+        ns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        ns = ""
+    ident = f"{os.uname().nodename}/{ns}".encode("utf-8", "surrogateescape")
+    return hashlib.blake2s(ident, digest_size=4).hexdigest()
+
+
+def _hex8(s: str) -> bool:
+    return len(s) == 8 and all(c in "0123456789abcdef" for c in s)
+
+
+def _digits(s: str) -> bool:
+    return s.isascii() and s.isdigit()
 
 
 def process_start(pid: int) -> int | None:
@@ -67,18 +90,11 @@ def _parse(name: str, base: str | None) -> tuple[str | None, int, int | None] | 
         return None
     stem, _, tail = name.rpartition(_MARK)
     parts = tail.split("-")
-    if not all(p and p.isascii() for p in parts):
-        return None
-    try:
-        if len(parts) == 4 and len(parts[0]) == 8 and len(parts[3]) == 8:
-            int(parts[0], 16), int(parts[3], 16)
-            return parts[0], int(parts[1]), int(parts[2])
-        if len(parts) == 2 and len(parts[1]) == 8 and base is not None and stem == "." + base:
-            # the form written before hosts were named: only for the very output being written
-            int(parts[1], 16)
-            return None, int(parts[0]), None
-    except ValueError:
-        return None
+    if len(parts) == 4 and _hex8(parts[0]) and _digits(parts[1]) and _digits(parts[2]) and _hex8(parts[3]):
+        return parts[0], int(parts[1]), int(parts[2])
+    if len(parts) == 2 and _digits(parts[0]) and _hex8(parts[1]) and base is not None and stem == "." + base:
+        # the form written before hosts were named: only for the very output being written
+        return None, int(parts[0]), None
     return None
 
 
