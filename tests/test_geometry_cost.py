@@ -297,3 +297,22 @@ def test_importing_selection_does_not_import_pyproj_or_shapely():
             "print(sorted(m for m in ('pyproj', 'shapely') if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr[-2000:]
+
+
+def test_cheap_to_send_expensive_to_handle():
+    """Many empty features, or a PROJ set-up per feature (a distinct WKT each): refused up front."""
+    lim = GeometryLimits(max_rings=1000)
+    with pytest.raises(RequestError, match="more than 1,000 features"):
+        request_area(None, {"features": [{}] * 1001}, None, WEB_MERCATOR, limits=lim)
+    with pytest.raises(RequestError, match="more than 1,000 features"):
+        request_area(None, {"type": "FeatureCollection", "features": [{}] * 1001}, None, WEB_MERCATOR, limits=lim)
+    with pytest.raises(RequestError, match="more than 1,000 polygons"):
+        request_area(None, {"type": "MultiPolygon", "coordinates": [[]] * 1001}, None, WEB_MERCATOR, limits=lim)
+    wkt = ('PROJCS["p{0}",GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],'
+           'PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433]],PROJECTION["Transverse_Mercator"],'
+           'PARAMETER["central_meridian",{0}],PARAMETER["scale_factor",0.9996],PARAMETER["false_easting",500000],'
+           'PARAMETER["false_northing",0],PARAMETER["latitude_of_origin",0],UNIT["metre",1]]')
+    feats = [{"geometry": {"rings": [[[500000, 0], [500000, 1000], [501000, 1000]]],
+                           "spatialReference": {"wkt": wkt.format(i)}}} for i in range(50)]
+    with pytest.raises(RequestError, match="more than 8 spatial references"):
+        request_area(None, {"features": feats}, None, WEB_MERCATOR)

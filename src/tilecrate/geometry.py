@@ -49,6 +49,7 @@ MAX_LINE_CROSSINGS = 20_000       # edges one horizontal line (in the cache's co
 MAX_JSON_DEPTH = 32               # nesting of geometry JSON (arrays and objects) our readers follow
 MAX_COORDINATE = 1e15             # coordinates beyond this are junk in any spatial reference
 MAX_WKT_CHARS = 32_768            # real WKT is a few kB; PROJ parses whatever it gets
+MAX_SPATIAL_REFS = 8              # distinct spatial references in one area: each costs a PROJ set-up
 DENSIFY_STEPS = 256               # segments along the larger side of the area when projecting
 DENSIFY_EXTRA = 262_144           # vertices densifying may add in all (long edges first need it)
 WEB_MERCATOR_CODES = {3857, 102100, 102113, 900913, 3785, 41001}
@@ -425,10 +426,19 @@ class _Reader:
         self.groups += 1
         return self.groups - 1
 
+    def count_parts(self, items: list, what: str) -> None:
+        """Refuse more features or parts than rings allowed, before looking at any of them."""
+        if len(items) > self.limits.max_rings:
+            raise RequestError(f"the area of interest has more than {self.limits.max_rings:,} {what} "
+                               f"(the limit is max_rings)")
+
     def add_rings(self, rings: Any, sr: SpatialRef, group: int | None = None, what: str = "polygon 'rings'") -> None:
         if not isinstance(rings, list):
             raise RequestError(f"{what} must be a list of rings")
         g = self.new_group() if group is None else group
+        if sr not in self.by_sr and len(self.by_sr) >= MAX_SPATIAL_REFS:
+            raise RequestError(f"the area of interest uses more than {MAX_SPATIAL_REFS} spatial references; "
+                               f"give its features one")
         pts, lengths, groups = self.by_sr.setdefault(sr, ([], [], []))
         for ring in rings:
             if not isinstance(ring, (list, tuple)):
@@ -540,12 +550,14 @@ def _geojson_geometry(g: dict, sr: SpatialRef, reader: _Reader, depth: int = 0) 
     elif kind == "MultiPolygon":
         if not isinstance(coords, list):
             raise RequestError("GeoJSON MultiPolygon coordinates must be a list of polygons")
+        reader.count_parts(coords, "polygons")
         for c in coords:
             _geojson_polygon(c, sr, reader)       # each part its own group: parts combine by union
     elif kind == "GeometryCollection":
         members = g.get("geometries") or []
         if not isinstance(members, list):
             raise RequestError("GeoJSON GeometryCollection 'geometries' must be a list")
+        reader.count_parts(members, "geometries")
         for x in members:
             if isinstance(x, dict):
                 _geojson_geometry(x, sr, reader, depth + 1)
@@ -602,6 +614,7 @@ def parse_aoi(value: str | dict, esri_default: SpatialRef, geojson_default: Spat
             feats = obj.get("features")
             if not isinstance(feats, list):
                 raise RequestError("GeoJSON FeatureCollection has no 'features' list")
+            reader.count_parts(feats, "features")
             for f in feats:
                 g = f.get("geometry") if isinstance(f, dict) else None
                 if isinstance(g, dict):
@@ -617,6 +630,7 @@ def parse_aoi(value: str | dict, esri_default: SpatialRef, geojson_default: Spat
         feats = low["features"]
         if not isinstance(feats, list):
             raise RequestError("the FeatureSet's 'features' must be a list")
+        reader.count_parts(feats, "features")
         set_sr = spatial_ref_from(low.get("spatialreference")) or esri_default
         for f in feats:
             if not isinstance(f, dict):
