@@ -59,7 +59,7 @@ class _ClusterCancel:
 
     def __init__(self, name: str):
         self.event = Event(name)
-        self.last = 0.0
+        self.last = time.monotonic()    # a task shorter than CANCEL_POLL never asks (the scheduler drops queued ones)
         self.seen = False
 
     def is_set(self) -> bool:
@@ -175,20 +175,17 @@ class DaskRunner:
         return ExportError(f"the Dask scheduler at {self.address} was lost (status {self.client.status}); "
                            "the export stopped")
 
-    def _result(self, fut, cancel: CancelFlag | None, on_wait: Callable[[], None] | None = None):
-        """A task's result, checking this side's cancel and the scheduler meanwhile.
+    def _wait_done(self, fut, cancel: CancelFlag | None, on_wait: Callable[[], None] | None = None) -> None:
+        """Wait until a future is done, checking this side's cancel and the scheduler meanwhile.
 
-        The future is polled (done() is local state) rather than waited on with result(timeout=):
-        a timed-out result() that races with a gather rescheduled after a worker died has been seen
-        to fail inside distributed instead of waiting for the rerun.
+        Waits on a done-callback rather than result(timeout=): a timed-out result() that races with
+        a gather rescheduled after a worker died has been seen to fail inside distributed instead
+        of waiting for the rerun.
         """
         down_since = None
-        polls = 0
-        while not fut.done():
-            time.sleep(0.01)
-            polls += 1
-            if polls % 10:
-                continue
+        done = threading.Event()
+        fut.add_done_callback(lambda _: done.set())
+        while not done.wait(0.1) and not fut.done():
             check_cancel(cancel)
             if on_wait is not None:
                 on_wait()
@@ -198,8 +195,11 @@ class DaskRunner:
                     raise self._lost()
             else:
                 down_since = None
+
+    def _fetch(self, futs: list) -> list:
+        """The results of done futures in one gather (one round trip for many bundles); errors mapped."""
         try:
-            return fut.result()
+            return self.client.gather(futs)
         except TilecrateError:
             raise
         except Exception as e:
@@ -211,6 +211,11 @@ class DaskRunner:
             if type(e).__name__ in ("CancelledError", "FutureCancelledError"):
                 raise self._lost() from None
             raise
+
+    def _result(self, fut, cancel: CancelFlag | None, on_wait: Callable[[], None] | None = None):
+        """A task's result once it is done."""
+        self._wait_done(fut, cancel, on_wait)
+        return self._fetch([fut])[0]
 
     def _stop(self, futures, cancel_name: str, staging: list[str]) -> None:
         """After a failure or cancel: tell running tasks to stop, drop queued ones, remove staging."""
@@ -327,6 +332,7 @@ class DaskRunner:
         levels: dict[int, dict] = {lv.level: {"tiles": 0, "size": 0} for lv in selection.levels if lv.tiles > 0}
         warnings: list[str] = []
         tiles_done = 0
+        fetched: dict = {}
 
         def report(level: int | None) -> None:
             if progress is not None:
@@ -356,7 +362,13 @@ class DaskRunner:
                 if kind == "dir":
                     sink.add_dir(name)
                     continue
-                out: BundleOutput = self._result(futures[0], cancel)
+                head = futures[0]
+                if head.key not in fetched:
+                    self._wait_done(head, cancel)
+                    # every finished bundle comes back in the same round trip
+                    ready = [f for f in futures if f.key not in fetched and f.status == "finished"] or [head]
+                    fetched.update(zip((f.key for f in ready), self._fetch(ready)))
+                out: BundleOutput = fetched.pop(head.key)
                 futures.popleft()
                 top_up()
                 check_cancel(cancel)

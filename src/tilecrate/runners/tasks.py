@@ -13,6 +13,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 from isal import isal_zlib
@@ -20,6 +21,8 @@ from isal import isal_zlib
 from tilecrate.cache import BundleData, Cache, open_cache
 from tilecrate.errors import BundleError
 from tilecrate.package.bundles import BundlePlan, plan_bundle, plan_from_tiles
+from tilecrate.package.kcopy import (KernelCopier, RunScanner, check_unchanged, open_source, plan_parts,
+                                     write_parts)
 from tilecrate.plan import BundleTask, SourceRef
 from tilecrate.recompress import recompress_bundle
 from tilecrate.runners.base import CancelFlag, check_cancel
@@ -165,20 +168,48 @@ def prepare_bundle(task: BundleTask, cache: Cache, *, cancel: CancelFlag | None 
         raise
 
 
-def _write_file(final: str, chunks, cancel: CancelFlag | None) -> tuple[int, int]:
-    """Write chunks to `final` through a temporary name (renamed when complete): (size, CRC-32)."""
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        view = view[os.write(fd, view):]
+
+
+def _write_plan(fd: int, plan: BundlePlan) -> tuple[int, int]:
+    """A plan's .bundle into `fd`: source runs copied in the kernel where the file allows (the CRC-32
+    from the helper's read-ahead), else streamed from the plan's buffer; (size, CRC-32)."""
+    if plan.file is not None:
+        file_id = getattr(plan, "file_id", None)
+        src = open_source(plan.file, plan.file_size, plan.file, file_id)
+        try:
+            parts = plan_parts(plan, src, plan.file)
+            if parts is not None:
+                scanner = RunScanner()
+                try:
+                    crc, size = write_parts(parts, lambda b: _write_all(fd, b), KernelCopier(fd), scanner, True)
+                finally:
+                    scanner.close()
+                check_unchanged(src, plan.file_size, plan.file, file_id)
+                return size, crc
+        finally:
+            os.close(src)
+    size = crc = 0
+    for chunk in plan.chunks():
+        crc = isal_zlib.crc32(chunk, crc)
+        _write_all(fd, chunk)
+        size += len(chunk)
+    return size, crc & 0xFFFFFFFF
+
+
+def _write_file(final: str, write: Callable[[int], tuple[int, int]], cancel: CancelFlag | None) -> tuple[int, int]:
+    """Make `final` through a temporary name renamed when complete; `write(fd)` returns (size, CRC-32)."""
     check_cancel(cancel)      # no new file once the job is cancelled (staging is being removed)
     tmp = f"{final}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    size = crc = 0
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
-        with open(fd, "wb", buffering=0, closefd=True) as f:
-            for chunk in chunks:
-                crc = isal_zlib.crc32(chunk, crc)
-                view = memoryview(chunk)
-                while view.nbytes:
-                    view = view[f.write(view):]
-                size += len(chunk)
+        try:
+            size, crc = write(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, final)
     except BaseException:
         try:
@@ -200,14 +231,16 @@ def run_bundle_task(task: BundleTask, cancel: CancelFlag | None = None, *, cache
     try:
         plan = prep.plan
         final = os.path.join(task.staging, *task.name.split("/"))
-        size, crc = _write_file(final, plan.chunks(), cancel)
+        size, crc = _write_file(final, lambda fd: _write_plan(fd, plan), cancel)
         if size != plan.size:
             raise BundleError(f"{cache.bundle_label(task.ref)}: {size} bytes written of {plan.size} planned")
         out = BundleOutput(task.index, task.name, final, size, crc, task.ref.level, plan.tiles, plan.tile_bytes,
                            warnings=list(prep.warnings))
         if plan.bundlx is not None:
             out.bundlx_path = final[:-1] + "x"
-            out.bundlx_size, out.bundlx_crc32 = _write_file(out.bundlx_path, (plan.bundlx,), cancel)
+            bx = plan.bundlx
+            out.bundlx_size, out.bundlx_crc32 = _write_file(
+                out.bundlx_path, lambda fd: (_write_all(fd, bx), (len(bx), isal_zlib.crc32(bx)))[1], cancel)
         return out
     finally:
         prep.release()
