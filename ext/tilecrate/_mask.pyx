@@ -265,13 +265,19 @@ cdef class Rasterizer:
                 raise ValueError("groups must be an integer array with one entry per edge")
             if grp.dtype.kind == "u" and grp.shape[0] and grp.max() > INT64_MAX:
                 raise ValueError("groups must fit in int64")
-            # dense ranks 0..G-1: the same partition, and keys the radix sort can take as unsigned
-            grp = np.unique(grp, return_inverse=True)[1].astype(np.int64).reshape(-1)
+            grp = grp.astype(np.int64)
+            if grp.shape[0] and grp.min() < 0:
+                # ranks: the same partition, with keys the radix sort can take as unsigned
+                grp = np.unique(grp, return_inverse=True)[1].astype(np.int64).reshape(-1)
         ymin = np.minimum(arr[:, 1], arr[:, 3])
         ymax = np.maximum(arr[:, 1], arr[:, 3])
         rs = (np.ceil(ymin) - 1).astype(np.int64)
         re = np.floor(ymax).astype(np.int64)
-        order = np.argsort(rs)   # any order among edges of the same first row
+        # edges handed in by first row already (geometry.Area sorts them once for every level) stay put
+        if rs.shape[0] > 1 and not (rs[1:] >= rs[:-1]).all():
+            order = np.argsort(rs)   # any order among edges of the same first row
+        else:
+            order = slice(None)
         cdef Py_ssize_t n = arr.shape[0]
         cdef Py_ssize_t cap = n if n else 1
         active = <Py_ssize_t*>malloc(cap * sizeof(Py_ssize_t))

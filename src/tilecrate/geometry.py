@@ -860,7 +860,10 @@ def _area_from_edges(edges: np.ndarray, groups: np.ndarray) -> Area:
     bounds = (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
     if _is_bounds(edges, groups, bounds):
         return Area(bounds)
-    return Area(bounds, np.ascontiguousarray(edges, dtype=np.float64), np.ascontiguousarray(groups, dtype=np.int64))
+    # top edge first: every level's rasterizer then finds its edges in row order and sorts nothing
+    order = np.argsort(-np.maximum(edges[:, 1], edges[:, 3]), kind="stable")
+    return Area(bounds, np.ascontiguousarray(edges[order], dtype=np.float64),
+                np.ascontiguousarray(groups[order], dtype=np.int64))
 
 
 def _is_bounds(edges: np.ndarray, groups: np.ndarray, bounds: tuple[float, float, float, float]) -> bool:
