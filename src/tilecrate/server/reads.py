@@ -41,17 +41,12 @@ class ReadGate:
 
     async def run(self, key: Hashable, fn: Callable, *args):
         """fn(*args) on a read thread; EsriError 503 when it takes too long or its file is quarantined."""
-        until = self._bad.get(key)
-        if until is not None:
-            if time.monotonic() < until:
-                raise _busy(f"a read of this file did not finish within {self.timeout:g} seconds; try again later")
-            del self._bad[key]
-        if self._stuck >= self.max_stuck:
-            raise _busy("too many cache reads are blocked; try again later")
+        self._admit(key)
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.threads)
         start = time.monotonic()
         async with self._sem:
+            self._admit(key)  # again: the file may have hung while this request waited for a thread
             left = self.timeout - (time.monotonic() - start)  # waiting for a thread counts too
             if left <= 0:
                 raise _busy(f"the cache could not be read within {self.timeout:g} seconds; try again later")
@@ -68,6 +63,15 @@ class ReadGate:
                     cf.add_done_callback(self._unstick)
                     self._bad[key] = time.monotonic() + self.quarantine
                 raise _busy(f"the cache could not be read within {self.timeout:g} seconds; try again later") from None
+
+    def _admit(self, key: Hashable) -> None:
+        until = self._bad.get(key)
+        if until is not None:
+            if time.monotonic() < until:
+                raise _busy(f"a read of this file did not finish within {self.timeout:g} seconds; try again later")
+            self._bad.pop(key, None)
+        if self._stuck >= self.max_stuck:
+            raise _busy("too many cache reads are blocked; try again later")
 
     def _unstick(self, _future) -> None:
         with self._lock:
