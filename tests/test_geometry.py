@@ -258,9 +258,13 @@ def test_area_edges_from_shapely():
     poly = shapely.Polygon([(0, 0), (4, 0), (4, 4), (0, 4)], [[(1, 1), (2, 1), (2, 2), (1, 1)]])
     area = Area.from_shapely(shapely.MultiPolygon([poly, shapely.box(10, 10, 11, 12)]))
     edges = area.edges
-    assert edges.shape == (4 + 3 + 4, 4) and area.groups.tolist() == [0] * 7 + [1] * 4
-    # each edge ends where the next of its ring begins; no edge joins two rings
+    assert edges.shape == (4 + 3 + 4, 4) and sorted(area.groups.tolist()) == [0] * 7 + [1] * 4
+    # every ring is closed: each edge's end is some edge's start; no edge joins two rings
+    assert sorted(map(tuple, edges[:, 2:].tolist())) == sorted(map(tuple, edges[:, :2].tolist()))
     assert not ((edges[:, :2] == [2, 2]).all(axis=1) & (edges[:, 2:] == [0, 0]).all(axis=1)).any()
+    # top edges first (each level's rasterizer takes them in row order as they are)
+    top = np.maximum(edges[:, 1], edges[:, 3])
+    assert (np.diff(top) <= 0).all()
     assert area_region(area).equals(shapely.MultiPolygon([poly, shapely.box(10, 10, 11, 12)]))
 
 
