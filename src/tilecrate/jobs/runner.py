@@ -39,6 +39,7 @@ from tilecrate.jobs.model import (
     SUCCEEDED, TERMINAL, WARNING, Job, esri_time, new_job_id,
 )
 from tilecrate.jobs.store import JobStore, Quota, StoreError
+from tilecrate.package.vtpk import is_vector_source
 from tilecrate.request import COMPACT_V2, ExportRequest
 from tilecrate.errors import RequestError
 from tilecrate.selection import select
@@ -220,6 +221,12 @@ class JobRunner:
             self._events.clear()  # queued jobs that never ran: recover() below fails them
         with self._cleanup_lock:  # the store is closed after this returns: no pass may be running
             self._closed = True
+        for job_id, args in list(self._unrecorded.items()):  # ends known but not yet written: last try
+            try:
+                self._write_end(job_id, *args)
+                self._unrecorded.pop(job_id, None)
+            except StoreError as e:
+                log.error("job %s: its end could not be recorded before stopping: %s", job_id, e)
         self.recover()  # anything still queued
         self._lock.close()
 
@@ -245,9 +252,14 @@ class JobRunner:
             raise RequestError(f"the request's parameters take {len(job.params_bytes())} bytes; this server "
                                f"accepts at most {limit} bytes per job (simplify the area of interest)")
         validate_request(svc.cache, clean, self.budget.geometry)
-        self.store.admit(job, self.max_outstanding, self.quota)
-        with self._events_lock:
+        with self._events_lock:  # before the job is stored: the sweep must never take it for an orphan
             self._events[job.id] = threading.Event()
+        try:
+            self.store.admit(job, self.max_outstanding, self.quota)
+        except BaseException:
+            with self._events_lock:
+                self._events.pop(job.id, None)
+            raise
         try:
             self._pool.submit(self._run, job.id)
         except RuntimeError:  # the pool is shutting down
@@ -490,7 +502,9 @@ class JobRunner:
         fmt = request.storage_format or svc.cache.storage_format
         out_dir = self.job_dir(job)
         os.makedirs(out_dir, exist_ok=True)
-        if request.tile_package:
+        if is_vector_source(svc.cache):  # a .vtpk whatever tilePackage says, as ArcGIS (FORMATS.md §12)
+            target = os.path.join(out_dir, svc.name + ".vtpk")
+        elif request.tile_package:
             target = os.path.join(out_dir, svc.name + (".tpkx" if fmt == COMPACT_V2 else ".tpk"))
         else:
             target = os.path.join(out_dir, svc.name)
