@@ -15,9 +15,12 @@ from tilecrate.tiling import PACKET
 @pytest.mark.parametrize("key", sorted(REAL_SOURCES))
 def test_real_sources_as_services(key, real_dir):
     cfg = ServiceConfig(name="S", source=str(real_path(key)))
-    if key.endswith(".vtpk"):
-        with pytest.raises(ConfigError, match="vector tile package"):
-            open_service(cfg)
+    if key.endswith(".vtpk"):  # served as a VectorTileServer (tests/test_server_vector.py), never a MapServer
+        with pytest.raises(ConfigError, match="vector tiles; it cannot be served as a MapServer"):
+            open_service(ServiceConfig(name="S", source=str(real_path(key)), type="MapServer"))
+        svc = open_service(cfg)
+        assert svc.kind == "VectorTileServer"
+        svc.close()
         return
     svc = open_service(cfg)
     try:

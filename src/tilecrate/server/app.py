@@ -172,7 +172,8 @@ def token_of(params: dict[str, str], request: web.Request) -> str | None:
 
 def _is_binary(request: web.Request) -> bool:
     """Tiles and the output directory are byte resources: their errors carry real HTTP statuses."""
-    return request.match_info.handler in (h_tile, h_output)
+    handler = request.match_info.handler
+    return handler in (h_tile, h_output) or getattr(handler, "binary", False)
 
 
 def _error_response(request: web.Request, err: EsriError) -> web.Response:
@@ -241,8 +242,12 @@ async def esri_middleware(request: web.Request, handler: Handler) -> web.StreamR
 def _service(request: web.Request) -> Service:
     name = request.match_info["service"]
     svc = request.app[SERVICES].get(name)
-    if svc is None:
-        raise EsriError(404, f"Service {name[:100]}/MapServer not found", message="Service not found")
+    # one name, one type: a VectorTileServer is not also reachable as a MapServer
+    route = request.match_info.route.resource
+    if svc is None or route is None or f"/{svc.kind}" not in route.canonical:
+        kind = next((k for k in ("VectorTileServer", "ImageServer") if route and f"/{k}" in route.canonical),
+                    "MapServer")
+        raise EsriError(404, f"Service {name[:100]}/{kind} not found", message="Service not found")
     return svc
 
 
@@ -339,7 +344,7 @@ async def h_services(request: web.Request) -> web.Response:
     """The services directory."""
     names = sorted(request.app[SERVICES])
     obj = {"currentVersion": CURRENT_VERSION, "folders": [],
-           "services": [{"name": n, "type": "MapServer"} for n in names]}
+           "services": [{"name": n, "type": request.app[SERVICES][n].kind} for n in names]}
     return await reply(request, obj, lambda: html.directory_page(ROOT, names, CURRENT_VERSION))
 
 
@@ -434,7 +439,7 @@ async def h_submit(request: web.Request) -> web.StreamResponse:
     params = await params_of(request)
     f = fmt_of(params)
     if not svc.config.export_tiles_allowed:
-        raise EsriError(400, f"{kind} is not allowed on {svc.name}/MapServer: the service has "
+        raise EsriError(400, f"{kind} is not allowed on {svc.name}/{svc.kind}: the service has "
                              f"exportTilesAllowed=false.", message="Export Tiles operation is not allowed for this service")
     if param(params, "levels") is None and f == "html" and request.method == "GET" and len(params) <= 2:
         # the operation page itself: the form
@@ -459,7 +464,7 @@ async def h_submit(request: web.Request) -> web.StreamResponse:
     if f == "html":
         tok = param(params, "token")
         tq = f"&token={quote(tok)}" if tok else ""
-        raise web.HTTPSeeOther(f"{ROOT}/services/{quote(svc.name)}/MapServer/{kind}/jobs/{job.id}?f=html{tq}")
+        raise web.HTTPSeeOther(f"{ROOT}/services/{quote(svc.name)}/{svc.kind}/{kind}/jobs/{job.id}?f=html{tq}")
     return json_response(obj, f)
 
 
@@ -508,7 +513,7 @@ async def h_cancel(request: web.Request) -> web.StreamResponse:
     if f == "html":
         tok = param(params, "token")
         tq = f"&token={quote(tok)}" if tok else ""
-        raise web.HTTPSeeOther(f"{ROOT}/services/{quote(svc.name)}/MapServer/{job.kind}/jobs/{job.id}?f=html{tq}")
+        raise web.HTTPSeeOther(f"{ROOT}/services/{quote(svc.name)}/{svc.kind}/{job.kind}/jobs/{job.id}?f=html{tq}")
     return json_response({"jobId": job.id, "jobStatus": job.status}, f)
 
 
@@ -591,6 +596,11 @@ def add_routes(app: web.Application) -> None:
         (_SVC + "/" + ops, h_submit), (_SVC + "/" + ops + "/submitJob", h_submit),
     ]
     routes += [(OUTPUT, h_output), (OUTPUT + "/", h_output), (OUTPUT + "/{path:.*}", h_output)]
+    from tilecrate.server import image, vector  # they import this module
+
+    shared = {"tile": h_tile, "tilemap": h_tilemap, "submit": h_submit, "job": h_job, "cancel": h_cancel,
+              "result": h_result, "input": h_input}
+    routes += vector.routes(ROOT, shared) + image.routes(ROOT, shared)
     for path, handler in routes:
         # HEAD comes with GET, except where a GET acts (a link checker's HEAD must not submit or cancel)
         app.router.add_get(path, handler, allow_head=handler not in (h_submit, h_cancel))

@@ -35,7 +35,8 @@ export_tiles_using_local_temp_folder = false  # true: a job's package is built o
                                      # temp folder, then moved into arcgisoutput
 
 [services.World]
-source = "caches/world"              # cache folder, .tpk or .tpkx
+source = "caches/world"              # cache folder, .tpk, .tpkx or .vtpk
+type = "MapServer"                   # optional: VectorTileServer for .vtpk, ImageServer for LERC (the defaults)
 export_tiles_allowed = true
 max_export_tiles_count = 100000
 ```
@@ -73,6 +74,7 @@ class ServiceConfig:
     max_export_tiles_count: int = 100000
     description: str = ""
     copyright: str = ""
+    type: str = ""                   # MapServer, VectorTileServer or ImageServer; "": from the source
 
 
 @dataclass
@@ -167,7 +169,8 @@ _LIMIT_KEYS = {**{k: int for k in GEOMETRY_KEYS},"max_body_bytes": int, "max_inp
                "max_outstanding_per_client": int, "max_input_bytes_per_client": int, "job_seconds": float,
                "job_memory_mb": int, "tile_read_threads": int, "tile_read_timeout": float}
 _SERVICE_KEYS = {"source": str, "export_tiles_allowed": bool, "max_export_tiles_count": int,
-                 "description": str, "copyright": str}
+                 "description": str, "copyright": str, "type": str}
+SERVICE_TYPES = ("MapServer", "VectorTileServer", "ImageServer")
 
 
 def check_name(name: str) -> str:
@@ -252,6 +255,8 @@ def validate(cfg: ServerConfig) -> ServerConfig:
     if cfg.token is not None and not cfg.token.strip():
         raise ConfigError("token must not be empty (omit it to serve without tokens)")
     for svc in cfg.services.values():
+        if svc.type and svc.type not in SERVICE_TYPES:
+            raise ConfigError(f"service {svc.name}: type must be one of {', '.join(SERVICE_TYPES)}, not {svc.type!r}")
         if svc.max_export_tiles_count < 0:
             raise ConfigError(f"service {svc.name}: max_export_tiles_count must not be negative")
     return cfg

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -24,6 +25,7 @@ class Service:
     cache: Cache
     full_extent: Extent | None
     initial_extent: Extent | None
+    kind: ClassVar[str] = "MapServer"  # the service type in URLs (server/vector.py, server/image.py)
 
     @property
     def name(self) -> str:
@@ -144,12 +146,28 @@ def open_service(cfg: ServiceConfig) -> Service:
         cache = open_cache(cfg.source)
     except CacheError as e:
         raise ConfigError(f"service {cfg.name}: {e}") from None
-    if cache.kind == "vtpk" or cache.tile_format.lower() == "pbf":
-        cache.close()
-        raise ConfigError(f"service {cfg.name}: {cfg.source} is a vector tile package; "
-                          f"tilecrate serves raster caches as MapServer")
+    cls = _service_class(cfg, cache)
     try:
         full = cache.data_extent()
     except CacheError:
         full = None
-    return Service(cfg, cache, full, cache.initial_extent or full)
+    try:
+        return cls(cfg, cache, full, cache.initial_extent or full)
+    except BaseException:
+        cache.close()
+        raise
+
+
+def _service_class(cfg: ServiceConfig, cache: Cache) -> type[Service]:
+    """MapServer, VectorTileServer (vector tiles) or ImageServer (LERC, or `type = "ImageServer"`)."""
+    from tilecrate.server.image import ImageService  # these import the app, which imports this module
+    from tilecrate.server.vector import VectorService
+
+    vector = cache.kind == "vtpk" or cache.tile_format.lower() == "pbf"
+    kind = cfg.type or ("VectorTileServer" if vector else "ImageServer" if cache.tile_format.upper() == "LERC"
+                        else "MapServer")
+    if vector != (kind == "VectorTileServer"):
+        cache.close()
+        raise ConfigError(f"service {cfg.name}: {cfg.source} holds {'vector' if vector else 'raster'} tiles; "
+                          f"it cannot be served as a {kind}")
+    return {"VectorTileServer": VectorService, "ImageServer": ImageService}.get(kind, Service)
