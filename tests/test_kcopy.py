@@ -143,16 +143,17 @@ def test_scanner_checks_and_fixes_prefixes(tmp_path):
     fd = os.open(path, os.O_RDONLY)
     scanner = RunScanner()
     try:
-        ok = scanner.submit(fd, 0, len(good), rel, sizes, "runs").result()
+        ok = scanner.submit(CopyRange(fd, 0, len(good), "runs", rel, sizes)).result()
         assert not ok.fixed and ok.data is None and ok.crc == zlib.crc32(good)
-        fixed = scanner.submit(fd, len(good), len(bad), rel, sizes, "runs").result()
+        fixed = scanner.submit(CopyRange(fd, len(good), len(bad), "runs", rel, sizes)).result()
         assert fixed.fixed and bytes(fixed.data) == good and fixed.crc == zlib.crc32(good)
         fixed.release()
-        kept = scanner.submit(fd, 0, len(good), rel, sizes, "runs", keep=True).result()
-        assert bytes(kept.data) == good
-        kept.release()
+        for base in (0, 1000):         # kept bytes get every prefix set (the compiled path when rel[0] == 0)
+            kept = scanner.scan(CopyRange(fd, len(good), len(bad), "runs", rel + base, sizes, base), keep=True)
+            assert bytes(kept.data) == good and kept.crc == zlib.crc32(good)
+            kept.release()
         with pytest.raises(SourceChanged):
-            scanner.submit(fd, len(good + bad) - 5, 10, rel[:0], sizes[:0], "runs").result()
+            scanner.submit(CopyRange(fd, len(good + bad) - 5, 10, "runs")).result()
     finally:
         scanner.close()
         os.close(fd)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from isal import isal_zlib
 
+from tilecrate import _plan
 from tilecrate.errors import BundleError
 
 METHODS = ("copy_file_range", "sendfile", "readwrite")
@@ -169,28 +170,34 @@ class RunScanner:
             buf = bytearray(max(size, 1 << 20))
         return buf
 
-    def submit(self, fd: int, offset: int, length: int, rel: np.ndarray, sizes: np.ndarray,
-               label: str, keep: bool = False, crc: bool = True) -> Future:
-        """Read `length` bytes at `offset`; a Future of a ScannedRun (holding the bytes when `keep`)."""
-        return self._pool.submit(self.scan, fd, offset, length, rel, sizes, label, keep, crc)
+    def submit(self, part: "CopyRange", keep: bool = False, crc: bool = True) -> Future:
+        """Read a range on the helper thread; a Future of a ScannedRun (holding the bytes when `keep`)."""
+        return self._pool.submit(self.scan, part, keep, crc)
 
-    def scan(self, fd: int, offset: int, length: int, rel: np.ndarray, sizes: np.ndarray,
-             label: str, keep: bool = False, want_crc: bool = True) -> ScannedRun:
+    def scan(self, part: "CopyRange", keep: bool = False, want_crc: bool = True) -> ScannedRun:
         """The work of `submit`, on the calling thread."""
+        length = part.length
         buf = self._take(length)
         try:
             view = memoryview(buf)[:length]
             got = 0
             while got < length:
-                n = os.preadv(fd, [view[got:]], offset + got)
+                n = os.preadv(part.fd, [view[got:]], part.offset + got)
                 if n == 0:
-                    raise _changed(label)
+                    raise _changed(part.label)
                 got += n
-            arr = np.frombuffer(buf, dtype=np.uint8, count=length)
-            fixed = not check_prefixes(arr, rel, sizes)
-            if fixed:     # legacy or garbage prefixes in the source: the writer takes these bytes
-                fix_prefixes(arr, rel, sizes)
-            del arr
+            fixed = False
+            if part.prefix_at is not None and len(part.prefix_at):
+                if keep and int(part.prefix_at[0]) == part.prefix_base:
+                    # written from this buffer anyway: set every prefix (compiled, bounds-checked)
+                    _plan.fill_prefixes(view, part.prefix_at, part.prefix_sizes, 0, len(part.prefix_at))
+                else:
+                    arr = np.frombuffer(buf, dtype=np.uint8, count=length)
+                    rel = part.prefix_at.astype(np.int64) - part.prefix_base
+                    fixed = not check_prefixes(arr, rel, part.prefix_sizes)
+                    if fixed:     # legacy or garbage prefixes in the source: the writer takes these bytes
+                        fix_prefixes(arr, rel, part.prefix_sizes)
+                    del arr
             crc = isal_zlib.crc32(view) if want_crc else 0
         except BaseException:
             self._free.append(buf)
@@ -216,8 +223,9 @@ def crc_combine(crc1: int, crc2: int, len2: int) -> int:
 class CopyRange:
     """`length` bytes at `offset` of the open file `fd`, as part of a zip entry or output file.
 
-    `prefix_at` (offsets relative to `offset`) and `prefix_sizes` name the 4-byte size prefixes
-    the bytes must hold; a range whose source prefixes differ is written fixed from memory.
+    The 4-byte size prefixes the bytes must hold sit at `prefix_at - prefix_base` (offsets within
+    the range; uint64 and uint32 arrays, e.g. slices of a plan's tile offsets and sizes); a range
+    whose source prefixes differ is written fixed from memory.
     """
 
     fd: int
@@ -226,6 +234,12 @@ class CopyRange:
     label: str
     prefix_at: np.ndarray | None = None
     prefix_sizes: np.ndarray | None = None
+    prefix_base: int = 0
+
+    def __post_init__(self):
+        if self.prefix_at is not None:
+            self.prefix_at = np.ascontiguousarray(self.prefix_at, dtype=np.uint64)
+            self.prefix_sizes = np.ascontiguousarray(self.prefix_sizes, dtype=np.uint32)
 
     def check(self) -> None:
         """Refuse a range that is negative, or prefixes that do not lie inside it."""
@@ -234,7 +248,8 @@ class CopyRange:
         if self.prefix_at is not None and len(self.prefix_at):
             if len(self.prefix_at) != len(self.prefix_sizes):
                 raise ValueError(f"{self.label}: {len(self.prefix_at)} prefix offsets for {len(self.prefix_sizes)} sizes")
-            if int(self.prefix_at.min()) < 0 or int(self.prefix_at.max()) > self.length - 4:
+            lo, hi = int(self.prefix_at.min()), int(self.prefix_at.max())
+            if lo < self.prefix_base or hi - self.prefix_base > self.length - 4:
                 raise ValueError(f"{self.label}: a size prefix lies outside its {self.length}-byte range")
 
 
@@ -273,8 +288,7 @@ def write_parts(parts, write, copier: KernelCopier | None, scanner: RunScanner |
             while nxt < len(parts) and nxt <= i + SCAN_AHEAD:
                 if scans[nxt] and nxt != inline:
                     q = parts[nxt]
-                    ahead[nxt] = scanner.submit(q.fd, q.offset, q.length, _rel(q), _sizes(q), q.label, keep,
-                                                need_crc)
+                    ahead[nxt] = scanner.submit(q, keep, need_crc)
                 nxt += 1
             if not isinstance(p, CopyRange):
                 view = memoryview(p).cast("B")
@@ -283,10 +297,13 @@ def write_parts(parts, write, copier: KernelCopier | None, scanner: RunScanner |
                 write(view)
                 total += view.nbytes
                 continue
-            if i == inline:
-                scanned = scanner.scan(p.fd, p.offset, p.length, _rel(p), _sizes(p), p.label, keep, need_crc)
+            fut = ahead.pop(i, None)
+            if i == inline or (fut is not None and fut.cancel()):
+                # not started by the helper (busy, or not scheduled on a loaded machine): read it
+                # here rather than wait, so the worst case is the serial read-then-write
+                scanned = scanner.scan(p, keep, need_crc)
             else:
-                scanned = ahead.pop(i).result() if i in ahead else None
+                scanned = fut.result() if fut is not None else None
             try:
                 if scanned is not None and scanned.data is not None:
                     write(scanned.data)
@@ -308,18 +325,6 @@ def write_parts(parts, write, copier: KernelCopier | None, scanner: RunScanner |
             if not fut.cancelled() and fut.exception() is None:
                 fut.result().release()
     return (crc & 0xFFFFFFFF if need_crc else None), total
-
-
-_EMPTY_I64 = np.zeros(0, dtype=np.int64)
-_EMPTY_U32 = np.zeros(0, dtype=np.uint32)
-
-
-def _rel(p: CopyRange) -> np.ndarray:
-    return _EMPTY_I64 if p.prefix_at is None else np.asarray(p.prefix_at, dtype=np.int64)
-
-
-def _sizes(p: CopyRange) -> np.ndarray:
-    return _EMPTY_U32 if p.prefix_sizes is None else np.asarray(p.prefix_sizes, dtype=np.uint32)
 
 
 def identity(st: os.stat_result) -> tuple:
@@ -363,6 +368,7 @@ def plan_parts(plan, fd: int, label: str) -> list | None:
     for off, length, first, count in plan.runs.tolist():
         if off < 4 or off + length > limit or count < 1:
             return None
-        rel = offsets[first:first + count].astype(np.int64) - off      # prefix at tile - 4, range at off - 4
-        parts.append(CopyRange(fd, plan.file_offset + off - 4, length + 4, label, rel, sizes[first:first + count]))
+        # the range starts at the first tile's prefix (off - 4): tile k's prefix is at tile_k - off in it
+        parts.append(CopyRange(fd, plan.file_offset + off - 4, length + 4, label, offsets[first:first + count],
+                               sizes[first:first + count], off))
     return parts
