@@ -603,7 +603,8 @@ def add_routes(app: web.Application) -> None:
     routes += vector.routes(ROOT, shared) + image.routes(ROOT, shared)
     for path, handler in routes:
         # HEAD comes with GET, except where a GET acts (a link checker's HEAD must not submit or cancel)
-        app.router.add_get(path, handler, allow_head=handler not in (h_submit, h_cancel))
+        acts = handler in (h_submit, h_cancel) or getattr(handler, "acts", False)
+        app.router.add_get(path, handler, allow_head=not acts)
         app.router.add_post(path, handler)
 
 

@@ -241,10 +241,24 @@ async def h_sprite(request: web.Request) -> web.Response:
     return web.Response(body=data, headers={"Content-Type": _TYPES[ext], "Cache-Control": "max-age=86400"})
 
 
+def _submit(shared):
+    async def h_submit(request: web.Request) -> web.StreamResponse:
+        """exportTiles / estimateExportTilesSize; `levels` absent means every level (the ArcGIS API for
+        Python's VectorTileLayer.export_tiles leaves it out when not given, FORMATS.md §18.7)."""
+        svc = _vector(request)
+        params = await core.params_of(request)
+        if core.param(params, "levels") is None and core.fmt_of(params) != "html" and svc.cache.levels:
+            params["levels"] = f"{min(svc.cache.levels)}-{max(svc.cache.levels)}"
+        return await shared["submit"](request)
+    h_submit.acts = True  # no HEAD: a link checker's HEAD must not submit a job
+    return h_submit
+
+
 def routes(root: str, shared: dict) -> list[tuple[str, object]]:
     """(path, handler) of every VectorTileServer route; `shared` holds app.py's job/export handlers."""
     svc = root + "/services/{service}/" + KIND
     ops = "{op:(?i:exportTiles|estimateExportTilesSize)}"
+    submit = _submit(shared)
     out: list[tuple[str, object]] = [
         (svc + "/tile/{level}/{row}/{col:[0-9]+}.pbf", h_tile),
         (svc + "/tile/{level}/{row}/{col:[0-9]+}", h_tile),
@@ -261,7 +275,7 @@ def routes(root: str, shared: dict) -> list[tuple[str, object]]:
         (svc + "/resources/info", h_info), (svc + "/resources/info/root.json", h_info),
         (svc + "/resources/fonts/{stack}/{range}.pbf", h_font),
         (svc + "/resources/sprites/{name}", h_sprite),
-        (svc + "/" + ops, shared["submit"]), (svc + "/" + ops + "/submitJob", shared["submit"]),
+        (svc + "/" + ops, submit), (svc + "/" + ops + "/submitJob", submit),
     ]
     return out
 
