@@ -291,3 +291,36 @@ def test_limits_config(tmp_path, sample_v2):
     path.write_text(f'[server]\nhost_names = "x"\n[services.S]\nsource = "{sample_v2}"\n')
     with pytest.raises(ConfigError, match="list of strings"):
         load_config(str(path))
+
+
+def test_a_bloated_store_is_compacted_when_opened_alone(tmp_path):
+    """LMDB's file never shrinks: after a burst of large jobs, opening the store (no other process in
+    it) rewrites it without the free pages; kept jobs are intact."""
+    path = str(tmp_path / "db")
+    store = JobStore(path)
+    keep = Job(new_job_id(), EXPORT, "S", {"levels": "0"}, client="k")
+    store.admit(keep, None)
+    burst = [Job(new_job_id(), EXPORT, "S", {"levels": "0", "aoi": "x" * 50_000}) for _ in range(120)]
+    for job in burst:
+        store.admit(job, None)
+    store.delete(*(j.id for j in burst))
+    store.close()
+    data = tmp_path / "db" / "data.mdb"
+    before = data.stat().st_size
+    assert before > 5 << 20
+    import sys
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from tilecrate.jobs import JobStore; "
+                               "s = JobStore(sys.argv[1]); print('open', flush=True); sys.stdin.read()", path],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        shared = JobStore(path, compact_over=1)  # another process has it open: never compacted under it
+        assert not shared.compacted and data.stat().st_size == before
+        shared.close()
+    finally:
+        holder.communicate("", timeout=30)
+    alone = JobStore(path, compact_over=1 << 20)
+    assert alone.compacted and data.stat().st_size < before / 4
+    assert alone.get(keep.id).params == {"levels": "0"} and alone.client_usage("k")[0] == 1
+    alone.admit(Job(new_job_id(), EXPORT, "S", {"levels": "1"}), None)
+    alone.close()

@@ -24,7 +24,9 @@ import contextlib
 import json
 import errno
 import logging
+import fcntl
 import os
+import shutil
 import struct
 import threading
 from dataclasses import dataclass
@@ -43,6 +45,8 @@ _MAP_SIZE = 8 << 30  # sparse on Linux: the file only grows as records are writt
 _ADMIT_SHARE = 0.5
 RESERVE_BYTES = 8 << 20  # disk kept free for the records of jobs' ends (a few pages each)
 _RESERVE_NAME = "reserve.bin"
+COMPACT_OVER = 64 << 20  # free pages in the data file beyond which opening the store compacts it
+_OPEN_LOCK = "open.lock"
 
 _FULL = "The job store is full; finished jobs are removed after maxFileAge, try again later."
 _DISK_FULL = ("The disk of the job store is full; new jobs are refused until space is freed "
@@ -98,20 +102,32 @@ def clean_client(client: str) -> str:
 class JobStore:
     """Durable job records; safe to use from the event loop and from worker threads."""
 
-    def __init__(self, path: str, map_size: int = _MAP_SIZE, *, reserve_bytes: int = RESERVE_BYTES):
+    def __init__(self, path: str, map_size: int = _MAP_SIZE, *, reserve_bytes: int = RESERVE_BYTES,
+                 compact_over: int = COMPACT_OVER):
         os.makedirs(path, exist_ok=True)
+        self.path = path
+        self._map_size = map_size
+        # every process holds a shared lock while the store is open; compaction needs it exclusive
+        self._open_lock = open(os.path.join(path, _OPEN_LOCK), "a+")
         try:
-            self.env = lmdb.open(path, map_size=map_size, max_dbs=8, subdir=True, sync=True,
-                                 metasync=True, max_readers=256)
-        except lmdb.Error as e:
-            raise StoreError(f"cannot open the job store at {path}: {e}") from None
-        self._jobs = self.env.open_db(b"jobs")
-        self._public = self.env.open_db(b"public")
-        self._inputs = self.env.open_db(b"inputs")
-        self._status = self.env.open_db(b"status")
-        self._owners = self.env.open_db(b"owners")
-        self._pending = self.env.open_db(b"pending")
-        self._expiry = self.env.open_db(b"expiry")
+            alone = bool(compact_over)
+            if alone:
+                try:
+                    fcntl.flock(self._open_lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # another process has the store open: no compaction now
+                    alone = False
+            if not alone:
+                fcntl.flock(self._open_lock.fileno(), fcntl.LOCK_SH)
+            self.env = self._open()
+            if alone:
+                try:
+                    self.compacted = self._compact_if_bloated(compact_over)
+                finally:
+                    fcntl.flock(self._open_lock.fileno(), fcntl.LOCK_SH)
+        except BaseException:
+            self._open_lock.close()
+            raise
+        self._open_dbs()
         self._admit_limit = int(map_size * _ADMIT_SHARE)
         self._reserve_path = os.path.join(path, _RESERVE_NAME)
         self._reserve_bytes = reserve_bytes
@@ -119,9 +135,65 @@ class JobStore:
         self.degraded = False  # the reserve was used and is not back yet: new jobs are refused
         self.restore_reserve()
 
+    compacted = False  # whether opening this store compacted its data file
+
+    def _open(self) -> "lmdb.Environment":
+        try:
+            return lmdb.open(self.path, map_size=self._map_size, max_dbs=8, subdir=True, sync=True,
+                             metasync=True, max_readers=256)
+        except lmdb.Error as e:
+            raise StoreError(f"cannot open the job store at {self.path}: {e}") from None
+
+    def _open_dbs(self) -> None:
+        self._jobs = self.env.open_db(b"jobs")
+        self._public = self.env.open_db(b"public")
+        self._inputs = self.env.open_db(b"inputs")
+        self._status = self.env.open_db(b"status")
+        self._owners = self.env.open_db(b"owners")
+        self._pending = self.env.open_db(b"pending")
+        self._expiry = self.env.open_db(b"expiry")
+
+    def _compact_if_bloated(self, over: int) -> bool:
+        """Rewrite the data file without its free pages when they pass `over` bytes (the file never
+        shrinks by itself: a burst of large jobs left it large for ever). Only with no other process
+        in the store (the caller holds the open lock exclusively)."""
+        data = os.path.join(self.path, "data.mdb")
+        self._open_dbs()
+        with self.env.begin() as txn:
+            live = self._live_bytes(txn)
+        size = os.path.getsize(data)
+        if size - live <= over:
+            return False
+        tmp = os.path.join(self.path, "compact.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        try:
+            self.env.copy(tmp, compact=True)
+            with open(os.path.join(tmp, "data.mdb"), "rb") as f:
+                os.fsync(f.fileno())
+            self.env.close()
+            try:
+                os.replace(os.path.join(tmp, "data.mdb"), data)
+                fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            finally:
+                self.env = self._open()
+                self._open_dbs()
+        except (OSError, lmdb.Error) as e:  # e.g. no room for the copy: keep the store as it is
+            log.warning("job store: not compacted: %s", e)
+            return False
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("job store: compacted %s from %d to %d bytes", data, size, os.path.getsize(data))
+        return True
+
     def close(self) -> None:
         """Close the environment."""
         self.env.close()
+        self._open_lock.close()
 
     # the disk-space reserve ------------------------------------------------------------------
 
