@@ -341,3 +341,10 @@ def test_clipping_counts_parity_per_feature():
         segs = on_top[groups == g][:, [0, 2]].tolist()
         covered = shapely.union_all([shapely.LineString([(a, 0), (b, 0)]) for a, b in segs])
         assert covered.bounds == pytest.approx((x(lo), 0, x(hi), 0)) and covered.length == pytest.approx(x(hi) - x(lo))
+
+
+def test_esri_keys_in_any_case():
+    fs = {"Features": [{"Geometry": {"RINGS": [SQUARE], "SpatialReference": {"WKID": 4326}}},
+                       {"geometry": {"rings": [SQUARE]}}], "spatialReference": {"wkid": 4326}}
+    (rs, sr), = parse_aoi(fs, WEB_MERCATOR, WGS84)
+    assert sr.code == 4326 and rs.group.tolist() == [0, 1]

@@ -524,8 +524,15 @@ def _drop_flat_rings(rs: _RingSet) -> _RingSet:
     return _RingSet(rs.xy[keep_vertex], np.concatenate([[0], np.cumsum(kept)]).astype(np.int64), rs.group[good])
 
 
+def _lower(d: dict) -> dict:
+    """Keys in lower case (Esri JSON keys come in any case); as is when they already are."""
+    if all(type(k) is str and k.islower() for k in d):
+        return d
+    return {str(k).lower(): v for k, v in d.items()}
+
+
 def _esri_geometry(g: dict, sr: SpatialRef, reader: _Reader) -> None:
-    low = {str(k).lower(): v for k, v in g.items()}
+    low = _lower(g)
     if "rings" in low:
         reader.add_rings(low["rings"], sr)
         return
@@ -635,13 +642,14 @@ def parse_aoi(value: str | dict, esri_default: SpatialRef, geojson_default: Spat
         for f in feats:
             if not isinstance(f, dict):
                 raise RequestError("a FeatureSet feature must be an object with a 'geometry'")
-            g = {str(k).lower(): v for k, v in f.items()}.get("geometry")
+            g = f.get("geometry") if "geometry" in f else _lower(f).get("geometry")
             if g is None:
                 continue
             if not isinstance(g, dict):
                 raise RequestError("a feature's geometry must be a JSON object")
-            gsr = spatial_ref_from({str(k).lower(): v for k, v in g.items()}.get("spatialreference")) or set_sr
-            _esri_geometry(g, gsr, reader)
+            gl = _lower(g)
+            gsr = spatial_ref_from(gl.get("spatialreference")) or set_sr
+            _esri_geometry(gl, gsr, reader)
     elif "geometry" in low and isinstance(low["geometry"], dict):
         g = low["geometry"]
         gl = {str(k).lower(): v for k, v in g.items()}
