@@ -78,7 +78,7 @@ def lerc1_range(blob: bytes) -> tuple[float, float] | None:
                     return None
                 count = int.from_bytes(blob[pos + 1:pos + 1 + csize], "little")
                 pos += 1 + csize + (count * bits + 7) // 8
-    if lo == float("inf"):
+    if lo == float("inf") or pos > end:
         return None
     return lo, float(zmax)
 
