@@ -8,7 +8,7 @@ COMMANDS = {
     "sample": "write a deterministic sample cache",
     "inspect": "show what a cache or package holds, per level",
     "estimate": "count the tiles of an export and the exact size of its package",
-    "export": "export tiles to a .tpkx, a .tpk or a cache folder",
+    "export": "export tiles to a .tpkx, a .tpk, a .vtpk or a cache folder",
     "serve": "serve caches as ArcGIS MapServer services with export jobs",
     "compare": "compare JPEG re-encoding qualities: size, speed and fidelity",
 }

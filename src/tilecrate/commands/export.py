@@ -11,14 +11,15 @@ from tilecrate.errors import RequestError
 from tilecrate.request import ExportRequest
 
 NAME = "export"
-HELP = "export tiles to a .tpkx, a .tpk or a cache folder (the exportTiles job, from a shell)"
+HELP = "export tiles to a .tpkx, a .tpk, a .vtpk or a cache folder (the exportTiles job, from a shell)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `tilecrate export` (the exportTiles vocabulary)."""
-    p.add_argument("cache", help="source: cache folder, .tpk or .tpkx")
+    p.add_argument("cache", help="source: cache folder, .tpk, .tpkx, or a .vtpk (or extracted one) for OUT.vtpk")
     p.add_argument("-o", "--output", required=True, type=output_path,
-                   help="OUT.tpkx (compact V2), OUT.tpk (compact V1) or, with --no-tile-package, a new folder")
+                   help="OUT.tpkx (compact V2), OUT.tpk (compact V1), OUT.vtpk from a vector source or, with "
+                        "--no-tile-package, a new folder")
     add_request_arguments(p)
     p.add_argument("--optimize-tiles-for-size", action="store_true",
                    help="re-encode JPEG tiles at --compression-quality")
