@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import zipfile
 from pathlib import Path
 
@@ -91,6 +92,12 @@ def test_bundle_replaced_in_place_is_read_again(base, tmp_path):
         assert c.tile(2, 0, 2) is None                       # (0 + 2 + 1) % 3 == 0: absent in version 1
 
 
+@pytest.fixture(autouse=True)
+def _look_up_paths_every_read(monkeypatch):
+    """Tests replace files and read at once: no PATH_CHECK_SECONDS grace (tested on its own below)."""
+    monkeypatch.setattr(cache_mod, "PATH_CHECK_SECONDS", 0.0)
+
+
 def test_bundle_replaced_by_rename_is_read_again(base, tmp_path):
     root = make_cache(base, tmp_path / "c")
     with open_cache(root) as c:
@@ -102,6 +109,22 @@ def test_bundle_replaced_by_rename_is_read_again(base, tmp_path):
             with c.open_bundle(BundleRef(1, 0, 0)) as data:
                 assert {int(i): data.tile(int(i) // 128, int(i) % 128) for i in np.flatnonzero(data.sizes)} \
                     == version_tiles(version, 1)
+
+
+def test_rename_is_seen_within_the_path_check_interval(base, tmp_path, monkeypatch):
+    root = make_cache(base, tmp_path / "c")
+    monkeypatch.setattr(cache_mod, "PATH_CHECK_SECONDS", 0.2)
+    with open_cache(root) as c:
+        assert c.tile(1, 0, 0) == tile_bytes(0, 1, 0, 0)
+        replace_by_rename(bundle_path(root, 1), _v2_bundle(version_tiles(1, 1)))
+        got = c.tile(1, 0, 0)                       # the old file's bytes, whole, or already the new ones
+        assert got in (tile_bytes(0, 1, 0, 0), tile_bytes(1, 1, 0, 0))
+        time.sleep(0.25)
+        assert c.tile(1, 0, 0) == tile_bytes(1, 1, 0, 0)
+        with open(bundle_path(root, 1), "r+b") as f:  # in place: noticed on the very next read
+            f.truncate(0)
+            f.write(_v2_bundle(version_tiles(2, 1)))
+        assert c.tile(1, 0, 0) == tile_bytes(2, 1, 0, 0)
 
 
 def test_same_size_rewrite_with_a_new_mtime_is_read_again(base, tmp_path):

@@ -17,6 +17,8 @@ cimport numpy as cnp
 from libc.errno cimport errno
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from posix.stat cimport fstat, struct_stat
 from posix.types cimport off_t
 from posix.unistd cimport pread
 
@@ -247,9 +249,11 @@ def parse_v1_fd(const uint8_t[::1] bundlx, int fd, uint64_t base, uint64_t lengt
     if bad >= 0:
         raise BundleError(f"{name}: tile at row {bad % PACKET}, column {bad // PACKET} of the bundle points at "
                           f"offset {raw[bad]}, past the end of the .bundle ({length} bytes)")
-    # column-major cells in file order, so prefixes close together are read with one pread
-    order_arr = np.argsort(raw_arr, kind="stable").astype(np.int64)
+    # the cells that point somewhere, in file order, so prefixes close together are read with one pread
+    cells = np.flatnonzero(raw_arr)
+    order_arr = np.ascontiguousarray(cells[np.argsort(raw_arr[cells])], dtype=np.int64)
     cdef int64_t[::1] order = order_arr
+    cdef Py_ssize_t n_order = order_arr.shape[0]
     offsets_arr = np.zeros(N, dtype=np.uint64)
     sizes_arr = np.zeros(N, dtype=np.uint32)
     cdef uint64_t[::1] offsets = offsets_arr
@@ -262,18 +266,15 @@ def parse_v1_fd(const uint8_t[::1] bundlx, int fd, uint64_t base, uint64_t lengt
     rc = 0
     with nogil:
         k = 0
-        while k < N:
+        while k < n_order:      # offset 0 (MapProxy's "missing") is not in `order`
             i = order[k]
             off = raw[i]
-            if off == 0:          # MapProxy's "missing"; ArcGIS points at the zero table
-                k += 1
-                continue
             if not (start <= off and off + 4 <= end):
                 # one read from this prefix to the last prefix within WINDOW bytes of it
                 start = off
                 last = off + 4
                 m = k + 1
-                while m < N and raw[order[m]] + 4 - start <= WINDOW:
+                while m < n_order and raw[order[m]] + 4 - start <= WINDOW:
                     last = raw[order[m]] + 4
                     m += 1
                 rc = _pread_full(fd, win, last - start, base + start)
@@ -302,3 +303,32 @@ def parse_v1_fd(const uint8_t[::1] bundlx, int fd, uint64_t base, uint64_t lengt
         raise BundleError(f"{name}: the file ends before the size prefix of the {where}; "
                           "it changed while being read")
     return offsets_arr, sizes_arr
+
+
+def pread_checked(int fd, uint64_t offset, Py_ssize_t n, tuple fid):
+    """``n`` bytes at ``offset`` of the open file ``fd`` and whether the file is still the version
+    ``fid`` = (device, inode, size, mtime_ns) after the read: ``(bytes or None, current)``. None
+    when the file ended first. The read and the fstat run in C without the GIL (the tile route's
+    per-read validation costs one fstat, no Python objects)."""
+    if fd < 0:
+        raise ValueError("fd must be an open file descriptor")
+    if n < 0 or n > MAX_TILE_SIZE or offset > MAX_FILE:
+        raise ValueError(f"{n} bytes at offset {offset} is out of range")
+    if len(fid) != 4:
+        raise ValueError("fid must be (device, inode, size, mtime_ns)")
+    cdef uint64_t dev = fid[0], ino = fid[1], size = fid[2]
+    cdef int64_t mtime = fid[3]
+    data = PyBytes_FromStringAndSize(NULL, n)
+    cdef uint8_t* dst = <uint8_t*>PyBytes_AS_STRING(data)
+    cdef int rc, frc
+    cdef struct_stat st
+    with nogil:
+        rc = _pread_full(fd, dst, <uint64_t>n, offset)
+        frc = fstat(fd, &st)
+    if rc < 0:
+        raise OSError(-rc, "cannot read")
+    if frc != 0:
+        raise OSError(errno, "cannot fstat")
+    current = (<uint64_t>st.st_dev == dev and <uint64_t>st.st_ino == ino and <uint64_t>st.st_size == size
+               and <int64_t>st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec == mtime)
+    return (data if rc == 0 else None), current

@@ -56,6 +56,8 @@ _INDEX_CACHE_SIZE = 64
 RELIST_SECONDS = 1.0              # a folder level (or a package) is listed again at most this often
 MAX_POSITION = (1 << 31) - PACKET  # bundle rows/columns past this are refused (V1 headers hold uint32)
 _MAX_WARNINGS = 1000
+_HELD = 32                        # bundles whose descriptor the tile route keeps open between requests
+PATH_CHECK_SECONDS = 0.05         # a held bundle's path is looked up again (replaced by rename?) this often
 
 __all__ = ["BundleData", "BundleReader", "BundleRef", "Cache", "FileRange", "open_cache"]
 
@@ -178,6 +180,7 @@ class Cache:
     _level_dirs: dict = field(default_factory=dict, repr=False)
     _listed: dict = field(default_factory=dict, repr=False)    # level (or None: levels) -> monotonic time
     _warned: set = field(default_factory=set, repr=False)
+    _held: OrderedDict = field(default_factory=OrderedDict, repr=False)    # ref -> Source (tile route)
 
     @property
     def version(self) -> int:
@@ -251,6 +254,9 @@ class Cache:
                 if not found:
                     del self._bundles[ref.level]
             self._index_cache.pop(ref, None)
+            held = self._held.pop(ref, None)
+            if held is not None:
+                self._retire_locked(held)
 
     @property
     def levels(self) -> list[int]:
@@ -393,27 +399,85 @@ class Cache:
             src.close()
             raise
 
+    # -- the tile route: descriptors kept open, each read proven current by a stat afterwards --
+
+    def _acquire(self, ref: BundleRef) -> Source:
+        with self._lock:
+            src = self._held.get(ref)
+            if src is not None:
+                src.users += 1
+                self._held.move_to_end(ref)
+                return src
+        src = self._open(ref)
+        with self._lock:
+            other = self._held.get(ref)
+            if other is not None:              # another thread opened it meanwhile
+                other.users += 1
+                src.close()
+                return other
+            src.users = 1
+            self._held[ref] = src
+            while len(self._held) > _HELD:
+                _, old = self._held.popitem(last=False)
+                self._retire_locked(old)
+        return src
+
+    def _retire_locked(self, src: Source) -> None:
+        src.retired = True
+        if src.users == 0:
+            src.close()
+
+    def _release(self, ref: BundleRef, src: Source, current: bool) -> None:
+        with self._lock:
+            src.users -= 1
+            if not current and self._held.get(ref) is src:
+                del self._held[ref]
+                src.retired = True
+            if src.retired and src.users == 0:
+                src.close()
+
     def tile(self, level: int, row: int, col: int) -> bytes | None:
-        """Bytes of one tile as the file holds it now, or None where the cache has none."""
+        """Bytes of one tile as the file holds it now, or None where the cache has none.
+
+        The bundle's descriptor stays open between requests. A read is returned only if an fstat of
+        that descriptor afterwards shows the version the index came from (a change in place, even
+        during the read, is noticed at once: read again, once, then a BundleError); the path is
+        looked up again at most every PATH_CHECK_SECONDS, so a bundle replaced by rename is served
+        from its new file within that time (until then the old file's consistent bytes)."""
         if row < 0 or col < 0:
             return None
         r0, c0 = bundle_origin(row, col)
         ref = BundleRef(level, r0, c0)
         if not self.has_bundle(ref):
             return None
-        try:
-            src = self._open(ref)
-        except Gone:
-            return None
-        with src:
-            offsets, sizes = self._index_of(ref, src)
-            i = (row - r0) * PACKET + (col - c0)
-            size = int(sizes[i])
-            if size == 0:
+        i = (row - r0) * PACKET + (col - c0)
+        for attempt in (0, 1):
+            try:
+                src = self._acquire(ref)
+            except Gone:
                 return None
-            data = src.pread(int(offsets[i]), size)
-            src.check()
-            return data
+            current = False
+            try:
+                try:
+                    offsets, sizes = self._index_of(ref, src)
+                    size = int(sizes[i])
+                    if size:
+                        data, current = src.pread_current(int(offsets[i]), size)
+                    else:
+                        data, current = None, src.is_current()
+                except BundleError:
+                    if attempt or src.still_current():
+                        raise                 # the current version itself is unreadable
+                    continue                  # it changed under the held descriptor: read it again
+                now = time.monotonic()
+                if current and now - src.paths_checked >= PATH_CHECK_SECONDS:
+                    current = src.still_current()
+                    src.paths_checked = now
+                if current:
+                    return data
+            finally:
+                self._release(ref, src, current)
+        raise changed(src.label)
 
     def iter_tiles(self, level: int | None = None) -> Iterator[tuple[int, int, int, bytes]]:
         """(level, row, col, bytes) of every tile, bundle by bundle, row-major inside bundles."""
@@ -469,10 +533,13 @@ class Cache:
         return None if rmin is None else (rmin, rmax, cmin, cmax)
 
     def close(self) -> None:
-        """Drop what is kept between reads (no file stays open)."""
+        """Close held descriptors and drop what is kept between reads."""
         self._store.close()
         with self._lock:
             self._index_cache.clear()
+            held, self._held = list(self._held.values()), OrderedDict()
+            for src in held:
+                self._retire_locked(src)
 
     def __enter__(self) -> "Cache":
         return self

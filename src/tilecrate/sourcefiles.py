@@ -13,6 +13,7 @@ import os
 import stat
 import struct
 import threading
+import time
 import zipfile
 import zlib
 from collections import OrderedDict
@@ -111,7 +112,7 @@ class Source:
 
     def __init__(self, label: str, key: tuple, length: int, *, fd: int = -1, base: int = 0,
                  fid: FileId | None = None, path: str | None = None, memory: bytes | None = None,
-                 bundlx: bytes | None = None):
+                 bundlx: bytes | None = None, watch: tuple = ()):
         self.label = label
         self.key = key                  # identity of everything the index depends on (cache key)
         self.length = length            # bytes of the .bundle
@@ -121,6 +122,20 @@ class Source:
         self.path = path
         self.memory = memory
         self.bundlx = bundlx
+        self.watch = watch              # ((path, identity), ...) that must still hold for this version
+        self.users = 0                  # readers holding it (Cache's held descriptors)
+        self.retired = False
+        self.paths_checked = time.monotonic()   # when `watch` was last compared with the paths
+
+    def still_current(self) -> bool:
+        """Whether every watched path still names the version this source reads (one stat each)."""
+        for path, fid in self.watch:
+            try:
+                if file_id(os.stat(path)) != fid:
+                    return False
+            except OSError:
+                return False
+        return True
 
     @property
     def where(self) -> FileRange | None:
@@ -137,6 +152,29 @@ class Source:
         if self.memory is not None:
             return self.memory[offset:offset + n]
         return pread_exact(self.fd, n, self.base + offset, self.label)
+
+    def pread_current(self, offset: int, n: int) -> tuple[bytes | None, bool]:
+        """(`n` bytes from `offset`, whether the file is still this version after the read), the
+        read and its fstat done in the compiled core; (None, False) if the file ended first."""
+        if offset < 0 or n < 0 or offset + n > self.length:
+            raise BundleError(f"{self.label}: {n} bytes at offset {offset} are past the end of the bundle "
+                              f"({self.length} bytes)")
+        if self.memory is not None:
+            return self.memory[offset:offset + n], True
+        try:
+            data, current = _bundle.pread_checked(self.fd, self.base + offset, n, self.fid)
+        except OSError as e:
+            raise CacheError(f"{self.label}: cannot read ({e.strerror})") from None
+        return data, current and data is not None
+
+    def is_current(self) -> bool:
+        """Whether the open file is still this version (one fstat; memory is always current)."""
+        if self.fd < 0:
+            return True
+        try:
+            return file_id(os.fstat(self.fd)) == self.fid
+        except OSError:
+            return False
 
     def check(self) -> None:
         """BundleError unless the file is still the version the read started on."""
@@ -177,6 +215,7 @@ class FolderStore:
             fid = file_id(st)
             bx = None
             key: tuple = fid
+            watch: tuple = ((bundle, fid),)
             if bundlx is not None:
                 bx_label = bundlx
                 bfd, bst = open_regular(bundlx, bx_label)
@@ -189,9 +228,10 @@ class FolderStore:
                 finally:
                     os.close(bfd)
                 key = (fid, file_id(bst))
+                watch += ((bundlx, file_id(bst)),)
             if st.st_size == 0:
                 raise BundleError(f"{label}: the file is empty")
-            return Source(label, key, st.st_size, fd=fd, fid=fid, path=bundle, bundlx=bx)
+            return Source(label, key, st.st_size, fd=fd, fid=fid, path=bundle, bundlx=bx, watch=watch)
         except BaseException:
             os.close(fd)
             raise
@@ -310,7 +350,7 @@ class ZipStore:
                 if info.compress_size == 0:
                     raise BundleError(f"{label}: the entry is empty")
                 return Source(label, key, info.compress_size, fd=fd, base=start, fid=self.fid, path=self.path,
-                              bundlx=bx)
+                              bundlx=bx, watch=((self.path, self.fid),))
             with self._lock:
                 data = self._inflated.get(key)
                 if data is not None:
@@ -325,7 +365,7 @@ class ZipStore:
                 raise BundleError(f"{label}: the entry is empty")
             os.close(fd)
             fd = -1
-            return Source(label, key, len(data), memory=data, bundlx=bx)
+            return Source(label, key, len(data), memory=data, bundlx=bx, watch=((self.path, self.fid),))
         except BaseException:
             if fd >= 0:
                 os.close(fd)
