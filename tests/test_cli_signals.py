@@ -263,3 +263,13 @@ def test_serve_stops_cleanly_on_sigterm_and_ctrl_c(cache, tmp_path, sig):
             proc.kill()
             proc.wait()
     assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+
+
+@pytest.mark.parametrize("args", [["inspect", "{cache}", "--json"], ["inspect", "{cache}"], ["--version"]])
+def test_stdout_on_a_full_disk_is_one_line(cache, args):
+    """stdout redirected to a full disk (/dev/full): exit 1 and one line, not a traceback at exit."""
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(cli(*(a.format(cache=cache) for a in args)), stdout=full, stderr=subprocess.PIPE,
+                           text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.splitlines() in (
+        ["tilecrate: error: stdout: No space left on device"], ["tilecrate: error: No space left on device"]), r.stderr

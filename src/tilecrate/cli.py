@@ -180,7 +180,10 @@ def _fail(wants_json: bool, message: str, code: int) -> int:
     if wants_json:
         from tilecrate.commands.output import emit_json
 
-        emit_json({"error": message})
+        try:
+            emit_json({"error": message})
+        except (OSError, ValueError):
+            pass       # stdout cannot take it (a full disk under a redirect): stderr still says why
     try:
         print(f"tilecrate: error: {message}", file=sys.stderr, flush=True)
     except (OSError, ValueError):
@@ -193,15 +196,15 @@ def print_line(text: str) -> None:
     try:
         print(text, flush=True)
     except OSError as e:
-        from tilecrate.commands.output import close_broken_stdout, is_broken_stdout
+        from tilecrate.commands.output import close_broken_stdout, is_broken_stdout, stdout_error
 
         if not is_broken_stdout(e):
-            raise
+            raise stdout_error(e) from None
         close_broken_stdout()
 
 
 def _flush() -> None:
-    from tilecrate.commands.output import close_broken_stdout, is_broken_stdout, stdout_closed
+    from tilecrate.commands.output import close_broken_stdout, is_broken_stdout, stdout_closed, stdout_error
 
     if stdout_closed():
         return
@@ -209,7 +212,7 @@ def _flush() -> None:
         sys.stdout.flush()
     except OSError as e:
         if not is_broken_stdout(e):
-            raise
+            raise stdout_error(e) from None
         close_broken_stdout()
 
 

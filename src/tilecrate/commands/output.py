@@ -65,8 +65,13 @@ def emit_json(obj: Any) -> None:
         sys.stdout.flush()
     except OSError as e:
         if not is_broken_stdout(e):
-            raise
+            raise stdout_error(e) from None
         close_broken_stdout()
+
+
+def stdout_error(e: OSError) -> OSError:
+    """The same error, naming stdout as the file that failed (`... > /dev/full`: no space left)."""
+    return OSError(e.errno, e.strerror or str(e), "stdout")
 
 
 def progress_bar(total: int | None, desc: str, unit: str = "tile", enabled: bool = True):
