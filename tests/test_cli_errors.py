@@ -70,6 +70,16 @@ def test_output_over_a_device_or_fifo_is_refused(small, tmp_path, kind):
     assert not [p for p in target.parent.iterdir() if ".tmp-" in p.name]
 
 
+@pytest.mark.parametrize("command", ["export", "compare"])
+@pytest.mark.parametrize("threads", ["-1", "100000", "two"])
+def test_thread_counts_are_bounded(small, tmp_path, command, threads):
+    """--threads 100000 would start that many threads (and OpenMP teams): refused before any work."""
+    out = ["-o", tmp_path / "t.tpkx", "--levels", "0-1"] if command == "export" else []
+    line = assert_one_line(run(command, small, *out, "--threads", threads), 2)
+    assert "--threads" in line
+    assert not (tmp_path / "t.tpkx").exists()
+
+
 def test_usage_errors_are_one_line_and_json(small):
     line = assert_one_line(run("export", small, "--levels", "0-1"), 2)
     assert "-o/--output" in line and "tilecrate export --help" in line

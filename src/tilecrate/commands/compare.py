@@ -5,6 +5,7 @@ import argparse
 
 from tilecrate.cache import open_cache
 from tilecrate.commands.output import emit_json, progress_bar
+from tilecrate.commands.requestargs import thread_count
 from tilecrate.compare import compare, format_table, parse_methods, parse_qualities, plot_png, write_csv
 from tilecrate.recompress import DEFAULT_DEADZONE
 
@@ -21,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tiles to sample, spread evenly over the levels (default 200)")
     p.add_argument("--methods", default="dct,pixel",
                    help="re-encoding methods: dct (requantization), pixel (decode + encode); default both")
-    p.add_argument("--threads", type=int, default=0, help="threads for re-encoding (default: all cores)")
+    p.add_argument("--threads", type=thread_count, default=0, help="threads for re-encoding (default: all cores)")
     p.add_argument("--deadzone", type=float, default=DEFAULT_DEADZONE, metavar="R",
                    help="DCT path: AC rounding offset, 0.5 = nearest, smaller = more zeros "
                         f"(default {DEFAULT_DEADZONE:.4g}: nearest, exact halves toward zero)")

@@ -5,7 +5,7 @@ import argparse
 import threading
 
 from tilecrate.commands.output import cancel_on_signals, emit_json, human_bytes, progress_bar
-from tilecrate.commands.requestargs import add_request_arguments, output_path
+from tilecrate.commands.requestargs import add_request_arguments, output_path, thread_count
 from tilecrate.commands.requestargs import request_from_args as shared_request
 from tilecrate.errors import RequestError
 from tilecrate.request import ExportRequest
@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimize-tiles-for-size", action="store_true",
                    help="re-encode JPEG tiles at --compression-quality")
     p.add_argument("--compression-quality", type=int, help="JPEG quality 0-100 for --optimize-tiles-for-size")
-    p.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
+    p.add_argument("--threads", type=thread_count, default=None, help="worker threads (default: all cores)")
     p.add_argument("--scheduler", default=None,
                    help="run the bundle tasks on a Dask cluster: tcp://HOST:8786, or 'local' for a LocalCluster "
                         "of worker processes started for this export (default: in this process)")

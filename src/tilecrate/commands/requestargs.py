@@ -51,6 +51,18 @@ def output_path(value: str) -> str:
     return value
 
 
+def thread_count(value: str) -> int:
+    """A --threads argument: 0 (all cores) up to 8 threads per core (more only costs memory and switches)."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    most = 8 * (os.cpu_count() or 1)
+    if not 0 <= n <= most:
+        raise argparse.ArgumentTypeError(f"{n} is not within 0 (all cores) and {most} (8 per core)")
+    return n
+
+
 def read_aoi(value: str | None) -> str | None:
     """The AOI argument as JSON text: inline JSON as is, otherwise the contents of the named file."""
     if value is None:
