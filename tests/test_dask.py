@@ -212,3 +212,18 @@ def test_cli_export_on_the_cluster(cluster, sample_v2, tmp_path, capsys):
     assert main(["export", str(sample_v2), "-o", str(tmp_path / "bad.tpkx"), "--levels", "0",
                  "--local-temp-folder", "--json"]) == 1
     assert "scheduler" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_bundles_are_grouped_into_few_consecutive_tasks(wide, tmp_path):
+    from tilecrate.plan import make_plan
+    from tilecrate.runners.dask import GROUP_MAX, group_tasks
+
+    for opts in ({}, {"optimize_tiles_for_size": True, "compression_quality": 30}):
+        plan = make_plan(str(wide), ExportRequest(levels="0-12", **opts), tmp_path / "g.tpkx")
+        tasks = list(plan.tasks())
+        for threads in (1, 2, 64):
+            groups = group_tasks(plan, tasks, threads)
+            assert [t.index for g in groups for t in g] == list(range(len(tasks)))
+            assert all(0 < len(g) <= GROUP_MAX for g in groups)
+            # about four groups per worker thread, never one bundle per task when bundles are small
+            assert len(groups) <= min(len(tasks), 4 * threads + 4)

@@ -52,6 +52,11 @@ from tilecrate.runners.tasks import BundleOutput, run_bundle_task, source_cache
 
 CANCEL_POLL = 0.05         # seconds between two looks at the cluster's cancel flag from a task
 PROGRESS_EVERY = 0.25      # seconds between two progress updates from a local-temp-folder job
+# A cluster task takes consecutive bundles up to these totals: the scheduler costs a few ms per task
+# (tens of ms on a loaded machine), which would dominate small bundles one per task (docs/scale.md)
+GROUP_BYTES = 32 << 20     # source tile bytes per task (pass-through)
+GROUP_TILES = 4096         # tiles per task when re-encoding (~1 s of one core)
+GROUP_MAX = 64             # bundles per task
 
 
 class _ClusterCancel:
@@ -78,9 +83,33 @@ def _worker_threads() -> int:
         return 1
 
 
-def cluster_bundle_task(task: BundleTask, cancel_name: str) -> BundleOutput:
-    """A bundle task on a worker: the shared run_bundle_task with the job's cluster-wide cancel flag."""
-    return run_bundle_task(task, _ClusterCancel(cancel_name), threads=_worker_threads())
+def cluster_bundle_tasks(tasks: list[BundleTask], cancel_name: str) -> list[BundleOutput]:
+    """A group of consecutive bundle tasks on a worker, run one after the other (one scheduler task)."""
+    cancel = _ClusterCancel(cancel_name)
+    threads = _worker_threads()
+    return [run_bundle_task(task, cancel, threads=threads) for task in tasks]
+
+
+def group_tasks(plan: ExportPlan, tasks: list[BundleTask], threads: int) -> list[list[BundleTask]]:
+    """Consecutive bundle tasks in groups of about GROUP_BYTES (GROUP_TILES when re-encoding), at
+    most GROUP_MAX, and small enough that every worker thread gets about four groups."""
+    spread = 4 * max(1, threads)
+    if plan.policy is not None:
+        limit, weight = max(1, min(GROUP_TILES, plan.tiles // spread)), (lambda t: t.tiles)
+    else:
+        limit, weight = max(1, min(GROUP_BYTES, plan.selection.tile_bytes // spread)), (lambda t: t.tile_bytes)
+    groups: list[list[BundleTask]] = []
+    current: list[BundleTask] = []
+    load = 0
+    for task in tasks:
+        if current and (load + weight(task) > limit or len(current) >= GROUP_MAX):
+            groups.append(current)
+            current, load = [], 0
+        current.append(task)
+        load += weight(task)
+    if current:
+        groups.append(current)
+    return groups
 
 
 def cluster_local_job(plan: ExportPlan, cancel_name: str, progress_name: str, local_root: str | None) -> ExportResult:
@@ -327,12 +356,15 @@ class DaskRunner:
     def _assemble(self, plan: ExportPlan, cache: Cache, sink: Assembler, staging: str, cancel_name: str,
                   futures: deque, progress, cancel, bytes_total: int) -> ExportResult:
         layout, selection, info = plan.layout, plan.selection, plan.info
-        tasks = iter(list(plan.tasks(staging)))
-        ahead = max(16, 4 * self.threads)      # bounded: staging holds at most this many bundles
+        threads = self.threads
+        groups = iter(group_tasks(plan, list(plan.tasks(staging)), threads))
+        ahead = 2 * max(1, threads)      # groups in flight: staging holds at most these bundles
         levels: dict[int, dict] = {lv.level: {"tiles": 0, "size": 0} for lv in selection.levels if lv.tiles > 0}
         warnings: list[str] = []
         tiles_done = 0
         fetched: dict = {}
+        outputs: deque = deque()
+        token = cancel_name[len("tilecrate-cancel-"):]
 
         def report(level: int | None) -> None:
             if progress is not None:
@@ -341,14 +373,27 @@ class DaskRunner:
         def top_up() -> None:
             batch = []
             while len(futures) + len(batch) < ahead:
-                task = next(tasks, None)
-                if task is None:
+                group = next(groups, None)
+                if group is None:
                     break
-                batch.append(task)
+                batch.append(group)
             if batch:
-                new = self.client.map(cluster_bundle_task, batch, [cancel_name] * len(batch),
-                                      key=[f"tilecrate-{cancel_name[17:]}-{t.index}" for t in batch], pure=False)
+                new = self.client.map(cluster_bundle_tasks, batch, [cancel_name] * len(batch),
+                                      key=[f"tilecrate-{token}-{g[0].index}" for g in batch], pure=False)
                 futures.extend(new)     # held until assembled: a consumed result is released at once
+
+        def next_output() -> BundleOutput:
+            if not outputs:
+                head = futures[0]
+                if head.key not in fetched:
+                    self._wait_done(head, cancel)
+                    # every finished group comes back in the same round trip
+                    ready = [f for f in futures if f.key not in fetched and f.status == "finished"] or [head]
+                    fetched.update(zip((f.key for f in ready), self._fetch(ready)))
+                outputs.extend(fetched.pop(head.key))
+                futures.popleft()
+                top_up()
+            return outputs.popleft()
 
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilecrate-thumbnail")
         try:
@@ -362,15 +407,7 @@ class DaskRunner:
                 if kind == "dir":
                     sink.add_dir(name)
                     continue
-                head = futures[0]
-                if head.key not in fetched:
-                    self._wait_done(head, cancel)
-                    # every finished bundle comes back in the same round trip
-                    ready = [f for f in futures if f.key not in fetched and f.status == "finished"] or [head]
-                    fetched.update(zip((f.key for f in ready), self._fetch(ready)))
-                out: BundleOutput = fetched.pop(head.key)
-                futures.popleft()
-                top_up()
+                out = next_output()
                 check_cancel(cancel)
                 sink.add_output(out)
                 lv = levels.setdefault(out.level, {"tiles": 0, "size": 0})
