@@ -284,3 +284,10 @@ def test_non_seekable_outputs_take_file_ranges_with_a_given_crc(tmp_path):
         os.close(fd)
     with zipfile.ZipFile(io.BytesIO(bytes(sink.data))) as zf:
         assert zf.read("y") == good
+
+
+def test_a_fifo_named_like_a_bundle_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "R0000C0000.bundle"
+    os.mkfifo(fifo)
+    with pytest.raises(BundleError, match="not a regular file"):
+        kcopy.open_source(str(fifo), 0, str(fifo))

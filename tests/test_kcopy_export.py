@@ -22,7 +22,7 @@ from tilecrate.package.folder import FolderSink
 from tilecrate.package.zipstream import ZipSink, ZipWriter
 from tilecrate.request import ExportRequest
 
-MODES = ["copy_file_range", "sendfile", "readwrite", "buffered"]
+MODES = ["copy_file_range", "sendfile", "readwrite", "auto", "buffered"]
 BBOX = dict(extent="-10,30,40,60", aoi_sr=4326)
 
 
@@ -60,6 +60,8 @@ def test_every_copy_method_writes_the_bytes_of_the_buffered_path(monkeypatch, tm
     assert want and base.tiles > 0
     for mode in MODES:
         out = tmp_path / f"{mode}-{name}"
+        # auto: a small threshold so this sample's runs go both ways
+        monkeypatch.setattr(kcopy, "KERNEL_MIN", 64 << 10)
         result = _export(monkeypatch, mode, sample_v2, out, **kw)
         assert result.size == base.size and result.tiles == base.tiles
         assert _bundles(out) == want, mode
@@ -102,8 +104,11 @@ def test_wrong_source_prefixes_are_fixed_not_copied(monkeypatch, tmp_path, sampl
     _export(monkeypatch, "chunks", src, tmp_path / "chunks.tpkx", levels="0-5")
     _export(monkeypatch, "copy_file_range", src, tmp_path / "kernel.tpkx", levels="0-5")
     _export(monkeypatch, "copy_file_range", src, tmp_path / "kernel-folder", levels="0-5", tile_package=False)
+    monkeypatch.setattr(kcopy, "KERNEL_MIN", 64 << 10)
+    _export(monkeypatch, "auto", src, tmp_path / "auto.tpkx", levels="0-5")
     want = _bundles(tmp_path / "chunks.tpkx")
     assert _bundles(tmp_path / "kernel.tpkx") == want
+    assert _bundles(tmp_path / "auto.tpkx") == want
     folder = {k.replace(os.sep, "/").split("_alllayers/")[1]: v[0] for k, v in _bundles(tmp_path / "kernel-folder").items()}
     assert folder == {k.split("tile/")[1]: v[0] for k, v in want.items()}
     with open_cache(tmp_path / "kernel.tpkx") as out, open_cache(sample_v2) as ref:

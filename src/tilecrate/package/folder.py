@@ -77,8 +77,11 @@ class FolderSink:
                 self._scanner = RunScanner()
             out = os.open(path, _FLAGS, 0o666)
             try:
-                copier = KernelCopier(out, self.copy_method) if self.copy_method in METHODS else None
-                _, written = write_parts(parts, lambda b: _write_all(out, b), copier, self._scanner, False)
+                auto = self.copy_method == "auto"
+                copier = KernelCopier(out, METHODS[0] if auto else self.copy_method) \
+                    if (auto or self.copy_method in METHODS) else None
+                _, written = write_parts(parts, lambda b: _write_all(out, b), copier, self._scanner, False,
+                                         kernel_min=kcopy.KERNEL_MIN if auto else 0)
             finally:
                 os.close(out)
             if written != plan.size:

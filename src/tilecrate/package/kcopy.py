@@ -36,9 +36,11 @@ from tilecrate import _plan
 from tilecrate.errors import BundleError
 
 METHODS = ("copy_file_range", "sendfile", "readwrite")
-WRITE_MODES = METHODS + ("buffered", "chunks")
+WRITE_MODES = METHODS + ("auto", "buffered", "chunks")
+KERNEL_MIN = 4 << 20             # "auto": runs of at least this many bytes go by copy_file_range
 # how file ranges reach an output (zip or folder): a method of METHODS (kernel copies, falling back
-# in that order), "buffered" (written from the helper's read-ahead buffers), or "chunks" (bundles
+# in that order), "buffered" (written from the helper's read-ahead buffers), "auto" (runs of
+# KERNEL_MIN bytes or more by copy_file_range, shorter ones buffered), or "chunks" (bundles
 # through the plan's own buffer, read and written on the writer's thread: the path before kernel
 # copies, kept as the benchmarks' baseline)
 COPY_METHOD = os.environ.get("TILECRATE_COPY_METHOD") or "buffered"
@@ -261,19 +263,20 @@ def part_size(part) -> int:
 
 
 def write_parts(parts, write, copier: KernelCopier | None, scanner: RunScanner | None,
-                need_crc: bool, flush=None) -> tuple[int | None, int]:
+                need_crc: bool, flush=None, kernel_min: int = 0) -> tuple[int | None, int]:
     """Write `parts` in order: bytes through `write`, FileRanges by kernel copy; (CRC-32 or None, bytes).
 
     FileRanges are read ahead on `scanner` when the CRC is needed or prefixes must be checked;
     `flush` empties the caller's buffer before each kernel copy (the copy writes at the fd's
-    position). Without a `copier`, every range is read ahead and its buffer passed to `write`.
+    position). Ranges shorter than `kernel_min`, and every range without a `copier`, are
+    written from the read buffer through `write`.
     """
     parts = list(parts)
     for p in parts:
         if isinstance(p, CopyRange):
             p.check()
-    keep = copier is None
-    scans = [isinstance(p, CopyRange) and (need_crc or keep or p.prefix_at is not None) for p in parts]
+    keeps = [isinstance(p, CopyRange) and (copier is None or p.length < kernel_min) for p in parts]
+    scans = [isinstance(p, CopyRange) and (need_crc or k or p.prefix_at is not None) for p, k in zip(parts, keeps)]
     if any(scans) and scanner is None:
         raise ValueError("a scanner is needed to read file ranges")
     crc = 0
@@ -288,7 +291,7 @@ def write_parts(parts, write, copier: KernelCopier | None, scanner: RunScanner |
             while nxt < len(parts) and nxt <= i + SCAN_AHEAD:
                 if scans[nxt] and nxt != inline:
                     q = parts[nxt]
-                    ahead[nxt] = scanner.submit(q, keep, need_crc)
+                    ahead[nxt] = scanner.submit(q, keeps[nxt], need_crc)
                 nxt += 1
             if not isinstance(p, CopyRange):
                 view = memoryview(p).cast("B")
@@ -301,7 +304,7 @@ def write_parts(parts, write, copier: KernelCopier | None, scanner: RunScanner |
             if i == inline or (fut is not None and fut.cancel()):
                 # not started by the helper (busy, or not scheduled on a loaded machine): read it
                 # here rather than wait, so the worst case is the serial read-then-write
-                scanned = scanner.scan(p, keep, need_crc)
+                scanned = scanner.scan(p, keeps[i], need_crc)
             else:
                 scanned = fut.result() if fut is not None else None
             try:

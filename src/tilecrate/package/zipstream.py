@@ -207,12 +207,14 @@ class ZipWriter:
         need_crc = crc is None or checked
         # ranges read anyway (for their CRC or prefixes) are written from the read buffers unless a
         # kernel method is asked for (see kcopy: copy_file_range measured at about half the rate)
-        copier = self._copier if (self.copy_method in METHODS or not need_crc) else None
-        if self._scanner is None and (need_crc or copier is None):
+        kernel = self.copy_method in METHODS or self.copy_method == "auto" or not need_crc
+        copier = self._copier if kernel else None
+        kernel_min = kcopy.KERNEL_MIN if (self.copy_method == "auto" and need_crc) else 0
+        if self._scanner is None and (need_crc or copier is None or kernel_min):
             self._scanner = RunScanner()
         start = self.position
         got, written = write_parts(parts, self._write, copier, self._scanner, need_crc,
-                                   flush=self._out.flush)
+                                   flush=self._out.flush, kernel_min=kernel_min)
         self.position = start + written      # _write counted only what passed through it
         if crc is None:
             entry.crc = got
