@@ -335,3 +335,93 @@ def test_tile_range_and_derived_extent(real_dir):
         _, y0, x1, _ = c.scheme.tile_bounds(2, max(rows), max(cols))
         e = c.data_extent()
         assert (e.xmin, e.ymin, e.xmax, e.ymax) == (x0, y0, x1, y1)
+
+
+# --- compiled entry points refuse every bad argument (issue 9 item 8) --------------------
+
+
+def test_parse_v1_fd_agrees_with_parse_v1_on_real_and_generated_bundles(real_dir, tmp_path):
+    pairs = [(p, p.with_suffix(".bundlx")) for p in real_dir.rglob("*.bundle") if p.with_suffix(".bundlx").exists()]
+    bundle, bundlx = _v1_bundle({0: b"a" * 300, 200: b"b" * 20, 16383: b"z" * 5000}, 0, 0)
+    (tmp_path / "g.bundle").write_bytes(bundle)
+    (tmp_path / "g.bundlx").write_bytes(bundlx)
+    pairs.append((tmp_path / "g.bundle", tmp_path / "g.bundlx"))
+    assert len(pairs) >= 3
+    for p, bx in pairs:
+        data, index = p.read_bytes(), bx.read_bytes()
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            a = _bundle.parse_v1_fd(index, fd, 0, len(data), p.name)
+        finally:
+            os.close(fd)
+        b = _bundle.parse_v1(index, data, p.name)
+        assert (a[0] == b[0]).all() and (a[1] == b[1]).all()
+
+
+def test_parse_v1_fd_refuses_bad_arguments_and_short_files(tmp_path):
+    bundle, bundlx = _v1_bundle({0: b"a" * 300, 9000: b"b" * 20}, 0, 0)
+    p = tmp_path / "b.bundle"
+    p.write_bytes(bundle)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        with pytest.raises(ValueError, match="open file descriptor"):
+            _bundle.parse_v1_fd(bundlx, -1, 0, len(bundle))
+        for base, length in ((2**63, 10), (0, 2**63)):
+            with pytest.raises(ValueError, match="out of range"):
+                _bundle.parse_v1_fd(bundlx, fd, base, length)
+        with pytest.raises(BundleError, match=".bundlx is 10 bytes"):
+            _bundle.parse_v1_fd(bundlx[:10], fd, 0, len(bundle))
+        with pytest.raises(BundleError, match="truncated"):
+            _bundle.parse_v1_fd(bundlx, fd, 0, 59)
+        with pytest.raises(BundleError, match="past the end"):        # the index points past `length`
+            _bundle.parse_v1_fd(bundlx, fd, 0, len(bundle) - 10)
+        # the file is shorter than the caller measured (truncated between fstat and read)
+        far = bytearray(bundlx)
+        far[16 + 5 * 5:21 + 5 * 5] = (len(bundle) + 10).to_bytes(5, "little")
+        with pytest.raises(BundleError, match="changed while being read"):
+            _bundle.parse_v1_fd(bytes(far), fd, 0, len(bundle) + 1000)
+        with pytest.raises(BundleError, match="ends before its header"):
+            _bundle.parse_v1_fd(bundlx, fd, len(bundle), len(bundle))
+        bad = bytearray(bundlx)
+        struct.pack_into("<I", bad, 12, 4)
+        with pytest.raises(BundleError, match="bundlx header"):
+            _bundle.parse_v1_fd(bytes(bad), fd, 0, len(bundle))
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError):                                      # a closed descriptor
+        _bundle.parse_v1_fd(bundlx, fd, 0, len(bundle))
+
+
+def test_pread_checked_refuses_bad_arguments(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"0123456789")
+    fd = os.open(p, os.O_RDONLY)
+    st = os.fstat(fd)
+    fid = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    try:
+        assert _bundle.pread_checked(fd, 2, 3, fid) == (b"234", True)
+        assert _bundle.pread_checked(fd, 8, 5, fid) == (None, True)            # the file ends first
+        assert _bundle.pread_checked(fd, 0, 1, fid[:2] + (11, fid[3])) == (b"0", False)
+        with pytest.raises(ValueError):
+            _bundle.pread_checked(-1, 0, 1, fid)
+        for off, n in ((0, -1), (0, 1 << 24), (2**63, 1)):
+            with pytest.raises(ValueError, match="out of range"):
+                _bundle.pread_checked(fd, off, n, fid)
+        with pytest.raises(ValueError, match="fid"):
+            _bundle.pread_checked(fd, 0, 1, fid[:3])
+    finally:
+        os.close(fd)
+
+
+def test_header_checks_take_any_buffer():
+    for n in (0, 1, 63, 64, 131135):
+        assert "truncated" in _bundle.v2_header_problem(bytes(n))
+        with pytest.raises(BundleError):
+            _bundle.parse_v2(bytes(n), "b")
+        with pytest.raises(BundleError):
+            _bundle.parse_v2_index(bytes(n), 10**6, "b")
+    bundle, bundlx = _v1_bundle({0: b"x"}, 0, 0)
+    assert ".bundlx is 0 bytes" in _bundle.v1_header_problem(b"", bundle)
+    assert "truncated" in _bundle.v1_header_problem(bundlx, b"")
+    with pytest.raises(BundleError):
+        _bundle.parse_v1(bundlx, b"", "b")
