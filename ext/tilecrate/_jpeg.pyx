@@ -5,13 +5,15 @@ Two methods, both per tile, both with per-tile error handling:
   * METHOD_PIXEL: decode to the source colour space (no colour conversion either way), encode at the
     requested quality with the source's chroma sampling;
   * METHOD_DCT: read the quantized DCT coefficients, requantize each component to
-    max(source step, requested step) with dead-zone rounding, write the coefficients (no IDCT,
-    colour conversion or FDCT).
+    max(source step, requested step) with dead-zone rounding (an integer reciprocal multiply, no
+    divide), write the coefficients (no IDCT, colour conversion or FDCT).
 Both write optimized Huffman tables and keep ICC profiles (APP2); other APPn/COM segments are
 dropped (they are size, not pixels). The Huffman statistics are counted by our own bitmask walk
 over each block's nonzero coefficients (fused with requantization on the DCT path, swapped in for
-libjpeg's encode_mcu_gather on the pixel path); libjpeg's jpeg_gen_optimal_table builds the
-tables, so the bytes are identical to libjpeg's optimize_coding at a fraction of its cost. A tile whose bytes do not start FF D8 FF is left alone; a tile
+libjpeg's encode_mcu_gather on the pixel path); tc_gen_optimal_table builds libjpeg's tables from
+them, so the bytes are identical to libjpeg's optimize_coding at a fraction of its cost. Images
+larger than the caller's bound (the cache's tile size) are refused right after the header is read.
+A tile whose bytes do not start FF D8 FF is left alone; a tile
 that libjpeg rejects or warns about (corrupt or truncated data) keeps its original bytes and gets
 a message. libjpeg's error_exit and warnings longjmp back to the tile's entry point, so no libjpeg
 error can reach exit() or cross a tile boundary. One decompress + compress struct per thread,
