@@ -93,6 +93,27 @@ def test_fixture_matches_reference(key, real_dir):
         assert got == ref
         for (lv, r, c), t in list(ref.items())[:50]:
             assert cache.tile(lv, r, c) == t
+        assert cache.warnings == []              # every real bundle name is on the 128-tile grid
+
+
+def test_fixture_copies_read_the_same_by_descriptor_and_by_open_bundle(real_dir, tmp_path):
+    """Every V1 fixture's index read with pread of its size prefixes equals the reference reader's."""
+    import shutil
+
+    for key in ("gwc-compactcache", "tiler-sample", "states_filled.tpk", "sample_v1.tpk"):
+        src = real_path(key)
+        copy = tmp_path / key
+        (shutil.copytree if src.is_dir() else shutil.copyfile)(src, copy)
+        ref = reference_tiles(copy)
+        with tilecrate.open_cache(copy) as cache:
+            assert cache.version == 1
+            got = {}
+            for bref in cache.bundles():
+                with cache.open_bundle(bref) as data:
+                    for i in data.sizes.nonzero()[0]:
+                        got[(bref.level, bref.row0 + int(i) // 128, bref.col0 + int(i) % 128)] = \
+                            data.tile(bref.row0 + int(i) // 128, bref.col0 + int(i) % 128)
+            assert got == ref, key
 
 
 @pytest.mark.parametrize("key", sorted(REAL_SOURCES))
