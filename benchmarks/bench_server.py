@@ -270,3 +270,33 @@ def test_submit_to_download(benchmark, servers, request, tmp_path, service, leve
     report(request, f"submit to download ({service} {levels})", bytes=direct, http_flow_s=t_http,
            direct_export_s=t_direct, http_flow_vs_direct_export=t_http / t_direct,
            http_MB_per_s=direct / t_http / 1e6)
+
+
+def test_job_status_with_two_processes(benchmark, tmp_path, request):
+    """Job-status requests/s of `serve --processes 2` vs 1 (issue 10's target: >= 1.6x)."""
+    sample = tmp_path / "sample"
+    make_sample(sample, SampleSpec(levels=(0, 1, 2)))
+    rates = {}
+
+    def measure() -> None:
+        for n in (1, 2):
+            root = tmp_path / f"p{n}"
+            root.mkdir()
+            (root / "tilecrate.toml").write_text(f'[server]\ndata_dir = "{root / "data"}"\n'
+                                                 f'[services.S]\nsource = "{sample}"\n')
+            port = _free_port()
+            proc = _start([sys.executable, "-m", "tilecrate.cli", "serve", str(root / "tilecrate.toml"),
+                           "--port", str(port), "--quiet", "--processes", str(n)],
+                          f"http://127.0.0.1:{port}/arcgis/rest/info?f=json", root)
+            try:
+                svc = f"http://127.0.0.1:{port}/arcgis/rest/services/S/MapServer"
+                job = _get_json(f"{svc}/estimateExportTilesSize", {"f": "json", "levels": "0-1"})
+                url = f"{svc}/estimateExportTilesSize/jobs/{job['jobId']}?f=json"
+                time.sleep(1)
+                rates[n] = statistics.median(load(url) for _ in range(ROUNDS))
+            finally:
+                _stop(proc)
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    report(request, "job status, --processes 2 vs 1", one_process_req_per_s=rates[1],
+           two_processes_req_per_s=rates[2], two_vs_one=rates[2] / rates[1],
+           load_generator="wrk" if shutil.which("wrk") else "aiohttp client process")

@@ -152,6 +152,9 @@ def test_recover_after_crash(tmp_path, sample_v2):
     (out / "S_MapServer" / finished.id / "S.tpkx").write_bytes(b"package")
     stray = out / "S_MapServer" / new_job_id()
     stray.mkdir()
+    os.utime(stray, (time.time() - 120, time.time() - 120))
+    fresh = out / "S_MapServer" / new_job_id()  # may be a job another front end is admitting now
+    fresh.mkdir()
     with open_cache(str(sample_v2)) as cache:
         r = JobRunner(store, {"S": JobService("S", cache)}, str(out), workers=1)
         assert sorted(r.recover()) == sorted([running.id, queued.id])
@@ -161,7 +164,7 @@ def test_recover_after_crash(tmp_path, sample_v2):
             assert not (out / "S_MapServer" / j.id).exists()
         assert store.get(finished.id).status == SUCCEEDED
         assert (out / "S_MapServer" / finished.id / "S.tpkx").read_bytes() == b"package"
-        assert not stray.exists()
+        assert not stray.exists() and fresh.exists()
         r.close()
     store.close()
 

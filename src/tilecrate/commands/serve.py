@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-file-age", type=float, help="seconds before outputs are removed (default 600)")
     p.add_argument("--max-outstanding-jobs", type=int, help="refuse new jobs with 503 beyond this many")
     p.add_argument("--max-export-tiles", type=int, help="maxExportTilesCount for --cache / --demo (default 100000)")
-    p.add_argument("--workers", type=int, help="jobs run at once (default 2)")
+    p.add_argument("--workers", type=int, help="jobs run at once per process (default 2)")
+    p.add_argument("--processes", type=int, help="front-end processes sharing the port and the job store (default 1)")
 
 
 def build_config(args: argparse.Namespace):
@@ -53,7 +54,8 @@ def build_config(args: argparse.Namespace):
             max_export_tiles_count=args.max_export_tiles if args.max_export_tiles is not None else 100000)
     for attr, value in (("host", args.host), ("port", args.port), ("token", args.token),
                         ("max_file_age", args.max_file_age), ("workers", args.workers),
-                        ("maximum_outstanding_jobs", args.max_outstanding_jobs)):
+                        ("maximum_outstanding_jobs", args.max_outstanding_jobs),
+                        ("processes", getattr(args, "processes", None))):
         if value is not None:
             setattr(cfg, attr, value)
     if args.data_dir and args.config:
@@ -81,16 +83,14 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.makedirs(cfg.data_dir, exist_ok=True)
-    app = create_app(cfg)
     url = f"http://{cfg.host}:{cfg.port}/arcgis/rest/services"
+    if cfg.processes > 1:
+        return _run_processes(cfg, args, url)
+    app = create_app(cfg)
 
     def announce(_aiohttp_banner: str) -> None:
         # run_app calls this once the socket is bound, so nothing is announced for a failed start
-        if args.json:
-            emit_json({"url": url, "services": list(cfg.services), "dataDir": cfg.data_dir})
-            sys.stdout.flush()
-        print(f"tilecrate: serving {', '.join(cfg.services)} on {url} (data in {cfg.data_dir})",
-              file=sys.stderr, flush=True)
+        _announce(cfg, args, url)
 
     try:
         web.run_app(app, host=cfg.host, port=cfg.port, print=announce, access_log=None,
@@ -107,3 +107,92 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def _announce(cfg, args: argparse.Namespace, url: str) -> None:
+    if args.json:
+        emit_json({"url": url, "services": list(cfg.services), "dataDir": cfg.data_dir,
+                   "processes": cfg.processes})
+        sys.stdout.flush()
+    more = f", {cfg.processes} processes" if cfg.processes > 1 else ""
+    print(f"tilecrate: serving {', '.join(cfg.services)} on {url} (data in {cfg.data_dir}{more})",
+          file=sys.stderr, flush=True)
+
+
+def _run_processes(cfg, args: argparse.Namespace, url: str) -> int:
+    """N front-end processes accepting on one listening socket, sharing the LMDB job store (issue 10).
+
+    The parent binds the socket and holds the data dir's lock, forks the processes (before anything
+    opens LMDB), passes SIGTERM/SIGINT/SIGHUP on to them and exits when they have; if one ends on
+    its own, the others are stopped too. Process 0 expires old jobs; any answers any job.
+    """
+    import signal
+    import socket
+
+    from tilecrate.jobs.runner import site_lock_file
+
+    lock = site_lock_file(cfg.output_dir)
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((cfg.host, cfg.port))
+        sock.listen(1024)
+    except OSError as e:
+        sock.close()
+        raise TilecrateError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    children: dict[int, int] = {}
+    for index in range(cfg.processes):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child process
+            os._exit(_child(cfg, sock, index))
+        children[pid] = index
+    sock.close()
+    _announce(cfg, args, url)
+    got: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        got.append(signum)
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM if signum == signal.SIGHUP else signum)
+            except ProcessLookupError:
+                pass
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    worst = 0
+    while children:
+        pid, status = os.wait()
+        children.pop(pid, None)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0 and not got:
+            logging.getLogger("tilecrate.server").error("front-end process %d ended with %d; stopping the others",
+                                                        pid, code)
+            worst = worst or 1
+            forward(signal.SIGTERM, None)
+    lock.close()
+    return worst
+
+
+def _child(cfg, sock, index: int) -> int:  # pragma: no cover - runs in a forked process
+    import signal
+
+    from aiohttp import web
+
+    from tilecrate.server.app import create_app
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    try:
+        app = create_app(cfg, process_index=index, site_lock=False)
+        web.run_app(app, sock=sock, print=None, access_log=None, handle_signals=True, shutdown_timeout=5)
+    except BaseException:
+        logging.getLogger("tilecrate.server").exception("front-end process %d failed", index)
+        return 1
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    return 0  # a read blocked on a file does not hold this up: the caller leaves with os._exit

@@ -97,7 +97,7 @@ class JobRunner:
     def __init__(self, store: JobStore, services: Mapping[str, JobService], output_root: str, *,
                  workers: int = 2, max_outstanding: int | None = None, max_file_age: float = 600.0,
                  export_threads: int | None = None, quota: Quota | None = None, budget: Budget | None = None,
-                 scheduler=None, local_temp_folder: bool = False):
+                 scheduler=None, local_temp_folder: bool = False, site_lock: bool = True):
         self.store = store
         self.scheduler = scheduler  # None: exports run here; else a tilecrate.runners.dask.DaskRunner
         self.local_temp_folder = local_temp_folder
@@ -120,7 +120,8 @@ class JobRunner:
         self._closed = False
         self._cleanup_lock = threading.Lock()  # close() waits for a cleanup pass in progress
         os.makedirs(self.output_root, exist_ok=True)
-        self._lock = _exclusive(os.path.join(self.output_root, ".tilecrate-server.lock"))
+        # one server per data dir; front-end processes of one server share it (their parent holds the lock)
+        self._lock = site_lock_file(self.output_root) if site_lock else None
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="tilecrate-job")
 
     # paths -----------------------------------------------------------------------------------
@@ -139,10 +140,12 @@ class JobRunner:
         """After a crash: fail jobs left outstanding, remove their partial output and stray folders."""
         failed = self._fail_orphans(lambda job: True)
         known = set(self.store.all_ids())
+        young = time.time() - 60  # a folder this new may be a job another front end is just admitting
         for svc_dir in self._service_dirs():
             for name in os.listdir(svc_dir):
-                if name not in known:
-                    shutil.rmtree(os.path.join(svc_dir, name), ignore_errors=True)
+                path = os.path.join(svc_dir, name)
+                if name not in known and not _newer_than(path, young):
+                    shutil.rmtree(path, ignore_errors=True)
         if failed:
             log.warning("marked %d interrupted job(s) failed: %s", len(failed), ", ".join(failed))
         return failed
@@ -228,7 +231,8 @@ class JobRunner:
             except StoreError as e:
                 log.error("job %s: its end could not be recorded before stopping: %s", job_id, e)
         self.recover()  # anything still queued
-        self._lock.close()
+        if self._lock is not None:
+            self._lock.close()
 
     # operations ------------------------------------------------------------------------------
 
@@ -380,17 +384,16 @@ class JobRunner:
         return None
 
     def _watch_start(self, job_id: str) -> None:
-        if self.budget.memory_bytes is None:
-            return
         with self._events_lock:
             self._running_rss[job_id] = _rss()
             if self._watcher is None or not self._watcher.is_alive():
-                self._watcher = threading.Thread(target=self._watch_memory, name="tilecrate-memory", daemon=True)
+                self._watcher = threading.Thread(target=self._watch, name="tilecrate-watch", daemon=True)
                 self._watcher.start()
 
-    def _watch_memory(self) -> None:
-        """Sample the resident size while jobs run; stop the ones past their share (see the module doc)."""
-        limit = self.budget.memory_bytes or 0
+    def _watch(self) -> None:
+        """While jobs run: pass on cancels another front-end process recorded in the store, and sample
+        the resident size to stop jobs past their memory share (see the module doc)."""
+        limit = self.budget.memory_bytes
         while not self._stopping:
             with self._events_lock:
                 running = dict(self._running_rss)
@@ -401,9 +404,16 @@ class JobRunner:
                         return
                 time.sleep(_MEMORY_POLL)
                 continue
-            rss = _rss()
+            for job_id in running:
+                found = self.store.public(job_id)
+                if found is not None and b'"jobStatus":"esriJobCancelling"' in found[2]:
+                    with self._events_lock:
+                        ev = self._events.get(job_id)
+                    if ev is not None:
+                        ev.set()
+            rss = _rss() if limit is not None else 0
             for job_id, start in running.items():
-                if rss - start > limit * len(running):
+                if limit is not None and rss - start > limit * len(running):
                     with self._events_lock:
                         self._over_memory.add(job_id)
                         ev = self._events.get(job_id)
@@ -638,6 +648,20 @@ def _sync_to_disk(path: str, parent: str) -> None:
     else:
         sync(path, os.O_RDONLY)
     sync(parent, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _newer_than(path: str, when: float) -> bool:
+    try:
+        return os.stat(path).st_mtime > when
+    except OSError:
+        return False
+
+
+def site_lock_file(output_root: str):
+    """The flock that makes one server per data dir, held while it runs (released by the kernel even
+    after SIGKILL); a multi-process server's parent holds it for its front-end processes."""
+    os.makedirs(output_root, exist_ok=True)
+    return _exclusive(os.path.join(os.path.abspath(output_root), ".tilecrate-server.lock"))
 
 
 def _exclusive(path: str):

@@ -57,6 +57,7 @@ STORE = web.AppKey("store", JobStore)
 PREVIEWS = web.AppKey("previews", dict)
 CLEANER = web.AppKey("cleaner", asyncio.Task)
 READS = web.AppKey("reads", ReadGate)
+PROCESS = web.AppKey("process", tuple)
 JSON_CACHE = web.AppKey("json_cache", dict)
 _JSON_TTL = 1.0  # seconds a service's JSON is reused (its cache may change under us)
 _JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
@@ -608,8 +609,12 @@ def add_routes(app: web.Application) -> None:
         app.router.add_post(path, handler)
 
 
-def create_app(cfg: ServerConfig) -> web.Application:
-    """The application; services, job store and runner are opened on startup and closed on cleanup."""
+def create_app(cfg: ServerConfig, *, process_index: int = 0, site_lock: bool = True) -> web.Application:
+    """The application; services, job store and runner are opened on startup and closed on cleanup.
+
+    A multi-process server makes one per front-end process: `process_index` 0 runs expiry cleanup,
+    and `site_lock=False` because the parent holds the data dir's lock for all of them.
+    """
     # clients put whole areaOfInterest polygons in GET query strings (the ArcGIS API for Python
     # does): accept request lines far beyond aiohttp's 8 KiB default
     body = cfg.limits.max_body_bytes
@@ -617,6 +622,7 @@ def create_app(cfg: ServerConfig) -> web.Application:
                           handler_args={"max_line_size": min(MAX_REQUEST_LINE, body) + 8192,
                                         "max_field_size": 65536})
     app[CFG] = cfg
+    app[PROCESS] = (process_index, site_lock)
     app[SERVICES] = {}
     app[PREVIEWS] = {}
     app[JSON_CACHE] = {}
@@ -658,9 +664,11 @@ async def _startup(app: web.Application) -> None:
                                          memory_bytes=(lim.job_memory_mb << 20) or None,
                                          geometry=GeometryLimits.from_config(lim.geometry())),
                            scheduler=scheduler,
-                           local_temp_folder=cfg.cluster.export_tiles_using_local_temp_folder)
+                           local_temp_folder=cfg.cluster.export_tiles_using_local_temp_folder,
+                           site_lock=app[PROCESS][1])
         runner.recover()
-        runner.cleanup()
+        if app[PROCESS][0] == 0:
+            runner.cleanup()
         return services, store, runner
 
     services, store, runner = await loop.run_in_executor(None, open_all)
@@ -681,7 +689,7 @@ async def _clean_periodically(app: web.Application) -> None:
         runner = app[RUNNER]
         try:
             await loop.run_in_executor(None, runner.sweep)
-            if time.monotonic() >= next_cleanup:
+            if app[PROCESS][0] == 0 and time.monotonic() >= next_cleanup:  # one process expires jobs
                 next_cleanup = time.monotonic() + interval
                 removed = await loop.run_in_executor(None, runner.cleanup, time.time())
                 if removed:

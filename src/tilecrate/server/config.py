@@ -7,7 +7,8 @@ port = 8000
 data_dir = "tilecrate-data"          # job store and arcgisoutput live here (relative to this file)
 max_file_age = 600                   # seconds before outputs and finished jobs are removed
 maximum_outstanding_jobs = 8         # omit for unlimited
-workers = 2                          # jobs run at once
+workers = 2                          # jobs run at once (per front-end process)
+processes = 1                        # front-end processes sharing the port and the job store
 token = "change-me"                  # optional: required on every request when set
 public_url = "https://maps.example.com"  # optional: the URL clients reach us at (else the Host
 host_names = ["maps.example.com:8000"]   # header is used only when it names us: these names, the
@@ -121,6 +122,7 @@ class ServerConfig:
     max_file_age: float = 600.0
     maximum_outstanding_jobs: int | None = None
     workers: int = 2
+    processes: int = 1
     export_threads: int | None = None
     token: str | None = None
     public_url: str | None = None
@@ -161,7 +163,7 @@ def _pick(table: dict, where: str, spec: dict[str, type]) -> dict:
 
 
 _SERVER_KEYS = {"host": str, "port": int, "data_dir": str, "max_file_age": float,
-                "maximum_outstanding_jobs": int, "workers": int, "export_threads": int,
+                "maximum_outstanding_jobs": int, "workers": int, "processes": int, "export_threads": int,
                 "token": str, "public_url": str, "host_names": list}
 _CLUSTER_KEYS = {"scheduler": str, "workers": int, "export_tiles_using_local_temp_folder": bool}
 GEOMETRY_KEYS = ("max_vertices", "max_rings", "max_line_crossings", "max_json_depth")
@@ -233,6 +235,8 @@ def validate(cfg: ServerConfig) -> ServerConfig:
         raise ConfigError("maximum_outstanding_jobs must be at least 1 (omit it for unlimited)")
     if cfg.workers < 1:
         raise ConfigError("workers must be at least 1")
+    if not 1 <= cfg.processes <= 64:
+        raise ConfigError("processes must be between 1 and 64")
     lim = cfg.limits
     for name in ("max_body_bytes", "max_input_bytes", "max_jobs_per_client", "max_outstanding_per_client",
                  "max_input_bytes_per_client", "tile_read_threads", *GEOMETRY_KEYS):
