@@ -324,3 +324,30 @@ def test_a_bloated_store_is_compacted_when_opened_alone(tmp_path):
     assert alone.get(keep.id).params == {"levels": "0"} and alone.client_usage("k")[0] == 1
     alone.admit(Job(new_job_id(), EXPORT, "S", {"levels": "1"}), None)
     alone.close()
+
+
+def test_a_cancel_recorded_by_another_front_end_stops_the_job(tmp_path, sample_v2, monkeypatch):
+    """Two front ends share the store; B takes the cancel of A's job: A's watcher sees it and stops it."""
+    import tilecrate.jobs.runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "export", _waiting_export())
+    cache = open_cache(str(sample_v2))
+    store = JobStore(str(tmp_path / "db"))
+    services = {"S": JobService("S", cache)}
+    a = JobRunner(store, services, str(tmp_path / "out"), workers=1, site_lock=False)
+    b = JobRunner(store, services, str(tmp_path / "out"), workers=1, site_lock=False)
+    try:
+        job = a.submit(EXPORT, "S", {"levels": "0-1", "tilePackage": "true"})
+        deadline = time.monotonic() + 10
+        while store.get(job.id).status != EXECUTING:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert not b.is_running(job.id) and b.cancel(job.id).status == "esriJobCancelling"
+        t0 = time.monotonic()
+        done = _wait(a, job.id, timeout=5)
+        assert done.status == "esriJobCancelled" and time.monotonic() - t0 < 1.5
+    finally:
+        a.close()
+        b.close()
+        store.close()
+        cache.close()
