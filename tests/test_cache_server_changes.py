@@ -209,10 +209,11 @@ def test_answers_stay_correct_while_the_cache_changes(world, tmp_path, ops, serv
         world.apply(("rename", "folder", lv, 0, 0.0))
     world.apply(("rename", "pkg", 0, 0, 0.0))
     for svc in ("Live", "LivePkg"):
-        deadline = time.monotonic() + 3 * RELIST_SECONDS + 2      # a re-added bundle is seen after a re-listing
+        # a re-added bundle is seen after a re-listing, a renamed one after a path check
+        deadline = time.monotonic() + 3 * RELIST_SECONDS + 2
         while True:
             r = world.server.get(f"{world.server.svc(svc)}/tile/2/1/0")
-            if r.status == 200 or time.monotonic() > deadline:
+            if (r.status == 200 and r.body == tile_bytes(0, 2, 1, 0)) or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
         assert r.status == 200 and r.body == tile_bytes(0, 2, 1, 0), (svc, r.status, r.body[:200])
