@@ -1,9 +1,9 @@
 """A cache folder as output (tilePackage=false): conf.xml, conf.cdi and _alllayers/Lnn/*.bundle(x).
 
 A bundle's runs of source tiles are read ahead by a helper thread (size prefixes checked and
-fixed) while this thread writes the previous run (`package.kcopy`; `COPY_METHOD` may ask for
-kernel copies instead); plans without a source file (re-encoded or inflated tiles) are written
-from the plan's buffer.
+fixed) while this thread copies the previous run in the kernel, or writes it from the buffer
+when it is short or was fixed (`package.kcopy`); plans without a source file (re-encoded or
+inflated tiles) are written from the plan's buffer.
 """
 from __future__ import annotations
 

@@ -1,20 +1,24 @@
-"""Byte ranges of source files into an output: read ahead with their CRC-32, or copied in the kernel.
+"""Byte ranges of source files into an output: copied in the kernel, the CRC-32 read ahead.
 
 Zip entries need a CRC-32 before the central directory, and bundle runs need their 4-byte size
 prefixes checked, so the bytes of a run are read in user space once anyway. `RunScanner` does
 that read (pread, prefix check and fix, isal CRC-32) on a helper thread, SCAN_AHEAD runs ahead
-of the writer, into a small pool of reused buffers; the writer writes those buffers, so reads
-overlap writes and nothing is read twice ("buffered", the default). The first range of an entry
-is read on the writer's own thread, which saves a thread hand-off per bundle.
+of the writer, into a small pool of reused buffers, while the writer puts the previous run into
+the output. The writer reads a range itself when the helper has not started it (the first range
+of an entry, or a helper not scheduled on a loaded machine): nothing waits on an idle thread.
 
-`KernelCopier.copy` moves a range with `copy_file_range` (falling back to `sendfile`, then to
-pread/write, where a file system or the output kind refuses: EXDEV, EINVAL for pipes, EBADF for
-O_APPEND outputs, ENOSYS, EOPNOTSUPP; a refusal is remembered). It is what `ZipWriter.add_file`
-uses for a staged file whose CRC is known (nothing to read), and what the "copy_file_range" mode
-uses for every run. Measured here on 2026-12-01 (ext4, kernel 6.18, 2 cores under load): for
-ranges whose source and output offsets are not congruent modulo the page size (zip entries
-rarely are) copy_file_range and sendfile ran at about half the rate of write() from memory, and
-a whole-sample export took 1.6x the time of the buffered mode, so buffered is the default.
+How the writer puts a run into the output (`COPY_METHOD`, env TILECRATE_COPY_METHOD): "auto"
+(default) copies runs of KERNEL_MIN bytes or more in the kernel with `KernelCopier` and writes
+shorter ones from the helper's buffer (a run whose source prefixes were wrong is always written
+fixed from the buffer). `KernelCopier.copy` uses `copy_file_range`, falling back to `sendfile`,
+then to pread/write, where a file system or the output kind refuses (EXDEV, EINVAL for pipes,
+EBADF for O_APPEND outputs, ENOSYS, EOPNOTSUPP; a refusal is remembered). A staged file whose
+CRC is known (`ZipWriter.add_file`) is only ever copied in the kernel: nothing is read.
+Measured here on 2026-12-01 (ext4, 2 cores shared with 7 other sessions, so noisy; whole sample
+of 322 MB, 48 runs of up to 8 MiB; a bbox of 94 MB in 229 runs): with a cold page cache the
+kernel copies beat writes from the buffers in 5 of 5 runs of the whole sample (0.85 s vs 1.1 s
+median); for the bbox's short runs the buffered writes were faster in 8 of 8 comparisons, warm
+and cold, hence the threshold. Warm, the two were within the machine's noise.
 
 Every way refuses a source that ends before the range does (the file shrank): an error naming the
 file, never a short entry. Python's own os.copy_file_range/os.sendfile/os.preadv are used; each
@@ -37,13 +41,13 @@ from tilecrate.errors import BundleError
 
 METHODS = ("copy_file_range", "sendfile", "readwrite")
 WRITE_MODES = METHODS + ("auto", "buffered", "chunks")
-KERNEL_MIN = 4 << 20             # "auto": runs of at least this many bytes go by copy_file_range
+KERNEL_MIN = 1 << 20             # "auto": runs of at least this many bytes go by copy_file_range
 # how file ranges reach an output (zip or folder): a method of METHODS (kernel copies, falling back
 # in that order), "buffered" (written from the helper's read-ahead buffers), "auto" (runs of
 # KERNEL_MIN bytes or more by copy_file_range, shorter ones buffered), or "chunks" (bundles
 # through the plan's own buffer, read and written on the writer's thread: the path before kernel
 # copies, kept as the benchmarks' baseline)
-COPY_METHOD = os.environ.get("TILECRATE_COPY_METHOD") or "buffered"
+COPY_METHOD = os.environ.get("TILECRATE_COPY_METHOD") or "auto"
 if COPY_METHOD not in WRITE_MODES:
     raise ValueError(f"TILECRATE_COPY_METHOD={COPY_METHOD!r} is not one of {', '.join(WRITE_MODES)}")
 # refusals that mean "not between these files", not "the copy failed"

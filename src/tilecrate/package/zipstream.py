@@ -4,8 +4,8 @@ Every entry's size is known before its bytes are written; its CRC too, or (seeka
 is computed as the bytes pass and patched into the local header, so no data descriptor is needed
 and the writer never seeks: it can write to a pipe or socket as well as to a file. Entries can be
 made of byte ranges of other files (`add_parts`, `add_file`): a helper thread reads the next
-ranges (CRC-32, size prefixes) while the writer writes the last one; a staged file of known
-CRC is copied in the kernel (`package.kcopy`).
+ranges (CRC-32, size prefixes) while the writer copies the last one in the kernel or writes
+it from the buffer (`package.kcopy`); a staged file of known CRC is only copied in the kernel.
 Memory is flat in the package size: only the central directory (one small record per entry)
 is kept. ArcGIS Runtime refuses compressed packages, which is why nothing is ever deflated.
 """
@@ -205,8 +205,8 @@ class ZipWriter:
             return
         checked = any(isinstance(p, CopyRange) and p.prefix_at is not None for p in parts)
         need_crc = crc is None or checked
-        # ranges read anyway (for their CRC or prefixes) are written from the read buffers unless a
-        # kernel method is asked for (see kcopy: copy_file_range measured at about half the rate)
+        # short ranges read anyway (for their CRC or prefixes) are written from the read buffers
+        # in "auto" mode; long ones, and ranges nobody needs to read, are copied in the kernel
         kernel = self.copy_method in METHODS or self.copy_method == "auto" or not need_crc
         copier = self._copier if kernel else None
         kernel_min = kcopy.KERNEL_MIN if (self.copy_method == "auto" and need_crc) else 0
@@ -314,8 +314,9 @@ class ZipSink:
         """A planned bundle, then its .bundlx for V1; CRCs computed while writing unless the plan has them.
 
         Runs of source tiles are read ahead from the source file on a helper thread (CRC-32, size
-        prefixes checked and fixed) and written by this thread (`kcopy`); plans without a source
-        file (re-encoded or inflated tiles) go through the plan's buffer.
+        prefixes checked and fixed) while this thread copies the previous run in the kernel, or
+        writes it from the buffer when short or fixed (`kcopy`); plans without a source file
+        (re-encoded or inflated tiles) go through the plan's buffer.
         """
         if plan.crc is None and self.needs_crc:
             plan.compute_crc()
