@@ -318,7 +318,7 @@ def test_reciprocal_requantization_equals_the_exact_rule(roff):
 
 def test_reciprocal_requantization_at_the_extremes():
     """Magnitudes up to 32768 (hostile data: the largest |JCOEF|) and 16-bit source steps (t = s)."""
-    for args in [(127, 12, 255, 32768), (128, 65535, 1, 130), (0, 1, 65535, 3)]:
+    for args in [(127, 16, 255, 32768), (128, 65535, 1, 130), (0, 1, 65535, 3)]:
         recip, doubles, cases = _jpeg._requant_selftest(*args)
         assert cases > 0 and recip == 0, args
 
