@@ -20,9 +20,10 @@ crosses (what one row of the rasterizer costs) is checked.
 
 Projecting: edges are densified in the source coordinates first (a straight edge in degrees is
 a curve in Web Mercator; pieces of at most 1/DENSIFY_STEPS of the area's larger side, adding at
-most DENSIFY_EXTRA vertices in all), geographic input is clipped to the target's area of use (Web Mercator
-stops at ±85.06°), then every vertex goes through pyproj. pyproj is imported only when an area
-needs projecting.
+most DENSIFY_EXTRA vertices in all), geographic input is clipped to the target's area of use
+(Web Mercator stops at ±85.06°; the clip keeps winding numbers, and along the clip lines only
+the stretches the area reaches stay edges), then every vertex goes through pyproj. pyproj and
+shapely are imported only when an area needs them.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ MAX_COORDINATE = 1e15             # coordinates beyond this are junk in any spat
 MAX_WKT_CHARS = 32_768            # real WKT is a few kB; PROJ parses whatever it gets
 MAX_SPATIAL_REFS = 8              # distinct spatial references in one area: each costs a PROJ set-up
 DENSIFY_STEPS = 256               # segments along the larger side of the area when projecting
-DENSIFY_EXTRA = 262_144           # vertices densifying may add in all (long edges first need it)
+DENSIFY_EXTRA = 262_144           # vertices densifying may add in all (beyond that, pieces get longer)
 WEB_MERCATOR_CODES = {3857, 102100, 102113, 900913, 3785, 41001}
 WGS84 = SpatialRef(4326, 4326)
 
