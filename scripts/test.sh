@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh
+scripts/install-browser.sh   # chromium + the @arcgis/core page of tests/test_server_vector_browser.py
 exec .venv/bin/python -m pytest "$@"
