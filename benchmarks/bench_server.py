@@ -10,7 +10,6 @@ Run: `.venv/bin/pytest benchmarks/bench_server.py --benchmark-enable [--large-sa
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
