@@ -273,3 +273,17 @@ def test_stdout_on_a_full_disk_is_one_line(cache, args):
                            text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.splitlines() in (
         ["tilecrate: error: stdout: No space left on device"], ["tilecrate: error: No space left on device"]), r.stderr
+
+
+def test_longest_legal_output_name_gets_a_legal_temp_name(cache, tmp_path):
+    """A 255-byte output name: the temp name next to it is shortened to fit, the export succeeds."""
+    name = "é" * 60 + "a" * 130 + ".tpkx"            # 255 bytes in UTF-8
+    assert len(name.encode()) == 255
+    tmp = Path(temp_path(str(tmp_path / name)))
+    assert len(os.fsencode(tmp.name)) <= 255 and tmp.name.startswith(".é")
+    tmp.write_bytes(b"x")                              # a legal name: the file system takes it
+    r = subprocess.run(cli("export", cache, "-o", tmp_path / name, "--levels", "0-2", "--json"), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["path"] == str(tmp_path / name)
+    assert temps(tmp_path) == [tmp]                   # ours, alive: left alone

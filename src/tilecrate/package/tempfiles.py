@@ -16,6 +16,7 @@ import stat
 import uuid
 
 _MARK = ".tmp-"
+NAME_MAX = 255          # bytes in one file name (Linux file systems, and most others)
 
 
 _HOST_TAG: list[str] = []
@@ -81,7 +82,14 @@ def temp_path(out: str) -> str:
     folder, base = os.path.split(os.path.abspath(out))
     pid = os.getpid()
     start = process_start(pid) or 0
-    return os.path.join(folder, f".{base}{_MARK}{_host_tag()}-{pid}-{start}-{uuid.uuid4().hex[:8]}")
+    tail = f"{_MARK}{_host_tag()}-{pid}-{start}-{uuid.uuid4().hex[:8]}"
+    # a legal output name (up to 255 bytes) must not make an illegal temp name: shorten the copy of
+    # the name in it (the random part keeps temps apart; the sweep reads only the tail)
+    room = NAME_MAX - 1 - len(tail.encode())
+    encoded = os.fsencode(base)
+    if len(encoded) > room:
+        base = os.fsdecode(encoded[:room].decode("utf-8", "ignore").encode()) if room > 0 else ""
+    return os.path.join(folder, f".{base}{tail}")
 
 
 def _parse(name: str, base: str | None) -> tuple[str | None, int, int | None] | None:
