@@ -154,9 +154,10 @@ class JobRunner:
         """Fail outstanding jobs that no live process drives (and that `orphaned` accepts)."""
         now = time.time()
         failed = []
-        with self._events_lock:
+        outstanding = self.store.ids_by_status(*OUTSTANDING)
+        with self._events_lock:  # after the read: a job is registered before it is stored
             mine = set(self._events)
-        for job_id in self.store.ids_by_status(*OUTSTANDING):
+        for job_id in outstanding:
             if job_id in mine:
                 continue
 
