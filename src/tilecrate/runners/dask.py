@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -167,9 +168,12 @@ class DaskRunner:
         self.address = str(scheduler)
         try:
             if self.address == "local":
-                self._own_cluster = LocalCluster(n_workers=int(workers or os.cpu_count() or 1),
-                                                 threads_per_worker=int(threads_per_worker), processes=True,
-                                                 host="127.0.0.1", dashboard_address=None, silence_logs=40)
+                with warnings.catch_warnings():
+                    # "port 8787 is in use" (another cluster's HTTP server): it takes another port
+                    warnings.simplefilter("ignore", UserWarning)
+                    self._own_cluster = LocalCluster(n_workers=int(workers or os.cpu_count() or 1),
+                                                     threads_per_worker=int(threads_per_worker), processes=True,
+                                                     host="127.0.0.1", dashboard_address=None, silence_logs=40)
                 self.address = self._own_cluster.scheduler_address
                 self.client = Client(self._own_cluster, set_as_default=False)
             else:

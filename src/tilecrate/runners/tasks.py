@@ -174,6 +174,17 @@ def _write_all(fd: int, data) -> None:
         view = view[os.write(fd, view):]
 
 
+_scanners = threading.local()
+
+
+def _scanner() -> RunScanner:
+    """This thread's read-ahead helper (one per worker thread, reused by every bundle it stages)."""
+    scanner = getattr(_scanners, "scanner", None)
+    if scanner is None:
+        scanner = _scanners.scanner = RunScanner()
+    return scanner
+
+
 def _write_plan(fd: int, plan: BundlePlan) -> tuple[int, int]:
     """A plan's .bundle into `fd`: source runs copied in the kernel where the file allows (the CRC-32
     from the helper's read-ahead), else streamed from the plan's buffer; (size, CRC-32)."""
@@ -183,11 +194,7 @@ def _write_plan(fd: int, plan: BundlePlan) -> tuple[int, int]:
         try:
             parts = plan_parts(plan, src, plan.file)
             if parts is not None:
-                scanner = RunScanner()
-                try:
-                    crc, size = write_parts(parts, lambda b: _write_all(fd, b), KernelCopier(fd), scanner, True)
-                finally:
-                    scanner.close()
+                crc, size = write_parts(parts, lambda b: _write_all(fd, b), KernelCopier(fd), _scanner(), True)
                 check_unchanged(src, plan.file_size, plan.file, file_id)
                 return size, crc
         finally:
