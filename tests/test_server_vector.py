@@ -260,3 +260,35 @@ def test_service_type_from_config(tmp_path, fixture_vtpk):
     cfg = write_config(tmp_path / "t.toml", data, {"NE": {"source": fixture_vtpk, "type": "TileServer"}})
     with pytest.raises(RuntimeError, match="type must be one of"):
         TypedServer(cfg, data, free_port()).start(timeout=20)
+
+
+def test_html_pages_name_the_type(server):
+    page = server.get("/arcgis/rest/services", {"f": "html"}).body.decode()
+    assert "/services/NE/VectorTileServer?f=html" in page and "/MapServer" not in page
+    r = server.get(SVC.format("NE"), {"f": "html"})
+    assert r.status == 200 and r.headers["Content-Type"].startswith("text/html")
+
+
+def test_package_truncated_while_served(tmp_path, fixture_vtpk):
+    """A .vtpk cut short under a running server: resources and tiles answer 4xx, never 5xx or a crash."""
+    import shutil
+
+    copy = tmp_path / "ne.vtpk"
+    shutil.copyfile(fixture_vtpk, copy)
+    data = tmp_path / "data"
+    cfg = write_config(tmp_path / "t.toml", data, {"NE": {"source": copy}})
+    srv = TypedServer(cfg, data, free_port(), kinds={"NE": "VectorTileServer"}).start()
+    try:
+        svc = SVC.format("NE")
+        assert srv.get(svc + "/resources/sprites/sprite.png").status == 200
+        with open(copy, "r+b") as f:
+            f.truncate(copy.stat().st_size // 3)
+        answers = [srv.get(svc + path) for path in (
+            "/resources/styles/root.json", "/resources/sprites/sprite@2x.png", "/resources/info",
+            "/resources/fonts/Tahoma%20Regular/65280-65535.pbf", "/tile/5/10/17.pbf", "/tile/0/0/0.pbf", "")]
+        assert all(200 <= a.status < 500 for a in answers), [a.status for a in answers]
+        assert any(a.status >= 400 or b'"error"' in a.body for a in answers)
+        log = srv.log.read_text()
+        assert "Traceback" not in log and "unexpected error" not in log, log[-2000:]
+    finally:
+        srv.stop()

@@ -346,7 +346,8 @@ async def h_services(request: web.Request) -> web.Response:
     names = sorted(request.app[SERVICES])
     obj = {"currentVersion": CURRENT_VERSION, "folders": [],
            "services": [{"name": n, "type": request.app[SERVICES][n].kind} for n in names]}
-    return await reply(request, obj, lambda: html.directory_page(ROOT, names, CURRENT_VERSION))
+    kinds = {n: request.app[SERVICES][n].kind for n in names}
+    return await reply(request, obj, lambda: html.directory_page(ROOT, names, CURRENT_VERSION, kinds))
 
 
 async def h_service(request: web.Request) -> web.Response:

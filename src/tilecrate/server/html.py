@@ -26,10 +26,11 @@ def json_block(obj: object) -> str:
     return f"<pre>{escape(json.dumps(obj, indent=2))}</pre>"
 
 
-def directory_page(root: str, services: list[str], version: float) -> str:
-    """The services directory."""
-    items = "".join(f'<li><a href="{root}/services/{quote(n)}/MapServer?f=html">{escape(n)}</a> (MapServer)</li>'
-                    for n in services)
+def directory_page(root: str, services: list[str], version: float, kinds: dict[str, str] | None = None) -> str:
+    """The services directory (`kinds`: service type by name, MapServer when absent)."""
+    kinds = kinds or {}
+    items = "".join(f'<li><a href="{root}/services/{quote(n)}/{kinds.get(n, "MapServer")}?f=html">{escape(n)}</a> '
+                    f'({kinds.get(n, "MapServer")})</li>' for n in services)
     body = f"<p>Current version: {version}</p><h2>Services</h2><ul>{items or '<li>none</li>'}</ul>"
     return page("Folder: /", body, crumbs=[("Home", f"{root}/services?f=html")])
 
