@@ -37,8 +37,9 @@ SLOW = textwrap.dedent("""
             return None
 
     output.progress_bar = lambda *a, **k: SlowBar()
-    from tilecrate.cli import main
-    sys.exit(main(sys.argv[1:]))
+    if __name__ == "__main__":        # Dask's worker processes are spawned: they import this file
+        from tilecrate.cli import main
+        sys.exit(main(sys.argv[1:]))
 """)
 
 
@@ -90,6 +91,22 @@ def test_signal_stops_export_and_removes_partial_output(cache, slow, tmp_path, s
     assert proc.returncode == code, stderr[-2000:]
     assert stderr.splitlines() == [f"tilecrate: error: {word}" + (" (SIGTERM)" if sig == signal.SIGTERM else "")]
     assert temps(out.parent) == [] and not out.exists()
+
+
+def test_sigterm_stops_an_export_on_a_local_dask_cluster(cache, slow, tmp_path):
+    """--scheduler local: SIGTERM cancels the tasks, removes staging and temp, and stops the worker processes."""
+    proc = start_slow_export(slow, cache, tmp_path / "o.tpkx", "--scheduler", "local", "--workers", "2")
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    proc.terminate()
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert stderr.splitlines()[-1] == "tilecrate: error: terminated (SIGTERM)"
+    assert temps(tmp_path) == [] and not (tmp_path / "o.tpkx").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children), "worker processes outlived the export"
 
 
 def test_sighup_stops_an_export_unless_ignored(cache, slow, tmp_path):
