@@ -16,9 +16,9 @@ EBADF for O_APPEND outputs, ENOSYS, EOPNOTSUPP; a refusal is remembered). A stag
 CRC is known (`ZipWriter.add_file`) is only ever copied in the kernel: nothing is read.
 Measured here on 2026-12-01 (ext4, 2 cores shared with 7 other sessions, so noisy; whole sample
 of 322 MB, 48 runs of up to 8 MiB; a bbox of 94 MB in 229 runs): with a cold page cache the
-kernel copies beat writes from the buffers in 5 of 5 runs of the whole sample (0.85 s vs 1.1 s
-median); for the bbox's short runs the buffered writes were faster in 8 of 8 comparisons, warm
-and cold, hence the threshold. Warm, the two were within the machine's noise.
+kernel copies beat writes from the buffers in all 6 runs of the whole sample (medians 0.85-1.6 s
+vs 1.1-2.3 s); for the bbox's short runs the buffered writes were faster in 10 of 10 comparisons,
+warm and cold, hence the threshold. Warm, the whole sample was within the machine's noise.
 
 Every way refuses a source that ends before the range does (the file shrank): an error naming the
 file, never a short entry. Python's own os.copy_file_range/os.sendfile/os.preadv are used; each
