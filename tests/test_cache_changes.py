@@ -312,6 +312,12 @@ def test_fifo_named_like_a_bundle_never_blocks(base, tmp_path):
             assert "tile None" in proc.stdout
         else:
             assert "error" in proc.stdout and "R0000C0000.bundlx: not a regular file" in proc.stdout
+    fifo_pkg = tmp_path / "pipe.tpkx"                             # a FIFO given as the package itself
+    os.mkfifo(fifo_pkg)
+    proc = subprocess.run([PY, "-c", "import sys, tilecrate\ntry:\n    tilecrate.open_cache(sys.argv[1])\n"
+                           "except tilecrate.CacheError as e:\n    print(e)", str(fifo_pkg)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == f"{fifo_pkg}: not a regular file", (proc.stdout, proc.stderr)
     out = tmp_path / "o.tpkx"                                     # the CLI export finishes too
     proc = subprocess.run([str(Path(PY).parent / "tilecrate"), "export", str(root), "-o", str(out), "--levels", "0-2"],
                           capture_output=True, text=True, timeout=120)
