@@ -199,22 +199,24 @@ class Cache:
                 self.warnings.append(message)
 
     def _refresh_levels(self) -> None:
-        """List the level folders again (folder caches) or re-read a replaced package's directory."""
+        """List the level folders again (folder caches) or re-read a replaced package's directory.
+        Folders are listed outside the lock: readers are not held up by a listing."""
         with self._lock:
             if not self._stale(None):
                 return
             self._listed[None] = time.monotonic()
-            if self._tiles_dir is None:
-                self._refresh_package(check=True)
-                return
-            dirs = _level_dirs(self._tiles_dir)
+        if self._tiles_dir is None:
+            self._refresh_package(check=True)
+            return
+        dirs = _level_dirs(self._tiles_dir)
+        with self._lock:
             for lv in list(self._bundles):
                 if lv not in dirs:
                     del self._bundles[lv]
             self._level_dirs = dirs
-            for lv in dirs:
-                if lv not in self._bundles:
-                    self._refresh_level(lv, force=True)
+            new = [lv for lv in dirs if lv not in self._bundles]
+        for lv in new:
+            self._refresh_level(lv, force=True)
 
     def _refresh_level(self, level: int, force: bool = False) -> None:
         if self._tiles_dir is None:
@@ -224,7 +226,8 @@ class Cache:
                 return
             self._listed[level] = time.monotonic()
             path = self._level_dirs.get(level)
-            found = _list_level(path, self._warn) if path is not None else {}
+        found = _list_level(path, self._warn) if path is not None else {}
+        with self._lock:
             if found:
                 self._bundles[level] = found
             else:
