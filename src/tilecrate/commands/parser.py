@@ -54,7 +54,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="tilecrate", description="Export tiles from Esri compact caches.",
                      epilog="exit codes: 0 done (also when the reader of stdout stops early, as `| head` "
                             "does), 1 failed, 2 bad usage, 130 interrupted (Ctrl-C), 143 terminated "
-                            "(SIGTERM); TILECRATE_DEBUG=1 shows the traceback of unexpected errors")
+                            "(SIGTERM), 129 hung up (SIGHUP); TILECRATE_DEBUG=1 shows the traceback of "
+                            "unexpected errors")
     parser.add_argument("--version", action=_VersionAction, help="show the version and the PIL in use")
     # prog given: argparse would otherwise size the terminal (importing shutil) just to name it
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", prog="tilecrate")
