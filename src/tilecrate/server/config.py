@@ -35,11 +35,23 @@ workers = 2                          # LocalCluster workers ("local" only)
 export_tiles_using_local_temp_folder = false  # true: a job's package is built on one worker's local
                                      # temp folder, then moved into arcgisoutput
 
+[auth]                               # optional, with [users.NAME] (README: "Running a secured site")
+token_expiration = 60                # minutes a token lasts when the client asks for none
+max_token_expiration = 1440          # the most a client may ask for
+max_failed_signins = 5               # failed sign-ins per user name and per address ...
+signin_window = 300                  # ... within this many seconds, before sign-ins are refused
+
+[users.alice]                        # `tilecrate passwd` prints the password_hash line
+password_hash = "scrypt$14$8$1$..."
+role = "user"                        # user | publisher | administrator
+
 [services.World]
 source = "caches/world"              # cache folder, .tpk, .tpkx or .vtpk
 type = "MapServer"                   # optional: VectorTileServer for .vtpk, ImageServer for LERC (the defaults)
 export_tiles_allowed = true
 max_export_tiles_count = 100000
+view = ["*"]                         # with users: who may read it ("*" anyone, user names, "role:NAME");
+export = ["role:publisher", "alice"] # who may export; absent: any signed-in user (administrators always)
 ```
 Keys may also be written as ArcGIS names them (exportTilesAllowed, maxExportTilesCount,
 maximumOutstandingJobs, maxFileAge).
@@ -76,6 +88,8 @@ class ServiceConfig:
     description: str = ""
     copyright: str = ""
     type: str = ""                   # MapServer, VectorTileServer or ImageServer; "": from the source
+    view: list | None = None         # with users: who may read it (None: any signed-in user)
+    export: list | None = None       # with users: who may export (None: any signed-in user)
 
 
 @dataclass
@@ -112,6 +126,16 @@ class ClusterConfig:
 
 
 @dataclass
+class AuthConfig:
+    """Tokens and sign-in limits ([auth]); they apply when [users.NAME] are configured."""
+
+    token_expiration: int = 60
+    max_token_expiration: int = 1440
+    max_failed_signins: int = 5
+    signin_window: float = 300.0
+
+
+@dataclass
 class ServerConfig:
     """Everything `tilecrate serve` needs."""
 
@@ -129,6 +153,8 @@ class ServerConfig:
     host_names: list = field(default_factory=list)
     limits: Limits = field(default_factory=Limits)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    users: dict = field(default_factory=dict)  # name -> tilecrate.admin.users.User
 
     @property
     def output_dir(self) -> str:
@@ -171,7 +197,11 @@ _LIMIT_KEYS = {**{k: int for k in GEOMETRY_KEYS},"max_body_bytes": int, "max_inp
                "max_outstanding_per_client": int, "max_input_bytes_per_client": int, "job_seconds": float,
                "job_memory_mb": int, "tile_read_threads": int, "tile_read_timeout": float}
 _SERVICE_KEYS = {"source": str, "export_tiles_allowed": bool, "max_export_tiles_count": int,
-                 "description": str, "copyright": str, "type": str}
+                 "description": str, "copyright": str, "type": str, "view": list, "export": list}
+_AUTH_KEYS = {"token_expiration": int, "max_token_expiration": int, "max_failed_signins": int,
+              "signin_window": float}
+_USER_KEYS = {"password_hash": str, "role": str}
+_USER_RE = re.compile(r"^[^\s:/\\\x00-\x1f\x7f]{1,120}$")
 SERVICE_TYPES = ("MapServer", "VectorTileServer", "ImageServer")
 
 
@@ -192,10 +222,10 @@ def load_config(path: str) -> ServerConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
     base = os.path.dirname(os.path.abspath(path))
-    unknown = set(raw) - {"server", "services", "limits", "cluster"}
+    unknown = set(raw) - {"server", "services", "limits", "cluster", "auth", "users"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; "
-                          f"use [server], [limits], [cluster] and [services.NAME]")
+                          f"use [server], [limits], [cluster], [auth], [users.NAME] and [services.NAME]")
     server = raw.get("server", {})
     if not isinstance(server, dict):
         raise ConfigError(f"{path}: [server] must be a table")
@@ -209,6 +239,11 @@ def load_config(path: str) -> ServerConfig:
     if not isinstance(cluster, dict):
         raise ConfigError(f"{path}: [cluster] must be a table")
     cfg.cluster = ClusterConfig(**_pick(cluster, f"{path} [cluster]", _CLUSTER_KEYS))
+    auth = raw.get("auth", {})
+    if not isinstance(auth, dict):
+        raise ConfigError(f"{path}: [auth] must be a table")
+    cfg.auth = AuthConfig(**_pick(auth, f"{path} [auth]", _AUTH_KEYS))
+    cfg.users = _users(raw.get("users", {}), path)
     services = raw.get("services", {})
     if not isinstance(services, dict) or not services:
         raise ConfigError(f"{path}: no services: add a [services.NAME] table with source = \"path/to/cache\"")
@@ -223,6 +258,33 @@ def load_config(path: str) -> ServerConfig:
         cfg.services[check_name(name)] = ServiceConfig(name=name, **values)
     validate(cfg)
     return cfg
+
+
+def _users(table: object, path: str) -> dict:
+    from tilecrate.admin.passwords import PasswordHashError, parse_hash
+    from tilecrate.admin.users import ROLES, User
+
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [users] must hold [users.NAME] tables")
+    users = {}
+    for name, entry in table.items():
+        where = f"{path} [users.{name}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a table")
+        if not _USER_RE.match(name):
+            raise ConfigError(f"{where}: a user name has no spaces, ':', '/', '\\' or control characters")
+        values = _pick(entry, where, _USER_KEYS)
+        if "password_hash" not in values:
+            raise ConfigError(f"{where}: password_hash is required (make one with `tilecrate passwd`)")
+        try:
+            parse_hash(values["password_hash"])
+        except PasswordHashError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        role = values.get("role", "user")
+        if role not in ROLES:
+            raise ConfigError(f"{where}: role must be one of {', '.join(ROLES)}, not {role!r}")
+        users[name] = User(name, role, values["password_hash"])
+    return users
 
 
 def validate(cfg: ServerConfig) -> ServerConfig:
@@ -263,4 +325,18 @@ def validate(cfg: ServerConfig) -> ServerConfig:
             raise ConfigError(f"service {svc.name}: type must be one of {', '.join(SERVICE_TYPES)}, not {svc.type!r}")
         if svc.max_export_tiles_count < 0:
             raise ConfigError(f"service {svc.name}: max_export_tiles_count must not be negative")
+        for what in ("view", "export"):
+            entries = getattr(svc, what)
+            if entries is not None:
+                from tilecrate.admin.users import check_entries
+
+                try:
+                    check_entries(entries, cfg.users, f"service {svc.name}: {what}")
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+    a = cfg.auth
+    if not 1 <= a.token_expiration <= a.max_token_expiration <= 525600:
+        raise ConfigError("[auth] needs 1 <= token_expiration <= max_token_expiration <= 525600 (minutes)")
+    if a.max_failed_signins < 1 or not 1 <= a.signin_window <= 86400:
+        raise ConfigError("[auth] max_failed_signins must be at least 1 and signin_window 1 to 86400 seconds")
     return cfg
