@@ -229,3 +229,29 @@ def test_public_api(sample_v2, tmp_path):
     assert tilecrate.export is export
     r = tilecrate.export(str(sample_v2), tilecrate.ExportRequest(levels="0-2"), str(tmp_path / "api.tpkx"))
     assert r.to_json()["tiles"] == r.tiles == 9
+
+
+def test_an_output_that_is_not_a_file_or_folder_is_refused(sample_v2, tmp_path):
+    fifo = tmp_path / "x.tpkx"
+    os.mkfifo(fifo)
+    link = tmp_path / "l.tpkx"
+    link.symlink_to(tmp_path / "elsewhere.tpkx")
+    for out in (fifo, link):
+        with pytest.raises(ExportError, match="not a regular file or folder"):
+            export(sample_v2, ExportRequest(levels="0-1"), str(out))
+    assert sorted(os.listdir(tmp_path)) == ["l.tpkx", "x.tpkx"] and os.path.islink(link)
+    import stat
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_cli_workers_is_bounded(sample_v2, tmp_path, capsys):
+    from tilecrate.cli import main
+
+    for n in ("0", str(4 * (os.cpu_count() or 1) + 1)):
+        assert main(["export", str(sample_v2), "-o", str(tmp_path / "w.tpkx"), "--levels", "0",
+                     "--scheduler", "local", "--workers", n, "--json"]) == 1
+        assert "--workers" in json.loads(capsys.readouterr().out)["error"]
+    assert main(["export", str(sample_v2), "-o", str(tmp_path / "w.tpkx"), "--levels", "0", "--workers", "2",
+                 "--json"]) == 1
+    assert "--scheduler local" in json.loads(capsys.readouterr().out)["error"]
+    assert os.listdir(tmp_path) == []

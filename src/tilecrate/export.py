@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import threading
 import time
 from typing import Callable
@@ -32,6 +33,13 @@ def check_output(plan: ExportPlan) -> None:
     out = plan.out
     if out is None:
         raise ExportError("the plan has no output path (it was made for an estimate)")
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        # a FIFO, device or symlink would be replaced by the rename (or written through)
+        raise ExportError(f"{out} exists and is not a regular file or folder; choose another output")
     if os.path.isdir(out) and (plan.layout.is_package or os.listdir(out)):
         raise ExportError(f"{out}: a folder with this name exists; choose another output or remove it")
     parent = os.path.dirname(out)

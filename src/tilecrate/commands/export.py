@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 
 from tilecrate.commands.output import cancel_on_signals, emit_json, human_bytes, progress_bar
@@ -52,8 +53,9 @@ def _scheduler(args: argparse.Namespace):
     if args.scheduler == "local" and args.workers is not None:
         from tilecrate.runners.dask import DaskRunner
 
-        if args.workers < 1:
-            raise RequestError("--workers must be at least 1")
+        most = 4 * (os.cpu_count() or 1)
+        if not 1 <= args.workers <= most:
+            raise RequestError(f"--workers must be from 1 to {most} (4 per core) for --scheduler local")
         return DaskRunner("local", workers=args.workers)
     return args.scheduler
 

@@ -20,6 +20,8 @@ from tilecrate.cache import COMPACT_V1, COMPACT_V2, Cache
 from tilecrate.tiling import PACKET, Extent, SpatialRef
 
 WGS84 = SpatialRef(4326, 4326)
+WEB_MERCATOR_CODES = (3857, 102100, 102113, 900913)
+_R = 6378137.0
 CREATOR = "tilecrate"
 
 
@@ -96,6 +98,16 @@ def to_wgs84(extent: Extent | None) -> Extent | None:
     sr = extent.spatial_ref
     if sr.code == 4326:
         return Extent(extent.xmin, extent.ymin, extent.xmax, extent.ymax, WGS84)
+    if sr.code in WEB_MERCATOR_CODES:
+        # closed form (the sphere of radius 6378137, as EPSG:3857 defines it), monotonic in x and y;
+        # importing pyproj costs 0.2 s of a small export process
+        def lon(x: float) -> float:
+            return max(-180.0, min(180.0, math.degrees(x / _R)))
+
+        def lat(y: float) -> float:
+            return math.degrees(2 * math.atan(math.exp(max(-50.0, min(50.0, y / _R)))) - math.pi / 2)
+        vals = (lon(extent.xmin), lat(extent.ymin), lon(extent.xmax), lat(extent.ymax))
+        return Extent(*vals, WGS84) if all(math.isfinite(v) for v in vals) else None
     try:
         from pyproj import CRS, Transformer
 

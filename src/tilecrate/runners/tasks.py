@@ -26,9 +26,7 @@ from tilecrate.package.kcopy import (KernelCopier, RunScanner, check_unchanged, 
 from tilecrate.plan import BundleTask, SourceRef
 from tilecrate.recompress import recompress_bundle
 from tilecrate.runners.base import CancelFlag, check_cancel
-from tilecrate.tiling import PACKET
 
-REENCODE_CHUNK = 1024       # tiles re-encoded between two cancel checks (~0.25 s on one core)
 _OPEN_CACHES = 4
 
 
@@ -110,30 +108,12 @@ def _checked_cache(task: BundleTask) -> Cache:
 
 def _reencode(task: BundleTask, data: BundleData, mask: np.ndarray, cache: Cache,
               cancel: CancelFlag | None, threads: int | None) -> tuple[list[bytes], list[str]]:
-    """Re-encode the selected tiles, a band of rows at a time so a cancel is seen between bands."""
+    """Re-encode the selected tiles in one call (its OpenMP threads busy to the end of the bundle);
+    the compiled core looks at `cancel` between slices of about 50 ms of coding."""
     policy = task.policy
     if threads is not None:
         policy = dataclasses.replace(policy, threads=int(threads))
-    if cancel is None:
-        return recompress_bundle(policy, data, mask, cache)
-    tiles: list[bytes] = []
-    warnings: list[str] = []
-    per_row = mask.sum(axis=1)
-    row = 0
-    while row < PACKET:
-        check_cancel(cancel)
-        end, count = row, 0
-        while end < PACKET and (count == 0 or count + per_row[end] <= REENCODE_CHUNK):
-            count += int(per_row[end])
-            end += 1
-        if count:
-            band = np.zeros_like(mask)
-            band[row:end] = mask[row:end]
-            new, found = recompress_bundle(policy, data, band, cache)
-            tiles += new
-            warnings += found
-        row = end
-    return tiles, warnings
+    return recompress_bundle(policy, data, mask, cache, cancel=cancel)
 
 
 def prepare_bundle(task: BundleTask, cache: Cache, *, cancel: CancelFlag | None = None,
