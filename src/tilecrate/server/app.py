@@ -155,8 +155,10 @@ def base_url(request: web.Request) -> str:
 
 
 def client_of(request: web.Request) -> str:
-    """Who is asking, for the per-client quotas: the peer address (a user name once users exist)."""
-    return request.remote or ""
+    """Who is asking, for the per-client quotas and job ownership: `user:NAME` when signed in, else
+    the peer address (tilecrate.server.auth)."""
+    who = request.get("tc_principal")
+    return who.client if who is not None else (request.remote or "")
 
 
 def token_of(params: dict[str, str], request: web.Request) -> str | None:
@@ -198,7 +200,7 @@ async def esri_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return web.Response(status=204, headers={**_CORS, **_PREFLIGHT})
     try:
         cfg = request.app[CFG]
-        if cfg.token is not None and request.path.startswith(ROOT):
+        if cfg.token is not None and not cfg.users and request.path.startswith(ROOT):  # with users: auth.py
             sent = token_of(await params_of(request), request)
             if not sent:
                 raise EsriError(499, "This server requires a token: pass token=... or an "
@@ -228,7 +230,7 @@ async def esri_middleware(request: web.Request, handler: Handler) -> web.StreamR
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
-        log.exception("unexpected error answering %s %s", request.method, request.path_qs[:300])
+        log.exception("unexpected error answering %s %s", request.method, request.path[:300])  # no query: tokens
         resp = _error_response(request, EsriError(400, "The server could not complete this request; "
                                                        "the server log has the details."))
     if not resp.prepared:
@@ -335,9 +337,9 @@ async def h_root(request: web.Request) -> web.StreamResponse:
 
 async def h_info(request: web.Request) -> web.Response:
     """`/arcgis/rest/info`: version and how tokens are obtained."""
-    cfg = request.app[CFG]
-    obj = {"currentVersion": CURRENT_VERSION, "fullVersion": str(CURRENT_VERSION),
-           "authInfo": {"isTokenBasedSecurity": cfg.token is not None}}
+    from tilecrate.server.auth import auth_info
+
+    obj = {"currentVersion": CURRENT_VERSION, "fullVersion": str(CURRENT_VERSION), "authInfo": auth_info(request)}
     return await reply(request, obj, default="json")
 
 
@@ -603,6 +605,9 @@ def add_routes(app: web.Application) -> None:
     shared = {"tile": h_tile, "tilemap": h_tilemap, "submit": h_submit, "job": h_job, "cancel": h_cancel,
               "result": h_result, "input": h_input}
     routes += vector.routes(ROOT, shared) + image.routes(ROOT, shared)
+    from tilecrate.server import admin, auth  # users, tokens, the Administrator Directory
+
+    routes += auth.routes() + admin.routes()
     for path, handler in routes:
         # HEAD comes with GET, except where a GET acts (a link checker's HEAD must not submit or cancel)
         acts = handler in (h_submit, h_cancel) or getattr(handler, "acts", False)
@@ -619,7 +624,10 @@ def create_app(cfg: ServerConfig, *, process_index: int = 0, site_lock: bool = T
     # clients put whole areaOfInterest polygons in GET query strings (the ArcGIS API for Python
     # does): accept request lines far beyond aiohttp's 8 KiB default
     body = cfg.limits.max_body_bytes
-    app = web.Application(middlewares=[esri_middleware], client_max_size=body,
+    from tilecrate.server.admin import install
+    from tilecrate.server.auth import site_middleware
+
+    app = web.Application(middlewares=[esri_middleware, site_middleware], client_max_size=body,
                           handler_args={"max_line_size": min(MAX_REQUEST_LINE, body) + 8192,
                                         "max_field_size": 65536})
     app[CFG] = cfg
@@ -630,6 +638,7 @@ def create_app(cfg: ServerConfig, *, process_index: int = 0, site_lock: bool = T
     add_routes(app)
     app.on_startup.append(_startup)
     app.on_cleanup.append(_cleanup)
+    install(app)  # after _startup: the site settings apply to the services and runner it opens
     return app
 
 
