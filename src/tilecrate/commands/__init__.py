@@ -11,4 +11,5 @@ COMMANDS = {
     "export": "export tiles to a .tpkx, a .tpk, a .vtpk or a cache folder",
     "serve": "serve caches as ArcGIS MapServer services with export jobs",
     "compare": "compare JPEG re-encoding qualities: size, speed and fidelity",
+    "passwd": "read a password on stdin and print its password_hash line for [users.NAME]",
 }
