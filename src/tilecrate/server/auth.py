@@ -108,6 +108,8 @@ def _check_output(request: web.Request) -> None:
         return  # the root and service folders list no job folders
     job = request.app[STORE].get(parts[1], inputs=False) if is_job_id(parts[1]) else None
     if job is None or job.client != owner_key(request):
+        if who is None:  # a client that did not sign in is told to (401 on a download)
+            raise _denied(None, "Downloading an export")
         raise EsriError(404, f"no output at {'/'.join(parts)[:200]}", http_status=404)
 
 
