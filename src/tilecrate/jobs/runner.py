@@ -680,40 +680,43 @@ def _exclusive(path: str):
 
 
 class _ProgressWriter:
-    """export()'s progress callback: throttled progress figure, one message per level begun."""
+    """export()'s progress callback: progress and the messages of levels begun, written at most every
+    _PROGRESS_INTERVAL (each write is a synced LMDB commit; a small job used to make one per level)."""
 
     def __init__(self, runner: JobRunner, job_id: str, per_level: dict[int, int]):
         self.runner = runner
         self.job_id = job_id
         self.per_level = per_level
         self.levels_seen: set[int] = set()
+        self.levels_unwritten: list[int] = []
         self.last = 0.0
         self.pending = None
 
     def __call__(self, p) -> None:
-        new_level = p.level is not None and p.level not in self.levels_seen
-        if new_level:
+        if p.level is not None and p.level not in self.levels_seen:
             self.levels_seen.add(p.level)
+            self.levels_unwritten.append(p.level)
         self.pending = p
         now = time.monotonic()
-        if new_level or now - self.last >= _PROGRESS_INTERVAL:
+        if now - self.last >= _PROGRESS_INTERVAL:
             self.last = now
-            self._write(p, p.level if new_level else None)
+            self._write(p)
 
     def flush(self) -> None:
-        """Write the last progress seen."""
+        """Write the last progress seen and the level messages not written yet."""
         if self.pending is not None:
-            self._write(self.pending, None)
+            self._write(self.pending)
 
-    def _write(self, p, new_level: int | None) -> None:
+    def _write(self, p) -> None:
         pct = int(100 * p.tiles_done / p.tiles_total) if p.tiles_total else 100
         text = f"Exporting level {p.level}" if p.level is not None else "Exporting"
+        levels, self.levels_unwritten = self.levels_unwritten, []
 
         def change(job: Job) -> bool | None:
             if job.status != EXECUTING:
                 return False
-            if new_level is not None:
-                job.add_message(f"Exporting level {new_level}: {self.per_level.get(new_level, 0)} tiles")
+            for level in levels:
+                job.add_message(f"Exporting level {level}: {self.per_level.get(level, 0)} tiles")
             job.progress = {"type": "default", "message": f"{text}: {p.tiles_done} of {p.tiles_total} tiles",
                             "percent": min(pct, 100)}
             return None
