@@ -14,6 +14,7 @@ import threading
 import time
 import zipfile
 
+import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 
@@ -227,3 +228,22 @@ def test_bundles_are_grouped_into_few_consecutive_tasks(wide, tmp_path):
             assert all(0 < len(g) <= GROUP_MAX for g in groups)
             # about four groups per worker thread, never one bundle per task when bundles are small
             assert len(groups) <= min(len(tasks), 4 * threads + 4)
+
+
+def test_cluster_fixes_wrong_size_prefixes_like_in_process(runner, sample_v2, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(sample_v2, src)
+    with open_cache(src) as cache:
+        ref = cache.bundles(5)[0]
+        offsets, sizes = cache.index(ref)
+    bundle = next((src / "_alllayers" / "L05").glob("*.bundle"))
+    with open(bundle, "r+b") as f:
+        for cell in [int(c) for c in np.flatnonzero(sizes)[:3]]:
+            f.seek(int(offsets[cell]) - 4)
+            f.write(b"\0\0\0\0")
+    req = ExportRequest(levels="4-5")
+    here = export(str(src), req, str(tmp_path / "i.tpkx"))
+    there = export(str(src), req, str(tmp_path / "c.tpkx"), scheduler=runner)
+    assert package_contents(there.path) == package_contents(here.path)
+    assert all_tiles(there.path) == all_tiles(here.path)
+    assert leftovers(tmp_path) == []

@@ -108,3 +108,36 @@ def test_export_equals_plan_export(sample_v2, tmp_path):
         assert {i.filename: za.read(i) for i in za.infolist() if ".bundle" in i.filename} == \
                {i.filename: zb.read(i) for i in zb.infolist() if ".bundle" in i.filename}
     assert a.size == b.size
+
+
+def test_pass_through_recipes_carry_the_crc_and_refuse_wrong_prefixes(sample_v2, tmp_path):
+    import shutil
+
+    from tilecrate.cache import open_cache as oc
+    from tilecrate.runners.tasks import bundle_recipe
+
+    req = ExportRequest(levels="3-5")
+    src = tmp_path / "src"
+    shutil.copytree(sample_v2, src)
+    plan = make_plan(str(src), req, tmp_path / "a.tpkx")
+    result = export_plan(plan)
+    with zipfile.ZipFile(result.path) as zf:
+        crcs = {i.filename: i.CRC for i in zf.infolist()}
+    recipes = [bundle_recipe(t) for t in plan.tasks()]
+    assert all(r is not None for r in recipes)
+    assert {r.name: r.crc32 for r in recipes} == {r.name: crcs[r.name] for r in recipes}
+    assert sum(length for r in recipes for _, length in r.ranges) + sum(len(r.aux) for r in recipes) == \
+           sum(r.size for r in recipes)
+    # a tile whose size prefix in the source is wrong: the bundle must be written fixed, not copied
+    task = next(t for t in plan.tasks() if t.ref.level == 5)
+    with oc(src) as cache:
+        offsets, sizes = cache.index(task.ref)
+    cell = int(np.flatnonzero(sizes)[0])
+    bundle = src / "_alllayers" / "L05" / os.path.basename(task.name)
+    with open(bundle, "r+b") as f:
+        f.seek(int(offsets[cell]) - 4)
+        f.write(b"\xff\xff\xff\x7f")
+    fresh = make_plan(str(src), req, tmp_path / "b.tpkx")
+    assert bundle_recipe(next(t for t in fresh.tasks() if t.ref.level == 5)) is None
+    assert bundle_recipe(next(t for t in make_plan(str(src), ExportRequest(
+        levels="5", optimize_tiles_for_size=True, compression_quality=30), tmp_path / "c.tpkx").tasks())) is None

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 
+from tilecrate.package.kcopy import CopyRange, check_unchanged, open_source
 from tilecrate.package.zipstream import ZipWriter
-from tilecrate.runners.tasks import BundleOutput
+from tilecrate.runners.tasks import BundleOutput, BundleRecipe
 
 class Assembler:
     """Writes metadata, directories and staged bundles into a zip (`f` open) or a folder (`root`)."""
@@ -55,6 +56,21 @@ class Assembler:
         if out.bundlx_path is not None:
             self.writer.add_file(out.name[:-1] + "x", out.bundlx_path, out.bundlx_size, out.bundlx_crc32)
             os.unlink(out.bundlx_path)
+
+    def add_recipe(self, recipe: BundleRecipe) -> None:
+        """A pass-through bundle straight from its source: header block, then the source ranges copied
+        in the kernel with the worker's CRC-32 (nothing staged, nothing read here)."""
+        if self.writer is None:
+            raise ValueError("recipes are for zip outputs (a cache folder is written by the tasks)")
+        fd = open_source(recipe.file, recipe.file_size, recipe.file, recipe.file_id)
+        try:
+            parts = [recipe.aux] + [CopyRange(fd, off, length, recipe.file) for off, length in recipe.ranges]
+            self.writer.add_parts(recipe.name, recipe.size, parts, recipe.crc32)
+            check_unchanged(fd, recipe.file_size, recipe.file, recipe.file_id)
+        finally:
+            os.close(fd)
+        if recipe.bundlx is not None:
+            self.writer.add_bytes(recipe.name[:-1] + "x", recipe.bundlx)
 
     def close(self) -> int:
         """Finish the output; its size in bytes."""

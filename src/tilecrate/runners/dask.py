@@ -49,7 +49,7 @@ from tilecrate.runners.base import (
     sibling_temp,
 )
 from tilecrate.runners.inprocess import write_plan
-from tilecrate.runners.tasks import BundleOutput, run_bundle_task, source_cache
+from tilecrate.runners.tasks import BundleOutput, BundleRecipe, bundle_recipe, run_bundle_task, source_cache
 
 CANCEL_POLL = 0.05         # seconds between two looks at the cluster's cancel flag from a task
 PROGRESS_EVERY = 0.25      # seconds between two progress updates from a local-temp-folder job
@@ -84,11 +84,19 @@ def _worker_threads() -> int:
         return 1
 
 
-def cluster_bundle_tasks(tasks: list[BundleTask], cancel_name: str) -> list[BundleOutput]:
-    """A group of consecutive bundle tasks on a worker, run one after the other (one scheduler task)."""
+def cluster_bundle_tasks(tasks: list[BundleTask], cancel_name: str,
+                         recipes: bool = False) -> list[BundleOutput | BundleRecipe]:
+    """A group of consecutive bundle tasks on a worker, run one after the other (one scheduler task).
+
+    With `recipes` (zip outputs), pass-through bundles come back as recipes the front end copies
+    straight from the source, so their bytes are read here once and never staged."""
     cancel = _ClusterCancel(cancel_name)
     threads = _worker_threads()
-    return [run_bundle_task(task, cancel, threads=threads) for task in tasks]
+    out: list[BundleOutput | BundleRecipe] = []
+    for task in tasks:
+        recipe = bundle_recipe(task, cancel) if recipes else None
+        out.append(recipe if recipe is not None else run_bundle_task(task, cancel, threads=threads))
+    return out
 
 
 def group_tasks(plan: ExportPlan, tasks: list[BundleTask], threads: int) -> list[list[BundleTask]]:
@@ -383,6 +391,7 @@ class DaskRunner:
                 batch.append(group)
             if batch:
                 new = self.client.map(cluster_bundle_tasks, batch, [cancel_name] * len(batch),
+                                      [layout.is_package] * len(batch),
                                       key=[f"tilecrate-{token}-{g[0].index}" for g in batch], pure=False)
                 futures.extend(new)     # held until assembled: a consumed result is released at once
 
@@ -413,10 +422,14 @@ class DaskRunner:
                     continue
                 out = next_output()
                 check_cancel(cancel)
-                sink.add_output(out)
                 lv = levels.setdefault(out.level, {"tiles": 0, "size": 0})
+                if isinstance(out, BundleRecipe):
+                    sink.add_recipe(out)
+                    lv["size"] += out.size + (len(out.bundlx) if out.bundlx is not None else 0)
+                else:
+                    sink.add_output(out)
+                    lv["size"] += out.size + (out.bundlx_size if out.bundlx_path else 0)
                 lv["tiles"] += out.tiles
-                lv["size"] += out.size + (out.bundlx_size if out.bundlx_path else 0)
                 tiles_done += out.tiles
                 warnings.extend(out.warnings)
                 report(out.level)

@@ -21,8 +21,8 @@ from isal import isal_zlib
 from tilecrate.cache import BundleData, Cache, open_cache
 from tilecrate.errors import BundleError
 from tilecrate.package.bundles import BundlePlan, plan_bundle, plan_from_tiles
-from tilecrate.package.kcopy import (KernelCopier, RunScanner, check_unchanged, open_source, plan_parts,
-                                     write_parts)
+from tilecrate.package.kcopy import (KernelCopier, RunScanner, check_prefixes, check_unchanged, open_source,
+                                     plan_parts, write_parts)
 from tilecrate.plan import BundleTask, SourceRef
 from tilecrate.recompress import recompress_bundle
 from tilecrate.runners.base import CancelFlag, check_cancel
@@ -45,6 +45,27 @@ class BundleOutput:
     bundlx_path: str | None = None
     bundlx_size: int = 0
     bundlx_crc32: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BundleRecipe:
+    """A pass-through bundle made without staging: its header block, the source ranges to copy
+    after it (already read and checked on the worker: prefixes right, CRC-32 taken) and the totals."""
+
+    index: int
+    name: str
+    level: int
+    tiles: int
+    tile_bytes: int
+    size: int
+    crc32: int
+    aux: bytes                     # header block (V2 header + index, or V1 header + zero table)
+    file: str                      # the source file the ranges come from
+    file_size: int
+    file_id: tuple | None
+    ranges: list[tuple[int, int]]  # (offset in `file`, length), in order
+    bundlx: bytes | None = None
     warnings: list[str] = field(default_factory=list)
 
 
@@ -205,6 +226,54 @@ def _write_file(final: str, write: Callable[[int], tuple[int, int]], cancel: Can
             pass
         raise
     return size, crc & 0xFFFFFFFF
+
+
+def bundle_recipe(task: BundleTask, cancel: CancelFlag | None = None, *,
+                  cache: Cache | None = None) -> BundleRecipe | None:
+    """A pass-through bundle as a recipe (no bytes written), or None when it must be staged: re-encoding,
+    an inflated package entry, or source size prefixes that need fixing."""
+    if task.policy is not None:
+        return None
+    if cache is None:
+        cache = _checked_cache(task)
+    prep = prepare_bundle(task, cache, cancel=cancel)
+    try:
+        plan = prep.plan
+        if plan.file is None:
+            return None
+        file_id = getattr(plan, "file_id", None)
+        fd = open_source(plan.file, plan.file_size, plan.file, file_id)
+        try:
+            parts = plan_parts(plan, fd, plan.file)
+            if parts is None:
+                return None
+            crc = isal_zlib.crc32(parts[0])
+            ranges = []
+            buf = bytearray(max((p.length for p in parts[1:]), default=0))
+            for p in parts[1:]:
+                view = memoryview(buf)[:p.length]
+                got = 0
+                while got < p.length:
+                    n = os.preadv(fd, [view[got:]], p.offset + got)
+                    if n == 0:
+                        raise BundleError(f"{plan.file}: the file changed while it was being exported")
+                    got += n
+                if p.prefix_at is not None and len(p.prefix_at):
+                    arr = np.frombuffer(buf, dtype=np.uint8, count=p.length)
+                    if not check_prefixes(arr, p.prefix_at.astype(np.int64) - p.prefix_base, p.prefix_sizes):
+                        return None      # the package needs fixed prefixes: stage this bundle
+                    del arr
+                crc = isal_zlib.crc32(view, crc)
+                ranges.append((p.offset, p.length))
+                del view
+            check_unchanged(fd, plan.file_size, plan.file, file_id)
+        finally:
+            os.close(fd)
+        return BundleRecipe(task.index, task.name, task.ref.level, plan.tiles, plan.tile_bytes, plan.size,
+                            crc & 0xFFFFFFFF, bytes(plan.aux), plan.file, plan.file_size, file_id, ranges,
+                            None if plan.bundlx is None else bytes(plan.bundlx), list(prep.warnings))
+    finally:
+        prep.release()
 
 
 def run_bundle_task(task: BundleTask, cancel: CancelFlag | None = None, *, cache: Cache | None = None,
