@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 MAX_TOKEN_CHARS = 1024  # longer strings are refused before any decoding
+_CACHE = 4096  # verified tokens remembered (a client sends the same one on every request)
 
 
 class TokenInvalid(Exception):
@@ -48,11 +49,19 @@ class TokenSigner:
         if len(secret) < 32:
             raise ValueError("the token secret must be at least 32 bytes")
         self._secret = secret
+        self._verified: dict[str, Claims] = {}  # token -> claims; only tokens whose MAC checked out
+        self._fingerprints: dict[tuple[str, str], str] = {}
 
     def fingerprint(self, user: str, password_hash: str) -> str:
         """A short keyed digest of the user's password hash (no secret of its own)."""
-        mac = hmac.new(self._secret, b"pw\0" + user.encode() + b"\0" + password_hash.encode(), hashlib.sha256)
-        return _b64(mac.digest()[:9])
+        key = (user, password_hash)
+        fp = self._fingerprints.get(key)
+        if fp is None:
+            mac = hmac.new(self._secret, b"pw\0" + user.encode() + b"\0" + password_hash.encode(), hashlib.sha256)
+            fp = _b64(mac.digest()[:9])
+            if len(self._fingerprints) < _CACHE:
+                self._fingerprints[key] = fp
+        return fp
 
     def _mac(self, payload: bytes) -> bytes:
         return hmac.new(self._secret, b"tok\0" + payload, hashlib.sha256).digest()
@@ -67,6 +76,12 @@ class TokenSigner:
 
     def verify(self, token: str, now_ms: int | None = None) -> Claims:
         """The claims of a genuine, unexpired token; TokenInvalid otherwise (binding is the caller's)."""
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        known = self._verified.get(token) if isinstance(token, str) else None
+        if known is not None:
+            if known.expires_ms <= now:
+                raise TokenInvalid("expired")
+            return known
         if not token or len(token) > MAX_TOKEN_CHARS or token.count(".") != 1 or not token.isascii():
             raise TokenInvalid("malformed")
         head, mac = token.split(".")
@@ -88,10 +103,13 @@ class TokenSigner:
                 binding = (binding[0], binding[1])
         except (ValueError, KeyError, TypeError):  # signed by us, so this is a bug or an old format
             raise TokenInvalid("unreadable payload") from None
-        now = int(time.time() * 1000) if now_ms is None else now_ms
         if expires <= now:
             raise TokenInvalid("expired")
-        return Claims(user, expires, binding, fp)
+        claims = Claims(user, expires, binding, fp)
+        if len(self._verified) >= _CACHE:  # the oldest remembered goes first
+            del self._verified[next(iter(self._verified))]
+        self._verified[token] = claims
+        return claims
 
 
 def binding_matches(binding: tuple[str, str] | None, referer: str | None, address: str | None) -> bool:
