@@ -1,0 +1,200 @@
+"""Open tile formats as export outputs: MBTiles, GeoPackage, PMTiles and XYZ folders.
+
+`export()` hands an output here when its name ends in .mbtiles, .gpkg or .pmtiles, or when the
+format "xyz" is asked for. The request is planned exactly as for a package (levels, extent,
+polygon, re-encoding: `tilecrate.plan.make_plan`); each sink module writes the plan's per-bundle
+selection into a temporary name next to the output, renamed into place when complete, removed
+on an error or a cancel. These outputs are not offered by the REST exportTiles operation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+import threading
+import time
+from typing import Callable
+
+from tilecrate.errors import ExportError
+
+KINDS = ("mbtiles", "gpkg", "pmtiles", "xyz")
+EXTENSIONS = {".mbtiles": "mbtiles", ".gpkg": "gpkg", ".pmtiles": "pmtiles"}
+_APPROXIMATE = {
+    "mbtiles": "SQLite page overhead: approximate (tile bytes are exact; pages, row headers and the index are estimated)",
+    "gpkg": "SQLite page overhead: approximate (tile bytes are exact; pages, row headers and the index are estimated)",
+}
+# per tile: the row header, rowid and key columns, and the unique index entry (measured on the
+# sample caches: 38-46 bytes per tile at 4 KiB pages), plus the schema pages
+_ROW_OVERHEAD = 44
+_SCHEMA_BYTES = 12 * 4096
+
+
+def sink_kind(out: str | os.PathLike | None, fmt: str | None = None) -> str | None:
+    """The open-format output a name or `fmt` asks for ('mbtiles', 'gpkg', 'pmtiles', 'xyz'), or None."""
+    if fmt is not None:
+        f = fmt.lower().lstrip(".")
+        f = {"geopackage": "gpkg", "tpkx": None, "tpk": None}.get(f, f)
+        if f is None:
+            return None
+        if f not in KINDS:
+            raise ExportError(f"unknown output format {fmt!r}; one of {', '.join(KINDS)} (or a .tpkx/.tpk name)")
+        if out is not None and f != "xyz":
+            ext = os.path.splitext(os.fspath(out))[1].lower()
+            if EXTENSIONS.get(ext, f) != f:
+                raise ExportError(f"{os.fspath(out)}: a {ext} name does not fit format {f}; rename the output")
+        return f
+    if out is None:
+        return None
+    return EXTENSIONS.get(os.path.splitext(os.fspath(out))[1].lower())
+
+
+def _writer(kind: str):
+    if kind == "mbtiles":
+        from tilecrate.sinks.mbtiles import write_mbtiles as w
+    elif kind == "gpkg":
+        from tilecrate.sinks.gpkg import write_gpkg as w
+    elif kind == "pmtiles":
+        from tilecrate.sinks.pmtiles import write_pmtiles as w
+    else:
+        from tilecrate.sinks.xyz import write_xyz as w
+    return w
+
+
+def _check_out(out: str, kind: str) -> None:
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if kind == "xyz":
+            if not stat.S_ISDIR(st.st_mode) or os.listdir(out):
+                raise ExportError(f"{out} exists and is not an empty folder; choose another output or remove it")
+        elif not stat.S_ISREG(st.st_mode):
+            raise ExportError(f"{out} exists and is not a regular file; choose another output")
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise ExportError(f"{parent}: the output folder does not exist")
+
+
+def _size(path: str) -> int:
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def export_open(cache, request, out: str | os.PathLike, kind: str, *,
+                progress: Callable | None = None, cancel: threading.Event | None = None, selection=None):
+    """Export `request` from the open `cache` to `out` as `kind`; an ExportResult (kind = the format)."""
+    from tilecrate.package.tempfiles import sweep_stale_temps, temp_path
+    from tilecrate.plan import check_source, make_plan
+    from tilecrate.runners.base import ExportProgress, ExportResult, move_into_place, os_error, remove
+    from tilecrate.sinks.common import source_meta, tile_kind
+
+    started = time.perf_counter()
+    out = os.path.abspath(os.fspath(out))
+    tile_kind(cache, False)          # refuse LERC and vector sources before selecting anything
+    check_source(cache)
+    _check_out(out, kind)
+    plan = make_plan(cache, request, None, cancel=cancel, selection=selection)
+    total_tiles, total_bytes = plan.tiles, plan.selection.tile_bytes
+    meta = source_meta(cache)
+
+    def report(done: int, nbytes: int, level: int | None) -> None:
+        if progress is not None:
+            progress(ExportProgress(done, total_tiles, nbytes, total_bytes, level))
+
+    sweep_stale_temps(out)
+    tmp = temp_path(out)
+    try:
+        report(0, 0, None)
+        tiles, levels, warnings = _writer(kind)(plan, cache, tmp, meta, progress=report, cancel=cancel)
+        if cancel is not None and cancel.is_set():
+            from tilecrate.errors import Cancelled
+
+            raise Cancelled("the export was cancelled")
+        size = _size(tmp)
+        move_into_place(tmp, out)
+    except BaseException as e:
+        remove(tmp)
+        if isinstance(e, sqlite3.Error):
+            if "full" in str(e):
+                raise ExportError(f"{out}: the disk is full (no space left while writing the export)") from None
+            raise ExportError(f"{out}: cannot write the {kind} output ({e})") from None
+        if isinstance(e, OSError):
+            raise os_error(e, out) from None
+        raise
+    report(tiles, size, None)
+    result = ExportResult(out, tiles, size, levels, warnings, plan.quality_used, kind, "")
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def estimate_open(plan, kind: str) -> tuple[int, dict[int, int], str | None]:
+    """(bytes, {level: bytes}, None if exact else why approximate) of an open-format output of `plan`."""
+    per_level: dict[int, int] = {}
+    note = _APPROXIMATE.get(kind)
+    if plan.policy is not None:
+        note = "re-encoded tile sizes are not known before the export: approximate (the source tiles' bytes)"
+    for lv in plan.selection.levels:
+        if lv.tiles:
+            extra = lv.tiles * _ROW_OVERHEAD if kind in _APPROXIMATE else 0
+            per_level[lv.level] = lv.tile_bytes + extra
+    total = sum(per_level.values())
+    if kind in _APPROXIMATE:
+        total += _SCHEMA_BYTES
+    elif kind == "xyz":
+        total += _xyz_metadata_size(plan)
+    elif kind == "pmtiles":
+        total += _pmtiles_overhead(plan)
+        note = note or ("identical tiles are stored once: exact when no two selected tiles are identical, "
+                        "otherwise an upper bound")
+    return total, per_level, note
+
+
+def _xyz_metadata_size(plan) -> int:
+    from tilecrate.errors import TilecrateError
+    from tilecrate.sinks.common import source_meta, tile_kind, web_mercator_zooms
+    from tilecrate.sinks.xyz import metadata_json
+    from tilecrate.cache import open_cache
+
+    with open_cache(plan.source.path) as cache:
+        levels = [lv.level for lv in plan.selection.levels]
+        try:
+            zooms, mercator = web_mercator_zooms(cache.scheme, levels), True
+        except TilecrateError:
+            zooms, mercator = {lv: lv for lv in levels}, False
+        doc = metadata_json(plan, source_meta(cache), tile_kind(cache, plan.policy is not None), zooms, mercator)
+    return len(json.dumps(doc, ensure_ascii=False, indent=1).encode())
+
+
+def _pmtiles_overhead(plan) -> int:
+    """Header, directories and metadata of the archive without deduplication, built from the indexes."""
+    import numpy as np
+
+    from tilecrate.cache import open_cache
+    from tilecrate.sinks.common import source_meta, tile_kind, web_mercator_zooms
+    from tilecrate.sinks.pmtiles import HEADER_SIZE, _gz, build_directories, metadata_json, tile_ids
+    from tilecrate.tiling import PACKET
+
+    with open_cache(plan.source.path) as cache:
+        zooms = web_mercator_zooms(cache.scheme, [lv.level for lv in plan.selection.levels])
+        ids, lengths = [], []
+        for b in plan.selection.bundles():
+            if not b.tiles:
+                continue
+            idx = np.flatnonzero(b.mask.reshape(-1))
+            _, sizes = cache.index(b.ref)
+            tid = tile_ids(zooms[b.ref.level], b.ref.col0 + idx % PACKET, b.ref.row0 + idx // PACKET)
+            ids.append(tid)
+            lengths.append(sizes[idx].astype(np.uint64))
+        meta = _gz(json.dumps(metadata_json(source_meta(cache), tile_kind(cache, False)), ensure_ascii=False).encode())
+    if not ids:
+        root, leaves = build_directories(*(np.zeros(0, np.uint64),) * 4)
+        return HEADER_SIZE + len(root) + len(leaves) + len(meta)
+    ids_a = np.concatenate(ids)
+    order = np.argsort(ids_a, kind="stable")
+    ids_a, len_a = ids_a[order].astype(np.uint64), np.concatenate(lengths)[order]
+    offs = np.concatenate(([0], np.cumsum(len_a)[:-1])).astype(np.uint64)
+    root, leaves = build_directories(ids_a, np.ones(len(ids_a), np.uint64), len_a, offs)
+    return HEADER_SIZE + len(root) + len(leaves) + len(meta)

@@ -1,0 +1,81 @@
+"""MBTiles 1.3 output: a SQLite file with complete metadata, a tiles table with a unique index, TMS rows.
+
+Written into the export's temporary file with journaling and syncing off (nothing to roll back
+to: a failed export removes the file), in large transactions; the unique index is built once at
+the end, which is faster than keeping it up to date row by row.
+"""
+from __future__ import annotations
+
+import sqlite3
+from typing import Callable
+
+from tilecrate.cache import Cache
+from tilecrate.plan import ExportPlan
+from tilecrate.runners.base import CancelFlag, check_cancel
+from tilecrate.sinks.common import SourceMeta, bundle_tiles, iter_bundles, tile_kind, web_mercator_zooms, wgs84_bounds
+
+APPLICATION_ID = 0x4D504258          # "MPBX"
+_COMMIT_BYTES = 256 << 20
+
+
+def _num(v: float) -> str:
+    return f"{v:.7f}".rstrip("0").rstrip(".")
+
+
+def metadata_rows(plan: ExportPlan, meta: SourceMeta, fmt: str, zooms: dict[int, int]) -> list[tuple[str, str]]:
+    """The `metadata` table: name, format, bounds, center, minzoom, maxzoom, attribution, description, ..."""
+    exported = [zooms[lv.level] for lv in plan.selection.levels if lv.tiles > 0] or sorted(zooms.values())
+    zmin, zmax = (min(exported), max(exported)) if exported else (0, 0)
+    w, s, e, n = wgs84_bounds(plan)
+    rows = [("name", meta.name), ("format", fmt), ("bounds", ",".join(_num(v) for v in (w, s, e, n))),
+            ("center", f"{_num((w + e) / 2)},{_num((s + n) / 2)},{zmin}"), ("minzoom", str(zmin)),
+            ("maxzoom", str(zmax)), ("attribution", meta.attribution), ("description", meta.description),
+            ("type", "baselayer"), ("version", "1")]
+    return rows
+
+
+def write_mbtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
+                  progress: Callable[[int, int, int | None], None] | None = None,
+                  cancel: CancelFlag | None = None) -> tuple[int, dict[int, dict], list[str]]:
+    """Write the plan's tiles as MBTiles to `tmp`; (tiles, {level: {tiles, size}}, warnings)."""
+    fmt = tile_kind(cache, plan.policy is not None)
+    zooms = web_mercator_zooms(cache.scheme, [lv.level for lv in plan.selection.levels])
+    db = sqlite3.connect(tmp, isolation_level=None)
+    warnings: list[str] = []
+    levels: dict[int, dict] = {}
+    done = 0
+    try:
+        db.execute("PRAGMA journal_mode=OFF")
+        db.execute("PRAGMA synchronous=OFF")
+        db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        db.execute("CREATE TABLE metadata (name TEXT, value TEXT)")
+        db.execute("CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB)")
+        db.execute("BEGIN")
+        db.executemany("INSERT INTO metadata VALUES (?, ?)", metadata_rows(plan, meta, fmt, zooms))
+        pending = 0
+        for bsel in iter_bundles(plan):
+            rows, cols, tiles, found = bundle_tiles(cache, plan, bsel, cancel)
+            warnings.extend(found)
+            z = zooms[bsel.ref.level]
+            flipped = ((1 << z) - 1 - rows).tolist()
+            db.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?)",
+                           zip([z] * len(tiles), cols.tolist(), flipped, tiles))
+            nbytes = sum(map(len, tiles))
+            lv = levels.setdefault(bsel.ref.level, {"tiles": 0, "size": 0})
+            lv["tiles"] += len(tiles)
+            lv["size"] += nbytes
+            done += len(tiles)
+            pending += nbytes
+            if pending >= _COMMIT_BYTES:
+                db.execute("COMMIT")
+                db.execute("BEGIN")
+                pending = 0
+            check_cancel(cancel)
+            if progress is not None:
+                progress(done, sum(v["size"] for v in levels.values()), bsel.ref.level)
+        db.execute("CREATE UNIQUE INDEX metadata_index ON metadata (name)")
+        db.execute("CREATE UNIQUE INDEX tile_index ON tiles (zoom_level, tile_column, tile_row)")
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    return done, levels, warnings

@@ -1,0 +1,257 @@
+"""PMTiles v3 output, written in one pass with flat memory.
+
+Bundles are taken in Hilbert order (a 128x128 bundle, or a whole level below zoom 7, is one
+contiguous run of TileIDs), and each bundle's tiles sorted by TileID, so tile data is appended to
+an anonymous temporary file already in its final, clustered order. Identical tiles are stored
+once (a 16-byte BLAKE2b digest -> offset); consecutive TileIDs sharing a blob become one run.
+Only compact arrays of entries grow (about 24 bytes per entry, 40 per distinct tile). At the end
+the header, the gzipped root directory, the metadata and the leaf directories (when the root
+would pass 16 KiB) are written and the tile data follows with kernel copies.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from array import array
+from typing import Callable
+
+import numpy as np
+
+from tilecrate.cache import Cache
+from tilecrate.package.kcopy import KernelCopier
+from tilecrate.plan import ExportPlan
+from tilecrate.runners.base import CancelFlag, check_cancel
+from tilecrate.sinks.common import SourceMeta, bundle_tiles, iter_bundles, tile_kind, web_mercator_zooms, wgs84_bounds
+
+HEADER_SIZE = 127
+ROOT_LIMIT = 16384 - HEADER_SIZE
+GZIP = 2
+NONE = 1
+TILE_TYPES = {"png": 2, "jpg": 3, "webp": 4}
+
+
+def tile_ids(z: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """PMTiles TileIDs of tiles (z, x, y): (4^z - 1) / 3 plus the Hilbert index (vectorized)."""
+    x = np.asarray(x, dtype=np.int64).copy()
+    y = np.asarray(y, dtype=np.int64).copy()
+    if z > 31:
+        raise ValueError("PMTiles zooms stop at 31")
+    if x.size and (x.min() < 0 or y.min() < 0 or x.max() >= 1 << z or y.max() >= 1 << z):
+        raise ValueError(f"a tile lies outside zoom {z}")
+    acc = np.full(x.shape, ((1 << (2 * z)) - 1) // 3, dtype=np.int64)
+    for a in range(z - 1, -1, -1):
+        s = 1 << a
+        rx = x & s
+        ry = y & s
+        acc += ((3 * rx) ^ ry) << a
+        turn = ry == 0
+        flip = turn & (rx != 0)
+        x = np.where(flip, s - 1 - x, x)
+        y = np.where(flip, s - 1 - y, y)
+        x, y = np.where(turn, y, x), np.where(turn, x, y)
+    return acc
+
+
+def _varints(values: np.ndarray) -> bytes:
+    """LEB128 varints of unsigned integers, vectorized."""
+    v = np.asarray(values, dtype=np.uint64)
+    if v.size == 0:
+        return b""
+    nbytes = np.ones(v.shape, dtype=np.int64)
+    rest = v >> np.uint64(7)
+    while np.any(rest):
+        nbytes += rest > 0
+        rest = rest >> np.uint64(7)
+    starts = np.concatenate(([0], np.cumsum(nbytes)[:-1]))
+    out = np.zeros(int(nbytes.sum()), dtype=np.uint8)
+    for k in range(int(nbytes.max())):
+        sel = nbytes > k
+        byte = (v[sel] >> np.uint64(7 * k)) & np.uint64(0x7F)
+        more = (nbytes[sel] > k + 1).astype(np.uint64) << np.uint64(7)
+        out[starts[sel] + k] = (byte | more).astype(np.uint8)
+    return out.tobytes()
+
+
+def serialize_directory(ids: np.ndarray, runs: np.ndarray, lengths: np.ndarray, offsets: np.ndarray) -> bytes:
+    """One directory, uncompressed: count, delta TileIDs, run lengths, lengths, offsets (0 = contiguous)."""
+    n = len(ids)
+    ids = np.asarray(ids, dtype=np.uint64)
+    offsets = np.asarray(offsets, dtype=np.uint64)
+    lengths = np.asarray(lengths, dtype=np.uint64)
+    deltas = np.diff(ids, prepend=np.uint64(0)) if n else ids
+    enc = offsets + np.uint64(1)
+    if n > 1:
+        contiguous = offsets[1:] == offsets[:-1] + lengths[:-1]
+        enc[1:][contiguous] = 0
+    return b"".join((_varints(np.array([n], dtype=np.uint64)), _varints(deltas), _varints(runs),
+                     _varints(lengths), _varints(enc)))
+
+
+def _gz(data: bytes) -> bytes:
+    return gzip.compress(data, compresslevel=6, mtime=0)
+
+
+def build_directories(ids: np.ndarray, runs: np.ndarray, lengths: np.ndarray,
+                      offsets: np.ndarray) -> tuple[bytes, bytes]:
+    """(gzipped root, gzipped leaves): the root alone if it fits in 16 KiB with the header, else one level of leaves."""
+    root = _gz(serialize_directory(ids, runs, lengths, offsets))
+    if len(root) <= ROOT_LIMIT:
+        return root, b""
+    leaf_size = 4096
+    while True:
+        leaves: list[bytes] = []
+        r_ids, r_offs, r_lens = [], [], []
+        pos = 0
+        for i in range(0, len(ids), leaf_size):
+            j = min(len(ids), i + leaf_size)
+            leaf = _gz(serialize_directory(ids[i:j], runs[i:j], lengths[i:j], offsets[i:j]))
+            r_ids.append(int(ids[i]))
+            r_offs.append(pos)
+            r_lens.append(len(leaf))
+            leaves.append(leaf)
+            pos += len(leaf)
+        root = _gz(serialize_directory(np.array(r_ids, dtype=np.uint64), np.zeros(len(r_ids), dtype=np.uint64),
+                                       np.array(r_lens, dtype=np.uint64), np.array(r_offs, dtype=np.uint64)))
+        if len(root) <= ROOT_LIMIT:
+            return root, b"".join(leaves)
+        leaf_size *= 2
+
+
+def _e7(v: float) -> int:
+    return int(round(v * 10_000_000))
+
+
+def header(*, root: tuple[int, int], meta: tuple[int, int], leaves: tuple[int, int], data: tuple[int, int],
+           addressed: int, entries: int, contents: int, tile_type: int, zooms: tuple[int, int],
+           bounds: tuple[float, float, float, float], center: tuple[int, float, float]) -> bytes:
+    """The 127-byte PMTiles v3 header."""
+    out = struct.pack("<7sB8Q3QBBBBBB4iBii", b"PMTiles", 3, root[0], root[1], meta[0], meta[1], leaves[0],
+                      leaves[1], data[0], data[1], addressed, entries, contents, 1, GZIP, NONE, tile_type,
+                      zooms[0], zooms[1], _e7(bounds[0]), _e7(bounds[1]), _e7(bounds[2]), _e7(bounds[3]),
+                      center[0], _e7(center[1]), _e7(center[2]))
+    assert len(out) == HEADER_SIZE
+    return out
+
+
+def metadata_json(meta: SourceMeta, fmt: str) -> dict:
+    """The PMTiles JSON metadata: name, description, attribution, type, format."""
+    out = {"name": meta.name, "format": fmt, "type": "baselayer"}
+    if meta.description:
+        out["description"] = meta.description
+    if meta.attribution:
+        out["attribution"] = meta.attribution
+    return out
+
+
+class _Entries:
+    """Directory entries as compact arrays; consecutive TileIDs on the same blob extend one run."""
+
+    def __init__(self) -> None:
+        self.ids, self.offsets = array("Q"), array("Q")
+        self.lengths, self.runs = array("Q"), array("Q")
+
+    def add(self, tid: int, offset: int, length: int) -> None:
+        if self.ids and self.offsets[-1] == offset and self.ids[-1] + self.runs[-1] == tid:
+            self.runs[-1] += 1
+            return
+        self.ids.append(tid)
+        self.offsets.append(offset)
+        self.lengths.append(length)
+        self.runs.append(1)
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return tuple(np.frombuffer(a, dtype=np.uint64) if len(a) else np.zeros(0, np.uint64)
+                     for a in (self.ids, self.runs, self.lengths, self.offsets))
+
+
+def _bundle_order(plan: ExportPlan, zooms: dict[int, int]) -> list:
+    """The plan's bundles sorted by TileID (each is one contiguous TileID range at its zoom)."""
+    keyed = []
+    for bsel in iter_bundles(plan):
+        z = zooms[bsel.ref.level]
+        r, c = bsel.ref.row0, bsel.ref.col0
+        n = 1 << z
+        first = tile_ids(z, np.array([min(c, n - 1)]), np.array([min(r, n - 1)]))[0]
+        # a bundle spans TileIDs of one aligned block: any of its tiles orders it among the others
+        keyed.append((int(first) if z >= 7 else int(((1 << (2 * z)) - 1) // 3), bsel))
+    keyed.sort(key=lambda t: t[0])
+    return [b for _, b in keyed]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
+                  progress: Callable[[int, int, int | None], None] | None = None,
+                  cancel: CancelFlag | None = None) -> tuple[int, dict[int, dict], list[str]]:
+    """Write the plan's tiles as a clustered, deduplicated PMTiles v3 archive to `tmp`."""
+    fmt = tile_kind(cache, plan.policy is not None)
+    zooms = web_mercator_zooms(cache.scheme, [lv.level for lv in plan.selection.levels])
+    entries = _Entries()
+    seen: dict[bytes, tuple[int, int]] = {}
+    warnings: list[str] = []
+    levels: dict[int, dict] = {}
+    done = addressed = 0
+    data_fd, data_len = None, 0
+    folder = os.path.dirname(os.path.abspath(tmp))
+    data_file = tempfile.TemporaryFile(dir=folder, prefix=".tilecrate-pmtiles-")   # unlinked: nothing left behind
+    try:
+        data_fd = data_file.fileno()
+        for bsel in _bundle_order(plan, zooms):
+            rows, cols, tiles, found = bundle_tiles(cache, plan, bsel, cancel)
+            warnings.extend(found)
+            z = zooms[bsel.ref.level]
+            ids = tile_ids(z, cols, rows)
+            order = np.argsort(ids, kind="stable")
+            chunk: list[bytes] = []
+            for k in order.tolist():
+                blob = tiles[k]
+                digest = hashlib.blake2b(blob, digest_size=16).digest()
+                where = seen.get(digest)
+                if where is None:
+                    where = seen[digest] = (data_len, len(blob))
+                    chunk.append(blob)
+                    data_len += len(blob)
+                entries.add(int(ids[k]), where[0], where[1])
+            _write_all(data_fd, b"".join(chunk))
+            nbytes = sum(map(len, tiles))
+            lv = levels.setdefault(bsel.ref.level, {"tiles": 0, "size": 0})
+            lv["tiles"] += len(tiles)
+            lv["size"] += nbytes
+            done += len(tiles)
+            addressed += len(tiles)
+            check_cancel(cancel)
+            if progress is not None:
+                progress(done, data_len, bsel.ref.level)
+        ids, runs, lengths, offsets = entries.arrays()
+        root, leaves = build_directories(ids, runs, lengths, offsets)
+        metadata = _gz(json.dumps(metadata_json(meta, fmt), ensure_ascii=False).encode())
+        exported = sorted(zooms[lv.level] for lv in plan.selection.levels if lv.tiles > 0) or [0]
+        w, s, e, n = wgs84_bounds(plan)
+        root_off = HEADER_SIZE
+        meta_off = root_off + len(root)
+        leaf_off = meta_off + len(metadata)
+        data_off = leaf_off + len(leaves)
+        head = header(root=(root_off, len(root)), meta=(meta_off, len(metadata)),
+                      leaves=(leaf_off if leaves else 0, len(leaves)), data=(data_off, data_len),
+                      addressed=addressed, entries=len(ids), contents=len(seen),
+                      tile_type=TILE_TYPES[fmt], zooms=(exported[0], exported[-1]), bounds=(w, s, e, n),
+                      center=(exported[0], (w + e) / 2, (s + n) / 2))
+        del seen
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            _write_all(fd, head + root + metadata + leaves)
+            KernelCopier(fd).copy(data_fd, 0, data_len, tmp)
+        finally:
+            os.close(fd)
+    finally:
+        data_file.close()
+    return done, levels, warnings
+
