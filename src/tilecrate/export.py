@@ -24,6 +24,7 @@ from tilecrate.request import ExportRequest
 from tilecrate.runners.base import ExportProgress, ExportResult, move_into_place, os_error, remove
 from tilecrate.runners.inprocess import write_plan
 from tilecrate.selection import Selection
+from tilecrate.sinks import export_open, sink_kind
 
 __all__ = ["ExportProgress", "ExportResult", "export", "export_plan", "check_output"]
 
@@ -78,8 +79,11 @@ def export(cache: Cache | str, request: ExportRequest, out: str, *,
            progress: Callable[[ExportProgress], None] | None = None,
            cancel: threading.Event | None = None, threads: int | None = None,
            selection: Selection | None = None, zip64_limit: int = ZIP64_LIMIT,
-           scheduler=None, local_temp_folder: bool = False) -> ExportResult:
+           scheduler=None, local_temp_folder: bool = False, format: str | None = None) -> ExportResult:
     """Write the tiles a request selects to `out`: a .tpkx, a .tpk, or a cache folder (tile_package False).
+
+    An `out` ending in .mbtiles, .gpkg or .pmtiles, or `format` "xyz" (a folder), is an open-format
+    output written by tilecrate.sinks from the same plan (H13, issue 12).
 
     `scheduler` runs the bundle tasks on a Dask cluster: "tcp://host:8786", "local" (a LocalCluster
     of worker processes for this call), a distributed.Client or a tilecrate.runners.dask.DaskRunner;
@@ -89,7 +93,13 @@ def export(cache: Cache | str, request: ExportRequest, out: str, *,
         with open_cache(os.fspath(cache)) as opened:
             return export(opened, request, out, progress=progress, cancel=cancel, threads=threads,
                           selection=selection, zip64_limit=zip64_limit, scheduler=scheduler,
-                          local_temp_folder=local_temp_folder)
+                          local_temp_folder=local_temp_folder, format=format)
+    open_kind = sink_kind(out, format)
+    if open_kind is not None:
+        if scheduler is not None or local_temp_folder:
+            raise ExportError(f"a {open_kind} output is written in this process; a Dask scheduler and "
+                              "local_temp_folder apply to .tpkx, .tpk and cache folder outputs")
+        return export_open(cache, request, out, open_kind, progress=progress, cancel=cancel, selection=selection)
     if is_vector_source(cache):
         # vector tiles: always a .vtpk, written by tilecrate.package.vtpk (H5, issue 13)
         wrapped = None if progress is None else (lambda p: progress(ExportProgress(*p)))

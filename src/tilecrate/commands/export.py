@@ -1,4 +1,4 @@
-"""`tilecrate export CACHE -o OUT.tpkx|OUT.tpk|OUTDIR --levels ...`: write a tile package or a cache folder."""
+"""`tilecrate export CACHE -o OUT.tpkx|OUT.tpk|OUT.mbtiles|OUT.gpkg|OUT.pmtiles|OUTDIR --levels ...`: write a tile package, a cache folder or an open format."""
 from __future__ import annotations
 
 import argparse
@@ -19,9 +19,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `tilecrate export` (the exportTiles vocabulary)."""
     p.add_argument("cache", help="source: cache folder, .tpk, .tpkx, or a .vtpk (or extracted one) for OUT.vtpk")
     p.add_argument("-o", "--output", required=True, type=output_path,
-                   help="OUT.tpkx (compact V2), OUT.tpk (compact V1), OUT.vtpk from a vector source or, with "
-                        "--no-tile-package, a new folder")
+                   help="OUT.tpkx (compact V2), OUT.tpk (compact V1), OUT.vtpk from a vector source, OUT.mbtiles, "
+                        "OUT.gpkg, OUT.pmtiles or, with --no-tile-package or --format xyz, a new folder")
     add_request_arguments(p)
+    p.add_argument("--format", choices=("mbtiles", "gpkg", "pmtiles", "xyz"), default=None,
+                   help="open-format output (tilecrate.sinks): implied by an OUT.mbtiles, OUT.gpkg or OUT.pmtiles "
+                        "name; 'xyz' writes the new folder OUT as {z}/{x}/{y}.png|jpg")
     p.add_argument("--optimize-tiles-for-size", action="store_true",
                    help="re-encode JPEG tiles at --compression-quality")
     p.add_argument("--compression-quality", type=int, help="JPEG quality 0-100 for --optimize-tiles-for-size")
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         with cancel_on_signals(cancel):     # Ctrl-C and SIGTERM: stop, remove the partial output
             result = export(args.cache, request, args.output, progress=on_progress, cancel=cancel,
                             threads=args.threads, scheduler=scheduler,
-                            local_temp_folder=args.local_temp_folder)
+                            local_temp_folder=args.local_temp_folder, format=args.format)
     finally:
         if hasattr(scheduler, "close"):     # the LocalCluster started for --workers
             scheduler.close()
