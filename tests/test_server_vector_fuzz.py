@@ -113,6 +113,17 @@ def test_head_never_submits(server):
         assert status == 405, name
 
 
+def test_operation_pages_in_a_browser(server):
+    """The bare operation URL with f=html (a person clicking through) answers a page, not an error."""
+    for name in ("NE", "Elev"):
+        for op in ("exportTiles", "estimateExportTilesSize/submitJob"):
+            r = server.get(f"{server.svc(name)}/{op}", {"f": "html"})
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/html"), (name, op, r.body[:300])
+            job = server.real_jobs[name]
+            r = server.get(f"{server.svc(name)}/jobs/{job}", {"f": "html"})
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/html"), (name, r.body[:300])
+
+
 def test_nothing_crashed(server):
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:   # let the jobs the fuzzing submitted finish

@@ -17,6 +17,7 @@ from tilecrate.server import app as core
 from tilecrate.server.config import ServiceConfig
 from tilecrate.server.errors import EsriError
 from tilecrate.server.service import CURRENT_VERSION, Service
+from tilecrate.server.vector import root_reply, submit_handler
 
 KIND = "ImageServer"
 _RANGE_TILES = 64          # tiles of the coarsest level read for minValues/maxValues at most
@@ -156,13 +157,14 @@ def _image(request: web.Request) -> ImageService:
 
 async def h_root(request: web.Request) -> web.Response:
     """`<name>/ImageServer` (JSON also without f; Python POSTs it, Cesium asks `/?f=pjson`)."""
-    return await core.reply(request, _image(request).root_json(), default="json")
+    return await root_reply(request, _image(request))
 
 
 def routes(root: str, shared: dict) -> list[tuple[str, object]]:
     """(path, handler) of every ImageServer route; `shared` holds app.py's tile/job/export handlers."""
     svc = root + "/services/{service}/" + KIND
     ops = "{op:(?i:exportTiles|estimateExportTilesSize)}"
+    submit = submit_handler(shared, _image, all_levels=False)
     out: list[tuple[str, object]] = [(svc + "/tile/{level}/{row}/{col}", shared["tile"])]
     for prefix in (svc + "/" + ops + "/jobs/{job}", svc + "/jobs/{job}"):
         out += [(prefix, shared["job"]), (prefix + "/", shared["job"]), (prefix + "/cancel", shared["cancel"]),
@@ -170,6 +172,6 @@ def routes(root: str, shared: dict) -> list[tuple[str, object]]:
     out += [
         (svc, h_root), (svc + "/", h_root),
         (svc + "/tilemap/{level}/{row}/{col}/{width}/{height}", shared["tilemap"]),
-        (svc + "/" + ops, shared["submit"]), (svc + "/" + ops + "/submitJob", shared["submit"]),
+        (svc + "/" + ops, submit), (svc + "/" + ops + "/submitJob", submit),
     ]
     return out

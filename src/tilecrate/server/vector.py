@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from urllib.parse import quote
 
 from aiohttp import web
@@ -174,9 +175,21 @@ def svc_url(request: web.Request, svc: Service) -> str:
     return f"{core.base_url(request)}{core.ROOT}/services/{quote(svc.name)}/{KIND}"
 
 
+async def root_reply(request: web.Request, svc: Service) -> web.Response:
+    """A service root: HTML, or its JSON made at most once a second (clients read it before every map)."""
+    f = core.fmt_of(await core.params_of(request), default="json")
+    if f == "html":
+        return await core.reply(request, svc.root_json(), default="json")
+    cache, key, now = request.app[core.JSON_CACHE], (svc.kind, svc.name, f), time.monotonic()
+    hit = cache.get(key)
+    if hit is None or hit[0] < now:
+        hit = cache[key] = (now + core._JSON_TTL, core.json_response(svc.root_json(), f).body)
+    return web.Response(body=hit[1], headers=core._JSON_HEADERS)
+
+
 async def h_root(request: web.Request) -> web.Response:
     """`<name>/VectorTileServer` (JSON also without f, as clients read it)."""
-    return await core.reply(request, _vector(request).root_json(), default="json")
+    return await root_reply(request, _vector(request))
 
 
 async def h_tile(request: web.Request) -> web.StreamResponse:
@@ -202,8 +215,14 @@ async def h_tilemap_index(request: web.Request) -> web.Response:
 async def h_style(request: web.Request) -> web.Response:
     """`resources/styles` and `resources/styles/root.json` (the same document)."""
     svc = _vector(request)
-    style = await core.read_cache(request, (svc.name, "resources"), svc.style, svc_url(request, svc))
-    return core.json_response(style)
+    url = svc_url(request, svc)
+    # made at most once a second per URL it names (the Host header is checked: a bounded set)
+    cache, key, now = request.app[core.JSON_CACHE], ("style", svc.name, url), time.monotonic()
+    hit = cache.get(key)
+    if hit is None or hit[0] < now:
+        style = await core.read_cache(request, (svc.name, "resources"), svc.style, url)
+        hit = cache[key] = (now + core._JSON_TTL, core.json_response(style).body)
+    return web.Response(body=hit[1], headers=core._JSON_HEADERS)
 
 
 async def h_info(request: web.Request) -> web.Response:
@@ -241,14 +260,20 @@ async def h_sprite(request: web.Request) -> web.Response:
     return web.Response(body=data, headers={"Content-Type": _TYPES[ext], "Cache-Control": "max-age=86400"})
 
 
-def _submit(shared):
+def submit_handler(shared: dict, kind_check, all_levels: bool):
+    """exportTiles / estimateExportTilesSize for a VectorTileServer or ImageServer: the MapServer handler,
+    after `kind_check(request)`; with `all_levels`, `levels` absent means every level (the ArcGIS API for
+    Python's VectorTileLayer.export_tiles leaves it out when not given, FORMATS.md §18.7). The bare
+    operation URL in a browser shows the service JSON (the MapServer form page is MapServer's)."""
     async def h_submit(request: web.Request) -> web.StreamResponse:
-        """exportTiles / estimateExportTilesSize; `levels` absent means every level (the ArcGIS API for
-        Python's VectorTileLayer.export_tiles leaves it out when not given, FORMATS.md §18.7)."""
-        svc = _vector(request)
+        svc = kind_check(request)
         params = await core.params_of(request)
-        if core.param(params, "levels") is None and core.fmt_of(params) != "html" and svc.cache.levels:
-            params["levels"] = f"{min(svc.cache.levels)}-{max(svc.cache.levels)}"
+        f = core.fmt_of(params)
+        if core.param(params, "levels") is None:
+            if f == "html":
+                return await core.reply(request, svc.root_json())
+            if all_levels and svc.cache.levels:
+                params["levels"] = f"{min(svc.cache.levels)}-{max(svc.cache.levels)}"
         return await shared["submit"](request)
     h_submit.acts = True  # no HEAD: a link checker's HEAD must not submit a job
     return h_submit
@@ -258,7 +283,7 @@ def routes(root: str, shared: dict) -> list[tuple[str, object]]:
     """(path, handler) of every VectorTileServer route; `shared` holds app.py's job/export handlers."""
     svc = root + "/services/{service}/" + KIND
     ops = "{op:(?i:exportTiles|estimateExportTilesSize)}"
-    submit = _submit(shared)
+    submit = submit_handler(shared, _vector, all_levels=True)
     out: list[tuple[str, object]] = [
         (svc + "/tile/{level}/{row}/{col:[0-9]+}.pbf", h_tile),
         (svc + "/tile/{level}/{row}/{col:[0-9]+}", h_tile),
