@@ -147,3 +147,16 @@ def wgs84_bounds(plan: ExportPlan) -> tuple[float, float, float, float]:
 def iter_bundles(plan: ExportPlan) -> Iterator[BundleSelection]:
     """The plan's bundles that hold selected tiles, in the plan's order."""
     return (b for b in plan.selection.bundles() if b.tiles > 0)
+
+
+def inside_grid(rows: np.ndarray, cols: np.ndarray, tiles: list[bytes], n: int, what: str,
+                warnings: list[str]) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
+    """Only the tiles inside an n x n grid (an ArcGIS cache may hold rows past the Web Mercator world,
+    which XYZ zooms cannot address); those left out are named in one warning."""
+    ok = (rows >= 0) & (rows < n) & (cols >= 0) & (cols < n)
+    if ok.all():
+        return rows, cols, tiles
+    warnings.append(f"{what}: {int((~ok).sum())} tile(s) outside the Web Mercator world's {n}x{n} tiles were "
+                    "left out (this output cannot address them)")
+    keep = np.flatnonzero(ok)
+    return rows[keep], cols[keep], [tiles[i] for i in keep.tolist()]

@@ -15,8 +15,8 @@ from tilecrate.cache import Cache
 from tilecrate.errors import ExportError
 from tilecrate.plan import ExportPlan
 from tilecrate.runners.base import CancelFlag, check_cancel
-from tilecrate.sinks.common import (_HALF_WORLD, WEB_MERCATOR_CODES, SourceMeta, bundle_tiles, iter_bundles,
-                                    tile_kind, web_mercator_zooms)
+from tilecrate.sinks.common import (_HALF_WORLD, WEB_MERCATOR_CODES, SourceMeta, bundle_tiles, inside_grid,
+                                    iter_bundles, tile_kind, web_mercator_zooms)
 
 APPLICATION_ID = 0x47504B47          # "GPKG"
 USER_VERSION = 10300                 # 1.3.0
@@ -134,9 +134,15 @@ def write_gpkg(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
         raise ExportError(f"{cache.path}: a GeoPackage holds PNG or JPEG tiles, not {cache.tile_format}")
     srs = srs_row(cache)
     bbox, mats = matrices(cache, plan)
+    # Web Mercator: the matrices are the world's 2^z tiles; tiles past them cannot be stored
+    grid = {m[0]: m[1] for m in mats} if bbox[0] == -_HALF_WORLD and bbox[3] == _HALF_WORLD else {}
     table = table_name(meta)
     ext = plan.info.extent
-    cbox = (ext.xmin, ext.ymin, ext.xmax, ext.ymax) if ext is not None else bbox
+    cbox = bbox
+    if ext is not None:       # the data's extent, inside the matrix set (a cache's extent can pass the world's)
+        cbox = (max(ext.xmin, bbox[0]), max(ext.ymin, bbox[1]), min(ext.xmax, bbox[2]), min(ext.ymax, bbox[3]))
+        if cbox[0] >= cbox[2] or cbox[1] >= cbox[3]:
+            cbox = bbox
     description = meta.description
     if meta.attribution:
         description = f"{description}\n\nAttribution: {meta.attribution}".strip()
@@ -173,6 +179,8 @@ def write_gpkg(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
             rws, cols, tiles, found = bundle_tiles(cache, plan, bsel, cancel)
             warnings.extend(found)
             level = bsel.ref.level
+            if level in grid:
+                rws, cols, tiles = inside_grid(rws, cols, tiles, grid[level], cache.bundle_label(bsel.ref), warnings)
             db.executemany(insert, zip([level] * len(tiles), cols.tolist(), rws.tolist(), tiles))
             nbytes = sum(map(len, tiles))
             lv = levels.setdefault(level, {"tiles": 0, "size": 0})

@@ -12,7 +12,8 @@ from typing import Callable
 from tilecrate.cache import Cache
 from tilecrate.plan import ExportPlan
 from tilecrate.runners.base import CancelFlag, check_cancel
-from tilecrate.sinks.common import SourceMeta, bundle_tiles, iter_bundles, tile_kind, web_mercator_zooms, wgs84_bounds
+from tilecrate.sinks.common import (SourceMeta, bundle_tiles, inside_grid, iter_bundles, tile_kind, web_mercator_zooms,
+                                    wgs84_bounds)
 
 APPLICATION_ID = 0x4D504258          # "MPBX"
 _COMMIT_BYTES = 256 << 20
@@ -57,6 +58,7 @@ def write_mbtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
             rows, cols, tiles, found = bundle_tiles(cache, plan, bsel, cancel)
             warnings.extend(found)
             z = zooms[bsel.ref.level]
+            rows, cols, tiles = inside_grid(rows, cols, tiles, 1 << z, cache.bundle_label(bsel.ref), warnings)
             flipped = ((1 << z) - 1 - rows).tolist()
             db.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?)",
                            zip([z] * len(tiles), cols.tolist(), flipped, tiles))

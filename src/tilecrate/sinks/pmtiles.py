@@ -25,10 +25,12 @@ from tilecrate.cache import Cache
 from tilecrate.package.kcopy import KernelCopier
 from tilecrate.plan import ExportPlan
 from tilecrate.runners.base import CancelFlag, check_cancel
-from tilecrate.sinks.common import SourceMeta, bundle_tiles, iter_bundles, tile_kind, web_mercator_zooms, wgs84_bounds
+from tilecrate.sinks.common import (SourceMeta, bundle_tiles, inside_grid, iter_bundles, tile_kind, web_mercator_zooms,
+                                    wgs84_bounds)
 
 HEADER_SIZE = 127
 ROOT_LIMIT = 16384 - HEADER_SIZE
+LEAF_SIZE = 4096                     # entries per leaf to start with (as the pmtiles package's writer)
 GZIP = 2
 NONE = 1
 TILE_TYPES = {"png": 2, "jpg": 3, "webp": 4}
@@ -101,7 +103,7 @@ def build_directories(ids: np.ndarray, runs: np.ndarray, lengths: np.ndarray,
     root = _gz(serialize_directory(ids, runs, lengths, offsets))
     if len(root) <= ROOT_LIMIT:
         return root, b""
-    leaf_size = 4096
+    leaf_size = LEAF_SIZE
     while True:
         leaves: list[bytes] = []
         r_ids, r_offs, r_lens = [], [], []
@@ -208,6 +210,7 @@ def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
             rows, cols, tiles, found = bundle_tiles(cache, plan, bsel, cancel)
             warnings.extend(found)
             z = zooms[bsel.ref.level]
+            rows, cols, tiles = inside_grid(rows, cols, tiles, 1 << z, cache.bundle_label(bsel.ref), warnings)
             ids = tile_ids(z, cols, rows)
             order = np.argsort(ids, kind="stable")
             chunk: list[bytes] = []

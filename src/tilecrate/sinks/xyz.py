@@ -13,7 +13,8 @@ from tilecrate.cache import Cache
 from tilecrate.errors import ExportError
 from tilecrate.plan import ExportPlan
 from tilecrate.runners.base import CancelFlag, check_cancel
-from tilecrate.sinks.common import SourceMeta, bundle_tiles, image_ext, iter_bundles, tile_kind, web_mercator_zooms, wgs84_bounds
+from tilecrate.sinks.common import (SourceMeta, bundle_tiles, image_ext, inside_grid, iter_bundles, tile_kind,
+                                    web_mercator_zooms, wgs84_bounds)
 
 
 def metadata_json(plan: ExportPlan, meta: SourceMeta, fmt: str, zooms: dict[int, int], mercator: bool) -> dict:
@@ -48,6 +49,8 @@ def write_xyz(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
         rows, cols, tiles, found = bundle_tiles(cache, plan, bsel, cancel)
         warnings.extend(found)
         z = zooms[bsel.ref.level]
+        if mercator:
+            rows, cols, tiles = inside_grid(rows, cols, tiles, 1 << z, cache.bundle_label(bsel.ref), warnings)
         for x, y, blob in zip(cols.tolist(), rows.tolist(), tiles):
             folder = os.path.join(tmp, str(z), str(x))
             if folder not in made:
