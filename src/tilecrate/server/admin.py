@@ -120,8 +120,9 @@ def _admin_error(request: web.Request, params: dict, err: EsriError) -> web.Resp
     obj = {"status": "error", "messages": messages, "code": err.code}
     f = (param(params, "f") or "").strip().lower()
     status = err.http_status(False)
-    if f == "html":
-        resp = html_response(html.page("Error", html.json_block(obj)), status)
+    if f == "html" or (not f and request.method == "GET"):  # the Directory's pages default to HTML
+        link = f'<p><a href="{ADMIN}/generateToken?f=html">Sign in</a></p>' if err.code in (498, 499) else ""
+        resp = html_response(html.page("Error", html.json_block(obj) + link), status)
     else:
         resp = json_response(obj, "pjson" if f == "pjson" else "json", status)
     resp.headers.update(err.headers)
