@@ -208,7 +208,9 @@ async def h_tile(request: web.Request) -> web.StreamResponse:
 async def h_tilemap_index(request: web.Request) -> web.Response:
     """`tilemap`: the quadtree index (clients fetch it without f)."""
     svc = _vector(request)
-    data = await core.read_cache(request, (svc.name, "tilemap"), svc.tilemap_index)
+    data = svc._tilemap  # read once: later requests stay on the loop
+    if data is None:
+        data = await core.read_cache(request, (svc.name, "tilemap"), svc.tilemap_index)
     return web.Response(body=data, headers={"Content-Type": "application/json; charset=utf-8"})
 
 
