@@ -127,6 +127,11 @@ def test_service_permissions(site):
     assert _error(srv.get(f"{srv.svc('Open')}/{EXPORT}", {"f": "json", "levels": "0"})) == 499
     assert _error(srv.get(f"{srv.svc('Open')}/{EXPORT}", {"f": "json", "levels": "0", "token": alice})) == 403
     assert "jobId" in srv.get(f"{srv.svc('Open')}/{EXPORT}", {"f": "json", "levels": "0", "token": bob}).json()
+    # the directory lists what each may view
+    def listed(token):
+        return {s["name"] for s in srv.get("/arcgis/rest/services", {"f": "json", **token}).json()["services"]}
+    assert listed({}) == {"Open"} and listed({"token": bob}) == {"Open", "S"}
+    assert listed({"token": alice}) == listed({"token": admin}) == {"Open", "S", "Private"}
     # the shared static token works as before users existed
     assert srv.get(srv.svc("Private"), {"f": "json", "token": "shared-static-token"}).json()["tileInfo"]
 

@@ -80,6 +80,15 @@ def authenticate(request: web.Request, params: dict[str, str]) -> Principal | No
     return Principal(user.name, user.role)
 
 
+def visible(request: web.Request, names: list[str]) -> list[str]:
+    """The services this request's principal may view (all of them without users)."""
+    if not request.app[CFG].users:
+        return names
+    who = request.get(PRINCIPAL)
+    services = request.app[SERVICES]
+    return [n for n in names if permitted(who, services[n].config.view)]
+
+
 def owner_key(request: web.Request) -> str:
     """Who a job submitted by this request belongs to: `user:NAME`, "token", or the address."""
     who = request.get(PRINCIPAL)
