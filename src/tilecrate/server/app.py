@@ -344,8 +344,10 @@ async def h_info(request: web.Request) -> web.Response:
 
 
 async def h_services(request: web.Request) -> web.Response:
-    """The services directory."""
-    names = sorted(request.app[SERVICES])
+    """The services directory (with users: the services the caller may view)."""
+    from tilecrate.server.auth import visible
+
+    names = visible(request, sorted(request.app[SERVICES]))
     obj = {"currentVersion": CURRENT_VERSION, "folders": [],
            "services": [{"name": n, "type": request.app[SERVICES][n].kind} for n in names]}
     kinds = {n: request.app[SERVICES][n].kind for n in names}
