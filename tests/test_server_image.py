@@ -212,3 +212,11 @@ def test_tile_package_false_gives_the_cache_folder(server, source_tiles, tmp_pat
 def test_bad_resolution_is_an_esri_error(server):
     r = server.post(f"{server.svc('Elev')}/exportTiles", {"f": "json", "exportBy": "Resolution", "levels": "abc"}).json()
     assert r["error"]["code"] == 400
+
+
+def test_lerc1_range_refuses_lying_block_counts(source_tiles):
+    """Block counts in the billions (a replaced or corrupt file) are refused before any work."""
+    blob = bytearray(next(iter(source_tiles.values())))
+    struct.pack_into("<II", blob, 18, 0xFFFFFFFF, 0xFFFFFFFF)        # rows, cols
+    struct.pack_into("<II", blob, 50, 0xFFFFFFF0, 0xFFFFFFF0)        # z part numBlocksY, numBlocksX
+    assert lerc1_range(bytes(blob)) is None

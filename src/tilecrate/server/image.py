@@ -41,8 +41,8 @@ def lerc1_range(blob: bytes) -> tuple[float, float] | None:
     nby, nbx, z_bytes, zmax = struct.unpack_from("<IIIf", blob, pos)
     pos += 16
     end = pos + z_bytes
-    if end > n or nby == 0 or nbx == 0 or nby > rows or nbx > cols:
-        return None
+    if end > n or nby == 0 or nbx == 0 or nby > rows or nbx > cols or nby * nbx > z_bytes:
+        return None  # every block takes at least its flag byte: a bigger count is a lie
     bh, bw = rows // nby, cols // nbx
     heights = [bh] * nby + ([rows - nby * bh] if rows - nby * bh else [])
     widths = [bw] * nbx + ([cols - nbx * bw] if cols - nbx * bw else [])
