@@ -28,7 +28,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from distributed import Client, Event, LocalCluster, Variable, get_worker
+from distributed import Client, Event, LocalCluster, Variable, get_client, get_worker
 
 from tilecrate.cache import Cache, open_cache
 from tilecrate.errors import Cancelled, ExportError, TilecrateError
@@ -51,7 +51,7 @@ from tilecrate.runners.base import (
 from tilecrate.runners.inprocess import write_plan
 from tilecrate.runners.tasks import BundleOutput, BundleRecipe, bundle_recipe, run_bundle_task, source_cache
 
-CANCEL_POLL = 0.05         # seconds between two looks at the cluster's cancel flag from a task
+CANCEL_WAIT = 0.5          # seconds each long-poll of the cancel Event lasts on a worker
 PROGRESS_EVERY = 0.25      # seconds between two progress updates from a local-temp-folder job
 # A cluster task takes consecutive bundles up to these totals: the scheduler costs a few ms per task
 # (tens of ms on a loaded machine), which would dominate small bundles one per task (docs/scale.md)
@@ -61,20 +61,42 @@ GROUP_MAX = 64             # bundles per task
 
 
 class _ClusterCancel:
-    """The job's Dask Event seen from a task, looked at no more than every CANCEL_POLL seconds."""
+    """The job's Dask Event seen from a task: a helper thread waits on it (one long-poll RPC a
+    second), so is_set() is a local flag however often the re-encoder asks (every ~50 ms).
+
+    Polling the Event from the task instead cost a scheduler round trip per look, which on a
+    loaded machine (the scheduler shares the front end's process) starved the workers.
+    """
 
     def __init__(self, name: str):
-        self.event = Event(name)
-        self.last = time.monotonic()    # a task shorter than CANCEL_POLL never asks (the scheduler drops queued ones)
-        self.seen = False
+        self.event = Event(name, client=get_client())
+        self.flag = threading.Event()
+        self.done = threading.Event()
+        self.watcher = threading.Thread(target=self._watch, name="tilecrate-cancel-watch", daemon=True)
+        self.watcher.start()
+
+    def _watch(self) -> None:
+        while not self.done.is_set():
+            try:
+                if self.event.wait(timeout=CANCEL_WAIT):
+                    self.flag.set()
+                    return
+            except Exception:      # the scheduler went away: the front end fails the export
+                return
 
     def is_set(self) -> bool:
         """True once the job was cancelled."""
-        now = time.monotonic()
-        if not self.seen and now - self.last >= CANCEL_POLL:
-            self.last = now
-            self.seen = self.event.is_set()
-        return self.seen
+        return self.flag.is_set()
+
+    def close(self) -> None:
+        """Stop watching (the helper ends within CANCEL_WAIT)."""
+        self.done.set()
+
+    def __enter__(self) -> "_ClusterCancel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _worker_threads() -> int:
@@ -90,12 +112,12 @@ def cluster_bundle_tasks(tasks: list[BundleTask], cancel_name: str,
 
     With `recipes` (zip outputs), pass-through bundles come back as recipes the front end copies
     straight from the source, so their bytes are read here once and never staged."""
-    cancel = _ClusterCancel(cancel_name)
     threads = _worker_threads()
     out: list[BundleOutput | BundleRecipe] = []
-    for task in tasks:
-        recipe = bundle_recipe(task, cancel) if recipes else None
-        out.append(recipe if recipe is not None else run_bundle_task(task, cancel, threads=threads))
+    with _ClusterCancel(cancel_name) as cancel:
+        for task in tasks:
+            recipe = bundle_recipe(task, cancel) if recipes else None
+            out.append(recipe if recipe is not None else run_bundle_task(task, cancel, threads=threads))
     return out
 
 
@@ -123,7 +145,11 @@ def group_tasks(plan: ExportPlan, tasks: list[BundleTask], threads: int) -> list
 
 def cluster_local_job(plan: ExportPlan, cancel_name: str, progress_name: str, local_root: str | None) -> ExportResult:
     """A whole job on one worker: the package built in its local temp folder, then moved to plan.out."""
-    cancel = _ClusterCancel(cancel_name)
+    with _ClusterCancel(cancel_name) as cancel:
+        return _local_job(plan, cancel, progress_name, local_root)
+
+
+def _local_job(plan: ExportPlan, cancel: _ClusterCancel, progress_name: str, local_root: str | None) -> ExportResult:
     cache = source_cache(plan.source)
     if any(not cache.has_bundle(ref) or cache.bundle_file_size(ref) != size for ref, size in plan.source_sizes.items()):
         cache = source_cache(plan.source, fresh=True)
@@ -270,7 +296,7 @@ class DaskRunner:
         for _ in range(2):
             for path in staging:
                 remove(path)
-            time.sleep(CANCEL_POLL * 2)
+            time.sleep(0.1)
         for path in staging:
             remove(path)
 
