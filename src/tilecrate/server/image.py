@@ -8,16 +8,20 @@ and the stored maximum; no decoding), which is what Cesium reads as the height r
 """
 from __future__ import annotations
 
+import logging
 import struct
 
 from aiohttp import web
 
 from tilecrate.cache import Cache
+from tilecrate.errors import TilecrateError
 from tilecrate.server import app as core
 from tilecrate.server.config import ServiceConfig
 from tilecrate.server.errors import EsriError
 from tilecrate.server.service import CURRENT_VERSION, Service
 from tilecrate.server.vector import root_reply, submit_handler
+
+log = logging.getLogger("tilecrate.server")
 
 KIND = "ImageServer"
 _RANGE_TILES = 64          # tiles of the coarsest level read for minValues/maxValues at most
@@ -98,12 +102,16 @@ class ImageService(Service):
         if not levels:
             return None
         lo, hi = float("inf"), float("-inf")
-        for seen, (_, _, _, data) in enumerate(self.cache.iter_tiles(min(levels))):
-            if seen >= _RANGE_TILES:
-                break
-            got = lerc1_range(bytes(data))
-            if got is not None:
-                lo, hi = min(lo, got[0]), max(hi, got[1])
+        try:
+            for seen, (_, _, _, data) in enumerate(self.cache.iter_tiles(min(levels))):
+                if seen >= _RANGE_TILES:
+                    break
+                got = lerc1_range(bytes(data))
+                if got is not None:
+                    lo, hi = min(lo, got[0]), max(hi, got[1])
+        except TilecrateError as e:  # a damaged bundle costs the height range, not the service
+            log.warning("%s: no minValues/maxValues: %s", self.name, e)
+            return None
         return (lo, hi) if lo <= hi else None
 
     def root_json(self) -> dict:
