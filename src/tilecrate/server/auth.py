@@ -89,6 +89,18 @@ def visible(request: web.Request, names: list[str]) -> list[str]:
     return [n for n in names if permitted(who, services[n].config.view)]
 
 
+def listable_job(request: web.Request, name: str) -> bool:
+    """Whether a job folder appears in this request's arcgisoutput listing: with users, to its
+    signed-in owner and to administrators; otherwise (and to anonymous callers) never."""
+    who = request.get(PRINCIPAL)
+    if not request.app[CFG].users or who is None or not is_job_id(name):
+        return False
+    if who.sees_all_jobs:
+        return True
+    job = request.app[STORE].get(name, inputs=False)
+    return job is not None and job.client == who.client
+
+
 def owner_key(request: web.Request) -> str:
     """Who a job submitted by this request belongs to: `user:NAME`, "token", or the address."""
     who = request.get(PRINCIPAL)
