@@ -300,14 +300,16 @@ async def read_cache(request: web.Request, key: tuple, fn, *args):
 
 def output_listing(request: web.Request, rel: str, path: str) -> dict:
     """`{"folders": [...], "files": [{"name", "url", "size"}]}` of an arcgisoutput folder."""
+    from tilecrate.server.auth import listable_job
+
     url = f"{base_url(request)}{OUTPUT}" + (f"/{quote(rel)}" if rel else "")
     folders, files = [], []
     for entry in sorted(os.scandir(path), key=lambda e: e.name):
         if entry.name.startswith(".") or entry.is_symlink():
             continue  # temporary names of outputs still being written, and anything not ours
         if entry.is_dir():
-            if rel.count("/") == 0 and rel:
-                continue  # a service folder: job folders are reachable by their id only, never listed
+            if rel.count("/") == 0 and rel and not listable_job(request, entry.name):
+                continue  # a service folder: job folders are listed to their owner only (auth.py), else never
             folders.append(entry.name)
         elif entry.is_file():
             files.append({"name": entry.name, "url": f"{url}/{quote(entry.name)}", "size": entry.stat().st_size})
