@@ -166,11 +166,12 @@ def test_jobs_answer_only_their_owner_and_administrators(site):
     assert srv.get(folder, {"token": bob}).status == 404
     assert srv.get(file_url, {"token": alice}).status == 200
     assert srv.get(file_url, {"token": admin}).status == 200
-    # the listing of the service folder names no job folder, to anyone but through its own URL
+    # the listing of the service folder shows alice's job folder to alice and administrators only
     base = f"{srv.base}/arcgis/rest/directories/arcgisoutput"
-    for tok in (alice, bob, admin):
-        r = srv.get(base + "/S_MapServer", {"f": "json", "token": tok}).json()
-        assert job_id not in json.dumps(r)
+    assert job_id in srv.get(base + "/S_MapServer", {"f": "json", "token": alice}).json()["folders"]
+    assert job_id in srv.get(base + "/S_MapServer", {"f": "json", "token": admin}).json()["folders"]
+    assert job_id not in json.dumps(srv.get(base + "/S_MapServer", {"f": "json", "token": bob}).json())
+    assert job_id not in json.dumps(srv.get(base + "/S_MapServer", {"f": "json"}).json())
     # bob cannot cancel alice's running job; alice can
     running = srv.post(f"{srv.svc('S')}/{EXPORT}", {"f": "json", "levels": "0-6", "tilePackage": "true",
                                                      "token": alice}).json()["jobId"]
