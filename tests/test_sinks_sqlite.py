@@ -190,7 +190,7 @@ def test_estimate_says_approximate_for_sqlite(sample_v2, tmp_path):
         total, _, note = estimate_open(plan, kind)
         assert note is not None and "approximate" in note and "SQLite page overhead" in note
         size = export(str(sample_v2), ExportRequest("0-5"), str(tmp_path / f"e.{kind}")).size
-        assert abs(total - size) <= 0.15 * size
+        assert abs(total - size) <= 0.03 * size
 
 
 def test_cli_export_mbtiles_and_gpkg(sample_v2, tmp_path):
@@ -205,3 +205,14 @@ def test_cli_export_mbtiles_and_gpkg(sample_v2, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tilecrate.cli", "export", str(real_path("wgs84.tpkx")), "-o",
                           str(tmp_path / "w.mbtiles"), "--levels", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "Web Mercator" in bad.stderr
+
+
+def test_estimate_command_reports_approximate(sample_v2):
+    done = subprocess.run([sys.executable, "-m", "tilecrate.cli", "estimate", str(sample_v2), "--levels", "0-5",
+                           "--format", "mbtiles", "--json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    body = json.loads(done.stdout)
+    assert body["totalTilesToExport"] == 123 and "SQLite page overhead: approximate" in body["approximate"]
+    plain = subprocess.run([sys.executable, "-m", "tilecrate.cli", "estimate", str(sample_v2), "--levels", "0-5",
+                            "--json"], capture_output=True, text=True, timeout=120)
+    assert "approximate" not in json.loads(plain.stdout)

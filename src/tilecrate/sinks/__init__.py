@@ -24,10 +24,9 @@ _APPROXIMATE = {
     "mbtiles": "SQLite page overhead: approximate (tile bytes are exact; pages, row headers and the index are estimated)",
     "gpkg": "SQLite page overhead: approximate (tile bytes are exact; pages, row headers and the index are estimated)",
 }
-# per tile: the row header, rowid and key columns, and the unique index entry (measured on the
-# sample caches: 38-46 bytes per tile at 4 KiB pages), plus the schema pages
-_ROW_OVERHEAD = 44
-_SCHEMA_BYTES = 12 * 4096
+_PAGE = 4096                  # SQLite's default page size, which the writers keep
+_SCHEMA_PAGES = {"mbtiles": 6, "gpkg": 12}
+_INDEX_ENTRY = 20             # the unique (zoom, column, row) index: key, rowid and cell overhead
 
 
 def sink_kind(out: str | os.PathLike | None, fmt: str | None = None) -> str | None:
@@ -130,65 +129,129 @@ def export_open(cache, request, out: str | os.PathLike, kind: str, *,
     return result
 
 
-def estimate_open(plan, kind: str) -> tuple[int, dict[int, int], str | None]:
-    """(bytes, {level: bytes}, None if exact else why approximate) of an open-format output of `plan`."""
+def estimate_open(plan, kind: str, cache=None) -> tuple[int, dict[int, int], str | None]:
+    """(bytes, {level: bytes}, None if exact else why approximate) of an open-format output of `plan`
+    (`cache`: the plan's open source, else it is opened)."""
+    if cache is None:
+        from tilecrate.cache import open_cache
+
+        with open_cache(plan.source.path) as opened:
+            return estimate_open(plan, kind, opened)
     per_level: dict[int, int] = {}
     note = _APPROXIMATE.get(kind)
     if plan.policy is not None:
         note = "re-encoded tile sizes are not known before the export: approximate (the source tiles' bytes)"
-    for lv in plan.selection.levels:
-        if lv.tiles:
-            extra = lv.tiles * _ROW_OVERHEAD if kind in _APPROXIMATE else 0
-            per_level[lv.level] = lv.tile_bytes + extra
+    for level, (tiles, nbytes, sizes) in _written(plan, cache, kind in _APPROXIMATE).items():
+        if tiles:
+            per_level[level] = sqlite_bytes(sizes) if kind in _APPROXIMATE else nbytes
     total = sum(per_level.values())
     if kind in _APPROXIMATE:
-        total += _SCHEMA_BYTES
+        total += _SCHEMA_PAGES[kind] * _PAGE
     elif kind == "xyz":
-        total += _xyz_metadata_size(plan)
+        total += _xyz_metadata_size(plan, cache)
     elif kind == "pmtiles":
-        total += _pmtiles_overhead(plan)
+        total += _pmtiles_overhead(plan, cache)
         note = note or ("identical tiles are stored once: exact when no two selected tiles are identical, "
                         "otherwise an upper bound")
     return total, per_level, note
 
 
-def _xyz_metadata_size(plan) -> int:
+def sqlite_bytes(sizes) -> int:
+    """Bytes SQLite takes for rows of blobs of these sizes (4 KiB pages filled in key order: the local part
+    of each payload on leaf pages, the rest on whole overflow pages, as SQLite's file format splits it) and
+    their unique index entries. Approximate: interior pages and page headers are not counted exactly."""
+    import numpy as np
+
+    usable = _PAGE
+    payload = np.asarray(sizes, dtype=np.int64) + 12          # record header and the three key columns
+    most, least = usable - 35, (usable - 12) * 32 // 255 - 23
+    k = least + (payload - least) % (usable - 4)
+    local = np.where(payload <= most, payload, np.where(k <= most, k, least))
+    overflow = -(-(payload - local) // (usable - 4))
+    leaf = local + 6 + 4 * (overflow > 0)                       # cell header, cell pointer, overflow pointer
+    # rows arrive in rowid order: each leaf page takes cells until the next does not fit
+    leaf_pages, free = 0, 0
+    for cell in leaf.tolist():
+        if cell > free:
+            leaf_pages += 1
+            free = usable - 8
+        free -= cell
+    index_pages = -(-len(payload) * _INDEX_ENTRY // (usable - 8))
+    return (leaf_pages + int(overflow.sum()) + index_pages) * _PAGE
+
+
+def _written(plan, cache, want_sizes: bool = False) -> dict[int, tuple[int, int, object]]:
+    """{level: (tiles, bytes, tile sizes if asked)} a sink writes: the selection, less tiles past a Web
+    Mercator world's grid."""
+    import numpy as np
+
+    from tilecrate.errors import TilecrateError
+    from tilecrate.sinks.common import web_mercator_zooms
+    from tilecrate.tiling import PACKET
+
+    try:
+        zooms = web_mercator_zooms(cache.scheme, [lv.level for lv in plan.selection.levels])
+    except TilecrateError:
+        zooms = {}
+    out = {}
+    for lv in plan.selection.levels:
+        rng = lv.tile_range()
+        n = 1 << zooms[lv.level] if lv.level in zooms else None
+        if not want_sizes and (n is None or rng is None or (rng[1] < n and rng[3] < n)):
+            out[lv.level] = (lv.tiles, lv.tile_bytes, None)
+            continue
+        tiles = nbytes = 0
+        parts = []
+        for b in lv.bundles:
+            if not b.tiles:
+                continue
+            idx = np.flatnonzero(b.mask.reshape(-1))
+            if n is not None:
+                idx = idx[(b.ref.row0 + idx // PACKET < n) & (b.ref.col0 + idx % PACKET < n)]
+            _, sizes = cache.index(b.ref)
+            tiles += len(idx)
+            nbytes += int(sizes[idx].sum(dtype=np.uint64))
+            parts.append(sizes[idx])
+        out[lv.level] = (tiles, nbytes, np.concatenate(parts) if parts else np.zeros(0, np.int64))
+    return out
+
+
+def _xyz_metadata_size(plan, cache) -> int:
     from tilecrate.errors import TilecrateError
     from tilecrate.sinks.common import source_meta, tile_kind, web_mercator_zooms
     from tilecrate.sinks.xyz import metadata_json
-    from tilecrate.cache import open_cache
 
-    with open_cache(plan.source.path) as cache:
-        levels = [lv.level for lv in plan.selection.levels]
-        try:
-            zooms, mercator = web_mercator_zooms(cache.scheme, levels), True
-        except TilecrateError:
-            zooms, mercator = {lv: lv for lv in levels}, False
-        doc = metadata_json(plan, source_meta(cache), tile_kind(cache, plan.policy is not None), zooms, mercator)
+    levels = [lv.level for lv in plan.selection.levels]
+    try:
+        zooms, mercator = web_mercator_zooms(cache.scheme, levels), True
+    except TilecrateError:
+        zooms, mercator = {lv: lv for lv in levels}, False
+    doc = metadata_json(plan, source_meta(cache), tile_kind(cache, plan.policy is not None), zooms, mercator)
     return len(json.dumps(doc, ensure_ascii=False, indent=1).encode())
 
 
-def _pmtiles_overhead(plan) -> int:
+def _pmtiles_overhead(plan, cache) -> int:
     """Header, directories and metadata of the archive without deduplication, built from the indexes."""
     import numpy as np
 
-    from tilecrate.cache import open_cache
     from tilecrate.sinks.common import source_meta, tile_kind, web_mercator_zooms
     from tilecrate.sinks.pmtiles import HEADER_SIZE, _gz, build_directories, metadata_json, tile_ids
     from tilecrate.tiling import PACKET
 
-    with open_cache(plan.source.path) as cache:
-        zooms = web_mercator_zooms(cache.scheme, [lv.level for lv in plan.selection.levels])
-        ids, lengths = [], []
-        for b in plan.selection.bundles():
-            if not b.tiles:
-                continue
-            idx = np.flatnonzero(b.mask.reshape(-1))
-            _, sizes = cache.index(b.ref)
-            tid = tile_ids(zooms[b.ref.level], b.ref.col0 + idx % PACKET, b.ref.row0 + idx // PACKET)
-            ids.append(tid)
-            lengths.append(sizes[idx].astype(np.uint64))
-        meta = _gz(json.dumps(metadata_json(source_meta(cache), tile_kind(cache, False)), ensure_ascii=False).encode())
+    zooms = web_mercator_zooms(cache.scheme, [lv.level for lv in plan.selection.levels])
+    ids, lengths = [], []
+    for b in plan.selection.bundles():
+        if not b.tiles:
+            continue
+        idx = np.flatnonzero(b.mask.reshape(-1))
+        rows, cols = b.ref.row0 + idx // PACKET, b.ref.col0 + idx % PACKET
+        n = 1 << zooms[b.ref.level]
+        ok = (rows < n) & (cols < n)            # tiles past the world are left out by the writer
+        _, sizes = cache.index(b.ref)
+        ids.append(tile_ids(zooms[b.ref.level], cols[ok], rows[ok]))
+        lengths.append(sizes[idx[ok]].astype(np.uint64))
+    meta = _gz(json.dumps(metadata_json(source_meta(cache), tile_kind(cache, plan.policy is not None)),
+                          ensure_ascii=False).encode())
     if not ids:
         root, leaves = build_directories(*(np.zeros(0, np.uint64),) * 4)
         return HEADER_SIZE + len(root) + len(leaves) + len(meta)
