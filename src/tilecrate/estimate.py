@@ -24,14 +24,18 @@ class Estimate:
     total_tiles: int
     total_size: int
     levels: dict[int, dict] = field(default_factory=dict)   # {level: {"tiles", "size", "tileBytes"}}
+    approximate: str | None = None     # why the size is not exact (open formats: tilecrate.sinks), None if exact
 
     def to_json(self) -> dict:
-        """{"totalTilesToExport", "totalSize", "levels": {"<level>": {"tiles", "size", "tileBytes"}}}."""
-        return {
+        """{"totalTilesToExport", "totalSize", "levels": {"<level>": {"tiles", "size", "tileBytes"}}} (+ "approximate")."""
+        out = {
             "totalTilesToExport": self.total_tiles,
             "totalSize": self.total_size,
             "levels": {str(lv): dict(v) for lv, v in sorted(self.levels.items())},
         }
+        if self.approximate is not None:
+            out["approximate"] = self.approximate
+        return out
 
 
 def estimate_plan(plan: ExportPlan) -> Estimate:
@@ -59,12 +63,30 @@ def _estimate_vtpk(cache: Cache, selection: Selection, request: ExportRequest) -
     return Estimate(selection.tiles, int(total), levels)
 
 
+def _estimate_open(cache: Cache, request: ExportRequest, kind: str, cancel, presence) -> Estimate:
+    """An open-format output (tilecrate.sinks, H13): exact for PMTiles/XYZ where knowable, else says why not."""
+    from tilecrate.sinks import estimate_open
+
+    plan = make_plan(cache, request, None, cancel=cancel, presence=presence)
+    total, per_level, note = estimate_open(plan, kind, cache)
+    levels = {ls.level: {"tiles": ls.tiles, "size": int(per_level.get(ls.level, 0)), "tileBytes": ls.tile_bytes}
+              for ls in plan.selection.levels}
+    return Estimate(plan.tiles, int(total), levels, note)
+
+
 def estimate(cache: Cache | str, request: ExportRequest, *, cancel: threading.Event | None = None,
-             presence: PresenceStore | None = None) -> Estimate:
-    """Exact totalTilesToExport and totalSize (bytes of the package export() would write)."""
+             presence: PresenceStore | None = None, format: str | None = None) -> Estimate:
+    """Exact totalTilesToExport and totalSize (bytes of the package export() would write; `format`:
+    an open-format output, mbtiles|gpkg|pmtiles|xyz, whose size may be approximate)."""
     if not isinstance(cache, Cache):
         with open_cache(str(cache)) as opened:
-            return estimate(opened, request, cancel=cancel, presence=presence)
+            return estimate(opened, request, cancel=cancel, presence=presence, format=format)
+    if format is not None:
+        from tilecrate.sinks import sink_kind
+
+        kind = sink_kind(None, format)
+        if kind is not None:
+            return _estimate_open(cache, request, kind, cancel, presence)
     if is_vector_source(cache):
         return _estimate_vtpk(cache, select(cache, request, cancel=cancel, presence=presence), request)
     return estimate_plan(make_plan(cache, request, None, cancel=cancel, presence=presence))

@@ -16,6 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `tilecrate estimate` (the exportTiles vocabulary)."""
     p.add_argument("cache", help="cache folder, .tpk, .tpkx or .vtpk")
     add_request_arguments(p)
+    p.add_argument("--format", choices=("mbtiles", "gpkg", "pmtiles", "xyz"), default=None,
+                   help="estimate an open-format output instead of a package (MBTiles/GeoPackage sizes are "
+                        "approximate: SQLite page overhead)")
     p.add_argument("--presence-store", metavar="DIR",
                    help="an LMDB folder remembering which tiles each bundle holds (faster repeated estimates)")
 
@@ -28,9 +31,9 @@ def run(args: argparse.Namespace) -> int:
             from tilecrate.presence import PresenceStore     # lmdb: only when asked for
 
             with PresenceStore(args.presence_store) as store:
-                est = estimate(cache, request, presence=store)
+                est = estimate(cache, request, presence=store, format=args.format)
         else:
-            est = estimate(cache, request)
+            est = estimate(cache, request, format=args.format)
         scales = {lod.level: lod.scale for lod in cache.scheme.lods}
     if args.json:
         emit_json(est.to_json())
@@ -42,4 +45,6 @@ def run(args: argparse.Namespace) -> int:
               f"{human_bytes(v['size']):>12}")
     print(f"  {'total':>5} {'':>16} {est.total_tiles:>12,} {'':>12} {human_bytes(est.total_size):>12}")
     print(f"  totalTilesToExport {est.total_tiles}, totalSize {est.total_size} bytes")
+    if est.approximate:
+        print(f"  approximate: {est.approximate}")
     return 0
