@@ -292,3 +292,41 @@ def test_package_truncated_while_served(tmp_path, fixture_vtpk):
         assert "Traceback" not in log and "unexpected error" not in log, log[-2000:]
     finally:
         srv.stop()
+
+
+def test_package_replaced_while_served(tmp_path, fixture_vtpk):
+    """A new version renamed over the served .vtpk: within a second or so, tilemap, resources and tiles
+    are the new version's."""
+    import os
+    import shutil
+
+    from tilecrate.export import export
+    from tilecrate.request import ExportRequest
+
+    served = tmp_path / "ne.vtpk"
+    shutil.copyfile(fixture_vtpk, served)
+    smaller = tmp_path / "small.vtpk"
+    export(str(fixture_vtpk), ExportRequest(levels="0-1"), str(smaller))
+    data = tmp_path / "data"
+    cfg = write_config(tmp_path / "t.toml", data, {"NE": {"source": served}})
+    srv = TypedServer(cfg, data, free_port(), kinds={"NE": "VectorTileServer"}).start()
+    try:
+        svc = SVC.format("NE")
+        assert len(walk_tilemap(srv.get(svc + "/tilemap").json()["index"])) == 111
+        assert srv.get(svc + "/tile/2/1/1.pbf").status == 200
+        os.replace(smaller, served)
+        want = set(read_vtpk(served)["tiles"])
+        deadline = time.monotonic() + 10
+        while True:
+            srv.get(svc + "/resources/info")
+            got = walk_tilemap(srv.get(svc + "/tilemap").json()["index"])
+            if got == want or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert got == want
+        assert srv.get(svc + "/tile/2/1/1.pbf").status == 404           # level 2 is not in the new version
+        assert srv.get(svc + "/resources/sprites/sprite.png").status == 200
+        log = srv.log.read_text()
+        assert "Traceback" not in log and "unexpected error" not in log, log[-2000:]
+    finally:
+        srv.stop()

@@ -11,6 +11,7 @@ the runner writes a .vtpk for a vector source whatever tilePackage says, as ArcG
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -34,6 +35,17 @@ _TYPES = {"pbf": "application/x-protobuf", "json": "application/json; charset=ut
           "webp": "image/webp"}
 _PBF_HEADERS = {"Content-Type": "application/x-protobuf", "Cache-Control": "max-age=3600"}
 _GZIP_PBF_HEADERS = {**_PBF_HEADERS, "Content-Encoding": "gzip"}
+_RECHECK = 1.0                     # seconds between checks that the package file is still the one open
+log = logging.getLogger("tilecrate.server")
+
+
+def _identity(path: str) -> tuple | None:
+    """What tells one version of a package file from the next (None for a folder: read per request)."""
+    try:
+        st = os.stat(os.path.join(path, "root.json") if os.path.isdir(path) else path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class VectorService(Service):
@@ -44,14 +56,41 @@ class VectorService(Service):
     def __init__(self, config: ServiceConfig, cache: Cache, full, initial):
         super().__init__(config, cache, full, initial)
         self._lock = threading.Lock()  # _Source keeps one descriptor; reads of it are serialised
+        self._checked = time.monotonic()
         try:
-            self._source = vtpk._Source(cache)
-            self._root = json.loads(self._source.root_json)
-            if not isinstance(self._root, dict):
-                raise ValueError("root.json is not an object")
+            self._source, self._root, self._identity = self._open()
         except (ExportError, ValueError) as e:
             raise ConfigError(f"service {config.name}: {cache.path}: cannot serve this vector tile package ({e})") from None
         self._tilemap: bytes | None = None
+
+    def _open(self) -> tuple[vtpk._Source, dict, tuple | None]:
+        identity = _identity(self.cache.path)
+        source = vtpk._Source(self.cache)
+        try:
+            root = json.loads(source.root_json)
+            if not isinstance(root, dict):
+                raise ValueError("root.json is not an object")
+        except BaseException:
+            source.close()
+            raise
+        return source, root, identity
+
+    def _refresh(self) -> None:
+        """A package replaced under us (a new version renamed over it) is reopened, at most once a second,
+        so its resources, root and tilemap follow the tiles (which the cache already follows)."""
+        now = time.monotonic()
+        if now - self._checked < _RECHECK:
+            return
+        self._checked = now
+        if _identity(self.cache.path) == self._identity:
+            return
+        try:
+            source, root, identity = self._open()
+        except (ExportError, ValueError) as e:  # half-written: keep serving the open version
+            log.warning("%s: %s changed and cannot be read yet (%s)", self.name, self.cache.path, e)
+            return
+        old, self._source, self._root, self._identity, self._tilemap = self._source, source, root, identity, None
+        old.close()
 
     def close(self) -> None:
         """Close the package and the cache."""
@@ -95,10 +134,11 @@ class VectorService(Service):
 
     def resource(self, path: str) -> bytes | None:
         """The bytes of `resources/<path>` in the package, or None (runs off the event loop)."""
-        f = self._source.files.get(vtpk.ROOT + "resources/" + path)
-        if f is None or f.size > MAX_RESOURCE:
-            return None
         with self._lock:
+            self._refresh()
+            f = self._source.files.get(vtpk.ROOT + "resources/" + path)
+            if f is None or f.size > MAX_RESOURCE:
+                return None
             data, _ = self._source.read_whole(f)
         return bytes(data)
 
@@ -139,6 +179,8 @@ class VectorService(Service):
 
     def tilemap_index(self) -> bytes:
         """The package's `tilemap/root.json`, or one built from the tiles the bundles hold."""
+        with self._lock:
+            self._refresh()
         if self._tilemap is None:
             with self._lock:
                 data = self._package_tilemap()
@@ -208,7 +250,7 @@ async def h_tile(request: web.Request) -> web.StreamResponse:
 async def h_tilemap_index(request: web.Request) -> web.Response:
     """`tilemap`: the quadtree index (clients fetch it without f)."""
     svc = _vector(request)
-    data = svc._tilemap  # read once: later requests stay on the loop
+    data = svc._tilemap if time.monotonic() - svc._checked < _RECHECK else None  # fresh: stay on the loop
     if data is None:
         data = await core.read_cache(request, (svc.name, "tilemap"), svc.tilemap_index)
     return web.Response(body=data, headers={"Content-Type": "application/json; charset=utf-8"})
