@@ -94,15 +94,16 @@ def tile_kind(cache: Cache, policy_active: bool) -> str:
                       "tiles (vector and LERC tiles are not supported by these outputs yet)")
 
 
-def image_ext(data: bytes, default: str) -> str:
+def image_ext(data, default: str) -> str:
     """The file extension of one tile's bytes (a MIXED cache holds both PNG and JPEG)."""
-    kind = sniff_image(data)
+    kind = sniff_image(bytes(data[:16]))
     return {"jpeg": "jpg", "png": "png", "webp": "webp"}.get(kind, default)
 
 
 def bundle_tiles(cache: Cache, plan: ExportPlan, bsel: BundleSelection,
-                 cancel: CancelFlag | None = None) -> tuple[np.ndarray, np.ndarray, list[bytes], list[str]]:
-    """(rows, cols, bytes, warnings) of one bundle's selected tiles, re-encoded under an active policy."""
+                 cancel: CancelFlag | None = None) -> tuple[np.ndarray, np.ndarray, list, list[str]]:
+    """(rows, cols, tiles, warnings) of one bundle's selected tiles (bytes-like: bytes or memoryviews of one
+    buffer), re-encoded under an active policy."""
     check_cancel(cancel)
     ref = bsel.ref
     idx = np.flatnonzero(bsel.mask.reshape(-1))
@@ -123,10 +124,16 @@ def bundle_tiles(cache: Cache, plan: ExportPlan, bsel: BundleSelection,
             lo, hi = int(offsets.min()), int((offsets + sizes).max())
             if hi > data.length:
                 raise BundleError(f"{cache.bundle_label(ref)}: a tile runs past the end of the bundle")
-            if hi - lo <= 2 * int(sizes.sum()) + (1 << 16):
-                # the selected tiles lie close together: one read for the bundle
+            mem = getattr(data.buf, "obj", None) if isinstance(data.buf, memoryview) else None
+            if mem is not None:
+                # a block held in memory (sources that are not bundles): views of it, no copies; our own
+                # view keeps the buffer alive after data.close() releases the source's
+                span = memoryview(mem).cast("B")
+                tiles = [span[o:o + s] for o, s in zip(offsets.tolist(), sizes.tolist())]
+            elif hi - lo <= 2 * int(sizes.sum()) + (1 << 16):
+                # the selected tiles lie close together: one read for the bundle, views of it
                 span = memoryview(bytes(data.buf[lo:hi]))
-                tiles = [bytes(span[o - lo:o - lo + s]) for o, s in zip(offsets.tolist(), sizes.tolist())]
+                tiles = [span[o - lo:o - lo + s] for o, s in zip(offsets.tolist(), sizes.tolist())]
             else:
                 tiles = [bytes(data.buf[o:o + s]) for o, s in zip(offsets.tolist(), sizes.tolist())]
     finally:
@@ -149,8 +156,8 @@ def iter_bundles(plan: ExportPlan) -> Iterator[BundleSelection]:
     return (b for b in plan.selection.bundles() if b.tiles > 0)
 
 
-def inside_grid(rows: np.ndarray, cols: np.ndarray, tiles: list[bytes], n: int, what: str,
-                warnings: list[str]) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
+def inside_grid(rows: np.ndarray, cols: np.ndarray, tiles: list, n: int, what: str,
+                warnings: list[str]) -> tuple[np.ndarray, np.ndarray, list]:
     """Only the tiles inside an n x n grid (an ArcGIS cache may hold rows past the Web Mercator world,
     which XYZ zooms cannot address); those left out are named in one warning."""
     ok = (rows >= 0) & (rows < n) & (cols >= 0) & (cols < n)

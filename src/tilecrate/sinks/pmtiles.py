@@ -3,8 +3,9 @@
 Bundles are taken in Hilbert order (a 128x128 bundle, or a whole level below zoom 7, is one
 contiguous run of TileIDs), and each bundle's tiles sorted by TileID, so tile data is appended to
 an anonymous temporary file already in its final, clustered order. Identical tiles are stored
-once (a 16-byte BLAKE2b digest -> offset); consecutive TileIDs sharing a blob become one run.
-Only compact arrays of entries grow (about 24 bytes per entry, 40 per distinct tile). At the end
+once ((CRC-32, length) -> offset, the stored copy compared byte for byte on a match; a collision
+falls back to a BLAKE2b digest); consecutive TileIDs sharing a blob become one run. Only compact
+arrays of entries (32 bytes each) and the key of each distinct tile (about 150 bytes) grow. At the end
 the header, the gzipped root directory, the metadata and the leaf directories (when the root
 would pass 16 KiB) are written and the tile data follows with kernel copies.
 """
@@ -20,6 +21,7 @@ from array import array
 from typing import Callable
 
 import numpy as np
+from isal.isal_zlib import crc32
 
 from tilecrate.cache import Cache
 from tilecrate.package.kcopy import KernelCopier
@@ -30,6 +32,7 @@ from tilecrate.sinks.common import (SourceMeta, bundle_tiles, inside_grid, iter_
 
 HEADER_SIZE = 127
 ROOT_LIMIT = 16384 - HEADER_SIZE
+_IOV_MAX = 512
 LEAF_SIZE = 4096                     # entries per leaf to start with (as the pmtiles package's writer)
 GZIP = 2
 NONE = 1
@@ -184,10 +187,36 @@ def _bundle_order(plan: ExportPlan, zooms: dict[int, int]) -> list:
     return [b for _, b in keyed]
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+def _write_all(fd: int, parts) -> None:
+    """Write bytes-like parts in order (writev in batches; a short write resumes where it stopped)."""
+    if isinstance(parts, (bytes, bytearray, memoryview)):
+        parts = [parts]
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    i = 0
+    while i < len(views):
+        batch = views[i:i + _IOV_MAX]
+        n = os.writev(fd, batch)
+        for v in batch:
+            if n >= v.nbytes:
+                n -= v.nbytes
+                i += 1
+            else:
+                views[i] = v[n:]
+                break
+
+
+def _same(fd: int, offset: int, blob, chunk: list, written: int) -> bool:
+    """Whether the blob stored at `offset` (in the file, or still in this bundle's pending chunk) equals `blob`."""
+    size = len(blob)
+    flushed = written - sum(len(c) for c in chunk)
+    if offset >= flushed:
+        pos = flushed
+        for c in chunk:
+            if pos == offset:
+                return bytes(c) == bytes(blob)
+            pos += len(c)
+        return False
+    return os.pread(fd, size, offset) == bytes(blob)
 
 
 def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
@@ -197,7 +226,7 @@ def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
     fmt = tile_kind(cache, plan.policy is not None)
     zooms = web_mercator_zooms(cache.scheme, [lv.level for lv in plan.selection.levels])
     entries = _Entries()
-    seen: dict[bytes, tuple[int, int]] = {}
+    seen: dict = {}           # (CRC-32, length) -> offset of the first copy
     warnings: list[str] = []
     levels: dict[int, dict] = {}
     done = addressed = 0
@@ -213,17 +242,22 @@ def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
             rows, cols, tiles = inside_grid(rows, cols, tiles, 1 << z, cache.bundle_label(bsel.ref), warnings)
             ids = tile_ids(z, cols, rows)
             order = np.argsort(ids, kind="stable")
-            chunk: list[bytes] = []
-            for k in order.tolist():
+            chunk: list = []
+            for k, tid in zip(order.tolist(), ids[order].tolist()):
                 blob = tiles[k]
-                digest = hashlib.blake2b(blob, digest_size=16).digest()
-                where = seen.get(digest)
+                size = len(blob)
+                key = (crc32(blob), size)
+                where = seen.get(key)
+                if where is not None and not _same(data_fd, where, blob, chunk, data_len):
+                    # a CRC-32 collision of different tiles (rare): key it by a strong digest instead
+                    key = hashlib.blake2b(blob, digest_size=16).digest()
+                    where = seen.get(key)
                 if where is None:
-                    where = seen[digest] = (data_len, len(blob))
+                    where = seen[key] = data_len
                     chunk.append(blob)
-                    data_len += len(blob)
-                entries.add(int(ids[k]), where[0], where[1])
-            _write_all(data_fd, b"".join(chunk))
+                    data_len += size
+                entries.add(tid, where, size)
+            _write_all(data_fd, chunk)
             nbytes = sum(map(len, tiles))
             lv = levels.setdefault(bsel.ref.level, {"tiles": 0, "size": 0})
             lv["tiles"] += len(tiles)
