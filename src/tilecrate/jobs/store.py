@@ -210,7 +210,7 @@ class JobStore:
                     return True
             except FileNotFoundError:
                 pass
-            tmp = self._reserve_path + ".tmp"
+            tmp = f"{self._reserve_path}.{os.getpid()}.tmp"  # front ends restore it at once on start
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 try:
