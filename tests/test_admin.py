@@ -79,6 +79,7 @@ def test_directory_edits_apply_to_both_processes_persist_and_refuse_bad_values(t
         _all_see(srv, tok, lambda j: j["maxExportTilesCount"] == 1)
         sub = srv.get(f"{srv.svc('S')}/exportTiles", {"f": "json", "levels": "0-2", "tilePackage": "true",
                                                        "token": tok}).json()
+        assert "jobId" in sub, sub
         srv.token = tok
         job = srv.poll("S", "exportTiles", sub["jobId"])
         srv.token = None
@@ -91,7 +92,7 @@ def test_directory_edits_apply_to_both_processes_persist_and_refuse_bad_values(t
         assert admin_get(srv, CC, tok).json()["properties"]["maximumOutstandingJobs"] == "0"
         for _ in range(6):
             r = srv.get(f"{srv.svc('S')}/estimateExportTilesSize", {"f": "json", "levels": "0", "token": tok})
-            assert r.status == 503 and "maximumOutstandingJobs is 0" in r.json()["error"]["details"][0]
+            assert r.status == 503 and "maximumOutstandingJobs is 0" in r.json()["error"]["details"][0], r.body
         assert _edit_caching(srv, tok, -1) == {"status": "success"}
         for _ in range(4):
             r = srv.get(f"{srv.svc('S')}/estimateExportTilesSize", {"f": "json", "levels": "0", "token": tok})
