@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 
-MAX_TOKEN_CHARS = 1024  # longer strings are refused before any decoding
+MAX_TOKEN_CHARS = 2048  # longer strings are refused before any decoding (a 500-character referer binding fits)
 _CACHE = 4096  # verified tokens remembered (a client sends the same one on every request)
 
 
@@ -71,8 +71,11 @@ class TokenSigner:
         body = {"u": user, "e": int(expires_ms), "f": fingerprint, "n": _b64(os.urandom(6))}
         if binding is not None:
             body["b"] = list(binding)
-        payload = json.dumps(body, separators=(",", ":")).encode()
-        return f"{_b64(payload)}.{_b64(self._mac(payload))}"
+        payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        token = f"{_b64(payload)}.{_b64(self._mac(payload))}"
+        if len(token) > MAX_TOKEN_CHARS:
+            raise ValueError("the user name and binding make a token too long to be accepted")
+        return token
 
     def verify(self, token: str, now_ms: int | None = None) -> Claims:
         """The claims of a genuine, unexpired token; TokenInvalid otherwise (binding is the caller's)."""

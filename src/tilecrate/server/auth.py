@@ -193,7 +193,11 @@ def _binding(params: dict[str, str], request: web.Request) -> tuple[str, str] | 
         value = param(params, "referer") or param(params, "referrer")
         if value is None:
             raise EsriError(400, "client=referer needs a referer parameter", message="Unable to generate token.")
-        return ("referer", value.strip()[:2000])
+        value = value.strip()
+        if len(value) > 500 or not value.isascii():  # a URL; the token must stay under MAX_TOKEN_CHARS
+            raise EsriError(400, "referer must be a URL of at most 500 ASCII characters",
+                            message="Unable to generate token.")
+        return ("referer", value)
     if client == "ip":
         value = param(params, "ip")
         if value is None:
