@@ -27,9 +27,9 @@ from tilecrate.server import html
 from tilecrate.server.app import (CFG, JSON_CACHE, RUNNER, SERVICES, fmt_of, html_response, json_response, param,
                                   params_of)
 from tilecrate.server.auth import authenticate, setup, sign_in, token_form
-from tilecrate.server.config import SERVICE_TYPES
+from tilecrate.server.config import SERVICE_TYPES, ServerConfig
 from tilecrate.server.errors import EsriError
-from tilecrate.server.service import CURRENT_VERSION
+from tilecrate.server.service import CURRENT_VERSION, Service
 
 ADMIN = "/arcgis/admin"
 SITE = web.AppKey("site_settings", SiteSettings)
@@ -48,7 +48,7 @@ def install(app: web.Application) -> None:
     app.on_cleanup.append(_cleanup)
 
 
-def initial_values(cfg) -> tuple[dict[str, ServiceSettings], dict, int]:
+def initial_values(cfg: ServerConfig) -> tuple[dict[str, ServiceSettings], dict, int]:
     """The TOML's values of every setting the Directory edits."""
     services = {n: ServiceSettings(bool(s.export_tiles_allowed), int(s.max_export_tiles_count))
                 for n, s in cfg.services.items()}
@@ -242,7 +242,7 @@ async def h_system_folder(request: web.Request, params: dict) -> web.Response:
     return _answer(request, params, obj, "System", link)
 
 
-def _named_service(request: web.Request):
+def _named_service(request: web.Request) -> Service:
     text = request.match_info["svc"]
     name, _, kind = text.rpartition(".")
     svc = request.app[SERVICES].get(name)
@@ -251,7 +251,7 @@ def _named_service(request: web.Request):
     return svc
 
 
-def service_json(svc, settings: ServiceSettings) -> dict:
+def service_json(svc: Service, settings: ServiceSettings) -> dict:
     """The admin service definition (properties as strings, as ArcGIS writes them)."""
     return {"serviceName": svc.name, "type": svc.kind, "description": svc.config.description,
             "capabilities": "Map,TilesOnly" if svc.kind == "MapServer" else "TilesOnly", "provider": "tilecrate",
@@ -263,7 +263,7 @@ def service_json(svc, settings: ServiceSettings) -> dict:
             "extensions": [], "datasets": []}
 
 
-def _settings_of(snap: Snapshot, svc) -> ServiceSettings:
+def _settings_of(snap: Snapshot, svc: Service) -> ServiceSettings:
     return snap.services.get(svc.name) or ServiceSettings(bool(svc.config.export_tiles_allowed),
                                                           int(svc.config.max_export_tiles_count))
 

@@ -28,6 +28,7 @@ from tilecrate.server import html
 from tilecrate.server.app import (CFG, OUTPUT, ROOT, SERVICES, STORE, base_url, fmt_of, html_response, json_response,
                                   param, params_of, token_of)
 from tilecrate.server.errors import EsriError
+from tilecrate.server.config import ServerConfig
 
 TOKENS = "/arcgis/tokens"
 PRINCIPAL = "tc_principal"  # request key: the Principal, or None for a request without a token
@@ -174,7 +175,7 @@ async def site_middleware(request: web.Request, handler) -> web.StreamResponse:
 # the token service
 
 
-def _expiration(params: dict[str, str], cfg) -> int:
+def _expiration(params: dict[str, str], cfg: ServerConfig) -> int:
     text = param(params, "expiration")
     if text is None:
         return cfg.auth.token_expiration
