@@ -213,3 +213,30 @@ def test_local_temp_folder_property_reaches_the_cluster_runner(tmp_path, sample_
         assert any("local temp folder" in m["description"] for m in job["messages"]), job["messages"]
     finally:
         srv.stop()
+
+
+def test_vector_tile_service_edits_through_its_admin_url(tmp_path, sample_v2):
+    from conftest import real_path
+
+    data = tmp_path / "data"
+    cfg = secured_config(tmp_path / "tilecrate.toml", data,
+                         {"S": {"source": sample_v2}, "NE": {"source": real_path("natural-earth.vtpk")}})
+    srv = Server(cfg, data, free_port())
+    try:
+        srv.start()
+        tok = sign_in(srv, "admin")
+        names = {(s["serviceName"], s["type"]) for s in admin_get(srv, "services", tok).json()["services"]}
+        assert ("NE", "VectorTileServer") in names
+        # the ArcGIS API for Python's mapping: …/rest/services/NE/VectorTileServer → …/admin/services/NE.VectorTileServer
+        d = admin_get(srv, "services/NE.VectorTileServer", tok).json()
+        assert d["type"] == "VectorTileServer" and d["properties"]["exportTilesAllowed"] == "true"
+        assert admin_get(srv, "services/NE.MapServer", tok).json()["code"] == 404
+        d["properties"]["exportTilesAllowed"] = False
+        assert admin_post(srv, "services/NE.VectorTileServer/edit", tok, service=json.dumps(d)) == {"status": "success"}
+        rest = f"{srv.base}/arcgis/rest/services/NE/VectorTileServer"
+        assert srv.get(rest, {"f": "json", "token": tok}).json()["exportTilesAllowed"] is False
+        refused = srv.get(f"{rest}/exportTiles", {"f": "json", "levels": "0", "token": tok}).json()
+        assert refused["error"]["code"] == 400 and "not allowed" in json.dumps(refused).lower()
+        assert srv.get(srv.svc("S"), {"f": "json", "token": tok}).json()["exportTilesAllowed"] is True
+    finally:
+        srv.stop()
