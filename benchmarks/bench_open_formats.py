@@ -1,0 +1,268 @@
+"""Open-format outputs (tilecrate.sinks): ratios from one run against the field's tools.
+
+- compact cache (.tpk) -> MBTiles vs tpkutils' TPK.to_mbtiles (what `tpk export mbtiles` runs), target >= 3x;
+- MBTiles -> PMTiles vs the `pmtiles` package's converter (pmtiles.convert.mbtiles_to_pmtiles), target >= 5x;
+- MBTiles -> .tpkx vs `cp` of the package's bytes, target >= 0.5x;
+- peak RSS of an export process for a small and a 12x larger output (flat: a few MiB apart).
+
+Run: `.venv/bin/pytest benchmarks/bench_open_formats.py --benchmark-enable -p no:cacheprovider`
+(`--large-sample PATH` uses that cache's levels 0-8 instead of a generated levels 0-7 sample).
+Every contender runs in this process on files read once before (page cache warm); best of the rounds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import tilecrate
+from conftest import report
+from tilecrate.request import ExportRequest
+
+
+@pytest.fixture(scope="module")
+def source(request, tmp_path_factory) -> tuple[Path, str]:
+    """(cache folder, levels): the large sample's levels 0-8 when given, else a generated levels 0-7 sample."""
+    path = request.config.getoption("--large-sample")
+    if path:
+        return Path(path), "0-8"
+    from tilecrate.sample import SampleSpec, make_sample
+
+    out = tmp_path_factory.mktemp("bench") / "jpeg"
+    make_sample(out, SampleSpec(levels=tuple(range(0, 8))))
+    return out, "0-7"
+
+
+@pytest.fixture(scope="module")
+def tpk(source, tmp_path_factory) -> Path:
+    """The source as a .tpk (compact V1), the input tpkutils reads."""
+    folder, levels = source
+    out = tmp_path_factory.mktemp("tpk") / "src.tpk"
+    tilecrate.export(str(folder), ExportRequest(levels), str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def mbtiles(source, tmp_path_factory) -> Path:
+    """The source as MBTiles, written by tilecrate's own sink (the input of the MBTiles comparisons)."""
+    folder, levels = source
+    out = tmp_path_factory.mktemp("mbt") / "src.mbtiles"
+    tilecrate.export(str(folder), ExportRequest(levels), str(out))
+    return out
+
+
+def _warm(path: Path) -> None:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for p in files:
+        with open(p, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+def _drop(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _best(fn, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def test_tpk_to_mbtiles_vs_tpkutils(benchmark, request, source, tpk, tmp_path):
+    from tpkutils import TPK
+
+    _, levels = source
+    _warm(tpk)
+    ours_out, theirs_out = tmp_path / "ours.mbtiles", tmp_path / "theirs.mbtiles"
+    times = []
+
+    def run():
+        _drop(ours_out)
+        t0 = time.perf_counter()
+        result = tilecrate.export(str(tpk), ExportRequest(levels), str(ours_out))
+        times.append(time.perf_counter() - t0)
+        return result
+
+    result = benchmark.pedantic(run, rounds=3, iterations=1)
+    ours = min(times)
+
+    def theirs():
+        _drop(theirs_out)
+        t = TPK(str(tpk))
+        try:
+            t.to_mbtiles(str(theirs_out))
+        finally:
+            t.close()
+
+    base = _best(theirs, 2)
+    report(request, ".tpk -> MBTiles vs tpkutils", tiles=result.tiles, MB=round(result.size / 1e6, 1),
+           ours_s=round(ours, 3), tpkutils_s=round(base, 3), ratio=base / ours)
+    assert base / ours >= 3, f"MBTiles export only {base / ours:.2f}x tpkutils"
+
+
+def test_mbtiles_to_pmtiles_vs_converter(benchmark, request, source, mbtiles, tmp_path):
+    from pmtiles.convert import mbtiles_to_pmtiles
+
+    _, levels = source
+    top = int(levels.split("-")[1])
+    _warm(mbtiles)
+    ours_out, theirs_out = tmp_path / "ours.pmtiles", tmp_path / "theirs.pmtiles"
+    times = []
+
+    def run():
+        _drop(ours_out)
+        t0 = time.perf_counter()
+        result = tilecrate.export(str(mbtiles), ExportRequest(levels), str(ours_out))
+        times.append(time.perf_counter() - t0)
+        return result
+
+    result = benchmark.pedantic(run, rounds=3, iterations=1)
+    ours = min(times)
+
+    def theirs():
+        _drop(theirs_out)
+        mbtiles_to_pmtiles(str(mbtiles), str(theirs_out), top)
+
+    base = _best(theirs, 2)
+    report(request, "MBTiles -> PMTiles vs pmtiles.convert", tiles=result.tiles, MB=round(result.size / 1e6, 1),
+           ours_s=round(ours, 3), pmtiles_s=round(base, 3), ratio=base / ours,
+           size_vs_theirs=result.size / theirs_out.stat().st_size)
+    assert base / ours >= 5, f"PMTiles export only {base / ours:.2f}x the pmtiles converter"
+
+
+@pytest.fixture(scope="module")
+def small_tiles_mbtiles(tmp_path_factory) -> Path:
+    """An MBTiles of ~21 800 small PNG tiles (zooms 0-10 above a 128x128 block at zoom 10), written with
+    sqlite3 as third-party tools write them: 512 distinct tiles of 0.3-1 KB, so identical tiles recur."""
+    import io
+    import sqlite3
+
+    from PIL import Image
+
+    blobs = []
+    for i in range(512):
+        img = Image.new("P", (256, 256), i % 200)
+        img.putpalette([(c * 37 + i) % 256 for c in range(768)])
+        for k in range(i % 23 + 1):
+            img.paste((i + k) % 256, (k * 11, (k * 7 + i) % 240, k * 11 + 9, (k * 7 + i) % 240 + 9))
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        blobs.append(buf.getvalue())
+    out = tmp_path_factory.mktemp("small") / "small.mbtiles"
+    db = sqlite3.connect(out)
+    db.execute("CREATE TABLE metadata (name TEXT, value TEXT)")
+    db.execute("CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB)")
+    db.executemany("INSERT INTO metadata VALUES (?, ?)", [("name", "small"), ("format", "png"),
+                                                          ("minzoom", "0"), ("maxzoom", "10")])
+    rows = []
+    for z in range(11):
+        shift = 10 - z
+        lo, hi = 512 >> shift, max((640 >> shift), (512 >> shift) + 1)
+        for x in range(lo, hi):
+            for y in range(lo, hi):
+                rows.append((z, x, (1 << z) - 1 - y, blobs[(x * 7919 + y * 104729 + z) % 512]))
+    db.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?)", rows)
+    db.execute("CREATE UNIQUE INDEX tile_index ON tiles (zoom_level, tile_column, tile_row)")
+    db.commit()
+    db.close()
+    return out
+
+
+def test_small_tiles_mbtiles_to_pmtiles_vs_converter(benchmark, request, small_tiles_mbtiles, tmp_path):
+    """Many small tiles: the per-tile cost, where the pmtiles converter runs one query per tile."""
+    from pmtiles.convert import mbtiles_to_pmtiles
+
+    src = small_tiles_mbtiles
+    _warm(src)
+    ours_out, theirs_out = tmp_path / "ours.pmtiles", tmp_path / "theirs.pmtiles"
+    times = []
+
+    def run():
+        _drop(ours_out)
+        t0 = time.perf_counter()
+        result = tilecrate.export(str(src), ExportRequest("0-10"), str(ours_out))
+        times.append(time.perf_counter() - t0)
+        return result
+
+    result = benchmark.pedantic(run, rounds=3, iterations=1)
+    ours = min(times)
+
+    def theirs():
+        _drop(theirs_out)
+        mbtiles_to_pmtiles(str(src), str(theirs_out), 10)
+
+    base = _best(theirs, 2)
+    report(request, "small tiles MBTiles -> PMTiles vs pmtiles.convert", tiles=result.tiles,
+           MB=round(result.size / 1e6, 2), ours_s=round(ours, 3), pmtiles_s=round(base, 3), ratio=base / ours,
+           size_vs_theirs=result.size / theirs_out.stat().st_size)
+    assert base / ours >= 5, f"PMTiles export only {base / ours:.2f}x the pmtiles converter"
+
+
+def test_mbtiles_to_tpkx_vs_cp(benchmark, request, source, mbtiles, tmp_path):
+    _, levels = source
+    _warm(mbtiles)
+    out = tmp_path / "ours.tpkx"
+    times = []
+
+    def run():
+        _drop(out)
+        t0 = time.perf_counter()
+        result = tilecrate.export(str(mbtiles), ExportRequest(levels), str(out))
+        times.append(time.perf_counter() - t0)
+        return result
+
+    result = benchmark.pedantic(run, rounds=3, iterations=1)
+    ours = min(times)
+    copy = tmp_path / "copy.tpkx"
+
+    def cp():
+        _drop(copy)
+        subprocess.run(["cp", str(out), str(copy)], check=True)
+
+    base = _best(cp, 3)
+    report(request, "MBTiles -> .tpkx vs cp", tiles=result.tiles, MB=round(result.size / 1e6, 1),
+           ours_s=round(ours, 3), cp_s=round(base, 3), ratio=base / ours)
+    assert base / ours >= 0.5, f"MBTiles -> .tpkx only {base / ours:.2f}x cp"
+
+
+_RSS = """
+import json, resource, sys
+import tilecrate
+from tilecrate.request import ExportRequest
+r = tilecrate.export(sys.argv[1], ExportRequest(sys.argv[2]), sys.argv[3])
+print(json.dumps([r.size, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))
+"""
+
+
+def test_peak_rss_flat(request, source, tmp_path):
+    """Peak RSS of export processes writing a small and a large output of each open format."""
+    folder, levels = source
+    top = int(levels.split("-")[1])
+    figures = {}
+    for ext in ("mbtiles", "gpkg", "pmtiles"):
+        rows = []
+        for lv in (f"0-{top - 2}", levels):
+            out = tmp_path / f"rss_{lv}.{ext}"
+            done = subprocess.run([sys.executable, "-c", _RSS, str(folder), lv, str(out)], capture_output=True,
+                                  text=True, timeout=600, check=True)
+            rows.append(json.loads(done.stdout))
+            out.unlink()
+        (small, rss_small), (large, rss_large) = rows
+        figures[ext] = (large / small, (rss_large - rss_small) / 1024)
+        report(request, f"peak RSS {ext}", small_MB=round(small / 1e6, 1), large_MB=round(large / 1e6, 1),
+               rss_small_MiB=round(rss_small / 1024, 1), rss_large_MiB=round(rss_large / 1024, 1))
+    for ext, (grow, extra_mib) in figures.items():
+        assert grow > 8 and extra_mib < 32, f"{ext}: peak RSS grew {extra_mib:.1f} MiB for a {grow:.0f}x output"
