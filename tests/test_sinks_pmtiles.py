@@ -129,14 +129,3 @@ def test_refuses_geographic(tmp_path):
         export(str(real_path("wgs84.tpkx")), ExportRequest("0"), str(tmp_path / "w.pmtiles"))
     assert list(tmp_path.iterdir()) == []
 
-
-def test_checksum_collisions_do_not_merge_tiles(tmp_path, monkeypatch):
-    """Every tile given the same CRC-32: a match is compared byte for byte, different tiles stay apart."""
-    monkeypatch.setattr(pm, "crc32", lambda data: 0)
-    src = real_path("googlemaps.tpkx")
-    out = tmp_path / "c.pmtiles"
-    export(str(src), ExportRequest("0-5"), str(out))
-    want = {k: v for k, v in _source_tiles(src).items() if k[1] < (1 << k[0]) and k[2] < (1 << k[0])}
-    _, reader = _read(out)
-    assert dict(all_tiles(reader.get_bytes)) == want
-    assert reader.header()["tile_contents_count"] == len(set(want.values()))

@@ -3,16 +3,15 @@
 Bundles are taken in Hilbert order (a 128x128 bundle, or a whole level below zoom 7, is one
 contiguous run of TileIDs), and each bundle's tiles sorted by TileID, so tile data is appended to
 an anonymous temporary file already in its final, clustered order. Identical tiles are stored
-once ((CRC-32, length) -> offset, the stored copy compared byte for byte on a match; a collision
-falls back to a BLAKE2b digest); consecutive TileIDs sharing a blob become one run. Only compact
-arrays of entries (32 bytes each) and the key of each distinct tile (about 150 bytes) grow. At the end
+once (a 128-bit BLAKE2b digest -> offset); consecutive TileIDs sharing a blob become one run. Only
+compact arrays of entries (32 bytes each) and the key of each distinct tile (about 120 bytes) grow. At the end
 the header, the gzipped root directory, the metadata and the leaf directories (when the root
 would pass 16 KiB) are written and the tile data follows with kernel copies.
 """
 from __future__ import annotations
 
 import gzip
-import hashlib
+from hashlib import blake2b
 import json
 import os
 import struct
@@ -21,7 +20,6 @@ from array import array
 from typing import Callable
 
 import numpy as np
-from isal.isal_zlib import crc32
 
 from tilecrate.cache import Cache
 from tilecrate.package.kcopy import KernelCopier
@@ -205,18 +203,9 @@ def _write_all(fd: int, parts) -> None:
                 break
 
 
-def _same(fd: int, offset: int, blob, chunk: list, written: int) -> bool:
-    """Whether the blob stored at `offset` (in the file, or still in this bundle's pending chunk) equals `blob`."""
-    size = len(blob)
-    flushed = written - sum(len(c) for c in chunk)
-    if offset >= flushed:
-        pos = flushed
-        for c in chunk:
-            if pos == offset:
-                return bytes(c) == bytes(blob)
-            pos += len(c)
-        return False
-    return os.pread(fd, size, offset) == bytes(blob)
+def digest(blob) -> bytes:
+    """The key identical tiles share: a 128-bit BLAKE2b digest (a collision is not a practical concern)."""
+    return blake2b(blob, digest_size=16).digest()
 
 
 def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
@@ -226,7 +215,7 @@ def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
     fmt = tile_kind(cache, plan.policy is not None)
     zooms = web_mercator_zooms(cache.scheme, [lv.level for lv in plan.selection.levels])
     entries = _Entries()
-    seen: dict = {}           # (CRC-32, length) -> offset of the first copy
+    seen: dict[bytes, int] = {}       # digest -> offset of the first copy
     warnings: list[str] = []
     levels: dict[int, dict] = {}
     done = addressed = 0
@@ -246,12 +235,8 @@ def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
             for k, tid in zip(order.tolist(), ids[order].tolist()):
                 blob = tiles[k]
                 size = len(blob)
-                key = (crc32(blob), size)
+                key = digest(blob)
                 where = seen.get(key)
-                if where is not None and not _same(data_fd, where, blob, chunk, data_len):
-                    # a CRC-32 collision of different tiles (rare): key it by a strong digest instead
-                    key = hashlib.blake2b(blob, digest_size=16).digest()
-                    where = seen.get(key)
                 if where is None:
                     where = seen[key] = data_len
                     chunk.append(blob)
