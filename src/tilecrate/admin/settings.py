@@ -108,13 +108,16 @@ class SiteSettings:
             found = txn.get(_SECRET)
         if found:
             return bytes(found)
-        with self._write() as txn:
-            found = txn.get(_SECRET)
-            if found:  # another process made it first
-                return bytes(found)
-            secret = os.urandom(32)
-            txn.put(_SECRET, secret)
+        try:
+            with self._write() as txn:
+                found = txn.get(_SECRET)
+                if found:  # another process made it first
+                    return bytes(found)
+                secret = os.urandom(32)
+                txn.put(_SECRET, secret)
             return secret
+        except lmdb.Error as e:
+            raise SettingsError(f"cannot write the settings store: {e}") from None
 
     # writing ------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from tilecrate.admin import edits
-from tilecrate.admin.settings import UNLIMITED, ServiceSettings, SiteSettings, Snapshot
+from tilecrate.admin.settings import UNLIMITED, ServiceSettings, SettingsError, SiteSettings, Snapshot
 from tilecrate.server import html
 from tilecrate.server.app import (CFG, JSON_CACHE, RUNNER, SERVICES, fmt_of, html_response, json_response, param,
                                   params_of)
@@ -139,6 +139,8 @@ def _admin_route(fn, acts: bool = False):
             return await fn(request, params)
         except edits.EditError as e:
             return _admin_error(request, params, EsriError(400, str(e)))
+        except SettingsError as e:  # e.g. a full disk: nothing was written
+            return _admin_error(request, params, EsriError(400, f"{e}; nothing was changed"))
         except EsriError as e:
             return _admin_error(request, params, e)
     handler.acts = acts
