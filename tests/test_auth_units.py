@@ -148,3 +148,18 @@ def test_config_refuses_bad_users(tmp_path, sample_v2, extra, message):
     cfg.write_text(f'[services.S]\nsource = "{sample_v2}"\nview = ["nobody"]\n')
     with pytest.raises(ConfigError, match="not a configured user"):
         load_config(str(cfg))
+
+
+def test_a_full_settings_store_refuses_the_write_and_keeps_the_old_values(tmp_path, monkeypatch):
+    from tilecrate.admin import settings as mod
+
+    monkeypatch.setattr(mod, "_MAP_SIZE", 256 << 10)  # a store that fills up, as a full disk does
+    site = SiteSettings(str(tmp_path / "site.lmdb"))
+    site.seed({"S": ServiceSettings(True, 10)}, {}, -1)
+    version = site.version()
+    with pytest.raises(mod.SettingsError, match="cannot write"):
+        site.set_system({"x": "a" * (1 << 20)})
+    assert site.version() == version and site.snapshot().system == {}
+    site.set_service("S", ServiceSettings(False, 3))  # the store still works
+    assert site.snapshot().services["S"] == ServiceSettings(False, 3)
+    site.close()
