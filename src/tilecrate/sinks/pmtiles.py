@@ -3,10 +3,11 @@
 Bundles are taken in Hilbert order (a 128x128 bundle, or a whole level below zoom 7, is one
 contiguous run of TileIDs), and each bundle's tiles sorted by TileID, so tile data is appended to
 an anonymous temporary file already in its final, clustered order. Identical tiles are stored
-once (a 128-bit BLAKE2b digest -> offset); consecutive TileIDs sharing a blob become one run. Only
-compact arrays of entries (32 bytes each) and the key of each distinct tile (about 120 bytes) grow. At the end
-the header, the gzipped root directory, the metadata and the leaf directories (when the root
-would pass 16 KiB) are written and the tile data follows with kernel copies.
+once (a 128-bit BLAKE2b digest -> offset); consecutive TileIDs sharing a blob become one run.
+Only numpy arrays of entries (24 bytes a tile) and the key of each distinct tile (about 120
+bytes) grow; tile bytes are never held past their bundle. At the end the header, the gzipped
+root directory, the metadata and the leaf directories (when the root would pass 16 KiB) are
+written and the tile data follows with kernel copies.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import json
 import os
 import struct
 import tempfile
-from array import array
 from typing import Callable
 
 import numpy as np
@@ -150,25 +150,17 @@ def metadata_json(meta: SourceMeta, fmt: str) -> dict:
     return out
 
 
-class _Entries:
-    """Directory entries as compact arrays; consecutive TileIDs on the same blob extend one run."""
-
-    def __init__(self) -> None:
-        self.ids, self.offsets = array("Q"), array("Q")
-        self.lengths, self.runs = array("Q"), array("Q")
-
-    def add(self, tid: int, offset: int, length: int) -> None:
-        if self.ids and self.offsets[-1] == offset and self.ids[-1] + self.runs[-1] == tid:
-            self.runs[-1] += 1
-            return
-        self.ids.append(tid)
-        self.offsets.append(offset)
-        self.lengths.append(length)
-        self.runs.append(1)
-
-    def arrays(self) -> tuple[np.ndarray, ...]:
-        return tuple(np.frombuffer(a, dtype=np.uint64) if len(a) else np.zeros(0, np.uint64)
-                     for a in (self.ids, self.runs, self.lengths, self.offsets))
+def merge_runs(ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(ids, run lengths, lengths, offsets) of directory entries: consecutive TileIDs on one blob become a run."""
+    n = len(ids)
+    if n == 0:
+        empty = np.zeros(0, np.uint64)
+        return empty, empty, empty, empty
+    start = np.ones(n, dtype=bool)
+    start[1:] = (ids[1:] != ids[:-1] + 1) | (offsets[1:] != offsets[:-1])
+    first = np.flatnonzero(start)
+    runs = np.diff(np.append(first, n)).astype(np.uint64)
+    return ids[first], runs, lengths[first], offsets[first]
 
 
 def _bundle_order(plan: ExportPlan, zooms: dict[int, int]) -> list:
@@ -214,7 +206,7 @@ def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
     """Write the plan's tiles as a clustered, deduplicated PMTiles v3 archive to `tmp`."""
     fmt = tile_kind(cache, plan.policy is not None)
     zooms = web_mercator_zooms(cache.scheme, [lv.level for lv in plan.selection.levels])
-    entries = _Entries()
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []     # per bundle: TileIDs, offsets, lengths
     seen: dict[bytes, int] = {}       # digest -> offset of the first copy
     warnings: list[str] = []
     levels: dict[int, dict] = {}
@@ -232,17 +224,17 @@ def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
             ids = tile_ids(z, cols, rows)
             order = np.argsort(ids, kind="stable")
             chunk: list = []
-            for k, tid in zip(order.tolist(), ids[order].tolist()):
+            offs: list[int] = []
+            for k in order.tolist():
                 blob = tiles[k]
-                size = len(blob)
-                key = digest(blob)
-                where = seen.get(key)
-                if where is None:
-                    where = seen[key] = data_len
+                at = seen.setdefault(digest(blob), data_len)
+                if at == data_len:            # new content (every tile has at least one byte)
                     chunk.append(blob)
-                    data_len += size
-                entries.add(tid, where, size)
+                    data_len += len(blob)
+                offs.append(at)
             _write_all(data_fd, chunk)
+            lengths = np.fromiter(map(len, tiles), dtype=np.uint64, count=len(tiles))
+            parts.append((ids[order].astype(np.uint64), np.array(offs, dtype=np.uint64), lengths[order]))
             nbytes = sum(map(len, tiles))
             lv = levels.setdefault(bsel.ref.level, {"tiles": 0, "size": 0})
             lv["tiles"] += len(tiles)
@@ -252,7 +244,11 @@ def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
             check_cancel(cancel)
             if progress is not None:
                 progress(done, data_len, bsel.ref.level)
-        ids, runs, lengths, offsets = entries.arrays()
+        if parts:
+            ids, runs, lengths, offsets = merge_runs(*(np.concatenate(a) for a in zip(*parts)))
+        else:
+            ids, runs, lengths, offsets = merge_runs(*(np.zeros(0, np.uint64),) * 3)
+        del parts
         root, leaves = build_directories(ids, runs, lengths, offsets)
         metadata = _gz(json.dumps(metadata_json(meta, fmt), ensure_ascii=False).encode())
         exported = sorted(zooms[lv.level] for lv in plan.selection.levels if lv.tiles > 0) or [0]
