@@ -86,3 +86,83 @@ def test_inspect_does_not_load_the_server(tmp_path, sample_v2):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["tiles"] == 123
     assert not mods & {"aiohttp", "tilecrate.server", "lmdb", "tqdm"}, sorted(mods & {"aiohttp", "lmdb", "tqdm"})
+
+
+# what a fresh `tilecrate export` of a Web Mercator cache to a package must not import: the server, the
+# job store, projections, Dask, a progress bar off a TTY, and the chains xml.sax.saxutils and PIL's
+# preinit used to pull in (urllib.request -> http.client -> email; the BMP, GIF, PPM readers)
+NOT_FOR_EXPORT = ("pyproj", "shapely", "aiohttp", "tqdm", "lmdb", "dask", "distributed", "importlib.metadata",
+                  "urllib.request", "http.client", "email", "xml.sax", "tilecrate.server", "tilecrate.jobs",
+                  "tilecrate.runners.dask", "tilecrate.admin")
+PIL_READERS = {"sample_v2": "PIL.JpegImagePlugin", "sample_png": "PIL.PngImagePlugin"}
+
+
+@pytest.mark.parametrize("source,suffix", [("sample_v2", "tpkx"), ("sample_png", "tpk")])
+def test_export_process_loads_only_what_it_needs(tmp_path, request, source, suffix):
+    src = request.getfixturevalue(source)
+    out = tmp_path / f"x.{suffix}"
+    body = f"from tilecrate.cli import main\ncode = main(['export', {str(src)!r}, '-o', {str(out)!r}, '--levels', '0-3'])"
+    mods, r = modules_after(tmp_path, body)
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_size > 0 and "tiles" in r.stdout
+    loaded = {m for m in mods if m.split(".")[0] in {n.split(".")[0] for n in NOT_FOR_EXPORT}}
+    unwanted = {m for m in loaded if any(m == n or m.startswith(n + ".") for n in NOT_FOR_EXPORT)}
+    assert not unwanted, sorted(unwanted)
+    readers = {m for m in mods if m.startswith("PIL.") and m.endswith("ImagePlugin")}
+    assert readers == {PIL_READERS[source]}, sorted(readers)    # the thumbnail opens only its tiles' format
+    assert "numpy" in mods and "tilecrate._bundle" in mods      # the compiled core's, measured in bench_startup
+
+
+def _encoded(fmt: str, size: tuple[int, int], color=(200, 30, 40)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_thumbnail_decodes_tiles_by_signature():
+    from tilecrate.package.thumbnail import _decode
+
+    for fmt in ("JPEG", "PNG", "BMP"):        # BMP: no signature of ours, PIL's own detection still reads it
+        tile = _decode(_encoded(fmt, (256, 256)), 256, 256)
+        assert tile is not None and tile.size == (256, 256), fmt
+        r, g, b = tile.convert("RGB").getpixel((128, 128))
+        assert abs(r - 200) < 8 and abs(g - 30) < 8 and abs(b - 40) < 8, (fmt, r, g, b)
+    assert _decode(b"\xff\xd8\xff" + b"\0" * 100, 256, 256) is None           # truncated JPEG
+    assert _decode(b"\x89PNG\r\n\x1a\n" + b"\0" * 100, 256, 256) is None      # damaged PNG
+    assert _decode(b"RIFF\0\0\0\0WEBPVP8 " + b"\0" * 40, 256, 256) is None    # damaged WebP
+    assert _decode(b"not an image", 256, 256) is None
+    # a tile far larger than the scheme's is refused from its header, before any decoding
+    assert _decode(_encoded("PNG", (600, 200)), 256, 256) is None
+    assert _decode(_png_header_only(20000, 20000), 256, 256) is None
+
+
+def _png_header_only(w: int, h: int) -> bytes:
+    """A PNG whose header claims w x h pixels, with a few bytes of image data (decoding it would take GBs)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+
+
+def test_thumbnail_shows_the_tiles(tmp_path, sample_v2):
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from tilecrate.cli import main
+
+    out = tmp_path / "t.tpkx"
+    assert main(["export", str(sample_v2), "-o", str(out), "--levels", "0-2", "--quiet"]) == 0
+    with zipfile.ZipFile(out) as z:
+        thumb = Image.open(io.BytesIO(z.read("thumbnail.png"))).convert("RGB")
+    colors = thumb.getcolors(maxcolors=1 << 16)
+    assert colors is None or len(colors) > 16, "the thumbnail is blank: no tile was decoded"

@@ -96,10 +96,8 @@ def render_thumbnail(cache: Cache, selection, info: PackageInfo) -> bytes:
                 data = cache.tile(level, row, col)
                 if not data:
                     continue
-                try:
-                    tile = Image.open(io.BytesIO(data))
-                    tile.load()
-                except Exception:  # a corrupt tile (Usa.tpkx has two) leaves a white square
+                tile = _decode(data, tw, th)
+                if tile is None:  # a corrupt tile (Usa.tpkx has two) leaves a white square
                     continue
                 tile = tile.convert("RGBA")
                 mosaic.paste(tile, ((col - cmin) * tw, (row - rmin) * th), tile)
@@ -111,6 +109,40 @@ def render_thumbnail(cache: Cache, selection, info: PackageInfo) -> bytes:
         mosaic = mosaic.resize(size, Image.LANCZOS)
         canvas.paste(mosaic, ((WIDTH - size[0]) // 2, (HEIGHT - size[1]) // 2))
     return png_rgb_stored(np.asarray(canvas, dtype=np.uint8))
+
+
+def _open(data: bytes):
+    """The image of a tile's bytes, opened by the one PIL plugin its signature names."""
+    from PIL import Image
+
+    # Image.open first imports the BMP, GIF (and subprocess), PPM, JPEG and PNG plugins, all plugins
+    # when none of them accepts: a small export process would pay for readers it never uses
+    fp = io.BytesIO(data)
+    if data[:3] == b"\xff\xd8\xff":
+        from PIL import JpegImagePlugin
+
+        return JpegImagePlugin.JpegImageFile(fp)
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        from PIL import PngImagePlugin
+
+        return PngImagePlugin.PngImageFile(fp)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        from PIL import WebPImagePlugin
+
+        return WebPImagePlugin.WebPImageFile(fp)
+    return Image.open(fp)
+
+
+def _decode(data: bytes, tw: int, th: int):
+    """The decoded tile, or None when it is corrupt or far larger than a tile (a hostile tile costs nothing)."""
+    try:
+        tile = _open(data)
+        if tile.width > 2 * tw or tile.height > 2 * th:
+            return None
+        tile.load()
+        return tile
+    except Exception:
+        return None
 
 
 def _selected_cells(selection, level: int) -> set[tuple[int, int]]:
