@@ -27,7 +27,6 @@ import zipfile
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple
-from xml.sax.saxutils import escape
 
 import numpy as np
 from isal import isal_zlib
@@ -36,7 +35,7 @@ from tilecrate import _plan
 from tilecrate.cache import Cache
 from tilecrate.errors import Cancelled, ExportError
 from tilecrate.package.bundles import plan_bundle
-from tilecrate.package.metadata import WGS84, Stamp, to_wgs84
+from tilecrate.package.metadata import WGS84, Stamp, escape, to_wgs84
 from tilecrate.package.zipstream import ZIP64_LIMIT, ZipWriter
 from tilecrate.request import ExportRequest
 from tilecrate.selection import Selection, area_of, select
