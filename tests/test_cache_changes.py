@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import tilecrate
-from tilecrate import cache as cache_mod
+from tilecrate.sources import compact as cache_mod
 from tilecrate.cache import BundleRef, open_cache
 from tilecrate.errors import BundleError, CacheError
 from tilecrate.presence import PresenceStore
@@ -434,7 +434,7 @@ def test_corrupt_packages_give_one_line_errors(base, tmp_path, sample_v2):
 EXPORT_TRUNCATE_SCRIPT = r"""
 import os, sys
 import tilecrate
-from tilecrate import cache as cache_mod
+from tilecrate.sources import compact as cache_mod
 src, out, when = sys.argv[1], sys.argv[2], sys.argv[3]
 victims = [os.path.join(dp, f) for dp, _, fs in os.walk(src) for f in fs if f.endswith(".bundle")]
 state = {"n": 0}

@@ -107,6 +107,9 @@ def export(cache: Cache | str, request: ExportRequest, out: str, *,
                            zip64_limit=zip64_limit)
         return ExportResult(**dataclasses.asdict(done))
     check_source(cache)
+    if not cache.esri_readable:     # WebP and the like pass through to the open sinks only (issue 12)
+        raise ExportError(f"{cache.path}: its tiles are {cache.tile_format}; ArcGIS tile packages and caches hold "
+                          "JPEG or PNG tiles its readers decode (export it to .mbtiles, .pmtiles or --format xyz)")
     started = time.perf_counter()
     plan = make_plan(cache, request, out, cancel=cancel, selection=selection, zip64_limit=zip64_limit)
     check_output(plan)

@@ -1,0 +1,267 @@
+"""Sources whose tiles are not stored in bundles (MBTiles, GeoPackage, PMTiles, XYZ / TMS and
+exploded folders), presented as compact caches are: blocks of 128x128 tiles with every tile's size.
+
+A format module implements `TileBackend` (levels, the blocks of a level, one block's tile sizes and
+bytes with a change identity, one tile); `BlockCache` turns it into a `Cache`, so selection,
+estimates, exports and the server use one code path and stay exact. A block's bytes are laid out
+as a compact V2 bundle body (a 4-byte little-endian size before each tile; offsets point at the
+tile bytes), so bundle writers copy them unchanged. Blocks exist only in memory: `bundle_file`
+is None.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+import numpy as np
+
+from tilecrate.errors import BundleError, CacheError
+from tilecrate.sourcefiles import FileRange
+from tilecrate.sources.compact import Cache
+from tilecrate.sources.model import COMPACT_V2, BundleData, BundleRef
+from tilecrate.tiling import PACKET, WEB_MERCATOR, WEB_MERCATOR_HALF, Extent, TileScheme, bundle_origin, sniff_image
+
+BLOCK_LIMIT = 1 << 30      # a block's tile bytes are held in memory while it is exported: refuse more
+_INDEX_CACHE_SIZE = 256
+
+
+class TileBackend(Protocol):
+    """What a format module provides. Rows and columns are ArcGIS's (row 0 at the top)."""
+
+    label: str
+
+    def levels(self) -> list[int]:
+        """Levels holding at least one tile, ascending."""
+
+    def blocks(self, level: int) -> Iterable[tuple[int, int]]:
+        """(row0, col0) of the 128x128 blocks holding at least one tile at `level`."""
+
+    def block_index(self, level: int, row0: int, col0: int) -> tuple[tuple, np.ndarray]:
+        """(identity of the version read, sizes: uint32[16384] row-major, 0 = no tile)."""
+
+    def block_tiles(self, level: int, row0: int, col0: int) -> tuple[tuple, dict[int, bytes]]:
+        """(identity, {row-major index in the block: tile bytes}) of the tiles present."""
+
+    def tile(self, level: int, row: int, col: int) -> bytes | None:
+        """One tile's bytes, or None."""
+
+    def close(self) -> None:
+        """Release files and connections."""
+
+
+def v2_body(tiles: dict[int, bytes], label: str) -> tuple[memoryview, np.ndarray, np.ndarray]:
+    """(buffer, offsets, sizes) of tiles laid out as a compact V2 bundle body, row-major."""
+    total = sum(4 + len(t) for t in tiles.values())
+    if total > BLOCK_LIMIT:
+        raise CacheError(f"{label}: one 128x128 block holds {total} bytes of tiles, more than the "
+                         f"{BLOCK_LIMIT >> 20} MiB a block may hold in memory")
+    buf = bytearray(total)
+    offsets = np.zeros(PACKET * PACKET, dtype=np.uint64)
+    sizes = np.zeros(PACKET * PACKET, dtype=np.uint32)
+    pos = 0
+    for i in sorted(tiles):
+        t = tiles[i]
+        n = len(t)
+        buf[pos:pos + 4] = n.to_bytes(4, "little")
+        buf[pos + 4:pos + 4 + n] = t
+        offsets[i] = pos + 4
+        sizes[i] = n
+        pos += 4 + n
+    return memoryview(buf), offsets, sizes
+
+
+def detect_format(samples: Iterable[bytes]) -> str:
+    """The cache tile format of some tiles: JPEG, PNG, MIXED (both), WEBP, pbf, LERC or UNKNOWN."""
+    kinds = {sniff_image(bytes(t[:16])) for t in samples if t}
+    if not kinds:
+        return "PNG"
+    if kinds <= {"jpeg", "png"}:
+        return "MIXED" if len(kinds) == 2 else kinds.pop().upper()
+    if kinds == {"webp"}:
+        return "WEBP"
+    if kinds == {"gzip"}:
+        return "pbf"
+    if kinds == {"lerc"}:
+        return "LERC"
+    return "UNKNOWN"
+
+
+def lonlat_extent(lon0: float, lat0: float, lon1: float, lat1: float) -> Extent | None:
+    """Web Mercator extent of WGS 84 bounds (MBTiles / PMTiles / TileJSON `bounds`); None if empty."""
+    def merc(lon: float, lat: float) -> tuple[float, float]:
+        lat = max(min(lat, 85.05112878), -85.05112878)
+        lon = max(min(lon, 180.0), -180.0)
+        return lon * WEB_MERCATOR_HALF / 180.0, math.log(math.tan((90 + lat) * math.pi / 360.0)) * 6378137.0
+    if not (lon0 < lon1 and lat0 < lat1) or not all(math.isfinite(v) for v in (lon0, lat0, lon1, lat1)):
+        return None
+    (x0, y0), (x1, y1) = merc(lon0, lat0), merc(lon1, lat1)
+    return Extent(x0, y0, x1, y1, WEB_MERCATOR)
+
+
+def parse_bounds(value) -> Extent | None:
+    """An extent from `bounds` given as "w,s,e,n" or [w, s, e, n]; None if it is not that."""
+    try:
+        parts = value.split(",") if isinstance(value, str) else list(value)
+        vals = [float(v) for v in parts]
+    except (TypeError, ValueError):
+        return None
+    return lonlat_extent(*vals) if len(vals) == 4 else None
+
+
+FORMAT_NAMES = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "pbf": "pbf", "mvt": "pbf"}
+
+
+@dataclass
+class BlockCache(Cache):
+    """A `Cache` over a `TileBackend`: the same methods, bytes served from memory."""
+
+    _blocks: dict = field(default_factory=dict, repr=False)     # level -> set of (row0, col0)
+    _levels_now: list = field(default_factory=list, repr=False)
+    source_metadata: dict = field(default_factory=dict)         # MBTiles / PMTiles metadata as read
+
+    @classmethod
+    def create(cls, path: str, kind: str, name: str, scheme: TileScheme, tile_format: str, backend,
+               full_extent=None, initial_extent=None) -> "BlockCache":
+        """A cache over `backend`, its levels listed now."""
+        cache = cls(path, kind, name, scheme, COMPACT_V2, tile_format, 0, full_extent, initial_extent,
+                    backend, {})
+        cache._refresh_levels()
+        return cache
+
+    # -- listing -------------------------------------------------------------------------------
+
+    def _refresh_levels(self) -> None:
+        with self._lock:
+            if not self._stale(None):
+                return
+            self._listed[None] = time.monotonic()
+        levels = self._store.levels()
+        with self._lock:
+            self._levels_now = sorted(levels)
+            for lv in list(self._blocks):
+                if lv not in levels:
+                    del self._blocks[lv]
+
+    def _refresh_level(self, level: int, force: bool = False) -> None:
+        with self._lock:
+            if not force and not self._stale(level):
+                return
+            self._listed[level] = time.monotonic()
+        found = set(self._store.blocks(level)) if level in self._levels_now else set()
+        with self._lock:
+            self._blocks[level] = found
+
+    @property
+    def levels(self) -> list[int]:
+        """Levels that hold at least one tile, ascending."""
+        self._refresh_levels()
+        with self._lock:
+            return list(self._levels_now)
+
+    def bundles(self, level: int | None = None) -> list[BundleRef]:
+        """Blocks present, of one level or of all levels, sorted by level, row, col."""
+        out = []
+        for lv in ([level] if level is not None else self.levels):
+            self._refresh_level(lv)
+            with self._lock:
+                keys = sorted(self._blocks.get(lv, ()))
+            out.extend(BundleRef(lv, r, c) for r, c in keys)
+        return out
+
+    def has_bundle(self, ref: BundleRef) -> bool:
+        """Whether this block holds tiles (looked for again at most once per RELIST_SECONDS)."""
+        self._refresh_levels()
+        self._refresh_level(ref.level)
+        with self._lock:
+            return (ref.row0, ref.col0) in self._blocks.get(ref.level, ())
+
+    def _check_ref(self, ref: BundleRef) -> None:
+        if not self.has_bundle(ref):
+            raise CacheError(f"{self.path}: no tiles at level {ref.level}, row {ref.row0}, column {ref.col0}")
+
+    def bundle_label(self, ref: BundleRef) -> str:
+        """A readable name for messages: the source and the block."""
+        return f"{self.path} (level {ref.level}, block at row {ref.row0}, column {ref.col0})"
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _sizes(self, ref: BundleRef) -> tuple[tuple, np.ndarray, np.ndarray]:
+        self._check_ref(ref)
+        key, sizes = self._store.block_index(ref.level, ref.row0, ref.col0)
+        with self._lock:
+            hit = self._index_cache.get(ref)
+            if hit is not None and hit[0] == key:
+                self._index_cache.move_to_end(ref)
+                return key, hit[1], hit[2]
+        sizes = np.ascontiguousarray(sizes, dtype=np.uint32)
+        offsets = np.zeros(PACKET * PACKET, dtype=np.uint64)
+        present = sizes > 0
+        ends = np.cumsum(np.where(present, sizes.astype(np.uint64) + 4, 0), dtype=np.uint64)
+        offsets[present] = (ends - sizes)[present]
+        with self._lock:
+            self._index_cache[ref] = (key, offsets, sizes, None)
+            while len(self._index_cache) > _INDEX_CACHE_SIZE:
+                self._index_cache.popitem(last=False)
+        return key, offsets, sizes
+
+    def index_with_key(self, ref: BundleRef) -> tuple[tuple, np.ndarray, np.ndarray]:
+        """(identity of the version read, offsets, sizes) of a block as it is now."""
+        return self._sizes(ref)
+
+    def bundle_key(self, ref: BundleRef) -> tuple[str, tuple]:
+        """(location, identity of the block's current content)."""
+        return f"{self.path}::{ref.level}/{ref.row0}/{ref.col0}", self._sizes(ref)[0]
+
+    def bundle_file_size(self, ref: BundleRef) -> int:
+        """Bytes of the block laid out as a V2 bundle body (its tiles and their size prefixes)."""
+        _, offsets, sizes = self._sizes(ref)
+        return int(sizes.sum(dtype=np.uint64)) + 4 * int(np.count_nonzero(sizes))
+
+    def bundle_file(self, ref: BundleRef) -> FileRange | None:
+        """None: a block's bytes exist only in memory."""
+        return None
+
+    def open_bundle(self, ref: BundleRef, expect: tuple | None = None) -> BundleData:
+        """The block's tiles as they are now, in memory; with `expect`, a block that is no longer that
+        version is a BundleError."""
+        self._check_ref(ref)
+        key, tiles = self._store.block_tiles(ref.level, ref.row0, ref.col0)
+        label = self.bundle_label(ref)
+        if expect is not None and key != expect:
+            raise BundleError(f"{label}: the source changed after its tiles were selected; run the export again")
+        buf, offsets, sizes = v2_body(tiles, label)
+        with self._lock:
+            self._index_cache[ref] = (key, offsets, sizes, None)
+            while len(self._index_cache) > _INDEX_CACHE_SIZE:
+                self._index_cache.popitem(last=False)
+        return BundleData(ref, buf, offsets, sizes, None, None)
+
+    def tile(self, level: int, row: int, col: int) -> bytes | None:
+        """Bytes of one tile as the source holds it now, or None."""
+        if row < 0 or col < 0:
+            return None
+        r0, c0 = bundle_origin(row, col)
+        if not self.has_bundle(BundleRef(level, r0, c0)):
+            return None
+        return self._store.tile(level, row, col)
+
+    def data_extent(self) -> Extent:
+        """The extent from the metadata, else the bounds of the tiles of the most detailed level."""
+        if self.full_extent is not None:
+            return self.full_extent
+        levels = self.levels
+        if not levels or self.tile_range(levels[-1]) is None:
+            raise CacheError(f"{self.path}: no data extent in the metadata and no tiles to derive one from")
+        rmin, rmax, cmin, cmax = self.tile_range(levels[-1])
+        x0, _, _, y1 = self.scheme.tile_bounds(levels[-1], rmin, cmin)
+        _, y0, x1, _ = self.scheme.tile_bounds(levels[-1], rmax, cmax)
+        return Extent(x0, y0, x1, y1, self.scheme.spatial_ref)
+
+    def close(self) -> None:
+        """Close the backend's files and connections."""
+        self._store.close()
+        with self._lock:
+            self._index_cache.clear()
+

@@ -1,0 +1,437 @@
+"""MBTiles and GeoPackage tile pyramids (SQLite), read through `blocks.BlockCache`.
+
+Files are opened read-only (`mode=ro` URI; not `immutable`, so a file changed by another process
+is seen as SQLite sees it), one connection per thread. A block's identity is the file's (and its
+-wal's) identity: a database changed between planning and export fails that export clearly.
+SQLite errors (truncated, corrupt, not a database) become one-line CacheErrors naming the file.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+import threading
+import urllib.parse
+
+import numpy as np
+
+from tilecrate.errors import BundleError, CacheError
+from tilecrate.sourcefiles import file_id
+from tilecrate.sources.blocks import FORMAT_NAMES, BlockCache, detect_format, parse_bounds
+from tilecrate.sources.item import ItemInfo, from_metadata
+from tilecrate.tiling import (
+    INCHES_PER_METRE,
+    LOD,
+    PACKET,
+    WEB_MERCATOR,
+    Extent,
+    SpatialRef,
+    TileScheme,
+    web_mercator_scheme,
+)
+
+MAX_ZOOM = 30
+_META_ROWS = 10000
+_META_VALUE = 1 << 20
+_GPKG_IDS = (0x47504B47, 0x47503130)
+_DEG_METRES = 2 * math.pi * 6378137.0 / 360.0   # ArcGIS's scale for degrees: metres per degree
+
+
+def _sql_error(label: str, e: Exception) -> CacheError:
+    return CacheError(f"{label}: cannot read the SQLite database ({e})")
+
+
+class SqliteBackend:
+    """Tiles in a SQLite table or view with zoom_level, tile_column, tile_row, tile_data."""
+
+    def __init__(self, path: str, label: str, source: str, flip: bool, widths: dict[int, tuple[int, int]],
+                 warn):
+        self.path = path
+        self.label = label
+        self._src = source              # a table name or a parenthesised SELECT
+        self._flip = flip               # MBTiles: tile_row counts from the bottom (TMS)
+        self._widths = widths           # level -> (matrix width, matrix height)
+        self._warn = warn
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def conn(self) -> sqlite3.Connection:
+        """This thread's read-only connection."""
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            c = connect(self.path, self.label)
+            self._local.conn = c
+            with self._lock:
+                self._conns.append(c)
+        return c
+
+    def query(self, sql: str, args=()) -> list:
+        """Rows of a query; SQLite errors as CacheError."""
+        try:
+            return self.conn().execute(sql, args).fetchall()
+        except sqlite3.Error as e:
+            raise _sql_error(self.label, e) from None
+
+    def identity(self) -> tuple:
+        """The database's identity now (the file and its write-ahead log)."""
+        try:
+            main = file_id(os.stat(self.path))
+        except OSError as e:
+            raise CacheError(f"{self.label}: cannot read ({e.strerror})") from None
+        try:
+            wal = file_id(os.stat(self.path + "-wal"))
+        except OSError:
+            wal = None
+        return main, wal
+
+    def close(self) -> None:
+        """Close every thread's connection."""
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            try:
+                c.close()
+            except sqlite3.Error:
+                pass
+        self._local = threading.local()
+
+    # -- grid ------------------------------------------------------------------------------------
+
+    def _size(self, level: int) -> tuple[int, int]:
+        return self._widths.get(level, (1 << level, 1 << level))
+
+    def _row_sql(self) -> str:
+        return "(? - tile_row)" if self._flip else "(tile_row + 0 * ?)"
+
+    def _range(self, level: int, row0: int, col0: int) -> tuple[str, list]:
+        w, h = self._size(level)
+        r1 = min(row0 + PACKET, h) - 1
+        c1 = min(col0 + PACKET, w) - 1
+        if self._flip:
+            lo, hi = h - 1 - r1, h - 1 - row0
+        else:
+            lo, hi = row0, r1
+        return ("zoom_level = ? AND tile_column BETWEEN ? AND ? AND tile_row BETWEEN ? AND ?",
+                [level, col0, c1, lo, hi])
+
+    def _index(self, level: int, row0: int, rows, cols, col0: int) -> np.ndarray:
+        h = self._size(level)[1]
+        rows = np.asarray(rows, dtype=np.int64)
+        if self._flip:
+            rows = h - 1 - rows
+        return (rows - row0) * PACKET + (np.asarray(cols, dtype=np.int64) - col0)
+
+    # -- protocol --------------------------------------------------------------------------------
+
+    def levels(self) -> list[int]:
+        """Zoom levels holding tiles, each found by an index seek."""
+        out, z = [], -1
+        while True:
+            got = self.query(f"SELECT MIN(zoom_level) FROM {self._src} WHERE zoom_level > ?", (z,))
+            z = got[0][0] if got else None
+            if z is None:
+                return out
+            if not isinstance(z, int) or z > MAX_ZOOM:
+                self._warn(f"{self.label}: tiles at zoom level {z!r} (past {MAX_ZOOM} or not a number); skipped")
+                return out
+            if z >= 0 and (self._widths == {} or z in self._widths):
+                out.append(z)
+
+    def blocks(self, level: int):
+        """Blocks holding tiles at `level` (tiles outside the level's grid are not counted)."""
+        w, h = self._size(level)
+        rows = self.query(
+            f"SELECT DISTINCT tile_column >> 7, {self._row_sql()} >> 7 FROM {self._src} "
+            "WHERE zoom_level = ? AND tile_column BETWEEN 0 AND ? AND tile_row BETWEEN 0 AND ?",
+            (h - 1, level, w - 1, h - 1))
+        return {(int(r) * PACKET, int(c) * PACKET) for c, r in rows}
+
+    def block_index(self, level: int, row0: int, col0: int):
+        """(identity, sizes) of a block from length(tile_data)."""
+        ident = self.identity()
+        where, args = self._range(level, row0, col0)
+        got = self.query(f"SELECT tile_column, tile_row, length(tile_data) FROM {self._src} WHERE {where}", args)
+        sizes = np.zeros(PACKET * PACKET, dtype=np.uint32)
+        if got:
+            cols, rows, lens = zip(*got)
+            idx = self._index(level, row0, rows, cols, col0)
+            lens = np.asarray([n or 0 for n in lens], dtype=np.int64)
+            if np.any(lens > 0xFFFFFFFF):
+                raise CacheError(f"{self.label}: a tile at level {level} is larger than 4 GiB")
+            sizes[idx] = lens
+            if len(set(idx.tolist())) != len(idx):
+                self._warn(f"{self.label}: several rows for the same tile at level {level} (no unique index); "
+                           "one of them is used")
+        if self.identity() != ident:
+            raise BundleError(f"{self.label}: the file changed while it was being read; retry the request")
+        return ident, sizes
+
+    def block_tiles(self, level: int, row0: int, col0: int):
+        """(identity, {index: bytes}) of a block's tiles."""
+        ident = self.identity()
+        where, args = self._range(level, row0, col0)
+        got = self.query(f"SELECT tile_column, tile_row, tile_data FROM {self._src} WHERE {where}", args)
+        tiles: dict[int, bytes] = {}
+        if got:
+            idx = self._index(level, row0, [g[1] for g in got], [g[0] for g in got], col0).tolist()
+            for i, (_, _, data) in zip(idx, got):
+                if isinstance(data, str):
+                    data = data.encode("utf-8")
+                if data and i not in tiles:
+                    tiles[i] = bytes(data)
+        if self.identity() != ident:
+            raise BundleError(f"{self.label}: the file changed while it was being read; retry the request")
+        return ident, tiles
+
+    def tile(self, level: int, row: int, col: int) -> bytes | None:
+        """One tile's bytes, or None."""
+        w, h = self._size(level)
+        if not (0 <= row < h and 0 <= col < w):
+            return None
+        trow = h - 1 - row if self._flip else row
+        got = self.query(f"SELECT tile_data FROM {self._src} WHERE zoom_level = ? AND tile_column = ? "
+                         "AND tile_row = ? LIMIT 1", (level, col, trow))
+        if not got or not got[0][0]:
+            return None
+        data = got[0][0]
+        return data.encode("utf-8") if isinstance(data, str) else bytes(data)
+
+    def first_tiles(self, n: int = 8) -> list[bytes]:
+        """A few tiles (to tell their format and size)."""
+        got = self.query(f"SELECT tile_data FROM {self._src} WHERE zoom_level >= 0 LIMIT ?", (n,))
+        return [bytes(g[0]) for g in got if isinstance(g[0], bytes) and g[0]]
+
+
+def connect(path: str, label: str) -> sqlite3.Connection:
+    """A read-only connection (mode=ro, never creating a file), bounded lock waits."""
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    try:
+        c = sqlite3.connect(uri, uri=True, timeout=2.0, check_same_thread=False)
+        c.execute("PRAGMA query_only = 1")
+        c.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as e:
+        raise CacheError(f"{label}: not a readable SQLite database ({e})") from None
+    return c
+
+
+def _tables(c: sqlite3.Connection, label: str) -> dict[str, str]:
+    try:
+        return {n: t for n, t in c.execute("SELECT name, type FROM sqlite_master WHERE type IN ('table', 'view')")}
+    except sqlite3.Error as e:
+        raise _sql_error(label, e) from None
+
+
+def _columns(c: sqlite3.Connection, table: str) -> set[str]:
+    try:
+        return {r[1].lower() for r in c.execute(f"PRAGMA table_info({_quote(table)})")}
+    except sqlite3.Error:
+        return set()
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _tile_size(tile: bytes) -> int:
+    import io
+    try:
+        from PIL import Image
+        with Image.open(io.BytesIO(tile)) as im:
+            w, h = im.size
+    except Exception:
+        return 256
+    return w if w == h and w in (128, 256, 512, 1024) else 256
+
+
+def open_sqlite(path: str, table: str | None = None) -> BlockCache:
+    """Open a .mbtiles or .gpkg (told apart by application_id, then by the tables it holds)."""
+    c = connect(path, path)
+    try:
+        app_id = c.execute("PRAGMA application_id").fetchone()[0]
+        tables = _tables(c, path)
+    except sqlite3.Error as e:
+        raise _sql_error(path, e) from None
+    finally:
+        c.close()
+    if app_id in _GPKG_IDS or "gpkg_tile_matrix_set" in tables:
+        return open_gpkg(path, tables, table)
+    return open_mbtiles(path, tables)
+
+
+def open_mbtiles(path: str, tables: dict[str, str]) -> BlockCache:
+    """Open an MBTiles file: the `tiles` table or view, else the `map` and `images` pair."""
+    label = path
+    c = connect(path, label)
+    try:
+        if "tiles" in tables and {"zoom_level", "tile_column", "tile_row", "tile_data"} <= _columns(c, "tiles"):
+            source = "tiles"
+        elif "map" in tables and "images" in tables:
+            source = ("(SELECT map.zoom_level AS zoom_level, map.tile_column AS tile_column, map.tile_row AS "
+                      "tile_row, images.tile_data AS tile_data FROM map JOIN images ON images.tile_id = map.tile_id)")
+        else:
+            raise CacheError(f"{label}: not an MBTiles file (no tiles table or view with zoom_level, tile_column, "
+                             "tile_row, tile_data, and no map/images pair)")
+        meta: dict[str, str] = {}
+        warnings = []
+        if "metadata" in tables:
+            try:
+                for n, v in c.execute(f"SELECT name, value FROM metadata LIMIT {_META_ROWS}"):
+                    if isinstance(n, str) and v is not None:
+                        meta[n.strip().lower()] = str(v)[:_META_VALUE]
+            except sqlite3.Error as e:
+                raise _sql_error(label, e) from None
+        else:
+            warnings.append(f"{label}: no metadata table; format and zoom levels are taken from the tiles")
+    finally:
+        c.close()
+    backend = SqliteBackend(path, label, source, flip=meta.get("scheme", "tms").lower() != "xyz", widths={},
+                            warn=warnings.append)
+    samples = backend.first_tiles()
+    fmt = FORMAT_NAMES.get(meta.get("format", "").strip().lower())
+    found = detect_format(samples) if samples else None
+    if fmt is None or (found and found not in ("UNKNOWN",) and fmt != found and fmt in ("PNG", "JPEG")):
+        fmt = found or "PNG"
+    size = _tile_size(samples[0]) if samples and fmt in ("PNG", "JPEG", "MIXED") else (512 if fmt == "pbf" else 256)
+    levels = backend.levels()
+    top = max(levels) if levels else int(_num(meta.get("maxzoom"), 0))
+    scheme = web_mercator_scheme(min(max(top, 0), MAX_ZOOM) + 1, size)
+    bounds = meta.get("bounds", "")
+    extent = parse_bounds(bounds)
+    if extent is None and bounds:
+        warnings.append(f"{label}: metadata bounds {bounds[:80]!r} are not four numbers west < east, south < north; "
+                        "ignored")
+    name = meta.get("name") or os.path.splitext(os.path.basename(path))[0]
+    cache = BlockCache.create(os.path.abspath(path), "mbtiles", name, scheme, fmt, backend, extent)
+    backend._warn = cache._warn
+    for w in warnings:
+        cache._warn(w)
+    cache.item = from_metadata(meta)
+    cache.source_metadata = meta
+    return cache
+
+
+def _num(v, default):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return default
+
+
+def _gpkg_srs(c: sqlite3.Connection, srs_id: int, label: str) -> SpatialRef:
+    try:
+        row = c.execute("SELECT organization, organization_coordsys_id, definition FROM gpkg_spatial_ref_sys "
+                        "WHERE srs_id = ?", (srs_id,)).fetchone()
+    except sqlite3.Error:
+        row = None
+    if row is None:
+        if srs_id in (3857, 4326):
+            row = ("EPSG", srs_id, None)
+        else:
+            raise CacheError(f"{label}: spatial reference {srs_id} is not in gpkg_spatial_ref_sys")
+    org, code, wkt = row
+    if str(org or "").upper() == "EPSG" and code == 3857:
+        return WEB_MERCATOR
+    if str(org or "").upper() in ("EPSG", "ESRI") and isinstance(code, int) and code > 0:
+        return SpatialRef(code, code)
+    return SpatialRef(None, None, wkt if isinstance(wkt, str) and wkt.strip() else None)
+
+
+def open_gpkg(path: str, tables: dict[str, str], table: str | None) -> BlockCache:
+    """Open a GeoPackage tile pyramid: `table` names it when the file holds several."""
+    label = path
+    c = connect(path, label)
+    warnings: list[str] = []
+    try:
+        try:
+            names = [r[0] for r in c.execute("SELECT table_name FROM gpkg_contents WHERE data_type = 'tiles' "
+                                              "ORDER BY table_name")]
+        except sqlite3.Error as e:
+            raise CacheError(f"{label}: not a GeoPackage with tiles ({e})") from None
+        if not names:
+            raise CacheError(f"{label}: the GeoPackage holds no tile pyramid (no gpkg_contents row with data_type 'tiles')")
+        if table is None:
+            table = names[0]
+            if len(names) > 1:
+                warnings.append(f"{label}: holds tile tables {', '.join(names)}; reading {table} "
+                                f"(open '{os.path.basename(path)}#<table>' for another)")
+        elif table not in names:
+            raise CacheError(f"{label}: no tile table {table!r}; it holds {', '.join(names)}")
+        try:
+            tms = c.execute("SELECT srs_id, min_x, min_y, max_x, max_y FROM gpkg_tile_matrix_set WHERE table_name = ?",
+                            (table,)).fetchone()
+            matrices = c.execute("SELECT zoom_level, matrix_width, matrix_height, tile_width, tile_height, "
+                                 "pixel_x_size, pixel_y_size FROM gpkg_tile_matrix WHERE table_name = ? "
+                                 "ORDER BY zoom_level", (table,)).fetchall()
+            contents = c.execute("SELECT identifier, description, min_x, min_y, max_x, max_y, srs_id "
+                                 "FROM gpkg_contents WHERE table_name = ?", (table,)).fetchone()
+        except sqlite3.Error as e:
+            raise CacheError(f"{label}: incomplete GeoPackage tile tables ({e})") from None
+        if tms is None:
+            raise CacheError(f"{label}: no gpkg_tile_matrix_set row for {table}")
+        if not matrices:
+            raise CacheError(f"{label}: no gpkg_tile_matrix rows for {table}")
+        srs_id, min_x, min_y, max_x, max_y = tms
+        sr = _gpkg_srs(c, srs_id, label)
+        if table not in tables or not {"zoom_level", "tile_column", "tile_row", "tile_data"} <= _columns(c, table):
+            raise CacheError(f"{label}: tile table {table} is missing or lacks zoom_level/tile_column/tile_row/tile_data")
+    finally:
+        c.close()
+    try:
+        min_x, min_y, max_x, max_y = (float(v) for v in (min_x, min_y, max_x, max_y))
+    except (TypeError, ValueError):
+        raise CacheError(f"{label}: the tile matrix set's bounding box is not numbers") from None
+    if not (min_x < max_x and min_y < max_y):
+        raise CacheError(f"{label}: the tile matrix set's bounding box is empty")
+    lods, widths, size = [], {}, None
+    prev = None
+    uneven = False
+    for z, mw, mh, tw, th, px, py in matrices:
+        if not all(isinstance(v, (int, float)) and v > 0 for v in (mw, mh, tw, th, px, py)) or not (0 <= z <= MAX_ZOOM):
+            raise CacheError(f"{label}: tile matrix at zoom {z} has a zero, negative or missing value")
+        if size is None:
+            size = (int(tw), int(th))
+        elif size != (int(tw), int(th)):
+            raise CacheError(f"{label}: tile sizes differ between zoom levels ({size} and {(tw, th)}); "
+                             "a tile scheme has one tile size")
+        if abs(px - py) > 1e-9 * max(px, py):
+            raise CacheError(f"{label}: zoom {z} has non-square pixels ({px} x {py})")
+        for span, n, t, pix, what in ((max_x - min_x, mw, tw, px, "width"), (max_y - min_y, mh, th, py, "height")):
+            if abs(n * t * pix - span) > 0.01 * span + 1e-6:
+                raise CacheError(f"{label}: the matrix at zoom {z} ({n} tiles of {t} px at {pix}) does not span the "
+                                 f"tile matrix set's {what} ({span})")
+        if prev is not None:
+            if not px < prev[1]:
+                raise CacheError(f"{label}: pixel sizes must shrink as zoom grows (zoom {prev[0]}: {prev[1]}, "
+                                 f"zoom {z}: {px})")
+            ratio = prev[1] / px * (2 ** -(z - prev[0]))
+            if abs(ratio - 1) > 1e-6 and not uneven:
+                uneven = True
+                warnings.append(f"{label}: zoom levels {prev[0]} and {z} do not halve the pixel size "
+                                "(allowed only by a GeoPackage extension); read as declared")
+        prev = (z, px)
+        metres = _DEG_METRES if sr.is_geographic else 1.0
+        lods.append(LOD(int(z), float(px), float(px) * metres * 96 * INCHES_PER_METRE))
+        widths[int(z)] = (int(mw), int(mh))
+    if size[0] > 8192 or size[1] > 8192:
+        raise CacheError(f"{label}: tile size {size} is out of range")
+    scheme = TileScheme(min_x, max_y, size[0], size[1], 96, tuple(lods), sr)
+    backend = SqliteBackend(path, label, _quote(table), flip=False, widths=widths, warn=warnings.append)
+    fmt = detect_format(backend.first_tiles())
+    extent = None
+    if contents is not None and all(isinstance(v, (int, float)) for v in contents[2:6]) and contents[6] == srs_id:
+        e = Extent(float(contents[2]), float(contents[3]), float(contents[4]), float(contents[5]), sr)
+        extent = e if e.is_valid else None
+    if extent is None:
+        extent = Extent(min_x, min_y, max_x, max_y, sr)
+    cache = BlockCache.create(os.path.abspath(path) if len(names) == 1 else os.path.abspath(path) + "#" + table,
+                              "gpkg", (contents[0] if contents and contents[0] else table), scheme, fmt, backend,
+                              extent)
+    backend._warn = cache._warn
+    for w in warnings:
+        cache._warn(w)
+    ident, desc = (contents[0], contents[1]) if contents else (None, None)
+    cache.item = ItemInfo(name=table, title=ident or None, description=desc or None)
+    return cache
