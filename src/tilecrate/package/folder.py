@@ -11,8 +11,8 @@ import os
 
 from tilecrate.package import kcopy
 from tilecrate.package.bundles import BundlePlan
-from tilecrate.package.kcopy import (METHODS, WRITE_MODES, KernelCopier, RunScanner, check_unchanged, open_source,
-                                     plan_parts, write_parts)
+from tilecrate.package.kcopy import (METHODS, WRITE_MODES, KernelCopier, RunScanner, check_unchanged,
+                                     open_source_id, plan_parts, write_parts)
 
 _BUFFER = 1 << 16          # larger writes bypass the buffer: no extra copy
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
@@ -67,10 +67,10 @@ class FolderSink:
     def _add_kernel(self, path: str, plan: BundlePlan) -> bool:
         if plan.file is None or self.copy_method == "chunks":
             return False
-        file_id = getattr(plan, "file_id", None)
-        src = open_source(plan.file, plan.file_size, plan.file, file_id)
+        src, file_id = open_source_id(plan.file, plan.file_size, plan.file, getattr(plan, "file_id", None))
         try:
-            parts = plan_parts(plan, src, plan.file)
+            # runs remembered with right prefixes for this file version are copied without a read
+            parts = plan_parts(plan, src, plan.file, file_id)
             if parts is None:
                 return False
             if self._scanner is None:

@@ -20,6 +20,13 @@ kernel copies beat writes from the buffers in all 6 runs of the whole sample (me
 vs 1.1-2.3 s); for the bbox's short runs the buffered writes were faster in 10 of 10 comparisons,
 warm and cold, hence the threshold. Warm, the whole sample was within the machine's noise.
 
+A range read once with its prefixes found right has its CRC-32 remembered (`RUN_CRCS`), keyed by
+the source file's version (device, inode, size, mtime and ctime in ns) and the range: an export of the same
+bundles again (a server's usual day), or one whose planning threads read the runs ahead
+(`prescan_plan`), copies those ranges in the kernel without reading them in user space, adjacent
+ranges of one file in one `copy_file_range` span, and assembles the entry's CRC with
+`crc32_combine`. An entry is remembered only after its file was found unchanged at the end.
+
 Every way refuses a source that ends before the range does (the file shrank): an error naming the
 file, never a short entry. Python's own os.copy_file_range/os.sendfile/os.preadv are used; each
 releases the GIL, as does isal's CRC-32 on the helper thread.
@@ -29,7 +36,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections import deque
+import threading
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -55,6 +63,59 @@ _REFUSED = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
                       errno.EBADF, errno.ESPIPE})
 _RW_BUFFER = 1 << 20
 SCAN_AHEAD = 2                   # runs read ahead of the writer (each holds one buffer of up to a run)
+
+
+RUN_CRC_ENTRIES = 1 << 15        # ~6 MB of keys; at 8 MiB a run, CRCs of 256 GB of sources
+
+
+class RunCrcs:
+    """CRC-32s of source ranges whose size prefixes were right, keyed by (file version, offset,
+    length); least recently used first out. `enabled` off (env TILECRATE_RUN_CRCS=0) forgets nothing
+    but answers no look-up (the benchmarks' baseline)."""
+
+    def __init__(self, limit: int = RUN_CRC_ENTRIES):
+        self.limit = int(limit)
+        self.enabled = os.environ.get("TILECRATE_RUN_CRCS", "1") != "0"
+        self.hits = 0
+        self.misses = 0
+        self._d: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, file_id: tuple | None, offset: int, length: int) -> int | None:
+        """The remembered CRC-32 of `length` bytes at `offset` of the file version `file_id`, or None."""
+        if file_id is None or not self.enabled:
+            return None
+        key = (file_id, offset, length)
+        with self._lock:
+            crc = self._d.get(key)
+            if crc is None:
+                self.misses += 1
+                return None
+            self._d.move_to_end(key)
+            self.hits += 1
+            return crc
+
+    def put(self, file_id: tuple | None, offset: int, length: int, crc: int) -> None:
+        """Remember a range's CRC-32 (call only once the file was found unchanged after the read)."""
+        if file_id is None or not self.enabled:
+            return
+        with self._lock:
+            self._d[(file_id, offset, length)] = crc & 0xFFFFFFFF
+            self._d.move_to_end((file_id, offset, length))
+            while len(self._d) > self.limit:
+                self._d.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget every range (tests, benchmarks)."""
+        with self._lock:
+            self._d.clear()
+            self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+RUN_CRCS = RunCrcs()
 
 
 class SourceChanged(BundleError):
@@ -186,28 +247,12 @@ class RunScanner:
         buf = self._take(length)
         try:
             view = memoryview(buf)[:length]
-            got = 0
-            while got < length:
-                n = os.preadv(part.fd, [view[got:]], part.offset + got)
-                if n == 0:
-                    raise _changed(part.label)
-                got += n
-            fixed = False
-            if part.prefix_at is not None and len(part.prefix_at):
-                if keep and int(part.prefix_at[0]) == part.prefix_base:
-                    # written from this buffer anyway: set every prefix (compiled, bounds-checked)
-                    _plan.fill_prefixes(view, part.prefix_at, part.prefix_sizes, 0, len(part.prefix_at))
-                else:
-                    arr = np.frombuffer(buf, dtype=np.uint8, count=length)
-                    rel = part.prefix_at.astype(np.int64) - part.prefix_base
-                    fixed = not check_prefixes(arr, rel, part.prefix_sizes)
-                    if fixed:     # legacy or garbage prefixes in the source: the writer takes these bytes
-                        fix_prefixes(arr, rel, part.prefix_sizes)
-                    del arr
-            crc = isal_zlib.crc32(view) if want_crc else 0
+            crc, fixed = read_range(part, view, keep, want_crc)
         except BaseException:
             self._free.append(buf)
             raise
+        if want_crc:
+            part.scanned_crc, part.fixed = crc, fixed
         if keep or fixed:
             return ScannedRun(crc, length, view, fixed, buf, self._free)
         del view
@@ -218,6 +263,34 @@ class RunScanner:
         """Stop the helper thread (pending scans are cancelled) and drop the buffers."""
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._free.clear()
+
+
+def read_range(part: "CopyRange", view: memoryview, keep: bool = False, want_crc: bool = True) -> tuple[int, bool]:
+    """Read `part` into `view` (its length), check and fix its size prefixes; (CRC-32 or 0, fixed)."""
+    length = part.length
+    if view.nbytes != length:
+        raise ValueError(f"{part.label}: a {view.nbytes}-byte buffer for a {length}-byte range")
+    got = 0
+    while got < length:
+        n = os.preadv(part.fd, [view[got:]], part.offset + got)
+        if n == 0:
+            raise _changed(part.label)
+        got += n
+    fixed = False
+    if part.prefix_at is not None and len(part.prefix_at):
+        if keep and int(part.prefix_at[0]) == part.prefix_base:
+            # written from this buffer anyway: set every prefix (compiled, bounds-checked); not
+            # checked, so counted as fixed (its CRC is not the source range's to remember)
+            _plan.fill_prefixes(view, part.prefix_at, part.prefix_sizes, 0, len(part.prefix_at))
+            fixed = True
+        else:
+            arr = np.frombuffer(view, dtype=np.uint8, count=length)
+            rel = part.prefix_at.astype(np.int64) - part.prefix_base
+            fixed = not check_prefixes(arr, rel, part.prefix_sizes)
+            if fixed:     # legacy or garbage prefixes in the source: the writer takes these bytes
+                fix_prefixes(arr, rel, part.prefix_sizes)
+            del arr
+    return (isal_zlib.crc32(view) if want_crc else 0), fixed
 
 
 def crc_combine(crc1: int, crc2: int, len2: int) -> int:
@@ -231,7 +304,9 @@ class CopyRange:
 
     The 4-byte size prefixes the bytes must hold sit at `prefix_at - prefix_base` (offsets within
     the range; uint64 and uint32 arrays, e.g. slices of a plan's tile offsets and sizes); a range
-    whose source prefixes differ is written fixed from memory.
+    whose source prefixes differ is written fixed from memory. `crc`, when known (remembered in
+    RUN_CRCS for this file version), means the bytes need not be read: prefixes right, CRC that.
+    A scan sets `scanned_crc` and `fixed` (what `remember` stores once the file is found unchanged).
     """
 
     fd: int
@@ -241,6 +316,9 @@ class CopyRange:
     prefix_at: np.ndarray | None = None
     prefix_sizes: np.ndarray | None = None
     prefix_base: int = 0
+    crc: int | None = None
+    scanned_crc: int | None = None
+    fixed: bool = False
 
     def __post_init__(self):
         if self.prefix_at is not None:
@@ -279,8 +357,12 @@ def write_parts(parts, write, copier: KernelCopier | None, scanner: RunScanner |
     for p in parts:
         if isinstance(p, CopyRange):
             p.check()
-    keeps = [isinstance(p, CopyRange) and (copier is None or p.length < kernel_min) for p in parts]
-    scans = [isinstance(p, CopyRange) and (need_crc or k or p.prefix_at is not None) for p, k in zip(parts, keeps)]
+    # a range of known CRC (prefixes known right) needs no read when the kernel can copy it
+    known = [isinstance(p, CopyRange) and p.crc is not None and copier is not None for p in parts]
+    keeps = [isinstance(p, CopyRange) and not kn and (copier is None or p.length < kernel_min)
+             for p, kn in zip(parts, known)]
+    scans = [isinstance(p, CopyRange) and not kn and (need_crc or k or p.prefix_at is not None)
+             for p, k, kn in zip(parts, keeps, known)]
     if any(scans) and scanner is None:
         raise ValueError("a scanner is needed to read file ranges")
     crc = 0
@@ -290,8 +372,10 @@ def write_parts(parts, write, copier: KernelCopier | None, scanner: RunScanner |
     # thread hand-off per entry (milliseconds on a loaded machine); the helper reads the next ones
     inline = next((k for k, w in enumerate(scans) if w), -1)
     nxt = 0
+    i = 0
     try:
-        for i, p in enumerate(parts):
+        while i < len(parts):
+            p = parts[i]
             while nxt < len(parts) and nxt <= i + SCAN_AHEAD:
                 if scans[nxt] and nxt != inline:
                     q = parts[nxt]
@@ -303,6 +387,22 @@ def write_parts(parts, write, copier: KernelCopier | None, scanner: RunScanner |
                     crc = isal_zlib.crc32(view, crc)
                 write(view)
                 total += view.nbytes
+                i += 1
+                continue
+            if known[i]:
+                # adjacent known ranges of one file (a bundle's runs) go in one kernel copy
+                end = p.offset
+                j = i
+                while j < len(parts) and known[j] and parts[j].fd == p.fd and parts[j].offset == end:
+                    if need_crc:
+                        crc = crc_combine(crc, parts[j].crc, parts[j].length)
+                    end += parts[j].length
+                    j += 1
+                if flush is not None:
+                    flush()
+                copier.copy(p.fd, p.offset, end - p.offset, p.label)
+                total += end - p.offset
+                i = j
                 continue
             fut = ahead.pop(i, None)
             if i == inline or (fut is not None and fut.cancel()):
@@ -324,6 +424,7 @@ def write_parts(parts, write, copier: KernelCopier | None, scanner: RunScanner |
             if need_crc:
                 crc = crc_combine(crc, scanned.crc, p.length)
             total += p.length
+            i += 1
     finally:
         # the scans read the callers' fds and hold pooled buffers: settle every one before returning
         for fut in ahead.values():
@@ -339,33 +440,47 @@ def identity(st: os.stat_result) -> tuple:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def version(st: os.stat_result) -> tuple:
+    """`identity` and the change time in ns: the key of remembered run CRCs (a rewrite that puts the
+    old mtime back still moves the ctime, which no caller can set)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def open_source(path: str, size: int, label: str, file_id: tuple | None = None) -> int:
     """An fd of the regular file `path`, refused when it is no longer the planned version (its size
     is not `size`, or its identity is not `file_id` when known)."""
+    return open_source_id(path, size, label, file_id)[0]
+
+
+def open_source_id(path: str, size: int, label: str, file_id: tuple | None = None) -> tuple[int, tuple]:
+    """`open_source`, with the opened file's `version` (the key of its remembered run CRCs)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise BundleError(f"{label}: not a regular file")
-        if st.st_size != size or (file_id is not None and identity(st) != tuple(file_id)):
+        ident = version(st)
+        if st.st_size != size or (file_id is not None and ident[:len(file_id)] != tuple(file_id)):
             raise _changed(label)
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, ident
 
 
 def check_unchanged(fd: int, size: int, label: str, file_id: tuple | None = None) -> None:
-    """Refuse a source that changed while it was copied (same test as `open_source`)."""
+    """Refuse a source that changed while it was copied (same test as `open_source`; `file_id` an
+    `identity` or a `version`)."""
     st = os.fstat(fd)
-    if st.st_size != size or (file_id is not None and identity(st) != tuple(file_id)):
+    if st.st_size != size or (file_id is not None and version(st)[:len(file_id)] != tuple(file_id)):
         raise _changed(label)
 
 
-def plan_parts(plan, fd: int, label: str) -> list | None:
+def plan_parts(plan, fd: int, label: str, file_id: tuple | None = None) -> list | None:
     """A bundle plan as parts: its header block from memory, then each run as a CopyRange of the
-    source (the run's first prefix included) with the prefixes it must hold; None when a run
-    cannot be taken from the file as it is (then the plan's buffered path writes it)."""
+    source (the run's first prefix included) with the prefixes it must hold, and its CRC-32 when
+    RUN_CRCS remembers it for the file version `file_id`; None when a run cannot be taken from
+    the file as it is (then the plan's buffered path writes it)."""
     if plan.file is None:
         return None
     parts: list = [plan.aux]
@@ -376,6 +491,61 @@ def plan_parts(plan, fd: int, label: str) -> list | None:
         if off < 4 or off + length > limit or count < 1:
             return None
         # the range starts at the first tile's prefix (off - 4): tile k's prefix is at tile_k - off in it
-        parts.append(CopyRange(fd, plan.file_offset + off - 4, length + 4, label, offsets[first:first + count],
-                               sizes[first:first + count], off))
+        start = plan.file_offset + off - 4
+        parts.append(CopyRange(fd, start, length + 4, label, offsets[first:first + count],
+                               sizes[first:first + count], off, RUN_CRCS.get(file_id, start, length + 4)))
     return parts
+
+
+def remember(parts, file_id: tuple | None) -> None:
+    """Put the CRCs the scans found (prefixes right) into RUN_CRCS; call after `check_unchanged`."""
+    for p in parts:
+        if isinstance(p, CopyRange) and p.scanned_crc is not None and not p.fixed:
+            RUN_CRCS.put(file_id, p.offset, p.length, p.scanned_crc)
+
+
+_prescan = threading.local()
+
+
+def prescan_plan(plan, min_length: int = 0) -> int:
+    """Read a planned bundle's runs (CRC-32, prefix check) into RUN_CRCS ahead of the writer, on the
+    calling (planning) thread, so the writer only copies in the kernel; bytes read.
+
+    An optimisation only: a file that changed or cannot be read is left to the writer, which reads
+    it again and reports the error. One buffer of up to a run per thread. Runs shorter than
+    `min_length` are left to the writer (written from its own read buffer).
+    """
+    if plan.file is None or not RUN_CRCS.enabled:
+        return 0
+    try:
+        fd, ident = open_source_id(plan.file, plan.file_size, plan.file, getattr(plan, "file_id", None))
+    except (OSError, BundleError):
+        return 0
+    done = 0
+    try:
+        parts = plan_parts(plan, fd, plan.file, ident)
+        todo = [p for p in (parts or ())[1:] if p.crc is None and p.length >= min_length]
+        if not todo:
+            return 0
+        if hasattr(os, "posix_fadvise"):
+            # cold files: the kernel reads the whole span while the first run is checked
+            os.posix_fadvise(fd, todo[0].offset, todo[-1].offset + todo[-1].length - todo[0].offset,
+                             os.POSIX_FADV_WILLNEED)
+        buf = getattr(_prescan, "buf", None)
+        found = []
+        for p in todo:
+            p.check()
+            if buf is None or len(buf) < p.length:
+                buf = _prescan.buf = bytearray(max(p.length, 1 << 20))
+            crc, fixed = read_range(p, memoryview(buf)[:p.length])
+            done += p.length
+            if not fixed:
+                found.append((p.offset, p.length, crc))
+        check_unchanged(fd, plan.file_size, plan.file, ident)
+        for offset, length, crc in found:
+            RUN_CRCS.put(ident, offset, length, crc)
+    except (OSError, BundleError, ValueError):
+        return done
+    finally:
+        os.close(fd)
+    return done

@@ -22,7 +22,7 @@ from isal import isal_zlib
 
 from tilecrate.package import kcopy
 from tilecrate.package.kcopy import (METHODS, WRITE_MODES, CopyRange, KernelCopier, RunScanner, check_unchanged,
-                                     open_source, part_size, plan_parts, write_parts)
+                                     open_source, open_source_id, part_size, plan_parts, remember, write_parts)
 
 ZIP64_LIMIT = 0xFFFFFFFF     # a size or offset at or above this needs ZIP64 records
 _MAX16 = 0xFFFF
@@ -328,14 +328,15 @@ class ZipSink:
     def _add_kernel(self, name: str, plan) -> bool:
         if plan.file is None or self.writer.dry_run or self.writer.copy_method == "chunks":
             return False
-        file_id = getattr(plan, "file_id", None)
-        fd = open_source(plan.file, plan.file_size, plan.file, file_id)
+        fd, ident = open_source_id(plan.file, plan.file_size, plan.file, getattr(plan, "file_id", None))
         try:
-            parts = plan_parts(plan, fd, plan.file)
+            # runs whose CRC is remembered for this file version are copied without being read
+            parts = plan_parts(plan, fd, plan.file, ident)
             if parts is None:
                 return False
             self.writer.add_parts(name, plan.size, parts, plan.crc)
-            check_unchanged(fd, plan.file_size, plan.file, file_id)
+            check_unchanged(fd, plan.file_size, plan.file, ident)
+            remember(parts, ident)
             return True
         finally:
             os.close(fd)

@@ -15,6 +15,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable
 
 from tilecrate.cache import Cache
+from tilecrate.package import kcopy
 from tilecrate.package.folder import FolderSink
 from tilecrate.package.metadata import Stamp
 from tilecrate.package.thumbnail import render_thumbnail
@@ -76,10 +77,19 @@ def write_plan(plan: ExportPlan, cache: Cache, tmp: str, *,
         reencode_threads = nthreads
         workers = 1
 
+    # a zip entry needs its CRC-32: the planning threads read pass-through runs for it (and check
+    # their prefixes) ahead of the writer, which then only copies them in the kernel
+    mode = sink.writer.copy_method if layout.is_package else None
+    prescan = layout.is_package and not needs_crc and (mode == "auto" or mode in kcopy.METHODS)
+    prescan_min = kcopy.KERNEL_MIN if mode == "auto" else 0     # shorter runs: the writer's buffered path
+
     def prepare(task) -> Prepared | None:
         if cancel is not None and cancel.is_set():
             return None
-        return prepare_bundle(task, cache, cancel=cancel, threads=reencode_threads, needs_crc=needs_crc)
+        prep = prepare_bundle(task, cache, cancel=cancel, threads=reencode_threads, needs_crc=needs_crc)
+        if prescan and prep.plan.file is not None:
+            kcopy.prescan_plan(prep.plan, prescan_min)
+        return prep
 
     ahead = workers + 1                   # bounded look-ahead keeps memory flat
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tilecrate-export")
