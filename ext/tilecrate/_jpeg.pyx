@@ -839,6 +839,9 @@ METHODS = {"pixel": TC_PIXEL, "dct": TC_DCT}
 MAX_SIDE = TC_MAX_SIDE        # the largest width or height ever accepted
 DEFAULT_DEADZONE = 0.49609375  # 127/256: round to nearest, exact halves toward zero; recompress.py says why
 CANCEL_SLICE = 0.05           # seconds of work between two looks at the cancel flag
+# libgomp ends the process (no error to catch) when it cannot create a thread, and each thread gets
+# a codec context (~17 KB, touched at creation): a larger count is refused before any of that
+MAX_THREADS = 1024
 
 
 def max_threads() -> int:
@@ -909,8 +912,8 @@ def recode(buf, offsets, sizes, int quality, str method="dct", int threads=0,
         raise ValueError(f"quality must be 1-100, not {quality}")
     if not (0.0 <= deadzone <= 0.5):
         raise ValueError(f"deadzone rounding offset must be in [0, 0.5], not {deadzone}")
-    if threads < 0:
-        raise ValueError(f"threads must be 0 (all cores) or more, not {threads}")
+    if not (0 <= threads <= MAX_THREADS):
+        raise ValueError(f"threads must be 0 (all cores) to {MAX_THREADS}, not {threads}")
     if not (0 <= max_width <= TC_MAX_SIDE and 0 <= max_height <= TC_MAX_SIDE):
         raise ValueError(f"max_width and max_height must be 0-{TC_MAX_SIDE}, not {max_width}x{max_height}")
     probe = _cancel_probe(cancel)
