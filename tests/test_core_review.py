@@ -64,3 +64,19 @@ def test_recode_refuses_thread_counts_libgomp_cannot_start():
     new, status, _ = _jpeg.recode(b"x", np.zeros(1, np.uint64), np.ones(1, np.uint32), 75,
                                   threads=_jpeg.MAX_THREADS)
     assert new == [None] and status.tolist() == [_jpeg.NOT_JPEG]
+
+
+@pytest.mark.parametrize("span, col0", [((0, INT64_MIN), 1), ((INT64_MIN, 5), 3), ((INT64_MIN, INT64_MIN), 0),
+                                        ((-(2**62), 2**62), -(2**62) + 1), ((-(2**62) + 1, 2**62 - 1), -(2**62))])
+def test_window_mask_refuses_columns_whose_difference_wraps(span, col0):
+    """Before the fix the first case returned a full row (128 tiles) for an empty span, and
+    span (-2**62, 2**62) at col0 = -2**62 (both at the old inclusive limit) no tile for a full row:
+    2**62 - (-2**62) wrapped to -2**63. Now columns and col0 lie strictly inside +-2**62."""
+    row_ptr = np.zeros(129, np.int64)
+    row_ptr[1:] = 1
+    with pytest.raises(ValueError, match="out of range"):
+        _mask.window_mask(row_ptr, np.array([span], np.int64), col0)
+    # just inside the limits the arithmetic holds: a span from the window's first column to far right
+    big = 2**62 - 1
+    mask, n = _mask.window_mask(row_ptr, np.array([[-big, big]], np.int64), -big)
+    assert n == 128 and mask[0].all() and not mask[1:].any()

@@ -538,7 +538,9 @@ def _check_spans(row_ptr, spans, Py_ssize_t nrows):
         sp = sp.reshape(-1, 2)
     if rp.ndim != 1 or rp.shape[0] < nrows + 1:
         raise ValueError(f"row_ptr must have at least {nrows + 1} entries")
-    if sp.shape[0] and np.abs(sp).max() > MAX_INDEX:
+    # min and max, not abs (abs(INT64_MIN) wraps to itself and would pass); strictly inside
+    # +-MAX_INDEX, like col0, so that a column minus col0 stays under 2**63
+    if sp.shape[0] and (sp.min() <= -MAX_INDEX or sp.max() >= MAX_INDEX):
         raise ValueError("spans hold a column out of range")
     cdef int64_t[::1] v = rp
     cdef Py_ssize_t i, m = sp.shape[0]
@@ -552,13 +554,13 @@ def _check_spans(row_ptr, spans, Py_ssize_t nrows):
 
 
 # indexes: _check_spans proved 0 <= rp[i] <= rp[i + 1] <= len(sp) for i < PACKET; columns are
-# clipped to 0..PACKET - 1 before m is written, and col0 and the spans lie within +-MAX_INDEX
+# clipped to 0..PACKET - 1 before m is written, and col0 and the spans lie strictly within +-MAX_INDEX
 @cython.boundscheck(False)
 @cython.wraparound(False)
 def window_mask(row_ptr, spans, int64_t col0):
     """The 128x128 uint8 mask of a bundle whose first column is col0, from the spans of its 128
     rows (as returned by Rasterizer.spans(row0, 128)); returns (mask, selected count)."""
-    if not -MAX_INDEX <= col0 <= MAX_INDEX:
+    if not -MAX_INDEX < col0 < MAX_INDEX:
         raise ValueError("col0 is out of range")
     rp_a, sp_a = _check_spans(row_ptr, spans, PACKET)
     cdef int64_t[::1] rp = rp_a
