@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import stat
+import sys
 import threading
 import time
 from typing import Callable
@@ -116,7 +116,9 @@ def export_open(cache, request, out: str | os.PathLike, kind: str, *,
         move_into_place(tmp, out)
     except BaseException as e:
         remove(tmp)
-        if isinstance(e, sqlite3.Error):
+        # sqlite3 is imported by the MBTiles/GeoPackage writers only: a package export need not load it
+        sqlite3 = sys.modules.get("sqlite3")
+        if sqlite3 is not None and isinstance(e, sqlite3.Error):
             if "full" in str(e):
                 raise ExportError(f"{out}: the disk is full (no space left while writing the export)") from None
             raise ExportError(f"{out}: cannot write the {kind} output ({e})") from None
