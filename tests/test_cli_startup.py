@@ -90,10 +90,10 @@ def test_inspect_does_not_load_the_server(tmp_path, sample_v2):
 
 # what a fresh `tilecrate export` of a Web Mercator cache to a package must not import: the server, the
 # job store, projections, Dask, a progress bar off a TTY, and the chains xml.sax.saxutils and PIL's
-# preinit used to pull in (urllib.request -> http.client -> email; the BMP, GIF, PPM readers)
+# preinit used to pull in (urllib.request -> http.client -> email; the BMP, GIF, PPM readers), SQLite (open formats)
 NOT_FOR_EXPORT = ("pyproj", "shapely", "aiohttp", "tqdm", "lmdb", "dask", "distributed", "importlib.metadata",
                   "urllib.request", "http.client", "email", "xml.sax", "tilecrate.server", "tilecrate.jobs",
-                  "tilecrate.runners.dask", "tilecrate.admin")
+                  "tilecrate.runners.dask", "tilecrate.admin", "sqlite3")
 PIL_READERS = {"sample_v2": "PIL.JpegImagePlugin", "sample_png": "PIL.PngImagePlugin"}
 
 
