@@ -159,3 +159,33 @@ def test_source_changed_after_planning_is_an_error(sample_v2, tmp_path):
     with open_cache(str(src)) as cache, pytest.raises(TilecrateError):
         export(cache, ExportRequest("0-5"), str(out), selection=selection)
     assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".o.mbtiles")]
+
+
+def test_level_ids_that_are_not_zooms_and_metadata_everywhere(tmp_path):
+    """nonstandard_zoom_levels.tpk: LODs 0-2 are zooms 2-4 (mapped by resolution); its credits reach
+    MBTiles, PMTiles and XYZ."""
+    import sqlite3
+
+    from pmtiles.reader import Reader
+
+    src = str(real_path("nonstandard_zoom_levels.tpk"))
+    export(src, ExportRequest("0-2"), str(tmp_path / "n.mbtiles"))
+    export(src, ExportRequest("0-2"), str(tmp_path / "n.pmtiles"))
+    export(src, ExportRequest("0-2"), str(tmp_path / "n"), format="xyz")
+    db = sqlite3.connect(tmp_path / "n.mbtiles")
+    rows = db.execute("SELECT zoom_level, tile_column, tile_row, tile_data FROM tiles").fetchall()
+    meta = dict(db.execute("SELECT name, value FROM metadata"))
+    db.close()
+    data = (tmp_path / "n.pmtiles").read_bytes()
+    reader = Reader(lambda off, n: data[off:off + n])
+    xyz = json.loads((tmp_path / "n" / "metadata.json").read_text())
+    with open_cache(src) as cache:
+        assert sorted({z for z, *_ in rows}) == [2, 3, 4] and len(rows) == 2 + 4 + 16
+        for z, x, y, blob in rows:
+            row = (1 << z) - 1 - y
+            assert cache.tile(z - 2, row, x) == blob == reader.get(z, x, row)
+            assert (tmp_path / "n" / str(z) / str(x) / f"{row}.png").read_bytes() == blob
+        credits = cache.item.credits
+    assert credits == "US Census Bureau"
+    assert meta["attribution"] == reader.metadata()["attribution"] == xyz["attribution"] == credits
+    assert (meta["minzoom"], meta["maxzoom"]) == ("2", "4") and (xyz["minzoom"], xyz["maxzoom"]) == (2, 4)
