@@ -129,3 +129,27 @@ def test_refuses_geographic(tmp_path):
         export(str(real_path("wgs84.tpkx")), ExportRequest("0"), str(tmp_path / "w.pmtiles"))
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_round_trip_through_the_open_sources(tmp_path):
+    """states_filled.tpk -> MBTiles -> PMTiles -> GeoPackage -> XYZ, each read by the sources of the
+    previous step: the tiles and the credits arrive unchanged."""
+    import sqlite3
+
+    src = real_path("states_filled.tpk")
+    want = _source_tiles(src)
+    export(str(src), ExportRequest("0-4"), str(tmp_path / "a.mbtiles"))
+    export(str(tmp_path / "a.mbtiles"), ExportRequest("0-4"), str(tmp_path / "b.pmtiles"))
+    export(str(tmp_path / "b.pmtiles"), ExportRequest("0-4"), str(tmp_path / "c.gpkg"))
+    export(str(tmp_path / "c.gpkg"), ExportRequest("0-4"), str(tmp_path / "d"), format="xyz")
+    _, reader = _read(tmp_path / "b.pmtiles")
+    assert dict(all_tiles(reader.get_bytes)) == want
+    assert reader.metadata()["attribution"] == "US Census Bureau"
+    db = sqlite3.connect(tmp_path / "c.gpkg")
+    got = {(z, x, y): d for z, x, y, d in db.execute("SELECT zoom_level, tile_column, tile_row, tile_data FROM "
+                                                    "states_filled")}
+    db.close()
+    assert got == want
+    assert {(int(p.parts[-3]), int(p.parts[-2]), int(p.stem)): p.read_bytes()
+            for p in (tmp_path / "d").rglob("*.png")} == want
+    assert json.loads((tmp_path / "d" / "metadata.json").read_text())["name"] == "states_filled"
