@@ -169,11 +169,13 @@ def test_tms_folder_given_or_detected(made, tmp_path):
     with open_cache(made["xyz"]) as want, tilecrate.sources.open_cache(tms, scheme="tms") as got:
         assert got.kind == "tms" and {k[:3]: k[3] for k in got.iter_tiles()} == \
             {k[:3]: k[3] for k in want.iter_tiles() if k[0] <= 2}
+        with open_cache(got.path) as again:             # a plan reopens its source by path: still TMS
+            assert got.path.endswith("#tms") and again.kind == "tms" and again.tile(1, 0, 0) == got.tile(1, 0, 0)
     (tms / "tilemapresource.xml").write_text("<TileMap/>")
     (tms / "1" / "0" / "notes.txt").write_text("stray")
     (tms / "1" / "README").write_text("stray")
     with open_cache(tms) as got:
-        assert got.kind == "tms" and got.tile(1, 1, 1) == (made["xyz"] / "1" / "1" / "1.mvt").read_bytes()
+        assert got.kind == "tms" and not got.path.endswith("#tms") and got.tile(1, 1, 1) == (made["xyz"] / "1" / "1" / "1.mvt").read_bytes()
         assert sum("not a tile" in w for w in got.warnings) == 2
 
 
@@ -372,3 +374,24 @@ def test_serve_mbtiles_as_a_mapserver(made, tmp_path):
     finally:
         srv.stop()
 
+
+
+def test_large_levels_read_block_by_block(made, monkeypatch):
+    from tilecrate.sources import sqlite as sqlite_source
+    with open_cache(made["mbtiles"]) as c:
+        want = c.level_summary()
+    monkeypatch.setattr(sqlite_source, "SCAN_LIMIT", 5)       # level 4 (16 tiles) is past it now
+    with open_cache(made["mbtiles"]) as c:
+        assert c.level_summary() == want and c._store._scans[4][1] is None and c._store._scans[1][1] is not None
+
+
+def test_presence_store_keys_follow_the_file(made, tmp_path):
+    from tilecrate.presence import PresenceStore
+    p = tmp_path / "p.mbtiles"
+    shutil.copy(made["mbtiles"], p)
+    with PresenceStore(str(tmp_path / "presence")) as store, open_cache(p) as c:
+        ref = c.bundles(4)[0]
+        assert np.count_nonzero(store.sizes(c, ref)) == 16
+        with sqlite3.connect(p) as db:
+            db.execute("DELETE FROM tiles WHERE zoom_level = 4 AND tile_column = 6")
+        assert np.count_nonzero(store.sizes(c, ref)) == 12

@@ -23,10 +23,13 @@ def open_cache(path: str | os.PathLike, *, table: str | None = None, scheme: str
     MBTiles, GeoPackage (`table`: which tile pyramid), PMTiles or XYZ/TMS folder (`scheme`:
     'xyz' or 'tms', detected when not given)."""
     path = os.fspath(path)
-    if table is None and not os.path.exists(path) and "#" in os.path.basename(path):
-        base, name = path.rsplit("#", 1)           # 'file.gpkg#table', as a GeoPackage cache names itself
+    if table is None and scheme is None and not os.path.exists(path) and "#" in os.path.basename(path):
+        # 'file.gpkg#table' and 'folder#tms': how such a cache names itself (plans reopen it by path)
+        base, name = path.rsplit("#", 1)
         if os.path.isfile(base):
             path, table = base, name
+        elif os.path.isdir(base) and name in ("xyz", "tms"):
+            path, scheme = base, name
     if not os.path.exists(path):
         raise CacheError(f"{path}: no such file or folder")
     if os.path.isdir(path):

@@ -210,9 +210,8 @@ def _tile_size(tile: bytes) -> int:
 def open_xyz(path: str, scheme: str | None = None) -> BlockCache:
     """Open an XYZ or TMS folder; `scheme` 'xyz' or 'tms', else TMS when tilemapresource.xml is
     there (gdal2tiles writes one), XYZ otherwise."""
-    if scheme is None:
-        scheme = "tms" if os.path.isfile(os.path.join(path, "tilemapresource.xml")) else "xyz"
-    scheme = scheme.lower()
+    detected = "tms" if os.path.isfile(os.path.join(path, "tilemapresource.xml")) else "xyz"
+    scheme = (scheme or detected).lower()
     if scheme not in ("xyz", "tms"):
         raise CacheError(f"{path}: tile scheme {scheme!r} is not one of xyz, tms")
     dirs = {}
@@ -234,7 +233,8 @@ def open_xyz(path: str, scheme: str | None = None) -> BlockCache:
     meta = _metadata_json(path, warnings.append)
     name = meta.get("name") if isinstance(meta.get("name"), str) and meta["name"].strip() else \
         os.path.basename(os.path.normpath(path))
-    cache = BlockCache.create(os.path.abspath(path), scheme, name, tiling, fmt, backend,
+    where = os.path.abspath(path) + ("" if scheme == detected else "#" + scheme)   # reopened as it was read
+    cache = BlockCache.create(where, scheme, name, tiling, fmt, backend,
                               parse_bounds(meta.get("bounds")))
     backend._warn = cache._warn
     for w in warnings:

@@ -31,6 +31,7 @@ from tilecrate.tiling import (
 )
 
 MAX_ZOOM = 30
+SCAN_LIMIT = 2_000_000     # levels up to this many tiles are indexed with one scan (48 MB of arrays)
 _META_ROWS = 10000
 _META_VALUE = 1 << 20
 _GPKG_IDS = (0x47504B47, 0x47503130)
@@ -54,6 +55,7 @@ class SqliteBackend:
         self._warn = warn
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
+        self._scans: dict[int, tuple] = {}      # level -> (identity, {block: sizes} or None)
         self._lock = threading.Lock()
 
     # -- connections ---------------------------------------------------------------------------
@@ -140,8 +142,60 @@ class SqliteBackend:
             if z >= 0 and (self._widths == {} or z in self._widths):
                 out.append(z)
 
+    def _scan(self, level: int, ident: tuple) -> dict | None:
+        """{(row0, col0): sizes} of a whole level from one index scan, kept while the file is the same;
+        None for a level of more than SCAN_LIMIT tiles (those are read block by block)."""
+        with self._lock:
+            hit = self._scans.get(level)
+        if hit is not None and hit[0] == ident:
+            return hit[1]
+        w, h = self._size(level)
+        try:
+            cur = self.conn().execute(
+                f"SELECT tile_column, {self._row_sql()}, length(tile_data) FROM {self._src} "
+                "WHERE zoom_level = ? AND tile_column BETWEEN 0 AND ? AND tile_row BETWEEN 0 AND ?",
+                (h - 1, level, w - 1, h - 1))
+            parts, n = [], 0
+            while True:
+                chunk = cur.fetchmany(65536)
+                if not chunk:
+                    break
+                n += len(chunk)
+                if n > SCAN_LIMIT:
+                    cur.close()
+                    found = None
+                    break
+                parts.append(np.array([(c, r, ln or 0) for c, r, ln in chunk], dtype=np.int64))
+            if n <= SCAN_LIMIT:
+                found = {}
+                if parts:
+                    a = np.concatenate(parts)
+                    if np.any(a[:, 2] > 0xFFFFFFFF):
+                        raise CacheError(f"{self.label}: a tile at level {level} is larger than 4 GiB")
+                    key = ((a[:, 1] >> 7) << 32) | (a[:, 0] >> 7)
+                    order = np.argsort(key, kind="stable")
+                    keys, starts = np.unique(key[order], return_index=True)
+                    for k, lo, hi in zip(keys.tolist(), starts.tolist(), np.append(starts[1:], order.size).tolist()):
+                        sel = a[order[lo:hi]]
+                        r0, c0 = (k >> 32) * PACKET, (k & 0xFFFFFFFF) * PACKET
+                        sizes = np.zeros(PACKET * PACKET, dtype=np.uint32)
+                        idx = (sel[:, 1] - r0) * PACKET + (sel[:, 0] - c0)
+                        sizes[idx] = sel[:, 2]
+                        if len(np.unique(idx)) != len(idx):
+                            self._warn(f"{self.label}: several rows for the same tile at level {level} "
+                                       "(no unique index); one of them is used")
+                        found[(r0, c0)] = sizes
+        except sqlite3.Error as e:
+            raise _sql_error(self.label, e) from None
+        with self._lock:
+            self._scans[level] = (ident, found)
+        return found
+
     def blocks(self, level: int):
         """Blocks holding tiles at `level` (tiles outside the level's grid are not counted)."""
+        scan = self._scan(level, self.identity())
+        if scan is not None:
+            return set(scan)
         w, h = self._size(level)
         rows = self.query(
             f"SELECT DISTINCT tile_column >> 7, {self._row_sql()} >> 7 FROM {self._src} "
@@ -152,6 +206,10 @@ class SqliteBackend:
     def block_index(self, level: int, row0: int, col0: int):
         """(identity, sizes) of a block from length(tile_data)."""
         ident = self.identity()
+        scan = self._scan(level, ident)
+        if scan is not None:
+            sizes = scan.get((row0, col0))
+            return ident, (sizes.copy() if sizes is not None else np.zeros(PACKET * PACKET, dtype=np.uint32))
         where, args = self._range(level, row0, col0)
         got = self.query(f"SELECT tile_column, tile_row, length(tile_data) FROM {self._src} WHERE {where}", args)
         sizes = np.zeros(PACKET * PACKET, dtype=np.uint32)
