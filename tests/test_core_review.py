@@ -390,3 +390,16 @@ def test_fuzz_optimal_tables_equal_libjpegs(counts, keep, scale):
         assert f.sum() >= 10**9 or (f[:256] != 0).sum() < 1
         return
     assert ours == lib
+
+
+def test_optimal_tables_hook_refuses_counts_whose_total_wraps():
+    """Before the fix numpy's int64 sum of four 2**62 counts wrapped to 0, the 1e9 bound passed and
+    the C total overflowed: our tables and libjpeg's then differed (a hook that answers wrongly)."""
+    f = np.zeros(257, np.int64)
+    f[:4] = 2**62
+    f[4] = 5
+    with pytest.raises(ValueError, match="total under 1e9"):
+        _jpeg._optimal_tables(f)
+    f[:4] = 2**27                      # under the bound: accepted, and ours equal libjpeg's
+    ours, lib = _jpeg._optimal_tables(f)
+    assert ours == lib

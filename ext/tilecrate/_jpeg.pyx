@@ -1011,7 +1011,8 @@ def _optimal_tables(freq):
     f = np.asarray(freq)
     if f.shape != (257,) or f.dtype.kind not in "ui":
         raise ValueError("freq must be 257 integer counts")
-    if int(f.min()) < 0 or int(f.sum()) >= 1000000000:
+    # the total in Python ints: numpy's int64 sum wraps (4 * 2**62 is 0) and C's `total` would too
+    if int(f.min()) < 0 or sum(int(v) for v in f.tolist()) >= 1000000000:
         raise ValueError("freq counts must be >= 0 and total under 1e9")
     cdef long cf[257]
     cdef unsigned char out[4][257]
