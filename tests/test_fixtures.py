@@ -179,3 +179,27 @@ def test_service_folder_above_layers(tmp_path, sample_v2):
     os.symlink(sample_v2, svc / "Layers")
     with tilecrate.open_cache(svc) as c:
         assert c.name == "MySvc" and c.levels == [0, 1, 2, 3, 4, 5]
+
+
+def test_vundler_input_tiles_match_its_bundles(real_dir):
+    """Esri's raster-tiles-compactcache ships the Lnn/row/col.jpg tiles its Vundler bundled: read as a
+    tile folder, they are the sample cache's tiles, tile for tile."""
+    base = real_dir / "raster-tiles-compactcache"
+    with tilecrate.open_cache(base / "sample_tiles") as tiles, tilecrate.open_cache(base / "sample_cache") as cache:
+        assert tiles.kind == "rowcol" and tiles.tile_format == "JPEG" and tiles.warnings == []
+        got = {k[:3]: k[3] for k in tiles.iter_tiles()}
+        assert len(got) == 21 and got == {k[:3]: k[3] for k in cache.iter_tiles()}
+
+
+def test_item_metadata_of_real_packages(real_dir):
+    """iteminfo.xml / iteminfo.json travel: title, summary, tags, credits (what a licence requires)."""
+    with tilecrate.open_cache(real_path("states_filled.tpk")) as c:
+        assert c.item.as_dict() == {"name": "states_filled", "title": "states_filled", "summary": "states",
+                                    "tags": ["states"], "description": None, "credits": "US Census Bureau",
+                                    "licence": None}
+        assert c.name == "states_filled"          # the item's name, not the 'Layers' folder's
+    with tilecrate.open_cache(real_path("Usa_extracted")) as c:
+        assert c.item.title == "Usa" and c.item.name == "Usa"
+    for key in REAL_SOURCES:
+        with tilecrate.open_cache(real_path(key)) as c:
+            assert isinstance(c.item.tags, tuple) and not any("item information" in w for w in c.warnings), key

@@ -34,6 +34,10 @@ def _xyz_dir(name: str) -> int | None:
     return int(name) if name.isdigit() and len(name) <= 10 else None
 
 
+def _level_of(name: str) -> int | None:
+    return _xyz_dir(name) if name.isdigit() else parse_level_dir(name)
+
+
 def is_tile_folder(path: str) -> bool:
     """Whether a folder looks like an XYZ/TMS tree ({z}/{x}/{y}.ext), not an ArcGIS cache."""
     if compact._find_conf(path) is not None or os.path.isfile(os.path.join(path, "root.json")):
@@ -42,7 +46,7 @@ def is_tile_folder(path: str) -> bool:
         return False
     try:
         with os.scandir(path) as it:
-            return any(e.is_dir() and _xyz_dir(e.name) is not None for e in it)
+            return any(e.is_dir() and _level_of(e.name) is not None for e in it)
     except OSError:
         return False
 
@@ -55,6 +59,7 @@ class FolderBackend:
         self.label = label
         self._dirs = level_dirs
         self._exploded = exploded
+        self._row_first = False         # Lnn/{row}/{col}.ext folders (Esri's Vundler input)
         self._flip = flip               # TMS: row = 2**z - 1 - y
         self._warn = warn
         self._lock = threading.Lock()
@@ -73,7 +78,7 @@ class FolderBackend:
         return int(m.group(1), 16) if self._exploded else int(m.group(1))
 
     def _rc(self, level: int, outer: int, inner: int) -> tuple[int, int]:
-        if self._exploded:
+        if self._exploded or self._row_first:
             return outer, inner
         row = (1 << level) - 1 - inner if self._flip else inner
         return row, outer
@@ -212,18 +217,29 @@ def open_xyz(path: str, scheme: str | None = None) -> BlockCache:
     there (gdal2tiles writes one), XYZ otherwise."""
     detected = "tms" if os.path.isfile(os.path.join(path, "tilemapresource.xml")) else "xyz"
     scheme = (scheme or detected).lower()
+    if scheme == "rowcol":
+        scheme = detected = "xyz"
     if scheme not in ("xyz", "tms"):
         raise CacheError(f"{path}: tile scheme {scheme!r} is not one of xyz, tms")
-    dirs = {}
+    dirs, named = {}, False
     with os.scandir(path) as it:
         for e in it:
-            z = _xyz_dir(e.name)
+            z = _level_of(e.name)
             if z is not None and e.is_dir():
                 if z > _MAX_LEVEL:
                     raise CacheError(f"{e.path}: zoom level {z} is past {_MAX_LEVEL}")
+                if z in dirs:
+                    raise CacheError(f"{path}: two folders for level {z}")
                 dirs[z] = e.path
+                named = named or not e.name.isdigit()
     warnings: list[str] = []
     backend = FolderBackend(path, dirs, exploded=False, flip=scheme == "tms", warn=warnings.append)
+    if named:
+        # Lnn/{row}/{col}.ext is how Esri's tools lay out tiles before bundling (raster-tiles-compactcache)
+        if scheme == "tms":
+            raise CacheError(f"{path}: Lnn/row/column folders count rows from the top; the tms scheme does not apply")
+        backend._row_first = True
+        scheme = "rowcol"
     samples = backend.first_tiles()
     if not samples:
         raise CacheError(f"{path}: no tiles ({{z}}/{{x}}/{{y}}.png|jpg|webp|pbf) in this folder")
@@ -233,7 +249,7 @@ def open_xyz(path: str, scheme: str | None = None) -> BlockCache:
     meta = _metadata_json(path, warnings.append)
     name = meta.get("name") if isinstance(meta.get("name"), str) and meta["name"].strip() else \
         os.path.basename(os.path.normpath(path))
-    where = os.path.abspath(path) + ("" if scheme == detected else "#" + scheme)   # reopened as it was read
+    where = os.path.abspath(path) + ("" if scheme in (detected, "rowcol") else "#" + scheme)   # reopened alike
     cache = BlockCache.create(where, scheme, name, tiling, fmt, backend,
                               parse_bounds(meta.get("bounds")))
     backend._warn = cache._warn
