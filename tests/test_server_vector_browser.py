@@ -87,6 +87,9 @@ def test_arcgis_js_shows_our_vector_tiles_and_elevation(server, page_server, tmp
     z = elevation(3, r0 + 1, c0 + 1)
     assert math.isclose(el["first"], float(z[0, 0]), abs_tol=0.2) and el["min"] <= el["max"], report
     assert math.isfinite(run.result["centerHeight"]), report
+    ground = run.result["groundHeight"]
+    assert ground is not None and math.isfinite(ground) and ground != 0, report
+    assert abs(ground - run.result["centerHeight"]) < 1500, report   # coarser tiles drawn than queried
     # it asked for our tiles, tilemap and style, and drew something
     asked = "\n".join(run.requests)
     for part in ("/VectorTileServer/tile/", "/VectorTileServer/resources/styles", "/ImageServer/tile/",

@@ -51,6 +51,9 @@ async function run() {
   // the ground really has our heights: the SDK's own query at the view's centre
   const height = await elevation.queryElevation(view.center.clone(), { returnSampleInfo: true });
   result.centerHeight = height.geometry.z;
+  // and the view's ground, as drawn, is made of it (without our layer it would be flat at 0 m)
+  const sampler = view.groundView.elevationSampler;
+  result.groundHeight = sampler ? sampler.queryElevation(view.center.clone()).z : null;
   result.ok = true;
 }
 
