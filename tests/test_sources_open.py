@@ -18,13 +18,13 @@ import rasterio                                   # a missing interop reader fai
 from PIL import Image
 from pmtiles.convert import mbtiles_to_pmtiles, pmtiles_to_dir
 from pmtiles.reader import MmapSource, Reader
-from pmtiles.tile import tileid_to_zxy, zxy_to_tileid
+from pmtiles.tile import deserialize_header, tileid_to_zxy, zxy_to_tileid
 from rasterio.transform import from_bounds
 
 import tilecrate
 from tilecrate.cache import open_cache
 from tilecrate.errors import CacheError, TilecrateError
-from tilecrate.sources.pmtiles import decode_varints, tileid_zxy
+from tilecrate.sources.pmtiles import decode_varints, parse_header, tileid_zxy, zxy_tileid
 from tilecrate.tiling import level_dir
 
 H = 20037508.342789244
@@ -348,11 +348,23 @@ def test_pmtiles_bad_offsets_and_loops(made, tmp_path):
         open_cache(bad)
 
 
+def test_pmtiles_header_as_the_package_reads_it(made):
+    head = made["pmtiles"].read_bytes()[:127]
+    theirs = {k: (v.value if hasattr(v, "value") else v) for k, v in deserialize_header(head).items()}
+    ours = parse_header(head, "t")
+    assert ours == {k: theirs[k] for k in ours} and len(ours) == len(theirs) - 1     # all but 'version'
+    with pytest.raises(CacheError, match="version 2 is not supported"):
+        parse_header(head[:7] + b"\x02" + head[8:], "t")
+
+
 def test_pmtiles_tileids_and_varints():
     rng = np.random.default_rng(1)
     ids = np.concatenate([np.arange(0, 400), rng.integers(0, zxy_to_tileid(20, 0, 0), 2000)]).astype(np.uint64)
     z, x, y = tileid_zxy(ids)
     assert [tuple(v) for v in zip(z.tolist(), x.tolist(), y.tolist())] == [tileid_to_zxy(int(i)) for i in ids]
+    for i in ids[::7].tolist():
+        assert zxy_tileid(*tileid_to_zxy(int(i))) == int(i)
+    assert zxy_tileid(12, 3423, 1763) == zxy_to_tileid(12, 3423, 1763) == 19078479
     nums = [0, 1, 127, 128, 300, 2 ** 35 + 7, 2 ** 63 + 5]
     assert decode_varints(b"".join(_varint(n) for n in nums), "t").tolist() == nums
     with pytest.raises(CacheError, match="ends inside a number"):

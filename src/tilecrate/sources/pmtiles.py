@@ -1,6 +1,7 @@
 """PMTiles v3 archives, read through `blocks.BlockCache`.
 
-The header is read with the `pmtiles` package; directories are walked here, decoded with numpy
+Header and directories are read here (no runtime dependency; the tests check every piece against
+the `pmtiles` package: its header reader, tile ids and Reader.get); directories are decoded with numpy
 (one pass per directory, no Python loop per tile) and bounded: offsets and lengths inside the file's
 sections, at most `MAX_DEPTH` levels of leaves, each leaf read once (a directory loop is an error),
 at most `MAX_TILES` addressed tiles, decompressed directories at most `MAX_DIRECTORY` bytes.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import threading
 import time
 import zlib
@@ -28,6 +30,7 @@ MAX_DEPTH = 4
 MAX_TILES = 20_000_000
 MAX_DIRECTORY = 256 << 20
 MAX_METADATA = 16 << 20
+MAX_TILE = 64 << 20
 MAX_ZOOM = 30
 CHECK_SECONDS = 0.05
 _TYPES = {1: "pbf", 2: "PNG", 3: "JPEG", 4: "WEBP", 5: "AVIF", 6: "MLT"}
@@ -49,6 +52,40 @@ def _inflate(data: bytes, compression: int, limit: int, label: str) -> bytes:
     if len(out) > limit or d.unconsumed_tail:
         raise CacheError(f"{label}: a directory or the metadata inflates past {limit >> 20} MiB")
     return out
+
+
+_HEADER = struct.Struct("<7sB8Q3Q6B4iB2i")
+_HEADER_FIELDS = ("root_offset", "root_length", "metadata_offset", "metadata_length", "leaf_directory_offset",
+                  "leaf_directory_length", "tile_data_offset", "tile_data_length", "addressed_tiles_count",
+                  "tile_entries_count", "tile_contents_count", "clustered", "internal_compression",
+                  "tile_compression", "tile_type", "min_zoom", "max_zoom", "min_lon_e7", "min_lat_e7",
+                  "max_lon_e7", "max_lat_e7", "center_zoom", "center_lon_e7", "center_lat_e7")
+
+
+def parse_header(data: bytes, label: str) -> dict:
+    """The 127-byte v3 header (FORMATS.md 20.3) as a dict of its fields."""
+    if len(data) < _HEADER.size:
+        raise CacheError(f"{label}: shorter than a PMTiles header")
+    magic, version, *values = _HEADER.unpack_from(data)
+    if magic != b"PMTiles":
+        raise CacheError(f"{label}: not a PMTiles archive")
+    if version != 3:
+        raise CacheError(f"{label}: PMTiles version {version} is not supported (tilecrate reads v3)")
+    return dict(zip(_HEADER_FIELDS, values))
+
+
+def zxy_tileid(z: int, x: int, y: int) -> int:
+    """The PMTiles tile id of a tile (Hilbert order within the zoom, after all lower zooms)."""
+    acc = ((1 << (2 * z)) - 1) // 3
+    for a in range(z - 1, -1, -1):
+        s = 1 << a
+        rx, ry = s & x, s & y
+        acc += ((3 * rx) ^ ry) << a
+        if ry == 0:
+            if rx:
+                x, y = s - 1 - x, s - 1 - y
+            x, y = y, x
+    return acc
 
 
 def decode_varints(data: bytes, label: str) -> np.ndarray:
@@ -134,16 +171,9 @@ class PMTilesBackend:
         self._load()
 
     def _load(self) -> None:
-        from pmtiles.tile import deserialize_header
         fd, st = open_regular(self.path, self.label)
         try:
-            head = pread_exact(fd, 127, 0, self.label) if st.st_size >= 127 else b""
-            if len(head) < 127:
-                raise CacheError(f"{self.label}: shorter than a PMTiles header")
-            try:
-                h = deserialize_header(head)
-            except Exception as e:
-                raise CacheError(f"{self.label}: not a PMTiles v3 archive ({type(e).__name__})") from None
+            h = parse_header(pread_exact(fd, 127, 0, self.label) if st.st_size >= 127 else b"", self.label)
             size = st.st_size
             for what in ("root", "metadata", "leaf_directory", "tile_data"):
                 off, n = h[f"{what}_offset"], h[f"{what}_length"]
@@ -169,8 +199,7 @@ class PMTilesBackend:
         if h["metadata_length"] > MAX_METADATA:
             raise CacheError(f"{self.label}: metadata of {h['metadata_length']} bytes is too large")
         raw = _inflate(pread_exact(fd, h["metadata_length"], h["metadata_offset"], self.label),
-                       h["internal_compression"].value if hasattr(h["internal_compression"], "value")
-                       else int(h["internal_compression"]), MAX_METADATA, self.label)
+                       h["internal_compression"], MAX_METADATA, self.label)
         try:
             meta = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -179,7 +208,6 @@ class PMTilesBackend:
 
     def _walk(self, fd: int, h: dict) -> list:
         comp = h["internal_compression"]
-        comp = comp.value if hasattr(comp, "value") else int(comp)
         leaf0, leaf_len = h["leaf_directory_offset"], h["leaf_directory_length"]
         out, seen, total = [], set(), 0
         stack = [(h["root_offset"], h["root_length"], 0)]
@@ -201,6 +229,9 @@ class PMTilesBackend:
                 raise CacheError(f"{self.label}: a tile points past the end of the tile data section")
             if np.any(lens[~leaf] == 0):
                 raise CacheError(f"{self.label}: a directory entry has length 0")
+            if np.any(lens[~leaf] > MAX_TILE):
+                raise CacheError(f"{self.label}: a tile of {int(lens[~leaf].max())} bytes (tilecrate reads tiles "
+                                 f"up to {MAX_TILE >> 20} MiB)")
             if leaf.any():
                 lo, ln = offs[leaf], lens[leaf]
                 if np.any(lo + ln > leaf_len):
@@ -311,11 +342,10 @@ class PMTilesBackend:
 
     def tile(self, level: int, row: int, col: int) -> bytes | None:
         """One tile's bytes, or None."""
-        from pmtiles.tile import zxy_to_tileid
         if not (0 <= level <= MAX_ZOOM and 0 <= row < (1 << level) and 0 <= col < (1 << level)):
             return None
         ident = self._current()
-        t = zxy_to_tileid(level, col, row)
+        t = zxy_tileid(level, col, row)
         i = int(np.searchsorted(self._tid, np.uint64(t)))
         if i >= self._tid.size or int(self._tid[i]) != t:
             return None
@@ -341,9 +371,7 @@ def open_pmtiles(path: str) -> BlockCache:
     """Open a PMTiles v3 archive (Web Mercator, 256 px raster or 512 px vector tiles)."""
     backend = PMTilesBackend(path)
     h = backend.header
-    ttype = h["tile_type"]
-    ttype = ttype.value if hasattr(ttype, "value") else int(ttype)
-    fmt = _TYPES.get(ttype) or detect_format(backend.first_tiles())
+    fmt = _TYPES.get(h["tile_type"]) or detect_format(backend.first_tiles())
     if fmt in ("PNG", "JPEG"):
         found = detect_format(backend.first_tiles())
         fmt = found if found in ("PNG", "JPEG", "MIXED") else fmt
