@@ -166,3 +166,34 @@ def test_thumbnail_shows_the_tiles(tmp_path, sample_v2):
         thumb = Image.open(io.BytesIO(z.read("thumbnail.png"))).convert("RGB")
     colors = thumb.getcolors(maxcolors=1 << 16)
     assert colors is None or len(colors) > 16, "the thumbnail is blank: no tile was decoded"
+
+
+def test_thumbnail_decoded_smaller_matches_full_size(sample_v2, sample_png, monkeypatch):
+    """Tiles decoded at 1/2-1/8 (libjpeg's DCT scaling, a box filter for PNG) give the full-size thumbnail."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from tilecrate.cache import open_cache
+    from tilecrate.package import thumbnail
+    from tilecrate.plan import make_plan
+    from tilecrate.request import ExportRequest
+
+    assert thumbnail._reduction(256, 256, (768, 768)) == 2 and thumbnail._reduction(256, 256, (200, 133)) == 1
+    assert thumbnail._reduction(256, 256, (6400, 6400)) == 8 and thumbnail._reduction(100, 100, (6400, 6400)) == 4
+    reduced = 0
+    for src in (sample_v2, sample_png):
+        for levels in ("0-5", "2"):
+            with open_cache(str(src)) as cache:
+                plan = make_plan(cache, ExportRequest(levels=levels), "x.tpkx")
+                fast = thumbnail.render_thumbnail(cache, plan.selection, plan.info)
+                with monkeypatch.context() as m:
+                    m.setattr(thumbnail, "_reduction", lambda *a: 1)
+                    full = thumbnail.render_thumbnail(cache, plan.selection, plan.info)
+            a, b = (np.asarray(Image.open(io.BytesIO(x)).convert("RGB"), dtype=np.int16) for x in (fast, full))
+            assert len(fast) == len(full) == thumbnail.thumbnail_size()
+            assert np.abs(a - b).mean() < 3, (src, levels, np.abs(a - b).mean())
+            assert (a != 255).any()         # not blank
+            reduced += fast != full
+    assert reduced == 2             # levels 0-5 took the reduced path; level 2 alone (2 x 2 tiles) full size

@@ -87,7 +87,10 @@ def render_thumbnail(cache: Cache, selection, info: PackageInfo) -> bytes:
             cmin = (cmin + cmax) // 2 - 1
             cmax = cmin + MAX_TILES_SIDE - 1
         tw, th = cache.scheme.tile_cols, cache.scheme.tile_rows
-        mosaic = Image.new("RGB", ((cmax - cmin + 1) * tw, (rmax - rmin + 1) * th), _BACKGROUND)
+        full = ((cmax - cmin + 1) * tw, (rmax - rmin + 1) * th)
+        box = _crop_box(cache, info, level, rmin, cmin, full)
+        r = _reduction(tw, th, (box[2] - box[0], box[3] - box[1]) if box else full)
+        mosaic = Image.new("RGB", (full[0] // r, full[1] // r), _BACKGROUND)
         wanted = _selected_cells(selection, level)
         for row in range(rmin, rmax + 1):
             for col in range(cmin, cmax + 1):
@@ -96,14 +99,14 @@ def render_thumbnail(cache: Cache, selection, info: PackageInfo) -> bytes:
                 data = cache.tile(level, row, col)
                 if not data:
                     continue
-                tile = _decode(data, tw, th)
+                tile = _decode(data, tw, th, r)
                 if tile is None:  # a corrupt tile (Usa.tpkx has two) leaves a white square
                     continue
-                tile = tile.convert("RGBA")
-                mosaic.paste(tile, ((col - cmin) * tw, (row - rmin) * th), tile)
-        box = _crop_box(cache, info, level, rmin, cmin, mosaic.size)
+                mosaic.paste(tile, ((col - cmin) * tw // r, (row - rmin) * th // r), tile)
         if box is not None:
-            mosaic = mosaic.crop(box)
+            left, top, right, bottom = box
+            mosaic = mosaic.crop((left // r, top // r, max(left // r + 1, -(-right // r)),
+                                  max(top // r + 1, -(-bottom // r))))
         scale = min(WIDTH / mosaic.width, HEIGHT / mosaic.height)
         size = (max(1, round(mosaic.width * scale)), max(1, round(mosaic.height * scale)))
         mosaic = mosaic.resize(size, Image.LANCZOS)
@@ -133,13 +136,31 @@ def _open(data: bytes):
     return Image.open(fp)
 
 
-def _decode(data: bytes, tw: int, th: int):
-    """The decoded tile, or None when it is corrupt or far larger than a tile (a hostile tile costs nothing)."""
+def _reduction(tw: int, th: int, shown: tuple[int, int]) -> int:
+    """1, 2, 4 or 8: how much smaller than full size the tiles can be decoded, keeping 2x the thumbnail's pixels."""
+    scale = min(WIDTH / max(1, shown[0]), HEIGHT / max(1, shown[1]))
+    for r in (8, 4, 2):
+        if tw % r == 0 and th % r == 0 and scale * r <= 0.5:
+            return r
+    return 1
+
+
+def _decode(data: bytes, tw: int, th: int, r: int = 1):
+    """The tile as RGBA at 1/r of its size, or None when it is corrupt or far larger than a tile (a hostile tile
+    costs nothing)."""
+    from PIL import Image
+
     try:
         tile = _open(data)
         if tile.width > 2 * tw or tile.height > 2 * th:
             return None
+        want = (max(1, tile.width // r), max(1, tile.height // r))
+        if r > 1 and tile.format == "JPEG":
+            tile.draft(tile.mode, want)     # libjpeg's DCT scaling: decodes 1/r of the pixels
         tile.load()
+        tile = tile.convert("RGBA")
+        if tile.size != want:
+            tile = tile.resize(want, Image.BOX)
         return tile
     except Exception:
         return None
