@@ -523,14 +523,15 @@ def prescan_plan(plan, min_length: int = 0) -> int:
         return 0
     done = 0
     try:
-        parts = plan_parts(plan, fd, plan.file, ident)
-        todo = [p for p in (parts or ())[1:] if p.crc is None and p.length >= min_length]
+        parts = (plan_parts(plan, fd, plan.file, ident) or [None])[1:]
+        if parts and hasattr(os, "posix_fadvise"):
+            # a cold file: the kernel reads the runs' span while this thread checks the first run,
+            # or (every CRC remembered) before the writer's kernel copy gets there
+            os.posix_fadvise(fd, parts[0].offset, parts[-1].offset + parts[-1].length - parts[0].offset,
+                             os.POSIX_FADV_WILLNEED)
+        todo = [p for p in parts if p.crc is None and p.length >= min_length]
         if not todo:
             return 0
-        if hasattr(os, "posix_fadvise"):
-            # cold files: the kernel reads the whole span while the first run is checked
-            os.posix_fadvise(fd, todo[0].offset, todo[-1].offset + todo[-1].length - todo[0].offset,
-                             os.POSIX_FADV_WILLNEED)
         buf = getattr(_prescan, "buf", None)
         found = []
         for p in todo:
