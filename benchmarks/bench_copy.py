@@ -1,10 +1,15 @@
 """Pass-through exports vs `cp` of the same bytes: the copy path of package.kcopy ("new", the
-default "auto": runs read ahead with their CRC on a helper thread; runs of KERNEL_MIN bytes or
-more copied by copy_file_range, shorter ones written from the buffers; "buffered": every run
-written from the buffers; "cfr": every run by copy_file_range) against the path it replaced
-("old": read, CRC and write one after the other on the writer's thread), whole sample and a
-bbox, in-process and as a process, page cache warm and cold. Ratios from one run, each a median
-over paired rounds; CPU seconds too (less at the mercy of the machine's load than wall time).
+default "auto", as the first export of these bundles in the process: the planning threads read
+runs of KERNEL_MIN bytes or more for their CRC-32 and the writer copies them by copy_file_range,
+shorter ones are read by the writer's helper thread and written from its buffers; "repeat": the
+same with the run CRCs remembered from the last export, as a server exporting the same bundles
+again, so nothing is read in user space; "helper": the previous round's path, remembered CRCs
+off, every run read by the writer's helper thread; "buffered": every run written from the
+buffers; "cfr": every run by copy_file_range) against the path before kernel copies ("old": read,
+CRC and write one after the other on the writer's thread), whole sample and a bbox, in-process
+and as a process, page cache warm and cold. Ratios from one run, each a median over paired
+rounds; CPU seconds (user + system, every thread) too, less at the mercy of the machine's load
+than wall time.
 
 Run: `.venv/bin/pytest benchmarks/bench_copy.py --benchmark-enable -s`
 The sample (levels 0-9 of `tilecrate sample`, ~305 MB; TILECRATE_COPY_LEVELS to change) is made
@@ -112,17 +117,22 @@ def _timed(fn, who: int) -> tuple[float, float]:
 def _contenders(src: Path, tmp: Path, bbox: bool):
     """name -> a function that runs it once and returns (wall, CPU) seconds (output removed before)."""
     req = ExportRequest(levels=LEVELS, **({"extent": BBOX, "aoi_sr": 4326} if bbox else {}))
-    outs = {m: tmp / f"{m}.tpkx" for m in ("new", "buffered", "cfr", "old", "new_proc", "old_proc")}
+    outs = {m: tmp / f"{m}.tpkx" for m in ("new", "repeat", "helper", "buffered", "cfr", "old", "new_proc",
+                                            "old_proc")}
 
-    def inproc(mode: str, out: Path):
+    def inproc(mode: str, out: Path, crcs: str = "off"):
+        """crcs: "off" (none remembered, none looked up), "first" (forgotten before the run), "kept"."""
         def run() -> tuple[float, float]:
             _rm(out)
-            old = kcopy.COPY_METHOD
+            old, enabled = kcopy.COPY_METHOD, kcopy.RUN_CRCS.enabled
             kcopy.COPY_METHOD = mode
+            kcopy.RUN_CRCS.enabled = crcs != "off"
+            if crcs == "first":
+                kcopy.RUN_CRCS.clear()
             try:
                 return _timed(lambda: tilecrate.export(str(src), req, str(out)), resource.RUSAGE_SELF)
             finally:
-                kcopy.COPY_METHOD = old
+                kcopy.COPY_METHOD, kcopy.RUN_CRCS.enabled = old, enabled
         return run
 
     def proc(mode: str, out: Path):
@@ -141,7 +151,8 @@ def _contenders(src: Path, tmp: Path, bbox: bool):
         _rm(cp_dst)
         return _timed(lambda: subprocess.run(["cp", str(cp_src), str(cp_dst)], check=True), resource.RUSAGE_CHILDREN)
 
-    runs = {"new": inproc("auto", outs["new"]), "buffered": inproc("buffered", outs["buffered"]),
+    runs = {"new": inproc("auto", outs["new"], "first"), "repeat": inproc("auto", outs["repeat"], "kept"),
+            "helper": inproc("auto", outs["helper"]), "buffered": inproc("buffered", outs["buffered"]),
             "cfr": inproc("copy_file_range", outs["cfr"]),
             "old": inproc("chunks", outs["old"]), "new_proc": proc("auto", outs["new_proc"]),
             "old_proc": proc("chunks", outs["old_proc"]), "cp": cp}
@@ -184,14 +195,17 @@ def test_passthrough_export_vs_cp(benchmark, request, medium, tmp_path, area, ca
     assert len(digests) == 1, "the copy paths wrote different bundles"
     figures = dict(MB=round(size / 1e6, 1), rounds=ROUNDS,
                    new_MB_s=size / 1e6 / med["new"], cp_MB_s=size / 1e6 / med["cp"],
-                   new_vs_cp=med["cp"] / med["new"], new_process_vs_cp=med["cp"] / med["new_proc"],
+                   new_vs_cp=med["cp"] / med["new"], repeat_vs_cp=med["cp"] / med["repeat"],
+                   helper_vs_cp=med["cp"] / med["helper"], new_process_vs_cp=med["cp"] / med["new_proc"],
                    cfr_vs_cp=med["cp"] / med["cfr"], buffered_vs_cp=med["cp"] / med["buffered"],
                    old_vs_cp=med["cp"] / med["old"], old_process_vs_cp=med["cp"] / med["old_proc"],
-                   new_vs_old=med["old"] / med["new"], new_process_vs_old=med["old_proc"] / med["new_proc"])
+                   new_vs_old=med["old"] / med["new"], new_vs_helper=med["helper"] / med["new"],
+                   new_process_vs_old=med["old_proc"] / med["new_proc"])
     if "cp_r" in med:
         figures.update(new_vs_cp_r=med["cp_r"] / med["new"], new_process_vs_cp_r=med["cp_r"] / med["new_proc"])
     # CPU seconds (user + system) are less at the mercy of the machine's load than wall time
-    figures.update(cpu_new_vs_cp=cpu["cp"] / cpu["new"], cpu_old_vs_cp=cpu["cp"] / cpu["old"],
+    figures.update(cpu_new_vs_cp=cpu["cp"] / cpu["new"], cpu_repeat_vs_cp=cpu["cp"] / cpu["repeat"],
+                   cpu_helper_vs_cp=cpu["cp"] / cpu["helper"], cpu_old_vs_cp=cpu["cp"] / cpu["old"],
                    cpu_cfr_vs_cp=cpu["cp"] / cpu["cfr"], cpu_buffered_vs_cp=cpu["cp"] / cpu["buffered"], cpu_new_process_vs_cp=cpu["cp"] / cpu["new_proc"])
     figures["load1"] = round(os.getloadavg()[0], 2)
     report(request, f"pass-through export ({area}, {cache}) vs cp", **figures)
