@@ -407,3 +407,27 @@ def test_presence_store_keys_follow_the_file(made, tmp_path):
         with sqlite3.connect(p) as db:
             db.execute("DELETE FROM tiles WHERE zoom_level = 4 AND tile_column = 6")
         assert np.count_nonzero(store.sizes(c, ref)) == 12
+
+
+def test_replaced_files_are_read_again(made, tmp_path, monkeypatch):
+    from tilecrate.sources import pmtiles as pm
+    from tilecrate.sources import compact
+    monkeypatch.setattr(pm, "CHECK_SECONDS", 0.0)
+    monkeypatch.setattr(compact, "RELIST_SECONDS", 0.0)       # levels are listed again at most this often
+    p = tmp_path / "r.pmtiles"
+    shutil.copy(made["pmtiles"], p)
+    with open_cache(p) as c:
+        before = c.tile(4, 7, 8)
+        png = (made["xyz"] / "1" / "0" / "0.mvt").read_bytes()
+        root = _directory([(zxy_to_tileid(4, 8, 7), 1, len(png), 0)])
+        (tmp_path / "new").write_bytes(_pm_file(root, 0, 0, 127 + len(root), len(png), png))
+        os.replace(tmp_path / "new", p)                    # replaced by rename under an open cache
+        assert before != png and c.tile(4, 7, 8) == png and c.levels == [4]
+    xyz = tmp_path / "xyz"
+    shutil.copytree(made["xyz"], xyz)
+    with open_cache(xyz) as c:
+        ref = c.bundles(4)[0]
+        key, _, _ = c.index_with_key(ref)
+        (xyz / "4" / "8" / "7.mvt").write_bytes(png)      # rewritten between selection and export
+        with pytest.raises(tilecrate.errors.BundleError, match="changed after its tiles were selected"):
+            c.open_bundle(ref, expect=key)
