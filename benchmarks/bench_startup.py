@@ -2,7 +2,10 @@
 `python -c pass` and to the same export in-process (ratios from one run, paired rounds, medians).
 
 Targets (issue 11): `--version` and the export process under 3x `python -c pass`; the export process
-within 2x the in-process export. Bytecode is cached (in a private PYTHONPYCACHEPREFIX) as an
+within 2x the in-process export. The floors are printed next to them: `python -c "import numpy"` and
+`python -c "import tilecrate._bundle"` (the compiled core needs numpy) vs `python -c pass`, and what a
+process doing only that import plus the in-process export would take; a ratio under its floor is out of
+reach without dropping numpy from the compiled core. Bytecode is cached (in a private PYTHONPYCACHEPREFIX) as an
 installed package's would be, even where PYTHONDONTWRITEBYTECODE is set.
 
 Run: `.venv/bin/python -m pytest benchmarks/bench_startup.py --benchmark-enable`
@@ -104,12 +107,22 @@ def test_small_export_process_vs_in_process(benchmark, request, env, small, tmp_
         return time.perf_counter() - t0
 
     python = [sys.executable, "-c", "pass"]
-    med = _paired({"python": lambda: _timed(python, env), "process": process, "in_process": in_process})
+    numpy = [sys.executable, "-c", "import numpy"]
+    core = [sys.executable, "-c", "import tilecrate._bundle"]     # the compiled core, which imports numpy
+    med = _paired({"python": lambda: _timed(python, env), "numpy": lambda: _timed(numpy, env),
+                   "core": lambda: _timed(core, env), "process": process, "in_process": in_process})
     result = benchmark.pedantic(in_process, rounds=5, iterations=1)
     assert result > 0 and out_proc.exists() and out_in.stat().st_size == out_proc.stat().st_size
     report(request, "startup: 123-tile export", python_ms=med["python"] * 1e3, process_ms=med["process"] * 1e3,
            in_process_ms=med["in_process"] * 1e3, process_vs_python=med["process"] / med["python"],
            process_vs_in_process=med["process"] / med["in_process"])
+    # the floors no change of ours can go under: a process that only imports numpy, or our compiled
+    # core, and a process that would do nothing but that import and the in-process export
+    floor = med["core"] + med["in_process"]
+    report(request, "startup: floors of a 123-tile export process", numpy_ms=med["numpy"] * 1e3,
+           core_ms=med["core"] * 1e3, numpy_vs_python=med["numpy"] / med["python"],
+           core_vs_python=med["core"] / med["python"], floor_vs_python=floor / med["python"],
+           floor_vs_in_process=floor / med["in_process"], process_vs_floor=med["process"] / floor)
 
 
 def test_import_profile(request, env, small, tmp_path):
