@@ -21,8 +21,9 @@ from isal import isal_zlib
 from tilecrate.cache import BundleData, Cache, open_cache
 from tilecrate.errors import BundleError
 from tilecrate.package.bundles import BundlePlan, plan_bundle, plan_from_tiles
-from tilecrate.package.kcopy import (KernelCopier, RunScanner, check_prefixes, check_unchanged, open_source,
-                                     plan_parts, write_parts)
+from tilecrate.package import kcopy
+from tilecrate.package.kcopy import (KernelCopier, RunScanner, check_prefixes, check_unchanged, crc_combine,
+                                     open_source_id, plan_parts, remember, write_parts)
 from tilecrate.plan import BundleTask, SourceRef
 from tilecrate.recompress import recompress_bundle
 from tilecrate.runners.base import CancelFlag, check_cancel
@@ -190,13 +191,13 @@ def _write_plan(fd: int, plan: BundlePlan) -> tuple[int, int]:
     """A plan's .bundle into `fd`: source runs copied in the kernel where the file allows (the CRC-32
     from the helper's read-ahead), else streamed from the plan's buffer; (size, CRC-32)."""
     if plan.file is not None:
-        file_id = getattr(plan, "file_id", None)
-        src = open_source(plan.file, plan.file_size, plan.file, file_id)
+        src, file_id = open_source_id(plan.file, plan.file_size, plan.file, getattr(plan, "file_id", None))
         try:
-            parts = plan_parts(plan, src, plan.file)
+            parts = plan_parts(plan, src, plan.file, file_id)     # remembered run CRCs: no read
             if parts is not None:
                 crc, size = write_parts(parts, lambda b: _write_all(fd, b), KernelCopier(fd), _scanner(), True)
                 check_unchanged(src, plan.file_size, plan.file, file_id)
+                remember(parts, file_id)
                 return size, crc
         finally:
             os.close(src)
@@ -242,15 +243,20 @@ def bundle_recipe(task: BundleTask, cancel: CancelFlag | None = None, *,
         if plan.file is None:
             return None
         file_id = getattr(plan, "file_id", None)
-        fd = open_source(plan.file, plan.file_size, plan.file, file_id)
+        fd, version = open_source_id(plan.file, plan.file_size, plan.file, file_id)
         try:
-            parts = plan_parts(plan, fd, plan.file)
+            parts = plan_parts(plan, fd, plan.file, version)
             if parts is None:
                 return None
             crc = isal_zlib.crc32(parts[0])
             ranges = []
-            buf = bytearray(max((p.length for p in parts[1:]), default=0))
+            found = []
+            buf = bytearray(max((p.length for p in parts[1:] if p.crc is None), default=0))
             for p in parts[1:]:
+                if p.crc is not None:     # remembered for this file version: prefixes right, not read again
+                    crc = crc_combine(crc, p.crc, p.length)
+                    ranges.append((p.offset, p.length))
+                    continue
                 view = memoryview(buf)[:p.length]
                 got = 0
                 while got < p.length:
@@ -263,10 +269,14 @@ def bundle_recipe(task: BundleTask, cancel: CancelFlag | None = None, *,
                     if not check_prefixes(arr, p.prefix_at.astype(np.int64) - p.prefix_base, p.prefix_sizes):
                         return None      # the package needs fixed prefixes: stage this bundle
                     del arr
-                crc = isal_zlib.crc32(view, crc)
+                run_crc = isal_zlib.crc32(view)
+                crc = crc_combine(crc, run_crc, p.length)
+                found.append((p.offset, p.length, run_crc))
                 ranges.append((p.offset, p.length))
                 del view
-            check_unchanged(fd, plan.file_size, plan.file, file_id)
+            check_unchanged(fd, plan.file_size, plan.file, version)
+            for offset, length, run_crc in found:
+                kcopy.RUN_CRCS.put(version, offset, length, run_crc)
         finally:
             os.close(fd)
         return BundleRecipe(task.index, task.name, task.ref.level, plan.tiles, plan.tile_bytes, plan.size,
