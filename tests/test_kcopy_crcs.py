@@ -180,3 +180,23 @@ def test_a_bundle_truncated_after_planning_fails_the_export_with_its_name(monkey
         _export(monkeypatch, "auto", src, tmp_path / "out.tpkx", levels="0-5")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
     assert inprocess.kcopy is kcopy
+
+
+def test_cluster_recipes_take_remembered_run_crcs_without_reading(monkeypatch, tmp_path, sample_v2, fresh_crcs):
+    import zlib
+
+    from tilecrate.plan import make_plan
+    from tilecrate.runners import tasks
+    plan = make_plan(str(sample_v2), ExportRequest(levels="0-5"), str(tmp_path / "out.tpkx"))
+    first = [tasks.bundle_recipe(t) for t in plan.tasks()]
+    assert all(r is not None for r in first) and len(fresh_crcs) > 0
+    reads = []
+    real = tasks.os.preadv
+    monkeypatch.setattr(tasks.os, "preadv", lambda *a: reads.append(a) or real(*a))
+    again = [tasks.bundle_recipe(t) for t in plan.tasks()]
+    assert not reads, "a remembered run was read again"
+    assert [(r.crc32, r.ranges) for r in again] == [(r.crc32, r.ranges) for r in first]
+    for r in again:                     # the CRC is the one of the header block and the ranges' bytes
+        with open(r.file, "rb") as f:
+            data = r.aux + b"".join(os.pread(f.fileno(), length, offset) for offset, length in r.ranges)
+        assert zlib.crc32(data) == r.crc32 and len(data) == r.size
