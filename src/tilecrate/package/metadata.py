@@ -64,6 +64,7 @@ class PackageInfo:
     tile_format: str
     quality: int
     scheme: object = field(repr=False, default=None)   # tiling.TileScheme
+    item: object = field(repr=False, default=None)     # sources.item.ItemInfo of the source, or None
 
     @property
     def storage_format(self) -> str:
@@ -140,7 +141,7 @@ def package_info(cache: Cache, selection, version: int, quality: int | None = No
     extent = _selection_extent(cache, selection)
     q = cache.compression_quality if quality is None else quality
     return PackageInfo(cache.name or "Layers", version, levels, extent, to_wgs84(extent),
-                       cache.tile_format, int(q), cache.scheme)
+                       cache.tile_format, int(q), cache.scheme, getattr(cache, "item", None))
 
 
 # ------------------------------------------------------------------------------------------
@@ -280,8 +281,20 @@ def _geo_extent_dict(info: PackageInfo) -> dict:
     return {"xmin": g.xmin, "ymin": g.ymin, "xmax": g.xmax, "ymax": g.ymax}
 
 
+def _item_texts(info: PackageInfo) -> dict:
+    """Title, summary, tags, description, credits and licence the item files carry: the source's
+    (its credits are what its licence requires), the package name where the source says nothing."""
+    item = info.item
+    get = (lambda k: getattr(item, k, None) or "") if item is not None else (lambda k: "")
+    tags = ", ".join(getattr(item, "tags", ()) or ()) if item is not None else ""
+    return {"title": get("title") or info.name, "summary": get("summary") or info.name,
+            "tags": tags or "tilecrate", "description": get("description"),
+            "credits": get("credits") or CREATOR, "licence": get("licence")}
+
+
 def iteminfo_json(info: PackageInfo, stamp: Stamp) -> bytes:
     """iteminfo.json of a .tpkx (type and typeKeywords as the tile package spec requires)."""
+    t = _item_texts(info)
     item = {
         "creator": CREATOR,
         "name": info.name,
@@ -289,10 +302,12 @@ def iteminfo_json(info: PackageInfo, stamp: Stamp) -> bytes:
         "version": 1.0,
         "created": stamp.created_ms,
         "snippet": "",
-        "description": "",
-        "summary": info.name,
-        "title": info.name,
-        "tags": "tilecrate",
+        "description": t["description"],
+        "summary": t["summary"],
+        "title": t["title"],
+        "tags": t["tags"],
+        "accessInformation": t["credits"],
+        "licenseInfo": t["licence"],
         "type": "Compact Tile Package",
         "typeKeywords": ["Compact Tile Package", "Tile Package", "tpkx"],
         "thumbnail": "./thumbnail.png",
@@ -311,19 +326,21 @@ def iteminfo_xml(info: PackageInfo, stamp: Stamp) -> bytes:
     sr = info.scheme.spatial_ref
     sr_name = f"WKID {sr.code}" if sr.code else "Unknown"
     name = escape(info.name)
+    t = {k: escape(v) for k, v in _item_texts(info).items()}
     keywords = "".join(f"<typekeyword>{k}</typekeyword>\n"
                        for k in ("Data", "Tile Package", "ArcMap", "ArcGlobe", "tpk"))
     text = (
         "<?xml version=\"1.0\" encoding=\"utf-8\" ?>\n<ESRI_ItemInformation Culture='en-US'>\n"
         f"<name>{name}</name>\n<guid>{stamp.guid}</guid>\n<catalogpath></catalogpath>\n"
-        f"<snippet>{name}</snippet>\n<description></description>\n<summary>{name}</summary>\n"
-        f"<title>{name}</title>\n<tags>tilecrate</tags>\n<type>Tile Package</type>\n"
+        f"<snippet>{t['summary']}</snippet>\n<description>{t['description']}</description>\n"
+        f"<summary>{t['summary']}</summary>\n"
+        f"<title>{t['title']}</title>\n<tags>{t['tags']}</tags>\n<type>Tile Package</type>\n"
         f"<typekeywords>\n{keywords}</typekeywords>\n<thumbnail>thumbnail/thumbnail.png</thumbnail>\n"
         f"<documentation></documentation>\n<url></url>\n<datalastmodifiedtime>{stamp.iso}</datalastmodifiedtime>\n"
         f"<extent>\n<xmin>{_num(g['xmin'])}</xmin>\n<ymin>{_num(g['ymin'])}</ymin>\n"
         f"<xmax>{_num(g['xmax'])}</xmax>\n<ymax>{_num(g['ymax'])}</ymax>\n</extent>\n"
         f"<spatialreference>{escape(sr_name)}</spatialreference>\n"
-        f"<accessinformation>{CREATOR}</accessinformation>\n<licenseinfo></licenseinfo>\n"
+        f"<accessinformation>{t['credits']}</accessinformation>\n<licenseinfo>{t['licence']}</licenseinfo>\n"
         "</ESRI_ItemInformation>\n"
     )
     return text.encode("utf-8")
