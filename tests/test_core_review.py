@@ -403,3 +403,39 @@ def test_optimal_tables_hook_refuses_counts_whose_total_wraps():
     f[:4] = 2**27                      # under the bound: accepted, and ours equal libjpeg's
     ours, lib = _jpeg._optimal_tables(f)
     assert ours == lib
+
+
+def test_recode_from_several_python_threads_at_once_gives_the_same_bytes():
+    """Each call has its own codecs and output slots; nothing is shared between concurrent batches
+    (the zigzag table is filled once at import). Corrupt tiles mixed in exercise the longjmp path
+    on every thread at the same time."""
+    import threading
+
+    good = [_jpeg_tile(64, 64, s) for s in range(6)]
+    bad = [t[: len(t) // 2] for t in good[:3]]          # truncated: libjpeg warns, the tile fails
+    tiles = good + bad
+    buf = b"".join(tiles)
+    lens = np.array([len(t) for t in tiles], np.uint32)
+    offs = np.zeros(len(tiles), np.uint64)
+    offs[1:] = np.cumsum(lens[:-1])
+    want = _jpeg.recode(buf, offs, lens, 60, "dct", 1)
+    assert all(s == _jpeg.OK for s in want[1][:6]) and all(s == _jpeg.FAILED for s in want[1][6:])
+    results, errors = [], []
+
+    def work(method):
+        try:
+            for _ in range(5):
+                results.append((method, _jpeg.recode(buf, offs, lens, 60, method, 2)))
+        except BaseException as e:          # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(m,)) for m in ("dct", "pixel", "dct", "pixel")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(results) == 20
+    pixel = _jpeg.recode(buf, offs, lens, 60, "pixel", 1)
+    for method, (new, status, msgs) in results:
+        ref = want if method == "dct" else pixel
+        assert new == ref[0] and status.tolist() == ref[1].tolist() and msgs.keys() == ref[2].keys()
