@@ -395,6 +395,11 @@ def test_large_levels_read_block_by_block(made, monkeypatch):
     monkeypatch.setattr(sqlite_source, "SCAN_LIMIT", 5)       # level 4 (16 tiles) is past it now
     with open_cache(made["mbtiles"]) as c:
         assert c.level_summary() == want and c._store._scans[4][1] is None and c._store._scans[1][1] is not None
+    monkeypatch.setattr(sqlite_source, "SCAN_LIMIT", 100)
+    monkeypatch.setattr(sqlite_source, "SCAN_BLOCKS", 0)      # every level too sparse to keep
+    with open_cache(made["gpkg"]) as g, open_cache(made["mbtiles"]) as c:
+        assert c.level_summary() == want and all(v[1] is None for v in c._store._scans.values())
+        assert g.level_summary()[4]["tiles"] == 16
 
 
 def test_presence_store_keys_follow_the_file(made, tmp_path):

@@ -24,7 +24,7 @@ from tilecrate.sources.model import COMPACT_V2, BundleData, BundleRef
 from tilecrate.tiling import PACKET, WEB_MERCATOR, WEB_MERCATOR_HALF, Extent, TileScheme, bundle_origin, sniff_image
 
 BLOCK_LIMIT = 1 << 30      # a block's tile bytes are held in memory while it is exported: refuse more
-_INDEX_CACHE_SIZE = 256
+_INDEX_CACHE_SIZE = 64         # as compact caches: 64 indexes of 192 KiB
 
 
 class TileBackend(Protocol):

@@ -31,7 +31,8 @@ from tilecrate.tiling import (
 )
 
 MAX_ZOOM = 30
-SCAN_LIMIT = 2_000_000     # levels up to this many tiles are indexed with one scan (48 MB of arrays)
+SCAN_LIMIT = 2_000_000     # levels up to this many tiles are indexed with one scan (48 MB of arrays)...
+SCAN_BLOCKS = 20_000      # ...in at most this many blocks
 _META_ROWS = 10000
 _META_VALUE = 1 << 20
 _GPKG_IDS = (0x47504B47, 0x47503130)
@@ -152,7 +153,7 @@ class SqliteBackend:
         w, h = self._size(level)
         try:
             cur = self.conn().execute(
-                f"SELECT tile_column, {self._row_sql()}, length(tile_data) FROM {self._src} "
+                f"SELECT tile_column, {self._row_sql()}, IFNULL(length(tile_data), 0) FROM {self._src} "
                 "WHERE zoom_level = ? AND tile_column BETWEEN 0 AND ? AND tile_row BETWEEN 0 AND ?",
                 (h - 1, level, w - 1, h - 1))
             parts, n = [], 0
@@ -165,7 +166,11 @@ class SqliteBackend:
                     cur.close()
                     found = None
                     break
-                parts.append(np.array([(c, r, ln or 0) for c, r, ln in chunk], dtype=np.int64))
+                try:
+                    parts.append(np.array(chunk, dtype=np.int64))
+                except (TypeError, ValueError):         # a text or real in an integer column
+                    raise CacheError(f"{self.label}: level {level} has tile rows whose column or row is not "
+                                     "an integer") from None
             if n <= SCAN_LIMIT:
                 found = {}
                 if parts:
@@ -175,16 +180,17 @@ class SqliteBackend:
                     key = ((a[:, 1] >> 7) << 32) | (a[:, 0] >> 7)
                     order = np.argsort(key, kind="stable")
                     keys, starts = np.unique(key[order], return_index=True)
+                    if keys.size > SCAN_BLOCKS:          # sparse: per-block state would outweigh the scan
+                        found = None
+                        keys = keys[:0]
                     for k, lo, hi in zip(keys.tolist(), starts.tolist(), np.append(starts[1:], order.size).tolist()):
                         sel = a[order[lo:hi]]
                         r0, c0 = (k >> 32) * PACKET, (k & 0xFFFFFFFF) * PACKET
-                        sizes = np.zeros(PACKET * PACKET, dtype=np.uint32)
-                        idx = (sel[:, 1] - r0) * PACKET + (sel[:, 0] - c0)
-                        sizes[idx] = sel[:, 2]
+                        idx = ((sel[:, 1] - r0) * PACKET + (sel[:, 0] - c0)).astype(np.uint16)
                         if len(np.unique(idx)) != len(idx):
                             self._warn(f"{self.label}: several rows for the same tile at level {level} "
                                        "(no unique index); one of them is used")
-                        found[(r0, c0)] = sizes
+                        found[(r0, c0)] = (idx, sel[:, 2].astype(np.uint32))   # compact: 6 bytes a tile
         except sqlite3.Error as e:
             raise _sql_error(self.label, e) from None
         with self._lock:
@@ -208,8 +214,11 @@ class SqliteBackend:
         ident = self.identity()
         scan = self._scan(level, ident)
         if scan is not None:
-            sizes = scan.get((row0, col0))
-            return ident, (sizes.copy() if sizes is not None else np.zeros(PACKET * PACKET, dtype=np.uint32))
+            sizes = np.zeros(PACKET * PACKET, dtype=np.uint32)
+            got = scan.get((row0, col0))
+            if got is not None:
+                sizes[got[0]] = got[1]
+            return ident, sizes
         where, args = self._range(level, row0, col0)
         got = self.query(f"SELECT tile_column, tile_row, length(tile_data) FROM {self._src} WHERE {where}", args)
         sizes = np.zeros(PACKET * PACKET, dtype=np.uint32)
