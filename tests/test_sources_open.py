@@ -436,3 +436,16 @@ def test_replaced_files_are_read_again(made, tmp_path, monkeypatch):
         (xyz / "4" / "8" / "7.mvt").write_bytes(png)      # rewritten between selection and export
         with pytest.raises(tilecrate.errors.BundleError, match="changed after its tiles were selected"):
             c.open_bundle(ref, expect=key)
+
+
+def test_geopackage_zooms_that_do_not_halve(made, tmp_path):
+    """Allowed by a GeoPackage extension only: read as declared, with a warning."""
+    p = tmp_path / "third.gpkg"
+    shutil.copy(made["gpkg"], p)
+    with sqlite3.connect(p) as db:
+        span = db.execute("SELECT max_x - min_x FROM gpkg_tile_matrix_set").fetchone()[0]
+        db.execute("UPDATE gpkg_tile_matrix SET matrix_width = 12, matrix_height = 12, pixel_x_size = ?, "
+                   "pixel_y_size = ? WHERE zoom_level = 4", (span / 12 / 256, span / 12 / 256))
+    with open_cache(p) as c:
+        assert any("do not halve" in w for w in c.warnings)
+        assert abs(c.scheme.lod(4).resolution * 12 * 256 - span) < 1e-6 and c.level_summary()[4]["tiles"] == 16
