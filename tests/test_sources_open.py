@@ -449,3 +449,15 @@ def test_geopackage_zooms_that_do_not_halve(made, tmp_path):
     with open_cache(p) as c:
         assert any("do not halve" in w for w in c.warnings)
         assert abs(c.scheme.lod(4).resolution * 12 * 256 - span) < 1e-6 and c.level_summary()[4]["tiles"] == 16
+
+
+def test_mbtiles_of_512_px_tiles(tmp_path):
+    p = _gdal_write(tmp_path / "big.mbtiles", "MBTiles", TILE_FORMAT="PNG", BLOCKSIZE=512)
+    img = _image()
+    with open_cache(p) as c:
+        assert c.scheme.tile_cols == c.scheme.tile_rows == 512 and c.levels[-1] == 3
+        assert abs(c.scheme.lod(3).resolution - 2 * H / (512 * 8)) < 1e-6
+        for i in range(2):
+            for j in range(2):
+                got = _pixels(c.tile(3, 3 + i, 3 + j))
+                assert (got == img[:, i * 512:(i + 1) * 512, j * 512:(j + 1) * 512]).all()
