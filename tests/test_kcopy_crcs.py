@@ -92,8 +92,8 @@ def test_a_repeat_export_copies_remembered_runs_without_reading_them(monkeypatch
     monkeypatch.setattr(kcopy, "KERNEL_MIN", 0)     # every run of this small sample by the kernel
     first = _export(monkeypatch, "auto", sample_v2, tmp_path / ("first-" + kind), **kw)
     assert _bundles(tmp_path / ("first-" + kind)) == want
-    if kind != "folder":                            # the planning threads read the runs for the CRCs
-        assert len(fresh_crcs) > 0 and fresh_crcs.hits > 0
+    if kind != "folder":                            # read for the CRCs (by the prescan or the writer)
+        assert len(fresh_crcs) > 0
     else:                                           # a folder needs no CRC: nothing read to remember
         assert len(fresh_crcs) == 0
         return
@@ -168,18 +168,19 @@ def test_a_bundle_truncated_after_planning_fails_the_export_with_its_name(monkey
     shutil.copytree(sample_v2, src)
     bundle = max(src.rglob("*.bundle"), key=lambda p: p.stat().st_size)
     from tilecrate.runners import inprocess
-    prescan = kcopy.prescan_plan
+    prepare = inprocess.prepare_bundle
 
-    def truncate_then_prescan(plan, min_length=0):
-        if plan.file == str(bundle):
-            os.truncate(bundle, plan.file_size // 2)
-        return prescan(plan, min_length)
-    monkeypatch.setattr(kcopy, "prescan_plan", truncate_then_prescan)
+    def prepare_then_truncate(task, cache, **kw):
+        prep = prepare(task, cache, **kw)
+        if prep.plan.file == str(bundle):     # planned whole; the prescan and the writer find it cut
+            os.truncate(bundle, prep.plan.file_size // 2)
+        return prep
+    monkeypatch.setattr(inprocess, "prepare_bundle", prepare_then_truncate)
     monkeypatch.setattr(kcopy, "KERNEL_MIN", 0)
     with pytest.raises(Exception, match=bundle.name):
         _export(monkeypatch, "auto", src, tmp_path / "out.tpkx", levels="0-5")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
-    assert inprocess.kcopy is kcopy
+    assert not [k for k in fresh_crcs._d if k[0][1] == bundle.stat().st_ino]
 
 
 def test_cluster_recipes_take_remembered_run_crcs_without_reading(monkeypatch, tmp_path, sample_v2, fresh_crcs):
@@ -200,3 +201,30 @@ def test_cluster_recipes_take_remembered_run_crcs_without_reading(monkeypatch, t
         with open(r.file, "rb") as f:
             data = r.aux + b"".join(os.pread(f.fileno(), length, offset) for offset, length in r.ranges)
         assert zlib.crc32(data) == r.crc32 and len(data) == r.size
+
+
+def test_prescan_remembers_each_run_once_and_leaves_short_runs_to_the_writer(tmp_path, sample_v2, fresh_crcs):
+    import zlib
+
+    from tilecrate.cache import open_cache
+    from tilecrate.plan import make_plan
+    from tilecrate.runners.tasks import prepare_bundle
+    with open_cache(sample_v2) as cache:
+        plan = make_plan(cache, ExportRequest(levels="0-5"), str(tmp_path / "out.tpkx"))
+        preps = [prepare_bundle(t, cache) for t in plan.tasks()]
+        try:
+            plans = [p.plan for p in preps if p.plan.file is not None]
+            assert plans
+            longest = max(int(r[1]) + 4 for p in plans for r in p.runs.tolist())
+            assert sum(kcopy.prescan_plan(p, min_length=longest + 1) for p in plans) == 0
+            assert len(fresh_crcs) == 0
+            read = sum(kcopy.prescan_plan(p) for p in plans)
+            assert read == sum(int(r[1]) + 4 for p in plans for r in p.runs.tolist())
+            assert sum(kcopy.prescan_plan(p) for p in plans) == 0        # all remembered
+            for (fid, offset, length), crc in fresh_crcs._d.items():      # each the CRC of those bytes
+                path = next(p.file for p in plans if os.stat(p.file).st_ino == fid[1])
+                with open(path, "rb") as f:
+                    assert zlib.crc32(os.pread(f.fileno(), length, offset)) == crc
+        finally:
+            for p in preps:
+                p.release()

@@ -83,12 +83,17 @@ def write_plan(plan: ExportPlan, cache: Cache, tmp: str, *,
     prescan = layout.is_package and not needs_crc and (mode == "auto" or mode in kcopy.METHODS)
     prescan_min = kcopy.KERNEL_MIN if mode == "auto" else 0     # shorter runs: the writer's buffered path
 
+    # on their own thread, never waited for: a bundle the writer reaches before its prescan started
+    # (a thread not scheduled on a loaded machine) takes the writer's own read-ahead path instead
+    scan_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilecrate-prescan") if prescan else None
+    scans: dict[int, object] = {}
+
     def prepare(task) -> Prepared | None:
         if cancel is not None and cancel.is_set():
             return None
         prep = prepare_bundle(task, cache, cancel=cancel, threads=reencode_threads, needs_crc=needs_crc)
-        if prescan and prep.plan.file is not None:
-            kcopy.prescan_plan(prep.plan, prescan_min)
+        if scan_pool is not None and prep.plan.file is not None:
+            scans[id(prep.plan)] = scan_pool.submit(kcopy.prescan_plan, prep.plan, prescan_min)
         return prep
 
     ahead = workers + 1                   # bounded look-ahead keeps memory flat
@@ -120,6 +125,9 @@ def write_plan(plan: ExportPlan, cache: Cache, tmp: str, *,
                     sink.add_dir(name)
                     continue
                 prep = _wait(fut, cancel)
+                scan = scans.pop(id(prep.plan), None) if prep is not None else None
+                if scan is not None:
+                    scan.cancel()             # not started: the writer reads; started: it is nearly done
                 check_cancel(cancel)
                 try:
                     sink.add_bundle(name, prep.plan)
@@ -142,6 +150,8 @@ def write_plan(plan: ExportPlan, cache: Cache, tmp: str, *,
         # do not wait for bundles still being planned or re-encoded (a cancel must be quick):
         # their mappings are closed as soon as they finish
         pool.shutdown(wait=False, cancel_futures=True)
+        if scan_pool is not None:
+            scan_pool.shutdown(wait=False, cancel_futures=True)
         for _, _, fut in pending:
             if fut is not None:
                 fut.add_done_callback(_release_result)
@@ -149,5 +159,7 @@ def write_plan(plan: ExportPlan, cache: Cache, tmp: str, *,
             thumb.cancel()
         raise
     pool.shutdown(wait=True)
+    if scan_pool is not None:
+        scan_pool.shutdown(wait=True)
     return ExportResult(tmp, tiles_done, size, levels, warnings, plan.quality_used, layout.kind,
                         info.storage_format)
