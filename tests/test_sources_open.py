@@ -10,6 +10,7 @@ import os
 import shutil
 import sqlite3
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -461,3 +462,17 @@ def test_mbtiles_of_512_px_tiles(tmp_path):
             for j in range(2):
                 got = _pixels(c.tile(3, 3 + i, 3 + j))
                 assert (got == img[:, i * 512:(i + 1) * 512, j * 512:(j + 1) * 512]).all()
+
+
+def test_endless_tiles_view_is_stopped(tmp_path, monkeypatch):
+    from tilecrate.sources import sqlite as sqlite_source
+    monkeypatch.setattr(sqlite_source, "QUERY_SECONDS", 0.5)
+    p = tmp_path / "endless.mbtiles"
+    with sqlite3.connect(p) as db:
+        db.execute("CREATE VIEW tiles AS WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n) "
+                   "SELECT 0 AS zoom_level, i AS tile_column, 0 AS tile_row, x'00' AS tile_data FROM n")
+    t0 = time.monotonic()
+    with pytest.raises(CacheError, match=r"endless.mbtiles: a query ran longer than 0.5 s and was stopped"):
+        with open_cache(p) as c:
+            c.level_summary()
+    assert time.monotonic() - t0 < 10

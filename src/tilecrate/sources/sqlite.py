@@ -11,6 +11,7 @@ import math
 import os
 import sqlite3
 import threading
+import time
 import urllib.parse
 
 import numpy as np
@@ -33,6 +34,7 @@ from tilecrate.tiling import (
 MAX_ZOOM = 30
 SCAN_LIMIT = 2_000_000     # levels up to this many tiles are indexed with one scan (48 MB of arrays)...
 SCAN_BLOCKS = 20_000      # ...in at most this many blocks
+QUERY_SECONDS = 60.0      # one statement (and the reading of its rows) may take this long
 _META_ROWS = 10000
 _META_VALUE = 1 << 20
 _GPKG_IDS = (0x47504B47, 0x47503130)
@@ -40,6 +42,9 @@ _DEG_METRES = 2 * math.pi * 6378137.0 / 360.0   # ArcGIS's scale for degrees: me
 
 
 def _sql_error(label: str, e: Exception) -> CacheError:
+    if "interrupted" in str(e):
+        return CacheError(f"{label}: a query ran longer than {QUERY_SECONDS:g} s and was stopped (is `tiles` a view "
+                          "over a large join?)")
     return CacheError(f"{label}: cannot read the SQLite database ({e})")
 
 
@@ -272,11 +277,29 @@ class SqliteBackend:
         return [bytes(g[0]) for g in got if isinstance(g[0], bytes) and g[0]]
 
 
+class _Connection(sqlite3.Connection):
+    """A connection whose statements are interrupted after QUERY_SECONDS (a `tiles` view over a huge
+    join, or a recursive one, would otherwise run for ever)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deadline = float("inf")
+        self.set_progress_handler(self._tick, 20000)
+
+    def _tick(self) -> int:
+        return 1 if time.monotonic() > self.deadline else 0
+
+    def execute(self, sql, parameters=()):
+        """Run a statement (it and the reading of its rows get QUERY_SECONDS)."""
+        self.deadline = time.monotonic() + QUERY_SECONDS
+        return super().execute(sql, parameters)
+
+
 def connect(path: str, label: str) -> sqlite3.Connection:
-    """A read-only connection (mode=ro, never creating a file), bounded lock waits."""
+    """A read-only connection (mode=ro, never creating a file), bounded lock waits and statements."""
     uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
     try:
-        c = sqlite3.connect(uri, uri=True, timeout=2.0, check_same_thread=False)
+        c = sqlite3.connect(uri, uri=True, timeout=2.0, check_same_thread=False, factory=_Connection)
         c.execute("PRAGMA query_only = 1")
         c.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.Error as e:
@@ -345,9 +368,15 @@ def open_mbtiles(path: str, tables: dict[str, str]) -> BlockCache:
         warnings = []
         if "metadata" in tables:
             try:
+                total = 0
                 for n, v in c.execute(f"SELECT name, value FROM metadata LIMIT {_META_ROWS}"):
                     if isinstance(n, str) and v is not None:
-                        meta[n.strip().lower()] = str(v)[:_META_VALUE]
+                        meta[n.strip().lower()[:256]] = value = str(v)[:_META_VALUE]
+                        total += len(value)
+                        if total > 16 * _META_VALUE:
+                            warnings.append(f"{label}: more than {16 * _META_VALUE >> 20} MiB of metadata; "
+                                            "the rest is not read")
+                            break
             except sqlite3.Error as e:
                 raise _sql_error(label, e) from None
         else:
