@@ -87,9 +87,10 @@ def test_formats_agree_tile_for_tile(made):
         want = {(lv, r, c): t for lv, r, c, t in m.iter_tiles()}
         assert {(lv, r, c): t for lv, r, c, t in p.iter_tiles()} == want
         assert {(lv, r, c): t for lv, r, c, t in x.iter_tiles()} == want
-        reader = Reader(MmapSource(open(made["pmtiles"], "rb")))
-        for (lv, r, c), t in want.items():
-            assert reader.get(lv, c, r) == t
+        with open(made["pmtiles"], "rb") as f:
+            reader = Reader(MmapSource(f))
+            for (lv, r, c), t in want.items():
+                assert reader.get(lv, c, r) == t
 
 
 @pytest.mark.parametrize("kind", ["mbtiles", "gpkg", "pmtiles", "xyz"])
