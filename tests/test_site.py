@@ -63,3 +63,22 @@ def test_site_export_equals_in_process(front, site, sample_v1, sample_v2, tmp_pa
         tiles = reference_tiles(got)
         assert tiles and tiles == reference_tiles(Path(here.path))
     assert site.staging() == []
+
+
+def test_examples_load_with_every_commented_setting(tmp_path):
+    """examples/site.toml and examples/tilecrate.toml (its commented settings switched on) are valid configs."""
+    import re
+
+    from tilecrate.server.config import load_config
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    site = load_config(str(examples / "site.toml"))
+    assert site.cluster.scheduler == "tcp://10.0.0.5:8786" and site.processes == 2
+    assert site.maximum_outstanding_jobs == 32 and not site.cluster.export_tiles_using_local_temp_folder
+    text = (examples / "tilecrate.toml").read_text()
+    on = re.sub(r"(?m)^# (?=\[[\w.]+\]|\w+ = )", "", text)
+    assert on != text
+    (tmp_path / "all.toml").write_text(on)
+    cfg = load_config(str(tmp_path / "all.toml"))
+    assert cfg.cluster.scheduler == "local" and cfg.cluster.workers == 2 and cfg.limits.job_seconds == 3600
+    assert set(cfg.services) == {"SampleWorld", "Usa"} and cfg.maximum_outstanding_jobs == 8
