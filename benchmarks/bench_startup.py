@@ -62,15 +62,30 @@ def _timed(cmd: list[str], env: dict) -> float:
     return time.perf_counter() - t0
 
 
-def _paired(contenders: dict, rounds: int = ROUNDS) -> dict[str, float]:
-    """Median seconds of each contender, run in turn round after round (load changes hit all alike)."""
-    times: dict[str, list[float]] = {k: [] for k in contenders}
-    for fn in contenders.values():            # warm-up: bytecode written, files in the page cache
-        fn()
-    for _ in range(rounds):
-        for name, fn in contenders.items():
-            times[name].append(fn())
-    return {k: statistics.median(v) for k, v in times.items()}
+class Paired:
+    """Seconds of each contender, run in turn round after round (load changes hit all alike).
+
+    Medians per contender for the times; a ratio is the median of the rounds' ratios, so a burst of
+    load on this shared machine that hits one round does not skew it the way a ratio of medians is.
+    """
+
+    def __init__(self, contenders: dict, rounds: int = ROUNDS):
+        self.times: dict[str, list[float]] = {k: [] for k in contenders}
+        for fn in contenders.values():        # warm-up: bytecode written, files in the page cache
+            fn()
+        for _ in range(rounds):
+            for name, fn in contenders.items():
+                self.times[name].append(fn())
+
+    def ms(self, name: str) -> float:
+        """Median milliseconds of one contender."""
+        return statistics.median(self.times[name]) * 1e3
+
+    def ratio(self, num: str, *den: str, plus: tuple[str, ...] = ()) -> float:
+        """Median over rounds of (num + plus...) / (den...)."""
+        t = self.times
+        return statistics.median((t[num][i] + sum(t[p][i] for p in plus)) / sum(t[d][i] for d in den)
+                                 for i in range(len(t[num])))
 
 
 def test_version_and_import_vs_python(benchmark, request, env):
@@ -78,12 +93,12 @@ def test_version_and_import_vs_python(benchmark, request, env):
     python = [sys.executable, "-c", "pass"]
     version = _cli() + ["--version"]
     imp = [sys.executable, "-c", "import tilecrate"]
-    med = _paired({"python": lambda: _timed(python, env), "version": lambda: _timed(version, env),
-                   "import": lambda: _timed(imp, env)})
+    run = Paired({"python": lambda: _timed(python, env), "version": lambda: _timed(version, env),
+                  "import": lambda: _timed(imp, env)})
     benchmark.pedantic(_timed, args=(version, env), rounds=5, iterations=1)
-    report(request, "startup: tilecrate --version", python_ms=med["python"] * 1e3, version_ms=med["version"] * 1e3,
-           import_ms=med["import"] * 1e3, version_vs_python=med["version"] / med["python"],
-           import_vs_python=med["import"] / med["python"])
+    report(request, "startup: tilecrate --version", python_ms=run.ms("python"), version_ms=run.ms("version"),
+           import_ms=run.ms("import"), version_vs_python=run.ratio("version", "python"),
+           import_vs_python=run.ratio("import", "python"))
 
 
 def test_small_export_process_vs_in_process(benchmark, request, env, small, tmp_path):
@@ -109,20 +124,21 @@ def test_small_export_process_vs_in_process(benchmark, request, env, small, tmp_
     python = [sys.executable, "-c", "pass"]
     numpy = [sys.executable, "-c", "import numpy"]
     core = [sys.executable, "-c", "import tilecrate._bundle"]     # the compiled core, which imports numpy
-    med = _paired({"python": lambda: _timed(python, env), "numpy": lambda: _timed(numpy, env),
-                   "core": lambda: _timed(core, env), "process": process, "in_process": in_process})
+    run = Paired({"python": lambda: _timed(python, env), "numpy": lambda: _timed(numpy, env),
+                  "core": lambda: _timed(core, env), "process": process, "in_process": in_process})
     result = benchmark.pedantic(in_process, rounds=5, iterations=1)
     assert result > 0 and out_proc.exists() and out_in.stat().st_size == out_proc.stat().st_size
-    report(request, "startup: 123-tile export", python_ms=med["python"] * 1e3, process_ms=med["process"] * 1e3,
-           in_process_ms=med["in_process"] * 1e3, process_vs_python=med["process"] / med["python"],
-           process_vs_in_process=med["process"] / med["in_process"])
+    report(request, "startup: 123-tile export", python_ms=run.ms("python"), process_ms=run.ms("process"),
+           in_process_ms=run.ms("in_process"), process_vs_python=run.ratio("process", "python"),
+           process_vs_in_process=run.ratio("process", "in_process"))
     # the floors no change of ours can go under: a process that only imports numpy, or our compiled
     # core, and a process that would do nothing but that import and the in-process export
-    floor = med["core"] + med["in_process"]
-    report(request, "startup: floors of a 123-tile export process", numpy_ms=med["numpy"] * 1e3,
-           core_ms=med["core"] * 1e3, numpy_vs_python=med["numpy"] / med["python"],
-           core_vs_python=med["core"] / med["python"], floor_vs_python=floor / med["python"],
-           floor_vs_in_process=floor / med["in_process"], process_vs_floor=med["process"] / floor)
+    report(request, "startup: floors of a 123-tile export process", numpy_ms=run.ms("numpy"),
+           core_ms=run.ms("core"), numpy_vs_python=run.ratio("numpy", "python"),
+           core_vs_python=run.ratio("core", "python"),
+           floor_vs_python=run.ratio("core", "python", plus=("in_process",)),
+           floor_vs_in_process=run.ratio("core", "in_process", plus=("in_process",)),
+           process_vs_floor=run.ratio("process", "core", "in_process"))
 
 
 def test_import_profile(request, env, small, tmp_path):
