@@ -54,6 +54,25 @@ class FailureLimiter:
         while len(self._fails) > self.max_keys:
             self._fails.popitem(last=False)
 
+    def attempt(self, keys: list[str], now: float | None = None) -> tuple[int, float]:
+        """(seconds to wait, 0) when any key is locked out; else (0, stamp) with the attempt already
+        counted as a failure of every key, so concurrent attempts cannot all pass before one fails."""
+        now = time.monotonic() if now is None else now
+        wait = self.wait(keys, now)
+        if wait:
+            return wait, 0.0
+        self.fail(keys, now)
+        return 0, now
+
+    def forgive(self, keys: list[str], stamp: float) -> None:
+        """Take back the failure `attempt` counted at `stamp` (the password was right, or not checked)."""
+        for key in keys:
+            q = self._fails.get(key)
+            if q is not None and stamp in q:
+                q.remove(stamp)
+                if not q:
+                    del self._fails[key]
+
     def succeed(self, keys: list[str]) -> None:
         """Forget the failures of a user who signed in (not of the address: it may be shared)."""
         for key in keys:

@@ -227,15 +227,21 @@ async def sign_in(request: web.Request, params: dict[str, str], *, admin: bool =
     binding = _binding(params, request)
     limiter = request.app[LIMITER]
     keys = [f"u\0{username}", f"a\0{request.remote or ''}"]
-    wait = limiter.wait(keys)
+    # counted as a failure before the (slow) check: a burst sent at once gets no more guesses than
+    # max_failed_signins, as the same guesses sent one after another would
+    wait, stamp = limiter.attempt(keys)
     if wait:
         raise EsriError(429, f"Too many failed sign-ins for this user or from this address; try again in "
                              f"{wait} seconds.", message="Unable to generate token.", headers={"Retry-After": str(wait)})
     user = cfg.users.get(username)
-    ok = await _verify(request, user, password)
+    try:
+        ok = await _verify(request, user, password)
+    except BaseException:  # not checked (too many at once, cancelled): not a failure
+        limiter.forgive(keys, stamp)
+        raise
     if not ok:
-        limiter.fail(keys)
         raise EsriError(400, "Invalid username or password.", message="Unable to generate token.")
+    limiter.forgive(keys, stamp)
     limiter.succeed(keys[:1])
     if admin and user.role != "administrator":
         raise EsriError(403, f"{username} is not an administrator.", message="Unable to generate token.")
