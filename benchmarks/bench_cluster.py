@@ -4,6 +4,10 @@
   1 worker (target >= 1.7x on this 2-core machine);
 * pass-through .tpkx export on the 2-worker cluster (shared-folder mode) vs the in-process export
   (target >= 0.8x: the fan-out, staging and assembly cost little);
+* job-status requests/s of `tilecrate serve --processes 2` vs `--processes 1` (target >= 1.6x), with
+  `wrk -t1` on 127.0.0.1 when installed, else an aiohttp client process;
+* with each ratio, a CPU-seconds figure, since the machine is shared and loaded: the cores the
+  workers got, CPU seconds per tile or per request (these hold when wall-clock ratios cannot);
 * with TILECRATE_SCALE=1: the figures behind docs/scale.md (planning a 10^5-bundle cache made of hard
   links, scheduler tasks/s for no-op tasks and for real one-tile bundle tasks).
 
@@ -13,10 +17,17 @@ real work without generating thousands of tiles.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -112,6 +123,10 @@ def test_reencode_two_workers_vs_one(benchmark, request, wide, tmp_path):
     report(request, "cluster re-encode 2 workers vs 1", tiles=result.tiles, one_worker_s=t1, two_workers_s=t2,
            tiles_per_s_two=result.tiles / t2, speedup=t1 / t2, target=1.7,
            cores_used_one=statistics.median(cores1), cores_used_two=statistics.median(cores2),
+           # the speedup had each worker had a whole core (CPU seconds per tile, 1 vs 2 workers)
+           speedup_projected_two_full_cores=(t1 / t2) * statistics.median(cores1) / statistics.median(cores2) * 2,
+           cpu_s_per_ktile_one=statistics.median(cores1) * t1 / result.tiles * 1e3,
+           cpu_s_per_ktile_two=statistics.median(cores2) * t2 / result.tiles * 1e3,
            load_avg=os.getloadavg()[0])
 
 
@@ -124,15 +139,152 @@ def test_pass_through_cluster_vs_in_process(benchmark, request, wider, tmp_path)
     with _cluster(2) as c2, Client(c2, set_as_default=False) as k2:
         runner = DaskRunner(k2)
         export(str(wide), req, str(out), scheduler=runner)
-        here, there = [], []
+        here, there, cpu_here, cpu_there = [], [], [], []
         for _ in range(ROUNDS):
+            c0 = time.process_time()
             here.append(_timed(lambda: export(str(wide), req, str(out)), out))
+            cpu_here.append(time.process_time() - c0)
+            # the cluster's CPU: this front end's (assembly) plus every worker's (reads, checks)
+            c0, w0 = time.process_time(), sum(k2.run(time.process_time).values())
             there.append(_timed(lambda: export(str(wide), req, str(out), scheduler=runner), out))
+            cpu_there.append(time.process_time() - c0 + sum(k2.run(time.process_time).values()) - w0)
         result = benchmark.pedantic(lambda: export(str(wide), req, str(out) + ".b.tpkx", scheduler=runner),
                                     rounds=1, iterations=1)
     th, tc = statistics.median(here), statistics.median(there)
     report(request, "cluster pass-through vs in-process", bytes=result.size, in_process_s=th, cluster_s=tc,
-           cluster_MB_s=result.size / tc / 1e6, ratio=th / tc, target=0.8, load_avg=os.getloadavg()[0])
+           cluster_MB_s=result.size / tc / 1e6, ratio=th / tc, target=0.8,
+           in_process_cpu_s=statistics.median(cpu_here), cluster_cpu_s=statistics.median(cpu_there),
+           cpu_ratio=statistics.median(cpu_here) / statistics.median(cpu_there), load_avg=os.getloadavg()[0])
+
+
+# --------------------------------------------------------------------------------------------
+# the multi-process front end: job status requests/s, --processes 2 vs 1
+
+STATUS_SECONDS = 2
+STATUS_CONCURRENCY = 32
+_CLIENT = r"""
+import asyncio, sys, time
+import aiohttp
+url, seconds, concurrency = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+async def main():
+    done = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        end = time.perf_counter() + seconds
+        async def worker():
+            nonlocal done
+            while time.perf_counter() < end:
+                async with session.get(url) as r:
+                    assert r.status == 200, r.status
+                    await r.read()
+                done += 1
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        print(done)
+asyncio.run(main())
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of a front end: the parent and its live children (the forked processes)."""
+    pids = [pid]
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            pids += [int(x) for x in f.read().split()]
+    total = 0
+    for p in pids:
+        with open(f"/proc/{p}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _get(url: str, data: bytes | None = None) -> dict:
+    with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=60) as r:
+        return json.loads(r.read())
+
+
+def _front_end(root: Path, sample: Path, processes: int) -> tuple[subprocess.Popen, str]:
+    """`tilecrate serve --processes N` with one finished job; returns (process, its job status URL)."""
+    cfg = root / f"p{processes}.toml"
+    cfg.write_text(f'[server]\ndata_dir = "{root / f"data{processes}"}"\nworkers = 1\n'
+                   f'[services.S]\nsource = "{sample}"\n')
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tilecrate.cli", "serve", str(cfg), "--port", str(port),
+                             "--processes", str(processes), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/arcgis/rest/services/S/MapServer/exportTiles"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            job = _get(f"{base}?f=json&levels=0-2&tilePackage=true")
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the front end with {processes} processes did not start")
+            time.sleep(0.1)
+    url = f"{base}/jobs/{job['jobId']}?f=json"
+    while _get(url)["jobStatus"] not in ("esriJobSucceeded", "esriJobFailed"):
+        time.sleep(0.05)
+    assert _get(url)["jobStatus"] == "esriJobSucceeded"
+    return proc, url
+
+
+def _load(url: str) -> int:
+    """Requests answered in STATUS_SECONDS: wrk -t1 when installed, else an aiohttp client process."""
+    wrk = shutil.which("wrk")
+    if wrk:
+        out = subprocess.run([wrk, "-t1", f"-c{STATUS_CONCURRENCY}", f"-d{STATUS_SECONDS}s", url],
+                             capture_output=True, text=True, check=True).stdout
+        assert "Non-2xx or 3xx responses" not in out and "Socket errors" not in out, out
+        return int(re.search(r"(\d+) requests in", out).group(1))
+    out = subprocess.run([sys.executable, "-c", _CLIENT, url, str(STATUS_SECONDS), str(STATUS_CONCURRENCY)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip())
+
+
+def test_job_status_processes_two_vs_one(benchmark, request, sample, tmp_path):
+    """Job-status requests/s: `--processes 2` vs 1 (both up at once, rounds alternated, medians)."""
+    fronts = {n: _front_end(tmp_path, sample, n) for n in (1, 2)}
+    try:
+        rates = {1: [], 2: []}
+        cpu_per_request = {1: [], 2: []}
+        cores = {1: [], 2: []}
+        for n, (proc, url) in fronts.items():
+            _load(url)                               # warm both (imports, JSON caches)
+        for _ in range(ROUNDS):
+            for n, (proc, url) in fronts.items():
+                c0, t0 = _tree_cpu(proc.pid), time.perf_counter()
+                done = _load(url)
+                wall, cpu = time.perf_counter() - t0, _tree_cpu(proc.pid) - c0
+                rates[n].append(done / wall)
+                cpu_per_request[n].append(cpu / done * 1e6)
+                cores[n].append(cpu / wall)
+        benchmark.pedantic(lambda: _get(fronts[2][1]), rounds=1, iterations=1)
+    finally:
+        for proc, _ in fronts.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc, _ in fronts.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    r1, r2 = statistics.median(rates[1]), statistics.median(rates[2])
+    report(request, "job status --processes 2 vs 1", load_generator="wrk" if shutil.which("wrk") else "aiohttp",
+           one_rps=r1, two_rps=r2, ratio=r2 / r1, target=1.6,
+           # on an idle 2-core machine N processes give N cores; the CPU a request costs shows whether
+           # the second process adds overhead (it should not: equal figures mean the ratio is the cores got)
+           one_cpu_us_per_request=statistics.median(cpu_per_request[1]),
+           two_cpu_us_per_request=statistics.median(cpu_per_request[2]),
+           one_cores_used=statistics.median(cores[1]), two_cores_used=statistics.median(cores[2]),
+           # requests per CPU-second, times the processes: what two free cores would give vs one
+           ratio_projected_full_cores=2 * statistics.median(cpu_per_request[1]) / statistics.median(cpu_per_request[2]),
+           load_avg=os.getloadavg()[0])
 
 
 # --------------------------------------------------------------------------------------------
