@@ -101,7 +101,8 @@ PIL_READERS = {"sample_v2": "PIL.JpegImagePlugin", "sample_png": "PIL.PngImagePl
 def test_export_process_loads_only_what_it_needs(tmp_path, request, source, suffix):
     src = request.getfixturevalue(source)
     out = tmp_path / f"x.{suffix}"
-    body = f"from tilecrate.cli import main\ncode = main(['export', {str(src)!r}, '-o', {str(out)!r}, '--levels', '0-3'])"
+    args = ["export", str(src), "-o", str(out), "--levels", "0-3"]
+    body = f"from tilecrate.cli import main\ncode = main({args!r})"
     mods, r = modules_after(tmp_path, body)
     assert r.returncode == 0, r.stderr
     assert out.stat().st_size > 0 and "tiles" in r.stdout
