@@ -1,6 +1,8 @@
 """Open-format outputs (tilecrate.sinks): ratios from one run against the field's tools.
 
 - compact cache (.tpk) -> MBTiles vs tpkutils' TPK.to_mbtiles (what `tpk export mbtiles` runs), target >= 3x;
+- compact cache folder -> MBTiles vs MapProxy's `mapproxy-util export --type mbtile` (.venv-mapproxy),
+  target >= 100x (also printed without MapProxy's start-up, a dry run of the same command);
 - MBTiles -> PMTiles vs the `pmtiles` package's converter (pmtiles.convert.mbtiles_to_pmtiles), target >= 5x;
 - MBTiles -> .tpkx vs `cp` of the package's bytes, target >= 0.5x;
 - peak RSS of an export process for a small and a 12x larger output (flat: a few MiB apart).
@@ -111,6 +113,79 @@ def test_tpk_to_mbtiles_vs_tpkutils(benchmark, request, source, tpk, tmp_path):
     report(request, ".tpk -> MBTiles vs tpkutils", tiles=result.tiles, MB=round(result.size / 1e6, 1),
            ours_s=round(ours, 3), tpkutils_s=round(base, 3), ratio=base / ours)
     assert base / ours >= 3, f"MBTiles export only {base / ours:.2f}x tpkutils"
+
+
+MAPPROXY_UTIL = Path(os.environ.get("MAPPROXY_UTIL", Path(__file__).resolve().parents[1] / ".venv-mapproxy"
+                                     / "bin" / "mapproxy-util"))
+
+
+def _mapproxy_conf(folder: Path, workdir: Path) -> tuple[Path, tuple]:
+    """A MapProxy configuration serving the compact V2 cache `folder` as cache `esri` on an nw Web
+    Mercator grid (MapProxy's compact reader needs nw), and the cache's data bbox (EPSG:3857)."""
+    from tilecrate.cache import open_cache
+
+    with open_cache(str(folder)) as cache:
+        ext = cache.data_extent()
+        version = cache.version
+    alllayers = next(folder.rglob("_alllayers"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "mapproxy.yaml"
+    conf.write_text(
+        "services:\n  demo:\n"
+        "grids:\n  webmercator:\n    base: GLOBAL_WEBMERCATOR\n    origin: nw\n"
+        "caches:\n  esri:\n    grids: [webmercator]\n    sources: []\n"
+        f"    cache:\n      type: compact\n      version: {version}\n      directory: {alllayers}\n"
+        "layers:\n  - name: esri\n    title: esri\n    sources: [esri]\n")
+    return conf, (ext.xmin, ext.ymin, ext.xmax, ext.ymax)
+
+
+def test_compact_to_mbtiles_vs_mapproxy(benchmark, request, source, tmp_path):
+    """Compact cache folder -> MBTiles: tilecrate vs `mapproxy-util export --type mbtile` with two
+    processes (-c 2, the cores CI has) and the cache's data bbox as coverage (so MapProxy visits
+    only the tiles there, not the world's)."""
+    if not MAPPROXY_UTIL.is_file():
+        pytest.fail(f"{MAPPROXY_UTIL} not found (scripts/install.sh creates .venv-mapproxy)")
+    folder, levels = source
+    lo, hi = (int(v) for v in levels.split("-"))
+    _warm(folder)
+    conf, bbox = _mapproxy_conf(folder, tmp_path / "mp")
+    ours_out, theirs_out = tmp_path / "ours.mbtiles", tmp_path / "theirs.mbtiles"
+    times = []
+
+    def run():
+        _drop(ours_out)
+        t0 = time.perf_counter()
+        result = tilecrate.export(str(folder), ExportRequest(levels), str(ours_out))
+        times.append(time.perf_counter() - t0)
+        return result
+
+    result = benchmark.pedantic(run, rounds=3, iterations=1)
+    ours = min(times)
+
+    def command(dest: Path, *extra: str) -> list[str]:
+        return [str(MAPPROXY_UTIL), "export", "-q", "-q", "-c", "2", "-f", str(conf), "--grid", "webmercator",
+                "--source", "esri", "--levels", ",".join(str(z) for z in range(lo, hi + 1)),
+                "--coverage", ",".join(map(repr, bbox)), "--srs", "EPSG:3857",
+                "--dest", str(dest), "--type", "mbtile", *extra]
+
+    def theirs():
+        _drop(theirs_out)
+        subprocess.run(command(theirs_out), cwd=conf.parent, check=True, capture_output=True, timeout=3600)
+
+    def startup():
+        subprocess.run(command(tmp_path / "dry.mbtiles", "-n"), cwd=conf.parent, check=True, capture_output=True, timeout=600)
+
+    base = _best(theirs, 1)
+    idle = _best(startup, 1)
+    import sqlite3
+
+    with sqlite3.connect(theirs_out) as db:
+        their_tiles = db.execute("SELECT count(*) FROM tiles").fetchone()[0]
+    assert their_tiles == result.tiles, f"MapProxy wrote {their_tiles} tiles, tilecrate {result.tiles}"
+    report(request, "compact -> MBTiles vs mapproxy-util export", tiles=result.tiles,
+           MB=round(result.size / 1e6, 1), ours_s=round(ours, 3), mapproxy_s=round(base, 3),
+           mapproxy_startup_s=round(idle, 3), ratio=base / ours, ratio_without_startup=(base - idle) / ours)
+    assert base / ours >= 100, f"MBTiles export only {base / ours:.1f}x MapProxy"
 
 
 def test_mbtiles_to_pmtiles_vs_converter(benchmark, request, source, mbtiles, tmp_path):
