@@ -283,3 +283,31 @@ def test_cancel_stops_recompress_bundle_and_reencode_tiles(sample_v2):
         reencode_tiles(tiles, 30, cancel=lambda: True)
     with pytest.raises(TypeError, match="cancel"):
         reencode_tiles(tiles, 30, cancel="yes")
+
+
+def test_overlapping_index_cells_are_refused_before_allocating(sample_v2, tmp_path):
+    """Every cell of a bundle's index naming the same large tile (cheap to write into a cache, an index
+    is 128 KiB) made the re-encoder allocate cells × tile size: refused as a BundleError instead."""
+    import os
+    import shutil
+    import struct
+
+    from tilecrate.errors import BundleError
+
+    copy = tmp_path / "c"
+    shutil.copytree(sample_v2, copy)
+    with open_cache(str(copy)) as cache:
+        ref = cache.bundles(5)[0]
+        path = cache.bundle_file(ref)[0]
+        offsets, sizes = cache.index(ref)
+    big = int(np.argmax(sizes))
+    entry = struct.pack("<Q", int(offsets[big]) | (int(sizes[big]) << 40))
+    with open(path, "r+b") as f:
+        f.seek(64)
+        f.write(entry * (PACKET * PACKET))
+    assert int(sizes[big]) * PACKET * PACKET > os.path.getsize(path)
+    with open_cache(str(copy)) as cache:
+        with cache.open_bundle(ref) as data:
+            mask = np.ones((PACKET, PACKET), np.uint8)
+            with pytest.raises(BundleError, match="overlapping"):
+                recompress_bundle(RecompressPolicy(quality=40, source_quality=75), data, mask, cache)

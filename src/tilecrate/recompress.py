@@ -28,7 +28,7 @@ import numpy as np
 
 from tilecrate import _jpeg
 from tilecrate.cache import BundleData, BundleReader, Cache
-from tilecrate.errors import Cancelled, RequestError
+from tilecrate.errors import BundleError, Cancelled, RequestError
 from tilecrate.tiling import PACKET
 
 JPEG_FORMATS = ("JPEG", "MIXED")
@@ -141,7 +141,13 @@ def _read_tiles(where: tuple[str, int, int], offsets: np.ndarray, sizes: np.ndar
     at = np.zeros(len(sizes), dtype=np.uint64)
     if len(sizes) > 1:
         np.cumsum(sizes[:-1], dtype=np.uint64, out=at[1:])
-    buf = bytearray(int(sizes.sum(dtype=np.uint64)))
+    total = int(sizes.sum(dtype=np.uint64))
+    # tiles of one bundle lie side by side in its file, so together they fit in it: an index whose
+    # cells overlap (16 384 cells naming the same 16 MB) would otherwise allocate far more than the file
+    if total > max(int(where[2]) - int(where[1]), 0):
+        raise BundleError(f"{label}: the selected tiles add up to {total} bytes, more than the bundle holds "
+                          f"({int(where[2]) - int(where[1])}): its index has overlapping tiles")
+    buf = bytearray(total)
     view = memoryview(buf)
     with BundleReader(where, label) as reader:
         for o, s, a in zip(offsets.tolist(), sizes.tolist(), at.tolist()):
