@@ -46,3 +46,47 @@ def test_a_concurrent_burst_of_wrong_passwords_gets_no_more_guesses_than_a_seque
     # the right password is refused while the lockout lasts: no guess got through
     r = srv.post(TOKENS, {"username": "alice", "password": PASSWORDS["alice"], "f": "json"})
     assert _details(r.body).startswith("Too many failed sign-ins")
+
+
+def test_failed_sign_ins_are_counted_once_for_every_front_end_process(tmp_path, sample_v2):
+    # Each front-end process kept its own counts: with --processes 2 the kernel spreads connections,
+    # so a guesser got max_failed_signins guesses per process. The counts now live in the data dir.
+    data = tmp_path / "data"
+    cfg = secured_config(tmp_path / "tilecrate.toml", data, {"S": {"source": sample_v2}},
+                         auth={"max_failed_signins": 3, "signin_window": 60})
+    srv = Server(cfg, data, free_port(), extra_args=["--processes", "2"]).start()
+    try:
+        checked = 0
+        for burst in range(4):  # bursts of new connections, so both processes take some
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(lambda i: srv.post(TOKENS, {"username": "bob", "password": f"g{burst}-{i}",
+                                                                    "f": "json"}), range(8)))
+            checked += sum(_details(a.body) == "Invalid username or password." for a in answers)
+        assert checked <= 3, checked
+        r = srv.post(TOKENS, {"username": "bob", "password": PASSWORDS["bob"], "f": "json"})
+        assert _details(r.body).startswith("Too many failed sign-ins")
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.log.read_text()
+
+
+def test_shared_sign_in_counts_are_bounded_and_take_back_only_their_own_attempt(tmp_path):
+    from tilecrate.admin.limiter import SharedFailureLimiter
+
+    a = SharedFailureLimiter(str(tmp_path / "counts"), max_failures=2, window=10, max_keys=100)
+    b = a  # one environment per process (py-lmdb); the other process is the --processes test above
+    try:
+        assert a.attempt(["u\0x", "a\0ip"], now=100.0) == (0, 100.0)
+        assert b.attempt(["u\0x", "a\0ip"], now=101.0) == (0, 101.0)
+        assert a.attempt(["u\0x"], now=102.0) == (8, 0.0)
+        b.forgive(["u\0x", "a\0ip"], 101.0)                    # a right password takes back its own
+        assert a.wait(["u\0x"], now=102.0) == 0 and a.wait(["a\0ip"], now=102.0) == 0
+        b.forgive(["u\0x"], 99.0)                               # a stamp never counted takes nothing back
+        assert a.attempt(["u\0x"], now=103.0) == (0, 103.0) and a.wait(["u\0x"], now=104.0) == 6
+        assert a.attempt(["u\0x"], now=111.0) == (0, 111.0)     # 100 left the window (103 is still in)
+        for i in range(1000):                                    # a flood of names stays bounded
+            a.fail([f"u\0name{i}"], now=200.0 + i)
+        assert len(a) <= 100
+        assert a.wait(["u\0name999"], now=1200.0) == 0
+    finally:
+        a.close()

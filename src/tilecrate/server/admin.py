@@ -26,7 +26,7 @@ from tilecrate.admin.settings import UNLIMITED, ServiceSettings, SettingsError, 
 from tilecrate.server import html
 from tilecrate.server.app import (CFG, JSON_CACHE, RUNNER, SERVICES, fmt_of, html_response, json_response, param,
                                   params_of)
-from tilecrate.server.auth import authenticate, setup, sign_in, token_form
+from tilecrate.server.auth import LIMITER, authenticate, setup, sign_in, token_form
 from tilecrate.server.config import SERVICE_TYPES, ServerConfig
 from tilecrate.server.errors import EsriError
 from tilecrate.server.service import CURRENT_VERSION, Service
@@ -79,6 +79,9 @@ async def _cleanup(app: web.Application) -> None:
     site = app.get(SITE)
     if site is not None:
         site.close()
+    limiter = app.get(LIMITER)
+    if limiter is not None:
+        limiter.close()
 
 
 def refresh(app: web.Application) -> Snapshot | None:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
+import os
 import time
 
 from aiohttp import web
 
-from tilecrate.admin.limiter import FailureLimiter
+from tilecrate.admin.limiter import LimiterError, SharedFailureLimiter
 from tilecrate.admin.passwords import dummy_verify, verify_password
 from tilecrate.admin.tokens import TokenInvalid, TokenSigner, binding_matches
 from tilecrate.admin.users import Principal, User, permitted
@@ -30,10 +32,12 @@ from tilecrate.server.app import (CFG, OUTPUT, ROOT, SERVICES, STORE, base_url, 
 from tilecrate.server.errors import EsriError
 from tilecrate.server.config import ServerConfig
 
+log = logging.getLogger("tilecrate.server")
+
 TOKENS = "/arcgis/tokens"
 PRINCIPAL = "tc_principal"  # request key: the Principal, or None for a request without a token
 SIGNER = web.AppKey("signer", TokenSigner)
-LIMITER = web.AppKey("signin_limiter", FailureLimiter)
+LIMITER = web.AppKey("signin_limiter", SharedFailureLimiter)
 KDF_GATE = web.AppKey("kdf_gate", list)  # [asyncio.Semaphore, waiting count]
 _KDF_CONCURRENCY = 2     # password hashes computed at once (each ~16 MiB, ~50 ms)
 _KDF_QUEUE = 32          # sign-ins waiting beyond this are refused at once (503)
@@ -229,7 +233,11 @@ async def sign_in(request: web.Request, params: dict[str, str], *, admin: bool =
     keys = [f"u\0{username}", f"a\0{request.remote or ''}"]
     # counted as a failure before the (slow) check: a burst sent at once gets no more guesses than
     # max_failed_signins, as the same guesses sent one after another would
-    wait, stamp = limiter.attempt(keys)
+    try:
+        wait, stamp = limiter.attempt(keys)
+    except LimiterError as e:  # no count, no check: a guess must not pass uncounted
+        raise EsriError(503, f"Sign-in is unavailable: {e}", message="Unable to generate token.",
+                        headers={"Retry-After": "60"}) from None
     if wait:
         raise EsriError(429, f"Too many failed sign-ins for this user or from this address; try again in "
                              f"{wait} seconds.", message="Unable to generate token.", headers={"Retry-After": str(wait)})
@@ -237,18 +245,26 @@ async def sign_in(request: web.Request, params: dict[str, str], *, admin: bool =
     try:
         ok = await _verify(request, user, password)
     except BaseException:  # not checked (too many at once, cancelled): not a failure
-        limiter.forgive(keys, stamp)
+        _forgive(limiter, keys, stamp)
         raise
     if not ok:
         raise EsriError(400, "Invalid username or password.", message="Unable to generate token.")
-    limiter.forgive(keys, stamp)
-    limiter.succeed(keys[:1])
+    _forgive(limiter, keys, stamp, succeeded=True)
     if admin and user.role != "administrator":
         raise EsriError(403, f"{username} is not an administrator.", message="Unable to generate token.")
     signer = request.app[SIGNER]
     expires = int(time.time() * 1000) + minutes * 60000
     token = signer.issue(user.name, signer.fingerprint(user.name, user.password_hash), expires, binding)
     return {"token": token, "expires": expires, "ssl": False}
+
+
+def _forgive(limiter: SharedFailureLimiter, keys: list[str], stamp: float, succeeded: bool = False) -> None:
+    try:
+        limiter.forgive(keys, stamp)
+        if succeeded:
+            limiter.succeed(keys[:1])
+    except LimiterError as e:  # the attempt stays counted: it errs on the side of fewer guesses
+        log.warning("%s", e)
 
 
 async def _verify(request: web.Request, user: User | None, password: str) -> bool:
@@ -304,6 +320,8 @@ def setup(app: web.Application, secret: bytes) -> None:
     """Per-process sign-in state (called on startup with the store's secret)."""
     cfg = app[CFG]
     app[SIGNER] = TokenSigner(secret)
-    app[LIMITER] = FailureLimiter(cfg.auth.max_failed_signins, cfg.auth.signin_window)
+    # one count for every front-end process of the data dir (else N processes allow N times the guesses)
+    app[LIMITER] = SharedFailureLimiter(os.path.join(cfg.data_dir, "signins.lmdb"), cfg.auth.max_failed_signins,
+                                        cfg.auth.signin_window)
     app[KDF_GATE] = [asyncio.Semaphore(_KDF_CONCURRENCY), 0]
 
