@@ -41,6 +41,7 @@ from tilecrate.jobs.model import (
 from tilecrate.jobs.store import JobStore, Quota, StoreError
 from tilecrate.package.vtpk import is_vector_source
 from tilecrate.request import COMPACT_V2, ExportRequest
+from tilecrate.runners.base import fsync_tree
 from tilecrate.errors import RequestError
 from tilecrate.selection import select
 from tilecrate.selection import validate_request as _validate_selection
@@ -528,7 +529,7 @@ class JobRunner:
         result = export(svc.cache, request, target, progress=reporter, cancel=cancel,
                         threads=self.export_threads, selection=selection, **extra)
         reporter.flush()
-        _sync_to_disk(result.path, out_dir)  # the store is synced: "succeeded" must never outlive the data
+        fsync_tree(result.path, out_dir)  # the store is synced: "succeeded" must never outlive the data
         if cancel.is_set():
             raise Cancelled("cancelled")
         notes = [f"Level {lv}: {v.get('tiles', 0)} tiles, {v.get('size', 0)} bytes"
@@ -631,24 +632,6 @@ def _process_alive(driver: str) -> bool:
     if pid <= 0:
         return False
     return _process_identity(pid) == driver if ":" in driver else os.path.exists(f"/proc/{pid}")
-
-
-def _sync_to_disk(path: str, parent: str) -> None:
-    """fsync an output (a file, or every file and folder of a cache folder) and the folder naming it."""
-    def sync(p: str, flags: int) -> None:
-        fd = os.open(p, flags)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    if os.path.isdir(path):
-        for folder, _, files in os.walk(path):
-            for name in files:
-                sync(os.path.join(folder, name), os.O_RDONLY)
-            sync(folder, os.O_RDONLY | os.O_DIRECTORY)
-    else:
-        sync(path, os.O_RDONLY)
-    sync(parent, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def _newer_than(path: str, when: float) -> bool:

@@ -85,20 +85,26 @@ def sibling_temp(path: str) -> str:
     return temp_path(os.path.abspath(path))
 
 
-def _fsync_tree(path: str) -> None:
-    def sync(p: str, flags: int) -> None:
-        fd = os.open(p, flags)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _fsync(path: str, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str, parent: str | None = None) -> None:
+    """fsync an output (a file, or every file and folder of a cache folder) and, when given, the
+    folder naming it."""
     if os.path.isdir(path):
         for folder, _, files in os.walk(path):
             for name in files:
-                sync(os.path.join(folder, name), os.O_RDONLY)
-            sync(folder, os.O_RDONLY | os.O_DIRECTORY)
+                _fsync(os.path.join(folder, name), os.O_RDONLY)
+            _fsync(folder, os.O_RDONLY | os.O_DIRECTORY)
     else:
-        sync(path, os.O_RDONLY)
+        _fsync(path, os.O_RDONLY)
+    if parent is not None:
+        _fsync(parent, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def move_into_place(src: str, dest: str) -> None:
@@ -118,7 +124,7 @@ def move_into_place(src: str, dest: str) -> None:
             shutil.copytree(src, tmp)
         else:
             shutil.copyfile(src, tmp)       # copy_file_range / sendfile inside
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         os.replace(tmp, dest)
     except BaseException:
         remove(tmp)
