@@ -7,7 +7,6 @@ streams its bundle tasks in order into the package, a Dask runner (tilecrate.run
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import stat
 import threading
@@ -102,10 +101,8 @@ def export(cache: Cache | str, request: ExportRequest, out: str, *,
         return export_open(cache, request, out, open_kind, progress=progress, cancel=cancel, selection=selection)
     if is_vector_source(cache):
         # vector tiles: always a .vtpk, written by tilecrate.package.vtpk (H5, issue 13)
-        wrapped = None if progress is None else (lambda p: progress(ExportProgress(*p)))
-        done = export_vtpk(cache, request, out, progress=wrapped, cancel=cancel, selection=selection,
+        return export_vtpk(cache, request, out, progress=progress, cancel=cancel, selection=selection,
                            zip64_limit=zip64_limit)
-        return ExportResult(**dataclasses.asdict(done))
     check_source(cache)
     if not cache.esri_readable:     # WebP and the like pass through to the open sinks only (issue 12)
         raise ExportError(f"{cache.path}: its tiles are {cache.tile_format}; ArcGIS tile packages and caches hold "

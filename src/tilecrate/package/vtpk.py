@@ -25,8 +25,8 @@ import uuid
 import xml.etree.ElementTree as ET
 import zipfile
 from collections import OrderedDict, defaultdict
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, NamedTuple
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 from isal import isal_zlib
@@ -38,6 +38,7 @@ from tilecrate.package.bundles import plan_bundle
 from tilecrate.package.metadata import WGS84, Stamp, escape, to_wgs84
 from tilecrate.package.zipstream import ZIP64_LIMIT, ZipWriter
 from tilecrate.request import ExportRequest
+from tilecrate.results import ExportProgress, ExportResult
 from tilecrate.selection import Selection, area_of, select
 from tilecrate.tiling import PACKET, Extent, bundle_name, level_dir
 
@@ -56,31 +57,6 @@ _LOD_RATIO_TOL = 1e-3
 def is_vector_source(cache: Cache) -> bool:
     """Whether a cache holds vector tiles (a .vtpk or an extracted one): its export is a .vtpk."""
     return cache.kind == "vtpk" or cache.tile_format.lower() == "pbf"
-
-
-class VtpkProgress(NamedTuple):
-    """Where a .vtpk export is (the same fields as tilecrate.export.ExportProgress)."""
-
-    tiles_done: int
-    tiles_total: int
-    bytes_done: int
-    bytes_total: int
-    level: int | None
-
-
-@dataclass
-class VtpkResult:
-    """What a .vtpk export wrote (the same fields as tilecrate.export.ExportResult)."""
-
-    path: str
-    tiles: int
-    size: int
-    levels: dict[int, dict] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    quality_used: int | None = None
-    kind: str = KIND
-    storage_format: str = STORAGE_FORMAT
-    seconds: float = 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -641,9 +617,9 @@ def _temp_path(out: str) -> str:
 
 
 def export_vtpk(cache: Cache, request: ExportRequest, out: str, *,
-                progress: Callable[[VtpkProgress], None] | None = None,
+                progress: Callable[[ExportProgress], None] | None = None,
                 cancel: threading.Event | None = None, selection: Selection | None = None,
-                zip64_limit: int = ZIP64_LIMIT) -> VtpkResult:
+                zip64_limit: int = ZIP64_LIMIT) -> ExportResult:
     """Write the vector tiles a request selects (levels, exportExtent, polygon/areaOfInterest) as a .vtpk.
 
     tilePackage, storageFormatType and optimizeTilesForSize are ignored, as the VectorTileServer
@@ -681,7 +657,7 @@ def export_vtpk(cache: Cache, request: ExportRequest, out: str, *,
     return result
 
 
-def _write(pkg: VtpkPackage, tmp: str, progress, cancel, zip64_limit: int) -> VtpkResult:
+def _write(pkg: VtpkPackage, tmp: str, progress, cancel, zip64_limit: int) -> ExportResult:
     def check() -> None:
         if cancel is not None and cancel.is_set():
             raise Cancelled("the export was cancelled")
@@ -696,7 +672,7 @@ def _write(pkg: VtpkPackage, tmp: str, progress, cancel, zip64_limit: int) -> Vt
 
         def report(level: int | None) -> None:
             if progress is not None:
-                progress(VtpkProgress(tiles_done, selection.tiles, writer.position, bytes_total, level))
+                progress(ExportProgress(tiles_done, selection.tiles, writer.position, bytes_total, level))
 
         report(None)
         for kind, name, item in pkg.entries(Stamp.now()):
@@ -723,5 +699,5 @@ def _write(pkg: VtpkPackage, tmp: str, progress, cancel, zip64_limit: int) -> Vt
                 report(item.ref.level)
         size = writer.close()
         report(None)
-    return VtpkResult(tmp, tiles_done, size, levels)
+    return ExportResult(tmp, tiles_done, size, levels, kind=KIND, storage_format=STORAGE_FORMAT)
 

@@ -4,47 +4,14 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from tilecrate.errors import Cancelled, ExportError
 from tilecrate.package.tempfiles import temp_path
+from tilecrate.results import ExportProgress, ExportResult
 
-
-@dataclass
-class ExportProgress:
-    """Where an export is: tiles and output bytes written so far, of the totals, and the current level."""
-
-    tiles_done: int
-    tiles_total: int
-    bytes_done: int
-    bytes_total: int
-    level: int | None
-
-
-@dataclass
-class ExportResult:
-    """What an export wrote."""
-
-    path: str                      # the package file, or the cache folder when tile_package is False
-    tiles: int
-    size: int                      # bytes written (file size or folder total)
-    levels: dict[int, dict] = field(default_factory=dict)   # {level: {"tiles": n, "size": bytes}}
-    warnings: list[str] = field(default_factory=list)
-    quality_used: int | None = None
-    kind: str = ""                 # tpkx | tpk | folder
-    storage_format: str = ""
-    seconds: float = 0.0
-
-    def to_json(self) -> dict:
-        """JSON-ready form (the CLI's --json output)."""
-        return {
-            "path": self.path, "kind": self.kind, "storageFormat": self.storage_format,
-            "tiles": self.tiles, "size": self.size,
-            "levels": {str(k): dict(v) for k, v in sorted(self.levels.items())},
-            "warnings": list(self.warnings), "qualityUsed": self.quality_used,
-            "seconds": round(self.seconds, 3),
-        }
+__all__ = ["ExportProgress", "ExportResult", "CancelFlag", "check_cancel", "remove", "os_error",
+           "sibling_temp", "fsync_tree", "move_into_place"]
 
 
 class CancelFlag(Protocol):
