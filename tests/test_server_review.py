@@ -90,3 +90,42 @@ def test_shared_sign_in_counts_are_bounded_and_take_back_only_their_own_attempt(
         assert a.wait(["u\0name999"], now=1200.0) == 0
     finally:
         a.close()
+
+
+def test_the_output_directory_names_no_service_the_caller_may_not_view(tmp_path, sample_v2):
+    # /arcgis/rest/services hid a service from who may not view it, but the arcgisoutput root listed
+    # its folder (`Private_MapServer`) to anyone, and that folder answered 200 where a name that
+    # never existed answers 404: a service's name and its use leaked to every anonymous client.
+    from test_auth_support import bearer, sign_in
+
+    data = tmp_path / "data"
+    cfg = secured_config(tmp_path / "tilecrate.toml", data,
+                         {"S": {"source": sample_v2, "view": ["*"]},
+                          "Private": {"source": sample_v2, "view": ["alice"], "export": ["role:administrator"]}})
+    srv = Server(cfg, data, free_port()).start()
+    try:
+        admin, bob, alice = (sign_in(srv, u) for u in ("admin", "bob", "alice"))
+        for name in ("Private", "S"):
+            job = srv.post(f"{srv.svc(name)}/exportTiles", {"f": "json", "levels": "0", "token": admin}).json()
+            srv.token = admin  # the support helpers' polls carry it
+            try:
+                assert srv.poll(name, "exportTiles", job["jobId"])["jobStatus"] == "esriJobSucceeded", job
+            finally:
+                srv.token = None
+        out = "/arcgis/rest/directories/arcgisoutput"
+        seen = {who: srv.get(out, {"f": "json"}, headers=bearer(tok) if tok else None).json()["folders"]
+                for who, tok in (("anon", None), ("bob", bob), ("alice", alice), ("admin", admin))}
+        assert seen == {"anon": ["S_MapServer"], "bob": ["S_MapServer"],
+                        "alice": ["Private_MapServer", "S_MapServer"], "admin": ["Private_MapServer", "S_MapServer"]}
+        for tok in (None, bob):
+            h = bearer(tok) if tok else None
+            hidden = srv.get(f"{out}/Private_MapServer", {"f": "json"}, headers=h)
+            never = srv.get(f"{out}/Nope_MapServer", {"f": "json"}, headers=h)
+            # told to sign in without a token, not found with one: never a difference between the two
+            assert (hidden.status, never.status) == ((401, 401) if tok is None else (404, 404)), hidden.body
+            assert hidden.body.replace(b"Private", b"Nope") == never.body
+        assert srv.get(f"{out}/Private_MapServer", {"f": "json"}, headers=bearer(alice)).status == 200
+        assert srv.get(f"{out}/S_MapServer", {"f": "json"}).status == 200
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.log.read_text()

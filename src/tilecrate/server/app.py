@@ -300,7 +300,7 @@ async def read_cache(request: web.Request, key: tuple, fn, *args):
 
 def output_listing(request: web.Request, rel: str, path: str) -> dict:
     """`{"folders": [...], "files": [{"name", "url", "size"}]}` of an arcgisoutput folder."""
-    from tilecrate.server.auth import listable_job
+    from tilecrate.server.auth import listable_job, viewable_output_folder
 
     url = f"{base_url(request)}{OUTPUT}" + (f"/{quote(rel)}" if rel else "")
     folders, files = [], []
@@ -308,12 +308,20 @@ def output_listing(request: web.Request, rel: str, path: str) -> dict:
         if entry.name.startswith(".") or entry.is_symlink():
             continue  # temporary names of outputs still being written, and anything not ours
         if entry.is_dir():
+            if not rel and not viewable_output_folder(request, entry.name):
+                continue  # the folder of a service the caller may not view: its name is not theirs to know
             if rel.count("/") == 0 and rel and not listable_job(request, entry.name):
                 continue  # a service folder: job folders are listed to their owner only (auth.py), else never
             folders.append(entry.name)
         elif entry.is_file():
             files.append({"name": entry.name, "url": f"{url}/{quote(entry.name)}", "size": entry.stat().st_size})
     return {"folders": folders, "files": files}
+
+
+def no_output(request: web.Request, rel: str) -> EsriError:
+    """The 404 of an arcgisoutput path that does not exist (or that the caller may not know of)."""
+    return EsriError(404, f"no output at {rel[:200]} (outputs are removed after "
+                          f"{request.app[CFG].max_file_age:.0f} seconds)", http_status=404)
 
 
 def _output_path(request: web.Request, rel: str) -> str:
@@ -573,8 +581,7 @@ async def h_output(request: web.Request) -> web.StreamResponse:
             return html_response(html.folder_page(f"arcgisoutput/{rel}", listing))
         return json_response(listing, f)
     if not os.path.isfile(path):
-        raise EsriError(404, f"no output at {rel[:200]} (outputs are removed after "
-                             f"{request.app[CFG].max_file_age:.0f} seconds)", http_status=404)
+        raise no_output(request, rel)
     name = os.path.basename(path)
     return web.FileResponse(path, headers={"Content-Type": "application/octet-stream",
                                            "Content-Disposition": f'attachment; filename="{name}"'})

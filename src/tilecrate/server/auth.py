@@ -28,7 +28,7 @@ from tilecrate.admin.users import Principal, User, permitted
 from tilecrate.jobs.model import is_job_id
 from tilecrate.server import html
 from tilecrate.server.app import (CFG, OUTPUT, ROOT, SERVICES, STORE, base_url, fmt_of, html_response, json_response,
-                                  param, params_of, token_of)
+                                  no_output, param, params_of, token_of)
 from tilecrate.server.errors import EsriError
 from tilecrate.server.config import ServerConfig
 
@@ -106,6 +106,18 @@ def listable_job(request: web.Request, name: str) -> bool:
     return job is not None and job.client == who.client
 
 
+def viewable_output_folder(request: web.Request, name: str) -> bool:
+    """Whether an arcgisoutput service folder (`<service>_MapServer`) is named to this request: with
+    users, only to who may view that service (administrators: every folder)."""
+    if not request.app[CFG].users:
+        return True
+    who = request.get(PRINCIPAL)
+    if who is not None and who.sees_all_jobs:
+        return True
+    svc = request.app[SERVICES].get(name[:-len("_MapServer")]) if name.endswith("_MapServer") else None
+    return svc is not None and permitted(who, svc.config.view)
+
+
 def owner_key(request: web.Request) -> str:
     """Who a job submitted by this request belongs to: `user:NAME`, "token", or the address."""
     who = request.get(PRINCIPAL)
@@ -129,7 +141,12 @@ def _check_output(request: web.Request) -> None:
     who = request.get(PRINCIPAL)
     if who is not None and who.sees_all_jobs:
         return
-    parts = [p for p in request.match_info.get("path", "").split("/") if p]
+    rel = request.match_info.get("path", "").strip("/")
+    parts = [p for p in rel.split("/") if p]
+    if parts and not viewable_output_folder(request, parts[0]):
+        if who is None:  # told to sign in, as for any folder (one that never existed too)
+            raise _denied(None, "Downloading an export")
+        raise no_output(request, rel)  # what a folder that never existed answers
     if len(parts) < 2:
         return  # the root and service folders list no job folders
     job = request.app[STORE].get(parts[1], inputs=False) if is_job_id(parts[1]) else None
