@@ -167,3 +167,22 @@ def inside_grid(rows: np.ndarray, cols: np.ndarray, tiles: list, n: int, what: s
                     "left out (this output cannot address them)")
     keep = np.flatnonzero(ok)
     return rows[keep], cols[keep], [tiles[i] for i in keep.tolist()]
+
+
+class Tally:
+    """Tiles and tile bytes written so far, per level ({level: {"tiles", "size"}}) and in all."""
+
+    def __init__(self) -> None:
+        self.levels: dict[int, dict] = {}
+        self.tiles = 0
+        self.size = 0
+
+    def add(self, level: int, tiles: list) -> int:
+        """Count one bundle's tiles written at `level`; their bytes."""
+        nbytes = sum(map(len, tiles))
+        lv = self.levels.setdefault(level, {"tiles": 0, "size": 0})
+        lv["tiles"] += len(tiles)
+        lv["size"] += nbytes
+        self.tiles += len(tiles)
+        self.size += nbytes
+        return nbytes

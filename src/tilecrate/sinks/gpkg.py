@@ -15,7 +15,7 @@ from tilecrate.cache import Cache
 from tilecrate.errors import ExportError
 from tilecrate.plan import ExportPlan
 from tilecrate.runners.base import CancelFlag, check_cancel
-from tilecrate.sinks.common import (_HALF_WORLD, WEB_MERCATOR_CODES, SourceMeta, bundle_tiles, inside_grid,
+from tilecrate.sinks.common import (_HALF_WORLD, WEB_MERCATOR_CODES, SourceMeta, Tally, bundle_tiles, inside_grid,
                                     iter_bundles, tile_kind, web_mercator_zooms)
 
 APPLICATION_ID = 0x47504B47          # "GPKG"
@@ -148,8 +148,7 @@ def write_gpkg(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
         description = f"{description}\n\nAttribution: {meta.attribution}".strip()
     db = sqlite3.connect(tmp, isolation_level=None)
     warnings: list[str] = []
-    levels: dict[int, dict] = {}
-    done = 0
+    tally = Tally()
     try:
         db.execute("PRAGMA journal_mode=OFF")
         db.execute("PRAGMA synchronous=OFF")
@@ -182,20 +181,15 @@ def write_gpkg(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
             if level in grid:
                 rws, cols, tiles = inside_grid(rws, cols, tiles, grid[level], cache.bundle_label(bsel.ref), warnings)
             db.executemany(insert, zip([level] * len(tiles), cols.tolist(), rws.tolist(), tiles))
-            nbytes = sum(map(len, tiles))
-            lv = levels.setdefault(level, {"tiles": 0, "size": 0})
-            lv["tiles"] += len(tiles)
-            lv["size"] += nbytes
-            done += len(tiles)
-            pending += nbytes
+            pending += tally.add(level, tiles)
             if pending >= _COMMIT_BYTES:
                 db.execute("COMMIT")
                 db.execute("BEGIN")
                 pending = 0
             check_cancel(cancel)
             if progress is not None:
-                progress(done, sum(v["size"] for v in levels.values()), level)
+                progress(tally.tiles, tally.size, level)
         db.execute("COMMIT")
     finally:
         db.close()
-    return done, levels, warnings
+    return tally.tiles, tally.levels, warnings

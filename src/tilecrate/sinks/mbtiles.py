@@ -12,8 +12,8 @@ from typing import Callable
 from tilecrate.cache import Cache
 from tilecrate.plan import ExportPlan
 from tilecrate.runners.base import CancelFlag, check_cancel
-from tilecrate.sinks.common import (SourceMeta, bundle_tiles, inside_grid, iter_bundles, tile_kind, web_mercator_zooms,
-                                    wgs84_bounds)
+from tilecrate.sinks.common import (SourceMeta, Tally, bundle_tiles, inside_grid, iter_bundles, tile_kind,
+                                    web_mercator_zooms, wgs84_bounds)
 
 APPLICATION_ID = 0x4D504258          # "MPBX"
 _COMMIT_BYTES = 256 << 20
@@ -43,8 +43,7 @@ def write_mbtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
     zooms = web_mercator_zooms(cache.scheme, [lv.level for lv in plan.selection.levels])
     db = sqlite3.connect(tmp, isolation_level=None)
     warnings: list[str] = []
-    levels: dict[int, dict] = {}
-    done = 0
+    tally = Tally()
     try:
         db.execute("PRAGMA journal_mode=OFF")
         db.execute("PRAGMA synchronous=OFF")
@@ -62,22 +61,17 @@ def write_mbtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
             flipped = ((1 << z) - 1 - rows).tolist()
             db.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?)",
                            zip([z] * len(tiles), cols.tolist(), flipped, tiles))
-            nbytes = sum(map(len, tiles))
-            lv = levels.setdefault(bsel.ref.level, {"tiles": 0, "size": 0})
-            lv["tiles"] += len(tiles)
-            lv["size"] += nbytes
-            done += len(tiles)
-            pending += nbytes
+            pending += tally.add(bsel.ref.level, tiles)
             if pending >= _COMMIT_BYTES:
                 db.execute("COMMIT")
                 db.execute("BEGIN")
                 pending = 0
             check_cancel(cancel)
             if progress is not None:
-                progress(done, sum(v["size"] for v in levels.values()), bsel.ref.level)
+                progress(tally.tiles, tally.size, bsel.ref.level)
         db.execute("CREATE UNIQUE INDEX metadata_index ON metadata (name)")
         db.execute("CREATE UNIQUE INDEX tile_index ON tiles (zoom_level, tile_column, tile_row)")
         db.execute("COMMIT")
     finally:
         db.close()
-    return done, levels, warnings
+    return tally.tiles, tally.levels, warnings

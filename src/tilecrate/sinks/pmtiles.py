@@ -25,8 +25,8 @@ from tilecrate.cache import Cache
 from tilecrate.package.kcopy import KernelCopier
 from tilecrate.plan import ExportPlan
 from tilecrate.runners.base import CancelFlag, check_cancel
-from tilecrate.sinks.common import (SourceMeta, bundle_tiles, inside_grid, iter_bundles, tile_kind, web_mercator_zooms,
-                                    wgs84_bounds)
+from tilecrate.sinks.common import (SourceMeta, Tally, bundle_tiles, inside_grid, iter_bundles, tile_kind,
+                                    web_mercator_zooms, wgs84_bounds)
 
 HEADER_SIZE = 127
 ROOT_LIMIT = 16384 - HEADER_SIZE
@@ -209,8 +209,7 @@ def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []     # per bundle: TileIDs, offsets, lengths
     seen: dict[bytes, int] = {}       # digest -> offset of the first copy
     warnings: list[str] = []
-    levels: dict[int, dict] = {}
-    done = addressed = 0
+    tally = Tally()
     data_fd, data_len = None, 0
     folder = os.path.dirname(os.path.abspath(tmp))
     data_file = tempfile.TemporaryFile(dir=folder, prefix=".tilecrate-pmtiles-")   # unlinked: nothing left behind
@@ -235,15 +234,10 @@ def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
             _write_all(data_fd, chunk)
             lengths = np.fromiter(map(len, tiles), dtype=np.uint64, count=len(tiles))
             parts.append((ids[order].astype(np.uint64), np.array(offs, dtype=np.uint64), lengths[order]))
-            nbytes = sum(map(len, tiles))
-            lv = levels.setdefault(bsel.ref.level, {"tiles": 0, "size": 0})
-            lv["tiles"] += len(tiles)
-            lv["size"] += nbytes
-            done += len(tiles)
-            addressed += len(tiles)
+            tally.add(bsel.ref.level, tiles)
             check_cancel(cancel)
             if progress is not None:
-                progress(done, data_len, bsel.ref.level)
+                progress(tally.tiles, data_len, bsel.ref.level)
         if parts:
             ids, runs, lengths, offsets = merge_runs(*(np.concatenate(a) for a in zip(*parts)))
         else:
@@ -259,7 +253,7 @@ def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
         data_off = leaf_off + len(leaves)
         head = header(root=(root_off, len(root)), meta=(meta_off, len(metadata)),
                       leaves=(leaf_off if leaves else 0, len(leaves)), data=(data_off, data_len),
-                      addressed=addressed, entries=len(ids), contents=len(seen),
+                      addressed=tally.tiles, entries=len(ids), contents=len(seen),
                       tile_type=TILE_TYPES[fmt], zooms=(exported[0], exported[-1]), bounds=(w, s, e, n),
                       center=(exported[0], (w + e) / 2, (s + n) / 2))
         del seen
@@ -271,5 +265,5 @@ def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
             os.close(fd)
     finally:
         data_file.close()
-    return done, levels, warnings
+    return tally.tiles, tally.levels, warnings
 

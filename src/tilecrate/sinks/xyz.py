@@ -13,7 +13,7 @@ from tilecrate.cache import Cache
 from tilecrate.errors import ExportError
 from tilecrate.plan import ExportPlan
 from tilecrate.runners.base import CancelFlag, check_cancel
-from tilecrate.sinks.common import (SourceMeta, bundle_tiles, image_ext, inside_grid, iter_bundles, tile_kind,
+from tilecrate.sinks.common import (SourceMeta, Tally, bundle_tiles, image_ext, inside_grid, iter_bundles, tile_kind,
                                     web_mercator_zooms, wgs84_bounds)
 
 
@@ -42,8 +42,7 @@ def write_xyz(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
         zooms, mercator = {lv: lv for lv in levels_in}, False
     os.mkdir(tmp)
     warnings: list[str] = []
-    levels: dict[int, dict] = {}
-    done = size = 0
+    tally = Tally()
     made: set[str] = set()
     for bsel in iter_bundles(plan):
         rows, cols, tiles, found = bundle_tiles(cache, plan, bsel, cancel)
@@ -58,15 +57,10 @@ def write_xyz(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
                 made.add(folder)
             with open(os.path.join(folder, f"{y}.{image_ext(blob, fmt)}"), "wb") as f:
                 f.write(blob)
-        nbytes = sum(map(len, tiles))
-        lv = levels.setdefault(bsel.ref.level, {"tiles": 0, "size": 0})
-        lv["tiles"] += len(tiles)
-        lv["size"] += nbytes
-        done += len(tiles)
-        size += nbytes
+        tally.add(bsel.ref.level, tiles)
         check_cancel(cancel)
         if progress is not None:
-            progress(done, size, bsel.ref.level)
+            progress(tally.tiles, tally.size, bsel.ref.level)
     with open(os.path.join(tmp, "metadata.json"), "w", encoding="utf-8") as f:
         json.dump(metadata_json(plan, meta, fmt, zooms, mercator), f, ensure_ascii=False, indent=1)
-    return done, levels, warnings
+    return tally.tiles, tally.levels, warnings
