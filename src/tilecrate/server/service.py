@@ -32,6 +32,27 @@ class Service:
         """The service name used in URLs."""
         return self.config.name
 
+    @property
+    def item(self) -> dict:
+        """What the service says about itself: the config's words first, else the source's item
+        (title, summary, tags, description, credits), so a re-served package keeps its attribution."""
+        item = getattr(self.cache, "item", None)
+        cfg = self.config
+        return {
+            "title": (item and item.title) or self.name,
+            "summary": cfg.summary or (item and item.summary) or "",
+            "description": cfg.description or (item and (item.description or item.summary)) or "",
+            "credits": cfg.copyright or (item and item.credits) or "",
+            "tags": list(cfg.tags if cfg.tags is not None else (item.tags if item else ())),
+        }
+
+    def document_info(self) -> dict:
+        """The `documentInfo` object of the service JSON, from `item`."""
+        it = self.item
+        return {"Title": it["title"], "Author": "", "Comments": it["summary"], "Subject": it["summary"],
+                "Category": "", "AntialiasingMode": "None", "TextAntialiasingMode": "Force",
+                "Keywords": ",".join(it["tags"])}
+
     def close(self) -> None:
         """Close the cache."""
         self.cache.close()
@@ -42,13 +63,14 @@ class Service:
         lods = scheme.lods
         levels = cache.levels or [lod.level for lod in lods]
         sr = scheme.spatial_ref.to_json()
+        item = self.item
         out: dict = {
             "currentVersion": CURRENT_VERSION,
             "cimVersion": "3.1.0",
-            "serviceDescription": self.config.description,
+            "serviceDescription": item["description"],
             "mapName": "Layers",
-            "description": self.config.description,
-            "copyrightText": self.config.copyright,
+            "description": item["description"],
+            "copyrightText": item["credits"],
             "supportsDynamicLayers": False,
             "layers": [self._layer_summary()],
             "tables": [],
@@ -69,9 +91,7 @@ class Service:
             "resampling": False,
             "units": scheme.spatial_ref.units,
             "supportedImageFormatTypes": cache.tile_format,
-            "documentInfo": {"Title": self.name, "Author": "", "Comments": "", "Subject": "",
-                             "Category": "", "AntialiasingMode": "None", "TextAntialiasingMode": "Force",
-                             "Keywords": ""},
+            "documentInfo": self.document_info(),
             "capabilities": "Map,Tilemap",
             "supportedQueryFormats": "JSON",
             "exportTilesAllowed": bool(self.config.export_tiles_allowed),
@@ -96,8 +116,8 @@ class Service:
     def layer_json(self, layer_id: int) -> dict:
         """`MapServer/<layerId>` JSON (a cache is one raster layer, id 0)."""
         out = {"currentVersion": CURRENT_VERSION, "id": layer_id, "name": self.name, "type": "Raster Layer",
-               "description": self.config.description, "geometryType": None,
-               "copyrightText": self.config.copyright, "parentLayer": None, "subLayers": [],
+               "description": self.item["description"], "geometryType": None,
+               "copyrightText": self.item["credits"], "parentLayer": None, "subLayers": [],
                "minScale": 0, "maxScale": 0, "defaultVisibility": True, "hasAttachments": False,
                "htmlPopupType": "esriServerHTMLPopupTypeNone", "displayField": "", "typeIdField": None,
                "fields": None, "relationships": [], "canModifyLayer": False, "canScaleSymbols": False,
@@ -108,13 +128,18 @@ class Service:
         return out
 
     def tile(self, level: int, row: int, col: int) -> tuple[bytes, str] | None:
-        """(bytes, content type) of a tile, or None where the cache has none (runs off the event loop)."""
+        """(bytes as stored, the header value `tile_header` names) of a tile, or None where the cache has
+        none (runs off the event loop)."""
         if row < 0 or col < 0 or level not in self.cache.levels:
             return None
         data = self.cache.tile(level, row, col)
         if not data:
             return None
-        return data, _CONTENT_TYPES.get(sniff_image(data), "application/octet-stream")
+        return data, self.tile_header(data)
+
+    def tile_header(self, data: bytes) -> str:
+        """The content type the tile route sends with a tile's bytes."""
+        return _CONTENT_TYPES.get(sniff_image(data), "application/octet-stream")
 
     def tilemap(self, level: int, row: int, col: int, width: int, height: int) -> dict:
         """The tilemap resource: 0/1 presence of tiles in a window, row-major (FORMATS.md §4.3)."""

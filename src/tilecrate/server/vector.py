@@ -123,14 +123,9 @@ class VectorService(Service):
             out.setdefault("maxLOD", max(levels))
         return out
 
-    def tile(self, level: int, row: int, col: int) -> tuple[bytes, str] | None:
-        """(bytes, "gzip" or "") of a tile as stored, or None."""
-        if row < 0 or col < 0 or level not in self.cache.levels:
-            return None
-        data = self.cache.tile(level, row, col)
-        if not data:
-            return None
-        return data, ("gzip" if data[:2] == b"\x1f\x8b" else "")
+    def tile_header(self, data: bytes) -> str:
+        """The content encoding ("gzip" or "") the tile route sends with a tile's bytes (always pbf)."""
+        return "gzip" if data[:2] == b"\x1f\x8b" else ""
 
     def resource(self, path: str) -> bytes | None:
         """The bytes of `resources/<path>` in the package, or None (runs off the event loop)."""
