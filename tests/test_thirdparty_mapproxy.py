@@ -4,7 +4,8 @@ MapProxy 7.0.0 runs from its own venv, .venv-mapproxy/ (scripts/install.sh; it b
 which our pillow-simd must not meet). `mapproxy-util export --type mbtile|geopackage` reads real
 ArcGIS compact caches with its own bundle reader (cache type `compact`, version 1 or 2) and from a
 cache folder tilecrate wrote; tilecrate opens each output and must find the source's tiles, byte for
-byte, at the same level, row and column. MapProxy writes no MBTiles metadata at all, so these are
+byte, at the same level, row and column; and MapProxy fetching from a `tilecrate serve` MapServer
+exports the served tiles unchanged. MapProxy writes no MBTiles metadata at all, so these are
 also the "MBTiles without metadata" of the wild.
 
 MapProxy's compact cache needs a grid with origin nw (on an sw grid it reads every bundle upside
@@ -145,3 +146,41 @@ def test_mapproxy_reads_tilecrate_compact_cache(mapproxy_util, sample_mixed, tmp
     with open_cache(str(sample_mixed)) as orig, open_cache(out) as c:
         want = {k: t for k, t in _tiles(orig).items() if k[0] <= 4}
         assert want and _tiles(c) == want
+
+
+def test_mapproxy_export_from_tilecrate_server(mapproxy_util, sample_v2, tmp_path):
+    """MapProxy fetching every tile from a `tilecrate serve` MapServer (its `tile` source on the
+    /tile/{level}/{row}/{col} URLs) and exporting a GeoPackage: the served cache's tiles, byte for byte."""
+    from test_server_support import Server, free_port, write_config
+
+    data = tmp_path / "data"
+    cfg = write_config(tmp_path / "tilecrate.toml", data, {"World": {"source": sample_v2}})
+    srv = Server(cfg, data, free_port()).start()
+    try:
+        with open_cache(str(sample_v2)) as cache:
+            want = {k: t for k, t in _tiles(cache).items() if k[0] <= 3}
+            bbox = _bbox(cache, want)
+        assert len(want) > 20
+        work = tmp_path / "mp"
+        work.mkdir()
+        conf = work / "mapproxy.yaml"
+        conf.write_text(
+            "services:\n  demo:\n"
+            "grids:\n  webmercator:\n    base: GLOBAL_WEBMERCATOR\n    origin: nw\n"
+            "sources:\n  tc:\n    type: tile\n    grid: webmercator\n    transparent: true\n"
+            f"    url: {srv.svc('World')}/tile/%(z)s/%(y)s/%(x)s\n"
+            "    on_error:\n      404:\n        response: transparent\n        cache: false\n"
+            "caches:\n  tc_cache:\n    grids: [webmercator]\n    sources: [tc]\n    format: image/jpeg\n"
+            "    disable_storage: true\n"
+            "layers:\n  - name: tc\n    title: tc\n    sources: [tc_cache]\n")
+        dest = tmp_path / "served.gpkg"
+        proc = subprocess.run(
+            [str(mapproxy_util), "export", "-q", "-q", "-c", "1", "-f", str(conf), "--grid", "webmercator",
+             "--source", "tc", "--levels", "0,1,2,3", "--fetch-missing-tiles", "--dest", str(dest),
+             "--type", "geopackage", "--coverage", ",".join(map(repr, bbox)), "--srs", "EPSG:3857"],
+            cwd=work, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and dest.is_file(), f"mapproxy-util export failed:\n{proc.stdout}\n{proc.stderr}"
+    finally:
+        srv.stop()
+    with open_cache(dest) as c:
+        assert _tiles(c) == want
