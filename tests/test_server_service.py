@@ -66,3 +66,34 @@ def test_serve_command_configs(tmp_path, real_dir):
                 _args(cache=usa, max_outstanding_jobs=0), _args(cache=usa, port=-1)):
         with pytest.raises(ConfigError):
             build_config(bad)
+
+
+def test_service_json_carries_the_source_item_and_the_config_overrides_it(real_dir, tmp_path):
+    """A re-served ArcGIS package keeps what its licence asks for (credits "US Census Bureau"), its title
+    and tags in the service JSON; the config's copyrightText / description / summary / tags come first."""
+    from tilecrate.server.config import load_config
+
+    src = str(real_path("states_filled.tpk"))
+    svc = open_service(ServiceConfig(name="S", source=src))
+    try:
+        item = svc.cache.item
+        info = svc.root_json()
+        assert item.credits and "Census" in item.credits
+        assert info["copyrightText"] == item.credits == svc.layer_json(0)["copyrightText"]
+        assert info["documentInfo"]["Title"] == item.title
+        assert info["documentInfo"]["Keywords"] == ",".join(item.tags)
+        assert info["description"] == (item.description or item.summary or "")
+    finally:
+        svc.close()
+    conf = tmp_path / "site.toml"
+    conf.write_text(f'[services.S]\nsource = "{src}"\ncopyrightText = "Our credits"\nsummary = "Sum"\n'
+                    f'tags = ["a", "b"]\ndescription = "Desc"\n')
+    cfg = load_config(str(conf)).services["S"]
+    assert (cfg.copyright, cfg.summary, cfg.tags, cfg.description) == ("Our credits", "Sum", ["a", "b"], "Desc")
+    svc = open_service(cfg)
+    try:
+        info = svc.root_json()
+        assert (info["copyrightText"], info["description"]) == ("Our credits", "Desc")
+        assert (info["documentInfo"]["Subject"], info["documentInfo"]["Keywords"]) == ("Sum", "a,b")
+    finally:
+        svc.close()

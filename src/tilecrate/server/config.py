@@ -86,7 +86,9 @@ class ServiceConfig:
     export_tiles_allowed: bool = True
     max_export_tiles_count: int = 100000
     description: str = ""
-    copyright: str = ""
+    copyright: str = ""              # copyrightText in the service JSON (the credits a licence asks for)
+    summary: str = ""
+    tags: list | None = None
     type: str = ""                   # MapServer, VectorTileServer or ImageServer; "": from the source
     view: list | None = None         # with users: who may read it (None: any signed-in user)
     export: list | None = None       # with users: who may export (None: any signed-in user)
@@ -197,7 +199,8 @@ _LIMIT_KEYS = {**{k: int for k in GEOMETRY_KEYS},"max_body_bytes": int, "max_inp
                "max_outstanding_per_client": int, "max_input_bytes_per_client": int, "job_seconds": float,
                "job_memory_mb": int, "tile_read_threads": int, "tile_read_timeout": float}
 _SERVICE_KEYS = {"source": str, "export_tiles_allowed": bool, "max_export_tiles_count": int,
-                 "description": str, "copyright": str, "type": str, "view": list, "export": list}
+                 "description": str, "copyright": str, "summary": str, "tags": list, "type": str,
+                 "view": list, "export": list}
 _AUTH_KEYS = {"token_expiration": int, "max_token_expiration": int, "max_failed_signins": int,
               "signin_window": float}
 _USER_KEYS = {"password_hash": str, "role": str}
@@ -251,6 +254,8 @@ def load_config(path: str) -> ServerConfig:
         where = f"{path} [services.{name}]"
         if not isinstance(table, dict):
             raise ConfigError(f"{where} must be a table")
+        # ArcGIS names the field copyrightText; both spellings set the same thing
+        table = {("copyright" if _norm(str(k)) == "copyright_text" else k): v for k, v in table.items()}
         values = _pick(table, where, _SERVICE_KEYS)
         if "source" not in values:
             raise ConfigError(f"{where}: source = \"path/to/cache\" is required")

@@ -124,10 +124,10 @@ class ImageService(Service):
         finest = min((lod.resolution for lod in lods if lod.level in levels), default=0.0)
         out: dict = {
             "currentVersion": CURRENT_VERSION,
-            "serviceDescription": self.config.description,
+            "serviceDescription": self.item["description"],
             "name": self.name,
-            "description": self.config.description,
-            "copyrightText": self.config.copyright,
+            "description": self.item["description"],
+            "copyrightText": self.item["credits"],
             "spatialReference": sr,
             "singleFusedMapCache": True,
             "tileInfo": scheme.tile_info_json(cache.tile_format, cache.compression_quality),
