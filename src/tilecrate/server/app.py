@@ -44,6 +44,9 @@ MAX_REQUEST_LINE = 1024 * 1024  # at most; never more than [limits] max_body_byt
 _MAX_DETAIL = 2000  # characters of an error detail answered (a message may quote a whole parameter)
 _SWEEP_INTERVAL = 2.0  # seconds between runner sweeps (job ends to record, orphaned jobs)
 _MAX_INT_TEXT = 12  # digits accepted in a level/row/col path segment
+# ArcGIS requests carry a few dozen parameters; every lookup (param()) scans them all, names being
+# case-insensitive, so 100 000 names in one query string held the event loop for each lookup
+MAX_PARAMS = 1000
 _CORS = {"Access-Control-Allow-Origin": "*",
          "Access-Control-Expose-Headers": "Content-Length, Content-Range, Retry-After, Content-Disposition"}
 _PREFLIGHT = {"Access-Control-Allow-Methods": "GET, POST, HEAD, OPTIONS",
@@ -75,6 +78,7 @@ async def params_of(request: web.Request) -> dict[str, str]:
     cached = request.get("tc_params")
     if cached is not None:
         return cached
+    _check_count(request, request.query_string.count("&") + 1)
     out: dict[str, str] = {}
     for k, v in request.query.items():
         out[k] = v
@@ -87,12 +91,20 @@ async def params_of(request: web.Request) -> dict[str, str]:
                 raise
             except Exception as e:  # malformed bodies are the client's problem, reported as such
                 raise EsriError(400, f"the request body cannot be read as a form ({type(e).__name__})") from None
+            _check_count(request, len(out) + len(form))
             for k, v in form.items():
                 if not isinstance(v, str):
-                    raise EsriError(400, f"parameter {k!r} must be text, not an uploaded file")
+                    raise EsriError(400, f"parameter {k[:60]!r} must be text, not an uploaded file")
                 out[k] = v
     request["tc_params"] = out
     return out
+
+
+def _check_count(request: web.Request, count: int) -> None:
+    if count > MAX_PARAMS:
+        request["tc_params"] = {"f": "json"}  # the error answer must not read them either
+        raise EsriError(400, f"the request has {count} parameters; this server accepts at most {MAX_PARAMS} "
+                             f"parameters", message="Invalid or missing input parameters.")
 
 
 def param(params: dict[str, str], name: str) -> str | None:
@@ -199,6 +211,8 @@ async def esri_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if request.method == "OPTIONS":
         return web.Response(status=204, headers={**_CORS, **_PREFLIGHT})
     try:
+        if request.query_string.count("&") >= MAX_PARAMS:  # also where no handler reads them (tiles)
+            _check_count(request, request.query_string.count("&") + 1)
         cfg = request.app[CFG]
         if cfg.token is not None and not cfg.users and request.path.startswith(ROOT):  # with users: auth.py
             sent = token_of(await params_of(request), request)
