@@ -163,3 +163,23 @@ def test_a_request_with_thousands_of_parameters_is_refused_before_any_lookup(tmp
     finally:
         srv.stop()
     assert "Traceback" not in srv.log.read_text()
+
+
+def test_a_refusal_names_the_user_and_the_service_as_they_are(tmp_path, sample_v2):
+    # The 403 detail read "bob may not viewing service private." (the verb phrase and the service's
+    # name lower-cased into a sentence that does not parse, naming a service that does not exist).
+    from test_auth_support import sign_in
+
+    data = tmp_path / "data"
+    cfg = secured_config(tmp_path / "tilecrate.toml", data,
+                         {"Priv": {"source": sample_v2, "view": ["bob"], "export": ["role:administrator"]}})
+    srv = Server(cfg, data, free_port()).start()
+    try:
+        body = srv.get(srv.svc("Priv"), {"f": "json", "token": sign_in(srv, "alice")}).json()
+        assert (body["error"]["code"], body["error"]["details"]) == (403, ["alice may not view service Priv."])
+        body = srv.get(f"{srv.svc('Priv')}/exportTiles", {"f": "json", "levels": "0",
+                                                          "token": sign_in(srv, "bob")}).json()
+        assert (body["error"]["code"], body["error"]["details"]) == (
+            403, ["bob may not export tiles from service Priv."])
+    finally:
+        srv.stop()

@@ -156,11 +156,12 @@ def _check_output(request: web.Request) -> None:
         raise EsriError(404, f"no output at {'/'.join(parts)[:200]}", http_status=404)
 
 
-def _denied(who: Principal | None, what: str) -> EsriError:
+def _denied(who: Principal | None, what: str, act: str = "") -> EsriError:
+    """499 naming `what` needs a token; for a signed-in user, 403 "NAME may not `act`"."""
     if who is None:
         return EsriError(499, f"{what} needs a token: sign in at {TOKENS}/generateToken and pass token=... or "
                               f"an X-Esri-Authorization: Bearer header.")
-    return EsriError(403, f"{who.name} may not {what.lower()}.")
+    return EsriError(403, f"{who.name} may not {act or what[:1].lower() + what[1:]}.")
 
 
 @web.middleware
@@ -182,9 +183,10 @@ async def site_middleware(request: web.Request, handler) -> web.StreamResponse:
         svc = request.app[SERVICES].get(name)
         if svc is not None:
             if not permitted(who, svc.config.view):
-                raise _denied(who, f"Viewing service {name[:100]}")
+                raise _denied(who, f"Viewing service {name[:100]}", f"view service {name[:100]}")
             if "op" in m and "job" not in m and not permitted(who, svc.config.export):
-                raise _denied(who, f"Exporting tiles from service {name[:100]}")
+                raise _denied(who, f"Exporting tiles from service {name[:100]}",
+                              f"export tiles from service {name[:100]}")
         if "job" in m:
             _check_job(request, m["job"])
     elif path.startswith(OUTPUT):
