@@ -3,7 +3,7 @@ read by tilecrate tile for tile (issue 12).
 
 GDAL (rasterio's bundled build: rasterio.shutil.copy is `gdal_translate -of MBTiles|GPKG`; gdal-bin
 is not needed) reads the compact package with its own ESRIC driver and writes the finest level as
-Web Mercator tiles; nothing of tilecrate is in that chain for ArcGIS's own googlemaps.tpkx. GDAL
+Web Mercator tiles; nothing of tilecrate is in that chain for Esri's own Usa.tpkx. GDAL
 decodes and re-encodes, so tiles are compared by pixels: inside the raster GDAL saw (its ESRIC
 dataset's bounds, pixel-aligned with the tiles) every pixel equals the source's, with colour compared
 only where the source is not fully transparent (GDAL writes transparent pixels as 0,0,0,0); outside
@@ -55,7 +55,7 @@ def _gdal_copies(tpkx, root) -> dict:
 def _check(source_path, copies: dict) -> int:
     """Every tile GDAL wrote matches the source's pixels (see the module's note); returns tiles compared."""
     left, bottom, right, top = copies["bounds"]
-    # Web Mercator tile sets end at +-H: googlemaps.tpkx has rows below the world (PROVENANCE quirk 3)
+    # Web Mercator tile sets end at +-H: ArcGIS caches may have rows beyond (PROVENANCE quirk 3)
     bottom, top = max(bottom, -H), min(top, H)
     with open_cache(str(source_path)) as src:
         finest = max(src.levels)
@@ -102,10 +102,12 @@ def _check(source_path, copies: dict) -> int:
 
 
 def test_gdal_copies_of_arcgis_tpkx(real_dir, tmp_path):
-    """ArcGIS Pro's googlemaps.tpkx -> GDAL (ESRIC -> MBTiles/GPKG) -> pmtiles: no tilecrate writer."""
-    src = real_path("googlemaps.tpkx")
+    """Esri's Usa.tpkx (ArcGIS ExportMapServerCache; GDAL's own ESRIC test file) -> GDAL (ESRIC ->
+    MBTiles/GPKG) -> pmtiles: no tilecrate writer. (ArcGIS Pro's googlemaps.tpkx passes too, in 35 s:
+    its finest level is the whole world, 8192 px square, too slow for CI.)"""
+    src = real_path("Usa.tpkx")
     copies = _gdal_copies(src, tmp_path)
-    assert _check(src, copies) > 100
+    assert _check(src, copies) >= 2 * 40
 
 
 def test_gdal_copies_of_tilecrate_tpkx(sample_png, tmp_path):
