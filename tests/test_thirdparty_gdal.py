@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import pytest
 import rasterio                                   # a missing interop reader fails the run
 import rasterio.shutil
 from PIL import Image
