@@ -210,24 +210,16 @@ def print_line(text: str) -> None:
     try:
         print(text, flush=True)
     except OSError as e:
-        from tilecrate.commands.output import close_broken_stdout, is_broken_stdout, stdout_error
+        from tilecrate.commands.output import stdout_failed   # only here: --version must not load it
 
-        if not is_broken_stdout(e):
-            raise stdout_error(e) from None
-        close_broken_stdout()
+        stdout_failed(e)
 
 
 def _flush() -> None:
-    from tilecrate.commands.output import close_broken_stdout, is_broken_stdout, stdout_closed, stdout_error
+    from tilecrate.commands.output import stdout_closed, write_stdout
 
-    if stdout_closed():
-        return
-    try:
-        sys.stdout.flush()
-    except OSError as e:
-        if not is_broken_stdout(e):
-            raise stdout_error(e) from None
-        close_broken_stdout()
+    if not stdout_closed():
+        write_stdout("")
 
 
 def signal_message(signum: int) -> str:

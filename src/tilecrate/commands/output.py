@@ -56,17 +56,29 @@ def is_broken_stdout(e: BaseException) -> bool:
     return any(ev & select.POLLERR for _, ev in poller.poll(0))
 
 
+def write_stdout(text: str) -> None:
+    """Write `text` (nothing when empty) on stdout and flush; a reader that has gone away is not an error."""
+    try:
+        if text:
+            sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as e:
+        stdout_failed(e)
+
+
+def stdout_failed(e: OSError) -> None:
+    """After a write to stdout failed: a reader that has gone away closes stdout, anything else is raised
+    naming stdout."""
+    if not is_broken_stdout(e):
+        raise stdout_error(e) from None
+    close_broken_stdout()
+
+
 def emit_json(obj: Any) -> None:
     """Print one JSON document on stdout (the --json output of every command); a closed reader is not an error."""
     if _stdout_closed:
         return
-    try:
-        sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
-        sys.stdout.flush()
-    except OSError as e:
-        if not is_broken_stdout(e):
-            raise stdout_error(e) from None
-        close_broken_stdout()
+    write_stdout(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def stdout_error(e: OSError) -> OSError:
