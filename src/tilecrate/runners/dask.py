@@ -185,6 +185,20 @@ def _local_job(plan: ExportPlan, cancel: _ClusterCancel, progress_name: str, loc
     return result
 
 
+def _connect(address: str, timeout: float) -> Client:
+    """A Client of the scheduler at `address`, trying again until `timeout` when a connection breaks."""
+    # a loaded scheduler sometimes closes a new connection during the handshake ("Stream is
+    # closed"): at a front end's start-up that one error stopped every process of it
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return Client(address, timeout=max(0.5, deadline - time.monotonic()), set_as_default=False)
+        except (OSError, TimeoutError):
+            if time.monotonic() + 0.25 >= deadline:
+                raise
+            time.sleep(0.25)
+
+
 class DaskRunner:
     """Runs export plans on a Dask cluster: `scheduler` is "tcp://host:port", "local" or a Client."""
 
@@ -211,7 +225,7 @@ class DaskRunner:
                 self.address = self._own_cluster.scheduler_address
                 self.client = Client(self._own_cluster, set_as_default=False)
             else:
-                self.client = Client(self.address, timeout=connect_timeout, set_as_default=False)
+                self.client = _connect(self.address, float(connect_timeout))
         except (OSError, TimeoutError) as e:
             self.close()
             raise ExportError(f"cannot reach the Dask scheduler at {self.address}: {e}") from None
