@@ -119,3 +119,22 @@ def test_tpkutils_suite_passes_on_tilecrate_reexports(tpkutils_python, tpkutils_
     total = int(suite.get("tests"))
     assert total == EXPECTED_TESTS, f"{total} tpkutils tests ran, expected {EXPECTED_TESTS}"
 
+
+
+def test_item_travels_into_tpkx_and_tpk(tpkutils_tests, tmp_path):
+    """The item fields tpkutils checks on a .tpk travel into a .tpkx's iteminfo.json as well."""
+    import json
+
+    src = tpkutils_tests / "tests" / "data" / "states_filled.tpk"
+    for ext in ("tpkx", "tpk"):
+        out = tmp_path / f"states.{ext}"
+        tilecrate.export(str(src), ExportRequest("0-4"), str(out))
+        with zipfile.ZipFile(out) as z:
+            if ext == "tpkx":
+                item = json.loads(z.read("iteminfo.json"))
+                got = (item["title"], item["summary"], item["tags"], item["accessInformation"], item["description"])
+            else:
+                root = ET.fromstring(z.read("esriinfo/iteminfo.xml"))
+                got = tuple(root.find(k).text for k in ("title", "summary", "tags", "accessinformation"))
+                got += (root.find("description").text or "",)
+        assert got == ("states_filled", "states", "states", "US Census Bureau", ""), ext
