@@ -1,8 +1,13 @@
-"""What an export reports: its progress and its result, the same records for every writer (the
-runners' tile packages and cache folders, the open-format sinks, the .vtpk writer)."""
+"""What every export writer shares, below them all (the runners' tile packages and cache folders, the
+open-format sinks, the .vtpk writer): progress and result records, the cancel check, the error for a
+failed write."""
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
+from typing import Protocol
+
+from tilecrate.errors import Cancelled, ExportError
 
 
 @dataclass
@@ -39,3 +44,24 @@ class ExportResult:
             "warnings": list(self.warnings), "qualityUsed": self.quality_used,
             "seconds": round(self.seconds, 3),
         }
+
+
+class CancelFlag(Protocol):
+    """Anything with is_set(): a threading.Event in-process, a Dask Event on a cluster."""
+
+    def is_set(self) -> bool:
+        """True once the export must stop."""
+
+
+def check_cancel(cancel: CancelFlag | None) -> None:
+    """Raise Cancelled when the flag is set."""
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("the export was cancelled")
+
+
+def os_error(e: OSError, out: str) -> ExportError:
+    """An ExportError for an OSError met while writing `out` (a full disk is named as such)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ExportError(f"{out}: the disk is full (no space left while writing the export)")
+    where = e.filename or out
+    return ExportError(f"{where}: cannot write the export ({e.strerror or e})")

@@ -14,7 +14,6 @@ root.json, with `esriinfo/` optionally next to it).
 """
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -33,12 +32,12 @@ from isal import isal_zlib
 
 from tilecrate import _plan
 from tilecrate.cache import Cache
-from tilecrate.errors import Cancelled, ExportError
+from tilecrate.errors import ExportError
 from tilecrate.package.bundles import plan_bundle
 from tilecrate.package.metadata import WGS84, Stamp, escape, to_wgs84
 from tilecrate.package.zipstream import ZIP64_LIMIT, ZipWriter
 from tilecrate.request import ExportRequest
-from tilecrate.results import ExportProgress, ExportResult
+from tilecrate.results import ExportProgress, ExportResult, check_cancel, os_error
 from tilecrate.selection import Selection, area_of, select
 from tilecrate.tiling import PACKET, Extent, bundle_name, level_dir
 
@@ -638,8 +637,7 @@ def export_vtpk(cache: Cache, request: ExportRequest, out: str, *,
     with VtpkPackage(cache, request, selection) as pkg:
         try:
             result = _write(pkg, tmp, progress, cancel, zip64_limit)
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("the export was cancelled")
+            check_cancel(cancel)
             os.replace(tmp, out)
         except BaseException as e:
             try:
@@ -647,9 +645,7 @@ def export_vtpk(cache: Cache, request: ExportRequest, out: str, *,
             except OSError:
                 pass
             if isinstance(e, OSError):
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise ExportError(f"{out}: the disk is full (no space left while writing the export)") from None
-                raise ExportError(f"{e.filename or out}: cannot write the export ({e.strerror or e})") from None
+                raise os_error(e, out) from None
             raise
         result.warnings = pkg.warnings + result.warnings
     result.path = out
@@ -659,8 +655,7 @@ def export_vtpk(cache: Cache, request: ExportRequest, out: str, *,
 
 def _write(pkg: VtpkPackage, tmp: str, progress, cancel, zip64_limit: int) -> ExportResult:
     def check() -> None:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("the export was cancelled")
+        check_cancel(cancel)
 
     cache, selection, source = pkg.cache, pkg.selection, pkg.source
     bytes_total = pkg.predicted_size(zip64_limit)[0] if progress is not None else 0

@@ -1,30 +1,15 @@
-"""What every runner shares: progress and result records, the cancel check, and moving outputs into place."""
+"""What every runner shares: the records and checks of tilecrate.results, and moving outputs into place."""
 from __future__ import annotations
 
 import errno
 import os
 import shutil
-from typing import Protocol
 
-from tilecrate.errors import Cancelled, ExportError
 from tilecrate.package.tempfiles import temp_path
-from tilecrate.results import ExportProgress, ExportResult
+from tilecrate.results import CancelFlag, ExportProgress, ExportResult, check_cancel, os_error
 
 __all__ = ["ExportProgress", "ExportResult", "CancelFlag", "check_cancel", "remove", "os_error",
            "sibling_temp", "fsync_tree", "move_into_place"]
-
-
-class CancelFlag(Protocol):
-    """Anything with is_set(): a threading.Event in-process, a Dask Event on a cluster."""
-
-    def is_set(self) -> bool:
-        """True once the export must stop."""
-
-
-def check_cancel(cancel: CancelFlag | None) -> None:
-    """Raise Cancelled when the flag is set."""
-    if cancel is not None and cancel.is_set():
-        raise Cancelled("the export was cancelled")
 
 
 def remove(path: str) -> None:
@@ -36,14 +21,6 @@ def remove(path: str) -> None:
             os.unlink(path)
         except OSError:
             pass
-
-
-def os_error(e: OSError, out: str) -> ExportError:
-    """An ExportError for an OSError met while writing `out` (a full disk is named as such)."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ExportError(f"{out}: the disk is full (no space left while writing the export)")
-    where = e.filename or out
-    return ExportError(f"{where}: cannot write the export ({e.strerror or e})")
 
 
 def sibling_temp(path: str) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 from tilecrate.cache import Cache
 from tilecrate.errors import BundleError, ExportError
 from tilecrate.plan import ExportPlan
-from tilecrate.runners.base import CancelFlag, check_cancel
+from tilecrate.results import CancelFlag, check_cancel
 from tilecrate.selection import BundleSelection
 from tilecrate.tiling import PACKET, TileScheme, sniff_image
 

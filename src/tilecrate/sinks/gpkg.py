@@ -14,7 +14,7 @@ from typing import Callable
 from tilecrate.cache import Cache
 from tilecrate.errors import ExportError
 from tilecrate.plan import ExportPlan
-from tilecrate.runners.base import CancelFlag, check_cancel
+from tilecrate.results import CancelFlag, check_cancel
 from tilecrate.sinks.common import (_HALF_WORLD, WEB_MERCATOR_CODES, SourceMeta, Tally, bundle_tiles, inside_grid,
                                     iter_bundles, tile_kind, web_mercator_zooms)
 

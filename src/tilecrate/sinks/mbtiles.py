@@ -11,7 +11,7 @@ from typing import Callable
 
 from tilecrate.cache import Cache
 from tilecrate.plan import ExportPlan
-from tilecrate.runners.base import CancelFlag, check_cancel
+from tilecrate.results import CancelFlag, check_cancel
 from tilecrate.sinks.common import (SourceMeta, Tally, bundle_tiles, inside_grid, iter_bundles, tile_kind,
                                     web_mercator_zooms, wgs84_bounds)
 

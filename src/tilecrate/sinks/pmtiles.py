@@ -24,7 +24,7 @@ import numpy as np
 from tilecrate.cache import Cache
 from tilecrate.package.kcopy import KernelCopier
 from tilecrate.plan import ExportPlan
-from tilecrate.runners.base import CancelFlag, check_cancel
+from tilecrate.results import CancelFlag, check_cancel
 from tilecrate.sinks.common import (SourceMeta, Tally, bundle_tiles, inside_grid, iter_bundles, tile_kind,
                                     web_mercator_zooms, wgs84_bounds)
 

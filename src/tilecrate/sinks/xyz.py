@@ -12,7 +12,7 @@ from typing import Callable
 from tilecrate.cache import Cache
 from tilecrate.errors import ExportError
 from tilecrate.plan import ExportPlan
-from tilecrate.runners.base import CancelFlag, check_cancel
+from tilecrate.results import CancelFlag, check_cancel
 from tilecrate.sinks.common import (SourceMeta, Tally, bundle_tiles, image_ext, inside_grid, iter_bundles, tile_kind,
                                     web_mercator_zooms, wgs84_bounds)
 
