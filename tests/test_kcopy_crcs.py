@@ -61,7 +61,27 @@ def fresh_crcs(monkeypatch):
     crcs = kcopy.RunCrcs()
     crcs.enabled = True
     monkeypatch.setattr(kcopy, "RUN_CRCS", crcs)
+    monkeypatch.setattr(kcopy, "RACY_NS", 0)       # the samples were written a moment ago
     return crcs
+
+
+def test_a_version_changed_within_the_racy_window_is_not_remembered(tmp_path):
+    """A file rewritten within one coarse timestamp tick keeps its (size, mtime, ctime) version: a CRC
+    remembered for it could be another content's, so only versions older than RACY_NS are kept."""
+    import time
+
+    crcs = kcopy.RunCrcs()
+    crcs.enabled = True
+    f = tmp_path / "b"
+    f.write_bytes(b"x" * 100)
+    young = kcopy.version(os.stat(f))
+    crcs.put(young, 0, 100, 5)
+    assert crcs.get(young, 0, 100) is None
+    settled = young[:4] + (time.time_ns() - kcopy.RACY_NS - 1,)
+    crcs.put(settled, 0, 100, 5)
+    assert crcs.get(settled, 0, 100) == 5
+    crcs.put(young[:4], 0, 100, 5)                  # an identity without ctime is never a key
+    assert crcs.get(young[:4], 0, 100) is None
 
 
 def test_run_crcs_forget_the_least_recently_used_and_answer_nothing_when_disabled():

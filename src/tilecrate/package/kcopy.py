@@ -42,6 +42,7 @@ import errno
 import os
 import stat
 import threading
+import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -73,6 +74,9 @@ SCAN_AHEAD = 2                   # runs read ahead of the writer (each holds one
 RUN_CRC_ENTRIES = 1 << 15        # ~6 MB of keys; at 8 MiB a run, CRCs of 256 GB of sources
 
 
+RACY_NS = 2_000_000_000   # a version younger than this (ctime) is never remembered
+
+
 class RunCrcs:
     """CRC-32s of source ranges whose size prefixes were right, keyed by (file version, offset,
     length); least recently used first out. `enabled` off (env TILECRATE_RUN_CRCS=0) forgets nothing
@@ -102,7 +106,11 @@ class RunCrcs:
 
     def put(self, file_id: tuple | None, offset: int, length: int, crc: int) -> None:
         """Remember a range's CRC-32 (call only once the file was found unchanged after the read)."""
-        if file_id is None or not self.enabled:
+        if file_id is None or not self.enabled or len(file_id) < 5:
+            return
+        # git's "racy" rule: a file changed within the last RACY_NS may be rewritten again in the same
+        # timestamp tick (coarse clocks, some file systems) and keep this version; only settled files count
+        if time.time_ns() - int(file_id[4]) < RACY_NS:
             return
         with self._lock:
             self._d[(file_id, offset, length)] = crc & 0xFFFFFFFF
