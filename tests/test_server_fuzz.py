@@ -67,11 +67,8 @@ def check(reply, expect_json: bool) -> None:
 def test_every_operation_answers_2xx_or_4xx(server, op, service, params, fmt, seg, use_real_job, method):
     job = server.real_job if use_real_job else seg
     path = f"/arcgis/rest/services/{service}/MapServer/" + op.format(job=job, seg=seg)
-    params = dict(params)
-    if fmt is not None:
-        params["f"] = fmt
-    reply = server.get(path, params) if method == "GET" else server.post(path, params)
-    check(reply, expect_json=(params.get("f") or "").lower() in ("json", "pjson"))
+    reply, wants_json = send(server, path, params, fmt, method)
+    check(reply, expect_json=wants_json)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
@@ -83,6 +80,21 @@ def test_directories_answer_2xx_or_4xx(server, path, fmt):
 
 def test_nothing_crashed(server):
     """After the hostile requests: the server still works and logged no unexpected error."""
+    assert_log_clean(server)
+
+
+def send(server, path: str, params: dict, fmt: str | None, method: str):
+    """GET or POST drawn parameters (and f=fmt unless None) to `path`: the reply, and whether JSON was asked for."""
+    params = dict(params)
+    if fmt is not None:
+        params["f"] = fmt
+    reply = server.get(path, params) if method == "GET" else server.post(path, params)
+    return reply, (params.get("f") or "").lower() in ("json", "pjson")
+
+
+def assert_log_clean(server) -> None:
+    """Once the log stops growing (the jobs the fuzzing submitted are done; 20 s at most): the server still
+    answers and logged no unexpected error."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:   # let the jobs the fuzzing submitted finish
         log = server.log.read_text()
