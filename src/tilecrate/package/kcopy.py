@@ -280,6 +280,7 @@ class RunScanner:
 
 def read_range(part: "CopyRange", view: memoryview, keep: bool = False, want_crc: bool = True) -> tuple[int, bool]:
     """Read `part` into `view` (its length), check and fix its size prefixes; (CRC-32 or 0, fixed)."""
+    part.check()    # prefixes outside the range would be written through numpy's negative indexing
     length = part.length
     if view.nbytes != length:
         raise ValueError(f"{part.label}: a {view.nbytes}-byte buffer for a {length}-byte range")
