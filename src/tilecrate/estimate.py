@@ -56,7 +56,7 @@ def estimate_selection(cache: Cache, selection: Selection, request: ExportReques
 
 
 def _estimate_vtpk(cache: Cache, selection: Selection, request: ExportRequest) -> Estimate:
-    """A vector source exports a .vtpk (tilecrate.package.vtpk, H5): its exact size from the same entry list."""
+    """A vector source exports a .vtpk (tilecrate.package.vtpk): its exact size from the same entry list."""
     total, per_level = predict_vtpk_size(cache, selection, request)
     levels = {ls.level: {"tiles": ls.tiles, "size": int(per_level.get(ls.level, 0)), "tileBytes": ls.tile_bytes}
               for ls in selection.levels}
@@ -64,7 +64,7 @@ def _estimate_vtpk(cache: Cache, selection: Selection, request: ExportRequest) -
 
 
 def _estimate_open(cache: Cache, request: ExportRequest, kind: str, cancel, presence) -> Estimate:
-    """An open-format output (tilecrate.sinks, H13): exact for PMTiles/XYZ where knowable, else says why not."""
+    """An open-format output (tilecrate.sinks): exact for PMTiles/XYZ where knowable, else says why not."""
     from tilecrate.sinks import estimate_open
 
     plan = make_plan(cache, request, None, cancel=cancel, presence=presence)

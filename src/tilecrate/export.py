@@ -82,7 +82,7 @@ def export(cache: Cache | str, request: ExportRequest, out: str, *,
     """Write the tiles a request selects to `out`: a .tpkx, a .tpk, or a cache folder (tile_package False).
 
     An `out` ending in .mbtiles, .gpkg or .pmtiles, or `format` "xyz" (a folder), is an open-format
-    output written by tilecrate.sinks from the same plan (H13, issue 12).
+    output written by tilecrate.sinks from the same plan (issue 12).
 
     `scheduler` runs the bundle tasks on a Dask cluster: "tcp://host:8786", "local" (a LocalCluster
     of worker processes for this call), a distributed.Client or a tilecrate.runners.dask.DaskRunner;
@@ -100,7 +100,7 @@ def export(cache: Cache | str, request: ExportRequest, out: str, *,
                               "local_temp_folder apply to .tpkx, .tpk and cache folder outputs")
         return export_open(cache, request, out, open_kind, progress=progress, cancel=cancel, selection=selection)
     if is_vector_source(cache):
-        # vector tiles: always a .vtpk, written by tilecrate.package.vtpk (H5, issue 13)
+        # vector tiles: always a .vtpk, written by tilecrate.package.vtpk (issue 13)
         return export_vtpk(cache, request, out, progress=progress, cancel=cancel, selection=selection,
                            zip64_limit=zip64_limit)
     check_source(cache)
