@@ -99,16 +99,21 @@ def test_quality_at_or_above_source_copies_unchanged(sample_v2, tmp_path):
         assert json.loads(zf.read("root.json"))["tileImageInfo"]["compressionQuality"] == 75
 
 
-def test_corrupt_tile_is_exported_verbatim_with_a_warning(sample_v2, tmp_path):
+def _copy_and_find_tile(sample: str, tmp_path, k: int) -> tuple[str, str, int, int, int, int]:
+    """A copy of `sample` and its k-th stored tile of level 3: (copy, bundle path, row, col, offset, size)."""
     src = tmp_path / "src"
-    shutil.copytree(sample_v2, src)
+    shutil.copytree(sample, src)
     with open_cache(str(src)) as cache:
         ref = cache.bundles(3)[0]
         offsets, sizes = cache.index(ref)
-        i = int(np.flatnonzero(sizes)[0])
+        i = int(np.flatnonzero(sizes)[k])
         path = os.path.join(str(src), "_alllayers", level_dir(3), bundle_name(ref.row0, ref.col0))
         row, col = ref.row0 + i // PACKET, ref.col0 + i % PACKET
-    off, size = int(offsets[i]), int(sizes[i])
+    return str(src), path, row, col, int(offsets[i]), int(sizes[i])
+
+
+def test_corrupt_tile_is_exported_verbatim_with_a_warning(sample_v2, tmp_path):
+    src, path, row, col, off, size = _copy_and_find_tile(sample_v2, tmp_path, 0)
     with open(path, "r+b") as f:                 # an EOI marker in the middle of the scan
         f.seek(off + size // 2)
         f.write(b"\xff\xd9" * 8)
@@ -124,15 +129,7 @@ def test_corrupt_tile_is_exported_verbatim_with_a_warning(sample_v2, tmp_path):
 def test_tile_declaring_a_huge_size_is_exported_verbatim_with_a_warning(sample_v2, tmp_path):
     """A tile whose frame header claims 8192x8192 (a legal tile size, but not this cache's 256) is
     refused before the codec allocates for it: the export keeps its bytes and names it."""
-    src = tmp_path / "src"
-    shutil.copytree(sample_v2, src)
-    with open_cache(str(src)) as cache:
-        ref = cache.bundles(3)[0]
-        offsets, sizes = cache.index(ref)
-        i = int(np.flatnonzero(sizes)[1])
-        path = os.path.join(str(src), "_alllayers", level_dir(3), bundle_name(ref.row0, ref.col0))
-        row, col = ref.row0 + i // PACKET, ref.col0 + i % PACKET
-    off, size = int(offsets[i]), int(sizes[i])
+    src, path, row, col, off, size = _copy_and_find_tile(sample_v2, tmp_path, 1)
     with open(path, "r+b") as f:
         f.seek(off)
         tile = bytearray(f.read(size))
