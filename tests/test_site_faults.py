@@ -14,7 +14,8 @@ import time
 
 import pytest
 from test_fixtures import reference_tiles
-from test_site_support import WIDE_LEVEL, Site, bundle_files, children, job_output, site_server, widen
+from test_site_support import (WIDE_LEVEL, Site, bundle_files, children, job_output, logs_on_failure, site_server,
+                               widen)
 
 from tilecrate.export import export
 from tilecrate.jobs.runner import RESTART_MESSAGE
@@ -140,24 +141,25 @@ def test_front_end_killed_and_restarted(site, client, wide, tmp_path):
 
 def test_scheduler_killed_fails_the_job(wide, tmp_path):
     """Its own scheduler and worker: the module's site stays up for the tests above."""
-    lone = Site(tmp_path / "lone", workers=1).start()
-    srv = site_server(tmp_path, "lost", lone, {"W": {"source": wide}})
-    try:
-        srv.start(timeout=60)
-        with lone.client() as c:
-            sub = srv.submit("W", EXPORT, SLOW)
-            _busy_worker(c)
-        t0 = time.monotonic()
-        lone.kill_scheduler()
-        job = srv.poll("W", EXPORT, sub["jobId"], timeout=30)
-        assert job["jobStatus"] == "esriJobFailed", job
-        assert time.monotonic() - t0 < 30
-        errors = [m["description"] for m in job["messages"] if m["type"] == "esriJobMessageTypeError"]
-        assert any(lone.address in e for e in errors), job["messages"]
-        assert not _job_dir(srv, sub["jobId"]).exists() or os.listdir(_job_dir(srv, sub["jobId"])) == []
-        # the front end still answers, and says the same about the next job
-        again = srv.poll("W", EXPORT, srv.submit("W", EXPORT, {"levels": "0-2"})["jobId"], timeout=60)
-        assert again["jobStatus"] == "esriJobFailed" and lone.address in str(again["messages"]), again
-    finally:
-        srv.stop()
-        lone.stop()
+    with logs_on_failure(tmp_path):
+        lone = Site(tmp_path / "lone", workers=1).start()
+        srv = site_server(tmp_path, "lost", lone, {"W": {"source": wide}})
+        try:
+            srv.start(timeout=60)
+            with lone.client() as c:
+                sub = srv.submit("W", EXPORT, SLOW)
+                _busy_worker(c)
+            t0 = time.monotonic()
+            lone.kill_scheduler()
+            job = srv.poll("W", EXPORT, sub["jobId"], timeout=30)
+            assert job["jobStatus"] == "esriJobFailed", job
+            assert time.monotonic() - t0 < 30
+            errors = [m["description"] for m in job["messages"] if m["type"] == "esriJobMessageTypeError"]
+            assert any(lone.address in e for e in errors), job["messages"]
+            assert not _job_dir(srv, sub["jobId"]).exists() or os.listdir(_job_dir(srv, sub["jobId"])) == []
+            # the front end still answers, and says the same about the next job
+            again = srv.poll("W", EXPORT, srv.submit("W", EXPORT, {"levels": "0-2"})["jobId"], timeout=60)
+            assert again["jobStatus"] == "esriJobFailed" and lone.address in str(again["messages"]), again
+        finally:
+            srv.stop()
+            lone.stop()

@@ -4,6 +4,7 @@ with the `dask` CLI of the distributed package, each worker with its own temp fo
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -151,6 +152,18 @@ def job_output(srv: Server, service: str, job: dict, dest: Path) -> Path:
         return paths[0]
     (folder,) = listing["folders"]
     return srv.data_dir / "arcgisoutput" / f"{service}_MapServer" / job["jobId"] / folder
+
+
+@contextlib.contextmanager
+def logs_on_failure(*paths: Path):
+    """On a failure, print the logs of the processes (pytest shows them with the failure)."""
+    try:
+        yield
+    except BaseException:
+        for p in paths:
+            for f in sorted(Path(p).rglob("*.log")):
+                print(f"==== {f}\n{f.read_text(errors='replace')[-6000:]}")
+        raise
 
 
 def children(pid: int) -> list[int]:
