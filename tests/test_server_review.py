@@ -183,3 +183,41 @@ def test_a_refusal_names_the_user_and_the_service_as_they_are(tmp_path, sample_v
             403, ["bob may not export tiles from service Priv."])
     finally:
         srv.stop()
+
+
+def test_a_body_sent_too_slowly_is_answered_and_its_connection_closed(tmp_path, sample_v2):
+    # A POST that announced a 1 MB form and sent 7 bytes held its connection and handler for ever
+    # (measured: 50 such connections all still open after 90 s; aiohttp closes a stalled request head,
+    # not a stalled body). A body not received within [limits] body_seconds is now answered 408.
+    import socket
+    import time
+
+    from test_server_support import write_config
+
+    data = tmp_path / "data"
+    srv = Server(write_config(tmp_path / "tilecrate.toml", data, {"S": {"source": sample_v2}},
+                              limits={"body_seconds": 2}), data, free_port()).start()
+    try:
+        socks = []
+        for _ in range(20):
+            s = socket.create_connection(("127.0.0.1", srv.port))
+            s.sendall(b"POST /arcgis/rest/services/S/MapServer HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                      b"application/x-www-form-urlencoded\r\nContent-Length: 1000000\r\n\r\nf=json&")
+            socks.append(s)
+        deadline = time.monotonic() + 20
+        for s in socks:
+            s.settimeout(max(0.1, deadline - time.monotonic()))
+            got = b""
+            try:
+                while chunk := s.recv(65536):
+                    got += chunk
+            except socket.timeout:
+                pytest.fail(f"the connection is still open, answer so far: {got[:200]!r}")
+            finally:
+                s.close()
+            assert got.startswith(b"HTTP/1.1 408"), got[:200]
+            assert b"body_seconds" in got
+        assert srv.get(srv.svc("S"), {"f": "json"}).json()["tileInfo"]  # the server answers as before
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.log.read_text()

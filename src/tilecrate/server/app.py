@@ -85,8 +85,14 @@ async def params_of(request: web.Request) -> dict[str, str]:
     if request.method == "POST" and request.body_exists:
         ctype = request.content_type
         if ctype in ("application/x-www-form-urlencoded", "multipart/form-data"):
+            seconds = request.app[CFG].limits.body_seconds
             try:
-                form = await request.post()
+                # a body trickled in (or never sent) must not hold the connection and handler for ever
+                form = await asyncio.wait_for(request.post(), seconds)
+            except asyncio.TimeoutError:
+                request["tc_close"] = True  # the rest of the body is not worth waiting for
+                raise EsriError(408, f"the request body did not arrive within {seconds:g} seconds "
+                                     f"([limits] body_seconds)", message="Request Timeout", http_status=408) from None
             except web.HTTPException:
                 raise
             except Exception as e:  # malformed bodies are the client's problem, reported as such
@@ -249,6 +255,8 @@ async def esri_middleware(request: web.Request, handler: Handler) -> web.StreamR
                                                        "the server log has the details."))
     if not resp.prepared:
         resp.headers.update(_CORS)
+        if request.get("tc_close"):
+            resp.force_close()
     return resp
 
 

@@ -24,6 +24,7 @@ job_seconds = 3600                   # a job running longer fails ("0": no limit
 job_memory_mb = 1024                 # a job whose memory growth passes this fails ("0": no limit)
 tile_read_threads = 8                # tile and tilemap reads run on their own threads ...
 tile_read_timeout = 10               # ... and a read not done in this many seconds is answered 503
+body_seconds = 60                    # a request body not received within this many seconds is answered 408
 max_vertices = 1000000               # what an area of interest may cost (tilecrate.geometry.GeometryLimits;
 max_rings = 100000                   # absent: that module's defaults)
 max_line_crossings = 20000
@@ -107,6 +108,7 @@ class Limits:
     job_memory_mb: int = 1024
     tile_read_threads: int = 8
     tile_read_timeout: float = 10.0
+    body_seconds: float = 60.0
     # an area's cost (tilecrate.geometry.GeometryLimits); None: the geometry module's defaults
     max_vertices: int | None = None
     max_rings: int | None = None
@@ -197,7 +199,8 @@ _CLUSTER_KEYS = {"scheduler": str, "workers": int, "export_tiles_using_local_tem
 GEOMETRY_KEYS = ("max_vertices", "max_rings", "max_line_crossings", "max_json_depth")
 _LIMIT_KEYS = {**{k: int for k in GEOMETRY_KEYS},"max_body_bytes": int, "max_input_bytes": int, "max_jobs_per_client": int,
                "max_outstanding_per_client": int, "max_input_bytes_per_client": int, "job_seconds": float,
-               "job_memory_mb": int, "tile_read_threads": int, "tile_read_timeout": float}
+               "job_memory_mb": int, "tile_read_threads": int, "tile_read_timeout": float,
+               "body_seconds": float}
 _SERVICE_KEYS = {"source": str, "export_tiles_allowed": bool, "max_export_tiles_count": int,
                  "description": str, "copyright": str, "summary": str, "tags": list, "type": str,
                  "view": list, "export": list}
@@ -309,7 +312,7 @@ def validate(cfg: ServerConfig) -> ServerConfig:
                  "max_input_bytes_per_client", "tile_read_threads", *GEOMETRY_KEYS):
         if getattr(lim, name) is not None and getattr(lim, name) < 1:
             raise ConfigError(f"[limits] {name} must be at least 1")
-    for name in ("job_seconds", "job_memory_mb", "tile_read_timeout"):
+    for name in ("job_seconds", "job_memory_mb", "tile_read_timeout", "body_seconds"):
         value = getattr(lim, name)
         if not value >= 0 or value == float("inf"):  # also NaN
             raise ConfigError(f"[limits] {name} must be a finite number, 0 or more")
@@ -323,6 +326,8 @@ def validate(cfg: ServerConfig) -> ServerConfig:
         raise ConfigError("[cluster] export_tiles_using_local_temp_folder needs a scheduler")
     if lim.tile_read_timeout == 0:
         raise ConfigError("[limits] tile_read_timeout must be more than 0")
+    if lim.body_seconds == 0:
+        raise ConfigError("[limits] body_seconds must be more than 0")
     if cfg.token is not None and not cfg.token.strip():
         raise ConfigError("token must not be empty (omit it to serve without tokens)")
     for svc in cfg.services.values():
