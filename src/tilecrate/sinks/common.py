@@ -7,6 +7,7 @@ together, re-encoded first when the plan's policy is active. Only one bundle's b
 from __future__ import annotations
 
 import math
+import sqlite3
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -186,3 +187,29 @@ class Tally:
         self.tiles += len(tiles)
         self.size += nbytes
         return nbytes
+
+
+COMMIT_BYTES = 256 << 20         # tile bytes per SQLite transaction: bounds what SQLite holds before writing
+
+
+def open_sqlite(path: str, application_id: int) -> sqlite3.Connection:
+    """A new SQLite output file in autocommit mode, without journal or syncs (it is renamed into place
+    only when complete, and removed on any error)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=OFF")
+        db.execute("PRAGMA synchronous=OFF")
+        db.execute(f"PRAGMA application_id={int(application_id)}")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def commit_when_full(db: sqlite3.Connection, pending: int) -> int:
+    """Commit and begin again once `pending` tile bytes are in the open transaction; the bytes still pending."""
+    if pending < COMMIT_BYTES:
+        return pending
+    db.execute("COMMIT")
+    db.execute("BEGIN")
+    return 0

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import math
 import re
-import sqlite3
 from typing import Callable
 
 from tilecrate.cache import Cache
 from tilecrate.errors import ExportError
 from tilecrate.plan import ExportPlan
 from tilecrate.results import CancelFlag, check_cancel
-from tilecrate.sinks.common import (_HALF_WORLD, WEB_MERCATOR_CODES, SourceMeta, Tally, bundle_tiles, inside_grid,
-                                    iter_bundles, tile_kind, web_mercator_zooms)
+from tilecrate.sinks.common import (_HALF_WORLD, WEB_MERCATOR_CODES, SourceMeta, Tally, bundle_tiles,
+                                    commit_when_full, inside_grid, iter_bundles, open_sqlite, tile_kind,
+                                    web_mercator_zooms)
 
 APPLICATION_ID = 0x47504B47          # "GPKG"
 USER_VERSION = 10300                 # 1.3.0
-_COMMIT_BYTES = 256 << 20
 
 _WGS84_WKT = ('GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563,AUTHORITY["EPSG","7030"]],'
               'AUTHORITY["EPSG","6326"]],PRIMEM["Greenwich",0,AUTHORITY["EPSG","8901"]],UNIT["degree",'
@@ -146,13 +145,10 @@ def write_gpkg(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
     description = meta.description
     if meta.attribution:
         description = f"{description}\n\nAttribution: {meta.attribution}".strip()
-    db = sqlite3.connect(tmp, isolation_level=None)
+    db = open_sqlite(tmp, APPLICATION_ID)
     warnings: list[str] = []
     tally = Tally()
     try:
-        db.execute("PRAGMA journal_mode=OFF")
-        db.execute("PRAGMA synchronous=OFF")
-        db.execute(f"PRAGMA application_id={APPLICATION_ID}")
         db.execute(f"PRAGMA user_version={USER_VERSION}")
         db.execute("BEGIN")
         for statement in _SCHEMA.split(";"):
@@ -181,11 +177,7 @@ def write_gpkg(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
             if level in grid:
                 rws, cols, tiles = inside_grid(rws, cols, tiles, grid[level], cache.bundle_label(bsel.ref), warnings)
             db.executemany(insert, zip([level] * len(tiles), cols.tolist(), rws.tolist(), tiles))
-            pending += tally.add(level, tiles)
-            if pending >= _COMMIT_BYTES:
-                db.execute("COMMIT")
-                db.execute("BEGIN")
-                pending = 0
+            pending = commit_when_full(db, pending + tally.add(level, tiles))
             check_cancel(cancel)
             if progress is not None:
                 progress(tally.tiles, tally.size, level)

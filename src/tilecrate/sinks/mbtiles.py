@@ -6,17 +6,15 @@ the end, which is faster than keeping it up to date row by row.
 """
 from __future__ import annotations
 
-import sqlite3
 from typing import Callable
 
 from tilecrate.cache import Cache
 from tilecrate.plan import ExportPlan
 from tilecrate.results import CancelFlag, check_cancel
-from tilecrate.sinks.common import (SourceMeta, Tally, bundle_tiles, inside_grid, iter_bundles, tile_kind,
-                                    web_mercator_zooms, wgs84_bounds)
+from tilecrate.sinks.common import (SourceMeta, Tally, bundle_tiles, commit_when_full, inside_grid, iter_bundles,
+                                    open_sqlite, tile_kind, web_mercator_zooms, wgs84_bounds)
 
 APPLICATION_ID = 0x4D504258          # "MPBX"
-_COMMIT_BYTES = 256 << 20
 
 
 def _num(v: float) -> str:
@@ -41,13 +39,10 @@ def write_mbtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
     """Write the plan's tiles as MBTiles to `tmp`; (tiles, {level: {tiles, size}}, warnings)."""
     fmt = tile_kind(cache, plan.policy is not None)
     zooms = web_mercator_zooms(cache.scheme, [lv.level for lv in plan.selection.levels])
-    db = sqlite3.connect(tmp, isolation_level=None)
+    db = open_sqlite(tmp, APPLICATION_ID)
     warnings: list[str] = []
     tally = Tally()
     try:
-        db.execute("PRAGMA journal_mode=OFF")
-        db.execute("PRAGMA synchronous=OFF")
-        db.execute(f"PRAGMA application_id={APPLICATION_ID}")
         db.execute("CREATE TABLE metadata (name TEXT, value TEXT)")
         db.execute("CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB)")
         db.execute("BEGIN")
@@ -61,11 +56,7 @@ def write_mbtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
             flipped = ((1 << z) - 1 - rows).tolist()
             db.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?)",
                            zip([z] * len(tiles), cols.tolist(), flipped, tiles))
-            pending += tally.add(bsel.ref.level, tiles)
-            if pending >= _COMMIT_BYTES:
-                db.execute("COMMIT")
-                db.execute("BEGIN")
-                pending = 0
+            pending = commit_when_full(db, pending + tally.add(bsel.ref.level, tiles))
             check_cancel(cancel)
             if progress is not None:
                 progress(tally.tiles, tally.size, bsel.ref.level)
