@@ -14,13 +14,13 @@ import time
 from typing import Callable
 
 from tilecrate.cache import Cache, open_cache
-from tilecrate.errors import Cancelled, ExportError
+from tilecrate.errors import ExportError
 from tilecrate.package.vtpk import export_vtpk, is_vector_source
 from tilecrate.package.tempfiles import sweep_stale_temps, temp_path
 from tilecrate.package.zipstream import ZIP64_LIMIT
 from tilecrate.plan import ExportPlan, check_source, make_plan
 from tilecrate.request import ExportRequest
-from tilecrate.runners.base import ExportProgress, ExportResult, move_into_place, os_error, remove
+from tilecrate.runners.base import ExportProgress, ExportResult, check_cancel, move_into_place, os_error, remove
 from tilecrate.runners.inprocess import write_plan
 from tilecrate.selection import Selection
 from tilecrate.sinks import export_open, sink_kind
@@ -61,8 +61,7 @@ def export_plan(plan: ExportPlan, cache: Cache | None = None, *,
     tmp = temp_path(out)
     try:
         result = write_plan(plan, cache, tmp, progress=progress, cancel=cancel, threads=threads)
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("the export was cancelled")
+        check_cancel(cancel)
         move_into_place(tmp, out)
     except BaseException as e:
         remove(tmp)
