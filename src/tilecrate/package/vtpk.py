@@ -20,7 +20,6 @@ import os
 import struct
 import threading
 import time
-import uuid
 import xml.etree.ElementTree as ET
 import zipfile
 from collections import OrderedDict, defaultdict
@@ -35,6 +34,7 @@ from tilecrate.cache import Cache
 from tilecrate.errors import ExportError
 from tilecrate.package.bundles import plan_bundle
 from tilecrate.package.metadata import WGS84, Stamp, escape, to_wgs84
+from tilecrate.package.tempfiles import temp_path
 from tilecrate.package.zipstream import ZIP64_LIMIT, ZipWriter
 from tilecrate.request import ExportRequest
 from tilecrate.results import ExportProgress, ExportResult, check_cancel, os_error
@@ -610,11 +610,6 @@ def check_output_name(out: str) -> None:
                           "name the output *.vtpk")
 
 
-def _temp_path(out: str) -> str:
-    folder, base = os.path.split(os.path.abspath(out))
-    return os.path.join(folder, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
 def export_vtpk(cache: Cache, request: ExportRequest, out: str, *,
                 progress: Callable[[ExportProgress], None] | None = None,
                 cancel: threading.Event | None = None, selection: Selection | None = None,
@@ -633,7 +628,7 @@ def export_vtpk(cache: Cache, request: ExportRequest, out: str, *,
     started = time.perf_counter()
     if selection is None:
         selection = select(cache, request, cancel=cancel)
-    tmp = _temp_path(out)
+    tmp = temp_path(out)
     with VtpkPackage(cache, request, selection) as pkg:
         try:
             result = _write(pkg, tmp, progress, cancel, zip64_limit)
