@@ -318,3 +318,26 @@ def test_close_waits_for_a_cleanup_pass_in_progress(runner, monkeypatch):
     t.join(5)
     assert finished and finished[0] <= closed
     assert runner.cleanup() == []                 # and none starts once closed
+
+
+def test_maximum_outstanding_jobs_minus_one_is_unlimited_and_zero_refuses_every_job(tmp_path, sample_v2):
+    """The seed's values for CachingControllers' maximumOutstandingJobs hold in the TOML too."""
+    def cfg(value: int):
+        (tmp_path / "m.toml").write_text(f'[server]\nmaximumOutstandingJobs = {value}\n'
+                                          f'[services.W]\nsource = "{sample_v2}"\n')
+        return load_config(str(tmp_path / "m.toml"))
+
+    assert cfg(-1).maximum_outstanding_jobs is None and cfg(0).maximum_outstanding_jobs == 0
+    with pytest.raises(ConfigError, match="-1 \\(unlimited"):
+        cfg(-2)
+    cache = open_cache(str(sample_v2))
+    store = JobStore(str(tmp_path / "db"))
+    try:
+        refuse_all = JobRunner(store, {"S": JobService("S", cache, 50)}, str(tmp_path / "out"), workers=1,
+                               max_outstanding=cfg(0).maximum_outstanding_jobs)
+        with pytest.raises(AdmissionRefused, match="maximumOutstandingJobs is 0"):
+            refuse_all.submit(EXPORT, "S", {"levels": "0"})
+        refuse_all.close()
+    finally:
+        store.close()
+        cache.close()

@@ -6,7 +6,7 @@ host = "127.0.0.1"
 port = 8000
 data_dir = "tilecrate-data"          # job store and arcgisoutput live here (relative to this file)
 max_file_age = 600                   # seconds before outputs and finished jobs are removed
-maximum_outstanding_jobs = 8         # omit for unlimited
+maximum_outstanding_jobs = 8         # -1 or omitted: unlimited; 0: refuse every job
 workers = 2                          # jobs run at once (per front-end process)
 processes = 1                        # front-end processes sharing the port and the job store
 token = "change-me"                  # optional: required on every request when set
@@ -301,8 +301,11 @@ def validate(cfg: ServerConfig) -> ServerConfig:
         raise ConfigError(f"port {cfg.port} is not a TCP port")
     if not cfg.max_file_age > 0:  # also NaN; inf keeps outputs for ever
         raise ConfigError("max_file_age must be a positive number of seconds")
-    if cfg.maximum_outstanding_jobs is not None and cfg.maximum_outstanding_jobs < 1:
-        raise ConfigError("maximum_outstanding_jobs must be at least 1 (omit it for unlimited)")
+    if cfg.maximum_outstanding_jobs is not None and cfg.maximum_outstanding_jobs < -1:
+        raise ConfigError("maximum_outstanding_jobs is -1 (unlimited, as when omitted), 0 (refuse every job) "
+                          "or the most jobs submitted or executing at once")
+    if cfg.maximum_outstanding_jobs == -1:   # ArcGIS's spelling of unlimited
+        cfg.maximum_outstanding_jobs = None
     if cfg.workers < 1:
         raise ConfigError("workers must be at least 1")
     if not 1 <= cfg.processes <= 64:
