@@ -7,9 +7,8 @@ together, re-encoded first when the plan's policy is active. Only one bundle's b
 from __future__ import annotations
 
 import math
-import sqlite3
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -19,6 +18,9 @@ from tilecrate.plan import ExportPlan
 from tilecrate.results import CancelFlag, check_cancel
 from tilecrate.selection import BundleSelection
 from tilecrate.tiling import PACKET, TileScheme, sniff_image
+
+if TYPE_CHECKING:
+    import sqlite3
 
 WEB_MERCATOR_CODES = {3857, 102100, 102113, 900913, 3785}
 _HALF_WORLD = 20037508.342789244
@@ -195,6 +197,8 @@ COMMIT_BYTES = 256 << 20         # tile bytes per SQLite transaction: bounds wha
 def open_sqlite(path: str, application_id: int) -> sqlite3.Connection:
     """A new SQLite output file in autocommit mode, without journal or syncs (it is renamed into place
     only when complete, and removed on any error)."""
+    import sqlite3       # here: the PMTiles and XYZ writers, which share this module, need not load it
+
     db = sqlite3.connect(path, isolation_level=None)
     try:
         db.execute("PRAGMA journal_mode=OFF")
