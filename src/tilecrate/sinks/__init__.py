@@ -87,7 +87,7 @@ def export_open(cache, request, out: str | os.PathLike, kind: str, *,
     """Export `request` from the open `cache` to `out` as `kind`; an ExportResult (kind = the format)."""
     from tilecrate.package.tempfiles import sweep_stale_temps, temp_path
     from tilecrate.plan import check_source, make_plan
-    from tilecrate.runners.base import ExportProgress, ExportResult, move_into_place, os_error, remove
+    from tilecrate.runners.base import ExportProgress, ExportResult, check_cancel, move_into_place, os_error, remove
     from tilecrate.sinks.common import source_meta, tile_kind
 
     started = time.perf_counter()
@@ -108,10 +108,7 @@ def export_open(cache, request, out: str | os.PathLike, kind: str, *,
     try:
         report(0, 0, None)
         tiles, levels, warnings = _writer(kind)(plan, cache, tmp, meta, progress=report, cancel=cancel)
-        if cancel is not None and cancel.is_set():
-            from tilecrate.errors import Cancelled
-
-            raise Cancelled("the export was cancelled")
+        check_cancel(cancel)
         size = _size(tmp)
         move_into_place(tmp, out)
     except BaseException as e:
