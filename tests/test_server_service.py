@@ -63,7 +63,7 @@ def test_serve_command_configs(tmp_path, real_dir):
     assert cfg.output_dir == str(tmp_path / "arcgisoutput")
     assert list(build_config(_args(cache=usa, name="Other", data_dir=str(tmp_path))).services) == ["Other"]
     for bad in (_args(), _args(cache=usa, demo=True), _args(cache=usa, name="a/b"),
-                _args(cache=usa, max_outstanding_jobs=0), _args(cache=usa, port=-1)):
+                _args(cache=usa, max_outstanding_jobs=-2), _args(cache=usa, port=-1)):
         with pytest.raises(ConfigError):
             build_config(bad)
 
