@@ -18,7 +18,7 @@ import numpy as np
 
 from tilecrate.errors import BundleError, CacheError
 from tilecrate.sourcefiles import file_id
-from tilecrate.sources.blocks import FORMAT_NAMES, BlockCache, detect_format, parse_bounds
+from tilecrate.sources.blocks import FORMAT_NAMES, BlockCache, detect_format, parse_bounds, v2_layout
 from tilecrate.sources.item import ItemInfo, from_metadata
 from tilecrate.tiling import (
     INCHES_PER_METRE,
@@ -35,6 +35,7 @@ MAX_ZOOM = 30
 SCAN_LIMIT = 2_000_000     # levels up to this many tiles are indexed with one scan (48 MB of arrays)...
 SCAN_BLOCKS = 20_000      # ...in at most this many blocks
 QUERY_SECONDS = 60.0      # one statement (and the reading of its rows) may take this long
+CACHE_KIB = 16384         # page cache per connection: the level scan's pages are still there when blocks are read
 _META_ROWS = 10000
 _META_VALUE = 1 << 20
 _GPKG_IDS = (0x47504B47, 0x47503130)
@@ -125,6 +126,13 @@ class SqliteBackend:
         return ("zoom_level = ? AND tile_column BETWEEN ? AND ? AND tile_row BETWEEN ? AND ?",
                 [level, col0, c1, lo, hi])
 
+    def _cells(self, level: int, cols, rows) -> tuple[np.ndarray, np.ndarray]:
+        """Columns and rows as integer arrays; a real or text among them (a view's column) is an error."""
+        cols, rows = np.array(cols), np.array(rows)
+        if cols.dtype.kind not in "iu" or rows.dtype.kind not in "iu":
+            raise CacheError(f"{self.label}: level {level} has tile rows whose column or row is not an integer")
+        return cols, rows
+
     def _index(self, level: int, row0: int, rows, cols, col0: int) -> np.ndarray:
         h = self._size(level)[1]
         rows = np.asarray(rows, dtype=np.int64)
@@ -171,11 +179,11 @@ class SqliteBackend:
                     cur.close()
                     found = None
                     break
-                try:
-                    parts.append(np.array(chunk, dtype=np.int64))
-                except (TypeError, ValueError):         # a text or real in an integer column
+                part = np.array(chunk)
+                if part.dtype.kind not in "iu":          # a text, real or NULL in an integer column
                     raise CacheError(f"{self.label}: level {level} has tile rows whose column or row is not "
-                                     "an integer") from None
+                                     "an integer")
+                parts.append(part.astype(np.int64, copy=False))
             if n <= SCAN_LIMIT:
                 found = {}
                 if parts:
@@ -229,6 +237,7 @@ class SqliteBackend:
         sizes = np.zeros(PACKET * PACKET, dtype=np.uint32)
         if got:
             cols, rows, lens = zip(*got)
+            cols, rows = self._cells(level, cols, rows)
             idx = self._index(level, row0, rows, cols, col0)
             lens = np.asarray([n or 0 for n in lens], dtype=np.int64)
             if np.any(lens > 0xFFFFFFFF):
@@ -241,22 +250,38 @@ class SqliteBackend:
             raise BundleError(f"{self.label}: the file changed while it was being read; retry the request")
         return ident, sizes
 
-    def block_tiles(self, level: int, row0: int, col0: int):
-        """(identity, {index: bytes}) of a block's tiles."""
+    def _read_block(self, level: int, row0: int, col0: int) -> tuple[tuple, np.ndarray, list]:
+        """(identity, ascending unique block indices, their tiles' bytes) from one range query."""
         ident = self.identity()
         where, args = self._range(level, row0, col0)
         got = self.query(f"SELECT tile_column, tile_row, tile_data FROM {self._src} WHERE {where}", args)
-        tiles: dict[int, bytes] = {}
-        if got:
-            idx = self._index(level, row0, [g[1] for g in got], [g[0] for g in got], col0).tolist()
-            for i, (_, _, data) in zip(idx, got):
-                if isinstance(data, str):
-                    data = data.encode("utf-8")
-                if data and i not in tiles:
-                    tiles[i] = bytes(data)
         if self.identity() != ident:
             raise BundleError(f"{self.label}: the file changed while it was being read; retry the request")
-        return ident, tiles
+        if not got:
+            return ident, np.zeros(0, dtype=np.int64), []
+        cols, rows, datas = zip(*got)
+        cols, rows = self._cells(level, cols, rows)
+        if set(map(type, datas)) != {bytes}:       # text, NULL or numbers in tile_data: rare, so a loop
+            datas = tuple(d.encode("utf-8") if isinstance(d, str) else d if isinstance(d, bytes) else b""
+                          for d in datas)
+        idx = self._index(level, row0, rows, cols, col0)
+        order = np.argsort(idx, kind="stable")      # row-major; of duplicate rows the first read is used
+        idx = idx[order]
+        keep = np.ones(idx.size, dtype=bool)
+        keep[1:] = idx[1:] != idx[:-1]
+        keep &= np.fromiter(map(len, datas), dtype=np.int64, count=len(datas))[order] > 0
+        order = order[keep]
+        return ident, idx[keep], [datas[k] for k in order.tolist()]
+
+    def block_tiles(self, level: int, row0: int, col0: int):
+        """(identity, {index: bytes}) of a block's tiles."""
+        ident, idx, tiles = self._read_block(level, row0, col0)
+        return ident, dict(zip(idx.tolist(), tiles))
+
+    def block_body(self, level: int, row0: int, col0: int, label: str):
+        """(identity, buffer, offsets, sizes) of a block laid out as a V2 bundle body, read with one query."""
+        ident, idx, tiles = self._read_block(level, row0, col0)
+        return (ident, *v2_layout(idx, tiles, label))
 
     def tile(self, level: int, row: int, col: int) -> bytes | None:
         """One tile's bytes, or None."""
@@ -301,6 +326,9 @@ def connect(path: str, label: str) -> sqlite3.Connection:
     try:
         c = sqlite3.connect(uri, uri=True, timeout=2.0, check_same_thread=False, factory=_Connection)
         c.execute("PRAGMA query_only = 1")
+        # no mapping: a file truncated under us must be an SQLite error, not SIGBUS
+        c.execute("PRAGMA mmap_size = 0")
+        c.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         c.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.Error as e:
         raise CacheError(f"{label}: not a readable SQLite database ({e})") from None
