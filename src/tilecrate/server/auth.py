@@ -339,8 +339,10 @@ def setup(app: web.Application, secret: bytes) -> None:
     """Per-process sign-in state (called on startup with the store's secret)."""
     cfg = app[CFG]
     app[SIGNER] = TokenSigner(secret)
+    app[KDF_GATE] = [asyncio.Semaphore(_KDF_CONCURRENCY), 0]
+    if not cfg.users:
+        return  # nobody signs in: no counts to keep
     # one count for every front-end process of the data dir (else N processes allow N times the guesses)
     app[LIMITER] = SharedFailureLimiter(os.path.join(cfg.data_dir, "signins.lmdb"), cfg.auth.max_failed_signins,
                                         cfg.auth.signin_window)
-    app[KDF_GATE] = [asyncio.Semaphore(_KDF_CONCURRENCY), 0]
 
