@@ -1,6 +1,6 @@
 """The item metadata tpkutils' own test_metadata checks travels through a tilecrate re-export into a
 .tpk's iteminfo.xml and a .tpkx's iteminfo.json (issue 12). tpkutils' whole suite needs its tests/,
-which are not on PyPI: scripts/tpkutils_suite.py runs it where a checkout exists (22 of 23 pass)."""
+which are not on PyPI: scripts/tpkutils_suite.py runs it where a checkout exists (23 of 23 pass)."""
 from __future__ import annotations
 
 import json

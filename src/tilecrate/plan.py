@@ -137,6 +137,7 @@ class ExportPlan:
         state["selection"] = [(lv.level, lv.tiles, lv.tile_bytes,
                                [(b.ref, pack_mask(b.mask), b.tiles, b.tile_bytes) for b in lv.bundles])
                               for lv in self.selection.levels]
+        state["whole_area"] = self.selection.whole_area
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -144,7 +145,7 @@ class ExportPlan:
                                          for ref, m, t, nb in bundles], tiles, tile_bytes)
                   for level, tiles, tile_bytes, bundles in state["selection"]]
         state["selection"] = Selection(levels, sum(lv.tiles for lv in levels),
-                                       sum(lv.tile_bytes for lv in levels))
+                                       sum(lv.tile_bytes for lv in levels), state.pop("whole_area", False))
         self.__dict__.update(state)
 
 

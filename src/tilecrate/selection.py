@@ -73,6 +73,7 @@ class Selection:
     levels: list[LevelSelection]
     tiles: int
     tile_bytes: int
+    whole_area: bool = False       # no extent or polygon limited it (package metadata: the source's extents)
 
     def bundles(self) -> Iterator[BundleSelection]:
         """All selected bundles, level by level, then by row0 and col0."""
@@ -357,4 +358,4 @@ def select(cache: Cache, request: ExportRequest, *, cancel: "Cancel | None" = No
     out = [select_level(cache, lv, area, cancel=cancel, presence=presence) for lv in levels]
     if presence is not None:
         presence.flush()
-    return Selection(out, sum(ls.tiles for ls in out), sum(ls.tile_bytes for ls in out))
+    return Selection(out, sum(ls.tiles for ls in out), sum(ls.tile_bytes for ls in out), area is None)

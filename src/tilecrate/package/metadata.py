@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from tilecrate.cache import COMPACT_V1, COMPACT_V2, Cache
+from tilecrate.sources.esri import ServiceExtents
 from tilecrate.tiling import PACKET, Extent, SpatialRef
 
 WGS84 = SpatialRef(4326, 4326)
@@ -65,6 +66,9 @@ class PackageInfo:
     quality: int
     scheme: object = field(repr=False, default=None)   # tiling.TileScheme
     item: object = field(repr=False, default=None)     # sources.item.ItemInfo of the source, or None
+    # a whole-source export: the source service's extents, every field filled (see service_extents),
+    # written instead of `extent`/`geo_extent` into mapserver.json, root.json and the item files
+    service: ServiceExtents | None = field(repr=False, default=None)
 
     @property
     def storage_format(self) -> str:
@@ -135,13 +139,38 @@ def to_wgs84(extent: Extent | None) -> Extent | None:
     return Extent(max(x0, -180.0), max(y0, -90.0), min(x1, 180.0), min(y1, 90.0), WGS84)
 
 
+def whole_source(cache: Cache, selection) -> bool:
+    """Whether `selection` takes the whole source: no extent or polygon, and every level holding bundles."""
+    if not getattr(selection, "whole_area", False):
+        return False
+    chosen = {lv.level for lv in selection.levels}
+    return all(lv in chosen for lv in cache.levels if cache.scheme.has_level(lv))
+
+
+def service_extents(stated: ServiceExtents, extent: Extent | None, geo: Extent | None) -> ServiceExtents:
+    """The source service's extents with what it leaves out filled in: the full extent from the initial one
+    or the exported data's, WGS 84 ones projected from the native ones, the item's from the initial one."""
+    full = stated.full or stated.initial or extent
+    initial = stated.initial or full
+    geo_full = stated.geo_full or to_wgs84(full) or geo
+    geo_initial = stated.geo_initial or to_wgs84(initial) or geo_full
+    # ArcGIS's iteminfo extent is the geographic initial extent (states_filled.tpk, Usa.tpkx)
+    return ServiceExtents(full, initial, geo_full, geo_initial, stated.item or geo_initial)
+
+
 def package_info(cache: Cache, selection, version: int, quality: int | None = None) -> PackageInfo:
-    """The metadata facts of an export of `selection` from `cache`, written as compact V`version`."""
+    """The metadata facts of an export of `selection` from `cache`, written as compact V`version`.
+
+    A whole-source export (whole_source) states the source service's own extents, as ArcGIS would
+    re-package the same service; any other states the extent of the tiles it holds."""
     levels = [lv.level for lv in selection.levels if lv.tiles > 0]
     extent = _selection_extent(cache, selection)
+    geo = to_wgs84(extent)
     q = cache.compression_quality if quality is None else quality
-    return PackageInfo(cache.name or "Layers", version, levels, extent, to_wgs84(extent),
-                       cache.tile_format, int(q), cache.scheme, getattr(cache, "item", None))
+    stated = getattr(cache, "service_extents", None)
+    service = service_extents(stated, extent, geo) if stated is not None and whole_source(cache, selection) else None
+    return PackageInfo(cache.name or "Layers", version, levels, extent, geo,
+                       cache.tile_format, int(q), cache.scheme, getattr(cache, "item", None), service)
 
 
 # ------------------------------------------------------------------------------------------
@@ -268,17 +297,30 @@ def root_json(info: PackageInfo) -> bytes:
         "storageInfo": {"storageFormat": COMPACT_V2, "packetSize": PACKET},
         "layers": [],
     }
-    if info.extent is not None:
-        root["initialExtent"] = _extent_json(info.extent)
-        root["fullExtent"] = _extent_json(info.extent)
+    full, initial = _native_extents(info)
+    if full is not None:
+        root["initialExtent"] = _extent_json(initial)
+        root["fullExtent"] = _extent_json(full)
     data = json.dumps(root, ensure_ascii=False, indent=1).encode("utf-8")
     # GDAL identifies root.json only in files of at least 512 bytes
     return data if len(data) >= 512 else data + b" " * (512 - len(data))
 
 
-def _geo_extent_dict(info: PackageInfo) -> dict:
-    g = info.geo_extent or Extent(-180.0, -90.0, 180.0, 90.0, WGS84)
+def _geo_extent_dict(info: PackageInfo, geo: Extent | None = None) -> dict:
+    g = geo or info.geo_extent or Extent(-180.0, -90.0, 180.0, 90.0, WGS84)
     return {"xmin": g.xmin, "ymin": g.ymin, "xmax": g.xmax, "ymax": g.ymax}
+
+
+def _native_extents(info: PackageInfo) -> tuple[Extent | None, Extent | None]:
+    """(full, initial) extent the service metadata states: the source's, else the exported data's."""
+    if info.service is not None:
+        return info.service.full, info.service.initial
+    return info.extent, info.extent
+
+
+def _item_extent_dict(info: PackageInfo) -> dict:
+    """The item's geographic extent: the source item's on a whole-source export, else the data's."""
+    return _geo_extent_dict(info, info.service.item if info.service is not None else None)
 
 
 def _item_texts(info: PackageInfo) -> dict:
@@ -311,7 +353,7 @@ def iteminfo_json(info: PackageInfo, stamp: Stamp) -> bytes:
         "type": "Compact Tile Package",
         "typeKeywords": ["Compact Tile Package", "Tile Package", "tpkx"],
         "thumbnail": "./thumbnail.png",
-        "extent": {**_geo_extent_dict(info), "spatialReference": {"wkid": 4326, "latestWkid": 4326}},
+        "extent": {**_item_extent_dict(info), "spatialReference": {"wkid": 4326, "latestWkid": 4326}},
     }
     return _dumps(item)
 
@@ -322,7 +364,7 @@ def iteminfo_json(info: PackageInfo, stamp: Stamp) -> bytes:
 
 def iteminfo_xml(info: PackageInfo, stamp: Stamp) -> bytes:
     """esriinfo/iteminfo.xml of a .tpk, with every element tpkutils dereferences."""
-    g = _geo_extent_dict(info)
+    g = _item_extent_dict(info)
     sr = info.scheme.spatial_ref
     sr_name = f"WKID {sr.code}" if sr.code else "Unknown"
     name = escape(info.name)
@@ -363,7 +405,7 @@ def mapserver_json(info: PackageInfo) -> bytes:
     s = info.scheme
     sr = _sr_json(s.spatial_ref)
     min_scale, max_scale = _scales(info)
-    ext = _extent_json(info.extent)
+    full, initial = _native_extents(info)
     contents = {
         "currentVersion": 10.31,
         "serviceDescription": "",
@@ -375,19 +417,21 @@ def mapserver_json(info: PackageInfo) -> bytes:
         "spatialReference": sr,
         "singleFusedMapCache": True,
         "tileInfo": s.tile_info_json(info.tile_format, info.quality),
-        "initialExtent": ext,
-        "fullExtent": ext,
+        "initialExtent": _extent_json(initial),
+        "fullExtent": _extent_json(full),
         "minScale": min_scale,
         "maxScale": max_scale,
         "units": s.spatial_ref.units,
         "capabilities": "Map",
         "exportTilesAllowed": False,
     }
-    geo = _geo_extent_dict(info)
+    s = info.service
+    geo_full = _geo_extent_dict(info, s.geo_full if s is not None else None)
+    geo_initial = _geo_extent_dict(info, s.geo_initial if s is not None else None)
     doc = {
         "name": "MapServer",
         "contents": contents,
-        "resourceInfo": {"geoFullExtent": geo, "geoInitialExtent": geo},
+        "resourceInfo": {"geoFullExtent": geo_full, "geoInitialExtent": geo_initial},
         "resources": [
             {"name": "layers", "contents": {"layers": []}},
             {"name": "tables", "contents": {"tables": []}},

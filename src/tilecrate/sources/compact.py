@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -36,12 +36,19 @@ from tilecrate.sourcefiles import (
     read_regular,
 )
 from tilecrate.sources.esri import (
+    ITEM_FILES,
+    MAPSERVER_JSON,
+    SERVICE_LIMIT,
+    ServiceExtents,
     _check_storage,
     _Meta,
     normalize_storage_format,
     parse_conf_cdi,
     parse_conf_xml,
+    parse_item_extent,
+    parse_mapserver_json,
     parse_root_json,
+    root_json_extents,
 )
 from tilecrate.sources.item import ItemInfo, read_item_folder, read_item_package
 from tilecrate.sources.model import COMPACT_V1, COMPACT_V2, EXPLODED, BundleData, BundleRef, _FileBytes
@@ -82,6 +89,9 @@ class Cache:
     _tiles_prefix: str | None = field(default=None, repr=False)  # package: the level folders' prefix
     warnings: list = field(default_factory=list)     # bundles refused (names off the grid, not files)
     item: ItemInfo = field(default_factory=ItemInfo)  # title, summary, tags, credits... of the source
+    # the extents the package states for its service (mapserver.json / root.json / iteminfo), which a
+    # whole-source export writes back unchanged; None for sources that state none
+    service_extents: ServiceExtents | None = None
     _index_cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _level_dirs: dict = field(default_factory=dict, repr=False)
@@ -619,6 +629,8 @@ def _open_folder(path: str) -> Cache:
     cache = _make_cache(os.path.abspath(path), "folder", meta.name or name, meta, FolderStore(), bundles, label)
     cache._tiles_dir = tiles_dir
     cache.item = read_item_folder(root, label, cache._warn)
+    if conf is None:
+        cache.service_extents = _folder_service_extents(root, meta)
     if cache.name.lower() == "layers" and cache.item.name:
         cache.name = cache.item.name       # the item's name, not ArcGIS's fixed folder name
     cache._level_dirs = dirs
@@ -662,6 +674,7 @@ def _open_zip_store(path: str, store: ZipStore) -> Cache:
             tiles_prefix = _join_zip(base, tbp)
             kind = "vtpk" if ext == ".vtpk" or base else "tpkx"
             label = f"{path}!{rj}"
+    from_root_json = meta is not None
     if meta is None:
         if not confs:
             raise CacheError(f"{path}: no root.json or conf.xml inside; not a tile package")
@@ -688,12 +701,51 @@ def _open_zip_store(path: str, store: ZipStore) -> Cache:
     cache = _make_cache(os.path.abspath(path), kind, name, meta, store, bundles, label)
     cache._tiles_prefix = tiles_prefix
     cache.item = read_item_package(store, tiles_prefix, path, cache._warn)
+    cache.service_extents = _zip_service_extents(store, tiles_prefix, path, meta, from_root_json, cache._warn)
     if cache.name.lower() == "layers" and cache.item.name:
         cache.name = cache.item.name       # the item's name, not ArcGIS's fixed folder name
     cache._listed = {None: time.monotonic()}
     for w in warnings:
         cache._warn(w)
     return cache
+
+
+def _zip_service_extents(store: ZipStore, tiles_prefix: str, path: str, meta: _Meta, from_root_json: bool,
+                         warn: Callable[[str], None]) -> ServiceExtents | None:
+    """The extents a package states for its service: root.json's (.tpkx) or mapserver.json's (.tpk),
+    and its item's; a broken mapserver.json is a warning, as a broken item file is."""
+    names = {n.lower(): n for n in store.infos}
+    top = tiles_prefix.split("/", 1)[0] + "/" if "/" in tiles_prefix.strip("/") else ""
+    found = ServiceExtents()
+    if from_root_json:
+        found = root_json_extents(meta)
+    else:
+        n = names.get(MAPSERVER_JSON) or names.get((top + MAPSERVER_JSON).lower())
+        if n is not None and store.infos[n].file_size <= SERVICE_LIMIT:
+            try:
+                found = parse_mapserver_json(store.read_small(n), f"{path}!{n}", meta.scheme.spatial_ref)
+            except CacheError as e:
+                warn(f"{path}!{n}: service extents not read ({e})")
+    # the item file sources.item reads, in its order
+    for rel in ITEM_FILES + (top + "iteminfo.json", top + "esriinfo/iteminfo.xml"):
+        n = names.get(rel.lower())
+        if n is not None:
+            if store.infos[n].file_size <= SERVICE_LIMIT:
+                found = replace(found, item=parse_item_extent(store.read_small(n), n))
+            break
+    return None if found.empty else found
+
+
+def _folder_service_extents(root: str, meta: _Meta) -> ServiceExtents | None:
+    """The extents a cache folder's root.json states, and those of an iteminfo.json next to it."""
+    found = root_json_extents(meta)
+    p = os.path.join(root, "iteminfo.json")
+    if os.path.isfile(p) and os.path.getsize(p) <= SERVICE_LIMIT:
+        try:
+            found = replace(found, item=parse_item_extent(read_regular(p, p), p))
+        except (CacheError, OSError):
+            pass    # sources.item warns about an unreadable item file
+    return None if found.empty else found
 
 
 def _join_zip(base: str, rel: str) -> str:

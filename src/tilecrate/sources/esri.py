@@ -10,6 +10,12 @@ from tilecrate.errors import CacheError
 from tilecrate.sources.model import COMPACT_V1, COMPACT_V2, EXPLODED
 from tilecrate.tiling import LOD, PACKET, Extent, SpatialRef, TileScheme
 
+SERVICE_LIMIT = 4 << 20   # a service description or item file larger than this is not read for extents
+_GEO = SpatialRef(4326, 4326)
+_WEB_MERCATOR_CODES = {3857, 102100, 102113, 900913}
+# where ArcGIS puts the service description and the item file of a package (as sources.item looks)
+MAPSERVER_JSON = "servicedescriptions/mapserver/mapserver.json"
+ITEM_FILES = ("esriinfo/iteminfo.xml", "iteminfo.json", "esriinfo/iteminfo.json")
 
 
 def _text(el: ET.Element | None, tag: str, default: str | None = None) -> str | None:
@@ -116,12 +122,19 @@ def _extent_json(obj, default_sr: SpatialRef) -> Extent | None:
     return ext if ext.is_valid else None
 
 
-def parse_root_json(data: bytes, label: str = "root.json") -> tuple[_Meta, str]:
-    """Read a .tpkx/.vtpk root.json; returns the metadata and tileBundlesPath."""
+def _json_doc(data: bytes, label: str):
     try:
-        root = json.loads(data.decode("utf-8-sig"))
+        return json.loads(data.decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CacheError(f"{label}: not valid JSON ({e})") from None
+    except RecursionError:
+        # `[[[[...` a few hundred kB deep: the decoder recurses per level
+        raise CacheError(f"{label}: not valid JSON (nested too deeply)") from None
+
+
+def parse_root_json(data: bytes, label: str = "root.json") -> tuple[_Meta, str]:
+    """Read a .tpkx/.vtpk root.json; returns the metadata and tileBundlesPath."""
+    root = _json_doc(data, label)
     if not isinstance(root, dict) or not isinstance(root.get("tileInfo"), dict):
         raise CacheError(f"{label}: no tileInfo object")
     ti = root["tileInfo"]
@@ -178,3 +191,101 @@ def _check_storage(meta: _Meta, label: str) -> None:
         raise CacheError(f"{label}: storage format {meta.storage_format} is not supported yet "
                          "(tilecrate reads compact V1 and V2 caches)")
 
+
+
+# ------------------------------------------------------------------------------------------
+# the service's own extents (mapserver.json of a .tpk, root.json and iteminfo.json of a .tpkx)
+
+
+@dataclass(frozen=True)
+class ServiceExtents:
+    """The extents a package states for its service, as ArcGIS wrote them: the native full and
+    initial extents, their WGS 84 counterparts and the item's geographic extent; None where the
+    package says nothing. A whole-source export writes them back unchanged."""
+
+    full: Extent | None = None
+    initial: Extent | None = None
+    geo_full: Extent | None = None
+    geo_initial: Extent | None = None
+    item: Extent | None = None        # iteminfo.xml <extent> / iteminfo.json "extent", WGS 84
+
+    @property
+    def empty(self) -> bool:
+        """Whether the package states none of them."""
+        return all(v is None for v in (self.full, self.initial, self.geo_full, self.geo_initial, self.item))
+
+
+def _codes(sr: SpatialRef) -> set[int]:
+    codes = {c for c in (sr.wkid, sr.latest_wkid) if c is not None}
+    return {3857} if codes & _WEB_MERCATOR_CODES else codes
+
+
+def _native_extent(obj, sr: SpatialRef) -> Extent | None:
+    """An envelope in the tiling scheme's coordinates; None if unusable or in another system."""
+    ext = _extent_json(obj, sr)
+    if ext is None:
+        return None
+    own, scheme = _codes(ext.spatial_ref), _codes(sr)
+    if own and scheme and not own & scheme:
+        return None     # a service extent in another coordinate system than the tiles: not ours to copy
+    return ext
+
+
+def _geo_extent(obj) -> Extent | None:
+    """A WGS 84 envelope from `{xmin, ymin, xmax, ymax}` or `[[xmin, ymin], [xmax, ymax]]`."""
+    if isinstance(obj, list) and len(obj) == 2 and all(isinstance(p, list) and len(p) == 2 for p in obj):
+        obj = {"xmin": obj[0][0], "ymin": obj[0][1], "xmax": obj[1][0], "ymax": obj[1][1]}
+    if not isinstance(obj, dict):
+        return None
+    vals = []
+    for k in ("xmin", "ymin", "xmax", "ymax"):
+        v = obj.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            return None
+        try:
+            vals.append(float(v))
+        except (ValueError, OverflowError):
+            return None
+    ext = Extent(*vals, _GEO)
+    # degrees: anything past a few turns is not a geographic extent
+    return ext if ext.is_valid and all(abs(v) <= 720.0 for v in vals) else None
+
+
+def parse_mapserver_json(data: bytes, label: str, sr: SpatialRef) -> ServiceExtents:
+    """The extents of a .tpk's servicedescriptions/mapserver/mapserver.json (`contents.fullExtent`,
+    `contents.initialExtent`, `resourceInfo.geoFullExtent`, `resourceInfo.geoInitialExtent`)."""
+    doc = _json_doc(data, label)
+    if not isinstance(doc, dict):
+        raise CacheError(f"{label}: not a JSON object")
+    contents = doc.get("contents") if isinstance(doc.get("contents"), dict) else {}
+    info = doc.get("resourceInfo") if isinstance(doc.get("resourceInfo"), dict) else {}
+    return ServiceExtents(_native_extent(contents.get("fullExtent"), sr),
+                          _native_extent(contents.get("initialExtent"), sr),
+                          _geo_extent(info.get("geoFullExtent")), _geo_extent(info.get("geoInitialExtent")))
+
+
+def root_json_extents(meta: _Meta) -> ServiceExtents:
+    """The extents a root.json states (parse_root_json read them into `meta`)."""
+    sr = meta.scheme.spatial_ref
+    keep = [e if e is not None and _native_extent(e.to_json(), sr) is not None else None
+            for e in (meta.full_extent, meta.initial_extent)]
+    return ServiceExtents(keep[0], keep[1])
+
+
+def parse_item_extent(data: bytes, name: str) -> Extent | None:
+    """The geographic extent of an iteminfo.xml (`<extent><xmin>…`) or iteminfo.json (`extent`);
+    None if it states none or cannot be read (sources.item reports a broken item file)."""
+    if name.lower().endswith(".json"):
+        try:
+            doc = _json_doc(data, name)
+        except CacheError:
+            return None
+        return _geo_extent(doc.get("extent")) if isinstance(doc, dict) else None
+    try:
+        root = _xml_root(data, name)
+    except CacheError:
+        return None
+    el = root.find("extent")
+    if el is None:
+        return None
+    return _geo_extent({k: _text(el, k) for k in ("xmin", "ymin", "xmax", "ymax")})
