@@ -113,8 +113,17 @@ def test_non_integer_columns_are_an_error(tmp_path):
     with open_cache(p) as c:
         with pytest.raises(CacheError, match="r.mbtiles: level 2 has tile rows whose column or row is not an integer"):
             c.level_summary()
-        with pytest.raises(CacheError, match="column or row is not an integer"):
+    v = tmp_path / "v.mbtiles"                       # a view whose columns are reals of whole numbers
+    with sqlite3.connect(v) as db:
+        db.execute("CREATE TABLE t (z, x, y, d)")
+        db.execute("INSERT INTO t VALUES (2, 1, 1, ?)", (_tile(1),))
+        db.execute("CREATE VIEW tiles AS SELECT z AS zoom_level, x * 1.0 AS tile_column, y AS tile_row, "
+                   "d AS tile_data FROM t")
+    with open_cache(v) as c:
+        with pytest.raises(CacheError, match="v.mbtiles: level 2 has tile rows whose column or row is not an integer"):
             c._store.block_body(2, 0, 0, "b")
+        with pytest.raises(CacheError, match="column or row is not an integer"):
+            c.level_summary()
 
 
 def test_connections_read_only_without_mmap(tmp_path):
@@ -150,7 +159,12 @@ def test_export_reads_each_block_once(tmp_path, monkeypatch, out):
 
 def test_non_integer_columns_block_by_block(tmp_path, monkeypatch):
     monkeypatch.setattr(sqlite_source, "SCAN_LIMIT", 1)          # the level is read block by block
-    p = _mbtiles(tmp_path / "b.mbtiles", [(2, 1, 1, _tile(1)), (2, 1, 2, _tile(3)), (2, 1.5, 2, _tile(2))])
-    with open_cache(p) as c:
+    v = tmp_path / "b.mbtiles"
+    with sqlite3.connect(v) as db:
+        db.execute("CREATE TABLE t (z, x, y, d)")
+        db.executemany("INSERT INTO t VALUES (2, 1, ?, ?)", [(1, _tile(1)), (2, _tile(2))])
+        db.execute("CREATE VIEW tiles AS SELECT z AS zoom_level, x AS tile_column, y * 1.0 AS tile_row, "
+                   "d AS tile_data FROM t")
+    with open_cache(v) as c:
         with pytest.raises(CacheError, match="b.mbtiles: level 2 has tile rows whose column or row is not an integer"):
             c.level_summary()

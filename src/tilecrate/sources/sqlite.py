@@ -43,6 +43,9 @@ _GPKG_IDS = (0x47504B47, 0x47503130)
 _DEG_METRES = 2 * math.pi * 6378137.0 / 360.0   # ArcGIS's scale for degrees: metres per degree
 
 
+_BLOCK_WHERE = f"zoom_level = ? AND tile_column IN ({', '.join('?' * PACKET)}) AND tile_row BETWEEN ? AND ?"
+
+
 def _sql_error(label: str, e: Exception) -> CacheError:
     if "interrupted" in str(e):
         return CacheError(f"{label}: a query ran longer than {QUERY_SECONDS:g} s and was stopped (is `tiles` a view "
@@ -124,8 +127,14 @@ class SqliteBackend:
             lo, hi = h - 1 - r1, h - 1 - row0
         else:
             lo, hi = row0, r1
-        return ("zoom_level = ? AND tile_column BETWEEN ? AND ? AND tile_row BETWEEN ? AND ?",
-                [level, col0, c1, lo, hi])
+        # the block's columns listed, so the (zoom, column, row) index is searched for the block's rows
+        # in each column instead of scanning every row of 128 columns (the whole height of the level)
+        # (always PACKET values, the last repeated past the grid's edge: one statement text, cached; a bound
+        # on tile_column as well makes SQLite's planner drop the IN list)
+        cols = list(range(col0, c1 + 1))
+        if not cols:                            # a block past the grid's edge: a range nothing is in
+            cols, lo, hi = [col0], 1, 0
+        return _BLOCK_WHERE, [level, *cols, *[cols[-1]] * (PACKET - len(cols)), lo, hi]
 
     def _cells(self, level: int, cols, rows) -> tuple[np.ndarray, np.ndarray]:
         """Columns and rows as integer arrays; a real or text among them (a view's column) is an error."""
