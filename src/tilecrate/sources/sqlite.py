@@ -7,6 +7,7 @@ SQLite errors (truncated, corrupt, not a database) become one-line CacheErrors n
 """
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import os
@@ -136,6 +137,14 @@ class SqliteBackend:
             cols, lo, hi = [col0], 1, 0
         return _BLOCK_WHERE, [level, *cols, *[cols[-1]] * (PACKET - len(cols)), lo, hi]
 
+    def _ints(self, level: int, values, n: int) -> np.ndarray:
+        """n integers from SQLite as an int64 array; a real, text or NULL among them (a view's column) is an error."""
+        values = tuple(values)
+        # numpy would truncate a real silently: the types are checked first (a set of types, in C)
+        if n and set(map(type, values)) != {int}:
+            raise CacheError(f"{self.label}: level {level} has tile rows whose column or row is not an integer")
+        return np.fromiter(values, dtype=np.int64, count=n)
+
     def _cells(self, level: int, cols, rows) -> tuple[np.ndarray, np.ndarray]:
         """Columns and rows as integer arrays; a real or text among them (a view's column) is an error."""
         cols, rows = np.array(cols), np.array(rows)
@@ -189,11 +198,7 @@ class SqliteBackend:
                     cur.close()
                     found = None
                     break
-                part = np.array(chunk)
-                if part.dtype.kind not in "iu":          # a text, real or NULL in an integer column
-                    raise CacheError(f"{self.label}: level {level} has tile rows whose column or row is not "
-                                     "an integer")
-                parts.append(part.astype(np.int64, copy=False))
+                parts.append(self._ints(level, itertools.chain.from_iterable(chunk), 3 * len(chunk)).reshape(-1, 3))
             if n <= SCAN_LIMIT:
                 found = {}
                 if parts:
@@ -274,9 +279,7 @@ class SqliteBackend:
         if not got:
             return ident, np.zeros(0, dtype=np.int64), []
         idx, datas = zip(*got)
-        idx = np.array(idx)
-        if idx.dtype.kind not in "iu":           # a real among the columns or rows (a view's): its index is one too
-            raise CacheError(f"{self.label}: level {level} has tile rows whose column or row is not an integer")
+        idx = self._ints(level, idx, len(idx))   # a real among a view's columns or rows makes its index one too
         if set(map(type, datas)) != {bytes}:       # text, NULL or numbers in tile_data: rare, so a loop
             datas = tuple(d.encode("utf-8") if isinstance(d, str) else d if isinstance(d, bytes) else b""
                           for d in datas)
