@@ -18,7 +18,7 @@ from tilecrate.cache import open_cache
 from tilecrate.errors import Cancelled, RequestError
 from tilecrate.jobs import Job, JobRunner, JobService, JobStore
 from tilecrate.jobs.model import EXECUTING, EXPORT, FAILED, SUBMITTED, SUCCEEDED, new_job_id
-from tilecrate.jobs.runner import Budget
+from tilecrate.jobs.runner import RESTART_MESSAGE, Budget
 from tilecrate.jobs.store import Quota, QuotaExceeded, StoreError
 
 AOI = json.dumps({"rings": [[[i * 1e-3, (i % 7) * 1e-3] for i in range(12000)] + [[0, 0]]],
@@ -165,7 +165,9 @@ def test_sweep_fails_jobs_whose_driver_is_gone(tmp_path, sample_v2):
         assert sorted(runner.sweep()) == sorted([orphan.id, mine.id])
         assert store.get(orphan.id).status == FAILED and store.get(mine.id).status == FAILED
         assert store.get(other.id).status == EXECUTING
-        assert "lost track of this job" in store.get(orphan.id).messages[-2]["description"]
+        # a job whose front-end process is gone says so as a restart does; one this process lost says that
+        assert store.get(orphan.id).messages[-2]["description"] == RESTART_MESSAGE
+        assert "lost track of this job" in store.get(mine.id).messages[-2]["description"]
     finally:
         runner.close()
         store.close()

@@ -68,3 +68,46 @@ def _zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_a_front_end_process_that_dies_is_replaced_and_a_killed_parent_leaves_none(tmp_path, sample_v2):
+    """One of N front ends crashing (SIGKILL here) used to stop the whole site; it is replaced, its job is
+    failed with the restart message by the others' sweep, and the site keeps answering. A SIGKILLed
+    parent takes its processes with it (none is left holding the port)."""
+    import signal
+
+    from tilecrate.commands.serve import RESPAWN_AFTER
+    from tilecrate.jobs.runner import RESTART_MESSAGE
+
+    data = tmp_path / "data"
+    cfg = write_config(tmp_path / "tilecrate.toml", data, {"S": {"source": sample_v2}}, workers=1)
+    srv = Server(cfg, data, free_port(), delay=0.5, extra_args=["--processes", "2"])
+    try:
+        srv.start()
+        time.sleep(RESPAWN_AFTER + 0.5)
+        first = _children(srv.proc.pid)
+        assert len(first) == 2
+        job = srv.get(f"{srv.svc('S')}/{EXPORT}", {"f": "json", "levels": "0-5"}).json()["jobId"]
+        srv.poll("S", EXPORT, job, until=lambda j: j["jobStatus"] == "esriJobExecuting")
+        for pid in first:      # whichever drives the job: kill both, one after the other
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(0.3)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(set(_children(srv.proc.pid)) - set(first)) < 2:
+            time.sleep(0.1)
+        again = _children(srv.proc.pid)
+        assert len(again) == 2 and not set(again) & set(first), (first, again)
+        done = srv.poll("S", EXPORT, job, timeout=20)
+        assert done["jobStatus"] == "esriJobFailed"
+        assert RESTART_MESSAGE in [m["description"] for m in done["messages"]], done["messages"]
+        assert srv.get(f"{srv.svc('S')}", {"f": "json"}).status == 200
+        os.kill(srv.proc.pid, signal.SIGKILL)
+        srv.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") and not _zombie(p) for p in again):
+            time.sleep(0.1)
+        assert not any(os.path.exists(f"/proc/{p}") and not _zombie(p) for p in again)
+        srv.proc = None
+    finally:
+        if srv.proc is not None:
+            srv.stop()

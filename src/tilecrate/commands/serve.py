@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 from tilecrate.cli import emit_json
 from tilecrate.errors import TilecrateError
@@ -119,12 +120,17 @@ def _announce(cfg, args: argparse.Namespace, url: str) -> None:
           file=sys.stderr, flush=True)
 
 
+RESPAWN_AFTER = 5.0   # seconds a front-end process must have run to be replaced when it ends
+
+
 def _run_processes(cfg, args: argparse.Namespace, url: str) -> int:
     """N front-end processes accepting on one listening socket, sharing the LMDB job store (issue 10).
 
     The parent binds the socket and holds the data dir's lock, forks the processes (before anything
-    opens LMDB), passes SIGTERM/SIGINT/SIGHUP on to them and exits when they have; if one ends on
-    its own, the others are stopped too. Process 0 expires old jobs; any answers any job.
+    opens LMDB), passes SIGTERM/SIGINT/SIGHUP on to them and exits when they have. One that ends on
+    its own after running a while is replaced (the site keeps answering; the jobs it drove are failed
+    by the others' sweep); one that fails right after starting stops the others too, since a
+    replacement would fail the same way. Process 0 expires old jobs; any answers any job.
     """
     import signal
     import socket
@@ -143,13 +149,18 @@ def _run_processes(cfg, args: argparse.Namespace, url: str) -> int:
         raise TilecrateError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
     sys.stdout.flush()
     sys.stderr.flush()
-    children: dict[int, int] = {}
-    for index in range(cfg.processes):
+    children: dict[int, tuple[int, float]] = {}
+
+    parent = os.getpid()
+
+    def spawn(index: int) -> None:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child process
-            os._exit(_child(cfg, sock, index))
-        children[pid] = index
-    sock.close()
+            os._exit(_child(cfg, sock, index, parent))
+        children[pid] = (index, time.monotonic())
+
+    for index in range(cfg.processes):
+        spawn(index)
     _announce(cfg, args, url)
     got: list[int] = []
 
@@ -163,20 +174,40 @@ def _run_processes(cfg, args: argparse.Namespace, url: str) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
     worst = 0
+    log = logging.getLogger("tilecrate.server")
     while children:
         pid, status = os.wait()
-        children.pop(pid, None)
+        index, started = children.pop(pid, (0, 0.0))
         code = os.waitstatus_to_exitcode(status)
-        if code != 0 and not got:
-            logging.getLogger("tilecrate.server").error("front-end process %d ended with %d; stopping the others",
-                                                        pid, code)
-            worst = worst or 1
+        if got or worst:
+            continue
+        if time.monotonic() - started >= RESPAWN_AFTER:
+            log.error("front-end process %d (%d) ended with %d; starting another", index, pid, code)
+            spawn(index)
+        elif code != 0:
+            log.error("front-end process %d ended with %d right after starting; stopping the others", pid, code)
+            worst = 1
             forward(signal.SIGTERM, None)
+    sock.close()
     lock.close()
     return worst
 
 
-def _child(cfg, sock, index: int) -> int:  # pragma: no cover - runs in a forked process
+def _end_with_parent(parent: int) -> None:
+    """Linux: SIGTERM this process when the parent dies (a SIGKILLed parent leaves no front end
+    behind holding the port); elsewhere nothing."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:   # it died before the request took effect
+        os._exit(0)
+
+
+def _child(cfg, sock, index: int, parent: int) -> int:  # pragma: no cover - runs in a forked process
     import signal
 
     from aiohttp import web
@@ -185,6 +216,7 @@ def _child(cfg, sock, index: int) -> int:  # pragma: no cover - runs in a forked
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
+    _end_with_parent(parent)
     try:
         app = create_app(cfg, process_index=index, site_lock=False)
         web.run_app(app, sock=sock, print=None, access_log=None, handle_signals=True, shutdown_timeout=5)

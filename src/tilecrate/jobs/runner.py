@@ -49,6 +49,7 @@ from tilecrate.selection import validate_request as _validate_selection
 log = logging.getLogger("tilecrate.jobs")
 
 RESTART_MESSAGE = "The server stopped while this job was running; submit it again."
+LOST_MESSAGE = "The server lost track of this job (its worker stopped); submit it again."
 _PROGRESS_INTERVAL = 0.5  # seconds between progress writes (status is read far more often than this)
 _MEMORY_POLL = 0.2  # seconds between resident-size samples while jobs run
 _CLEANUP_BATCH = 1000  # expired jobs removed per store transaction
@@ -151,8 +152,10 @@ class JobRunner:
             log.warning("marked %d interrupted job(s) failed: %s", len(failed), ", ".join(failed))
         return failed
 
-    def _fail_orphans(self, orphaned: Callable[[Job], bool], message: str = RESTART_MESSAGE) -> list[str]:
-        """Fail outstanding jobs that no live process drives (and that `orphaned` accepts)."""
+    def _fail_orphans(self, orphaned: Callable[[Job], bool],
+                      message: Callable[[Job], str] = lambda job: RESTART_MESSAGE) -> list[str]:
+        """Fail outstanding jobs that no live process drives (and that `orphaned` accepts), each
+        with `message(job)`: a job whose front-end process stopped gets the restart message."""
         now = time.time()
         failed = []
         outstanding = self.store.ids_by_status(*OUTSTANDING)
@@ -170,7 +173,7 @@ class JobRunner:
                 job.status = FAILED
                 job.finished = now
                 job.progress = None
-                job.add_message(message, ERROR)
+                job.add_message(message(job), ERROR)
                 job.add_message(f"Failed at {esri_time(now)} {_elapsed(job)}")
                 return None
             try:
@@ -202,7 +205,7 @@ class JobRunner:
         orphans = self._fail_orphans(
             lambda job: job.id not in pending and (job.driver == self.driver or not job.driver
                                                   or not _process_alive(job.driver)),
-            "The server lost track of this job (its worker stopped); submit it again.")
+            lambda job: (LOST_MESSAGE if job.driver == self.driver else RESTART_MESSAGE))
         if orphans:
             log.warning("failed %d job(s) nobody was running: %s", len(orphans), ", ".join(orphans))
         return orphans
