@@ -11,6 +11,7 @@ is None.
 from __future__ import annotations
 
 import math
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Protocol
@@ -23,6 +24,7 @@ from tilecrate.sources.compact import Cache
 from tilecrate.sources.model import COMPACT_V2, BundleData, BundleRef
 from tilecrate.tiling import PACKET, WEB_MERCATOR, WEB_MERCATOR_HALF, Extent, TileScheme, bundle_origin, sniff_image
 
+_U32_LE = struct.Struct("<I").pack
 BLOCK_LIMIT = 1 << 30      # a block's tile bytes are held in memory while it is exported: refuse more
 _INDEX_CACHE_SIZE = 64         # as compact caches: 64 indexes of 192 KiB
 
@@ -77,9 +79,8 @@ def v2_layout(idx: np.ndarray, tiles: list, label: str) -> tuple[memoryview, np.
     if n == 0:
         return memoryview(bytearray()), offsets, sizes
     # one join (one copy of the tile bytes, in C) instead of a slice assignment per tile
-    prefix = lens.astype("<u4").tobytes()
     parts: list = [None] * (2 * n)
-    parts[0::2] = [prefix[k:k + 4] for k in range(0, 4 * n, 4)]
+    parts[0::2] = map(_U32_LE, lens.tolist())
     parts[1::2] = tiles
     buf = b"".join(parts)
     offsets[idx] = (np.cumsum(lens + 4) - lens).astype(np.uint64)
