@@ -286,3 +286,15 @@ class BlockCache(Cache):
         with self._lock:
             self._index_cache.clear()
 
+
+def tile_pixel_size(tile: bytes) -> int:
+    """The pixel size of a square sample tile (128-1024), else 256 (the open formats' default)."""
+    import io
+
+    try:
+        from PIL import Image
+        with Image.open(io.BytesIO(tile)) as im:
+            w, h = im.size
+    except Exception:
+        return 256
+    return w if w == h and w in (128, 256, 512, 1024) else 256

@@ -7,7 +7,6 @@ Files whose names are not tiles are skipped with a warning.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -19,7 +18,7 @@ import numpy as np
 from tilecrate.errors import CacheError
 from tilecrate.sourcefiles import Gone, changed, file_id, open_regular, pread_exact, read_regular
 from tilecrate.sources import compact
-from tilecrate.sources.blocks import FORMAT_NAMES, BlockCache, detect_format, parse_bounds
+from tilecrate.sources.blocks import FORMAT_NAMES, BlockCache, detect_format, parse_bounds, tile_pixel_size
 from tilecrate.sources.item import from_metadata, read_item_folder
 from tilecrate.tiling import PACKET, TileScheme, parse_level_dir, web_mercator_scheme
 
@@ -202,16 +201,6 @@ class FolderBackend:
         """Nothing is held open between reads."""
 
 
-def _tile_size(tile: bytes) -> int:
-    try:
-        from PIL import Image
-        with Image.open(io.BytesIO(tile)) as im:
-            w, h = im.size
-    except Exception:
-        return 256
-    return w if w == h and w in (128, 256, 512, 1024) else 256
-
-
 def open_xyz(path: str, scheme: str | None = None) -> BlockCache:
     """Open an XYZ or TMS folder; `scheme` 'xyz' or 'tms', else TMS when tilemapresource.xml is
     there (gdal2tiles writes one), XYZ otherwise."""
@@ -244,7 +233,7 @@ def open_xyz(path: str, scheme: str | None = None) -> BlockCache:
     if not samples:
         raise CacheError(f"{path}: no tiles ({{z}}/{{x}}/{{y}}.png|jpg|webp|pbf) in this folder")
     fmt = detect_format(samples)
-    size = _tile_size(samples[0]) if fmt in ("PNG", "JPEG", "MIXED") else 512 if fmt == "pbf" else 256
+    size = tile_pixel_size(samples[0]) if fmt in ("PNG", "JPEG", "MIXED") else 512 if fmt == "pbf" else 256
     tiling = web_mercator_scheme(max(max(dirs) + 1, 1), size)
     meta = _metadata_json(path, warnings.append)
     name = meta.get("name") if isinstance(meta.get("name"), str) and meta["name"].strip() else \

@@ -377,9 +377,9 @@ def open_pmtiles(path: str) -> BlockCache:
         fmt = found if found in ("PNG", "JPEG", "MIXED") else fmt
     size = 512 if fmt in ("pbf", "MLT") else 256
     if fmt in ("PNG", "JPEG", "MIXED"):
-        from tilecrate.sources.sqlite import _tile_size
+        from tilecrate.sources.blocks import tile_pixel_size
         first = backend.first_tiles(1)
-        size = _tile_size(first[0]) if first else 256
+        size = tile_pixel_size(first[0]) if first else 256
     levels = backend.levels()
     top = max(levels) if levels else min(int(h["max_zoom"]), MAX_ZOOM)
     scheme = web_mercator_scheme(top + 1, size)

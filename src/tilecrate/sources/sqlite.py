@@ -20,7 +20,8 @@ import numpy as np
 
 from tilecrate.errors import BundleError, CacheError
 from tilecrate.sourcefiles import file_id
-from tilecrate.sources.blocks import FORMAT_NAMES, BlockCache, detect_format, parse_bounds, v2_layout
+from tilecrate.sources.blocks import (FORMAT_NAMES, BlockCache, detect_format, parse_bounds, tile_pixel_size,
+                                      v2_layout)
 from tilecrate.sources.item import ItemInfo, from_metadata
 from tilecrate.tiling import (
     INCHES_PER_METRE,
@@ -372,17 +373,6 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _tile_size(tile: bytes) -> int:
-    import io
-    try:
-        from PIL import Image
-        with Image.open(io.BytesIO(tile)) as im:
-            w, h = im.size
-    except Exception:
-        return 256
-    return w if w == h and w in (128, 256, 512, 1024) else 256
-
-
 def open_sqlite(path: str, table: str | None = None) -> BlockCache:
     """Open a .mbtiles or .gpkg (told apart by application_id, then by the tables it holds)."""
     c = connect(path, path)
@@ -437,7 +427,7 @@ def open_mbtiles(path: str, tables: dict[str, str]) -> BlockCache:
     found = detect_format(samples) if samples else None
     if fmt is None or (found and found not in ("UNKNOWN",) and fmt != found and fmt in ("PNG", "JPEG")):
         fmt = found or "PNG"
-    size = _tile_size(samples[0]) if samples and fmt in ("PNG", "JPEG", "MIXED") else (512 if fmt == "pbf" else 256)
+    size = tile_pixel_size(samples[0]) if samples and fmt in ("PNG", "JPEG", "MIXED") else (512 if fmt == "pbf" else 256)
     levels = backend.levels()
     top = max(levels) if levels else int(_num(meta.get("maxzoom"), 0))
     scheme = web_mercator_scheme(min(max(top, 0), MAX_ZOOM) + 1, size)
