@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -16,10 +15,10 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from test_dask import WIDE_LEVEL, widen  # noqa: F401  (one hard-linked wide cache for both modules)
 from test_server_support import Server, free_port, write_config
 
 DASK = str(Path(sys.executable).parent / "dask")
-WIDE_LEVEL = 12
 
 
 def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -118,19 +117,6 @@ def site_server(tmp_path: Path, name: str, site: Site, services: dict, local_tem
     cfg.write_text(cfg.read_text() + f'\n[cluster]\nscheduler = "{site.address}"\n'
                    f"exportTilesUsingLocalTempFolder = {'true' if local_temp else 'false'}\n")
     return Server(cfg, data, free_port())
-
-
-def widen(src, dst, count: int, from_level: int = 5):
-    """A hard-linked copy of `src` whose level WIDE_LEVEL holds `count` copies of its `from_level` bundle."""
-    shutil.copytree(src, dst, copy_function=os.link)
-    top = os.path.join(dst, "_alllayers")
-    bundle = next(n for n in os.listdir(os.path.join(top, f"L{from_level:02d}")) if n.endswith(".bundle"))
-    target = os.path.join(top, f"L{WIDE_LEVEL:02d}")
-    os.mkdir(target)
-    for i in range(count):
-        name = f"R{(i // 8) * 128:04x}C{(i % 8) * 128:04x}"
-        os.link(os.path.join(top, f"L{from_level:02d}", bundle), os.path.join(target, name + ".bundle"))
-    return dst
 
 
 def bundle_files(path) -> dict[str, bytes]:
