@@ -145,17 +145,22 @@ class ZipWriter:
         """A whole entry from bytes in memory (metadata files)."""
         self.add_stream(name, len(data), isal_zlib.crc32(data), (data,))
 
+    def _begin_file(self, name: str, size: int, crc: int | None) -> _Entry:
+        """Write a file entry's local header (CRC 0 when it is to be patched in) and return the entry."""
+        raw, flags = self._name(name)
+        if crc is None and not self.can_patch:
+            raise ValueError(f"zip entry {name}: a non-seekable stream needs the CRC-32 before the data")
+        entry = _Entry(raw, flags, int(size), int(crc or 0) & 0xFFFFFFFF, self.position, False)
+        self._write(self._local_header(entry))
+        return entry
+
     def add_stream(self, name: str, size: int, crc: int | None, chunks: Iterable) -> None:
         """An entry of known size, its bytes streamed from `chunks` (buffers).
 
         With `crc=None` (seekable outputs only) the CRC-32 is computed while the bytes pass and
         written into the local header afterwards, so the data is read once.
         """
-        raw, flags = self._name(name)
-        if crc is None and not self.can_patch:
-            raise ValueError(f"zip entry {name}: a non-seekable stream needs the CRC-32 before the data")
-        entry = _Entry(raw, flags, int(size), int(crc or 0) & 0xFFFFFFFF, self.position, False)
-        self._write(self._local_header(entry))
+        entry = self._begin_file(name, size, crc)
         if self._dry:
             self.position += entry.size
         else:
@@ -194,11 +199,7 @@ class ZipWriter:
         parts = list(parts)
         if sum(part_size(p) for p in parts) != int(size):
             raise ValueError(f"zip entry {name}: parts of {sum(part_size(p) for p in parts)} bytes, {size} announced")
-        raw, flags = self._name(name)
-        if crc is None and not self.can_patch:
-            raise ValueError(f"zip entry {name}: a non-seekable stream needs the CRC-32 before the data")
-        entry = _Entry(raw, flags, int(size), int(crc or 0) & 0xFFFFFFFF, self.position, False)
-        self._write(self._local_header(entry))
+        entry = self._begin_file(name, size, crc)
         if self._dry:
             self.position += entry.size
             self._entries.append(entry)
