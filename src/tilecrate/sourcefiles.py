@@ -79,6 +79,18 @@ def pread_exact(fd: int, n: int, offset: int, label: str) -> bytes:
     return data
 
 
+def read_head(path: str, n: int) -> bytes:
+    """Up to the first `n` bytes of a regular file (a source's magic); a FIFO or device is refused,
+    never waited on."""
+    fd, _ = open_regular(path, path)
+    try:
+        return os.pread(fd, n, 0)
+    except OSError as e:
+        raise CacheError(f"{path}: cannot read ({e.strerror})") from None
+    finally:
+        os.close(fd)
+
+
 def read_regular(path: str, label: str, limit: int = _SMALL_LIMIT) -> bytes:
     """The whole content of a small regular file, checked unchanged while read."""
     fd, st = open_regular(path, label)

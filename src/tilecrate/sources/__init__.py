@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from tilecrate.errors import CacheError
-from tilecrate.sourcefiles import open_regular
+from tilecrate.sourcefiles import read_head
 from tilecrate.sources.compact import Cache, open_compact
 
 __all__ = ["Cache", "open_cache"]
@@ -37,13 +37,7 @@ def open_cache(path: str | os.PathLike, *, table: str | None = None, scheme: str
         if folders.is_tile_folder(path):
             return folders.open_xyz(path, scheme)
         return open_compact(path)
-    fd, _ = open_regular(path, path)       # a FIFO or device is refused here, never waited on
-    try:
-        magic = os.pread(fd, 16, 0)
-    except OSError as e:
-        raise CacheError(f"{path}: cannot read ({e.strerror})") from None
-    finally:
-        os.close(fd)
+    magic = read_head(path, 16)
     if magic[:2] == b"PK":
         return open_compact(path)
     if magic == _SQLITE:

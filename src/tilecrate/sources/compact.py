@@ -32,7 +32,7 @@ from tilecrate.sourcefiles import (
     ZipStore,
     changed,
     file_id,
-    open_regular,
+    read_head,
     read_regular,
 )
 from tilecrate.sources.esri import (
@@ -560,13 +560,7 @@ def open_compact(path: str | os.PathLike) -> Cache:
         raise CacheError(f"{path}: no such file or folder")
     if os.path.isdir(path):
         return _open_folder(path)
-    fd, _ = open_regular(path, path)       # a FIFO or device is refused here, never waited on
-    try:
-        magic = os.pread(fd, 4, 0)
-    except OSError as e:
-        raise CacheError(f"{path}: cannot read ({e.strerror})") from None
-    finally:
-        os.close(fd)
+    magic = read_head(path, 4)
     if magic[:2] != b"PK":
         raise CacheError(f"{path}: not a tile package (not a zip file) and not a cache folder")
     return _open_zip(path)
