@@ -19,6 +19,10 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 .venv/bin/python -m pip install -q -e ".[test]"
+# An editable install leaves our sources uncompiled, and with PYTHONDONTWRITEBYTECODE set (as in
+# many images) every `tilecrate` process would compile them again: write the .pyc files once, as
+# pip does for a wheel (stale ones are simply recompiled in memory after an edit).
+.venv/bin/python -m compileall -q src/tilecrate >/dev/null
 # pillow-simd and Pillow both install the `PIL` folder; if anything pulled Pillow in, put
 # pillow-simd back so exactly one owns it.
 if .venv/bin/python -m pip show pillow >/dev/null 2>&1; then
