@@ -93,7 +93,7 @@ def test_inspect_does_not_load_the_server(tmp_path, sample_v2):
 # preinit used to pull in (urllib.request -> http.client -> email; the BMP, GIF, PPM readers), SQLite (open formats)
 NOT_FOR_EXPORT = ("pyproj", "shapely", "aiohttp", "tqdm", "lmdb", "dask", "distributed", "importlib.metadata",
                   "urllib.request", "http.client", "email", "xml.sax", "tilecrate.server", "tilecrate.jobs",
-                  "tilecrate.runners.dask", "tilecrate.admin", "sqlite3")
+                  "tilecrate.runners.dask", "tilecrate.admin", "sqlite3", "tilecrate.package.vtpk")
 PIL_READERS = {"sample_v2": "PIL.JpegImagePlugin", "sample_png": "PIL.PngImagePlugin"}
 
 
@@ -212,3 +212,21 @@ def test_process_exit_skips_the_collector_only_for_the_own_command_line(tmp_path
     _, r = modules_after(tmp_path, f"import gc\nfrom tilecrate.cli import main\n"
                                f"code = main({args!r})\nassert gc.get_freeze_count() == 0")
     assert r.returncode == 0 and out.stat().st_size > 0, r.stderr
+
+
+def test_own_command_line_loads_openblas_with_one_thread(tmp_path, sample_v2):
+    """main() on the process's argv sets OPENBLAS_NUM_THREADS=1 before numpy loads (~40 CPU-ms of a small export
+    process, bench_startup), keeping a value the user set; main(argv) from a caller leaves the environment alone."""
+    out = tmp_path / "b.tpkx"
+    args = ["export", str(sample_v2), "-o", str(out), "--levels", "0-1", "--quiet"]
+    probe = ("import os\n{pre}sys.argv[1:] = {args!r}\nfrom tilecrate.cli import main\ncode = main({call})\n"
+             "assert os.environ.get('OPENBLAS_NUM_THREADS') == {want!r}, os.environ.get('OPENBLAS_NUM_THREADS')\n")
+    cases = [("os.environ.pop('OPENBLAS_NUM_THREADS', None)\n", "", "1"),
+             ("os.environ['OPENBLAS_NUM_THREADS'] = '2'\n", "", "2"),
+             ("os.environ.pop('OPENBLAS_NUM_THREADS', None)\n", repr(args), None)]
+    for pre, call, want in cases:
+        if out.exists():
+            out.unlink()
+        mods, r = modules_after(tmp_path, probe.format(pre=pre, args=args, call=call, want=want))
+        assert r.returncode == 0 and out.stat().st_size > 0, (pre, call, r.stderr)
+        assert "numpy" in mods

@@ -96,6 +96,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run, and turn every error into one line on stderr and an exit code."""
+    if argv is None:
+        # the process's own command line: OpenBLAS, loaded with numpy (which the compiled core needs),
+        # starts a thread and allocates buffers per core at load: ~40 CPU-ms of a small export process
+        # (bench_startup). No command multiplies matrices; a value the user set is kept.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         return _main(sys.argv[1:] if argv is None else list(argv))
     finally:

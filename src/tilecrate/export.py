@@ -15,7 +15,7 @@ from typing import Callable
 
 from tilecrate.cache import Cache, open_cache
 from tilecrate.errors import ExportError
-from tilecrate.package.vtpk import export_vtpk, is_vector_source
+from tilecrate.package.layout import is_vector_source
 from tilecrate.package.tempfiles import sweep_stale_temps, temp_path
 from tilecrate.package.zipstream import ZIP64_LIMIT
 from tilecrate.plan import ExportPlan, check_source, make_plan
@@ -99,7 +99,9 @@ def export(cache: Cache | str, request: ExportRequest, out: str, *,
                               "local_temp_folder apply to .tpkx, .tpk and cache folder outputs")
         return export_open(cache, request, out, open_kind, progress=progress, cancel=cancel, selection=selection)
     if is_vector_source(cache):
-        # vector tiles: always a .vtpk, written by tilecrate.package.vtpk (issue 13)
+        # vector tiles: always a .vtpk, written by tilecrate.package.vtpk (issue 13), imported only then
+        from tilecrate.package.vtpk import export_vtpk
+
         return export_vtpk(cache, request, out, progress=progress, cancel=cancel, selection=selection,
                            zip64_limit=zip64_limit)
     check_source(cache)

@@ -105,3 +105,8 @@ def entries(layout: Layout, selection):
             yield "dir", layout.level_dir(lv.level), None
         for b in chosen:
             yield "bundle", layout.bundle_path(b.ref), b
+
+
+def is_vector_source(cache: Cache) -> bool:
+    """Whether a cache holds vector tiles (a .vtpk or an extracted one): its export is a .vtpk."""
+    return cache.kind == "vtpk" or cache.tile_format.lower() == "pbf"

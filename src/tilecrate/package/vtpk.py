@@ -33,6 +33,7 @@ from tilecrate import _plan
 from tilecrate.cache import Cache
 from tilecrate.errors import ExportError
 from tilecrate.package.bundles import plan_bundle
+from tilecrate.package.layout import is_vector_source  # noqa: F401 - re-exported
 from tilecrate.package.metadata import WGS84, Stamp, escape, to_wgs84
 from tilecrate.package.tempfiles import temp_path
 from tilecrate.package.zipstream import ZIP64_LIMIT, ZipWriter
@@ -51,11 +52,6 @@ _LISTINGS_LOCK = threading.Lock()
 _LISTINGS_SIZE = 16
 WHOLE = 8 << 20                # source files up to this size are copied with one read and a CRC check
 _LOD_RATIO_TOL = 1e-3
-
-
-def is_vector_source(cache: Cache) -> bool:
-    """Whether a cache holds vector tiles (a .vtpk or an extracted one): its export is a .vtpk."""
-    return cache.kind == "vtpk" or cache.tile_format.lower() == "pbf"
 
 
 # --------------------------------------------------------------------------------------------
