@@ -110,6 +110,13 @@ def bundle_tiles(cache: Cache, plan: ExportPlan, bsel: BundleSelection,
     check_cancel(cancel)
     ref = bsel.ref
     idx = np.flatnonzero(bsel.mask.reshape(-1))
+    listed = getattr(cache, "open_tiles", None)
+    if listed is not None and plan.policy is None:
+        # a source of separate tiles (MBTiles, GeoPackage, PMTiles, folders): its tiles as read, no body
+        tiles = _selected(cache.bundle_label(ref), *listed(ref), idx, bsel.tiles)
+        rows = ref.row0 + idx // PACKET
+        cols = ref.col0 + idx % PACKET
+        return rows.astype(np.int64), cols.astype(np.int64), tiles, []
     data = cache.open_bundle(ref)
     try:
         sizes = data.sizes[idx]
@@ -144,6 +151,19 @@ def bundle_tiles(cache: Cache, plan: ExportPlan, bsel: BundleSelection,
     rows = ref.row0 + idx // PACKET
     cols = ref.col0 + idx % PACKET
     return rows.astype(np.int64), cols.astype(np.int64), tiles, warnings
+
+
+def _selected(label: str, present: np.ndarray, tiles: list, idx: np.ndarray, expected: int) -> list:
+    """The tiles at block indices `idx` (ascending) out of a block's `present` indices (ascending) and tiles."""
+    if present.size == idx.size and idx.size == expected and np.array_equal(present, idx):
+        return tiles
+    at = np.searchsorted(present, idx)
+    found = at < present.size
+    found[found] = present[at[found]] == idx[found]
+    if idx.size != expected or not found.all():
+        raise BundleError(f"{label}: holds {int(np.count_nonzero(found))} of the {expected} selected tiles now; "
+                          "the source changed since the export was planned")
+    return [tiles[i] for i in at.tolist()]
 
 
 def wgs84_bounds(plan: ExportPlan) -> tuple[float, float, float, float]:

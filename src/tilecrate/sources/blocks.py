@@ -50,7 +50,9 @@ class TileBackend(Protocol):
         """One tile's bytes, or None."""
 
     # optional: block_body(level, row0, col0, label) -> (identity, buffer, offsets, sizes), the block
-    # already laid out by `v2_layout` (BlockCache uses it instead of block_tiles + v2_body)
+    # already laid out by `v2_layout` (BlockCache uses it instead of block_tiles + v2_body), and
+    # block_list(level, row0, col0) -> (identity, ascending unique indices, their tiles' bytes), the
+    # tiles without a body (BlockCache.open_tiles uses it instead of block_tiles)
 
     def close(self) -> None:
         """Release files and connections."""
@@ -258,6 +260,27 @@ class BlockCache(Cache):
             while len(self._index_cache) > _INDEX_CACHE_SIZE:
                 self._index_cache.popitem(last=False)
         return BundleData(ref, buf, offsets, sizes, None, None)
+
+    def open_tiles(self, ref: BundleRef, expect: tuple | None = None) -> tuple[np.ndarray, list]:
+        """(ascending block indices, their tiles' bytes) of a block as it is now, without laying out a
+        bundle body (the open sinks write tiles one by one: a body would be one more copy of every byte)."""
+        self._check_ref(ref)
+        listed = getattr(self._store, "block_list", None)
+        if listed is not None:
+            key, idx, tiles = listed(ref.level, ref.row0, ref.col0)
+        else:
+            key, found = self._store.block_tiles(ref.level, ref.row0, ref.col0)
+            order = sorted(i for i, t in found.items() if t)
+            idx, tiles = np.asarray(order, dtype=np.int64), [found[i] for i in order]
+        if expect is not None and key != expect:
+            raise BundleError(f"{self.bundle_label(ref)}: the source changed after its tiles were selected; "
+                              "run the export again")
+        idx = np.asarray(idx, dtype=np.int64)
+        if len(tiles) != idx.size or (idx.size and (idx[0] < 0 or idx[-1] >= PACKET * PACKET
+                                                      or np.any(np.diff(idx) <= 0))):
+            raise BundleError(f"{self.bundle_label(ref)}: block indices must be ascending, unique and inside "
+                              "the block")
+        return idx, tiles
 
     def tile(self, level: int, row: int, col: int) -> bytes | None:
         """Bytes of one tile as the source holds it now, or None."""

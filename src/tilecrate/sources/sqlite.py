@@ -298,6 +298,10 @@ class SqliteBackend:
         ident, idx, tiles = self._read_block(level, row0, col0)
         return ident, dict(zip(idx.tolist(), tiles))
 
+    def block_list(self, level: int, row0: int, col0: int) -> tuple[tuple, np.ndarray, list]:
+        """(identity, ascending unique block indices, their tiles' bytes) of a block, from one query."""
+        return self._read_block(level, row0, col0)
+
     def block_body(self, level: int, row0: int, col0: int, label: str):
         """(identity, buffer, offsets, sizes) of a block laid out as a V2 bundle body, read with one query."""
         ident, idx, tiles = self._read_block(level, row0, col0)
