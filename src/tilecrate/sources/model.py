@@ -8,12 +8,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from tilecrate.esri.common import COMPACT_V1, COMPACT_V2, EXPLODED
 from tilecrate.sourcefiles import FileRange, Source, changed, file_id, open_regular
 from tilecrate.tiling import PACKET
-
-COMPACT_V1 = "esriMapCacheStorageModeCompact"
-COMPACT_V2 = "esriMapCacheStorageModeCompactV2"
-EXPLODED = "esriMapCacheStorageModeExploded"
 
 __all__ = ["COMPACT_V1", "COMPACT_V2", "EXPLODED", "BundleData", "BundleReader", "BundleRef", "FileRange"]
 
