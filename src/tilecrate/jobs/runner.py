@@ -65,6 +65,11 @@ class Budget:
     geometry: GeometryLimits | None = None  # what an area may cost (None: the geometry module's defaults)
 
 
+# the service types whose jobs write arcgisoutput folders `<service>_<type>`, as ArcGIS names them
+# (`World_MapServer`; image services' outputs are under `<service>_ImageServer` on ArcGIS too)
+SERVICE_KINDS = ("MapServer", "VectorTileServer", "ImageServer")
+
+
 @dataclass
 class JobService:
     """What the runner needs to know about a service."""
@@ -72,21 +77,40 @@ class JobService:
     name: str
     cache: Cache
     max_export_tiles_count: int = 100000
+    kind: str = "MapServer"  # one of SERVICE_KINDS: names the output folder and the tile-limit message
+
+    def __post_init__(self) -> None:
+        if self.kind not in SERVICE_KINDS:
+            raise ValueError(f"service {self.name}: unknown service type {self.kind!r}; one of {SERVICE_KINDS}")
 
     @property
     def folder(self) -> str:
         """The arcgisoutput folder of this service's jobs."""
-        return f"{self.name}_MapServer"
+        return service_folder(self.name, self.kind)
+
+
+def service_folder(service: str, kind: str) -> str:
+    """`<service>_<type>`: the arcgisoutput folder of a service's jobs."""
+    return f"{service}_{kind}"
+
+
+def service_of_folder(name: str) -> tuple[str, str] | None:
+    """(service, type) an arcgisoutput folder name stands for, or None when it ends in no known type."""
+    for kind in SERVICE_KINDS:
+        suffix = "_" + kind
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[:-len(suffix)], kind
+    return None
 
 
 class JobError(TilecrateError):
     """A job operation is not possible (unknown job, cancel of a finished job)."""
 
 
-def tile_limit_message(count: int, limit: int, service: str) -> str:
-    """ArcGIS's exact tile-limit failure text (FORMATS.md §1.5)."""
+def tile_limit_message(count: int, limit: int, service: str, kind: str = "MapServer") -> str:
+    """ArcGIS's exact tile-limit failure text (FORMATS.md §1.5), with the service's own type."""
     return (f"ERROR 001564: Requested tile count({count}) exceeds the maximum allowed number of "
-            f"tiles({limit}) to be exported for service {service}:MapServer.")
+            f"tiles({limit}) to be exported for service {service}:{kind}.")
 
 
 def _elapsed(job: Job) -> str:
@@ -129,12 +153,17 @@ class JobRunner:
     # paths -----------------------------------------------------------------------------------
 
     def job_dir(self, job: Job) -> str:
-        """`<output root>/<service>_MapServer/<jobId>`."""
-        return os.path.join(self.output_root, f"{job.service}_MapServer", job.id)
+        """`<output root>/<service>_<type>/<jobId>`: a finished job's stored folder, else the one its
+        service's type names now (jobs stored before the type was in the name keep `_MapServer`)."""
+        return os.path.join(self.output_root, *self.job_folder(job).split("/"))
 
     def job_folder(self, job: Job) -> str:
         """The job's folder relative to the arcgisoutput root (URL path form)."""
-        return f"{job.service}_MapServer/{job.id}"
+        stored = (job.result or {}).get("folder")
+        if isinstance(stored, str) and _is_job_folder(stored, job.id):
+            return stored  # read, never recomputed: the service's type may have changed since
+        svc = self.services.get(job.service)
+        return f"{service_folder(job.service, svc.kind if svc is not None else 'MapServer')}/{job.id}"
 
     # start and stop --------------------------------------------------------------------------
 
@@ -214,7 +243,7 @@ class JobRunner:
         out = []
         for name in os.listdir(self.output_root):
             path = os.path.join(self.output_root, name)
-            if name.endswith("_MapServer") and os.path.isdir(path) and not os.path.islink(path):
+            if service_of_folder(name) is not None and os.path.isdir(path) and not os.path.islink(path):
                 out.append(path)
         return out
 
@@ -508,7 +537,7 @@ class JobRunner:
         if cancel.is_set():
             raise Cancelled("cancelled")
         if selection.tiles > svc.max_export_tiles_count:
-            raise JobError(tile_limit_message(selection.tiles, svc.max_export_tiles_count, svc.name))
+            raise JobError(tile_limit_message(selection.tiles, svc.max_export_tiles_count, svc.name, svc.kind))
         per_level = {ls.level: ls.tiles for ls in selection.levels}
         self._note(job.id, f"Exporting {selection.tiles} tiles from {len(per_level)} level(s) "
                            f"({', '.join(str(lv) for lv in per_level)})")
@@ -594,9 +623,13 @@ class JobRunner:
         return text.replace(self.output_root, "arcgisoutput")
 
     def _remove_output(self, job: Job) -> None:
-        path = self.job_dir(job)
-        if os.path.commonpath([path, self.output_root]) == self.output_root and path != self.output_root:
-            shutil.rmtree(path, ignore_errors=True)
+        # its stored folder, and its id under every type: a job whose service changed type (or is
+        # gone) since it was written must not leave its output behind
+        paths = {self.job_dir(job)}
+        paths.update(os.path.join(self.output_root, service_folder(job.service, k), job.id) for k in SERVICE_KINDS)
+        for path in paths:
+            if os.path.commonpath([path, self.output_root]) == self.output_root and path != self.output_root:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def validate_request(cache: Cache, params: Mapping[str, str],
@@ -608,6 +641,13 @@ def validate_request(cache: Cache, params: Mapping[str, str],
     except RecursionError:
         raise RequestError("a parameter is nested too deeply to be read") from None
     return request
+
+
+def _is_job_folder(folder: str, job_id: str) -> bool:
+    """Whether a stored result folder is `<service folder>/<this job's id>` (nothing else is trusted)."""
+    parts = folder.split("/")
+    return (len(parts) == 2 and parts[1] == job_id and service_of_folder(parts[0]) is not None
+            and not parts[0].startswith(".") and "\\" not in parts[0] and "\0" not in parts[0])
 
 
 def _rss() -> int:

@@ -383,7 +383,8 @@ async def h_services(request: web.Request) -> web.Response:
     obj = {"currentVersion": CURRENT_VERSION, "folders": [],
            "services": [{"name": n, "type": request.app[SERVICES][n].kind} for n in names]}
     kinds = {n: request.app[SERVICES][n].kind for n in names}
-    return await reply(request, obj, lambda: html.directory_page(ROOT, names, CURRENT_VERSION, kinds))
+    tok = param(await params_of(request), "token")
+    return await reply(request, obj, lambda: html.directory_page(ROOT, names, CURRENT_VERSION, kinds, tok))
 
 
 async def h_service(request: web.Request) -> web.Response:
@@ -534,8 +535,10 @@ async def h_job(request: web.Request) -> web.Response:
     if f == "html":
         found = _files_of(request, job) or ([], [])
         estimate = (job.result or {}).get("value") if job.kind == ESTIMATE else None
+        folder = (job.result or {}).get("folder") if job.kind == EXPORT else None
         return html_response(html.job_page(ROOT, svc.name, job.kind, obj, found[0], found[1], estimate,
-                                           param(params, "token")))
+                                           param(params, "token"), kind=svc.kind,
+                                           folder_url=f"{OUTPUT}/{quote(folder)}" if folder else None))
     return json_response(obj, fmt_of(params))
 
 
@@ -600,7 +603,8 @@ async def h_output(request: web.Request) -> web.StreamResponse:
         listing = output_listing(request, rel, path)
         f = fmt_of(params, default="json")  # the ArcGIS API for Python reads this without f
         if f == "html":
-            return html_response(html.folder_page(f"arcgisoutput/{rel}", listing))
+            return html_response(html.folder_page(f"arcgisoutput/{rel}", listing, here=f"{OUTPUT}/{quote(rel)}",
+                                                  token=param(params, "token"), home=f"{ROOT}/services?f=html"))
         return json_response(listing, f)
     if not os.path.isfile(path):
         raise no_output(request, rel)
@@ -695,7 +699,7 @@ async def _startup(app: web.Application) -> None:
             scheduler = DaskRunner(cfg.cluster.scheduler, workers=cfg.cluster.workers)
         store = JobStore(cfg.store_dir)
         lim = cfg.limits
-        runner = JobRunner(store, {n: JobService(n, s.cache, s.config.max_export_tiles_count)
+        runner = JobRunner(store, {n: JobService(n, s.cache, s.config.max_export_tiles_count, s.kind)
                                    for n, s in services.items()},
                            cfg.output_dir, workers=cfg.workers, max_outstanding=cfg.maximum_outstanding_jobs,
                            max_file_age=cfg.max_file_age, export_threads=cfg.export_threads,

@@ -26,6 +26,7 @@ from tilecrate.admin.passwords import dummy_verify, verify_password
 from tilecrate.admin.tokens import TokenInvalid, TokenSigner, binding_matches
 from tilecrate.admin.users import Principal, User, permitted
 from tilecrate.jobs.model import is_job_id
+from tilecrate.jobs.runner import service_of_folder
 from tilecrate.server import html
 from tilecrate.server.app import (CFG, OUTPUT, ROOT, SERVICES, STORE, base_url, fmt_of, html_response, json_response,
                                   no_output, param, params_of, token_of)
@@ -107,14 +108,17 @@ def listable_job(request: web.Request, name: str) -> bool:
 
 
 def viewable_output_folder(request: web.Request, name: str) -> bool:
-    """Whether an arcgisoutput service folder (`<service>_MapServer`) is named to this request: with
-    users, only to who may view that service (administrators: every folder)."""
+    """Whether an arcgisoutput service folder (`<service>_MapServer`, `_VectorTileServer`,
+    `_ImageServer`) is named to this request: with users, only to who may view that service
+    (administrators: every folder)."""
     if not request.app[CFG].users:
         return True
     who = request.get(PRINCIPAL)
     if who is not None and who.sees_all_jobs:
         return True
-    svc = request.app[SERVICES].get(name[:-len("_MapServer")]) if name.endswith("_MapServer") else None
+    found = service_of_folder(name)
+    # by name whatever the type: a folder written before the service's type changed is still its own
+    svc = request.app[SERVICES].get(found[0]) if found is not None else None
     return svc is not None and permitted(who, svc.config.view)
 
 

@@ -26,20 +26,23 @@ def json_block(obj: object) -> str:
     return f"<pre>{escape(json.dumps(obj, indent=2))}</pre>"
 
 
-def directory_page(root: str, services: list[str], version: float, kinds: dict[str, str] | None = None) -> str:
+def directory_page(root: str, services: list[str], version: float, kinds: dict[str, str] | None = None,
+                   token: str | None = None) -> str:
     """The services directory (`kinds`: service type by name, MapServer when absent)."""
     kinds = kinds or {}
-    items = "".join(f'<li><a href="{root}/services/{quote(n)}/{kinds.get(n, "MapServer")}?f=html">{escape(n)}</a> '
-                    f'({kinds.get(n, "MapServer")})</li>' for n in services)
+    items = ""
+    for n in services:
+        kind = kinds.get(n, "MapServer")
+        url = with_token(f"{root}/services/{quote(n)}/{kind}?f=html", token)
+        items += f'<li><a href="{escape(url)}">{escape(n)}</a> ({kind})</li>'
     body = f"<p>Current version: {version}</p><h2>Services</h2><ul>{items or '<li>none</li>'}</ul>"
-    return page("Folder: /", body, crumbs=[("Home", f"{root}/services?f=html")])
+    return page("Folder: /", body, crumbs=[("Home", with_token(f"{root}/services?f=html", token))])
 
 
 def service_page(root: str, name: str, info: dict, preview: tuple[int, list[int], list[int]] | None,
                  token: str | None) -> str:
     """A MapServer page: properties, tiling scheme, a tile preview and the export forms."""
     base = f"{root}/services/{quote(name)}/MapServer"
-    tq = f"?token={quote(token)}" if token else ""
     ti = info["tileInfo"]
     rows = [("Single fused map cache", info["singleFusedMapCache"]),
             ("Tile size", f'{ti["cols"]} x {ti["rows"]} px, {ti["dpi"]} dpi'),
@@ -54,17 +57,18 @@ def service_page(root: str, name: str, info: dict, preview: tuple[int, list[int]
     props = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in rows)
     lods = "".join(f"<tr><td>{lod['level']}</td><td>{lod['resolution']}</td><td>{lod['scale']}</td></tr>"
                    for lod in ti["lods"])
-    body = f"<p><a href=\"{base}?f=pjson\">JSON</a></p><table>{props}</table>"
+    body = f"<p><a href=\"{escape(with_token(base + '?f=pjson', token))}\">JSON</a></p><table>{props}</table>"
     if preview is not None:
         level, prow, pcol = preview
-        cells = "".join(
-            "<tr>" + "".join(f'<td><img alt="" loading="lazy" src="{base}/tile/{level}/{r}/{c}{tq}"></td>' for c in pcol)
-            + "</tr>" for r in prow)
+        def img(r: int, c: int) -> str:
+            src = escape(with_token(f"{base}/tile/{level}/{r}/{c}", token))
+            return f'<td><img alt="" loading="lazy" src="{src}"></td>'
+        cells = "".join("<tr>" + "".join(img(r, c) for c in pcol) + "</tr>" for r in prow)
         body += f"<h2>Preview (level {level})</h2><table class=\"preview\">{cells}</table>"
     body += f"<h2>Levels of detail</h2><table><tr><th>level</th><th>resolution</th><th>scale</th></tr>{lods}</table>"
     body += "<h2>Operations</h2>" + _form(base, "exportTiles", token) + _form(base, "estimateExportTilesSize", token)
-    return page(f"{name} (MapServer)", body, crumbs=[("Home", f"{root}/services?f=html"),
-                                                      (name, f"{base}?f=html")])
+    return page(f"{name} (MapServer)", body, crumbs=[("Home", with_token(f"{root}/services?f=html", token)),
+                                                      (name, with_token(f"{base}?f=html", token))])
 
 
 def _form(base: str, op: str, token: str | None) -> str:
@@ -90,13 +94,25 @@ def _form(base: str, op: str, token: str | None) -> str:
             f'</table><input type="submit" value="{op}"></form>')
 
 
+def with_token(url: str, token: str | None) -> str:
+    """`url` with `token=` added: a page reached with ?token= keeps working link by link (the token is
+    already in that page's own URL, so the link shows nothing new; JSON answers never carry one)."""
+    if not token:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}token={quote(token, safe='')}"
+
+
 def job_page(root: str, service: str, op: str, job: dict, files: list[dict] | None, folders: list[str] | None,
-             estimate: dict | None, token: str | None) -> str:
-    """A job: status, progress, messages; refreshes itself until the job has finished."""
-    base = f"{root}/services/{quote(service)}/MapServer"
-    tq = f"&token={quote(token)}" if token else ""
+             estimate: dict | None, token: str | None, *, kind: str = "MapServer",
+             folder_url: str | None = None) -> str:
+    """A job: status, progress, messages; refreshes itself until the job has finished.
+
+    `kind` is the service's type (every link stays under it); `folder_url` is the job's output
+    folder, which the cache folders of a tilePackage=false export are linked under."""
+    base = f"{root}/services/{quote(service)}/{kind}"
     status = job["jobStatus"]
     done = status in ("esriJobSucceeded", "esriJobFailed", "esriJobCancelled")
+    job_url = f"{base}/{op}/jobs/{quote(job['jobId'])}"
     body = f"<p>Job <b>{escape(job['jobId'])}</b>: <b>{escape(status)}</b></p>"
     if job.get("progress"):
         p = job["progress"]
@@ -105,25 +121,38 @@ def job_page(root: str, service: str, op: str, job: dict, files: list[dict] | No
         body += (f"<p>Tiles to export: <b>{estimate['totalTilesToExport']}</b>, "
                  f"estimated size: <b>{estimate['totalSize']}</b> bytes</p>")
     for f in files or []:
-        body += f'<p>Download: <a href="{escape(f["url"])}">{escape(f["name"])}</a> ({f.get("size", 0)} bytes)</p>'
+        body += (f'<p>Download: <a href="{escape(with_token(f["url"], token))}">{escape(f["name"])}</a> '
+                 f'({f.get("size", 0)} bytes)</p>')
     for name in folders or []:
-        body += f"<p>Cache folder: {escape(name)}</p>"
+        if folder_url:
+            link = escape(with_token(f"{folder_url}/{quote(name)}?f=html", token))
+            body += f'<p>Cache folder: <a href="{link}">{escape(name)}</a></p>'
+        else:
+            body += f"<p>Cache folder: {escape(name)}</p>"
     if not done:
-        body += (f'<form method="post" action="{base}/{op}/jobs/{job["jobId"]}/cancel?f=html{tq}">'
+        body += (f'<form method="post" action="{escape(with_token(job_url + "/cancel?f=html", token))}">'
                  '<input type="submit" value="Cancel"></form>')
     msgs = "".join(f'<li class="msg-{escape(m["type"])}">{escape(m["description"])}</li>' for m in job["messages"])
     body += f"<h2>Messages</h2><ul>{msgs}</ul>"
-    body += f'<p><a href="{base}/{op}/jobs/{job["jobId"]}?f=pjson{tq}">JSON</a></p>'
+    body += f'<p><a href="{escape(with_token(job_url + "?f=pjson", token))}">JSON</a></p>'
     return page(f"{op} job", body, refresh=None if done else 2,
-                crumbs=[("Home", f"{root}/services?f=html"), (service, f"{base}?f=html{tq}")])
+                crumbs=[("Home", with_token(f"{root}/services?f=html", token)),
+                        (service, with_token(f"{base}?f=html", token))])
 
 
-def folder_page(title: str, listing: dict) -> str:
-    """An arcgisoutput folder."""
-    items = "".join(f'<li><a href="{escape(f["url"])}">{escape(f["name"])}</a> ({f["size"]} bytes)</li>'
-                    for f in listing.get("files", []))
-    items += "".join(f"<li>{escape(name)}/</li>" for name in listing.get("folders", []))
-    return page(title, f"<ul>{items}</ul>")
+def folder_page(title: str, listing: dict, *, here: str | None = None, token: str | None = None,
+                home: str | None = None) -> str:
+    """An arcgisoutput folder: its files (downloads) and sub-folders (`here`: this folder's URL)."""
+    items = "".join(f'<li><a href="{escape(with_token(f["url"], token))}">{escape(f["name"])}</a> '
+                    f'({f["size"]} bytes)</li>' for f in listing.get("files", []))
+    for name in listing.get("folders", []):
+        if here is not None:
+            link = escape(with_token(f"{here.rstrip('/')}/{quote(name)}?f=html", token))
+            items += f'<li><a href="{link}">{escape(name)}/</a></li>'
+        else:
+            items += f"<li>{escape(name)}/</li>"
+    crumbs = [("Home", with_token(home, token))] if home else []
+    return page(title, f"<ul>{items}</ul>", crumbs=crumbs)
 
 
 def error_page(err: dict) -> str:
