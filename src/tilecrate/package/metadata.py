@@ -8,9 +8,11 @@ export the source service's own extents (FORMATS.md §5.4, §7), and hands them 
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 
 from tilecrate.cache import Cache
+from tilecrate.errors import TilecrateError
 from tilecrate.esri.common import (  # noqa: F401 (escape, WGS84, WEB_MERCATOR_CODES: used by package.vtpk)
     COMPACT_V1,
     COMPACT_V2,
@@ -28,9 +30,10 @@ from tilecrate.tiling import Extent
 
 __all__ = ["CREATOR", "WGS84", "PackageInfo", "Stamp", "conf_cdi", "conf_properties", "conf_xml", "escape",
            "item_pkinfo", "iteminfo_json", "iteminfo_xml", "mapserver_json", "package_info", "root_json",
-           "service_extents", "to_wgs84", "whole_source"]
+           "service_extents", "tile_image_facts", "to_wgs84", "whole_source"]
 
 _R = 6378137.0
+_LERC1_MAGIC = b"CntZImage "     # FORMATS.md §19.3: maxZError is the float64 at offset 26
 
 
 @dataclass
@@ -141,6 +144,35 @@ def service_extents(stated: ServiceExtents, extent: Extent | None, geo: Extent |
     return ServiceExtents(full, initial, geo_full, geo_initial, stated.item or geo_initial)
 
 
+def lerc1_max_z_error(blob: bytes) -> float | None:
+    """The maxZError a LERC1 (`CntZImage`) tile header states, or None if the blob is not one."""
+    if len(blob) < 34 or blob[:10] != _LERC1_MAGIC:
+        return None
+    (err,) = struct.unpack_from("<d", blob, 26)
+    return err if math.isfinite(err) and err >= 0 else None
+
+
+def tile_image_facts(cache: Cache) -> tuple[int | None, float | None]:
+    """(bandCount, lercError) of an elevation (LERC) source, (None, None) for any other.
+
+    What the source states (conf.xml TileImageInfo, root.json tileImageInfo) first; else LERC1's one
+    band and the maxZError in the header of the first tile of the coarsest level (LERC1 tiles carry
+    it; ArcGIS writes one error for a whole cache). Other sources say nothing, so their metadata
+    stays as it was."""
+    if str(cache.tile_format).upper() != "LERC":
+        return None, None
+    bands = getattr(cache, "band_count", None)
+    err = getattr(cache, "lerc_error", None)
+    if err is None and cache.levels:
+        try:
+            for _, _, _, data in cache.iter_tiles(min(cache.levels)):
+                err = lerc1_max_z_error(bytes(data[:34]))
+                break
+        except TilecrateError:
+            pass    # a damaged bundle fails the export's own read of it, with its own message
+    return (bands if bands is not None else 1), err
+
+
 def package_info(cache: Cache, selection, version: int, quality: int | None = None) -> PackageInfo:
     """The metadata facts of an export of `selection` from `cache`, written as compact V`version`.
 
@@ -152,8 +184,10 @@ def package_info(cache: Cache, selection, version: int, quality: int | None = No
     q = cache.compression_quality if quality is None else quality
     stated = getattr(cache, "service_extents", None)
     service = service_extents(stated, extent, geo) if stated is not None and whole_source(cache, selection) else None
+    bands, lerc_error = tile_image_facts(cache)
     return PackageInfo(cache.name or "Layers", version, levels, extent, geo,
-                       cache.tile_format, int(q), cache.scheme, getattr(cache, "item", None), service)
+                       cache.tile_format, int(q), cache.scheme, getattr(cache, "item", None), service,
+                       bands, lerc_error)
 
 
 # ------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from tilecrate.cache import Cache
 from tilecrate.errors import TilecrateError
+from tilecrate.package.metadata import tile_image_facts
 from tilecrate.server import app as core
 from tilecrate.server.config import ServiceConfig
 from tilecrate.server.errors import EsriError
@@ -96,6 +97,8 @@ class ImageService(Service):
     def __init__(self, config: ServiceConfig, cache: Cache, full, initial):
         super().__init__(config, cache, full, initial)
         self._range = self._value_range() if cache.tile_format.upper() == "LERC" else None
+        # what an exported .tpkx's root.json states too (package.metadata.tile_image_facts)
+        self._bands, self._lerc_error = tile_image_facts(cache)
 
     def _value_range(self) -> tuple[float, float] | None:
         levels = self.cache.levels
@@ -132,7 +135,7 @@ class ImageService(Service):
             "singleFusedMapCache": True,
             "tileInfo": scheme.tile_info_json(cache.tile_format, cache.compression_quality),
             "storageInfo": {"storageFormat": cache.storage_format, "packetSize": 128},
-            "bandCount": 1 if lerc else 3,
+            "bandCount": self._bands if self._bands is not None else (1 if lerc else 3),
             "pixelType": "F32" if lerc else "U8",
             "pixelSizeX": finest,
             "pixelSizeY": finest,
@@ -145,6 +148,13 @@ class ImageService(Service):
             "exportTilesAllowed": bool(self.config.export_tiles_allowed),
             "maxExportTilesCount": int(self.config.max_export_tiles_count),
         }
+        if lerc:
+            # the cache's tileImageInfo as its .tpkx root.json states it (format, bands, LERC maxZError)
+            image_info = {"format": cache.tile_format, "compressionQuality": cache.compression_quality,
+                          "bandCount": out["bandCount"]}
+            if self._lerc_error is not None:
+                image_info["lercError"] = self._lerc_error
+            out["tileImageInfo"] = image_info
         if self._range is not None:
             out["minValues"], out["maxValues"] = [self._range[0]], [self._range[1]]
         elif not lerc:

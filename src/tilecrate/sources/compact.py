@@ -92,6 +92,9 @@ class Cache:
     # the extents the package states for its service (mapserver.json / root.json / iteminfo), which a
     # whole-source export writes back unchanged; None for sources that state none
     service_extents: ServiceExtents | None = None
+    # an elevation cache's TileImageInfo BandCount / LERCError (conf.xml, root.json); None if not stated
+    band_count: int | None = None
+    lerc_error: float | None = None
     _index_cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _level_dirs: dict = field(default_factory=dict, repr=False)
@@ -761,5 +764,7 @@ def _make_cache(path, kind, name, meta: _Meta, store, bundles, label) -> Cache:
             problem = _bundle.v2_header_problem(src.pread(0, min(_bundle.V2_DATA_START, src.length)))
         if problem is not None:
             raise CacheError(f"{label}: the cache is compact V1 but {sample.bundle} has no .bundlx index next to it")
-    return Cache(path, kind, name, meta.scheme, storage, meta.tile_format, meta.quality,
-                 meta.full_extent, meta.initial_extent, store, bundles)
+    cache = Cache(path, kind, name, meta.scheme, storage, meta.tile_format, meta.quality,
+                  meta.full_extent, meta.initial_extent, store, bundles)
+    cache.band_count, cache.lerc_error = meta.band_count, meta.lerc_error
+    return cache
