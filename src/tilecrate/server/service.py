@@ -9,7 +9,7 @@ import numpy as np
 from tilecrate.cache import BundleRef, Cache, open_cache
 from tilecrate.errors import CacheError
 from tilecrate.server.config import ConfigError, ServiceConfig
-from tilecrate.tiling import PACKET, Extent, bundle_origin, sniff_image
+from tilecrate.tiling import PACKET, Extent, TileScheme, bundle_origin, sniff_image
 
 CURRENT_VERSION = 11.1  # >= 10.9: Runtime offers .tpkx; >= 10.7: Setup Map Area sends `polygon`
 _CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp",
@@ -173,14 +173,37 @@ def open_service(cfg: ServiceConfig) -> Service:
         raise ConfigError(f"service {cfg.name}: {e}") from None
     cls = _service_class(cfg, cache)
     try:
-        full = cache.data_extent()
-    except CacheError:
-        full = None
-    try:
-        return cls(cfg, cache, full, cache.initial_extent or full)
+        full, initial = served_extents(cache)
+        return cls(cfg, cache, full, initial)
     except BaseException:
         cache.close()
         raise
+
+
+def scheme_extent(scheme: TileScheme) -> Extent:
+    """The extent the tiling scheme covers: the grid symmetric about (0, 0) that an origin up and to
+    the left of it implies (Web Mercator's and WGS 84's worlds), else the coarsest level's first tile."""
+    x0, y1 = scheme.origin_x, scheme.origin_y
+    if x0 < 0 < y1:
+        return Extent(x0, -y1, -x0, y1, scheme.spatial_ref)
+    lod = scheme.lods[0]
+    bx0, by0, bx1, by1 = scheme.tile_bounds(lod.level, 0, 0)
+    return Extent(bx0, by0, bx1, by1, scheme.spatial_ref)
+
+
+def served_extents(cache: Cache) -> tuple[Extent, Extent]:
+    """(fullExtent, initialExtent) a service states: the package's own service extents where it states
+    them (mapserver.json of a .tpk, root.json of a .tpkx / .vtpk, as ArcGIS wrote them), else the data
+    envelope (conf.cdi, or the bounds of the tiles present), else the tiling scheme's extent."""
+    stated = getattr(cache, "service_extents", None)
+    full = stated.full if stated is not None else None
+    initial = stated.initial if stated is not None else None
+    if full is None:
+        try:
+            full = initial or cache.data_extent()
+        except CacheError:
+            full = scheme_extent(cache.scheme)
+    return full, initial or cache.initial_extent or full
 
 
 def _service_class(cfg: ServiceConfig, cache: Cache) -> type[Service]:
