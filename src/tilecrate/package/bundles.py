@@ -48,7 +48,8 @@ class BundlePlan:
 
         A run is read into one reused buffer (with pread when the source file is known: as fast
         as `cp` and nothing is mapped; else copied from the source's memory), then the compiled
-        core writes the tiles' size prefixes into it.
+        core writes the tiles' size prefixes into it. A source in memory whose prefixes are already
+        the tiles' sizes (a block laid out by `sources.blocks.v2_layout`) is yielded in slices.
         """
         yield memoryview(self.aux)
         if not len(self.runs):
@@ -65,6 +66,12 @@ class BundlePlan:
                     yield view[:4 + length]
             return
         src = memoryview(self.source).cast("B") if not isinstance(self.source, memoryview) else self.source
+        if _prefixed(src, self.tile_offsets, self.tile_sizes):
+            # the source holds every tile's size prefix already (a block laid out in memory): each run
+            # is a slice of it, prefixes included, with no copy
+            for off, length, _, _ in self.runs.tolist():
+                yield src[off - 4:off + length]
+            return
         for off, length, first, count in self.runs.tolist():
             view[4:4 + length] = src[off:off + length]
             _plan.fill_prefixes(buf, self.tile_offsets, self.tile_sizes, first, count)
@@ -82,6 +89,21 @@ class BundlePlan:
     def to_bytes(self) -> bytes:
         """The whole .bundle (for tests and small outputs)."""
         return b"".join(bytes(c) for c in self.chunks())
+
+
+def _prefixed(src: memoryview, offsets: np.ndarray, sizes: np.ndarray) -> bool:
+    """Whether the 4 bytes before every tile of `src` are its size, little-endian (what the output holds)."""
+    n = len(offsets)
+    if n == 0 or len(sizes) != n or src.ndim != 1 or src.itemsize != 1:
+        return False
+    offs = np.asarray(offsets, dtype=np.uint64)
+    if int(offs.min()) < 4 or int((offs + np.asarray(sizes, dtype=np.uint64)).max()) > src.nbytes:
+        return False
+    raw = np.frombuffer(src, dtype=np.uint8)
+    at = offs.astype(np.int64) - 4
+    got = (raw[at].astype(np.uint32) | raw[at + 1].astype(np.uint32) << 8 | raw[at + 2].astype(np.uint32) << 16
+           | raw[at + 3].astype(np.uint32) << 24)
+    return bool(np.array_equal(got, np.asarray(sizes, dtype=np.uint32)))
 
 
 def source_file(cache: Cache | None, data: BundleData) -> FileRange | None:
