@@ -20,7 +20,7 @@ from tilecrate.esri.common import COMPACT_V1, COMPACT_V2, CacheMeta, ServiceExte
 from tilecrate.esri.conf_xml import parse_conf_cdi, parse_conf_xml, write_conf_cdi, write_conf_xml
 from tilecrate.esri.iteminfo import Stamp, parse_item_extent, write_iteminfo_json, write_iteminfo_xml
 from tilecrate.esri.mapserver_json import parse_mapserver_json, write_mapserver_json
-from tilecrate.esri.root_json import parse_root_json, write_root_json
+from tilecrate.esri.root_json import parse_root_json, restate_root_json, write_root_json
 from tilecrate.tiling import Extent, SpatialRef
 
 from conftest import REAL, REAL_SOURCES, real_path
@@ -120,6 +120,23 @@ def test_root_json_without_extents_round_trips(real_dir):
     got, _ = parse_root_json(write_root_json(meta, 0, 5, 1e8, 1e5))
     assert got == meta and got.full_extent is None
     assert "fullExtent" not in json.loads(write_root_json(meta, 0, 5, 1e8, 1e5))
+
+
+def test_vtpk_root_json_restated_reads_back(real_dir):
+    with zipfile.ZipFile(real_path("natural-earth.vtpk")) as z:
+        data = z.read("p12/root.json")
+    before, tbp = parse_root_json(data)
+    sr = before.full_extent.spatial_ref
+    ext = Extent(-1e6, -2e6, 3e6, 4e6, SpatialRef(3857, 3857))
+    doc = json.loads(data)
+    out = restate_root_json(doc, [1, 2, 3], before.scheme.lod(1).scale, ext)
+    got, got_tbp = parse_root_json(out)
+    raw = json.loads(out)
+    assert (raw["minLOD"], raw["maxLOD"], raw["minScale"]) == (1, 3, before.scheme.lod(1).scale)
+    assert got_tbp == tbp and got.scheme == before.scheme and got.tile_format == before.tile_format
+    # the export's box, in the spatialReference object the package wrote
+    assert got.full_extent == got.initial_extent == Extent(-1e6, -2e6, 3e6, 4e6, sr)
+    assert raw["fullExtent"]["spatialReference"] == json.loads(data)["fullExtent"]["spatialReference"]
 
 
 def test_mapserver_json_round_trip(real_dir):

@@ -8,6 +8,7 @@ states them (an elevation cache), as ArcGIS writes them for elevation tile packa
 from __future__ import annotations
 
 import json
+from typing import Sequence
 
 from tilecrate.errors import CacheError
 from tilecrate.esri.common import (
@@ -23,7 +24,7 @@ from tilecrate.esri.common import (
     read_extent_json,
     sr_json,
 )
-from tilecrate.tiling import LOD, PACKET, SpatialRef, TileScheme
+from tilecrate.tiling import LOD, PACKET, Extent, SpatialRef, TileScheme
 
 MIN_SIZE = 512      # GDAL identifies root.json only in files of at least 512 bytes
 
@@ -112,3 +113,24 @@ def write_root_json(meta: CacheMeta, min_lod: int, max_lod: int, min_scale: floa
         root["fullExtent"] = extent_json(meta.full_extent)
     data = json.dumps(root, ensure_ascii=False, indent=1).encode("utf-8")
     return data if len(data) >= MIN_SIZE else data + b" " * (MIN_SIZE - len(data))
+
+
+def restate_root_json(root: dict, levels: Sequence[int], first_scale: float | None, extent: Extent | None) -> bytes:
+    """A package's own root.json (a .vtpk's `p12/root.json`) restated for an export of `levels`, in
+    place: minLOD/maxLOD, minScale of the first level when levels above it are left out (`first_scale`,
+    None if the scheme lacks it), and `extent` as initial and full extent keeping the spatialReference
+    object the package wrote; compact JSON, as the package's other keys stay."""
+    if levels:
+        first = root.get("minLOD")
+        root["minLOD"], root["maxLOD"] = levels[0], levels[-1]
+        if isinstance(first, (int, float)) and levels[0] > first and first_scale is not None:
+            # no tiles above the first exported level: clients should not ask for them
+            root["minScale"] = first_scale
+    if extent is not None:
+        ext = extent.to_json()
+        for key in ("initialExtent", "fullExtent"):
+            old = root.get(key)
+            if isinstance(old, dict) and isinstance(old.get("spatialReference"), dict):
+                ext = dict(ext, spatialReference=old["spatialReference"])
+            root[key] = ext
+    return json.dumps(root, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -32,6 +32,7 @@ from isal import isal_zlib
 from tilecrate import _plan
 from tilecrate.cache import Cache
 from tilecrate.errors import ExportError
+from tilecrate.esri.root_json import restate_root_json
 from tilecrate.package.bundles import plan_bundle
 from tilecrate.package.layout import is_vector_source  # noqa: F401 - re-exported
 from tilecrate.package.metadata import WGS84, Stamp, escape, to_wgs84
@@ -432,20 +433,8 @@ def _root_json(source: _Source, cache: Cache, selection: Selection, info: _Info)
     if not isinstance(root, dict):
         raise ExportError(f"{cache.path}: root.json is not a JSON object")
     levels = info.levels
-    if levels:
-        first = root.get("minLOD")
-        root["minLOD"], root["maxLOD"] = levels[0], levels[-1]
-        if isinstance(first, (int, float)) and levels[0] > first and cache.scheme.has_level(levels[0]):
-            # no tiles above the first exported level: clients should not ask for them
-            root["minScale"] = cache.scheme.lod(levels[0]).scale
-    if info.extent is not None:
-        ext = info.extent.to_json()
-        for key in ("initialExtent", "fullExtent"):
-            old = root.get(key)
-            if isinstance(old, dict) and isinstance(old.get("spatialReference"), dict):
-                ext = dict(ext, spatialReference=old["spatialReference"])
-            root[key] = ext
-    return root, json.dumps(root, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    first_scale = cache.scheme.lod(levels[0]).scale if levels and cache.scheme.has_level(levels[0]) else None
+    return root, restate_root_json(root, levels, first_scale, info.extent)
 
 
 def _item_texts(source: _Source, name: str) -> dict[str, str]:
