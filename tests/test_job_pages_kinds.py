@@ -177,6 +177,8 @@ def test_job_page_links_stay_under_the_service_type(server, name, params):
     for url in files:
         assert f"{OUT}/{urllib.parse.quote(name)}_{kind}/{job_id}/" in url
     assert result_value(server, name, job_id) == f"{server.base}{OUT}/{folder}"
+    r = server.get(f"{base}/exportTiles/jobs/{job_id}/inputs/service_url", {"f": "json"}).json()
+    assert r == {"paramName": "service_url", "dataType": "GPString", "value": f"{name}:{kind}"}
     assert (server.data_dir / "arcgisoutput" / f"{name}_{kind}" / job_id).is_dir()
     assert not (server.data_dir / "arcgisoutput" / f"{name}_MapServer").exists()
     if params.get("tilePackage") == "false":

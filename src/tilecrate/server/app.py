@@ -578,12 +578,14 @@ async def h_result(request: web.Request) -> web.Response:
 
 async def h_input(request: web.Request) -> web.Response:
     """`…/jobs/<id>/inputs/<name>`."""
-    _, job = _job(request, inputs=True)  # the only route that reads the stored parameters
+    svc, job = _job(request, inputs=True)  # the only route that reads the stored parameters
     name = request.match_info["param"]
     found = job.input_value(name)
     if found is None:
         raise EsriError(400, f"this job has no input named {name[:60]!r}", message="Invalid URL")
     dtype, value = found
+    if name.lower() == "service_url":  # `<name>:<type>` with the job's own service type
+        value = f"{svc.name}:{svc.kind}"
     if dtype == "GPFeatureRecordSetLayer" and isinstance(value, str):
         try:
             parsed = json.loads(value)
