@@ -218,6 +218,12 @@ def test_mapserver_job_page_unchanged(server):
     page = server.get(f"{svc_url(server, 'Map')}/exportTiles/jobs/{job_id}", {"f": "html"}).body
     files = check_page_links(server, page, "MapServer", set())
     assert files and all(f"/Map_MapServer/{job_id}/" in u for u in files)
+    # a token parameter is carried into links as data, never as markup
+    evil = '"><script>alert(1)</script>&x=1'
+    page = server.get(f"{svc_url(server, 'Map')}/exportTiles/jobs/{job_id}", {"f": "html", "token": evil}).body
+    assert b"<script>" not in page
+    for _, url in links_of(page).links:
+        assert urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["token"] == [evil], url
 
 
 def test_output_root_lists_every_type(server):
@@ -328,7 +334,7 @@ def site(tmp_path_factory, real_dir, elev):
     services = {"NE": {"source": real_path("natural-earth.vtpk")},
                 "Elev": {"source": elev},
                 "Hidden": {"source": real_path("natural-earth.vtpk"), "view": ["alice"]}}
-    cfg = secured_config(root / "tilecrate.toml", data, services)
+    cfg = secured_config(root / "tilecrate.toml", data, services, token="shared-static-token")
     srv = Server(cfg, data, free_port()).start()
     yield srv
     srv.stop()
@@ -363,6 +369,11 @@ def test_secured_download_link_carries_the_page_token(site, name, params):
     assert r.status == 401 and r.json()["error"]["code"] == 499
     r = site.get(bare, headers=bearer(sign_in(site, "bob")))
     assert r.status == 404
+    # the shared static token's page: the same, with that token
+    page = site.get(f"{svc_url(site, name)}/exportTiles/jobs/{job_id}", {"f": "html", "token": "shared-static-token"})
+    shared = [u for _, u in links_of(page.body).links if u.startswith(f"{site.base}{OUT}/")]
+    assert shared == [f"{bare}?token=shared-static-token"]
+    assert site.get(shared[0]).body == got.body
     # a signed-in owner's page without a token in its URL (a header) gets links without one
     page = site.get(f"{svc_url(site, name)}/exportTiles/jobs/{job_id}", {"f": "html"}, headers=bearer(tok)).body
     assert b"token=" not in page
