@@ -128,3 +128,21 @@ def test_image_server_serves_the_same_values(exported, tmp_path):
             assert info["tileImageInfo"] == want, name
     finally:
         srv.stop()
+
+
+def test_lerc1_max_z_error_reads_only_lerc1_headers():
+    import struct
+
+    import numpy as np
+
+    from tilecrate import lerc1
+    from tilecrate.package.metadata import lerc1_max_z_error
+
+    z = np.arange(257 * 257, dtype=np.float32).reshape(257, 257) / 7.0
+    blob = lerc1.encode(z, 0.25)
+    assert lerc1_max_z_error(blob) == _blob_facts(blob)[1] == 0.25
+    result, _, lerc2 = lerc.encode(z, 1, False, None, 0.25, 1)
+    assert result == 0 and lerc1_max_z_error(bytes(lerc2)) is None      # LERC2 states it elsewhere
+    assert lerc1_max_z_error(blob[:33]) is None and lerc1_max_z_error(b"") is None
+    for bad in (float("nan"), float("inf"), -1.0):
+        assert lerc1_max_z_error(blob[:26] + struct.pack("<d", bad) + blob[34:]) is None

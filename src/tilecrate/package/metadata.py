@@ -11,6 +11,8 @@ import math
 import struct
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from tilecrate.cache import Cache
 from tilecrate.errors import TilecrateError
 from tilecrate.esri.common import (  # noqa: F401 (escape, WGS84, WEB_MERCATOR_CODES: used by package.vtpk)
@@ -26,7 +28,7 @@ from tilecrate.esri.conf_xml import write_conf_cdi, write_conf_properties, write
 from tilecrate.esri.iteminfo import CREATOR, Stamp, write_item_pkinfo, write_iteminfo_json, write_iteminfo_xml
 from tilecrate.esri.mapserver_json import write_mapserver_json
 from tilecrate.esri.root_json import write_root_json
-from tilecrate.tiling import Extent
+from tilecrate.tiling import PACKET, Extent
 
 __all__ = ["CREATOR", "WGS84", "PackageInfo", "Stamp", "conf_cdi", "conf_properties", "conf_xml", "escape",
            "item_pkinfo", "iteminfo_json", "iteminfo_xml", "mapserver_json", "package_info", "root_json",
@@ -165,12 +167,20 @@ def tile_image_facts(cache: Cache) -> tuple[int | None, float | None]:
     err = getattr(cache, "lerc_error", None)
     if err is None and cache.levels:
         try:
-            for _, _, _, data in cache.iter_tiles(min(cache.levels)):
-                err = lerc1_max_z_error(bytes(data[:34]))
-                break
+            err = lerc1_max_z_error(_first_tile(cache, min(cache.levels)))
         except TilecrateError:
             pass    # a damaged bundle fails the export's own read of it, with its own message
     return (bands if bands is not None else 1), err
+
+
+def _first_tile(cache: Cache, level: int) -> bytes:
+    """The first tile present at a level (b"" if none), read alone: a coarsest-level bundle can be big."""
+    for ref in cache.bundles(level):
+        present = np.flatnonzero(cache.index(ref)[1])
+        if present.size:
+            i = int(present[0])
+            return cache.tile(level, ref.row0 + i // PACKET, ref.col0 + i % PACKET) or b""
+    return b""
 
 
 def package_info(cache: Cache, selection, version: int, quality: int | None = None) -> PackageInfo:
