@@ -18,7 +18,19 @@ from tilecrate.cache import open_cache
 from tilecrate.errors import CacheError
 from tilecrate.esri.common import COMPACT_V1, COMPACT_V2, CacheMeta, ServiceExtents
 from tilecrate.esri.conf_xml import parse_conf_cdi, parse_conf_xml, write_conf_cdi, write_conf_xml
-from tilecrate.esri.iteminfo import Stamp, parse_item_extent, write_iteminfo_json, write_iteminfo_xml
+from tilecrate.esri.iteminfo import (
+    ItemInfo,
+    Stamp,
+    parse_item_extent,
+    parse_iteminfo_json,
+    parse_iteminfo_xml,
+    vtpk_item_texts,
+    write_item_pkinfo,
+    write_iteminfo_json,
+    write_iteminfo_xml,
+    write_vtpk_item_pkinfo,
+    write_vtpk_iteminfo_xml,
+)
 from tilecrate.esri.mapserver_json import parse_mapserver_json, write_mapserver_json
 from tilecrate.esri.root_json import parse_root_json, restate_root_json, write_root_json
 from tilecrate.tiling import Extent, SpatialRef
@@ -159,6 +171,41 @@ def test_item_extent_round_trip():
     stamp = Stamp.placeholder()
     assert parse_item_extent(write_iteminfo_json("n", texts, ext, stamp), "iteminfo.json") == ext
     assert parse_item_extent(write_iteminfo_xml("n", texts, ext, "WKID 3857", stamp), "iteminfo.xml") == ext
+
+
+TEXTS = {"title": "States & <Territories>", "summary": "Filled states", "tags": "census, states",
+         "description": "Polygons <b>filled</b>", "credits": "US Census Bureau", "licence": "Public domain"}
+
+
+def test_item_texts_round_trip():
+    ext = Extent(-125.5, 18.25, -66.75, 57.0, SpatialRef(4326, 4326))
+    want = ItemInfo("états", TEXTS["title"], TEXTS["summary"], ("census", "states"), TEXTS["description"],
+                    TEXTS["credits"], TEXTS["licence"])
+    stamp = Stamp.now()
+    assert parse_iteminfo_json(write_iteminfo_json("états", TEXTS, ext, stamp)) == want
+    assert parse_iteminfo_xml(write_iteminfo_xml("états", TEXTS, ext, "WKID 3857", stamp)) == want
+    pk = ET.fromstring(write_item_pkinfo("a & b", stamp))
+    assert (pk.findtext("ID"), pk.findtext("name"), pk.findtext("created")) == (stamp.guid, "a & b", stamp.iso)
+
+
+def test_vtpk_item_round_trip(real_dir):
+    with zipfile.ZipFile(real_path("natural-earth.vtpk")) as z:
+        source = vtpk_item_texts(z.read("esriinfo/iteminfo.xml"), "natural-earth")
+    assert source["title"] and source["name"]
+    texts = dict(source, description="<p>x & y</p>")
+    stamp = Stamp.placeholder()
+    data = write_vtpk_iteminfo_xml(texts, Extent(-180.0, -85.0, 180.0, 85.0, SpatialRef(4326, 4326)),
+                                   "WGS_1984_Web_Mercator_Auxiliary_Sphere", {"minScale": 2.9e8, "maxScale": 1e6},
+                                   stamp)
+    assert vtpk_item_texts(data, "other") == texts
+    root = ET.fromstring(data)
+    assert root.findtext("type") == "Vector Tile Package" and float(root.findtext("minScale")) == 2.9e8
+    assert parse_item_extent(data, "iteminfo.xml") == Extent(-180.0, -85.0, 180.0, 85.0, SpatialRef(4326, 4326))
+    assert vtpk_item_texts(None, "n")["title"] == "n"
+    with pytest.raises(CacheError):
+        vtpk_item_texts(b"<not xml", "n")
+    pk = ET.fromstring(write_vtpk_item_pkinfo(texts["name"], stamp))
+    assert pk.findtext("name") == texts["name"] and pk.findtext("type") == "Vector Tile Package"
 
 
 # ------------------------------------------------------------------------------------------

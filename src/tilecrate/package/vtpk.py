@@ -20,7 +20,6 @@ import os
 import struct
 import threading
 import time
-import xml.etree.ElementTree as ET
 import zipfile
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
@@ -31,11 +30,12 @@ from isal import isal_zlib
 
 from tilecrate import _plan
 from tilecrate.cache import Cache
-from tilecrate.errors import ExportError
+from tilecrate.errors import CacheError, ExportError
+from tilecrate.esri.iteminfo import vtpk_item_texts, write_vtpk_item_pkinfo, write_vtpk_iteminfo_xml
 from tilecrate.esri.root_json import restate_root_json
 from tilecrate.package.bundles import plan_bundle
 from tilecrate.package.layout import is_vector_source  # noqa: F401 - re-exported
-from tilecrate.package.metadata import WGS84, Stamp, escape, to_wgs84
+from tilecrate.package.metadata import WGS84, Stamp, to_wgs84
 from tilecrate.package.tempfiles import temp_path
 from tilecrate.package.zipstream import ZIP64_LIMIT, ZipWriter
 from tilecrate.request import ExportRequest
@@ -439,19 +439,11 @@ def _root_json(source: _Source, cache: Cache, selection: Selection, info: _Info)
 
 def _item_texts(source: _Source, name: str) -> dict[str, str]:
     """Title, snippet, tags... of the source item (iteminfo.xml), to carry into the export's item."""
-    texts = {"name": name, "title": name, "snippet": "", "description": "", "summary": "", "tags": "",
-             "accessinformation": "", "licenseinfo": ""}
-    if source.iteminfo:
-        try:
-            root = ET.fromstring(source.iteminfo.lstrip(b"\xef\xbb\xbf").strip())
-        except ET.ParseError:
-            source.warnings.append(f"{source.label}: esriinfo/iteminfo.xml is not valid XML; item texts not copied")
-            return texts
-        for key in texts:
-            el = root.find(key)
-            if el is not None and el.text is not None:
-                texts[key] = el.text.strip()
-    return texts
+    try:
+        return vtpk_item_texts(source.iteminfo, name)
+    except CacheError:
+        source.warnings.append(f"{source.label}: esriinfo/iteminfo.xml is not valid XML; item texts not copied")
+        return vtpk_item_texts(None, name)
 
 
 def _sr_name(cache: Cache) -> str:
@@ -461,45 +453,16 @@ def _sr_name(cache: Cache) -> str:
     return f"WKID {code}" if code else "Unknown"
 
 
-def _num(v: float) -> str:
-    return repr(float(v)) if not float(v).is_integer() else str(int(v))
-
-
 def iteminfo_xml(texts: dict[str, str], stamp: Stamp, info, root: dict, cache: Cache) -> bytes:
     """esriinfo/iteminfo.xml of a .vtpk, shaped like ArcGIS's (item type "Vector Tile Package")."""
-    g = info.geo_extent
-    extent = (f"<extent>\n<xmin>{_num(g.xmin)}</xmin>\n<ymin>{_num(g.ymin)}</ymin>\n"
-              f"<xmax>{_num(g.xmax)}</xmax>\n<ymax>{_num(g.ymax)}</ymax>\n</extent>\n") if g is not None else "<extent></extent>\n"
-    e = {k: escape(v) for k, v in texts.items()}
-    scales = "".join(f"<{k}>{_num(root[k])}</{k}>\n" for k in ("minScale", "maxScale")
-                     if isinstance(root.get(k), (int, float)) and math.isfinite(root[k]))
-    text = (
-        "<?xml version=\"1.0\" encoding=\"utf-8\" ?>\n<ESRI_ItemInformation Culture='en-US'>\n"
-        f"<name>{e['name']}</name>\n<guid>{stamp.guid}</guid>\n<version>1.0</version>\n"
-        f"<created>{stamp.iso}</created>\n<modified>{stamp.iso}</modified>\n<catalogpath></catalogpath>\n"
-        f"<snippet>{e['snippet']}</snippet>\n<description>{e['description']}</description>\n"
-        f"<summary>{e['summary']}</summary>\n<title>{e['title']}</title>\n<tags>{e['tags']}</tags>\n"
-        "<type>Vector Tile Package</type>\n<typekeywords>\n<typekeyword>Data</typekeyword>\n"
-        "<typekeyword>Vector Tile Package</typekeyword>\n<typekeyword>vtpk</typekeyword>\n</typekeywords>\n"
-        "<thumbnail>thumbnail/thumbnail.png</thumbnail>\n<documentation></documentation>\n<url></url>\n"
-        f"{extent}<spatialreference>{escape(_sr_name(cache))}</spatialreference>\n{scales}"
-        f"<datalastModifiedTime>{stamp.iso}</datalastModifiedTime>\n"
-        f"<accessinformation>{e['accessinformation']}</accessinformation>\n"
-        f"<licenseinfo>{e['licenseinfo']}</licenseinfo>\n</ESRI_ItemInformation>\n"
-    )
-    return text.encode("utf-8")
+    scales = {k: root[k] for k in ("minScale", "maxScale")
+              if isinstance(root.get(k), (int, float)) and math.isfinite(root[k])}
+    return write_vtpk_iteminfo_xml(texts, info.geo_extent, _sr_name(cache), scales, stamp)
 
 
 def item_pkinfo(texts: dict[str, str], stamp: Stamp) -> bytes:
     """esriinfo/item.pkinfo of a .vtpk."""
-    text = (
-        "<?xml version=\"1.0\" encoding=\"utf-8\" ?>\n<pkinfo Culture='en-US'>\n"
-        f"<ID>{stamp.guid}</ID>\n<name>{escape(texts['name'])}</name>\n<version>11.2</version>\n"
-        f"<size>-1</size>\n<created>{stamp.iso}</created>\n<type>Vector Tile Package</type>\n"
-        "<servable>false</servable>\n<packagelocation></packagelocation>\n<pkinfolocation></pkinfolocation>\n"
-        "<documenttypes>\n<documenttype>Lyr</documenttype>\n</documenttypes>\n</pkinfo>\n"
-    )
-    return text.encode("utf-8")
+    return write_vtpk_item_pkinfo(texts["name"], stamp)
 
 
 # --------------------------------------------------------------------------------------------
