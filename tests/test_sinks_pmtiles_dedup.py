@@ -1,58 +1,113 @@
-"""The PMTiles writer's exact deduplication (`Dedup`): (length, CRC-32) keys confirmed by the bytes."""
+"""The PMTiles writer's exact deduplication (`tilecrate._dedup.Dedup`): (length, CRC-32) keys confirmed
+by the bytes, so different tiles sharing a CRC (forged here) are both stored."""
 from __future__ import annotations
 
 import os
 import tempfile
+import zlib
+
+import numpy as np
+import pytest
 
 from pmtiles.reader import Reader, all_tiles
 
 from tilecrate.export import export
 from tilecrate.request import ExportRequest
-from tilecrate.sinks import pmtiles as pm
+from tilecrate._dedup import GROUP_COMPARES, Dedup
+
+_TABLE = []
+for _i in range(256):
+    _c = _i
+    for _ in range(8):
+        _c = (_c >> 1) ^ 0xEDB88320 if _c & 1 else _c >> 1
+    _TABLE.append(_c)
+_BY_TOP = {t >> 24: i for i, t in enumerate(_TABLE)}
 
 
-def _run(dedup: pm.Dedup, fd: int, bundles: list[list[bytes]]) -> list[list[int]]:
+def forge(prefix: bytes, target: int) -> bytes:
+    """`prefix` and 4 bytes more whose CRC-32 is `target` (CRC-32 is reversible one byte at a time)."""
+    t, picks = target ^ 0xFFFFFFFF, []
+    for _ in range(4):
+        i = _BY_TOP[t >> 24]
+        picks.append(i)
+        t = ((t ^ _TABLE[i]) << 8) & 0xFFFFFFFF
+    reg, out = zlib.crc32(prefix) ^ 0xFFFFFFFF, bytearray()
+    for i in reversed(picks):
+        out.append((reg ^ i) & 0xFF)
+        reg = (reg >> 8) ^ _TABLE[i]
+    return prefix + bytes(out)
+
+
+def _run(dedup: Dedup, fd: int, bundles: list[list[bytes]]) -> list[list[int]]:
     data_len, out = 0, []
     for tiles in bundles:
-        chunk, offs, data_len = dedup.place(tiles, list(range(len(tiles))), data_len)
-        os.write(fd, b"".join(chunk))
-        out.append(offs)
+        chunk, offs, data_len = dedup.place(tiles, np.arange(len(tiles)), data_len)
+        os.write(fd, b"".join(bytes(c) for c in chunk))
+        out.append(offs.tolist())
     return out
+
+
+def test_many_tiles_forged_to_one_key_stay_distinct_and_cheap():
+    """Past GROUP_COMPARES different tiles of one key, digests tell them apart (no quadratic compares)."""
+    target = zlib.crc32(b"seed")
+    forged = [forge(b"tile %04d" % i, target) for i in range(GROUP_COMPARES * 5)]
+    assert len(set(forged)) == len(forged) and len({zlib.crc32(t) for t in forged}) == 1
+    with tempfile.TemporaryFile() as f:
+        d = Dedup(f.fileno(), 0)
+        offs = _run(d, f.fileno(), [forged, forged[::-1], forged[::3]])
+        first = list(range(0, 13 * len(forged), 13))
+        assert offs == [first, first[::-1], first[::3]] and d.contents == len(forged) and d.distinct_keys == 1
+        f.seek(0)
+        assert f.read() == b"".join(forged)
 
 
 def test_duplicates_within_and_across_bundles():
     with tempfile.TemporaryFile() as f:
-        d = pm.Dedup(f.fileno())
+        d = Dedup(f.fileno())
         offs = _run(d, f.fileno(), [[b"aaaa", b"bb", b"aaaa"], [b"bb", b"cc", memoryview(b"xaaaa")[1:]]])
         assert offs == [[0, 4, 0], [4, 6, 0]] and d.contents == 3
         f.seek(0)
         assert f.read() == b"aaaabbcc"
 
 
-def test_same_key_different_bytes_are_both_stored(monkeypatch):
-    """Every tile gets the same CRC: equal lengths collide, and only equal bytes are shared."""
-    monkeypatch.setattr(pm, "crc32", lambda b: 7)
+def test_same_key_different_bytes_are_both_stored():
+    """Tiles of one length and one CRC-32 but other bytes: each stored, each duplicate found."""
+    a = b"first tile\0\0\0\0"
+    b = forge(b"other tile", zlib.crc32(a))
+    c = forge(b"third tile", zlib.crc32(a))
+    assert len({a, b, c}) == 3 and len({len(a), len(b), len(c)}) == 1 and len({zlib.crc32(t) for t in (a, b, c)}) == 1
+    for hot in (0, 1 << 20):          # without the cache earlier bundles' tiles are read back from the file
+        with tempfile.TemporaryFile() as f:
+            d = Dedup(f.fileno(), hot)
+            offs = _run(d, f.fileno(), [[a, b, a], [b, c, a, c], [c, b]])
+            assert offs == [[0, 14, 0], [14, 28, 0, 28], [28, 14]] and d.contents == 3 and d.distinct_keys == 1
+            f.seek(0)
+            assert f.read() == a + b + c
+
+
+def test_bad_arguments_are_refused():
     with tempfile.TemporaryFile() as f:
-        d = pm.Dedup(f.fileno(), hot_bytes=0)        # no cache: earlier bundles are read back
-        offs = _run(d, f.fileno(), [[b"ab", b"cd", b"ab"], [b"cd", b"ef", b"ab", b"ef"]])
-        assert offs == [[0, 2, 0], [2, 4, 0, 4]] and d.contents == 3
-        f.seek(0)
-        assert f.read() == b"abcdef"
+        d = Dedup(f.fileno())
+        with pytest.raises(ValueError, match="order names tile"):
+            d.place([b"a"], np.array([1]), 0)
+        with pytest.raises(ValueError, match="order names tile"):
+            d.place([b"a"], np.array([-1]), 0)
+        with pytest.raises(ValueError, match="0 bytes"):
+            d.place([b""], np.array([0]), 0)
+        with pytest.raises(ValueError, match="negative"):
+            d.place([b"a"], np.array([0]), -1)
+        with pytest.raises(TypeError):
+            d.place(["text"], np.array([0]), 0)
+    with pytest.raises(ValueError):
+        Dedup(-1)
 
 
-def test_export_with_crc_collisions_reads_back(sample_png, tmp_path, monkeypatch):
-    """An archive written while every tile of a length shares one key still holds every tile."""
-    from tilecrate.cache import open_cache
-
-    monkeypatch.setattr(pm, "crc32", lambda b: 0)
-    out = tmp_path / "c.pmtiles"
-    res = export(str(sample_png), ExportRequest("0-3"), str(out))
-    with open_cache(str(sample_png)) as cache:
-        want = {(lv, col, row): data for lv, row, col, data in cache.iter_tiles() if lv <= 3}
-    data = out.read_bytes()
-    reader = Reader(lambda off, n: data[off:off + n])
-    assert dict(all_tiles(reader.get_bytes)) == want
-    assert reader.header()["tile_contents_count"] == len(set(want.values())) and res.tiles == len(want)
+def test_many_distinct_tiles_grow_the_table():
+    tiles = [i.to_bytes(4, "little") for i in range(5000)]
+    with tempfile.TemporaryFile() as f:
+        d = Dedup(f.fileno())
+        offs = _run(d, f.fileno(), [tiles, tiles[::-1]])
+        assert offs[0] == list(range(0, 20000, 4)) and offs[1] == offs[0][::-1] and d.contents == 5000
 
 
 def _pm_tiles(path) -> dict:

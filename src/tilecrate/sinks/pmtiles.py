@@ -3,10 +3,12 @@
 Bundles are taken in Hilbert order (a 128x128 bundle, or a whole level below zoom 7, is one
 contiguous run of TileIDs), and each bundle's tiles sorted by TileID, so tile data is appended to
 an anonymous temporary file already in its final, clustered order. Identical tiles are stored
-once (`Dedup`: (length, CRC-32) -> offset, the bytes compared when a key recurs); consecutive
-TileIDs sharing a blob become one run. Only numpy arrays of entries (24 bytes a tile) and the key
-of each distinct tile (about 150 bytes) grow; tile bytes are never held past their bundle. At the end the header, the gzipped
-root directory, the metadata and the leaf directories (when the root would pass 16 KiB) are
+once (`tilecrate._dedup.Dedup`: (length, CRC-32) -> offset in a compiled table, the bytes
+compared when a key recurs); consecutive TileIDs sharing a blob become one run. Only numpy
+arrays of entries (24 bytes a tile) and the table (16 bytes a distinct tile, up to 32 while
+it is half full) grow, plus a bounded cache of recurring tiles; tile bytes are never held past
+their bundle. At the end the header, the gzipped root directory, the metadata and the leaf
+directories (when the root would pass 16 KiB) are
 written and the tile data follows with kernel copies.
 """
 from __future__ import annotations
@@ -19,7 +21,8 @@ import tempfile
 from typing import Callable
 
 import numpy as np
-from isal.isal_zlib import crc32
+
+from tilecrate._dedup import Dedup
 
 from tilecrate.cache import Cache
 from tilecrate.package.kcopy import KernelCopier
@@ -196,64 +199,6 @@ def _write_all(fd: int, parts) -> None:
                 break
 
 
-class Dedup:
-    """Exact deduplication of tile contents with flat memory: a distinct tile is known by its (length,
-    CRC-32) key and the offset of its first copy; a key seen before is confirmed by comparing the
-    bytes (from this bundle's new tiles, a bounded cache of tiles that recurred, else read back from
-    the data file), so two different tiles sharing a CRC are both stored."""
-
-    def __init__(self, fd: int, hot_bytes: int = HOT_BYTES) -> None:
-        self._fd = fd
-        self.first: dict[tuple[int, int], int] = {}     # key -> offset of the first tile with it
-        self._more: dict[tuple[int, int], list[int]] = {}   # key -> offsets of other tiles sharing it
-        self._hot: dict[int, bytes] = {}                 # offset -> bytes of tiles that recurred
-        self._hot_left = hot_bytes
-        self.contents = 0
-
-    def _bytes_at(self, at: int, n: int, pending: dict) -> bytes:
-        got = pending.get(at)
-        if got is None:
-            got = self._hot.get(at)
-        if got is None:
-            got = os.pread(self._fd, n, at)
-            if len(got) != n:
-                raise OSError(5, "the PMTiles data file is shorter than written")
-            if n <= self._hot_left:              # a tile that recurs tends to recur again (sea, blank)
-                self._hot[at] = got
-                self._hot_left -= n
-        return got
-
-    def place(self, tiles: list, order: list[int], data_len: int) -> tuple[list, list[int], int]:
-        """(new tiles to append, in order; the offset of each tile of `order`; the data length after)."""
-        crcs = list(map(crc32, tiles))
-        first, chunk, offs = self.first, [], []
-        pending: dict[int, object] = {}
-        for k in order:
-            blob = tiles[k]
-            n = len(blob)
-            key = (n, crcs[k])
-            at = first.setdefault(key, data_len)
-            if at != data_len:
-                if self._bytes_at(at, n, pending) != blob:
-                    at = self._other(key, blob, pending, data_len)
-            if at == data_len:               # new content (every tile has at least one byte)
-                chunk.append(blob)
-                pending[at] = blob
-                data_len += n
-                self.contents += 1
-            offs.append(at)
-        return chunk, offs, data_len
-
-    def _other(self, key: tuple[int, int], blob, pending: dict, data_len: int) -> int:
-        """The offset of a tile whose key an earlier, different tile has (data_len if it is new)."""
-        others = self._more.setdefault(key, [])
-        for at in others:
-            if self._bytes_at(at, key[0], pending) == blob:
-                return at
-        others.append(data_len)
-        return data_len
-
-
 def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
                   progress: Callable[[int, int, int | None], None] | None = None,
                   cancel: CancelFlag | None = None) -> tuple[int, dict[int, dict], list[str]]:
@@ -268,7 +213,7 @@ def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
     data_file = tempfile.TemporaryFile(dir=folder, prefix=".tilecrate-pmtiles-")   # unlinked: nothing left behind
     try:
         data_fd = data_file.fileno()
-        dedup = Dedup(data_fd)
+        dedup = Dedup(data_fd, HOT_BYTES)
         for bsel in _bundle_order(plan, zooms):
             rows, cols, tiles, found = bundle_tiles(cache, plan, bsel, cancel)
             warnings.extend(found)
@@ -276,10 +221,10 @@ def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
             rows, cols, tiles = inside_grid(rows, cols, tiles, 1 << z, cache.bundle_label(bsel.ref), warnings)
             ids = tile_ids(z, cols, rows)
             order = np.argsort(ids, kind="stable")
-            chunk, offs, data_len = dedup.place(tiles, order.tolist(), data_len)
+            chunk, offs, data_len = dedup.place(tiles, order, data_len)
             _write_all(data_fd, chunk)
             lengths = np.fromiter(map(len, tiles), dtype=np.uint64, count=len(tiles))
-            parts.append((ids[order].astype(np.uint64), np.array(offs, dtype=np.uint64), lengths[order]))
+            parts.append((ids[order].astype(np.uint64), offs.astype(np.uint64), lengths[order]))
             tally.add(bsel.ref.level, tiles)
             check_cancel(cancel)
             if progress is not None:
