@@ -69,6 +69,7 @@ _REFUSED = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
                       errno.EBADF, errno.ESPIPE})
 _RW_BUFFER = 1 << 20
 SCAN_AHEAD = 2                   # runs read ahead of the writer (each holds one buffer of up to a run)
+DEFER_AHEAD = 4                  # runs copied in the kernel before their read (for the CRC) finished
 
 
 RUN_CRC_ENTRIES = 1 << 15        # ~6 MB of keys; at 8 MiB a run, CRCs of 256 GB of sources
@@ -129,6 +130,60 @@ class RunCrcs:
 
 
 RUN_CRCS = RunCrcs()
+
+
+class RunClaims:
+    """Who reads each source run of a first export for its CRC: the prescan thread or the writer, never both.
+
+    The writer takes the runs of its bundle the prescan has not read (waiting for the one run it may be
+    reading); the prescan skips runs the writer took. Keys are (file version, offset, length).
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._prescan: set = set()
+        self._writer: set = set()
+
+    def prescan_take(self, key: tuple) -> bool:
+        """Claim a run for the prescan; False when the writer (or another prescan) has it."""
+        with self._cond:
+            if key in self._writer or key in self._prescan:
+                return False
+            self._prescan.add(key)
+            return True
+
+    def prescan_done(self, key: tuple) -> None:
+        """The prescan has read the run (its CRC is in RUN_CRCS unless its prefixes were wrong)."""
+        with self._cond:
+            self._prescan.discard(key)
+            self._cond.notify_all()
+
+    def writer_take(self, parts, file_id: tuple | None) -> list:
+        """Take the runs of `parts` whose CRC is unknown, after any the prescan is reading (whose CRC it
+        then fills in); the keys to give back with `writer_done`."""
+        keys = []
+        if file_id is None:
+            return keys
+        with self._cond:
+            for p in parts:
+                if not isinstance(p, CopyRange) or p.crc is not None:
+                    continue
+                key = (file_id, p.offset, p.length)
+                while key in self._prescan:
+                    self._cond.wait()
+                p.crc = RUN_CRCS.get(file_id, p.offset, p.length)
+                if p.crc is None and key not in self._writer:
+                    self._writer.add(key)
+                    keys.append(key)
+        return keys
+
+    def writer_done(self, keys: list) -> None:
+        """Give back what `writer_take` took."""
+        with self._cond:
+            self._writer.difference_update(keys)
+
+
+RUN_CLAIMS = RunClaims()
 
 
 class SourceChanged(BundleError):
@@ -359,7 +414,7 @@ def part_size(part) -> int:
 
 
 def write_parts(parts, write, copier: KernelCopier | None, scanner: RunScanner | None,
-                need_crc: bool, flush=None, kernel_min: int = 0) -> tuple[int | None, int]:
+                need_crc: bool, flush=None, kernel_min: int = 0, patch=None) -> tuple[int | None, int]:
     """Write `parts` in order: bytes through `write`, FileRanges by kernel copy; (CRC-32 or None, bytes).
 
     FileRanges are read ahead on `scanner` when the CRC is needed or prefixes must be checked;
@@ -367,6 +422,11 @@ def write_parts(parts, write, copier: KernelCopier | None, scanner: RunScanner |
     position). Ranges shorter than `kernel_min`, and every range without a `copier`, are
     written from the read buffer through `write`. Ranges of known CRC (`CopyRange.crc`) are not
     read when a `copier` is given; adjacent ones of one fd go in one kernel copy.
+
+    With `patch(offset, data)` (a seekable output: write `data` at `offset` bytes into these parts),
+    a range copied in the kernel is copied at once while the scanner reads it for its CRC: the copy
+    and the read overlap instead of following each other. A range whose prefixes turn out wrong is
+    then written again, fixed, through `patch`; at most DEFER_AHEAD such reads are outstanding.
     """
     parts = list(parts)
     for p in parts:
@@ -378,14 +438,30 @@ def write_parts(parts, write, copier: KernelCopier | None, scanner: RunScanner |
              for p, kn in zip(parts, known)]
     scans = [isinstance(p, CopyRange) and not kn and (need_crc or k or p.prefix_at is not None)
              for p, k, kn in zip(parts, keeps, known)]
+    defer = [patch is not None and s and not k for s, k in zip(scans, keeps)]
     if any(scans) and scanner is None:
         raise ValueError("a scanner is needed to read file ranges")
-    crc = 0
+    crcs: list = []             # (CRC-32, length) of each stretch, in order, combined at the end
     total = 0
     ahead: dict[int, Future] = {}
+    deferred: deque = deque()   # (index in crcs, part, its Future, offset in the parts) copied, not yet read
     # the first range is read on this thread: waiting for the helper to start on it would cost a
-    # thread hand-off per entry (milliseconds on a loaded machine); the helper reads the next ones
-    inline = next((k for k, w in enumerate(scans) if w), -1)
+    # thread hand-off per entry (milliseconds on a loaded machine); the helper reads the next ones.
+    # Deferred ranges are always the helper's: this thread copies meanwhile.
+    inline = next((k for k, w in enumerate(scans) if w and not defer[k]), -1)
+
+    def settle() -> None:
+        slot, part, fut, at = deferred.popleft()
+        scanned = scanner.scan(part, False, need_crc) if fut.cancel() else fut.result()
+        try:
+            if scanned.fixed:       # the source's prefixes were wrong: the copy is replaced by the fixed bytes
+                if flush is not None:
+                    flush()
+                patch(at, scanned.data)
+        finally:
+            scanned.release()
+        crcs[slot] = (scanned.crc, part.length)
+
     nxt = 0
     i = 0
     try:
@@ -399,7 +475,7 @@ def write_parts(parts, write, copier: KernelCopier | None, scanner: RunScanner |
             if not isinstance(p, CopyRange):
                 view = memoryview(p).cast("B")
                 if need_crc:
-                    crc = isal_zlib.crc32(view, crc)
+                    crcs.append((isal_zlib.crc32(view), view.nbytes))
                 write(view)
                 total += view.nbytes
                 i += 1
@@ -409,8 +485,7 @@ def write_parts(parts, write, copier: KernelCopier | None, scanner: RunScanner |
                 end = p.offset
                 j = i
                 while j < len(parts) and known[j] and parts[j].fd == p.fd and parts[j].offset == end:
-                    if need_crc:
-                        crc = crc_combine(crc, parts[j].crc, parts[j].length)
+                    crcs.append((parts[j].crc, parts[j].length))
                     end += parts[j].length
                     j += 1
                 if flush is not None:
@@ -418,6 +493,17 @@ def write_parts(parts, write, copier: KernelCopier | None, scanner: RunScanner |
                 copier.copy(p.fd, p.offset, end - p.offset, p.label)
                 total += end - p.offset
                 i = j
+                continue
+            if defer[i]:
+                if flush is not None:
+                    flush()
+                copier.copy(p.fd, p.offset, p.length, p.label)
+                crcs.append(None)
+                deferred.append((len(crcs) - 1, p, ahead.pop(i), total))
+                while len(deferred) > DEFER_AHEAD:
+                    settle()
+                total += p.length
+                i += 1
                 continue
             fut = ahead.pop(i, None)
             if i == inline or (fut is not None and fut.cancel()):
@@ -437,17 +523,25 @@ def write_parts(parts, write, copier: KernelCopier | None, scanner: RunScanner |
                 if scanned is not None:
                     scanned.release()
             if need_crc:
-                crc = crc_combine(crc, scanned.crc, p.length)
+                crcs.append((scanned.crc, p.length))
             total += p.length
             i += 1
+        while deferred:
+            settle()
     finally:
         # the scans read the callers' fds and hold pooled buffers: settle every one before returning
-        for fut in ahead.values():
+        pending = list(ahead.values()) + [d[2] for d in deferred]
+        for fut in pending:
             fut.cancel()
-        for fut in ahead.values():
+        for fut in pending:
             if not fut.cancelled() and fut.exception() is None:
                 fut.result().release()
-    return (crc & 0xFFFFFFFF if need_crc else None), total
+    if not need_crc:
+        return None, total
+    crc = 0
+    for c, n in crcs:
+        crc = crc_combine(crc, c, n)
+    return crc & 0xFFFFFFFF, total
 
 
 def identity(st: os.stat_result) -> tuple:
@@ -538,6 +632,8 @@ def prescan_plan(plan, min_length: int = 0) -> int:
         return 0
     done = 0
     try:
+        if time.time_ns() - int(ident[4]) < RACY_NS:
+            return 0                # changed just now: nothing read here could be remembered (RunCrcs.put)
         parts = (plan_parts(plan, fd, plan.file, ident) or [None])[1:]
         if parts and hasattr(os, "posix_fadvise"):
             # a cold file: the kernel reads the runs' span while this thread checks the first run,
@@ -548,18 +644,24 @@ def prescan_plan(plan, min_length: int = 0) -> int:
         if not todo:
             return 0
         buf = getattr(_prescan, "buf", None)
-        found = []
         for p in todo:
-            p.check()
-            if buf is None or len(buf) < p.length:
-                buf = _prescan.buf = bytearray(max(p.length, 1 << 20))
-            crc, fixed = read_range(p, memoryview(buf)[:p.length])
-            done += p.length
-            if not fixed:
-                found.append((p.offset, p.length, crc))
-        check_unchanged(fd, plan.file_size, plan.file, ident)
-        for offset, length, crc in found:
-            RUN_CRCS.put(ident, offset, length, crc)
+            key = (ident, p.offset, p.length)
+            # a run the writer took (it reached this bundle first) is read by it, not here too
+            if not RUN_CLAIMS.prescan_take(key):
+                continue
+            try:
+                p.check()
+                if buf is None or len(buf) < p.length:
+                    buf = _prescan.buf = bytearray(max(p.length, 1 << 20))
+                crc, fixed = read_range(p, memoryview(buf)[:p.length])
+                done += p.length
+                # remembered at once, for the writer that may be waiting for it: every user of RUN_CRCS
+                # opened the file at this version and checks it is unchanged after its copy, so a
+                # later change makes the entry unreachable (a new ctime), never wrong bytes
+                if not fixed:
+                    RUN_CRCS.put(ident, p.offset, p.length, crc)
+            finally:
+                RUN_CLAIMS.prescan_done(key)
     except (OSError, BundleError, ValueError):
         return done
     finally:

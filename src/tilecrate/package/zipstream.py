@@ -214,8 +214,18 @@ class ZipWriter:
         if self._scanner is None and (need_crc or copier is None or kernel_min):
             self._scanner = RunScanner()
         start = self.position
-        got, written = write_parts(parts, self._write, copier, self._scanner, need_crc,
-                                   flush=self._out.flush, kernel_min=kernel_min)
+
+        def patch(at: int, data) -> None:
+            """Rewrite `data` at `at` bytes into this entry's data (a run copied before its prefixes were found wrong)."""
+            view, pos = memoryview(data).cast("B"), self._start + start + at
+            while view.nbytes:
+                n = os.pwrite(self._fd, view, pos)
+                view, pos = view[n:], pos + n
+
+        # a seekable output: long runs are copied while the helper reads them for their CRC
+        got, written = write_parts(parts, self._write, copier, self._scanner, need_crc, flush=self._out.flush,
+                                   kernel_min=kernel_min,
+                                   patch=patch if self._fd is not None and copier is not None else None)
         self.position = start + written      # _write counted only what passed through it
         if crc is None:
             entry.crc = got
@@ -335,9 +345,14 @@ class ZipSink:
             parts = plan_parts(plan, fd, plan.file, ident)
             if parts is None:
                 return False
-            self.writer.add_parts(name, plan.size, parts, plan.crc)
-            check_unchanged(fd, plan.file_size, plan.file, ident)
-            remember(parts, ident)
+            # the runs a prescan thread has not read are read here (with their copies), not there too
+            taken = kcopy.RUN_CLAIMS.writer_take(parts, ident)
+            try:
+                self.writer.add_parts(name, plan.size, parts, plan.crc)
+                check_unchanged(fd, plan.file_size, plan.file, ident)
+                remember(parts, ident)
+            finally:
+                kcopy.RUN_CLAIMS.writer_done(taken)
             return True
         finally:
             os.close(fd)
