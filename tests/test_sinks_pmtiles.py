@@ -103,6 +103,9 @@ def test_leaf_directories(sample_v2, tmp_path, monkeypatch):
     data, reader = _read(out)
     h = reader.header()
     assert h["leaf_directory_length"] > 0 and h["root_length"] <= 60
+    assert h["root_offset"] + h["root_length"] <= h["tile_data_offset"] <= 127 + 60
+    assert h["leaf_directory_offset"] == h["metadata_offset"] + h["metadata_length"]
+    assert h["leaf_directory_offset"] + h["leaf_directory_length"] == len(data)
     root = deserialize_directory(data[h["root_offset"]:h["root_offset"] + h["root_length"]])
     assert all(e.run_length == 0 for e in root) and len(root) > 1
     assert dict(all_tiles(reader.get_bytes)) == _source_tiles(sample_v2)
@@ -113,13 +116,33 @@ def test_header_layout(sample_png, tmp_path):
     export(str(sample_png), ExportRequest("1-3"), str(out))
     data, reader = _read(out)
     assert data[:8] == b"PMTiles\x03"
-    (root_off, root_len, meta_off, meta_len, _, _, data_off, data_len) = struct.unpack_from("<8Q", data, 8)
-    assert root_off == 127 and meta_off == root_off + root_len and data_off + data_len == len(data)
+    root_off, root_len, meta_off, meta_len, leaf_off, leaf_len, data_off, data_len = struct.unpack_from("<8Q", data, 8)
+    # header, root, room kept for the root (zeros), tile data, metadata, leaves: no gap after the data
+    assert root_off == 127 and root_off + root_len <= data_off <= 16384
+    assert data[root_off + root_len:data_off] == bytes(data_off - root_off - root_len)
+    assert meta_off == data_off + data_len and leaf_len == 0 and meta_off + meta_len == len(data)
+    assert data_off == pm.data_offset(reader.header()["addressed_tiles_count"]) < 16384    # few tiles: little room
     assert json.loads(gzip.decompress(data[meta_off:meta_off + meta_len]))["format"] == "png"
     assert reader.header()["tile_type"] == TileType.PNG
     assert dict(all_tiles(reader.get_bytes)) == _source_tiles(sample_png, {1, 2, 3})
     with open(out, "rb") as f:                 # the package's mmap reader too
         assert len(list(all_tiles(MmapSource(f)))) == len(_source_tiles(sample_png, {1, 2, 3}))
+
+
+def test_room_for_the_root_bounds_any_root():
+    """data_offset(n) holds the root of any n entries, even incompressible ones (random TileIDs far apart,
+    runs, lengths and offsets that are never contiguous)."""
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 2, 7, 50, 300, 440, 2000):
+        ids = np.sort(rng.choice(1 << 62, size=n, replace=False)).astype(np.uint64)
+        runs = rng.integers(1, 1 << 62, n, dtype=np.uint64)
+        lengths = rng.integers(1, 1 << 32, n, dtype=np.uint64)
+        offsets = rng.integers(0, 1 << 62, n, dtype=np.uint64)
+        raw = pm.serialize_directory(ids, runs, lengths, offsets)
+        root, leaves = pm.build_directories(ids, runs, lengths, offsets)
+        assert pm.HEADER_SIZE + len(root) <= pm.data_offset(n) <= 16384
+        if not leaves:
+            assert len(raw) <= 10 + 35 * n
 
 
 def test_refuses_geographic(tmp_path):

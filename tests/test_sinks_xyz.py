@@ -67,8 +67,8 @@ def test_output_appears_only_complete(sample_v2, tmp_path, kind):
     _export(sample_v2, kind, out, progress=progress)
     middle = [names for names in seen[1:-1]]
     assert middle and all(OUTS[kind] not in names for names in middle)
-    # PMTiles streams its tiles into an unlinked file: its temp name appears only for the assembly
-    assert all(len(names) == (0 if kind == "pmtiles" else 1) for names in middle)
+    # every format, PMTiles too, writes its tiles straight into the one temp next to the output
+    assert all(len(names) == 1 for names in middle)
     assert all(n.startswith(f".{OUTS[kind]}.tmp-") for names in middle for n in names)
     assert os.listdir(tmp_path) == [OUTS[kind]]
 

@@ -31,9 +31,10 @@ GROUP_COMPARES = 8                # different tiles of one key compared byte for
 
 
 cdef class Dedup:
-    """Offsets of tile contents already written to a PMTiles data section (the file `fd`)."""
+    """Offsets of tile contents already written to a PMTiles data section (in the file `fd` from `base`)."""
 
     cdef object _fd
+    cdef object _base                   # where the data section starts in the file
     cdef cnp.ndarray _keys_arr          # owns the table; _keys/_offs point into it
     cdef cnp.ndarray _offs_arr
     cdef uint64_t* _keys
@@ -45,10 +46,11 @@ cdef class Dedup:
     cdef Py_ssize_t _hot_left
     cdef public Py_ssize_t contents
 
-    def __init__(self, int fd, Py_ssize_t hot_bytes=8 << 20):
-        if fd < 0 or hot_bytes < 0:
-            raise ValueError("a file descriptor and a non-negative cache size are needed")
+    def __init__(self, int fd, Py_ssize_t hot_bytes=8 << 20, int64_t base=0):
+        if fd < 0 or hot_bytes < 0 or base < 0:
+            raise ValueError("a file descriptor, a non-negative cache size and data offset are needed")
         self._fd = fd
+        self._base = base
         self._keys_arr = np.zeros(1024, dtype=np.uint64)
         self._offs_arr = np.zeros(1024, dtype=np.int64)
         self._keys = <uint64_t*>cnp.PyArray_DATA(self._keys_arr)
@@ -107,7 +109,7 @@ cdef class Dedup:
         if got is None:
             got = self._hot.get(at)
         if got is None:
-            got = os.pread(self._fd, n, at)
+            got = os.pread(self._fd, n, self._base + at)
             if len(got) != n:
                 raise OSError(5, "the PMTiles data file is shorter than written")
             if n <= self._hot_left:          # a tile that recurs tends to recur again (sea, blank)

@@ -230,11 +230,12 @@ def _xyz_metadata_size(plan, cache) -> int:
 
 
 def _pmtiles_overhead(plan, cache) -> int:
-    """Header, directories and metadata of the archive without deduplication, built from the indexes."""
+    """Header, room for the root directory, metadata and leaf directories of the archive without
+    deduplication, built from the indexes."""
     import numpy as np
 
     from tilecrate.sinks.common import source_meta, tile_kind, web_mercator_zooms
-    from tilecrate.sinks.pmtiles import HEADER_SIZE, _gz, build_directories, metadata_json, tile_ids
+    from tilecrate.sinks.pmtiles import _gz, addressable, build_directories, data_offset, metadata_json, tile_ids
     from tilecrate.tiling import PACKET
 
     zooms = web_mercator_zooms(cache.scheme, [lv.level for lv in plan.selection.levels])
@@ -251,12 +252,13 @@ def _pmtiles_overhead(plan, cache) -> int:
         lengths.append(sizes[idx[ok]].astype(np.uint64))
     meta = _gz(json.dumps(metadata_json(source_meta(cache), tile_kind(cache, plan.policy is not None)),
                           ensure_ascii=False).encode())
+    start = data_offset(addressable(plan, zooms))
     if not ids:
-        root, leaves = build_directories(*(np.zeros(0, np.uint64),) * 4)
-        return HEADER_SIZE + len(root) + len(leaves) + len(meta)
+        _, leaves = build_directories(*(np.zeros(0, np.uint64),) * 4)
+        return start + len(leaves) + len(meta)
     ids_a = np.concatenate(ids)
     order = np.argsort(ids_a, kind="stable")
     ids_a, len_a = ids_a[order].astype(np.uint64), np.concatenate(lengths)[order]
     offs = np.concatenate(([0], np.cumsum(len_a)[:-1])).astype(np.uint64)
-    root, leaves = build_directories(ids_a, np.ones(len(ids_a), np.uint64), len_a, offs)
-    return HEADER_SIZE + len(root) + len(leaves) + len(meta)
+    _, leaves = build_directories(ids_a, np.ones(len(ids_a), np.uint64), len_a, offs)
+    return start + len(leaves) + len(meta)

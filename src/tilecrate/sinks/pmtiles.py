@@ -1,15 +1,15 @@
 """PMTiles v3 output, written in one pass with flat memory.
 
 Bundles are taken in Hilbert order (a 128x128 bundle, or a whole level below zoom 7, is one
-contiguous run of TileIDs), and each bundle's tiles sorted by TileID, so tile data is appended to
-an anonymous temporary file already in its final, clustered order. Identical tiles are stored
-once (`tilecrate._dedup.Dedup`: (length, CRC-32) -> offset in a compiled table, the bytes
-compared when a key recurs); consecutive TileIDs sharing a blob become one run. Only numpy
-arrays of entries (24 bytes a tile) and the table (16 bytes a distinct tile, up to 32 while
-it is half full) grow, plus a bounded cache of recurring tiles; tile bytes are never held past
-their bundle. At the end the header, the gzipped root directory, the metadata and the leaf
-directories (when the root would pass 16 KiB) are
-written and the tile data follows with kernel copies.
+contiguous run of TileIDs), and each bundle's tiles sorted by TileID, so tile data is written
+straight into the archive in its final, clustered order, after room for the root directory
+(`data_offset`). Identical tiles are stored once (`tilecrate._dedup.Dedup`: (length, CRC-32) ->
+offset in a compiled table, the bytes compared when a key recurs); consecutive TileIDs sharing a
+blob become one run. Only numpy arrays of entries (24 bytes a tile) and the table (16 bytes a
+distinct tile, up to 32 while it is half full) grow, plus a bounded cache of recurring tiles;
+tile bytes are never held past their bundle. At the end the gzipped metadata and leaf
+directories (when the root would pass 16 KiB) follow the data, and the header and root directory
+are written at the start.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import gzip
 import json
 import os
 import struct
-import tempfile
 from typing import Callable
 
 import numpy as np
@@ -25,9 +24,9 @@ import numpy as np
 from tilecrate._dedup import Dedup
 
 from tilecrate.cache import Cache
-from tilecrate.package.kcopy import KernelCopier
 from tilecrate.plan import ExportPlan
 from tilecrate.results import CancelFlag, check_cancel
+from tilecrate.tiling import PACKET
 from tilecrate.sinks.common import (SourceMeta, Tally, bundle_tiles, inside_grid, iter_bundles, tile_kind,
                                     web_mercator_zooms, wgs84_bounds)
 
@@ -199,21 +198,49 @@ def _write_all(fd: int, parts) -> None:
                 break
 
 
+def data_offset(entries: int) -> int:
+    """Where the tile data starts in an archive of at most `entries` directory entries: after the
+    header and room for the largest root directory they can make (never past 16 KiB, where the root
+    must end; with leaves it fits in ROOT_LIMIT)."""
+    raw = 10 + 35 * entries       # the count, then per entry at most 10 (TileID delta) + 10 (run) + 5 + 10 bytes
+    gz = raw + (raw + 7) // 8 + (raw + 63) // 64 + 5 + 18       # zlib's deflateBound and the gzip wrapper
+    return min(HEADER_SIZE + ROOT_LIMIT, HEADER_SIZE + gz)
+
+
+def addressable(plan: ExportPlan, zooms: dict[int, int]) -> int:
+    """Selected tiles inside the Web Mercator grid of their zoom (the entries the archive can hold)."""
+    total = 0
+    for bsel in iter_bundles(plan):
+        n = 1 << zooms[bsel.ref.level]
+        r, c = bsel.ref.row0, bsel.ref.col0
+        if r + PACKET <= n and c + PACKET <= n:
+            total += bsel.tiles
+        else:
+            m = bsel.mask.reshape(PACKET, PACKET)[:max(0, n - r), :max(0, n - c)]
+            total += int(np.count_nonzero(m))
+    return total
+
+
 def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
                   progress: Callable[[int, int, int | None], None] | None = None,
                   cancel: CancelFlag | None = None) -> tuple[int, dict[int, dict], list[str]]:
-    """Write the plan's tiles as a clustered, deduplicated PMTiles v3 archive to `tmp`."""
+    """Write the plan's tiles as a clustered, deduplicated PMTiles v3 archive to `tmp`.
+
+    The tile data goes straight to its place in `tmp`, after room for the root directory (see
+    `data_offset`); the metadata and leaf directories follow it, and the header and root are
+    written last (the spec lets every section but the header move; the root stays in the first
+    16 KiB), so no byte is written twice."""
     fmt = tile_kind(cache, plan.policy is not None)
     zooms = web_mercator_zooms(cache.scheme, [lv.level for lv in plan.selection.levels])
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []     # per bundle: TileIDs, offsets, lengths
     warnings: list[str] = []
     tally = Tally()
-    data_fd, data_len = None, 0
-    folder = os.path.dirname(os.path.abspath(tmp))
-    data_file = tempfile.TemporaryFile(dir=folder, prefix=".tilecrate-pmtiles-")   # unlinked: nothing left behind
+    data_len = 0
+    data_off = data_offset(addressable(plan, zooms))
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
-        data_fd = data_file.fileno()
-        dedup = Dedup(data_fd, HOT_BYTES)
+        os.lseek(fd, data_off, os.SEEK_SET)
+        dedup = Dedup(fd, HOT_BYTES, data_off)
         for bsel in _bundle_order(plan, zooms):
             rows, cols, tiles, found = bundle_tiles(cache, plan, bsel, cancel)
             warnings.extend(found)
@@ -222,39 +249,45 @@ def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
             ids = tile_ids(z, cols, rows)
             order = np.argsort(ids, kind="stable")
             chunk, offs, data_len = dedup.place(tiles, order, data_len)
-            _write_all(data_fd, chunk)
+            _write_all(fd, chunk)
             lengths = np.fromiter(map(len, tiles), dtype=np.uint64, count=len(tiles))
             parts.append((ids[order].astype(np.uint64), offs.astype(np.uint64), lengths[order]))
             tally.add(bsel.ref.level, tiles)
             check_cancel(cancel)
             if progress is not None:
                 progress(tally.tiles, data_len, bsel.ref.level)
+        contents = dedup.contents
+        del dedup
         if parts:
             ids, runs, lengths, offsets = merge_runs(*(np.concatenate(a) for a in zip(*parts)))
         else:
             ids, runs, lengths, offsets = merge_runs(*(np.zeros(0, np.uint64),) * 3)
         del parts
         root, leaves = build_directories(ids, runs, lengths, offsets)
+        if HEADER_SIZE + len(root) > data_off:       # data_offset bounds every root: a broken bound is a bug
+            raise RuntimeError(f"PMTiles root directory of {len(root)} bytes overruns the {data_off - HEADER_SIZE} "
+                               f"bytes kept for it ({len(ids)} entries)")
         metadata = _gz(json.dumps(metadata_json(meta, fmt), ensure_ascii=False).encode())
         exported = sorted(zooms[lv.level] for lv in plan.selection.levels if lv.tiles > 0) or [0]
         w, s, e, n = wgs84_bounds(plan)
-        root_off = HEADER_SIZE
-        meta_off = root_off + len(root)
+        meta_off = data_off + data_len
         leaf_off = meta_off + len(metadata)
-        data_off = leaf_off + len(leaves)
-        head = header(root=(root_off, len(root)), meta=(meta_off, len(metadata)),
+        head = header(root=(HEADER_SIZE, len(root)), meta=(meta_off, len(metadata)),
                       leaves=(leaf_off if leaves else 0, len(leaves)), data=(data_off, data_len),
-                      addressed=tally.tiles, entries=len(ids), contents=dedup.contents,
+                      addressed=tally.tiles, entries=len(ids), contents=contents,
                       tile_type=TILE_TYPES[fmt], zooms=(exported[0], exported[-1]), bounds=(w, s, e, n),
                       center=(exported[0], (w + e) / 2, (s + n) / 2))
-        del dedup
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
-        try:
-            _write_all(fd, head + root + metadata + leaves)
-            KernelCopier(fd).copy(data_fd, 0, data_len, tmp)
-        finally:
-            os.close(fd)
+        os.lseek(fd, meta_off, os.SEEK_SET)
+        _write_all(fd, [metadata, leaves])
+        # the room between the root and the data stays a hole: zeros, no bytes written
+        _pwrite_all(fd, head + root, 0)
     finally:
-        data_file.close()
+        os.close(fd)
     return tally.tiles, tally.levels, warnings
 
+
+def _pwrite_all(fd: int, data: bytes, at: int) -> None:
+    view = memoryview(data)
+    while view.nbytes:
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
