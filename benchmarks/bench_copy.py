@@ -11,7 +11,8 @@ and as a process, page cache warm and cold. Ratios from one run, each a median o
 rounds; CPU seconds (user + system, every thread) too, less at the mercy of the machine's load
 than wall time.
 
-Run: `.venv/bin/pytest benchmarks/bench_copy.py --benchmark-enable -s`
+Run: `.venv/bin/pytest benchmarks/bench_copy.py --benchmark-enable -s`. The process contenders cache their
+bytecode in a private folder (as an installed package does); the warm-up round writes it.
 The sample (levels 0-9 of `tilecrate sample`, ~305 MB; TILECRATE_COPY_LEVELS to change) is made
 once under $TILECRATE_BENCH_DIR (default /tmp/tilecrate-bench) and reused. Cold rounds drop the
 page cache (`echo 3 > /proc/sys/vm/drop_caches`) before every contender; without permission they
@@ -136,7 +137,10 @@ def _contenders(src: Path, tmp: Path, bbox: bool):
         return run
 
     def proc(mode: str, out: Path):
-        env = dict(os.environ, TILECRATE_COPY_METHOD=mode)
+        # bytecode cached as an installed package's is (PYTHONDONTWRITEBYTECODE is set here and the
+        # install is editable: without this every process compiled the files edited since install)
+        env = dict(os.environ, TILECRATE_COPY_METHOD=mode, PYTHONPYCACHEPREFIX=str(tmp / "pycache"))
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
 
         def run() -> tuple[float, float]:
             _rm(out)
@@ -176,6 +180,7 @@ def test_passthrough_export_vs_cp(benchmark, request, medium, tmp_path, area, ca
         pytest.skip("cannot drop the page cache here (needs root and a writable /proc/sys/vm/drop_caches)")
     runs, outs = _contenders(medium, tmp_path, area == "bbox")
     runs["new"]()                           # the package cp copies, and a first import of everything
+    runs["new_proc"]()                      # the processes' bytecode cache
     times: dict[str, list[float]] = {k: [] for k in runs}
     cpus: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(ROUNDS):

@@ -1,36 +1,33 @@
-"""Byte ranges of source files into an output: copied in the kernel, the CRC-32 read ahead.
+"""Byte ranges of source files into an output: copied in the kernel, the CRC-32 read alongside.
 
 Zip entries need a CRC-32 before the central directory, and bundle runs need their 4-byte size
 prefixes checked, so the bytes of a run are read in user space once anyway. `RunScanner` does
-that read (pread, prefix check and fix, isal CRC-32) on a helper thread, SCAN_AHEAD runs ahead
-of the writer, into a small pool of reused buffers, while the writer puts the previous run into
-the output. The writer reads a range itself when the helper has not started it (the first range
-of an entry, or a helper not scheduled on a loaded machine): nothing waits on an idle thread.
+that read (pread, prefix check and fix, isal CRC-32) on a helper thread, into a small pool of
+reused buffers. On a seekable output (`write_parts(patch=...)`) a run copied in the kernel is
+copied at once while the helper reads it, the CRC patched into the header afterwards: the copy
+and the read overlap. A run whose source prefixes turn out wrong is then rewritten fixed (pwrite
+over the copy); at most DEFER_AHEAD runs are copied ahead of their reads. On a stream the helper
+reads SCAN_AHEAD runs ahead and the writer waits for each; the writer reads a range itself when
+the helper has not started it, so nothing waits on an unscheduled thread.
 
 How the writer puts a run into the output (`COPY_METHOD`, env TILECRATE_COPY_METHOD): "auto"
 (default) copies runs of KERNEL_MIN bytes or more in the kernel with `KernelCopier` and writes
-shorter ones from the helper's buffer (a run whose source prefixes were wrong is always written
-fixed from the buffer). `KernelCopier.copy` uses `copy_file_range`, falling back to `sendfile`,
-then to pread/write, where a file system or the output kind refuses (EXDEV, EINVAL for pipes,
-EBADF for O_APPEND outputs, ENOSYS, EOPNOTSUPP; a refusal is remembered). A staged file whose
-CRC is known (`ZipWriter.add_file`) is only ever copied in the kernel: nothing is read.
-Measured here on 2026-12-01 (ext4, 2 cores shared with 7 other sessions, so noisy; whole sample
-of 322 MB, 48 runs of up to 8 MiB; a bbox of 94 MB in 229 runs): with a cold page cache the
-kernel copies beat writes from the buffers in all 6 runs of the whole sample (medians 0.85-1.6 s
-vs 1.1-2.3 s); for the bbox's short runs the buffered writes were faster in 10 of 10 comparisons,
-warm and cold, hence the threshold. Warm, the whole sample was within the machine's noise.
+shorter ones from the helper's buffer (short runs: the buffered writes won every bbox comparison
+of bench_copy on 2026-12-01). `KernelCopier.copy` uses `copy_file_range`, falling back to
+`sendfile`, then to pread/write, where a file system or the output kind refuses (EXDEV, EINVAL
+for pipes, EBADF for O_APPEND outputs, ENOSYS, EOPNOTSUPP; a refusal is remembered). A staged
+file whose CRC is known (`ZipWriter.add_file`) is only ever copied in the kernel: nothing is read.
 
-A range read once with its prefixes found right has its CRC-32 remembered (`RUN_CRCS`), keyed
-by the source file's version (device, inode, size, mtime and ctime in ns) and the range: an
-export of the same bundles again (a server's usual day), or one whose runs a prescan thread read
-ahead (`prescan_plan`), copies those ranges in the kernel without reading them in user space,
-adjacent ranges of one file in one `copy_file_range` span, and assembles the entry's CRC with
-`crc32_combine`. A range is remembered only after its file was found unchanged at the end; a
-rewrite that puts the old size and mtime back still moves the ctime. Measured the same evening
-(bench_copy, load 8-10): a repeat whole-sample export used 0.15-0.18 CPU-seconds against
-0.22-0.27 for a first one and 0.10-0.12 for `cp`; warm, a first export was not faster than the
-buffered path before kernel copies (copy_file_range on ext4 is a splice costing about a write),
-cold it was 1.4-1.8 x faster.
+A range read with its prefixes found right has its CRC-32 remembered (`RUN_CRCS`), keyed by the
+source file's version (device, inode, size, mtime and ctime in ns) and the range: an export of
+the same bundles again (a server's usual day), or one whose runs a prescan thread read ahead
+(`prescan_plan`), copies those ranges in the kernel without reading them in user space, adjacent
+ranges of one file in one `copy_file_range` span, and assembles the entry's CRC with
+`crc32_combine`. Every user of a remembered CRC opened the file at that version and checks it is
+unchanged after its copy, and a rewrite moves the ctime (no caller can set it back); a version
+younger than RACY_NS is never remembered. `RUN_CLAIMS` keeps the prescan and the writer from
+reading the same run: the writer takes the runs of its bundle the prescan has not read (waiting
+for the one it may be reading), the prescan skips those.
 
 Every way refuses a source that ends before the range does (the file shrank): an error naming the
 file, never a short entry. Python's own os.copy_file_range/os.sendfile/os.preadv are used; each
