@@ -3,8 +3,9 @@
 
 Targets (issue 11): `--version` and the export process under 3x `python -c pass`; the export process
 within 2x the in-process export. The floors are printed next to them: `python -c "import numpy"` and
-`python -c "import tilecrate._bundle"` (the compiled core needs numpy) vs `python -c pass`, and what a
-process doing only that import plus the in-process export would take; a ratio under its floor is out of
+`python -c "import tilecrate._bundle"` (the compiled core needs numpy; also with OpenBLAS on one thread, as
+the CLI loads it) vs `python -c pass`, and what a process doing only that import plus the in-process export
+would take; a ratio under its floor is out of
 reach without dropping numpy from the compiled core. Bytecode is cached (in a private PYTHONPYCACHEPREFIX) as an
 installed package's would be, even where PYTHONDONTWRITEBYTECODE is set.
 
@@ -124,8 +125,11 @@ def test_small_export_process_vs_in_process(benchmark, request, env, small, tmp_
     python = [sys.executable, "-c", "pass"]
     numpy = [sys.executable, "-c", "import numpy"]
     core = [sys.executable, "-c", "import tilecrate._bundle"]     # the compiled core, which imports numpy
+    # as the CLI loads it: OpenBLAS (numpy's) with one thread, not one per core
+    env1 = dict(env, OPENBLAS_NUM_THREADS="1")
     run = Paired({"python": lambda: _timed(python, env), "numpy": lambda: _timed(numpy, env),
-                  "core": lambda: _timed(core, env), "process": process, "in_process": in_process})
+                  "core": lambda: _timed(core, env), "core_1thread": lambda: _timed(core, env1),
+                  "process": process, "in_process": in_process})
     result = benchmark.pedantic(in_process, rounds=5, iterations=1)
     assert result > 0 and out_proc.exists() and out_in.stat().st_size == out_proc.stat().st_size
     report(request, "startup: 123-tile export", python_ms=run.ms("python"), process_ms=run.ms("process"),
@@ -134,11 +138,15 @@ def test_small_export_process_vs_in_process(benchmark, request, env, small, tmp_
     # the floors no change of ours can go under: a process that only imports numpy, or our compiled
     # core, and a process that would do nothing but that import and the in-process export
     report(request, "startup: floors of a 123-tile export process", numpy_ms=run.ms("numpy"),
-           core_ms=run.ms("core"), numpy_vs_python=run.ratio("numpy", "python"),
-           core_vs_python=run.ratio("core", "python"),
-           floor_vs_python=run.ratio("core", "python", plus=("in_process",)),
-           floor_vs_in_process=run.ratio("core", "in_process", plus=("in_process",)),
-           process_vs_floor=run.ratio("process", "core", "in_process"))
+           core_ms=run.ms("core"), core_1thread_ms=run.ms("core_1thread"),
+           numpy_vs_python=run.ratio("numpy", "python"), core_vs_python=run.ratio("core", "python"),
+           core_1thread_vs_python=run.ratio("core_1thread", "python"),
+           floor_vs_python=run.ratio("core_1thread", "python", plus=("in_process",)),
+           floor_vs_in_process=run.ratio("core_1thread", "in_process", plus=("in_process",)),
+           process_vs_floor=run.ratio("process", "core_1thread", "in_process"),
+           process_minus_floor_ms=statistics.median(
+               (run.times["process"][i] - run.times["core_1thread"][i] - run.times["in_process"][i]) * 1e3
+               for i in range(len(run.times["process"]))))
 
 
 def test_import_profile(request, env, small, tmp_path):
