@@ -35,7 +35,7 @@ from distributed import Client, LocalCluster
 
 from tilecrate.export import export
 from tilecrate.request import ExportRequest
-from tilecrate.runners.dask import DaskRunner
+from tilecrate.runners.dask import DaskRunner, local_cluster
 from conftest import report
 
 WIDE_LEVEL = 12
@@ -81,8 +81,8 @@ def wider(sample, tmp_path_factory) -> Path:
 
 
 def _cluster(n: int) -> LocalCluster:
-    return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                        dashboard_address=None, silence_logs=50)
+    """The runner's own LocalCluster ([cluster] scheduler = "local"): no dashboard, quiet bookkeeping."""
+    return local_cluster(n, 1, silence_logs=50)
 
 
 def _warm(folder: Path) -> None:

@@ -3,9 +3,10 @@
 Bundle tasks that ran elsewhere (Dask workers) leave their output bundles in a staging folder laid
 out like the output itself, with size and CRC-32 known. A zip output copies each staged file into
 its entry in the kernel (ZipWriter.add_file: copy_file_range) with that CRC, never recomputed, and
-drops the staged file at once, so staging holds
-only the bundles not yet assembled; a cache folder output *is* the staging folder, so nothing
-is copied there at all.
+drops the staged file at once, so staging holds only the bundles not yet assembled; a cache
+folder output *is* the staging folder, so nothing is copied there at all. A pass-through bundle
+into a zip is a recipe: the worker stages only its header block (and a V1 .bundlx), and the tiles'
+ranges are copied in the kernel straight from the source, with the CRC-32 the worker computed.
 """
 from __future__ import annotations
 
@@ -58,18 +59,29 @@ class Assembler:
             os.unlink(out.bundlx_path)
 
     def add_recipe(self, recipe: BundleRecipe) -> None:
-        """A pass-through bundle straight from its source: header block, then the source ranges copied
-        in the kernel with the worker's CRC-32 (nothing staged, nothing read here)."""
+        """A pass-through bundle straight from its source: the header block (staged by the worker, or
+        carried in the recipe), then the source ranges, copied in the kernel with the worker's CRC-32
+        (no tile bytes staged, nothing read here)."""
         if self.writer is None:
             raise ValueError("recipes are for zip outputs (a cache folder is written by the tasks)")
-        fd = open_source(recipe.file, recipe.file_size, recipe.file, recipe.file_id)
+        head = -1 if recipe.head_path is None else open_source(recipe.head_path, recipe.head_size, recipe.head_path)
         try:
-            parts = [recipe.aux] + [CopyRange(fd, off, length, recipe.file) for off, length in recipe.ranges]
-            self.writer.add_parts(recipe.name, recipe.size, parts, recipe.crc32)
-            check_unchanged(fd, recipe.file_size, recipe.file, recipe.file_id)
+            fd = open_source(recipe.file, recipe.file_size, recipe.file, recipe.file_id)
+            try:
+                first = recipe.aux if head < 0 else CopyRange(head, 0, recipe.head_size, recipe.head_path)
+                parts = [first] + [CopyRange(fd, off, length, recipe.file) for off, length in recipe.ranges]
+                self.writer.add_parts(recipe.name, recipe.size, parts, recipe.crc32)
+                check_unchanged(fd, recipe.file_size, recipe.file, recipe.file_id)
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
-        if recipe.bundlx is not None:
+            if head >= 0:
+                os.close(head)
+                os.unlink(recipe.head_path)
+        if recipe.bundlx_path is not None:
+            self.writer.add_file(recipe.name[:-1] + "x", recipe.bundlx_path, recipe.bundlx_size, recipe.bundlx_crc32)
+            os.unlink(recipe.bundlx_path)
+        elif recipe.bundlx is not None:
             self.writer.add_bytes(recipe.name[:-1] + "x", recipe.bundlx)
 
     def close(self) -> int:

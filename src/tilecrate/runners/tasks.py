@@ -61,13 +61,21 @@ class BundleRecipe:
     tile_bytes: int
     size: int
     crc32: int
-    aux: bytes                     # header block (V2 header + index, or V1 header + zero table)
+    aux: bytes | None              # header block (V2 header + index, or V1 header + zero table)
     file: str                      # the source file the ranges come from
     file_size: int
     file_id: tuple | None
     ranges: list[tuple[int, int]]  # (offset in `file`, length), in order
     bundlx: bytes | None = None
     warnings: list[str] = field(default_factory=list)
+    # with a staging folder, the header block and the V1 .bundlx are staged files (aux and bundlx
+    # None): results stay a few hundred bytes, so no 128 KB per bundle is pickled on the worker,
+    # relayed by the scheduler and unpickled on the front end, which copies the files in the kernel
+    head_path: str | None = None
+    head_size: int = 0
+    bundlx_path: str | None = None
+    bundlx_size: int = 0
+    bundlx_crc32: int = 0
 
 
 class Prepared:
@@ -231,8 +239,9 @@ def _write_file(final: str, write: Callable[[int], tuple[int, int]], cancel: Can
 
 def bundle_recipe(task: BundleTask, cancel: CancelFlag | None = None, *,
                   cache: Cache | None = None) -> BundleRecipe | None:
-    """A pass-through bundle as a recipe (no bytes written), or None when it must be staged: re-encoding,
-    an inflated package entry, or source size prefixes that need fixing."""
+    """A pass-through bundle as a recipe (no tile bytes written; the header block staged when the task
+    has a staging folder), or None when it must be staged whole: re-encoding, an inflated package
+    entry, or source size prefixes that need fixing."""
     if task.policy is not None:
         return None
     if cache is None:
@@ -279,9 +288,22 @@ def bundle_recipe(task: BundleTask, cancel: CancelFlag | None = None, *,
                 kcopy.RUN_CRCS.put(version, offset, length, run_crc)
         finally:
             os.close(fd)
-        return BundleRecipe(task.index, task.name, task.ref.level, plan.tiles, plan.tile_bytes, plan.size,
-                            crc & 0xFFFFFFFF, bytes(plan.aux), plan.file, plan.file_size, file_id, ranges,
-                            None if plan.bundlx is None else bytes(plan.bundlx), list(prep.warnings))
+        recipe = BundleRecipe(task.index, task.name, task.ref.level, plan.tiles, plan.tile_bytes, plan.size,
+                              crc & 0xFFFFFFFF, None, plan.file, plan.file_size, file_id, ranges, None,
+                              list(prep.warnings))
+        aux, bx = plan.aux, plan.bundlx
+        if task.staging is None:
+            recipe.aux, recipe.bundlx = bytes(aux), None if bx is None else bytes(bx)
+            return recipe
+        final = os.path.join(task.staging, *task.name.split("/"))
+        recipe.head_path = final + ".head"
+        recipe.head_size, _ = _write_file(recipe.head_path, lambda fd: (_write_all(fd, aux), (len(aux), 0))[1],
+                                          cancel)
+        if bx is not None:
+            recipe.bundlx_path = final[:-1] + "x"
+            recipe.bundlx_size, recipe.bundlx_crc32 = _write_file(
+                recipe.bundlx_path, lambda fd: (_write_all(fd, bx), (len(bx), isal_zlib.crc32(bx)))[1], cancel)
+        return recipe
     finally:
         prep.release()
 
