@@ -206,11 +206,12 @@ def test_process_exit_skips_the_collector_only_for_the_own_command_line(tmp_path
     out = tmp_path / "g.tpkx"
     args = ["export", str(sample_v2), "-o", str(out), "--levels", "0-2", "--quiet"]
     _, r = modules_after(tmp_path, f"import gc\nsys.argv[1:] = {args!r}\nfrom tilecrate.cli import main\n"
-                               f"code = main()\nassert gc.get_freeze_count() > 1000, gc.get_freeze_count()")
+                               f"code = main()\nassert gc.get_freeze_count() > 1000, gc.get_freeze_count()\n"
+                               f"assert gc.isenabled()")     # off only while the command's modules load
     assert r.returncode == 0 and out.stat().st_size > 0, r.stderr
     out.unlink()
     _, r = modules_after(tmp_path, f"import gc\nfrom tilecrate.cli import main\n"
-                               f"code = main({args!r})\nassert gc.get_freeze_count() == 0")
+                               f"code = main({args!r})\nassert gc.get_freeze_count() == 0 and gc.isenabled()")
     assert r.returncode == 0 and out.stat().st_size > 0, r.stderr
 
 

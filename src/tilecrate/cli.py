@@ -101,8 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # starts a thread and allocates buffers per core at load: ~40 CPU-ms of a small export process
         # (bench_startup). No command multiplies matrices; a value the user set is kept.
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        import gc
+
+        # the imports allocate objects by the hundred thousand, none of them garbage: the collector's
+        # passes over them cost ~8 % of a small export process (bench_startup); back on once the
+        # command's module is loaded (frozen: the passes then skip them)
+        gc.disable()
     try:
-        return _main(sys.argv[1:] if argv is None else list(argv))
+        return _main(sys.argv[1:] if argv is None else list(argv), argv is None)
     finally:
         if argv is None:
             # the process's own command line: it ends next, and the shutdown's collections would walk
@@ -115,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             gc.freeze()
 
 
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str], own: bool = False) -> int:
     if argv == ["--version"]:           # the common probe, answered without argparse
         try:
             print_line(version_text())
@@ -136,6 +142,11 @@ def _main(argv: list[str]) -> int:
             return e.code if isinstance(e.code, int) else 0
         except UsageError as e:
             return _fail(wants_json, str(e), 2)
+        if own:
+            import gc
+
+            gc.freeze()
+            gc.enable()
         code = int(args._run(args) or 0)
         _flush()
         return code
