@@ -15,7 +15,7 @@ import numpy as np
 
 from tilecrate.cache import Cache
 from tilecrate.errors import TilecrateError
-from tilecrate.esri.common import (  # noqa: F401 (escape, WGS84, WEB_MERCATOR_CODES: used by package.vtpk)
+from tilecrate.esri.common import (  # noqa: F401 (escape, WGS84: re-exported, package.vtpk uses WGS84)
     COMPACT_V1,
     COMPACT_V2,
     WEB_MERCATOR_CODES,
@@ -25,10 +25,10 @@ from tilecrate.esri.common import (  # noqa: F401 (escape, WGS84, WEB_MERCATOR_C
     escape,
 )
 from tilecrate.esri.conf_xml import write_conf_cdi, write_conf_properties, write_conf_xml
-from tilecrate.esri.iteminfo import CREATOR, Stamp, write_item_pkinfo, write_iteminfo_json, write_iteminfo_xml
+from tilecrate.esri.iteminfo import CREATOR, ItemInfo, Stamp, write_item_pkinfo, write_iteminfo_json, write_iteminfo_xml
 from tilecrate.esri.mapserver_json import write_mapserver_json
 from tilecrate.esri.root_json import write_root_json
-from tilecrate.tiling import PACKET, Extent
+from tilecrate.tiling import PACKET, Extent, TileScheme
 
 __all__ = ["CREATOR", "WGS84", "PackageInfo", "Stamp", "conf_cdi", "conf_properties", "conf_xml", "escape",
            "item_pkinfo", "iteminfo_json", "iteminfo_xml", "mapserver_json", "package_info", "root_json",
@@ -49,8 +49,8 @@ class PackageInfo:
     geo_extent: Extent | None          # the same in WGS 84 (None when it cannot be projected)
     tile_format: str
     quality: int
-    scheme: object = field(repr=False, default=None)   # tiling.TileScheme
-    item: object = field(repr=False, default=None)     # sources.item.ItemInfo of the source, or None
+    scheme: TileScheme = field(repr=False, default=None)
+    item: ItemInfo | None = field(repr=False, default=None)   # the source's title, summary, credits...
     # a whole-source export: the source service's extents, every field filled (see service_extents),
     # written instead of `extent`/`geo_extent` into mapserver.json, root.json and the item files
     service: ServiceExtents | None = field(repr=False, default=None)
@@ -168,8 +168,8 @@ def tile_image_facts(cache: Cache) -> tuple[int | None, float | None]:
     if err is None and cache.levels:
         try:
             err = lerc1_max_z_error(_first_tile(cache, min(cache.levels)))
-        except TilecrateError:
-            pass    # a damaged bundle fails the export's own read of it, with its own message
+        except (TilecrateError, OSError):
+            pass    # a damaged or vanished bundle fails the export's own read of it, with its own message
     return (bands if bands is not None else 1), err
 
 
