@@ -15,6 +15,7 @@ Where the time goes: `.venv/bin/python -X importtime -m tilecrate.cli export ...
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -57,6 +58,11 @@ def _cli() -> list[str]:
     return [str(CONSOLE)]
 
 
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def _timed(cmd: list[str], env: dict) -> float:
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -72,15 +78,25 @@ class Paired:
 
     def __init__(self, contenders: dict, rounds: int = ROUNDS):
         self.times: dict[str, list[float]] = {k: [] for k in contenders}
+        self.cpu: dict[str, list[float]] = {k: [] for k in contenders}
         for fn in contenders.values():        # warm-up: bytecode written, files in the page cache
             fn()
         for _ in range(rounds):
             for name, fn in contenders.items():
+                # CPU-seconds of the child process, or of this one for in-process contenders: steadier
+                # than wall time on a machine others load
+                c0, p0 = _children_cpu(), time.process_time()
                 self.times[name].append(fn())
+                child = _children_cpu() - c0
+                self.cpu[name].append(child if child > 0 else time.process_time() - p0)
 
     def ms(self, name: str) -> float:
         """Median milliseconds of one contender."""
         return statistics.median(self.times[name]) * 1e3
+
+    def cpu_ms(self, name: str) -> float:
+        """Median CPU milliseconds (user + system) of one contender."""
+        return statistics.median(self.cpu[name]) * 1e3
 
     def ratio(self, num: str, *den: str, plus: tuple[str, ...] = ()) -> float:
         """Median over rounds of (num + plus...) / (den...)."""
@@ -98,7 +114,8 @@ def test_version_and_import_vs_python(benchmark, request, env):
                   "import": lambda: _timed(imp, env)})
     benchmark.pedantic(_timed, args=(version, env), rounds=5, iterations=1)
     report(request, "startup: tilecrate --version", python_ms=run.ms("python"), version_ms=run.ms("version"),
-           import_ms=run.ms("import"), version_vs_python=run.ratio("version", "python"),
+           import_ms=run.ms("import"), cpu_python_ms=run.cpu_ms("python"), cpu_version_ms=run.cpu_ms("version"),
+           version_vs_python=run.ratio("version", "python"),
            import_vs_python=run.ratio("import", "python"))
 
 
@@ -144,6 +161,8 @@ def test_small_export_process_vs_in_process(benchmark, request, env, small, tmp_
            floor_vs_python=run.ratio("core_1thread", "python", plus=("in_process",)),
            floor_vs_in_process=run.ratio("core_1thread", "in_process", plus=("in_process",)),
            process_vs_floor=run.ratio("process", "core_1thread", "in_process"),
+           cpu_process_ms=run.cpu_ms("process"), cpu_in_process_ms=run.cpu_ms("in_process"),
+           cpu_core_1thread_ms=run.cpu_ms("core_1thread"), cpu_python_ms=run.cpu_ms("python"),
            process_minus_floor_ms=statistics.median(
                (run.times["process"][i] - run.times["core_1thread"][i] - run.times["in_process"][i]) * 1e3
                for i in range(len(run.times["process"]))))
