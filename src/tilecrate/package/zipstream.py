@@ -3,9 +3,11 @@
 Every entry's size is known before its bytes are written; its CRC too, or (seekable outputs) it
 is computed as the bytes pass and patched into the local header, so no data descriptor is needed
 and the writer never seeks: it can write to a pipe or socket as well as to a file. Entries can be
-made of byte ranges of other files (`add_parts`, `add_file`): a helper thread reads the next
-ranges (CRC-32, size prefixes) while the writer copies the last one in the kernel or writes
-it from the buffer (`package.kcopy`); a staged file of known CRC is only copied in the kernel.
+made of byte ranges of other files (`add_parts`, `add_file`): on a seekable output a long range
+is copied in the kernel at once while a helper thread reads it for its CRC-32 and size prefixes
+(a range whose prefixes were wrong is rewritten fixed over its copy); short ones are read ahead by
+the helper and written from its buffer (`package.kcopy`); a staged file of known CRC is only
+copied in the kernel.
 Memory is flat in the package size: only the central directory (one small record per entry)
 is kept. ArcGIS Runtime refuses compressed packages, which is why nothing is ever deflated.
 """
@@ -324,10 +326,11 @@ class ZipSink:
     def add_bundle(self, name: str, plan) -> None:
         """A planned bundle, then its .bundlx for V1; CRCs computed while writing unless the plan has them.
 
-        Runs of source tiles are read ahead from the source file on a helper thread (CRC-32, size
-        prefixes checked and fixed) while this thread copies the previous run in the kernel, or
-        writes it from the buffer when short or fixed (`kcopy`); plans without a source file
-        (re-encoded or inflated tiles) go through the plan's buffer.
+        Runs a prescan has read (their CRCs remembered) are only copied in the kernel; the others
+        this writer takes from the prescan (`kcopy.RUN_CLAIMS`) and copies while a helper thread
+        reads them (CRC-32, size prefixes checked and fixed), short ones written from the helper's
+        buffer (`kcopy`); plans without a source file (re-encoded or inflated tiles) go through the
+        plan's buffer.
         """
         if plan.crc is None and self.needs_crc:
             plan.compute_crc()
