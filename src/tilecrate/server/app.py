@@ -35,6 +35,7 @@ from tilecrate.server.config import ServerConfig
 from tilecrate.server.errors import EsriError
 from tilecrate.server.reads import ReadGate
 from tilecrate.server.service import CURRENT_VERSION, Service, open_service
+from tilecrate.server.tilemap import TilemapCache
 
 log = logging.getLogger("tilecrate.server")
 
@@ -64,12 +65,21 @@ CLEANER = web.AppKey("cleaner", asyncio.Task)
 READS = web.AppKey("reads", ReadGate)
 PROCESS = web.AppKey("process", tuple)
 JSON_CACHE = web.AppKey("json_cache", dict)
+TILEMAPS = web.AppKey("tilemaps", TilemapCache)
 _JSON_TTL = 1.0  # seconds a service's JSON is reused (its cache may change under us)
 _JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
 _TILE_HEADERS: dict[str, dict[str, str]] = {}  # per content type, made once
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _site_middleware: Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]  # auth's, set by create_app
+_refresh: Callable[[web.Application], object]  # admin.refresh, set by create_app
+
+
+class _WithCors(web.Response):
+    """A 200 response whose headers already hold the CORS ones (the middleware adds nothing)."""
+
+
+_JSON_CORS = {**_JSON_HEADERS, **_CORS}
 
 
 # ------------------------------------------------------------------------------------------
@@ -243,7 +253,11 @@ async def esri_middleware(request: web.Request, handler: Handler) -> web.StreamR
                 raise EsriError(498, "The token is not valid.")
         # the site's checks (settings refresh, users, permissions) run here rather than as a second
         # aiohttp middleware: each middleware layer costs a few microseconds on every request
-        resp = await _site_middleware(request, handler)
+        if cfg.users:
+            resp = await _site_middleware(request, handler)
+        else:  # all that auth.site_middleware does on a site without users
+            _refresh(request.app)
+            resp = await handler(request)
     except EsriError as e:
         resp = _error_response(request, e)
     except RequestError as e:  # a parameter a handler could not read: the message says which
@@ -268,6 +282,8 @@ async def esri_middleware(request: web.Request, handler: Handler) -> web.StreamR
         log.exception("unexpected error answering %s %s", request.method, request.path[:300])  # no query: tokens
         resp = _error_response(request, EsriError(400, "The server could not complete this request; "
                                                        "the server log has the details."))
+    if type(resp) is _WithCors:
+        return resp  # made with its headers whole (hot routes)
     if not resp.prepared:
         resp.headers.update(_CORS)
         if resp.status >= 400 and request.get("tc_close"):  # set only with an error answer (a body timeout)
@@ -405,8 +421,8 @@ async def h_services(request: web.Request) -> web.Response:
 async def h_service(request: web.Request) -> web.Response:
     """`<name>/MapServer`; its JSON is made at most once a second (clients read it before every map)."""
     svc = _service(request)
-    params = _json_only(request) or await params_of(request)
-    f = fmt_of(params)
+    params = _json_only(request)
+    f = "json" if params is not None else fmt_of(params := await params_of(request))
     if f == "html":
         preview = await _preview(request, svc)
         return html_response(html.service_page(ROOT, svc.name, svc.root_json(), preview, param(params, "token")))
@@ -417,7 +433,7 @@ async def h_service(request: web.Request) -> web.Response:
     if hit is None or hit[0] < now:
         resp = json_response(svc.root_json(), f)
         hit = cache[key] = (now + _JSON_TTL, resp.body)
-    return web.Response(body=hit[1], headers=_JSON_HEADERS)
+    return _WithCors(body=hit[1], headers=_JSON_CORS)
 
 
 async def _preview(request: web.Request, svc: Service) -> tuple[int, list[int], list[int]] | None:
@@ -469,8 +485,8 @@ async def h_tile(request: web.Request) -> web.StreamResponse:
     data, ctype = found
     headers = _TILE_HEADERS.get(ctype)
     if headers is None:
-        headers = _TILE_HEADERS[ctype] = {"Content-Type": ctype, "Cache-Control": "max-age=3600"}
-    return web.Response(body=data, headers=headers)
+        headers = _TILE_HEADERS[ctype] = {"Content-Type": ctype, "Cache-Control": "max-age=3600", **_CORS}
+    return _WithCors(body=data, headers=headers)
 
 
 async def h_tilemap(request: web.Request) -> web.Response:
@@ -481,8 +497,12 @@ async def h_tilemap(request: web.Request) -> web.Response:
     width, height = _int(m["width"], "width"), _int(m["height"], "height")
     if not (1 <= width and 1 <= height):
         raise EsriError(400, "width and height must be at least 1")
-    obj = await read_cache(request, (svc.name, "tilemap", level, row >> 7, col >> 7),
-                           svc.tilemap, level, row, col, width, height)
+    key = (svc.name, "tilemap", level, row >> 7, col >> 7)
+    params = _json_only(request)
+    if params is not None or fmt_of(await params_of(request), "json") == "json":
+        body = await read_cache(request, key, request.app[TILEMAPS].body, svc, level, row, col, width, height)
+        return _WithCors(body=body, headers=_JSON_CORS)
+    obj = await read_cache(request, key, svc.tilemap, level, row, col, width, height)
     return await reply(request, obj, default="json")
 
 
@@ -535,8 +555,8 @@ def _files_of(request: web.Request, job: Job) -> tuple[list[dict], list[str]] | 
 
 async def h_job(request: web.Request) -> web.Response:
     """A job resource at any of its URLs; f=json is the stored JSON as it is (nothing parsed)."""
-    params = _json_only(request) or await params_of(request)
-    f = fmt_of(params)
+    params = _json_only(request)
+    f = "json" if params is not None else fmt_of(params := await params_of(request))
     app = request.app
     job_id = request.match_info["job"]
     if f == "json" and not app[RUNNER].has_pending_end(job_id):
@@ -544,7 +564,7 @@ async def h_job(request: web.Request) -> web.Response:
         found = app[STORE].public(job_id) if is_job_id(job_id) else None
         if found is None or found[0] != svc.name:
             raise _no_job(job_id)
-        return web.Response(body=found[2], headers=_JSON_HEADERS)
+        return _WithCors(body=found[2], headers=_JSON_CORS)
     svc, job = _job(request)
     job = request.app[RUNNER].get(job.id, inputs=False) or job  # with an end the store could not take yet
     obj = job.to_json()
@@ -711,11 +731,11 @@ def create_app(cfg: ServerConfig, *, process_index: int = 0, site_lock: bool = T
     # clients put whole areaOfInterest polygons in GET query strings (the ArcGIS API for Python
     # does): accept request lines far beyond aiohttp's 8 KiB default
     body = cfg.limits.max_body_bytes
-    from tilecrate.server.admin import install
+    from tilecrate.server.admin import install, refresh
     from tilecrate.server.auth import site_middleware  # auth imports this module
 
-    global _site_middleware
-    _site_middleware = site_middleware
+    global _site_middleware, _refresh
+    _site_middleware, _refresh = site_middleware, refresh
     app = web.Application(middlewares=[esri_middleware], client_max_size=body,
                           handler_args={"max_line_size": min(MAX_REQUEST_LINE, body) + 8192,
                                         "max_field_size": 65536})
@@ -724,6 +744,7 @@ def create_app(cfg: ServerConfig, *, process_index: int = 0, site_lock: bool = T
     app[SERVICES] = {}
     app[PREVIEWS] = {}
     app[JSON_CACHE] = {}
+    app[TILEMAPS] = TilemapCache()
     add_routes(app)
     app.on_startup.append(_startup)
     app.on_cleanup.append(_cleanup)
