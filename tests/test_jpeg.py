@@ -323,6 +323,64 @@ def test_reciprocal_requantization_at_the_extremes():
         assert cases > 0 and recip == 0, args
 
 
+@pytest.mark.parametrize("roff", [128, 127, 85, 0])
+def test_simd_requantization_equals_the_exact_rule(roff):
+    """The 16-bit-lane requantizer (eight coefficients an instruction) gives the exact rule for both signs
+    of every magnitude it accepts, for every pair of 8-bit steps; what it does not accept is counted."""
+    wrong, in_lanes, left = _jpeg._requant_selftest16(roff, 255, 255, 2047)
+    pairs = sum(256 - s for s in range(1, 256))
+    assert wrong == 0
+    assert in_lanes + left == pairs * (2048 + 2048)
+    assert in_lanes > 4 * 10**7 and left > 0          # s = 255 accepts |a| <= 128 only
+
+
+def test_simd_requantization_at_the_extremes():
+    """|a| up to 32768 (kept as it is when the step does not change), 16-bit steps (never in lanes)."""
+    wrong, in_lanes, left = _jpeg._requant_selftest16(127, 16, 255, 32768)
+    assert wrong == 0 and in_lanes > 0 and left > 0
+    wrong, in_lanes, left = _jpeg._requant_selftest16(128, 65535, 1, 130)      # t = s: kept, any s
+    assert wrong == 0 and left == 0 and in_lanes == 65535 * (131 + 131)
+    wrong, in_lanes, left = _jpeg._requant_selftest16(0, 1, 65535, 3)          # t > 255: scalar rule
+    assert wrong == 0 and in_lanes == 255 * 8 and left == (65535 - 255) * 8
+    with pytest.raises(ValueError):
+        _jpeg._requant_selftest16(256, 1, 1, 1)
+    with pytest.raises(ValueError):
+        _jpeg._requant_selftest16(0, 1, 1, 32769)
+
+
+def with_steps(data: bytes, step: int) -> bytes:
+    """data with every 8-bit DQT entry replaced by step (the coefficients stay as coded)."""
+    out, i = bytearray(data), 2
+    while i + 4 <= len(out) and out[i] == 0xFF and out[i + 1] != 0xDA:
+        length = int.from_bytes(out[i + 2:i + 4], "big")
+        if out[i + 1] == 0xDB:
+            j = i + 4
+            while j < i + 2 + length:
+                assert out[j] >> 4 == 0
+                out[j + 1:j + 65] = bytes([step]) * 64
+                j += 65
+        i += 2 + length
+    return bytes(out)
+
+
+def test_blocks_too_large_for_the_lanes_take_the_scalar_rule():
+    """Coefficients coded at step 1 relabelled step 200: flat blocks fit the 16-bit lanes, noisy ones
+    (|a| * 200 > 32767) do not. The fused walk (optimize=2: lanes, scalar fallback per block) must write
+    the bytes the scalar-only path writes (optimize=1: libjpeg's own statistics pass)."""
+    rng = np.random.default_rng(3)
+    px = np.full((64, 128, 3), 128, np.uint8)
+    px[:, 64:] = rng.choice([0, 255], (64, 64, 1)).astype(np.uint8)        # grey: |a| up to ~1000 in Y
+    buf = io.BytesIO()
+    Image.fromarray(px, "RGB").save(buf, "JPEG", quality=100, subsampling=0)
+    src = with_steps(buf.getvalue(), 200)
+    for q in (1, 10):
+        fused, s2, m2 = recode([src], q, "dct", allow_larger=True, optimize=2)
+        scalar, s1, m1 = recode([src], q, "dct", allow_larger=True, optimize=1)
+        assert s2[0] == _jpeg.OK and s1[0] == _jpeg.OK, (m2, m1)
+        assert fused[0] == scalar[0]
+        assert decode(fused[0]).shape == (64, 128, 3)
+
+
 def fibonacci_counts() -> np.ndarray:
     """Counts whose Huffman code is deeper than 16 bits: exercises the length-limiting step."""
     f = np.zeros(257, np.int64)

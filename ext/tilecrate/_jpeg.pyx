@@ -6,11 +6,14 @@ Two methods, both per tile, both with per-tile error handling:
     requested quality with the source's chroma sampling;
   * METHOD_DCT: read the quantized DCT coefficients, requantize each component to
     max(source step, requested step) with dead-zone rounding (an integer reciprocal multiply, no
-    divide), write the coefficients (no IDCT, colour conversion or FDCT).
+    divide; with 8-bit steps a whole block at a time in SSE2 16-bit lanes, a block whose
+    coefficients are too large for them taking the 64-bit scalar rule), write the coefficients
+    (no IDCT, colour conversion or FDCT).
 Both write optimized Huffman tables and keep ICC profiles (APP2); other APPn/COM segments are
 dropped (they are size, not pixels). The Huffman statistics are counted by our own bitmask walk
-over each block's nonzero coefficients (fused with requantization on the DCT path, swapped in for
-libjpeg's encode_mcu_gather on the pixel path); tc_gen_optimal_table builds libjpeg's tables from
+over each block's nonzero coefficients in zigzag order (the mask permuted from natural order by
+table; fused with requantization on the DCT path, swapped in for libjpeg's encode_mcu_gather on the
+pixel path); tc_gen_optimal_table builds libjpeg's tables from
 them, so the bytes are identical to libjpeg's optimize_coding at a fraction of its cost. Images
 larger than the caller's bound (the cache's tile size) are refused right after the header is read.
 A tile whose bytes do not start FF D8 FF is left alone; a tile
@@ -260,8 +263,20 @@ cdef extern from *:
 
     /* zigzag position of each natural-order coefficient */
     static int tc_zigzag_pos[DCTSIZE2];
+    #if defined(__SSE2__)
+    static uint64_t tc_zz_of_byte[8][256];
+    #endif
     static void tc_init_zigzag(void) {
         for (int k = 0; k < DCTSIZE2; k++) tc_zigzag_pos[tc_zigzag[k]] = k;
+    #if defined(__SSE2__)
+        for (int i = 0; i < 8; i++)
+            for (int b = 0; b < 256; b++) {
+                uint64_t m = 0;
+                for (int j = 0; j < 8; j++)
+                    if (b >> j & 1) m |= 1ULL << tc_zigzag_pos[8 * i + j];
+                tc_zz_of_byte[i][b] = m;
+            }
+    #endif
     }
 
     /* exported by libjpeg(-turbo) since 6b but declared only in the internal jchuff.h */
@@ -278,14 +293,50 @@ cdef extern from *:
     typedef struct {
         uint64_t m[DCTSIZE2];
         uint32_t s[DCTSIZE2], step[DCTSIZE2], thr[DCTSIZE2];
+        /* the same rule in 16-bit lanes, eight coefficients an instruction (tc_requant8) */
+        uint16_t s16[DCTSIZE2], m16[DCTSIZE2], sh16[DCTSIZE2], t16[DCTSIZE2], thr16[DCTSIZE2],
+                 keep16[DCTSIZE2], lim16[DCTSIZE2];
         int requant;
+        int lanes16;    /* every position fits the 16-bit rule (8-bit steps); set by tc_rq_begin */
     } tc_rq;
+
+    static void tc_rq_begin(tc_rq *r) {
+        r->requant = 0;
+        r->lanes16 = 1;
+    }
+
+    /* The 16-bit rule, for s, t <= 255 and v = a*s <= 32767 (lim16 = 32767 / s; a larger |a| in a
+       block sends that block to the scalar rule). q = floor(v/t) = floor(v*m / 2^(15+l)) with
+       l = ceil(log2 t), m = ceil(2^(15+l)/t) < 2^16 (Granlund, Montgomery 1994, Thm 4.2 with
+       N = 15: m*t - 2^(15+l) < t <= 2^l), taken as mulhi(2v, m) then mulhi(., 2^(16-l)), both
+       exact floors. n = q + (rem >= ceil((256 - roff)*t / 256)), the integer form of the threshold
+       above. A position whose step does not change (t == s) keeps a as it is (keep16), whatever
+       its size. Checked against the exact rule by _requant_selftest16. */
+    static void tc_rq_set16(tc_rq *r, int k, uint32_t s, uint32_t step, int roff) {
+        if (step == s) {
+            r->keep16[k] = 0xFFFF; r->lim16[k] = 0xFFFF;
+            r->s16[k] = r->m16[k] = r->sh16[k] = r->t16[k] = r->thr16[k] = 0;
+            return;
+        }
+        if (s > 255 || step > 255) { r->lanes16 = 0; return; }
+        uint32_t l = 32 - (uint32_t)__builtin_clz(step - 1);      /* step >= 2: ceil(log2 step) */
+        uint32_t m = ((1u << (15 + l)) + step - 1) / step;
+        if (m > 0xFFFF) { r->lanes16 = 0; return; }
+        r->keep16[k] = 0;
+        r->lim16[k] = (uint16_t)(32767 / s);
+        r->s16[k] = (uint16_t)s;
+        r->m16[k] = (uint16_t)m;
+        r->sh16[k] = (uint16_t)(1u << (16 - l));
+        r->t16[k] = (uint16_t)step;
+        r->thr16[k] = (uint16_t)(((uint32_t)(256 - roff) * step + 255) / 256 - 1);
+    }
 
     static void tc_rq_set(tc_rq *r, int k, uint32_t s, uint32_t step, int roff) {
         r->s[k] = s;
         r->step[k] = step;
         r->thr[k] = (uint32_t)(256 - roff) * step;
         r->m[k] = step == 1 ? UINT64_MAX : UINT64_MAX / step + 1;
+        tc_rq_set16(r, k, s, step, roff);
     }
 
     static inline uint32_t tc_requant_mag(uint32_t a, const tc_rq *r, int k) {
@@ -447,11 +498,59 @@ cdef extern from *:
     #endif
     }
 
+    #if defined(__SSE2__)
+    /* requantize the eight coefficients at co[0..7] (positions k..k+7, magnitudes a, signs sg) */
+    static inline __m128i tc_requant8(__m128i a, __m128i sg, const tc_rq *r, int k) {
+        __m128i s = _mm_loadu_si128((const __m128i *)(r->s16 + k));
+        __m128i v = _mm_mullo_epi16(a, s);
+        __m128i h = _mm_mulhi_epu16(_mm_add_epi16(v, v), _mm_loadu_si128((const __m128i *)(r->m16 + k)));
+        __m128i q = _mm_mulhi_epu16(h, _mm_loadu_si128((const __m128i *)(r->sh16 + k)));
+        __m128i rem = _mm_sub_epi16(v, _mm_mullo_epi16(q, _mm_loadu_si128((const __m128i *)(r->t16 + k))));
+        __m128i keep = _mm_loadu_si128((const __m128i *)(r->keep16 + k));
+        q = _mm_sub_epi16(q, _mm_cmpgt_epi16(rem, _mm_loadu_si128((const __m128i *)(r->thr16 + k))));
+        q = _mm_or_si128(_mm_and_si128(keep, a), _mm_andnot_si128(keep, q));
+        return _mm_sub_epi16(_mm_xor_si128(q, sg), sg);
+    }
+
+    /* the whole block in 16-bit lanes; sets *zz (zigzag nonzero mask) and returns 1, or returns 0
+       untouched when a magnitude is too large for the lanes (the caller uses the scalar rule) */
+    static inline __attribute__((always_inline)) int tc_requant_block16(JCOEF *co, const tc_rq *r, uint64_t *zz) {
+        const __m128i z = _mm_setzero_si128();
+        __m128i bad = z;
+        uint64_t nat = 0;
+        int i;
+        for (i = 0; i < 8; i++) {
+            __m128i x = _mm_loadu_si128((const __m128i *)(co + 8 * i)), sg = _mm_srai_epi16(x, 15);
+            __m128i a = _mm_sub_epi16(_mm_xor_si128(x, sg), sg);        /* -32768 -> 32768 (unsigned) */
+            bad = _mm_or_si128(bad, _mm_subs_epu16(a, _mm_loadu_si128((const __m128i *)(r->lim16 + 8 * i))));
+        }
+        if (_mm_movemask_epi8(_mm_cmpeq_epi16(bad, z)) != 0xFFFF) return 0;
+        for (i = 0; i < 8; i += 2) {
+            __m128i x0 = _mm_loadu_si128((const __m128i *)(co + 8 * i)), s0 = _mm_srai_epi16(x0, 15);
+            __m128i x1 = _mm_loadu_si128((const __m128i *)(co + 8 * i + 8)), s1 = _mm_srai_epi16(x1, 15);
+            __m128i y0 = tc_requant8(_mm_sub_epi16(_mm_xor_si128(x0, s0), s0), s0, r, 8 * i);
+            __m128i y1 = tc_requant8(_mm_sub_epi16(_mm_xor_si128(x1, s1), s1), s1, r, 8 * i + 8);
+            _mm_storeu_si128((__m128i *)(co + 8 * i), y0);
+            _mm_storeu_si128((__m128i *)(co + 8 * i + 8), y1);
+            nat |= (uint64_t)(uint16_t)_mm_movemask_epi8(
+                       _mm_packs_epi16(_mm_cmpeq_epi16(y0, z), _mm_cmpeq_epi16(y1, z))) << (8 * i);
+        }
+        nat = ~nat;
+        *zz = 0;
+        for (i = 0; i < 8; i++) *zz |= tc_zz_of_byte[i][(nat >> (8 * i)) & 0xFF];
+        return 1;
+    }
+    #endif
+
     /* requantize one block (only its nonzero coefficients) and add the symbols libjpeg's optimize
        pass (encode_mcu_gather) would count for it; 0 if a coefficient is out of baseline range */
+    static inline int tc_stats(const JCOEF *co, uint64_t zz, int *last_dc, long *dc, long *ac);
     static inline int tc_block(JCOEF *co, const tc_rq *r, int *last_dc, long *dc, long *ac) {
-        uint64_t nz = tc_nonzero_mask(co), zz = 0;
-        int nb, prev = 0;
+        uint64_t nz, zz = 0;
+    #if defined(__SSE2__)
+        if (r->requant && r->lanes16 && tc_requant_block16(co, r, &zz)) return tc_stats(co, zz, last_dc, dc, ac);
+    #endif
+        nz = tc_nonzero_mask(co);
         if (r->requant) {
             /* branch-free: whether a coefficient survives requantization is data, not a pattern */
             while (nz) {
@@ -463,12 +562,23 @@ cdef extern from *:
                 zz |= (uint64_t)(q != 0) << tc_zigzag_pos[n];
             }
         } else {
+    #if defined(__SSE2__)
+            for (int i = 0; i < 8; i++) zz |= tc_zz_of_byte[i][(nz >> (8 * i)) & 0xFF];
+    #else
             while (nz) {
                 int n = __builtin_ctzll(nz);
                 nz &= nz - 1;
                 zz |= 1ULL << tc_zigzag_pos[n];
             }
+    #endif
         }
+        return tc_stats(co, zz, last_dc, dc, ac);
+    }
+
+    /* the symbols libjpeg's optimize pass (encode_mcu_gather) counts for a block whose nonzero
+       coefficients are the bits of zz (zigzag order); 0 if a coefficient is out of baseline range */
+    static inline int tc_stats(const JCOEF *co, uint64_t zz, int *last_dc, long *dc, long *ac) {
+        int nb, prev = 0;
         nb = tc_nbits(co[0] - *last_dc);
         if (nb > 11) return 0;
         *last_dc = co[0];
@@ -494,7 +604,7 @@ cdef extern from *:
         void (*finish_pass)(j_compress_ptr cinfo);
     };
 
-    static const tc_rq tc_no_requant = {{0}, {0}, {0}, {0}, 0};
+    static const tc_rq tc_no_requant = {.requant = 0};
 
     /* the optimize pass's statistics, counted by tc_block instead of libjpeg's encode_mcu_gather */
     static boolean tc_gather_mcu(j_compress_ptr cinfo, JBLOCKROW *MCU_data) {
@@ -631,7 +741,7 @@ cdef extern from *:
             JQUANT_TBL *src = d->comp_info[ci].quant_table;
             const unsigned int *req = t->q[tc_is_chroma(d->jpeg_color_space, ci) ? 1 : 0];
             if (src == NULL) { snprintf(x->err.msg, TC_MSG, "component %d has no quantization table", ci); return 0; }
-            rq[ci].requant = 0;
+            tc_rq_begin(&rq[ci]);
             for (k = 0; k < DCTSIZE2; k++) {
                 unsigned int s = src->quantval[k];
                 if (s == 0) { snprintf(x->err.msg, TC_MSG, "zero quantization step"); return 0; }
@@ -724,6 +834,7 @@ cdef extern from *:
             }
             c->optimize_coding = FALSE;
         } else {
+            /* the scalar rule only: optimize 0/1 are the reference the fused walk is tested against */
             for (ci = 0; ci < nc; ci++) {
                 jpeg_component_info *comp = &d->comp_info[ci];
                 if (!rq[ci].requant) continue;
@@ -784,6 +895,44 @@ cdef extern from *:
         return TC_OK;
     }
 
+    /* the 16-bit rule against the exact one over s in [1, s_max], t in [s, max(s, t_max)], both
+       signs of a in [0, a_max]: [0] disagreements, [1] cases the lanes code, [2] cases they leave
+       to the scalar rule (|a| above lim16, or the pair has no 16-bit form) */
+    static void tc_requant_selftest16(int roff, uint32_t s_max, uint32_t t_max, uint32_t a_max, uint64_t out[3]) {
+        out[0] = out[1] = out[2] = 0;
+    #if defined(__SSE2__)
+        tc_rq r;
+        for (uint32_t s = 1; s <= s_max; s++) {
+            uint32_t top = s > t_max ? s : t_max;
+            for (uint32_t t = s; t <= top; t++) {
+                tc_rq_begin(&r);
+                for (int k = 0; k < 8; k++) tc_rq_set(&r, k, s, t, roff);
+                if (!r.lanes16) { out[2] += 2 * ((uint64_t)a_max + 1); continue; }
+                for (uint32_t a0 = 0; a0 <= a_max; a0 += 8) {
+                    uint16_t av[8];
+                    int16_t res[8];
+                    for (int j = 0; j < 8; j++) av[j] = (uint16_t)(a0 + j <= a_max ? a0 + j : a_max);
+                    for (int neg = 0; neg <= 1; neg++) {
+                        __m128i sg = _mm_set1_epi16(neg ? -1 : 0);
+                        _mm_storeu_si128((__m128i *)res, tc_requant8(_mm_loadu_si128((const __m128i *)av), sg, &r, 0));
+                        for (int j = 0; j < 8; j++) {
+                            uint32_t a = a0 + (uint32_t)j;
+                            int64_t exact;
+                            if (a > a_max || (!neg && a > 32767)) continue;     /* +32768 is no JCOEF */
+                            if (a > r.lim16[j]) { out[2]++; continue; }
+                            exact = (int64_t)(((uint64_t)a * s * 256u + (uint64_t)roff * t) / ((uint64_t)t * 256u));
+                            out[0] += res[j] != (int16_t)(neg ? -exact : exact);
+                            out[1]++;
+                        }
+                    }
+                }
+            }
+        }
+    #else
+        (void)roff; (void)s_max; (void)t_max; (void)a_max;
+    #endif
+    }
+
     /* tables from the same counts by tc_gen_optimal_table and by libjpeg: out[0..1] ours (bits,
        huffval), out[2..3] libjpeg's; 1 on success, 0 if ours refused, -1 if libjpeg failed */
     static int tc_compare_tables(tc_ctx *x, const long *freq, unsigned char out[4][257]) {
@@ -827,6 +976,7 @@ cdef extern from *:
                   const tc_tables *t, int allow_larger, unsigned char **out, size_t *outlen,
                   char *msg) nogil
     void tc_requant_selftest(int roff, uint32_t s_max, uint32_t t_max, uint32_t a_max, uint64_t out[3]) nogil
+    void tc_requant_selftest16(int roff, uint32_t s_max, uint32_t t_max, uint32_t a_max, uint64_t out[3]) nogil
     int tc_compare_tables(tc_ctx *x, const long *freq, unsigned char out[4][257]) nogil
 
 
@@ -1003,6 +1153,20 @@ def _requant_selftest(int roff, int s_max, int t_max, int a_max):
     cdef uint64_t out[3]
     with nogil:
         tc_requant_selftest(roff, <uint32_t>s_max, <uint32_t>t_max, <uint32_t>a_max, out)
+    return int(out[0]), int(out[1]), int(out[2])
+
+
+def _requant_selftest16(int roff, int s_max, int t_max, int a_max):
+    """(disagreements, cases in lanes, cases left to the scalar rule): the 16-bit SIMD requantizer against
+    the exact rule over every source step 1..s_max, target step s..max(s, t_max) and both signs of every
+    magnitude 0..a_max (a test hook; x86 builds without SSE2 report no cases)."""
+    if not (0 <= roff <= 255):
+        raise ValueError(f"roff must be 0-255, not {roff}")
+    if not (1 <= s_max <= 65535 and 1 <= t_max <= 65535 and 0 <= a_max <= 32768):
+        raise ValueError("s_max and t_max must be 1-65535, a_max 0-32768")
+    cdef uint64_t out[3]
+    with nogil:
+        tc_requant_selftest16(roff, <uint32_t>s_max, <uint32_t>t_max, <uint32_t>a_max, out)
     return int(out[0]), int(out[1]), int(out[2])
 
 
