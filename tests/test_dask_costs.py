@@ -1,0 +1,125 @@
+"""What a cluster export costs besides the tiles (issue 10's benchmarks): the runner's own LocalCluster
+config, task groups, and pass-through recipes small enough to travel through the scheduler cheaply.
+
+A real LocalCluster (`local_cluster`, the one `[cluster] scheduler = "local"` starts) with worker
+processes; the recipes are checked against the in-process plan byte for byte.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import warnings
+import zipfile
+import zlib
+
+import pytest
+from distributed import Client
+
+from test_dask import WIDE_LEVEL, leftovers, package_contents, widen
+from tilecrate.cache import open_cache
+from tilecrate.export import export
+from tilecrate.plan import make_plan
+from tilecrate.request import ExportRequest
+from tilecrate.runners.assemble import Assembler
+from tilecrate.runners.dask import GROUP_BYTES, GROUP_MAX, QUIET_CLUSTER, DaskRunner, group_tasks, local_cluster
+from tilecrate.runners.tasks import bundle_recipe, prepare_bundle
+from tilecrate.package.zipstream import ZipWriter
+
+
+@pytest.fixture(scope="module")
+def wide(sample_v2, tmp_path_factory):
+    return widen(sample_v2, tmp_path_factory.mktemp("wide") / "wide", 24)
+
+
+def _worker_view():
+    import dask
+    return ({k: dask.config.get(k) for k in QUIET_CLUSTER if "pre-spawn-environ" not in k},
+            {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")})
+
+
+def test_local_cluster_runs_quiet_and_leaves_8787_alone(monkeypatch, wide, tmp_path):
+    # a nanny of an earlier cluster leaves Dask's trim threshold in this process's environment
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    taken = socket.socket()
+    try:
+        try:
+            taken.bind(("127.0.0.1", 8787))
+            taken.listen(1)
+        except OSError:
+            pass                       # already in use: the case the warning was about
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with local_cluster(2) as lc, Client(lc, set_as_default=False) as client:
+                views = list(client.run(_worker_view).values())
+                runner = DaskRunner(client)
+                req = ExportRequest(levels=f"0-{WIDE_LEVEL}")
+                there = export(str(wide), req, str(tmp_path / "c.tpkx"), scheduler=runner)
+    finally:
+        taken.close()
+    assert not [w for w in seen if "8787" in str(w.message)]
+    assert len(views) == 2
+    for config, env in views:
+        assert config["distributed.worker.profile.enabled"] is False
+        assert config["distributed.admin.tick.interval"] == "500ms"
+        assert env == {"MALLOC_TRIM_THRESHOLD_": str(128 << 20), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+    here = export(str(wide), req, str(tmp_path / "i.tpkx"))
+    assert package_contents(there.path) == package_contents(here.path)
+    assert leftovers(tmp_path) == []
+
+
+def test_pass_through_groups_ramp_up_and_re_encoding_groups_balance(wide, tmp_path):
+    plan = make_plan(str(wide), ExportRequest(levels=f"0-{WIDE_LEVEL}"), tmp_path / "g.tpkx")
+    tasks = list(plan.tasks())
+    groups = group_tasks(plan, tasks, 2)
+    assert [t.index for g in groups for t in g] == list(range(len(tasks)))
+    assert len(groups[0]) == 1                              # the copy starts after one bundle
+    assert all(len(b) <= 2 * len(a) for a, b in zip(groups, groups[1:]))
+    assert all(len(g) <= GROUP_MAX and (len(g) == 1 or sum(t.tile_bytes for t in g) <= GROUP_BYTES)
+               for g in groups)
+    assert len(groups) <= 6                                 # 31 bundles: 1, 2, 4, 8, 16
+    policy = make_plan(str(wide), ExportRequest(levels=str(WIDE_LEVEL), optimize_tiles_for_size=True,
+                                                compression_quality=40), tmp_path / "r.tpkx")
+    groups = group_tasks(policy, list(policy.tasks()), 2)
+    loads = [sum(t.tiles for t in g) for g in groups]
+    assert len(groups) == 8 and max(loads) == min(loads)    # 24 equal bundles: 4 groups per worker
+
+
+@pytest.mark.parametrize("fixture", ["sample_v2", "sample_v1"])
+def test_staged_recipe_is_small_and_assembles_the_same_entry(request, fixture, tmp_path):
+    src = request.getfixturevalue(fixture)
+    ext = ".tpkx" if fixture == "sample_v2" else ".tpk"
+    plan = make_plan(str(src), ExportRequest(levels="0-5"), tmp_path / f"p{ext}")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    for d in plan.dirs():
+        (staging / d.rstrip("/")).mkdir(parents=True, exist_ok=True)
+    with open_cache(src) as cache:
+        for plain, staged in zip(plan.tasks(), plan.tasks(str(staging))):
+            recipe = bundle_recipe(staged)
+            assert recipe is not None and recipe.aux is None and recipe.bundlx is None
+            assert len(pickle.dumps(recipe)) < 2048             # was 128 KB and more per bundle
+            prep = prepare_bundle(plain, cache)
+            try:
+                with open(recipe.head_path, "rb") as f:
+                    assert f.read() == bytes(prep.plan.aux) and recipe.head_size == len(prep.plan.aux)
+                if prep.plan.bundlx is not None:             # V1: the .bundlx staged with its CRC
+                    with open(recipe.bundlx_path, "rb") as f:
+                        bx = f.read()
+                    assert bx == bytes(prep.plan.bundlx) and recipe.bundlx_crc32 == zlib.crc32(bx)
+                else:
+                    assert recipe.bundlx_path is None
+                with open(tmp_path / "one.zip", "wb") as out:
+                    sink = Assembler(writer=ZipWriter(out))
+                    sink.add_recipe(recipe)
+                    sink.close()
+                with zipfile.ZipFile(tmp_path / "one.zip") as zf:
+                    assert zf.read(recipe.name) == b"".join(bytes(c) for c in prep.plan.chunks())
+                    assert zf.getinfo(recipe.name).CRC == recipe.crc32
+                    if prep.plan.bundlx is not None:
+                        assert zf.read(recipe.name[:-1] + "x") == bytes(prep.plan.bundlx)
+            finally:
+                prep.release()
+            # the front end drops what it copied: staging holds only what is not assembled yet
+            assert not os.path.exists(recipe.head_path)
+            assert recipe.bundlx_path is None or not os.path.exists(recipe.bundlx_path)
