@@ -687,8 +687,11 @@ def add_routes(app: web.Application) -> None:
     # the other, every resource filed under the path's longest literal prefix, and the generic
     # routes all share `/arcgis/rest/services` (a service root request failed a dozen patterns
     # before its own); the generic routes stay, after them, for the names no service has
-    named = [(_NamedServiceResource(path, name), handler) for name in app[CFG].services
-             for path, handler in routes if _SERVICE_VAR in path]
+    # (job status URLs with the operation as clients spell it get their own literal prefix too)
+    named = [(_NamedServiceResource(path, {"service": name, **lit}), handler) for name in app[CFG].services
+             for path, handler in routes if _SERVICE_VAR in path
+             for lit in ([{"op": "exportTiles"}, {"op": "estimateExportTilesSize"}, {}]
+                         if _OP_VAR + "/jobs/" in path else [{}])]
     named.sort(key=lambda rh: "{" in rh[0].canonical)  # exact paths first, else the table's (hot first) order
     for resource, handler in named:
         app.router.register_resource(resource)
@@ -698,19 +701,27 @@ def add_routes(app: web.Application) -> None:
 
 
 _SERVICE_VAR = "/services/{service}/"
+_OP_VAR = "{op:(?i:exportTiles|estimateExportTilesSize)}"
 
 
 class _NamedServiceResource(web.DynamicResource):
-    """A `…/services/{service}/…` route matching one service name only, filed in the router's index
-    under its literal path (`service` stays in match_info, as the handlers read it)."""
+    """A `…/services/{service}/…` route matching one service name only (and, where given, one
+    spelling of other variables), filed in the router's index under that literal path (the variables
+    stay in match_info, as the handlers read them)."""
 
-    def __init__(self, path: str, service: str):
-        super().__init__(path.replace("{service}", "{service:%s}" % re.escape(service), 1))
-        self._literal = self._formatter.replace("{service}", service, 1)
+    def __init__(self, path: str, literals: dict[str, str]):
+        for var, value in literals.items():
+            path = re.sub(r"\{%s(:[^{}]*(\{[^{}]*\}[^{}]*)*)?\}" % var, "{%s:%s}" % (var, re.escape(value)), path,
+                          count=1)
+        super().__init__(path)
+        literal = self._formatter
+        for var, value in literals.items():
+            literal = literal.replace("{%s}" % var, value, 1)
+        self._literal = literal
 
     @property
     def canonical(self) -> str:
-        """The path with the service's name in it (the router's index key comes from this)."""
+        """The path with the literal values in it (the router's index key comes from this)."""
         return self._literal
 
 

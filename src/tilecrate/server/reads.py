@@ -10,31 +10,52 @@ Requests for every other file keep their threads.
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Hashable
 
 from tilecrate.server.errors import EsriError
 
+_QUEUED, _RUNNING, _STUCK, _DONE, _DROPPED = range(5)
+
+
+class _Read:
+    """One read: what to run, where its answer goes, and where it is (the gate's lock guards `state`)."""
+
+    __slots__ = ("fn", "args", "key", "fut", "loop", "state")
+
+    def __init__(self, fn: Callable, args: tuple, key: Hashable, fut: asyncio.Future, loop):
+        self.fn, self.args, self.key, self.fut, self.loop = fn, args, key, fut, loop
+        self.state = _QUEUED
+
+
+def _deliver(fut: asyncio.Future, result, exc: BaseException | None) -> None:
+    if not fut.done():
+        if exc is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(exc)
+
+
 class ReadGate:
     """Runs blocking cache reads for the event loop (see the module doc).
 
-    Per read on the loop: a counter for the thread slots (a waiter future only when all are taken),
-    one timer, one future from the pool; no semaphore, timeout context or extra task (those cost
-    more than the hop to the thread itself: ~60 us against ~35 us of CPU a read at 32 concurrent)."""
+    `threads` worker threads take reads from one queue, one after the other without a trip through
+    the event loop between them (a slot handed back and a new submission per read cost more CPU than
+    the read); a read that outlives `timeout` leaves its thread to it, counted as stuck, and a new
+    worker takes that thread's place, so `threads` reads can always run."""
 
     def __init__(self, threads: int, timeout: float, *, max_stuck: int | None = None, quarantine: float = 60.0):
         self.threads = max(1, int(threads))
         self.timeout = float(timeout)
         self.max_stuck = max_stuck if max_stuck is not None else 4 * self.threads
         self.quarantine = float(quarantine)
-        self._pool = ThreadPoolExecutor(max_workers=self.threads + self.max_stuck, thread_name_prefix="tilecrate-read")
-        self._free = self.threads  # read slots not taken (loop thread only)
-        self._waiters: deque[asyncio.Future] = deque()  # requests waiting for a slot, first come first
-        self._stuck = 0
+        self._queue: queue.SimpleQueue[_Read | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._workers = 0  # live worker threads, stuck ones included
+        self._stuck = 0
+        self._closed = False
         self._bad: dict[Hashable, float] = {}  # key -> quarantined until (monotonic)
 
     @property
@@ -46,69 +67,76 @@ class ReadGate:
         """fn(*args) on a read thread; EsriError 503 when it takes too long or its file is quarantined."""
         self._admit(key)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout  # waiting for a slot counts too
-        if self._free > 0:
-            self._free -= 1
-        else:
-            await self._slot(loop, deadline)
-            self._admit_or_release(key)  # again: the file may have hung while this request waited
+        fut = loop.create_future()
+        read = _Read(fn, args, key, fut, loop)
+        if self._workers - self._stuck < self.threads:
+            with self._lock:
+                while self._workers - self._stuck < self.threads and not self._closed:
+                    self._spawn_locked()
+        self._queue.put(read)
+        timer = loop.call_at(loop.time() + self.timeout, self._expire, read)  # waiting in the queue counts
         try:
-            cf = self._pool.submit(fn, *args)
-            fut = asyncio.wrap_future(cf, loop=loop)
-            timer = loop.call_at(deadline, fut.cancel)
-            try:
-                return await fut
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # the request itself was cancelled (client gone), not the read timed out
-                if not cf.done():  # running: its thread stays with the read until it returns
-                    with self._lock:
-                        self._stuck += 1
-                    cf.add_done_callback(self._unstick)
-                    self._bad[key] = time.monotonic() + self.quarantine
-                raise _busy(f"the cache could not be read within {self.timeout:g} seconds; try again later") from None
-            finally:
-                timer.cancel()
-        finally:
-            self._release()
-
-    async def _slot(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
-        """Wait for a read slot until `deadline` (a released slot is handed straight to a waiter)."""
-        waiter = loop.create_future()
-        self._waiters.append(waiter)
-        timer = loop.call_at(deadline, waiter.cancel)
-        try:
-            await waiter
+            return await fut
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self._release()  # handed a slot as the request was cancelled: pass it on
-            else:
-                try:
-                    self._waiters.remove(waiter)
-                except ValueError:
-                    pass
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-            raise _busy(f"the cache could not be read within {self.timeout:g} seconds; try again later") from None
+            with self._lock:  # the request went away: a read not started yet is not made at all
+                if read.state == _QUEUED:
+                    read.state = _DROPPED
+            raise
         finally:
             timer.cancel()
 
-    def _release(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # the slot goes to it as it is
-                return
-        self._free += 1
+    def _expire(self, read: _Read) -> None:
+        with self._lock:
+            state = read.state
+            if state == _QUEUED:
+                read.state = _DROPPED
+            elif state == _RUNNING:  # its thread stays with the read until it returns
+                read.state = _STUCK
+                self._stuck += 1
+                if not self._closed:
+                    self._spawn_locked()
+            else:
+                return  # done: its answer is on its way to the loop
+        if state == _RUNNING:
+            self._bad[read.key] = time.monotonic() + self.quarantine
+        _deliver(read.fut, None, _busy(f"the cache could not be read within {self.timeout:g} seconds; "
+                                       "try again later"))
 
-    def _admit_or_release(self, key: Hashable) -> None:
-        try:
-            self._admit(key)
-        except BaseException:
-            self._release()
-            raise
+    def _spawn_locked(self) -> None:
+        self._workers += 1
+        threading.Thread(target=self._work, name=f"tilecrate-read-{self._workers}", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            read = self._queue.get()
+            if read is None:
+                with self._lock:
+                    self._workers -= 1
+                return
+            with self._lock:
+                if read.state != _QUEUED:
+                    continue  # timed out or given up while queued
+                read.state = _RUNNING
+            result = exc = None
+            try:
+                self._admit(read.key)  # again: its file may have hung while this read was queued
+                result = read.fn(*read.args)
+            except BaseException as e:  # every failure is the request's answer
+                exc = e
+            with self._lock:
+                stuck = read.state == _STUCK
+                read.state = _DONE
+                if stuck:
+                    self._stuck -= 1
+                    if self._workers - self._stuck > self.threads:  # a replacement took this place
+                        self._workers -= 1
+                        return
+            if not stuck:
+                try:
+                    read.loop.call_soon_threadsafe(_deliver, read.fut, result, exc)
+                except RuntimeError:  # the loop is closed: nobody waits for the answer
+                    pass
+            read = result = exc = None  # drop references while waiting for the next read
 
     def _admit(self, key: Hashable) -> None:
         until = self._bad.get(key) if self._bad else None
@@ -119,13 +147,25 @@ class ReadGate:
         if self._stuck >= self.max_stuck:
             raise _busy("too many cache reads are blocked; try again later")
 
-    def _unstick(self, _future) -> None:
-        with self._lock:
-            self._stuck -= 1
-
     def close(self) -> None:
         """Stop taking reads; threads blocked in a read are left to the process exit."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            self._closed = True
+            workers = self._workers
+        while True:  # reads still queued are not made
+            try:
+                read = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if read is not None:
+                with self._lock:
+                    read.state = _DROPPED
+                try:
+                    read.loop.call_soon_threadsafe(read.fut.cancel)
+                except RuntimeError:
+                    pass
+        for _ in range(workers):
+            self._queue.put(None)
 
 
 def _busy(text: str) -> EsriError:
