@@ -231,3 +231,35 @@ def test_own_command_line_loads_openblas_with_one_thread(tmp_path, sample_v2):
         mods, r = modules_after(tmp_path, probe.format(pre=pre, args=args, call=call, want=want))
         assert r.returncode == 0 and out.stat().st_size > 0, (pre, call, r.stderr)
         assert "numpy" in mods
+
+
+def test_export_process_skips_the_teardown_but_no_exit_handler(tmp_path, sample_v2):
+    """A finished `export` of the process's own command line ends with os._exit from the last exit handler
+    (the modules' teardown skipped: 10-20 ms), armed only when no handler was registered before main(), so
+    every other handler still runs; stdout is complete and the exit status main()'s."""
+    out = tmp_path / "e.tpkx"
+    args = ["export", str(sample_v2), "-o", str(out), "--levels", "0-2", "--json"]
+    probe = ("import atexit, sys\n{pre}"
+             "names, register = [], atexit.register\n"
+             "def spy(f, *a, **k):\n    names.append(getattr(f, '__name__', ''))\n    return register(f, *a, **k)\n"
+             "atexit.register = spy\n"
+             "sys.argv[1:] = {args!r}\nimport tilecrate.cli as cli\ncode = cli.main()\n"
+             "print('_exit_now' in names, cli._exit_code, file=sys.stderr)\n"
+             "atexit.register(lambda: open({later!r}, 'w').close())\nsys.exit(code)\n")
+    before = tmp_path / "before"
+    cases = (("", "True 0"), (f"atexit.register(lambda: open({str(before)!r}, 'w').close())\n", "False 0"))
+    for pre, armed in cases:
+        later = tmp_path / "later"
+        for p in (out, later, before):
+            if p.exists():
+                p.unlink()
+        r = subprocess.run([sys.executable, "-c", probe.format(pre=pre, args=args, later=str(later))],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["tiles"] > 0 and out.stat().st_size > 0      # stdout complete
+        assert r.stderr.split() == armed.split() and later.exists()
+        assert before.exists() == bool(pre)     # a handler registered before main() ran too
+    r = subprocess.run([sys.executable, "-c", probe.format(pre="", later=str(tmp_path / "later"),
+                                                           args=["export", str(tmp_path / "none"), "-o", str(out), "--levels", "0"])],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "tilecrate: error:" in r.stderr and "True None" in r.stderr
