@@ -242,6 +242,13 @@ def _connect(address: str, timeout: float) -> Client:
             time.sleep(0.25)
 
 
+def _clear_event(name: str, client: Client) -> None:
+    try:
+        Event(name, client=client).clear()
+    except Exception:       # the client closed or the scheduler went away: nothing left to drop
+        pass
+
+
 class DaskRunner:
     """Runs export plans on a Dask cluster: `scheduler` is "tcp://host:port", "local" or a Client."""
 
@@ -436,10 +443,10 @@ class DaskRunner:
             if isinstance(e, OSError):
                 raise os_error(e, out) from None
             raise
-        try:
-            Event(cancel_name, client=self.client).clear()    # drops the event from the scheduler
-        except Exception:
-            pass
+        # drops the event from the scheduler, off the export's path: a round trip (tens of ms on a
+        # loaded machine) the finished export need not wait for
+        threading.Thread(target=_clear_event, args=(cancel_name, self.client), name="tilecrate-event-clear",
+                         daemon=True).start()
         result.path = out
         return result
 
