@@ -212,3 +212,20 @@ def test_read_gate_dropped_and_timed_out_reads_leak_no_thread():
             release.set()
             gate.close()
     asyncio.run(main())
+
+
+def test_store_public_body_is_the_public_json_of_that_service_only(tmp_path):
+    from tilecrate.jobs import JobStore
+    from tilecrate.jobs.model import EXPORT, Job, new_job_id
+
+    store = JobStore(str(tmp_path / "db"))
+    try:
+        job = Job(new_job_id(), EXPORT, "Sample", {"levels": "0"}, client="c")
+        store.admit(job, None)
+        service, _, body = store.public(job.id)
+        assert service == "Sample" and store.public_body(job.id, "Sample") == body
+        for other in ("Sam", "Sample2", "", "S"):  # a prefix of the name, or the name as a prefix
+            assert store.public_body(job.id, other) is None
+        assert store.public_body(new_job_id(), "Sample") is None
+    finally:
+        store.close()

@@ -267,6 +267,16 @@ class JobStore:
         service, kind, body = data.split(b"\0", 2)
         return service.decode(), kind.decode(), body
 
+    def public_body(self, job_id: str, service: str) -> bytes | None:
+        """The Esri job JSON bytes of a job of `service` (one read, one copy, nothing decoded), or None
+        when there is no such job or it is another service's."""
+        with self.env.begin(db=self._public) as txn:
+            data = txn.get(job_id.encode())
+        prefix = service.encode() + b"\0"
+        if data is None or not data.startswith(prefix):
+            return None
+        return data[data.index(b"\0", len(prefix)) + 1:]
+
     def inputs(self, job_id: str) -> dict[str, str] | None:
         """The stored parameters of a job, or None."""
         with self.env.begin(db=self._inputs) as txn:

@@ -296,10 +296,14 @@ async def esri_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def _service(request: web.Request) -> Service:
+    route = request.match_info.route.resource
+    if type(route) is _NamedServiceResource:  # its name and kind are known: one lookup
+        svc = request.app[SERVICES].get(route.service)
+        if svc is not None and svc.kind == route.kind:
+            return svc
     name = request.match_info["service"]
     svc = request.app[SERVICES].get(name)
     # one name, one type: a VectorTileServer is not also reachable as a MapServer
-    route = request.match_info.route.resource
     if svc is None or route is None or f"/{svc.kind}" not in route.canonical:
         kind = next((k for k in ("VectorTileServer", "ImageServer") if route and f"/{k}" in route.canonical),
                     "MapServer")
@@ -561,10 +565,10 @@ async def h_job(request: web.Request) -> web.Response:
     job_id = request.match_info["job"]
     if f == "json" and not app[RUNNER].has_pending_end(job_id):
         svc = _service(request)
-        found = app[STORE].public(job_id) if is_job_id(job_id) else None
-        if found is None or found[0] != svc.name:
+        body = app[STORE].public_body(job_id, svc.name) if is_job_id(job_id) else None
+        if body is None:
             raise _no_job(job_id)
-        return _WithCors(body=found[2], headers=_JSON_CORS)
+        return _WithCors(body=body, headers=_JSON_CORS)
     svc, job = _job(request)
     job = request.app[RUNNER].get(job.id, inputs=False) or job  # with an end the store could not take yet
     obj = job.to_json()
@@ -714,6 +718,8 @@ class _NamedServiceResource(web.DynamicResource):
             path = re.sub(r"\{%s(:[^{}]*(\{[^{}]*\}[^{}]*)*)?\}" % var, "{%s:%s}" % (var, re.escape(value)), path,
                           count=1)
         super().__init__(path)
+        self.service = literals["service"]
+        self.kind = path.split("}/", 1)[1].split("/", 1)[0] if "{service:" in path else ""
         literal = self._formatter
         for var, value in literals.items():
             literal = literal.replace("{%s}" % var, value, 1)
