@@ -184,17 +184,19 @@ def _write_all(fd: int, parts) -> None:
     """Write bytes-like parts in order (writev in batches; a short write resumes where it stopped)."""
     if isinstance(parts, (bytes, bytearray, memoryview)):
         parts = [parts]
-    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    # bytes go to writev as they are (a view of each is only made for a part a short write cut)
+    views = [p if type(p) is bytes else memoryview(p).cast("B") for p in parts]
+    views = [v for v in views if len(v)]
     i = 0
     while i < len(views):
         batch = views[i:i + _IOV_MAX]
         n = os.writev(fd, batch)
         for v in batch:
-            if n >= v.nbytes:
-                n -= v.nbytes
+            if n >= len(v):
+                n -= len(v)
                 i += 1
             else:
-                views[i] = v[n:]
+                views[i] = memoryview(v)[n:]
                 break
 
 
