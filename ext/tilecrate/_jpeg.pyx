@@ -79,6 +79,7 @@ cdef extern from *:
         unsigned char *outbuf;      /* the live output buffer (freed on error, handed over on success) */
         unsigned long outsize;
         size_t outcap;
+        size_t outhint;             /* first buffer size: the source tile's, so it rarely grows */
         unsigned char *rows;        /* pixel path scanline buffer */
         size_t rows_cap;
         long g_dc[NUM_HUFF_TBLS][257], g_ac[NUM_HUFF_TBLS][257];   /* pixel path symbol counts */
@@ -152,6 +153,7 @@ cdef extern from *:
        finishes, so after an error mid-way the caller holds a freed pointer (a double free) and
        the live buffer leaks. */
     #define TC_OUT_START 4096
+    #define TC_OUT_MAX_HINT (1 << 20)
     static tc_ctx *tc_ctx_of_dest(j_compress_ptr c) {
         return (tc_ctx *)((char *)c->dest - offsetof(tc_ctx, dst));
     }
@@ -160,7 +162,7 @@ cdef extern from *:
         tc_ctx *x = tc_ctx_of_dest(c);
         free(x->outbuf);
         x->outsize = 0;
-        x->outcap = TC_OUT_START;
+        x->outcap = x->outhint > TC_OUT_START ? x->outhint : TC_OUT_START;
         x->outbuf = (unsigned char *)malloc(x->outcap);
         if (x->outbuf == NULL) {
             x->outcap = 0;
@@ -579,6 +581,7 @@ cdef extern from *:
        coefficients are the bits of zz (zigzag order); 0 if a coefficient is out of baseline range */
     static inline int tc_stats(const JCOEF *co, uint64_t zz, int *last_dc, long *dc, long *ac) {
         int nb, prev = 0;
+        unsigned int seen = 0;      /* OR of the AC magnitudes: >= 1024 iff one needs > 10 bits */
         nb = tc_nbits(co[0] - *last_dc);
         if (nb > 11) return 0;
         *last_dc = co[0];
@@ -588,11 +591,14 @@ cdef extern from *:
             int k = __builtin_ctzll(zz), run = k - prev - 1;
             zz &= zz - 1;
             while (run > 15) { ac[0xF0]++; run -= 16; }
-            nb = tc_nbits(co[tc_zigzag[k]]);
-            if (nb > 10) return 0;
+            int v = co[tc_zigzag[k]];
+            unsigned int a = (unsigned int)(v < 0 ? -v : v);
+            seen |= a;
+            nb = 32 - __builtin_clz(a);             /* a != 0 (a bit of zz), nb <= 16: index <= 256 */
             ac[(run << 4) + nb]++;
             prev = k;
         }
+        if (seen >= 1024) return 0;
         if (prev < DCTSIZE2 - 1) ac[0]++;
         return 1;
     }
@@ -867,6 +873,7 @@ cdef extern from *:
         if (len < 3 || src[0] != 0xFF || src[1] != 0xD8 || src[2] != 0xFF) return TC_NOT_JPEG;
         if (!x->ready) { snprintf(msg, TC_MSG, "codec not initialised"); return TC_FAILED; }
         x->outbuf = NULL; x->outsize = 0;
+        x->outhint = len < TC_OUT_MAX_HINT ? len + len / 8 : TC_OUT_MAX_HINT;
         x->err.msg[0] = 0;
         if (setjmp(x->err.jb)) {
             jpeg_abort_decompress(&x->d);
