@@ -17,6 +17,7 @@ re-encoded tiles and before creating a file (future.cancel() does not stop a run
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -35,9 +36,10 @@ from tilecrate.cache import Cache, open_cache
 from tilecrate.errors import Cancelled, ExportError, TilecrateError
 from tilecrate.package.metadata import Stamp
 from tilecrate.package.tempfiles import sweep_stale_temps
-from tilecrate.package.thumbnail import render_thumbnail
+from tilecrate.package.thumbnail import MAX_TILES_SIDE, render_thumbnail
 from tilecrate.package.zipstream import ZipWriter
 from tilecrate.plan import BundleTask, ExportPlan
+from tilecrate.selection import Selection
 from tilecrate.runners.assemble import Assembler
 from tilecrate.runners.base import (
     CancelFlag,
@@ -150,6 +152,26 @@ def group_tasks(plan: ExportPlan, tasks: list[BundleTask], threads: int) -> list
     return groups
 
 
+def _thumbnail_plan(plan: ExportPlan) -> ExportPlan:
+    """The plan with only what the thumbnail looks at: its levels up to the first whose tiles span more
+    than MAX_TILES_SIDE (render_thumbnail picks among those), no source sizes. For a worker, so the
+    task does not carry every bundle's mask of a big export."""
+    levels = []
+    for lv in plan.selection.levels:
+        levels.append(lv)
+        bbox = lv.tile_range() if lv.tiles > 0 else None
+        if bbox is not None and (bbox[1] - bbox[0] >= MAX_TILES_SIDE or bbox[3] - bbox[2] >= MAX_TILES_SIDE):
+            break
+    selection = Selection(levels, sum(lv.tiles for lv in levels), sum(lv.tile_bytes for lv in levels),
+                          plan.selection.whole_area)
+    return dataclasses.replace(plan, selection=selection, source_sizes={}, _predicted=None)
+
+
+def cluster_thumbnail(plan: ExportPlan) -> bytes:
+    """The package thumbnail, rendered on a worker from its own open source cache."""
+    return render_thumbnail(source_cache(plan.source), plan.selection, plan.info)
+
+
 def cluster_local_job(plan: ExportPlan, cancel_name: str, progress_name: str, local_root: str | None) -> ExportResult:
     """A whole job on one worker: the package built in its local temp folder, then moved to plan.out."""
     with _ClusterCancel(cancel_name) as cancel:
@@ -257,6 +279,8 @@ class DaskRunner:
                  lost_after: float = 5.0):
         self._own_cluster: LocalCluster | None = None
         self._own_client = False
+        # the last shared-folder run's task groups, and how many of them the front end made itself
+        self.stats: dict[str, int] = {"groups": 0, "groups_here": 0}
         self.local_temp_dir = local_temp_dir
         self.lost_after = float(lost_after)
         if isinstance(scheduler, Client):
@@ -308,6 +332,8 @@ class DaskRunner:
         a gather rescheduled after a worker died has been seen to fail inside distributed instead
         of waiting for the rerun.
         """
+        if fut.done():          # no callback round through the client's event loop
+            return
         down_since = None
         done = threading.Event()
         fut.add_done_callback(lambda _: done.set())
@@ -417,6 +443,7 @@ class DaskRunner:
         staging = tmp if not layout.is_package else sibling_temp(out)
         bytes_total, _ = plan.predicted()
         futures: deque = deque()
+        others: list = []       # the thumbnail's task, when a worker renders it
         f = None
         try:
             os.mkdir(staging)
@@ -427,7 +454,7 @@ class DaskRunner:
                 sink = Assembler(writer=ZipWriter(f, zip64_limit=plan.zip64_limit))
             else:
                 sink = Assembler(root=staging)
-            result = self._assemble(plan, cache, sink, staging, cancel_name, futures, progress, cancel,
+            result = self._assemble(plan, cache, sink, staging, cancel_name, futures, others, progress, cancel,
                                     bytes_total)
             if f is not None:
                 f.close()
@@ -439,7 +466,7 @@ class DaskRunner:
         except BaseException as e:
             if f is not None:
                 f.close()
-            self._stop(list(futures), cancel_name, [staging, tmp])
+            self._stop(list(futures) + others, cancel_name, [staging, tmp])
             if isinstance(e, OSError):
                 raise os_error(e, out) from None
             raise
@@ -451,7 +478,7 @@ class DaskRunner:
         return result
 
     def _assemble(self, plan: ExportPlan, cache: Cache, sink: Assembler, staging: str, cancel_name: str,
-                  futures: deque, progress, cancel, bytes_total: int) -> ExportResult:
+                  futures: deque, others: list, progress, cancel, bytes_total: int) -> ExportResult:
         layout, selection, info = plan.layout, plan.selection, plan.info
         threads = self.threads
         groups = iter(group_tasks(plan, list(plan.tasks(staging)), threads))
@@ -462,6 +489,14 @@ class DaskRunner:
         fetched: dict = {}
         outputs: deque = deque()
         token = cancel_name[len("tilecrate-cancel-"):]
+        # Pass-through into a zip: the front end's copy sets the pace and would otherwise sit idle
+        # for the first round trips (tens of ms on a loaded machine), so a group the cluster has
+        # not returned yet when the copy needs it is made here, with the same task code (the
+        # worker's copy of it is released; a staged file it may still write is the same file).
+        # In practice that is the first small groups, until results arrive ahead of the copy.
+        local = layout.is_package and plan.policy is None
+        group_of: dict = {}
+        self.stats = {"groups": 0, "groups_here": 0}
 
         def report(level: int | None) -> None:
             if progress is not None:
@@ -482,6 +517,16 @@ class DaskRunner:
                                       [layout.is_package] * len(batch),
                                       key=[f"tilecrate-{token}-{g[0].index}" for g in batch], pure=False)
                 futures.extend(new)     # held until assembled: a consumed result is released at once
+                if local:
+                    group_of.update(zip((f.key for f in new), batch))
+                self.stats["groups"] += len(batch)
+
+        def make_here(group: list[BundleTask]) -> list:
+            out = []
+            for task in group:
+                recipe = bundle_recipe(task, cancel, cache=cache)
+                out.append(recipe if recipe is not None else run_bundle_task(task, cancel, cache=cache, threads=1))
+            return out
 
         # results come back on a helper thread while this one copies: a gather is a round trip
         # through the scheduler (tens of ms on a loaded machine), which in line would stall the copy
@@ -505,22 +550,33 @@ class DaskRunner:
                 if not pending[0].done():
                     return
                 harvest()
-            ready = [f for f in futures if f.key not in fetched and f.status == "finished"]
+            ready = [f for f in (*futures, *others) if f.key not in fetched and f.status == "finished"]
             if ready:
                 pending[:] = [fetcher.submit(self._fetch, ready), tuple(f.key for f in ready)]
 
         def next_output() -> BundleOutput:
             if not outputs:
                 head = futures[0]
+                if (local and head.key not in fetched and head.key not in pending[1]
+                        and head.status not in ("finished", "error")):
+                    outputs.extend(make_here(group_of.pop(head.key)))
+                    self.stats["groups_here"] += 1
+                    futures.popleft()
+                    top_up()
+                    prefetch()
+                    return outputs.popleft()
                 while head.key not in fetched:
                     if pending[0] is not None:
                         harvest()        # the gather in flight: the head's, or of groups after it
                         continue
                     self._wait_done(head, cancel)
-                    prefetch()
-                    if pending[0] is None:       # the head failed or was cancelled: its error, mapped
-                        fetched.update(zip([head.key], self._fetch([head])))
+                    # nothing to copy meanwhile: fetched in line (a thread hand-off costs latency),
+                    # with every other finished group; a failed head raises its error, mapped
+                    ready = [f for f in futures if f.key not in fetched and f.status == "finished"]
+                    ready = ready if head in ready else [head] + ready
+                    fetched.update(zip((f.key for f in ready), self._fetch(ready)))
                 outputs.extend(fetched.pop(head.key))
+                group_of.pop(head.key, None)
                 futures.popleft()
                 top_up()
                 prefetch()
@@ -528,10 +584,18 @@ class DaskRunner:
 
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilecrate-thumbnail")
         try:
-            # the thumbnail (Python, holding the GIL) starts once the first bundle is in: started
-            # with the tasks, it held up the client's event loop and so the first results
-            thumb = None
+            # The thumbnail is Python holding the GIL (~0.1-0.5 s for a level of 100 full bundles):
+            # beside the copy loop it stalled the copy's every GIL hand-back (143 ms for one 3.7 MB
+            # bundle measured). Pass-through: a worker renders it (workers are mostly idle, the
+            # front end's copy sets the pace). Re-encoding: the workers are the busy ones, so the
+            # front end renders it, once the first bundle is in (started with the tasks, it held up
+            # the client's event loop and so the first results).
+            thumb = remote = None
             top_up()
+            if layout.thumbnail_path and plan.policy is None:
+                remote = self.client.submit(cluster_thumbnail, _thumbnail_plan(plan), key=f"tilecrate-{token}-thumbnail",
+                                            pure=False)
+                others.append(remote)
             for name, data in layout.metadata_files(info, Stamp.now()):
                 sink.add_bytes(name, data)
             report(None)
@@ -541,7 +605,7 @@ class DaskRunner:
                     sink.add_dir(name)
                     continue
                 out = next_output()
-                if thumb is None and layout.thumbnail_path:
+                if thumb is None and remote is None and layout.thumbnail_path:
                     thumb = pool.submit(render_thumbnail, cache, selection, info)
                 check_cancel(cancel)
                 lv = levels.setdefault(out.level, {"tiles": 0, "size": 0})
@@ -556,7 +620,17 @@ class DaskRunner:
                 tiles_done += out.tiles
                 warnings.extend(out.warnings)
                 report(out.level)
-            if layout.thumbnail_path:
+            if remote is not None:
+                if remote.key not in fetched and remote.key in pending[1]:
+                    harvest()
+                if remote.key in fetched:
+                    data = fetched.pop(remote.key)
+                elif remote.status == "finished":
+                    data = self._result(remote, cancel)
+                else:               # not rendered yet (busy workers): rendered here, as in-process
+                    data = render_thumbnail(cache, selection, info)
+                sink.add_bytes(layout.thumbnail_path, data)
+            elif layout.thumbnail_path:
                 sink.add_bytes(layout.thumbnail_path, (thumb or pool.submit(render_thumbnail, cache, selection,
                                                                             info)).result())
             size = sink.close()
