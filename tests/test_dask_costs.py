@@ -123,3 +123,44 @@ def test_staged_recipe_is_small_and_assembles_the_same_entry(request, fixture, t
             # the front end drops what it copied: staging holds only what is not assembled yet
             assert not os.path.exists(recipe.head_path)
             assert recipe.bundlx_path is None or not os.path.exists(recipe.bundlx_path)
+
+
+def test_thumbnail_plan_renders_the_same_thumbnail_with_less(wide, tmp_path):
+    import pickle
+
+    from tilecrate.package.thumbnail import render_thumbnail
+    from tilecrate.runners.dask import _thumbnail_plan
+
+    for levels in (f"0-{WIDE_LEVEL}", str(WIDE_LEVEL), "3-5"):
+        plan = make_plan(str(wide), ExportRequest(levels=levels), tmp_path / "t.tpkx")
+        small = _thumbnail_plan(plan)
+        with open_cache(wide) as cache:
+            assert render_thumbnail(cache, small.selection, small.info) == \
+                   render_thumbnail(cache, plan.selection, plan.info)
+        assert small.source_sizes == {} and len(pickle.dumps(small)) <= len(pickle.dumps(plan))
+    # levels past the first wider than 3 tiles are never looked at: they do not travel
+    plan = make_plan(str(wide), ExportRequest(levels=f"0-{WIDE_LEVEL}"), tmp_path / "t.tpkx")
+    assert [lv.level for lv in _thumbnail_plan(plan).selection.levels][-1] < WIDE_LEVEL
+
+
+def test_front_end_makes_pass_through_groups_the_cluster_has_not_returned(wide, tmp_path):
+    import time
+
+    req = ExportRequest(levels=f"0-{WIDE_LEVEL}")
+    here = export(str(wide), req, str(tmp_path / "i.tpkx"))
+    with local_cluster(1) as lc, Client(lc, set_as_default=False) as client:
+        runner = DaskRunner(client)
+        # the only worker thread is busy: no group comes back, the front end makes every one
+        busy = client.submit(time.sleep, 30, pure=False)
+        while not any(client.processing().values()):
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        there = export(str(wide), req, str(tmp_path / "c.tpkx"), scheduler=runner)
+        assert time.monotonic() - t0 < 20
+        assert runner.stats["groups"] > 1 and runner.stats["groups_here"] == runner.stats["groups"]
+        client.cancel(busy, force=True)
+        # an idle cluster: the results arrive ahead of the copy after the first groups at most
+        again = export(str(wide), req, str(tmp_path / "d.tpkx"), scheduler=runner)
+        assert runner.stats["groups_here"] <= runner.stats["groups"]
+    assert package_contents(there.path) == package_contents(here.path) == package_contents(again.path)
+    assert leftovers(tmp_path) == []
