@@ -140,6 +140,7 @@ def test_pass_through_cluster_vs_in_process(benchmark, request, wider, tmp_path)
         runner = DaskRunner(k2)
         export(str(wide), req, str(out), scheduler=runner)
         here, there, cpu_here, cpu_there = [], [], [], []
+        groups = groups_here = 0
         for _ in range(ROUNDS):
             c0 = time.process_time()
             here.append(_timed(lambda: export(str(wide), req, str(out)), out))
@@ -148,13 +149,16 @@ def test_pass_through_cluster_vs_in_process(benchmark, request, wider, tmp_path)
             c0, w0 = time.process_time(), sum(k2.run(time.process_time).values())
             there.append(_timed(lambda: export(str(wide), req, str(out), scheduler=runner), out))
             cpu_there.append(time.process_time() - c0 + sum(k2.run(time.process_time).values()) - w0)
+            # groups the front end made itself because the cluster had not returned them yet
+            groups, groups_here = groups + runner.stats["groups"], groups_here + runner.stats["groups_here"]
         result = benchmark.pedantic(lambda: export(str(wide), req, str(out) + ".b.tpkx", scheduler=runner),
                                     rounds=1, iterations=1)
     th, tc = statistics.median(here), statistics.median(there)
     report(request, "cluster pass-through vs in-process", bytes=result.size, in_process_s=th, cluster_s=tc,
            cluster_MB_s=result.size / tc / 1e6, ratio=th / tc, target=0.8,
            in_process_cpu_s=statistics.median(cpu_here), cluster_cpu_s=statistics.median(cpu_there),
-           cpu_ratio=statistics.median(cpu_here) / statistics.median(cpu_there), load_avg=os.getloadavg()[0])
+           cpu_ratio=statistics.median(cpu_here) / statistics.median(cpu_there), task_groups=groups,
+           groups_made_by_front_end=groups_here, load_avg=os.getloadavg()[0])
 
 
 # --------------------------------------------------------------------------------------------
