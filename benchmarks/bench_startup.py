@@ -162,7 +162,8 @@ def test_small_export_process_vs_in_process(benchmark, request, env, small, tmp_
            floor_vs_in_process=run.ratio("core_1thread", "in_process", plus=("in_process",)),
            process_vs_floor=run.ratio("process", "core_1thread", "in_process"),
            cpu_process_ms=run.cpu_ms("process"), cpu_in_process_ms=run.cpu_ms("in_process"),
-           cpu_core_ms=run.cpu_ms("core"), cpu_core_1thread_ms=run.cpu_ms("core_1thread"), cpu_python_ms=run.cpu_ms("python"),
+           cpu_core_ms=run.cpu_ms("core"), cpu_core_1thread_ms=run.cpu_ms("core_1thread"),
+           cpu_python_ms=run.cpu_ms("python"),
            process_minus_floor_ms=statistics.median(
                (run.times["process"][i] - run.times["core_1thread"][i] - run.times["in_process"][i]) * 1e3
                for i in range(len(run.times["process"]))))

@@ -259,7 +259,7 @@ def test_export_process_skips_the_teardown_but_no_exit_handler(tmp_path, sample_
         assert json.loads(r.stdout)["tiles"] > 0 and out.stat().st_size > 0      # stdout complete
         assert r.stderr.split() == armed.split() and later.exists()
         assert before.exists() == bool(pre)     # a handler registered before main() ran too
-    r = subprocess.run([sys.executable, "-c", probe.format(pre="", later=str(tmp_path / "later"),
-                                                           args=["export", str(tmp_path / "none"), "-o", str(out), "--levels", "0"])],
+    failing = ["export", str(tmp_path / "none"), "-o", str(out), "--levels", "0"]
+    r = subprocess.run([sys.executable, "-c", probe.format(pre="", later=str(tmp_path / "later"), args=failing)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "tilecrate: error:" in r.stderr and "True None" in r.stderr

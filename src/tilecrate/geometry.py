@@ -810,7 +810,8 @@ def _project_rings(rs: _RingSet, src: SpatialRef, dst: SpatialRef, limits: Geome
     else:
         src_crs, dst_crs = crs_for(src), crs_for(dst)
         if dst_crs is None:
-            raise RequestError(f"cannot project the area from {_sr_label(src)}: the cache's spatial reference is unknown")
+            raise RequestError(f"cannot project the area from {_sr_label(src)}: "
+                               "the cache's spatial reference is unknown")
         if src_crs is None:
             raise RequestError("the area of interest's spatial reference is unknown")
         transformer = _transformer(src_crs, dst_crs)

@@ -218,7 +218,7 @@ class ZipWriter:
         start = self.position
 
         def patch(at: int, data) -> None:
-            """Rewrite `data` at `at` bytes into this entry's data (a run copied before its prefixes were found wrong)."""
+            """Rewrite `data` `at` bytes into the entry's data (a run copied before its prefixes were found wrong)."""
             view, pos = memoryview(data).cast("B"), self._start + start + at
             while view.nbytes:
                 n = os.pwrite(self._fd, view, pos)
