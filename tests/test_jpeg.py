@@ -381,6 +381,31 @@ def test_blocks_too_large_for_the_lanes_take_the_scalar_rule():
         assert decode(fused[0]).shape == (64, 128, 3)
 
 
+@pytest.mark.parametrize("level", [1, 2])
+def test_each_simd_level_writes_the_scalar_paths_bytes(tiles, level):
+    """The DCT path in SSE2 lanes (1) and in AVX2 lanes (2, where the CPU has it: else SSE2 again) writes
+    exactly what the scalar rule with libjpeg's statistics pass writes (optimize=1)."""
+    before = _jpeg._simd_level()
+    try:
+        got = _jpeg._simd_level(level)
+        assert got == level or (level == 2 and got == 1)
+        rng = np.random.default_rng(3)
+        px = np.full((64, 128, 3), 128, np.uint8)
+        px[:, 64:] = rng.choice([0, 255], (64, 64, 1)).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(px, "RGB").save(buf, "JPEG", quality=100, subsampling=0)
+        sources = tiles[:12] + odd_jpegs() + [with_steps(buf.getvalue(), 200)]
+        for q in (60, 35, 1):
+            fused, s2, _ = recode(sources, q, "dct", allow_larger=True, optimize=2)
+            scalar, s1, _ = recode(sources, q, "dct", allow_larger=True, optimize=1)
+            assert (s2 == _jpeg.OK).all() and (s1 == _jpeg.OK).all()
+            assert fused == scalar
+    finally:
+        _jpeg._simd_level(before)
+    with pytest.raises(ValueError):
+        _jpeg._simd_level(3)
+
+
 def fibonacci_counts() -> np.ndarray:
     """Counts whose Huffman code is deeper than 16 bits: exercises the length-limiting step."""
     f = np.zeros(257, np.int64)

@@ -6,8 +6,9 @@ Two methods, both per tile, both with per-tile error handling:
     requested quality with the source's chroma sampling;
   * METHOD_DCT: read the quantized DCT coefficients, requantize each component to
     max(source step, requested step) with dead-zone rounding (an integer reciprocal multiply, no
-    divide; with 8-bit steps a whole block at a time in SSE2 16-bit lanes, a block whose
-    coefficients are too large for them taking the 64-bit scalar rule), write the coefficients
+    divide; with 8-bit steps a whole block at a time in 16-bit lanes, AVX2 where the CPU has it
+    (checked once at import) else SSE2, a block whose coefficients are too large for them taking
+    the 64-bit scalar rule), write the coefficients
     (no IDCT, colour conversion or FDCT).
 Both write optimized Huffman tables and keep ICC profiles (APP2); other APPn/COM segments are
 dropped (they are size, not pixels). The Huffman statistics are counted by our own bitmask walk
@@ -268,7 +269,12 @@ cdef extern from *:
     #if defined(__SSE2__)
     static uint64_t tc_zz_of_byte[8][256];
     #endif
+    static int tc_avx2;
     static void tc_init_zigzag(void) {
+    #if defined(__x86_64__) && defined(__GNUC__)
+        __builtin_cpu_init();
+        tc_avx2 = __builtin_cpu_supports("avx2");
+    #endif
         for (int k = 0; k < DCTSIZE2; k++) tc_zigzag_pos[tc_zigzag[k]] = k;
     #if defined(__SSE2__)
         for (int i = 0; i < 8; i++)
@@ -546,11 +552,77 @@ cdef extern from *:
 
     /* requantize one block (only its nonzero coefficients) and add the symbols libjpeg's optimize
        pass (encode_mcu_gather) would count for it; 0 if a coefficient is out of baseline range */
+    #if defined(__x86_64__) && defined(__GNUC__)
+    #include <immintrin.h>
+    /* tc_requant_block16 sixteen lanes at a time, for CPUs with AVX2 (tc_avx2, set once at import) */
+    __attribute__((target("avx2"))) static inline __m256i tc_requant16(__m256i a, __m256i sg, const tc_rq *r, int k) {
+        __m256i v = _mm256_mullo_epi16(a, _mm256_loadu_si256((const __m256i *)(r->s16 + k)));
+        __m256i h = _mm256_mulhi_epu16(_mm256_add_epi16(v, v), _mm256_loadu_si256((const __m256i *)(r->m16 + k)));
+        __m256i q = _mm256_mulhi_epu16(h, _mm256_loadu_si256((const __m256i *)(r->sh16 + k)));
+        __m256i rem = _mm256_sub_epi16(v, _mm256_mullo_epi16(q, _mm256_loadu_si256((const __m256i *)(r->t16 + k))));
+        __m256i keep = _mm256_loadu_si256((const __m256i *)(r->keep16 + k));
+        q = _mm256_sub_epi16(q, _mm256_cmpgt_epi16(rem, _mm256_loadu_si256((const __m256i *)(r->thr16 + k))));
+        q = _mm256_or_si256(_mm256_and_si256(keep, a), _mm256_andnot_si256(keep, q));
+        return _mm256_sub_epi16(_mm256_xor_si256(q, sg), sg);
+    }
+
+    __attribute__((target("avx2"))) static int tc_requant_block16_avx2(JCOEF *co, const tc_rq *r, uint64_t *zz) {
+        const __m256i z = _mm256_setzero_si256();
+        __m256i bad = z;
+        uint64_t nat = 0;
+        int i;
+        for (i = 0; i < 4; i++) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(co + 16 * i)), sg = _mm256_srai_epi16(x, 15);
+            __m256i a = _mm256_sub_epi16(_mm256_xor_si256(x, sg), sg);
+            bad = _mm256_or_si256(bad, _mm256_subs_epu16(a, _mm256_loadu_si256((const __m256i *)(r->lim16 + 16 * i))));
+        }
+        if (!_mm256_testz_si256(bad, bad)) return 0;
+        for (i = 0; i < 4; i += 2) {
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)(co + 16 * i)), s0 = _mm256_srai_epi16(x0, 15);
+            __m256i x1 = _mm256_loadu_si256((const __m256i *)(co + 16 * i + 16)), s1 = _mm256_srai_epi16(x1, 15);
+            __m256i y0 = tc_requant16(_mm256_sub_epi16(_mm256_xor_si256(x0, s0), s0), s0, r, 16 * i);
+            __m256i y1 = tc_requant16(_mm256_sub_epi16(_mm256_xor_si256(x1, s1), s1), s1, r, 16 * i + 16);
+            _mm256_storeu_si256((__m256i *)(co + 16 * i), y0);
+            _mm256_storeu_si256((__m256i *)(co + 16 * i + 16), y1);
+            /* packs works per 128-bit half: [y0 lo, y1 lo, y0 hi, y1 hi] -> natural order */
+            __m256i eq = _mm256_permute4x64_epi64(
+                _mm256_packs_epi16(_mm256_cmpeq_epi16(y0, z), _mm256_cmpeq_epi16(y1, z)), 0xD8);
+            nat |= (uint64_t)(uint32_t)_mm256_movemask_epi8(eq) << (16 * i);
+        }
+        nat = ~nat;
+        *zz = 0;
+        for (i = 0; i < 8; i++) *zz |= tc_zz_of_byte[i][(nat >> (8 * i)) & 0xFF];
+        return 1;
+    }
+    /* res[0..15] = tc_requant16 of av (the self-test's view of the AVX2 lanes) */
+    __attribute__((target("avx2"))) static void tc_requant16_probe(const uint16_t *av, int neg, const tc_rq *r, int16_t *res) {
+        __m256i sg = _mm256_set1_epi16(neg ? -1 : 0);
+        _mm256_storeu_si256((__m256i *)res, tc_requant16(_mm256_loadu_si256((const __m256i *)av), sg, r, 0));
+    }
+    #define TC_BLOCK16(co, r, zz) (tc_avx2 ? tc_requant_block16_avx2(co, r, zz) : tc_requant_block16(co, r, zz))
+    #define TC_HAVE_AVX2 1
+    #else
+    #define TC_BLOCK16(co, r, zz) tc_requant_block16(co, r, zz)
+    #endif
+
+    /* which lanes the DCT path uses: 2 = AVX2, 1 = SSE2; a test hook may force SSE2 (1) or ask for
+       AVX2 back (2, granted only where the CPU has it); returns the level now in use */
+    static int tc_simd_level(int want) {
+    #if defined(TC_HAVE_AVX2)
+        if (want == 1) tc_avx2 = 0;
+        else if (want == 2) { __builtin_cpu_init(); tc_avx2 = __builtin_cpu_supports("avx2"); }
+        return tc_avx2 ? 2 : 1;
+    #else
+        (void)want;
+        return 1;
+    #endif
+    }
+
     static inline int tc_stats(const JCOEF *co, uint64_t zz, int *last_dc, long *dc, long *ac);
     static inline int tc_block(JCOEF *co, const tc_rq *r, int *last_dc, long *dc, long *ac) {
         uint64_t nz, zz = 0;
     #if defined(__SSE2__)
-        if (r->requant && r->lanes16 && tc_requant_block16(co, r, &zz)) return tc_stats(co, zz, last_dc, dc, ac);
+        if (r->requant && r->lanes16 && TC_BLOCK16(co, r, &zz)) return tc_stats(co, zz, last_dc, dc, ac);
     #endif
         nz = tc_nonzero_mask(co);
         if (r->requant) {
@@ -913,15 +985,22 @@ cdef extern from *:
             uint32_t top = s > t_max ? s : t_max;
             for (uint32_t t = s; t <= top; t++) {
                 tc_rq_begin(&r);
-                for (int k = 0; k < 8; k++) tc_rq_set(&r, k, s, t, roff);
+                for (int k = 0; k < 16; k++) tc_rq_set(&r, k, s, t, roff);
                 if (!r.lanes16) { out[2] += 2 * ((uint64_t)a_max + 1); continue; }
                 for (uint32_t a0 = 0; a0 <= a_max; a0 += 8) {
-                    uint16_t av[8];
-                    int16_t res[8];
-                    for (int j = 0; j < 8; j++) av[j] = (uint16_t)(a0 + j <= a_max ? a0 + j : a_max);
+                    uint16_t av[16];
+                    int16_t res[8], res16[16];
+                    for (int j = 0; j < 8; j++) av[j] = av[8 + j] = (uint16_t)(a0 + j <= a_max ? a0 + j : a_max);
                     for (int neg = 0; neg <= 1; neg++) {
                         __m128i sg = _mm_set1_epi16(neg ? -1 : 0);
                         _mm_storeu_si128((__m128i *)res, tc_requant8(_mm_loadu_si128((const __m128i *)av), sg, &r, 0));
+    #if defined(TC_HAVE_AVX2)
+                        if (tc_avx2) {      /* both halves of the AVX2 lanes must agree with SSE2's */
+                            tc_requant16_probe(av, neg, &r, res16);
+                            for (int j = 0; j < 8; j++)
+                                out[0] += (res16[j] != res[j]) + (res16[8 + j] != res[j]);
+                        }
+    #endif
                         for (int j = 0; j < 8; j++) {
                             uint32_t a = a0 + (uint32_t)j;
                             int64_t exact;
@@ -984,6 +1063,7 @@ cdef extern from *:
                   char *msg) nogil
     void tc_requant_selftest(int roff, uint32_t s_max, uint32_t t_max, uint32_t a_max, uint64_t out[3]) nogil
     void tc_requant_selftest16(int roff, uint32_t s_max, uint32_t t_max, uint32_t a_max, uint64_t out[3]) nogil
+    int tc_simd_level(int want) nogil
     int tc_compare_tables(tc_ctx *x, const long *freq, unsigned char out[4][257]) nogil
 
 
@@ -1163,10 +1243,19 @@ def _requant_selftest(int roff, int s_max, int t_max, int a_max):
     return int(out[0]), int(out[1]), int(out[2])
 
 
+def _simd_level(int want=0) -> int:
+    """The lanes the DCT path requantizes in: 2 = AVX2, 1 = SSE2. want=1 forces SSE2, want=2 asks for AVX2
+    (granted where the CPU has it), 0 only reports (a test hook: not for use while a batch runs)."""
+    if want not in (0, 1, 2):
+        raise ValueError("want must be 0, 1 or 2")
+    return tc_simd_level(want)
+
+
 def _requant_selftest16(int roff, int s_max, int t_max, int a_max):
     """(disagreements, cases in lanes, cases left to the scalar rule): the 16-bit SIMD requantizer against
     the exact rule over every source step 1..s_max, target step s..max(s, t_max) and both signs of every
-    magnitude 0..a_max (a test hook; x86 builds without SSE2 report no cases)."""
+    magnitude 0..a_max; with AVX2 in use (_simd_level), its 16 lanes must also agree with the SSE2 ones
+    (a test hook; x86 builds without SSE2 report no cases)."""
     if not (0 <= roff <= 255):
         raise ValueError(f"roff must be 0-255, not {roff}")
     if not (1 <= s_max <= 65535 and 1 <= t_max <= 65535 and 0 <= a_max <= 32768):
