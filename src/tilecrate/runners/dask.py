@@ -283,9 +283,14 @@ class DaskRunner:
         self.stats: dict[str, int] = {"groups": 0, "groups_here": 0}
         self.local_temp_dir = local_temp_dir
         self.lost_after = float(lost_after)
+        # results straight from the workers, not relayed by the scheduler (one hop less per gather),
+        # when they are this machine's (a LocalCluster made in this process); a remote site's
+        # workers may not be reachable from the front end, so there the scheduler relays
+        self._direct: bool | None = None
         if isinstance(scheduler, Client):
             self.client = scheduler
             self.address = scheduler.scheduler.address
+            self._direct = True if getattr(scheduler, "cluster", None) is not None else None
             return
         self.address = str(scheduler)
         try:
@@ -293,6 +298,7 @@ class DaskRunner:
                 self._own_cluster = local_cluster(int(workers or os.cpu_count() or 1), int(threads_per_worker))
                 self.address = self._own_cluster.scheduler_address
                 self.client = Client(self._own_cluster, set_as_default=False)
+                self._direct = True
             else:
                 self.client = _connect(self.address, float(connect_timeout))
         except (OSError, TimeoutError) as e:
@@ -351,7 +357,7 @@ class DaskRunner:
     def _fetch(self, futs: list) -> list:
         """The results of done futures in one gather (one round trip for many bundles); errors mapped."""
         try:
-            return self.client.gather(futs)
+            return self.client.gather(futs, direct=self._direct)
         except TilecrateError:
             raise
         except Exception as e:
@@ -591,11 +597,12 @@ class DaskRunner:
             # front end renders it, once the first bundle is in (started with the tasks, it held up
             # the client's event loop and so the first results).
             thumb = remote = None
-            top_up()
             if layout.thumbnail_path and plan.policy is None:
+                # first, and ahead of the groups: done long before the copy ends
                 remote = self.client.submit(cluster_thumbnail, _thumbnail_plan(plan), key=f"tilecrate-{token}-thumbnail",
-                                            pure=False)
+                                            pure=False, priority=1)
                 others.append(remote)
+            top_up()
             for name, data in layout.metadata_files(info, Stamp.now()):
                 sink.add_bytes(name, data)
             report(None)
