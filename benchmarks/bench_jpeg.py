@@ -1,8 +1,8 @@
 """Re-encoding speed (tiles/s), output bytes and PSNR: Pillow in a Python loop (the naive baseline), our pixel
 path and our DCT path, each on one core and on all cores, over tiles read once into memory.
 
-Run: `.venv/bin/pytest benchmarks/bench_jpeg.py --benchmark-enable` (a generated sample, levels 0-7,
-1 484 tiles of 256 px at quality 75; `--large-sample data/large` for the large one). Targets: DCT path
+Run: `.venv/bin/pytest benchmarks/bench_jpeg.py --benchmark-enable` (a generated sample, levels 0-7: up to
+2 000 tiles of 256 px at quality 75, the count is printed; `--large-sample data/large` for the large one). Targets: DCT path
 >= 2x Pillow per core and >= 1.5x the pixel path per core at no larger output; moonshot: 5 000 tiles/s
 on 2 cores at quality 50 from the quality-75 source. Each configuration runs several rounds and the
 fastest counts (the machine may be shared). Per-core figures (`cpu_tiles_per_s`, and every "x1" ratio)
@@ -91,7 +91,7 @@ def _cpu_timed(fn, *args):
 def _record(name, benchmark, tile_set, outputs, request, threads, cpu):
     best = benchmark.stats.stats.min
     n = len(tile_set["tiles"])
-    row = {"tiles_per_s": n / best, "cpu_tiles_per_s": n / min(cpu), "threads": threads,
+    row = {"tiles": n, "tiles_per_s": n / best, "cpu_tiles_per_s": n / min(cpu), "threads": threads,
            "bytes": sum(map(len, outputs)),
            "ratio_to_source": sum(map(len, outputs)) / tile_set["source_bytes"], "psnr": _psnr(tile_set, outputs)}
     _results[name] = row
@@ -199,8 +199,34 @@ def test_ratios(request):
         "dct_bytes_vs_pillow": r["dct x1"]["bytes"] / base["bytes"],
         "cores": CORES,
     }
+    figures["dct_lanes"] = {1: "sse2", 2: "avx2"}[_jpeg._simd_level()]
     figures["load_average_1min"] = os.getloadavg()[0]
     report(request, "re-encode ratios", **figures)
+
+
+def test_simd_lanes(tile_set, request):
+    """The DCT path with its requantization in SSE2 lanes against AVX2 lanes (where the CPU has them), one
+    core, rounds interleaved: the same bytes, and what the wider lanes buy."""
+    before = _jpeg._simd_level()
+    best, out = {}, {}
+    try:
+        for _ in range(ROUNDS):
+            for level in (1, 2):
+                got = _jpeg._simd_level(level)
+                t0 = time.process_time()
+                new, status, _ = _jpeg.recode(tile_set["buf"], tile_set["offsets"], tile_set["sizes"], QUALITY,
+                                              "dct", 1, allow_larger=True)
+                best[got] = min(best.get(got, float("inf")), time.process_time() - t0)
+                assert (status == _jpeg.OK).all()
+                out[got] = new
+    finally:
+        _jpeg._simd_level(before)
+    n = len(tile_set["tiles"])
+    figures = {f"{ {1: 'sse2', 2: 'avx2'}[k]}_cpu_tiles_per_s": n / v for k, v in sorted(best.items())}
+    if 2 in best:
+        assert out[1] == out[2]
+        figures["avx2_vs_sse2_cpu"] = best[1] / best[2]
+    report(request, "re-encode dct lanes (1 core)", **figures)
 
 
 def test_sizes_at_an_exact_step_ratio(tile_set, request):
