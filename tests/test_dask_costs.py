@@ -23,7 +23,7 @@ from tilecrate.plan import make_plan
 from tilecrate.request import ExportRequest
 from tilecrate.runners.assemble import Assembler
 from tilecrate.runners.dask import GROUP_BYTES, GROUP_MAX, QUIET_CLUSTER, DaskRunner, group_tasks, local_cluster
-from tilecrate.runners.tasks import bundle_recipe, prepare_bundle
+from tilecrate.runners.tasks import bundle_recipe, prepare_bundle, stage_recipes
 from tilecrate.package.zipstream import ZipWriter
 
 
@@ -86,43 +86,47 @@ def test_pass_through_groups_ramp_up_and_re_encoding_groups_balance(wide, tmp_pa
 
 
 @pytest.mark.parametrize("fixture", ["sample_v2", "sample_v1"])
-def test_staged_recipe_is_small_and_assembles_the_same_entry(request, fixture, tmp_path):
+def test_staged_recipes_are_small_and_assemble_the_same_entries(request, fixture, tmp_path):
     src = request.getfixturevalue(fixture)
     ext = ".tpkx" if fixture == "sample_v2" else ".tpk"
     plan = make_plan(str(src), ExportRequest(levels="0-5"), tmp_path / f"p{ext}")
     staging = tmp_path / "staging"
     staging.mkdir()
-    for d in plan.dirs():
-        (staging / d.rstrip("/")).mkdir(parents=True, exist_ok=True)
+    recipes = [bundle_recipe(t) for t in plan.tasks(str(staging))]
+    assert all(r is not None for r in recipes)
+    stage_recipes(recipes, str(staging))
+    staged = [p.name for p in staging.iterdir()]
+    assert staged == [f".heads-{recipes[0].index}"]           # one file for the whole group
     with open_cache(src) as cache:
-        for plain, staged in zip(plan.tasks(), plan.tasks(str(staging))):
-            recipe = bundle_recipe(staged)
-            assert recipe is not None and recipe.aux is None and recipe.bundlx is None
-            assert len(pickle.dumps(recipe)) < 2048             # was 128 KB and more per bundle
-            prep = prepare_bundle(plain, cache)
-            try:
-                with open(recipe.head_path, "rb") as f:
-                    assert f.read() == bytes(prep.plan.aux) and recipe.head_size == len(prep.plan.aux)
-                if prep.plan.bundlx is not None:             # V1: the .bundlx staged with its CRC
-                    with open(recipe.bundlx_path, "rb") as f:
-                        bx = f.read()
-                    assert bx == bytes(prep.plan.bundlx) and recipe.bundlx_crc32 == zlib.crc32(bx)
-                else:
-                    assert recipe.bundlx_path is None
-                with open(tmp_path / "one.zip", "wb") as out:
-                    sink = Assembler(writer=ZipWriter(out))
-                    sink.add_recipe(recipe)
-                    sink.close()
-                with zipfile.ZipFile(tmp_path / "one.zip") as zf:
-                    assert zf.read(recipe.name) == b"".join(bytes(c) for c in prep.plan.chunks())
-                    assert zf.getinfo(recipe.name).CRC == recipe.crc32
-                    if prep.plan.bundlx is not None:
-                        assert zf.read(recipe.name[:-1] + "x") == bytes(prep.plan.bundlx)
-            finally:
-                prep.release()
-            # the front end drops what it copied: staging holds only what is not assembled yet
-            assert not os.path.exists(recipe.head_path)
-            assert recipe.bundlx_path is None or not os.path.exists(recipe.bundlx_path)
+        preps = [prepare_bundle(t, cache) for t in plan.tasks()]
+    try:
+        with open(staging / staged[0], "rb") as f:
+            heads = f.read()
+        for r, prep in zip(recipes, preps):
+            assert r.aux is None and r.bundlx is None
+            assert len(pickle.dumps(r)) < 2048                 # was 128 KB and more per bundle
+            assert heads[r.head_offset:r.head_offset + r.head_size] == bytes(prep.plan.aux)
+            if prep.plan.bundlx is not None:                  # V1: the .bundlx staged with its CRC
+                bx = heads[r.bundlx_offset:r.bundlx_offset + r.bundlx_size]
+                assert bx == bytes(prep.plan.bundlx) and r.bundlx_crc32 == zlib.crc32(bx)
+            else:
+                assert r.bundlx_size == 0
+        with open(tmp_path / "all.zip", "wb") as out:
+            sink = Assembler(writer=ZipWriter(out))
+            for r in recipes:
+                sink.add_recipe(r)
+            sink.close()
+        with zipfile.ZipFile(tmp_path / "all.zip") as zf:
+            for r, prep in zip(recipes, preps):
+                assert zf.read(r.name) == b"".join(bytes(c) for c in prep.plan.chunks())
+                assert zf.getinfo(r.name).CRC == r.crc32
+                if prep.plan.bundlx is not None:
+                    assert zf.read(r.name[:-1] + "x") == bytes(prep.plan.bundlx)
+    finally:
+        for prep in preps:
+            prep.release()
+    # the front end drops what it copied: staging holds only what is not assembled yet
+    assert list(staging.iterdir()) == []
 
 
 def test_thumbnail_plan_renders_the_same_thumbnail_with_less(wide, tmp_path):

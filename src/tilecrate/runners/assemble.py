@@ -25,6 +25,7 @@ class Assembler:
         self.writer = writer
         self.root = root
         self.size = 0
+        self._head_file: tuple[str, int] | None = None     # (path, fd) of the group being copied
 
     @property
     def position(self) -> int:
@@ -59,33 +60,49 @@ class Assembler:
             os.unlink(out.bundlx_path)
 
     def add_recipe(self, recipe: BundleRecipe) -> None:
-        """A pass-through bundle straight from its source: the header block (staged by the worker, or
-        carried in the recipe), then the source ranges, copied in the kernel with the worker's CRC-32
-        (no tile bytes staged, nothing read here)."""
+        """A pass-through bundle straight from its source: the header block (carried in the recipe, or
+        in its group's staged file), then the source ranges, copied in the kernel with the worker's
+        CRC-32 (no tile bytes staged, nothing read here)."""
         if self.writer is None:
             raise ValueError("recipes are for zip outputs (a cache folder is written by the tasks)")
-        head = -1 if recipe.head_path is None else open_source(recipe.head_path, recipe.head_size, recipe.head_path)
+        heads = self._heads(recipe.head_path)
+        fd = open_source(recipe.file, recipe.file_size, recipe.file, recipe.file_id)
         try:
-            fd = open_source(recipe.file, recipe.file_size, recipe.file, recipe.file_id)
-            try:
-                first = recipe.aux if head < 0 else CopyRange(head, 0, recipe.head_size, recipe.head_path)
-                parts = [first] + [CopyRange(fd, off, length, recipe.file) for off, length in recipe.ranges]
-                self.writer.add_parts(recipe.name, recipe.size, parts, recipe.crc32)
-                check_unchanged(fd, recipe.file_size, recipe.file, recipe.file_id)
-            finally:
-                os.close(fd)
+            first = recipe.aux if heads < 0 else CopyRange(heads, recipe.head_offset, recipe.head_size, recipe.head_path)
+            parts = [first] + [CopyRange(fd, off, length, recipe.file) for off, length in recipe.ranges]
+            self.writer.add_parts(recipe.name, recipe.size, parts, recipe.crc32)
+            check_unchanged(fd, recipe.file_size, recipe.file, recipe.file_id)
         finally:
-            if head >= 0:
-                os.close(head)
-                os.unlink(recipe.head_path)
-        if recipe.bundlx_path is not None:
-            self.writer.add_file(recipe.name[:-1] + "x", recipe.bundlx_path, recipe.bundlx_size, recipe.bundlx_crc32)
-            os.unlink(recipe.bundlx_path)
-        elif recipe.bundlx is not None:
+            os.close(fd)
+        if recipe.bundlx is not None:
             self.writer.add_bytes(recipe.name[:-1] + "x", recipe.bundlx)
+        elif heads >= 0 and recipe.bundlx_size:
+            self.writer.add_parts(recipe.name[:-1] + "x", recipe.bundlx_size,
+                                  [CopyRange(heads, recipe.bundlx_offset, recipe.bundlx_size, recipe.head_path)],
+                                  recipe.bundlx_crc32)
+
+    def _heads(self, path: str | None) -> int:
+        """The open staged header file of a recipe's group (-1: none); the previous group's is done
+        (recipes come in order, a group's together), so it is closed and removed."""
+        if path is None:
+            return -1
+        if self._head_file is not None and self._head_file[0] == path:
+            return self._head_file[1]
+        self._drop_heads()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._head_file = (path, fd)
+        return fd
+
+    def _drop_heads(self) -> None:
+        if self._head_file is not None:
+            path, fd = self._head_file
+            self._head_file = None
+            os.close(fd)
+            os.unlink(path)
 
     def close(self) -> int:
         """Finish the output; its size in bytes."""
+        self._drop_heads()
         if self.writer is not None:
             return self.writer.close()
         return self.size

@@ -52,7 +52,8 @@ from tilecrate.runners.base import (
     sibling_temp,
 )
 from tilecrate.runners.inprocess import write_plan
-from tilecrate.runners.tasks import BundleOutput, BundleRecipe, bundle_recipe, run_bundle_task, source_cache
+from tilecrate.runners.tasks import (BundleOutput, BundleRecipe, bundle_recipe, run_bundle_task, source_cache,
+                                     stage_recipes)
 
 CANCEL_WAIT = 0.5          # seconds each long-poll of the cancel Event lasts on a worker
 PROGRESS_EVERY = 0.25      # seconds between two progress updates from a local-temp-folder job
@@ -114,13 +115,17 @@ def cluster_bundle_tasks(tasks: list[BundleTask], cancel_name: str,
     """A group of consecutive bundle tasks on a worker, run one after the other (one scheduler task).
 
     With `recipes` (zip outputs), pass-through bundles come back as recipes the front end copies
-    straight from the source, so their bytes are read here once and never staged."""
+    straight from the source, so their tiles are read here once and never staged; their header
+    blocks are staged together in one file (stage_recipes)."""
     threads = _worker_threads()
     out: list[BundleOutput | BundleRecipe] = []
     with _ClusterCancel(cancel_name) as cancel:
         for task in tasks:
             recipe = bundle_recipe(task, cancel) if recipes else None
             out.append(recipe if recipe is not None else run_bundle_task(task, cancel, threads=threads))
+        made = [r for r in out if isinstance(r, BundleRecipe)]
+        if made and tasks[0].staging is not None:
+            stage_recipes(made, tasks[0].staging, cancel)
     return out
 
 
@@ -618,8 +623,7 @@ class DaskRunner:
                 lv = levels.setdefault(out.level, {"tiles": 0, "size": 0})
                 if isinstance(out, BundleRecipe):
                     sink.add_recipe(out)
-                    lv["size"] += out.size + (out.bundlx_size if out.bundlx_path is not None else
-                                              len(out.bundlx) if out.bundlx is not None else 0)
+                    lv["size"] += out.size + (len(out.bundlx) if out.bundlx is not None else out.bundlx_size)
                 else:
                     sink.add_output(out)
                     lv["size"] += out.size + (out.bundlx_size if out.bundlx_path else 0)
