@@ -62,6 +62,9 @@ PROGRESS_EVERY = 0.25      # seconds between two progress updates from a local-t
 GROUP_BYTES = 128 << 20    # source tile bytes per task (pass-through: ~2 ms of worker work per 4 MB)
 GROUP_TILES = 4096         # tiles per task when re-encoding (~1 s of one core)
 GROUP_MAX = 64             # bundles per task
+# pass-through: task groups the front end makes itself when the cluster has not returned them by
+# the time its copy needs them (the first group is always so: it was submitted a moment before)
+HEAD_START = int(os.environ.get("TILECRATE_HEAD_START", "1"))
 
 
 class _ClusterCancel:
@@ -501,10 +504,12 @@ class DaskRunner:
         outputs: deque = deque()
         token = cancel_name[len("tilecrate-cancel-"):]
         # Pass-through into a zip: the front end's copy sets the pace and would otherwise sit idle
-        # for the first round trips (tens of ms on a loaded machine), so a group the cluster has
-        # not returned yet when the copy needs it is made here, with the same task code (the
-        # worker's copy of it is released; a staged file it may still write is the same file).
-        # In practice that is the first small groups, until results arrive ahead of the copy.
+        # for the first round trip, so up to HEAD_START groups the cluster has not returned when
+        # the copy needs them are made here, with the same task code (the worker's copy of one is
+        # released; a staged file it may still write is the same file). By default that is the
+        # first group, one bundle: measured on an idle machine (bench_cluster, 2026-12-02 01:04),
+        # pass-through vs in-process 0.82x with none, 0.93x with the first, 1.05x with every
+        # group not back in time (5 of 7: the cluster would then do a third less of the work).
         local = layout.is_package and plan.policy is None
         group_of: dict = {}
         self.stats = {"groups": 0, "groups_here": 0}
@@ -568,8 +573,8 @@ class DaskRunner:
         def next_output() -> BundleOutput:
             if not outputs:
                 head = futures[0]
-                if (local and head.key not in fetched and head.key not in pending[1]
-                        and head.status not in ("finished", "error")):
+                if (local and self.stats["groups_here"] < HEAD_START and head.key not in fetched
+                        and head.key not in pending[1] and head.status not in ("finished", "error")):
                     outputs.extend(make_here(group_of.pop(head.key)))
                     self.stats["groups_here"] += 1
                     futures.popleft()
