@@ -91,7 +91,7 @@ def render_thumbnail(cache: Cache, selection, info: PackageInfo) -> bytes:
         box = _crop_box(cache, info, level, rmin, cmin, full)
         r = _reduction(tw, th, (box[2] - box[0], box[3] - box[1]) if box else full)
         mosaic = Image.new("RGB", (full[0] // r, full[1] // r), _BACKGROUND)
-        wanted = _selected_cells(selection, level)
+        wanted = _selected_cells(selection, level, rmin, rmax, cmin, cmax)
         for row in range(rmin, rmax + 1):
             for col in range(cmin, cmax + 1):
                 if (row, col) not in wanted:
@@ -166,14 +166,20 @@ def _decode(data: bytes, tw: int, th: int, r: int = 1):
         return None
 
 
-def _selected_cells(selection, level: int) -> set[tuple[int, int]]:
+def _selected_cells(selection, level: int, rmin: int, rmax: int, cmin: int, cmax: int) -> set[tuple[int, int]]:
+    """The selected (row, col) of `level` inside the drawn window (a whole level's cells can be millions)."""
     out = set()
     for lv in selection.levels:
         if lv.level != level:
             continue
         for b in lv.bundles:
-            rows, cols = np.nonzero(np.asarray(b.mask).reshape(PACKET, PACKET))
-            out.update(zip((rows + b.ref.row0).tolist(), (cols + b.ref.col0).tolist()))
+            r0, c0 = b.ref.row0, b.ref.col0
+            if r0 > rmax or c0 > cmax or r0 + PACKET <= rmin or c0 + PACKET <= cmin:
+                continue
+            window = np.asarray(b.mask).reshape(PACKET, PACKET)[max(0, rmin - r0):rmax - r0 + 1,
+                                                                 max(0, cmin - c0):cmax - c0 + 1]
+            rows, cols = np.nonzero(window)
+            out.update(zip((rows + max(r0, rmin)).tolist(), (cols + max(c0, cmin)).tolist()))
     return out
 
 
