@@ -106,15 +106,25 @@ class ZipWriter:
     # -- writing primitives
 
     def _write(self, data) -> None:
+        if type(data) is bytes and not self._dry:
+            # headers and small entries, most of the calls: a BufferedWriter takes all in one call
+            written = self._out.write(data)
+            self.position += len(data)
+            if written is None or written < len(data):
+                self._write_rest(memoryview(data)[written or 0:])
+            return
         n = len(data) if not isinstance(data, memoryview) else data.nbytes
         if not self._dry and n:
-            view = memoryview(data).cast("B")
-            while view.nbytes:
-                written = self._out.write(view)
-                if written is None:       # a non-blocking raw stream would return None; ours block
-                    written = 0
-                view = view[written:]
+            self._write_rest(memoryview(data).cast("B"))
         self.position += n
+
+    def _write_rest(self, view: memoryview) -> None:
+        """Write all of `view` (a stream may take part of a buffer per call)."""
+        while view.nbytes:
+            written = self._out.write(view)
+            if written is None:       # a non-blocking raw stream would return None; ours block
+                written = 0
+            view = view[written:]
 
     def _name(self, name: str) -> tuple[bytes, int]:
         if "\\" in name or name.startswith("/") or not name:
