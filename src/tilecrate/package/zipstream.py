@@ -106,11 +106,13 @@ class ZipWriter:
     # -- writing primitives
 
     def _write(self, data) -> None:
-        if type(data) is bytes and not self._dry:
+        kind = type(data)
+        if not self._dry and (kind is bytes or (kind is memoryview and data.ndim == 1 and data.itemsize == 1 and data.c_contiguous)):
             # headers and small entries, most of the calls: a BufferedWriter takes all in one call
+            n = len(data)
             written = self._out.write(data)
-            self.position += len(data)
-            if written is None or written < len(data):
+            self.position += n
+            if written is None or written < n:
                 self._write_rest(memoryview(data)[written or 0:])
             return
         n = len(data) if not isinstance(data, memoryview) else data.nbytes
