@@ -107,7 +107,8 @@ class ZipWriter:
 
     def _write(self, data) -> None:
         kind = type(data)
-        if not self._dry and (kind is bytes or (kind is memoryview and data.ndim == 1 and data.itemsize == 1 and data.c_contiguous)):
+        if not self._dry and (kind is bytes or (kind is memoryview and data.ndim == 1 and data.itemsize == 1
+                                                and data.c_contiguous)):
             # headers and small entries, most of the calls: a BufferedWriter takes all in one call
             n = len(data)
             written = self._out.write(data)
