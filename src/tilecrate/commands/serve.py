@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.makedirs(cfg.data_dir, exist_ok=True)
-    url = f"http://{cfg.host}:{cfg.port}/arcgis/rest/services"
+    url = f"http://{_url_host(cfg.host)}:{cfg.port}/arcgis/rest/services"
     if cfg.processes > 1:
         return _run_processes(cfg, args, url)
     app = create_app(cfg)
@@ -124,29 +124,31 @@ RESPAWN_AFTER = 5.0   # seconds a front-end process must have run to be replaced
 
 
 def _run_processes(cfg, args: argparse.Namespace, url: str) -> int:
-    """N front-end processes accepting on one listening socket, sharing the LMDB job store (issue 10).
+    """N front-end processes on one port, each accepting on its own socket, sharing the LMDB job store
+    (issue 10).
 
-    The parent binds the socket and holds the data dir's lock, forks the processes (before anything
-    opens LMDB), passes SIGTERM/SIGINT/SIGHUP on to them and exits when they have. One that ends on
-    its own after running a while is replaced (the site keeps answering; the jobs it drove are failed
-    by the others' sweep); one that fails right after starting stops the others too, since a
-    replacement would fail the same way. Process 0 expires old jobs; any answers any job.
+    The parent binds one SO_REUSEPORT socket per process slot and holds them all, and the data dir's
+    lock; it forks the processes (before anything opens LMDB), passes SIGTERM/SIGINT/SIGHUP on to them
+    and exits when they have. The kernel spreads new connections over the slots' sockets by hash: with
+    one shared socket, the process that woke first accepted a whole burst (both together used one core).
+    One that ends on its own after running a while is replaced on its slot's socket, so connections
+    queued there meanwhile are served by the replacement (the jobs it drove are failed by the others'
+    sweep); one that fails right after starting stops the others too, since a replacement would fail the
+    same way. Process 0 expires old jobs; any answers any job.
     """
     import signal
-    import socket
 
     from tilecrate.jobs.runner import site_lock_file
 
     lock = site_lock_file(cfg.output_dir)
-    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((cfg.host, cfg.port))
-        sock.listen(1024)
-    except OSError as e:
-        sock.close()
-        raise TilecrateError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+        socks = listen_sockets(cfg.host, cfg.port, cfg.processes)
+    except TilecrateError:
+        lock.close()
+        raise
+    if cfg.port == 0:   # the port the kernel chose, for the announced URL and the URLs we hand out
+        cfg.port = socks[0].getsockname()[1]
+        url = f"http://{_url_host(cfg.host)}:{cfg.port}/arcgis/rest/services"
     sys.stdout.flush()
     sys.stderr.flush()
     children: dict[int, tuple[int, float]] = {}
@@ -156,8 +158,20 @@ def _run_processes(cfg, args: argparse.Namespace, url: str) -> int:
     def spawn(index: int) -> None:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child process
-            os._exit(_child(cfg, sock, index, parent))
+            # the other slots' sockets closed here, so a slot the parent closes stops getting connections
+            for other, s in enumerate(socks):
+                if other != index and s is not None:
+                    s.close()
+            os._exit(_child(cfg, socks[index], index, parent))
         children[pid] = (index, time.monotonic())
+
+    def retire(index: int) -> None:
+        # nobody will accept on this slot's socket again: closed, the kernel hashes new connections
+        # over the others only; connections already queued on it are reset (their clients see a
+        # connection reset and may retry)
+        if socks[index] is not None:
+            socks[index].close()
+            socks[index] = None
 
     for index in range(cfg.processes):
         spawn(index)
@@ -177,20 +191,60 @@ def _run_processes(cfg, args: argparse.Namespace, url: str) -> int:
     log = logging.getLogger("tilecrate.server")
     while children:
         pid, status = os.wait()
-        index, started = children.pop(pid, (0, 0.0))
+        if pid not in children:
+            continue
+        index, started = children.pop(pid)
         code = os.waitstatus_to_exitcode(status)
         if got or worst:
+            retire(index)
             continue
         if time.monotonic() - started >= RESPAWN_AFTER:
             log.error("front-end process %d (%d) ended with %d; starting another", index, pid, code)
             spawn(index)
-        elif code != 0:
+            continue
+        retire(index)
+        if code != 0:
             log.error("front-end process %d ended with %d right after starting; stopping the others", pid, code)
             worst = 1
             forward(signal.SIGTERM, None)
-    sock.close()
+    for index in range(len(socks)):
+        retire(index)
     lock.close()
     return worst
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def listen_sockets(host: str, port: int, count: int) -> list:
+    """`count` listening TCP sockets on host:port sharing it with SO_REUSEPORT (port 0: one the kernel
+    picks); a TilecrateError naming host:port when it cannot be had."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    socks: list = []
+    try:
+        # Linux lets any socket of the same user with SO_REUSEPORT join a group on the port, so a
+        # second server started by mistake on our port would silently take a share of its traffic:
+        # a plain socket (no SO_REUSEPORT) binds first, failing on any listener already there. It is
+        # closed before ours bind (a listener started in between could still join: a narrow window).
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+            port = probe.getsockname()[1]
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sock.listen(1024)
+    except OSError as e:
+        for sock in socks:
+            sock.close()
+        raise TilecrateError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return socks
 
 
 def _end_with_parent(parent: int) -> None:
