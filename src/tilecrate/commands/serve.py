@@ -87,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
     url = f"http://{_url_host(cfg.host)}:{cfg.port}/arcgis/rest/services"
     if cfg.processes > 1:
         return _run_processes(cfg, args, url)
+    where: dict = {"host": cfg.host, "port": cfg.port}
+    if cfg.port == 0:   # bound here to learn the port the kernel picks, for the announced URL and our URLs
+        where = {"sock": listen_sockets(cfg.host, 0, 1)[0]}
+        cfg.port = where["sock"].getsockname()[1]
+        url = f"http://{_url_host(cfg.host)}:{cfg.port}/arcgis/rest/services"
     app = create_app(cfg)
 
     def announce(_aiohttp_banner: str) -> None:
@@ -94,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         _announce(cfg, args, url)
 
     try:
-        web.run_app(app, host=cfg.host, port=cfg.port, print=announce, access_log=None,
+        web.run_app(app, **where, print=announce, access_log=None,
                     handle_signals=True, shutdown_timeout=5)
     except OSError as e:
         raise TilecrateError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
