@@ -619,7 +619,7 @@ def _write(pkg: VtpkPackage, tmp: str, progress, cancel, zip64_limit: int) -> Ex
                 writer.add_bytes(name, item)
             elif kind == "file" and item.size <= WHOLE:
                 data, crc = source.read_whole(item)
-                writer.add_stream(name, item.size, crc, (data,))
+                writer.add_whole(name, data, crc)
             elif kind == "file":
                 writer.add_stream(name, item.size, None, source.chunks(item, check))
             else:
