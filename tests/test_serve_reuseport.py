@@ -17,18 +17,10 @@ import time
 
 import pytest
 
-from test_server_support import PYTHON, Server, free_port, write_config
+from test_server_support import PYTHON, Server, child_pids, free_port, write_config
 
 BURST = 32
 ESTABLISHED, LISTEN = "01", "0A"
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            out += [int(x) for x in f.read().split()]
-    return out
 
 
 def _inodes(pid: int) -> set[int]:
@@ -92,7 +84,7 @@ def test_a_burst_of_connections_is_spread_over_both_processes(tmp_path, sample_v
     srv = _server(tmp_path, sample_v2)
     try:
         srv.start()
-        kids = _children(srv.proc.pid)
+        kids = child_pids(srv.proc.pid)
         assert len(kids) == 2
         # one listening socket per process, each held by the parent and by its own process only
         listening = _tcp(srv.port, LISTEN)
@@ -118,7 +110,7 @@ def test_a_killed_process_is_replaced_on_its_socket_and_requests_keep_being_answ
     try:
         srv.start()
         time.sleep(RESPAWN_AFTER + 1)
-        kids = _children(srv.proc.pid)
+        kids = child_pids(srv.proc.pid)
         assert len(kids) == 2
         listening = _tcp(srv.port, LISTEN)
         victim, survivor = kids
@@ -128,7 +120,7 @@ def test_a_killed_process_is_replaced_on_its_socket_and_requests_keep_being_answ
         _close(_burst("127.0.0.1", srv.port, timeout=30))
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            now = _children(srv.proc.pid)
+            now = child_pids(srv.proc.pid)
             if len(now) == 2 and victim not in now:
                 break
             time.sleep(0.1)
@@ -154,13 +146,13 @@ def test_a_process_not_replaced_has_its_socket_closed(tmp_path, sample_v2):
     srv = _server(tmp_path, sample_v2)
     try:
         srv.start()
-        kids = _children(srv.proc.pid)
+        kids = child_pids(srv.proc.pid)
         assert len(kids) == 2
         os.kill(kids[0], signal.SIGTERM)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (kids[0] in _children(srv.proc.pid) or len(_tcp(srv.port, LISTEN)) != 1):
+        while time.monotonic() < deadline and (kids[0] in child_pids(srv.proc.pid) or len(_tcp(srv.port, LISTEN)) != 1):
             time.sleep(0.05)
-        assert _children(srv.proc.pid) == [kids[1]], "the process was replaced: it started too slowly for this test"
+        assert child_pids(srv.proc.pid) == [kids[1]], "the process was replaced: it started too slowly for this test"
         assert len(_tcp(srv.port, LISTEN)) == 1
         t0 = time.monotonic()
         conns = _burst("127.0.0.1", srv.port, timeout=5)
@@ -200,7 +192,7 @@ def test_port_0_binds_every_socket_to_the_one_port_chosen(tmp_path, sample_v2, h
                     raise
                 time.sleep(0.2)
         try:
-            held = _held(_children(proc.pid) if processes > 1 else [proc.pid], port)
+            held = _held(child_pids(proc.pid) if processes > 1 else [proc.pid], port)
             assert sum(held.values()) == 48 and min(held.values()) >= 2, held
             conns[0].request("GET", "/arcgis/rest/services/S/MapServer?f=json")
             assert conns[0].getresponse().status == 200
@@ -238,7 +230,7 @@ def test_a_port_another_program_listens_on_is_a_one_line_error(tmp_path, sample_
 def test_sigterm_stops_every_process_and_frees_the_port(tmp_path, sample_v2):
     srv = _server(tmp_path, sample_v2, processes=3)
     srv.start()
-    kids = _children(srv.proc.pid)
+    kids = child_pids(srv.proc.pid)
     port = srv.port
     assert len(kids) == 3 and len(_tcp(port, LISTEN)) == 3
     srv.stop()

@@ -6,7 +6,7 @@ import os
 import threading
 import time
 
-from test_server_support import Server, free_port, write_config
+from test_server_support import Server, child_pids, free_port, write_config
 
 EXPORT = "exportTiles"
 
@@ -46,20 +46,12 @@ def test_two_front_ends_share_admission_status_and_cancel(tmp_path, sample_v2):
             assert srv.poll("S", EXPORT, job_id, timeout=10)["jobStatus"] == "esriJobCancelled"
             assert not (data / "arcgisoutput" / "S_MapServer" / job_id).exists()
         assert time.monotonic() - t0 < 3
-        pids = _children(srv.proc.pid)
+        pids = child_pids(srv.proc.pid)
         assert len(pids) == 2
     finally:
         srv.stop()
     assert all(not os.path.exists(f"/proc/{pid}") or _zombie(pid) for pid in pids)
     assert "Traceback" not in srv.log.read_text()
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            out += [int(x) for x in f.read().split()]
-    return out
 
 
 def _zombie(pid: int) -> bool:
@@ -85,7 +77,7 @@ def test_a_front_end_process_that_dies_is_replaced_and_a_killed_parent_leaves_no
     try:
         srv.start()
         time.sleep(RESPAWN_AFTER + 0.5)
-        first = _children(srv.proc.pid)
+        first = child_pids(srv.proc.pid)
         assert len(first) == 2
         job = srv.get(f"{srv.svc('S')}/{EXPORT}", {"f": "json", "levels": "0-5"}).json()["jobId"]
         srv.poll("S", EXPORT, job, until=lambda j: j["jobStatus"] == "esriJobExecuting")
@@ -93,9 +85,9 @@ def test_a_front_end_process_that_dies_is_replaced_and_a_killed_parent_leaves_no
             os.kill(pid, signal.SIGKILL)
             time.sleep(0.3)
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and len(set(_children(srv.proc.pid)) - set(first)) < 2:
+        while time.monotonic() < deadline and len(set(child_pids(srv.proc.pid)) - set(first)) < 2:
             time.sleep(0.1)
-        again = _children(srv.proc.pid)
+        again = child_pids(srv.proc.pid)
         assert len(again) == 2 and not set(again) & set(first), (first, again)
         done = srv.poll("S", EXPORT, job, timeout=20)
         assert done["jobStatus"] == "esriJobFailed"

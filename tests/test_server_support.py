@@ -56,6 +56,15 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+def child_pids(pid: int) -> list[int]:
+    """The pids of a process's children (every thread's /proc children list)."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as s:

@@ -1230,13 +1230,18 @@ def recode(buf, offsets, sizes, int quality, str method="dct", int threads=0,
     return result, status_arr, messages
 
 
-def _requant_selftest(int roff, int s_max, int t_max, int a_max):
-    """(reciprocal vs exact, doubles vs exact, cases): disagreements of the requantization rules over
-    every source step 1..s_max, target step s..max(s, t_max) and magnitude 0..a_max (a test hook)."""
+def _check_selftest_args(int roff, int s_max, int t_max, int a_max):
+    """Raise ValueError unless the requantization self-tests' ranges are valid."""
     if not (0 <= roff <= 255):
         raise ValueError(f"roff must be 0-255, not {roff}")
     if not (1 <= s_max <= 65535 and 1 <= t_max <= 65535 and 0 <= a_max <= 32768):
         raise ValueError("s_max and t_max must be 1-65535, a_max 0-32768")
+
+
+def _requant_selftest(int roff, int s_max, int t_max, int a_max):
+    """(reciprocal vs exact, doubles vs exact, cases): disagreements of the requantization rules over
+    every source step 1..s_max, target step s..max(s, t_max) and magnitude 0..a_max (a test hook)."""
+    _check_selftest_args(roff, s_max, t_max, a_max)
     cdef uint64_t out[3]
     with nogil:
         tc_requant_selftest(roff, <uint32_t>s_max, <uint32_t>t_max, <uint32_t>a_max, out)
@@ -1256,10 +1261,7 @@ def _requant_selftest16(int roff, int s_max, int t_max, int a_max):
     the exact rule over every source step 1..s_max, target step s..max(s, t_max) and both signs of every
     magnitude 0..a_max; with AVX2 in use (_simd_level), its 16 lanes must also agree with the SSE2 ones
     (a test hook; x86 builds without SSE2 report no cases)."""
-    if not (0 <= roff <= 255):
-        raise ValueError(f"roff must be 0-255, not {roff}")
-    if not (1 <= s_max <= 65535 and 1 <= t_max <= 65535 and 0 <= a_max <= 32768):
-        raise ValueError("s_max and t_max must be 1-65535, a_max 0-32768")
+    _check_selftest_args(roff, s_max, t_max, a_max)
     cdef uint64_t out[3]
     with nogil:
         tc_requant_selftest16(roff, <uint32_t>s_max, <uint32_t>t_max, <uint32_t>a_max, out)

@@ -186,12 +186,17 @@ def write_iteminfo_xml(name: str, texts: dict, extent: Extent, sr_name: str, sta
 
 def write_item_pkinfo(name: str, stamp: Stamp) -> bytes:
     """esriinfo/item.pkinfo of a .tpk."""
+    return _pkinfo(name, stamp, "10.3", "Tile Package", "")
+
+
+def _pkinfo(name: str, stamp: Stamp, version: str, kind: str, tail: str) -> bytes:
+    """An item.pkinfo as ArcGIS writes it for a package of `kind` (`tail`: what goes before </pkinfo>)."""
     text = (
         "<?xml version=\"1.0\" encoding=\"utf-8\" ?>\n<pkinfo Culture='en-US'>\n"
-        f"<ID>{stamp.guid}</ID>\n<name>{escape(name)}</name>\n<version>10.3</version>\n"
-        f"<size>-1</size>\n<created>{stamp.iso}</created>\n<type>Tile Package</type>\n"
+        f"<ID>{stamp.guid}</ID>\n<name>{escape(name)}</name>\n<version>{version}</version>\n"
+        f"<size>-1</size>\n<created>{stamp.iso}</created>\n<type>{kind}</type>\n"
         "<servable>false</servable>\n<packagelocation></packagelocation>\n<pkinfolocation></pkinfolocation>\n"
-        "</pkinfo>\n"
+        f"{tail}</pkinfo>\n"
     )
     return text.encode("utf-8")
 
@@ -245,11 +250,5 @@ def write_vtpk_iteminfo_xml(texts: dict[str, str], extent: Extent | None, sr_nam
 
 def write_vtpk_item_pkinfo(name: str, stamp: Stamp) -> bytes:
     """esriinfo/item.pkinfo of a .vtpk."""
-    text = (
-        "<?xml version=\"1.0\" encoding=\"utf-8\" ?>\n<pkinfo Culture='en-US'>\n"
-        f"<ID>{stamp.guid}</ID>\n<name>{escape(name)}</name>\n<version>11.2</version>\n"
-        f"<size>-1</size>\n<created>{stamp.iso}</created>\n<type>Vector Tile Package</type>\n"
-        "<servable>false</servable>\n<packagelocation></packagelocation>\n<pkinfolocation></pkinfolocation>\n"
-        "<documenttypes>\n<documenttype>Lyr</documenttype>\n</documenttypes>\n</pkinfo>\n"
-    )
-    return text.encode("utf-8")
+    return _pkinfo(name, stamp, "11.2", "Vector Tile Package",
+                   "<documenttypes>\n<documenttype>Lyr</documenttype>\n</documenttypes>\n")
