@@ -14,7 +14,8 @@ import time
 
 import pytest
 from test_fixtures import reference_tiles
-from test_site_support import (WIDE_LEVEL, Site, bundle_files, children, job_output, logs_on_failure, site_server,
+from test_server_support import child_pids
+from test_site_support import (WIDE_LEVEL, Site, bundle_files, job_output, logs_on_failure, site_server,
                                widen)
 
 from tilecrate.export import export
@@ -118,7 +119,7 @@ def test_front_end_killed_and_restarted(site, client, wide, tmp_path):
     try:
         sub = srv.submit("W", EXPORT, SLOW)
         _busy_worker(client)
-        for pid in [*children(srv.proc.pid), srv.proc.pid]:   # the whole front end, as a crash would
+        for pid in [*child_pids(srv.proc.pid), srv.proc.pid]:   # the whole front end, as a crash would
             os.kill(pid, signal.SIGKILL)
         srv.proc.wait(10)
         srv.proc = None

@@ -150,12 +150,3 @@ def logs_on_failure(*paths: Path):
             for f in sorted(Path(p).rglob("*.log")):
                 print(f"==== {f}\n{f.read_text(errors='replace')[-6000:]}")
         raise
-
-
-def children(pid: int) -> list[int]:
-    """Direct child processes of `pid`."""
-    out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            out += [int(x) for x in f.read().split()]
-    return out
