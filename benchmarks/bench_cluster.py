@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -36,6 +35,7 @@ from distributed import Client, LocalCluster
 from tilecrate.export import export
 from tilecrate.request import ExportRequest
 from tilecrate.runners.dask import DaskRunner, local_cluster
+from bench_server import requests_in
 from conftest import report
 
 WIDE_LEVEL = 12
@@ -166,25 +166,6 @@ def test_pass_through_cluster_vs_in_process(benchmark, request, wider, tmp_path)
 
 STATUS_SECONDS = 2
 STATUS_CONCURRENCY = 32
-_CLIENT = r"""
-import asyncio, sys, time
-import aiohttp
-url, seconds, concurrency = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-async def main():
-    done = 0
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
-        end = time.perf_counter() + seconds
-        async def worker():
-            nonlocal done
-            while time.perf_counter() < end:
-                async with session.get(url) as r:
-                    assert r.status == 200, r.status
-                    await r.read()
-                done += 1
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        print(done)
-asyncio.run(main())
-"""
 
 
 def _free_port() -> int:
@@ -239,16 +220,8 @@ def _front_end(root: Path, sample: Path, processes: int) -> tuple[subprocess.Pop
 
 
 def _load(url: str) -> int:
-    """Requests answered in STATUS_SECONDS: wrk -t1 when installed, else an aiohttp client process."""
-    wrk = shutil.which("wrk")
-    if wrk:
-        out = subprocess.run([wrk, "-t1", f"-c{STATUS_CONCURRENCY}", f"-d{STATUS_SECONDS}s", url],
-                             capture_output=True, text=True, check=True).stdout
-        assert "Non-2xx or 3xx responses" not in out and "Socket errors" not in out, out
-        return int(re.search(r"(\d+) requests in", out).group(1))
-    out = subprocess.run([sys.executable, "-c", _CLIENT, url, str(STATUS_SECONDS), str(STATUS_CONCURRENCY)],
-                         capture_output=True, text=True, check=True).stdout
-    return int(out.strip())
+    """Requests answered in STATUS_SECONDS (bench_server's load generator)."""
+    return requests_in(url, STATUS_SECONDS, STATUS_CONCURRENCY)[0]
 
 
 def test_job_status_processes_two_vs_one(benchmark, request, sample, tmp_path):

@@ -85,6 +85,20 @@ def _best(fn, rounds: int) -> float:
     return min(times)
 
 
+def _ours(benchmark, src: Path, levels: str, out: Path):
+    """(result, best seconds) of three timed tilecrate exports of `levels` of `src` to `out`."""
+    times = []
+
+    def run():
+        _drop(out)
+        t0 = time.perf_counter()
+        result = tilecrate.export(str(src), ExportRequest(levels), str(out))
+        times.append(time.perf_counter() - t0)
+        return result
+
+    return benchmark.pedantic(run, rounds=3, iterations=1), min(times)
+
+
 def _sqlite_floor(path: Path, top: int, sizes: bool = True) -> None:
     """What SQLite alone takes to hand over an MBTiles' tiles through a connection set up as tilecrate's
     (read-only, mmap off, 2 MB page cache): each level's (column, row, length) scan, which planning needs,
@@ -109,17 +123,7 @@ def test_tpk_to_mbtiles_vs_tpkutils(benchmark, request, source, tpk, tmp_path):
     _, levels = source
     _warm(tpk)
     ours_out, theirs_out = tmp_path / "ours.mbtiles", tmp_path / "theirs.mbtiles"
-    times = []
-
-    def run():
-        _drop(ours_out)
-        t0 = time.perf_counter()
-        result = tilecrate.export(str(tpk), ExportRequest(levels), str(ours_out))
-        times.append(time.perf_counter() - t0)
-        return result
-
-    result = benchmark.pedantic(run, rounds=3, iterations=1)
-    ours = min(times)
+    result, ours = _ours(benchmark, tpk, levels, ours_out)
 
     def theirs():
         _drop(theirs_out)
@@ -170,17 +174,7 @@ def test_compact_to_mbtiles_vs_mapproxy(benchmark, request, source, tmp_path):
     _warm(folder)
     conf, bbox = _mapproxy_conf(folder, tmp_path / "mp")
     ours_out, theirs_out = tmp_path / "ours.mbtiles", tmp_path / "theirs.mbtiles"
-    times = []
-
-    def run():
-        _drop(ours_out)
-        t0 = time.perf_counter()
-        result = tilecrate.export(str(folder), ExportRequest(levels), str(ours_out))
-        times.append(time.perf_counter() - t0)
-        return result
-
-    result = benchmark.pedantic(run, rounds=3, iterations=1)
-    ours = min(times)
+    result, ours = _ours(benchmark, folder, levels, ours_out)
 
     def command(dest: Path, *extra: str) -> list[str]:
         return [str(MAPPROXY_UTIL), "export", "-q", "-q", "-c", "2", "-f", str(conf), "--grid", "webmercator",
@@ -215,17 +209,7 @@ def test_mbtiles_to_pmtiles_vs_converter(benchmark, request, source, mbtiles, tm
     top = int(levels.split("-")[1])
     _warm(mbtiles)
     ours_out, theirs_out = tmp_path / "ours.pmtiles", tmp_path / "theirs.pmtiles"
-    times = []
-
-    def run():
-        _drop(ours_out)
-        t0 = time.perf_counter()
-        result = tilecrate.export(str(mbtiles), ExportRequest(levels), str(ours_out))
-        times.append(time.perf_counter() - t0)
-        return result
-
-    result = benchmark.pedantic(run, rounds=3, iterations=1)
-    ours = min(times)
+    result, ours = _ours(benchmark, mbtiles, levels, ours_out)
 
     def theirs():
         _drop(theirs_out)
@@ -285,17 +269,7 @@ def test_small_tiles_mbtiles_to_pmtiles_vs_converter(benchmark, request, small_t
     src = small_tiles_mbtiles
     _warm(src)
     ours_out, theirs_out = tmp_path / "ours.pmtiles", tmp_path / "theirs.pmtiles"
-    times = []
-
-    def run():
-        _drop(ours_out)
-        t0 = time.perf_counter()
-        result = tilecrate.export(str(src), ExportRequest("0-10"), str(ours_out))
-        times.append(time.perf_counter() - t0)
-        return result
-
-    result = benchmark.pedantic(run, rounds=3, iterations=1)
-    ours = min(times)
+    result, ours = _ours(benchmark, src, "0-10", ours_out)
 
     def theirs():
         _drop(theirs_out)
@@ -314,17 +288,7 @@ def test_mbtiles_to_tpkx_vs_cp(benchmark, request, source, mbtiles, tmp_path):
     _, levels = source
     _warm(mbtiles)
     out = tmp_path / "ours.tpkx"
-    times = []
-
-    def run():
-        _drop(out)
-        t0 = time.perf_counter()
-        result = tilecrate.export(str(mbtiles), ExportRequest(levels), str(out))
-        times.append(time.perf_counter() - t0)
-        return result
-
-    result = benchmark.pedantic(run, rounds=3, iterations=1)
-    ours = min(times)
+    result, ours = _ours(benchmark, mbtiles, levels, out)
     copy = tmp_path / "copy.tpkx"
 
     def cp():

@@ -67,7 +67,7 @@ async def main():
                 done += 1
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        print(done / (time.perf_counter() - t0))
+        print(done, done / (time.perf_counter() - t0))
 asyncio.run(main())
 """
 
@@ -143,37 +143,33 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def requests_in(url: str, seconds: float = SECONDS, concurrency: int = CONCURRENCY) -> tuple[int, float]:
+    """(requests answered, requests/s) of GET url for `seconds`: wrk -t1 when installed, else an aiohttp
+    client process; an error answer or a socket error under load fails the measurement."""
+    wrk = shutil.which("wrk")
+    if wrk:
+        out = subprocess.run([wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", url],
+                             capture_output=True, text=True, check=True).stdout
+        if re.search(r"Non-2xx or 3xx responses|Socket errors", out):
+            raise AssertionError(f"{url}: errors under load:\n{out}")
+        return (int(re.search(r"(\d+) requests in", out).group(1)),
+                float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1)))
+    out = subprocess.run([sys.executable, "-c", _CLIENT, url, str(seconds), str(concurrency)],
+                         capture_output=True, text=True, check=True).stdout
+    done, rate = out.split()
+    return int(done), float(rate)
+
+
 def load_cpu(url: str, pid: int) -> tuple[float, float]:
     """(requests/s, server CPU microseconds per request): the second holds up on a loaded machine."""
-    wrk = shutil.which("wrk")
     c0 = _cpu(pid)
-    if wrk:
-        out = subprocess.run([wrk, "-t1", f"-c{CONCURRENCY}", f"-d{max(1, round(SECONDS))}s", url],
-                             capture_output=True, text=True, check=True).stdout
-        if re.search(r"Non-2xx or 3xx responses", out):
-            raise AssertionError(f"{url}: errors under load:\n{out}")
-        rate = float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))
-        n = int(re.search(r"(\d+) requests in", out).group(1))
-    else:
-        out = subprocess.run([sys.executable, "-c", _CLIENT, url, str(SECONDS), str(CONCURRENCY)],
-                             capture_output=True, text=True, check=True).stdout
-        rate = float(out.strip())
-        n = rate * SECONDS
+    n, rate = requests_in(url)
     return rate, (_cpu(pid) - c0) / max(n, 1) * 1e6
 
 
 def load(url: str, seconds: float = SECONDS, concurrency: int = CONCURRENCY) -> float:
     """Requests/s of GET url: wrk when installed, else an aiohttp client process."""
-    wrk = shutil.which("wrk")
-    if wrk:
-        out = subprocess.run([wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", url], capture_output=True,
-                             text=True, check=True).stdout
-        if re.search(r"Non-2xx or 3xx responses", out):
-            raise AssertionError(f"{url}: errors under load:\n{out}")
-        return float(re.search(r"Requests/sec:\s+([0-9.]+)", out).group(1))
-    out = subprocess.run([sys.executable, "-c", _CLIENT, url, str(seconds), str(concurrency)],
-                         capture_output=True, text=True, check=True).stdout
-    return float(out.strip())
+    return requests_in(url, seconds, concurrency)[1]
 
 
 def _export_flow(base: str, service: str, params: dict, dest: Path) -> int:
