@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from test_fixtures import reference_tiles
-from test_site_support import Site, bundle_files, job_output, site_server
+from test_site_support import bundle_files, job_output, site, site_server  # noqa: F401  (site: the module's fixture)
 
 from tilecrate.export import export
 from tilecrate.request import ExportRequest
@@ -24,15 +24,6 @@ CASES = [
                        "compressionQuality": "40"}),
     ("folder-optimized", {"tilePackage": "false", "optimizeTilesForSize": "true", "compressionQuality": "40"}),
 ]
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    s = Site(tmp_path_factory.mktemp("site"))
-    try:
-        yield s.start()
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["shared", "localtemp"])

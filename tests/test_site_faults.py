@@ -15,8 +15,8 @@ import time
 import pytest
 from test_fixtures import reference_tiles
 from test_server_support import child_pids
-from test_site_support import (WIDE_LEVEL, Site, bundle_files, job_output, logs_on_failure, site_server,
-                               widen)
+from test_site_support import (WIDE_LEVEL, Site, bundle_files, job_output, logs_on_failure,  # noqa: F401
+                               site, site_server, widen)  # (site: the module's fixture)
 
 from tilecrate.export import export
 from tilecrate.jobs.runner import RESTART_MESSAGE
@@ -31,15 +31,6 @@ SLOW = {"levels": str(WIDE_LEVEL), "tilePackage": "true", "storageFormat": "tpkx
 @pytest.fixture(scope="module")
 def wide(sample_v2, tmp_path_factory):
     return widen(sample_v2, tmp_path_factory.mktemp("wide") / "wide", 64)
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    s = Site(tmp_path_factory.mktemp("site"))
-    try:
-        yield s.start()
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from test_dask import WIDE_LEVEL, widen  # noqa: F401  (one hard-linked wide cache for both modules)
 from test_server_support import Server, free_port, write_config
 
@@ -150,3 +152,13 @@ def logs_on_failure(*paths: Path):
             for f in sorted(Path(p).rglob("*.log")):
                 print(f"==== {f}\n{f.read_text(errors='replace')[-6000:]}")
         raise
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A running scheduler and two workers, for the tests of one module."""
+    s = Site(tmp_path_factory.mktemp("site"))
+    try:
+        yield s.start()
+    finally:
+        s.stop()
