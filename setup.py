@@ -15,6 +15,8 @@ OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 EXTRA = {
     # libjpeg-turbo through the classic libjpeg API (jpeglib.h ships in libjpeg62-turbo-dev)
     "_jpeg": {"libraries": ["jpeg"], "compile": OPENMP, "link": OPENMP},
+    # SQLite's C API (sqlite3.h ships in libsqlite3-dev): MBTiles/GeoPackage rows into arrays
+    "_sqlite": {"libraries": ["sqlite3"]},
 }
 
 only = {m for m in os.environ.get("TILECRATE_EXT", "").split(",") if m}

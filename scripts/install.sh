@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in gcc libjpeg62-turbo-dev zlib1g-dev libpng-dev libfreetype-dev python3-dev; do
+for pkg in gcc libjpeg62-turbo-dev libsqlite3-dev zlib1g-dev libpng-dev libfreetype-dev python3-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

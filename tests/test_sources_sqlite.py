@@ -150,6 +150,13 @@ def test_export_reads_each_block_once(tmp_path, monkeypatch, out):
         return real(self, sql, args)
 
     monkeypatch.setattr(sqlite_source.SqliteBackend, "query", query)
+    real_blobs = sqlite_source.SqliteBackend.query_blobs
+
+    def query_blobs(self, sql, args, level, hint=0):
+        seen.append(sql)
+        return real_blobs(self, sql, args, level, hint)
+
+    monkeypatch.setattr(sqlite_source.SqliteBackend, "query_blobs", query_blobs)
     res = tilecrate.export(str(p), tilecrate.ExportRequest(levels="9"), str(tmp_path / out))
     assert res.tiles == len(cells)
     reads = [s for s in seen if "tile_data FROM" in s and "length(" not in s and "LIMIT" not in s]

@@ -18,10 +18,11 @@ import urllib.parse
 
 import numpy as np
 
+from tilecrate._sqlite import Reader, SqliteError
 from tilecrate.errors import BundleError, CacheError
 from tilecrate.sourcefiles import file_id
-from tilecrate.sources.blocks import (FORMAT_NAMES, BlockCache, detect_format, parse_bounds, tile_pixel_size,
-                                      v2_layout)
+from tilecrate.sources.blocks import (BLOCK_LIMIT, FORMAT_NAMES, BlockCache, detect_format, parse_bounds,
+                                      tile_pixel_size, v2_layout)
 from tilecrate.sources.item import ItemInfo, from_metadata
 from tilecrate.tiling import (
     INCHES_PER_METRE,
@@ -46,6 +47,9 @@ _DEG_METRES = 2 * math.pi * 6378137.0 / 360.0   # ArcGIS's scale for degrees: me
 
 
 _BLOCK_WHERE = f"zoom_level = ? AND tile_column IN ({', '.join('?' * PACKET)}) AND tile_row BETWEEN ? AND ?"
+
+
+_NOT_INTEGER = "a result that should be an integer is not"
 
 
 def _sql_error(label: str, e: Exception) -> CacheError:
@@ -83,6 +87,33 @@ class SqliteBackend:
                 self._conns.append(c)
         return c
 
+    def reader(self) -> Reader:
+        """This thread's compiled reader (tilecrate._sqlite): the scans and block reads, rows into arrays."""
+        r = getattr(self._local, "reader", None)
+        if r is None:
+            try:
+                r = Reader(self.path, CACHE_KIB)
+            except SqliteError as e:
+                raise CacheError(f"{self.label}: not a readable SQLite database ({e})") from None
+            self._local.reader = r
+            with self._lock:
+                self._conns.append(r)
+        return r
+
+    def query_blobs(self, sql: str, args: tuple, level: int, hint: int = 0) -> tuple:
+        """(keys, offsets, buffer) of an (integer, blob) query through this thread's compiled reader; SQLite
+        errors, a key that is not an integer and a block past BLOCK_LIMIT bytes as CacheError."""
+        try:
+            return self.reader().blobs(sql, args, hint, BLOCK_LIMIT, QUERY_SECONDS)
+        except SqliteError as e:
+            if str(e).startswith(_NOT_INTEGER):    # a real among a view's columns or rows makes its index one too
+                raise CacheError(f"{self.label}: level {level} has tile rows whose column or row is not an integer") \
+                    from None
+            raise _sql_error(self.label, e) from None
+        except MemoryError as e:
+            raise CacheError(f"{self.label}: one 128x128 block at level {level} holds more than the "
+                             f"{BLOCK_LIMIT >> 20} MiB of tiles a block may hold in memory ({e})") from None
+
     def query(self, sql: str, args=()) -> list:
         """Rows of a query; SQLite errors as CacheError."""
         try:
@@ -109,7 +140,7 @@ class SqliteBackend:
         for c in conns:
             try:
                 c.close()
-            except sqlite3.Error:
+            except (sqlite3.Error, SqliteError):      # in use by a thread still reading: closed when collected
                 pass
         self._local = threading.local()
 
@@ -185,45 +216,40 @@ class SqliteBackend:
             return hit[1]
         w, h = self._size(level)
         try:
-            cur = self.conn().execute(
+            a = self.reader().ints3(
                 f"SELECT tile_column, {self._row_sql()}, IFNULL(length(tile_data), 0) FROM {self._src} "
                 "WHERE zoom_level = ? AND tile_column BETWEEN 0 AND ? AND tile_row BETWEEN 0 AND ?",
-                (h - 1, level, w - 1, h - 1))
-            parts, n = [], 0
-            while True:
-                chunk = cur.fetchmany(65536)
-                if not chunk:
-                    break
-                n += len(chunk)
-                if n > SCAN_LIMIT:
-                    cur.close()
-                    found = None
-                    break
-                parts.append(self._ints(level, itertools.chain.from_iterable(chunk), 3 * len(chunk)).reshape(-1, 3))
-            if n <= SCAN_LIMIT:
-                found = {}
-                if parts:
-                    a = np.concatenate(parts)
-                    if np.any(a[:, 2] > 0xFFFFFFFF):
-                        raise CacheError(f"{self.label}: a tile at level {level} is larger than 4 GiB")
-                    key = ((a[:, 1] >> 7) << 32) | (a[:, 0] >> 7)
-                    order = np.argsort(key, kind="stable")
-                    keys, starts = np.unique(key[order], return_index=True)
-                    if keys.size > SCAN_BLOCKS:          # sparse: per-block state would outweigh the scan
-                        found = None
-                        keys = keys[:0]
-                    for k, lo, hi in zip(keys.tolist(), starts.tolist(), np.append(starts[1:], order.size).tolist()):
-                        sel = a[order[lo:hi]]
-                        r0, c0 = (k >> 32) * PACKET, (k & 0xFFFFFFFF) * PACKET
-                        idx = ((sel[:, 1] - r0) * PACKET + (sel[:, 0] - c0)).astype(np.uint16)
-                        if len(np.unique(idx)) != len(idx):
-                            self._warn(f"{self.label}: several rows for the same tile at level {level} "
-                                       "(no unique index); one of them is used")
-                        found[(r0, c0)] = (idx, sel[:, 2].astype(np.uint32))   # compact: 6 bytes a tile
-        except sqlite3.Error as e:
+                (h - 1, level, w - 1, h - 1), SCAN_LIMIT, QUERY_SECONDS)
+        except SqliteError as e:
+            if str(e).startswith(_NOT_INTEGER):
+                raise CacheError(f"{self.label}: level {level} has tile rows whose column or row is not an integer") \
+                    from None
             raise _sql_error(self.label, e) from None
+        found = None if a is None else self._blocks_of(level, a)
         with self._lock:
             self._scans[level] = (ident, found)
+        return found
+
+    def _blocks_of(self, level: int, a: np.ndarray) -> dict | None:
+        """{(row0, col0): (block indices, sizes)} of a level's (column, row, length) rows; None when sparse."""
+        found: dict = {}
+        if not a.size:
+            return found
+        if np.any(a[:, 2] > 0xFFFFFFFF):
+            raise CacheError(f"{self.label}: a tile at level {level} is larger than 4 GiB")
+        key = ((a[:, 1] >> 7) << 32) | (a[:, 0] >> 7)
+        order = np.argsort(key, kind="stable")
+        keys, starts = np.unique(key[order], return_index=True)
+        if keys.size > SCAN_BLOCKS:          # sparse: per-block state would outweigh the scan
+            return None
+        for k, lo, hi in zip(keys.tolist(), starts.tolist(), np.append(starts[1:], order.size).tolist()):
+            sel = a[order[lo:hi]]
+            r0, c0 = (k >> 32) * PACKET, (k & 0xFFFFFFFF) * PACKET
+            idx = ((sel[:, 1] - r0) * PACKET + (sel[:, 0] - c0)).astype(np.uint16)
+            if len(np.unique(idx)) != len(idx):
+                self._warn(f"{self.label}: several rows for the same tile at level {level} "
+                           "(no unique index); one of them is used")
+            found[(r0, c0)] = (idx, sel[:, 2].astype(np.uint32))   # compact: 6 bytes a tile
         return found
 
     def blocks(self, level: int):
@@ -267,31 +293,33 @@ class SqliteBackend:
         return ident, sizes
 
     def _read_block(self, level: int, row0: int, col0: int) -> tuple[tuple, np.ndarray, list]:
-        """(identity, ascending unique block indices, their tiles' bytes) from one range query."""
+        """(identity, ascending unique block indices, their tiles' bytes: memoryviews of one buffer) from one
+        range query, read by the compiled reader straight into that buffer."""
         ident = self.identity()
         where, args = self._range(level, row0, col0)
-        # SQLite computes each row's index in the block: one number a row for Python to convert
+        # SQLite computes each row's index in the block: one number a row
         h = self._size(level)[1]
         row = "(? - tile_row)" if self._flip else "(tile_row + 0 * ?)"
-        got = self.query(f"SELECT ({row} - ?) * {PACKET} + (tile_column - ?), tile_data FROM {self._src} "
-                         f"WHERE {where}", [h - 1, row0, col0, *args])
+        with self._lock:
+            scan = self._scans.get(level)
+        got = scan[1].get((row0, col0)) if scan is not None and scan[0] == ident and scan[1] is not None else None
+        hint = int(got[1].sum(dtype=np.int64)) if got is not None else 0     # the buffer's size, grown only if the file grew
+        keys, offs, buf = self.query_blobs(
+            f"SELECT ({row} - ?) * {PACKET} + (tile_column - ?), tile_data FROM {self._src} WHERE {where}",
+            (h - 1, row0, col0, *args), level, hint)
         if self.identity() != ident:
             raise BundleError(f"{self.label}: the file changed while it was being read; retry the request")
-        if not got:
+        if not keys.size:
             return ident, np.zeros(0, dtype=np.int64), []
-        idx, datas = zip(*got)
-        idx = self._ints(level, idx, len(idx))   # a real among a view's columns or rows makes its index one too
-        if set(map(type, datas)) != {bytes}:       # text, NULL or numbers in tile_data: rare, so a loop
-            datas = tuple(d.encode("utf-8") if isinstance(d, str) else d if isinstance(d, bytes) else b""
-                          for d in datas)
-        order = np.argsort(idx, kind="stable")      # row-major; of duplicate rows the first read is used
-        idx = idx[order]
+        order = np.argsort(keys, kind="stable")      # row-major; of duplicate rows the first read is used
+        idx = keys[order]
         keep = np.ones(idx.size, dtype=bool)
         keep[1:] = idx[1:] != idx[:-1]
-        keep &= np.fromiter(map(len, datas), dtype=np.int64, count=len(datas))[order] > 0
-        order = order[keep].tolist()
-        tiles = [datas[order[0]]] if len(order) == 1 else list(operator.itemgetter(*order)(datas)) if order else []
-        return ident, idx[keep].astype(np.int64), tiles
+        keep &= (offs[1:] - offs[:-1])[order] > 0     # NULL, numbers and empty blobs are no tile
+        sel = order[keep]
+        view = memoryview(buf)
+        tiles = list(map(view.__getitem__, map(slice, offs[sel].tolist(), offs[sel + 1].tolist())))
+        return ident, idx[keep], tiles
 
     def block_tiles(self, level: int, row0: int, col0: int):
         """(identity, {index: bytes}) of a block's tiles."""

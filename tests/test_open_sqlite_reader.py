@@ -1,0 +1,137 @@
+"""tilecrate._sqlite.Reader (SQLite's C API, rows into arrays) against Python's sqlite3 on the same files."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+
+import numpy as np
+import pytest
+
+from tilecrate._sqlite import Reader, SqliteError
+
+QUERY = "SELECT zoom_level * 1000 + tile_column, tile_data FROM tiles WHERE zoom_level >= ? ORDER BY rowid"
+
+
+def _db(path, rows, wal=False) -> str:
+    db = sqlite3.connect(path)
+    if wal:
+        db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE tiles (zoom_level, tile_column, tile_row, tile_data)")
+    db.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?)", rows)
+    db.commit()
+    db.close()
+    return str(path)
+
+
+def _python_rows(path, sql, args):
+    with sqlite3.connect(path) as db:
+        return db.execute(sql, args).fetchall()
+
+
+def _as_bytes(v) -> bytes:
+    return v if isinstance(v, bytes) else v.encode() if isinstance(v, str) else b""
+
+
+def test_blobs_and_ints_match_python_sqlite3(tmp_path):
+    rng = np.random.default_rng(5)
+    rows = [(z, c, c * 3, rng.bytes(int(rng.integers(1, 20000)))) for z in range(3) for c in range(40)]
+    rows += [(3, 1, 1, "text tile é"), (3, 2, 2, None), (3, 3, 3, 42), (3, 4, 4, b"")]
+    path = _db(tmp_path / "a.db", rows)
+    r = Reader(path)
+    keys, offs, buf = r.blobs(QUERY, (0,), hint=10)      # a small first size: the buffer grows
+    want = _python_rows(path, QUERY, (0,))
+    assert keys.tolist() == [k for k, _ in want]
+    view = memoryview(buf)
+    assert [bytes(view[a:b]) for a, b in zip(offs[:-1].tolist(), offs[1:].tolist())] == [_as_bytes(d) for _, d in want]
+    scan = "SELECT tile_column, tile_row, IFNULL(length(tile_data), 0) FROM tiles WHERE zoom_level = ?"
+    for z in range(4):
+        assert r.ints3(scan, (z,)).tolist() == [list(t) for t in _python_rows(path, scan, (z,))]
+    assert r.ints3(scan, (9,)).shape == (0, 3)
+    assert r.ints3(scan, (0,), limit=39) is None and r.ints3(scan, (0,), limit=40).shape == (40, 3)
+    del r, keys, offs
+    assert bytes(view[:1]) == _as_bytes(want[0][1])[:1]      # the buffer outlives the reader
+
+
+def test_bad_results_and_statements(tmp_path):
+    path = _db(tmp_path / "b.db", [(1, 1.5, "x", b"abc"), (1, 2, 2, b"defg")])
+    r = Reader(path)
+    with pytest.raises(SqliteError, match="should be an integer"):
+        r.ints3("SELECT tile_column, tile_row, 0 FROM tiles", ())
+    with pytest.raises(SqliteError, match="should be an integer"):
+        r.blobs("SELECT tile_column, tile_data FROM tiles", ())
+    with pytest.raises(MemoryError, match="pass 5 bytes"):
+        r.blobs("SELECT zoom_level, tile_data FROM tiles", (), max_bytes=5)
+    assert r.blobs("SELECT zoom_level, tile_data FROM tiles", (), max_bytes=7)[1].tolist() == [0, 3, 7]
+    with pytest.raises(ValueError, match="3 columns"):
+        r.ints3("SELECT 1, 2", ())
+    with pytest.raises(ValueError, match="parameters"):
+        r.ints3("SELECT ?, 2, 3", ())
+    with pytest.raises(SqliteError, match="no such table"):
+        r.ints3("SELECT a, b, c FROM missing_table", ())
+    with pytest.raises(SqliteError, match="readonly"):
+        r.ints3("INSERT INTO tiles VALUES (1, 2, 3, 4) RETURNING 1, 2, 3", ())
+    with pytest.raises(SqliteError, match="interrupted"):
+        r.ints3("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT i, i, i FROM n "
+                "WHERE i < 0", (), seconds=0.05)
+    assert r.ints3("SELECT 1, 2, 3", ()).tolist() == [[1, 2, 3]]        # usable after each error
+    r.close()
+    with pytest.raises(SqliteError, match="closed"):
+        r.ints3("SELECT 1, 2, 3", ())
+
+
+def test_not_a_database_missing_and_truncated(tmp_path):
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not sqlite" * 1000)
+    with pytest.raises(SqliteError, match="not a database"):
+        Reader(str(junk))
+    with pytest.raises(SqliteError, match="unable to open"):
+        Reader(str(tmp_path / "missing.db"))
+    assert not (tmp_path / "missing.db").exists()              # mode=ro never creates the file
+    path = _db(tmp_path / "t.db", [(1, i, i, os.urandom(30000)) for i in range(50)])
+    r = Reader(path)
+    os.truncate(path, os.path.getsize(path) // 2)              # truncated under an open reader
+    with pytest.raises(SqliteError, match="malformed|disk I/O|short read"):
+        r.blobs("SELECT tile_column, tile_data FROM tiles", ())
+
+
+def test_wal_rows_not_yet_checkpointed_are_read(tmp_path):
+    path = _db(tmp_path / "w.db", [(1, 1, 1, b"a")], wal=True)
+    writer = sqlite3.connect(path)
+    writer.execute("PRAGMA wal_autocheckpoint=0")
+    writer.execute("INSERT INTO tiles VALUES (1, 2, 2, x'0102')")
+    writer.commit()
+    assert os.path.getsize(path + "-wal") > 0
+    keys, offs, buf = Reader(path).blobs("SELECT tile_column, tile_data FROM tiles ORDER BY tile_column", ())
+    assert keys.tolist() == [1, 2] and bytes(buf) == b"a\x01\x02"
+    writer.close()
+
+
+def test_one_reader_one_thread_at_a_time(tmp_path):
+    path = _db(tmp_path / "c.db", [(1, i, i, b"x") for i in range(10)])
+    r = Reader(path)
+    slow = ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000000) "
+            "SELECT i, i, i FROM n WHERE i = 3000000")
+    errors: list[Exception] = []
+    started = threading.Event()
+
+    def other():
+        started.set()
+        try:
+            r.ints3(slow, ())
+        except SqliteError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=other)
+    t.start()
+    started.wait()
+    clashes = 0
+    while t.is_alive():
+        try:
+            r.ints3("SELECT 1, 2, 3", ())
+        except SqliteError as e:
+            assert "in use by another thread" in str(e)
+            clashes += 1
+    t.join()
+    assert not errors and clashes > 0
+    assert r.ints3(slow, ()).tolist() == [[3000000] * 3]
