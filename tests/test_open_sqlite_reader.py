@@ -135,3 +135,35 @@ def test_one_reader_one_thread_at_a_time(tmp_path):
     t.join()
     assert not errors and clashes > 0
     assert r.ints3(slow, ()).tolist() == [[3000000] * 3]
+
+
+def test_large_block_read_as_two_halves_matches_one_read(tmp_path, monkeypatch):
+    from tilecrate.sources import sqlite as sqlite_source
+    from tilecrate.sources.blocks import BundleRef
+    from tilecrate.sources.sqlite import open_sqlite
+
+    rng = np.random.default_rng(7)
+    rows = [(8, c, 255 - r, rng.bytes(int(rng.integers(1, 3000)))) for c in range(3, 120) for r in range(5, 60)
+            if (c * r) % 7]
+    rows += [(8, 10, 255 - 6, b"second row for one tile"), (8, 100, 255 - 7, None), (8, 101, 255 - 7, b"")]
+    path = tmp_path / "big.mbtiles"
+    with sqlite3.connect(path) as db:          # no unique index: duplicate rows happen in third-party files
+        db.execute("CREATE TABLE metadata (name TEXT, value TEXT)")
+        db.execute("CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB)")
+        db.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?)", rows)
+        db.execute("CREATE INDEX t ON tiles (zoom_level, tile_column, tile_row)")
+    ref = BundleRef(8, 0, 0)
+    got = {}
+    for split in (10 ** 9, 1):
+        monkeypatch.setattr(sqlite_source, "SPLIT_TILES", split)
+        monkeypatch.setattr(sqlite_source, "SPLIT_BYTES", split)
+        with open_sqlite(str(path)) as cache:
+            idx, tiles = cache.open_tiles(ref)
+            got[split] = (idx.tolist(), [bytes(t) for t in tiles])
+            assert (cache._store._pool is not None) == (split == 1)      # the second half ran on the helper
+    assert got[1] == got[10 ** 9]
+    want = {}
+    for z, c, r, d in rows:
+        if d:
+            want.setdefault((255 - r) * 128 + c, d)          # of duplicate rows the first is used
+    assert got[1][0] == sorted(want) and got[1][1] == [want[i] for i in sorted(want)]

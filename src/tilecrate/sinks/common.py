@@ -153,6 +153,30 @@ def bundle_tiles(cache: Cache, plan: ExportPlan, bsel: BundleSelection,
     return rows.astype(np.int64), cols.astype(np.int64), tiles, warnings
 
 
+def prefetched(cache: Cache, plan: ExportPlan, bundles: list[BundleSelection],
+               cancel: CancelFlag | None = None) -> Iterator[tuple[BundleSelection, tuple]]:
+    """(bundle, bundle_tiles(...)) of each bundle in order, the next one read by a helper thread while the
+    caller writes this one (sources release the GIL while they read: SQLite, pread). At most two bundles'
+    bytes are held; an error reading one is raised where the caller takes it."""
+    if len(bundles) < 2:
+        for bsel in bundles:
+            yield bsel, bundle_tiles(cache, plan, bsel, cancel)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="tilecrate-prefetch") as pool:
+        nxt = pool.submit(bundle_tiles, cache, plan, bundles[0], cancel)
+        try:
+            for k, bsel in enumerate(bundles):
+                got = nxt.result()
+                nxt = pool.submit(bundle_tiles, cache, plan, bundles[k + 1], cancel) if k + 1 < len(bundles) else None
+                yield bsel, got
+                got = None
+        finally:
+            if nxt is not None:
+                nxt.cancel()
+
+
 def _selected(label: str, present: np.ndarray, tiles: list, idx: np.ndarray, expected: int) -> list:
     """The tiles at block indices `idx` (ascending) out of a block's `present` indices (ascending) and tiles."""
     if present.size == idx.size and idx.size == expected and np.array_equal(present, idx):

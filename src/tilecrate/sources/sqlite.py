@@ -7,9 +7,7 @@ SQLite errors (truncated, corrupt, not a database) become one-line CacheErrors n
 """
 from __future__ import annotations
 
-import itertools
 import math
-import operator
 import os
 import sqlite3
 import threading
@@ -38,6 +36,8 @@ from tilecrate.tiling import (
 MAX_ZOOM = 30
 SCAN_LIMIT = 2_000_000     # levels up to this many tiles are indexed with one scan (48 MB of arrays)...
 SCAN_BLOCKS = 20_000      # ...in at most this many blocks
+SPLIT_BYTES = 4 << 20     # a block holding more tile bytes than this is read as two halves at once (two threads,
+SPLIT_TILES = 4096        # two connections: SQLite's page reads overlap) ... or more tiles than this
 QUERY_SECONDS = 60.0      # one statement (and the reading of its rows) may take this long
 CACHE_KIB = 2000          # page cache per connection (SQLite's default): 16 MiB measured slower (its pages are allocated per connection)
 _META_ROWS = 10000
@@ -74,6 +74,7 @@ class SqliteBackend:
         self._conns: list[sqlite3.Connection] = []
         self._scans: dict[int, tuple] = {}      # level -> (identity, {block: sizes} or None)
         self._lock = threading.Lock()
+        self._pool = None               # the helper thread of _read_block, started on first use
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -137,6 +138,9 @@ class SqliteBackend:
         """Close every thread's connection."""
         with self._lock:
             conns, self._conns = self._conns, []
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
         for c in conns:
             try:
                 c.close()
@@ -152,10 +156,13 @@ class SqliteBackend:
     def _row_sql(self) -> str:
         return "(? - tile_row)" if self._flip else "(tile_row + 0 * ?)"
 
-    def _range(self, level: int, row0: int, col0: int) -> tuple[str, list]:
+    def _range(self, level: int, row0: int, col0: int, cols: tuple[int, int] | None = None) -> tuple[str, list]:
+        """The WHERE clause and its arguments of a block's rows (of its columns cols[0] <= c < cols[1] when given)."""
         w, h = self._size(level)
         r1 = min(row0 + PACKET, h) - 1
         c1 = min(col0 + PACKET, w) - 1
+        if cols is not None:
+            col0, c1 = max(col0, cols[0]), min(c1, cols[1] - 1)
         if self._flip:
             lo, hi = h - 1 - r1, h - 1 - row0
         else:
@@ -168,14 +175,6 @@ class SqliteBackend:
         if not cols:                            # a block past the grid's edge: a range nothing is in
             cols, lo, hi = [col0], 1, 0
         return _BLOCK_WHERE, [level, *cols, *[cols[-1]] * (PACKET - len(cols)), lo, hi]
-
-    def _ints(self, level: int, values, n: int) -> np.ndarray:
-        """n integers from SQLite as an int64 array; a real, text or NULL among them (a view's column) is an error."""
-        values = tuple(values)
-        # numpy would truncate a real silently: the types are checked first (a set of types, in C)
-        if n and set(map(type, values)) != {int}:
-            raise CacheError(f"{self.label}: level {level} has tile rows whose column or row is not an integer")
-        return np.fromiter(values, dtype=np.int64, count=n)
 
     def _cells(self, level: int, cols, rows) -> tuple[np.ndarray, np.ndarray]:
         """Columns and rows as integer arrays; a real or text among them (a view's column) is an error."""
@@ -293,33 +292,74 @@ class SqliteBackend:
         return ident, sizes
 
     def _read_block(self, level: int, row0: int, col0: int) -> tuple[tuple, np.ndarray, list]:
-        """(identity, ascending unique block indices, their tiles' bytes: memoryviews of one buffer) from one
-        range query, read by the compiled reader straight into that buffer."""
+        """(identity, ascending unique block indices, their tiles' bytes: memoryviews of the compiled reader's
+        buffers) from one range query, or two at once (a left and a right half) for a large block."""
         ident = self.identity()
-        where, args = self._range(level, row0, col0)
-        # SQLite computes each row's index in the block: one number a row
-        h = self._size(level)[1]
-        row = "(? - tile_row)" if self._flip else "(tile_row + 0 * ?)"
         with self._lock:
             scan = self._scans.get(level)
         got = scan[1].get((row0, col0)) if scan is not None and scan[0] == ident and scan[1] is not None else None
-        hint = int(got[1].sum(dtype=np.int64)) if got is not None else 0     # the buffer's size, grown only if the file grew
-        keys, offs, buf = self.query_blobs(
-            f"SELECT ({row} - ?) * {PACKET} + (tile_column - ?), tile_data FROM {self._src} WHERE {where}",
-            (h - 1, row0, col0, *args), level, hint)
+        if got is None:
+            parts = [self._read_cols(level, row0, col0, None, 0)]
+        else:
+            # each buffer sized from the scan: grown (copied) only if the file grew since
+            sizes = np.zeros(PACKET, dtype=np.int64)
+            np.add.at(sizes, got[0].astype(np.int64) % PACKET, got[1].astype(np.int64))
+            if int(sizes.sum()) > SPLIT_BYTES or got[0].size > SPLIT_TILES:
+                mid = col0 + int(np.searchsorted(np.cumsum(sizes), sizes.sum() / 2)) + 1
+                half = self._helper().submit(self._read_cols, level, row0, col0, (mid, col0 + PACKET),
+                                             int(sizes[mid - col0:].sum()))
+                try:
+                    parts = [self._read_cols(level, row0, col0, (col0, mid), int(sizes[:mid - col0].sum()))]
+                finally:
+                    parts.append(half.result())
+            else:
+                parts = [self._read_cols(level, row0, col0, None, int(sizes.sum()))]
         if self.identity() != ident:
             raise BundleError(f"{self.label}: the file changed while it was being read; retry the request")
+        keys = np.concatenate([k for k, _, _ in parts])
         if not keys.size:
             return ident, np.zeros(0, dtype=np.int64), []
+        lens = np.concatenate([o[1:] - o[:-1] for _, o, _ in parts])
         order = np.argsort(keys, kind="stable")      # row-major; of duplicate rows the first read is used
         idx = keys[order]
         keep = np.ones(idx.size, dtype=bool)
         keep[1:] = idx[1:] != idx[:-1]
-        keep &= (offs[1:] - offs[:-1])[order] > 0     # NULL, numbers and empty blobs are no tile
+        keep &= lens[order] > 0                       # NULL, numbers and empty blobs are no tile
         sel = order[keep]
-        view = memoryview(buf)
-        tiles = list(map(view.__getitem__, map(slice, offs[sel].tolist(), offs[sel + 1].tolist())))
+        if len(parts) == 1:
+            offs, view = parts[0][1], memoryview(parts[0][2])
+            return ident, idx[keep], list(map(view.__getitem__, map(slice, offs[sel].tolist(),
+                                                                     offs[sel + 1].tolist())))
+        tiles: list = [None] * sel.size
+        first = 0
+        for k, offs, buf in parts:
+            mine = np.flatnonzero((sel >= first) & (sel < first + k.size))
+            local = sel[mine] - first
+            view = memoryview(buf)
+            for at, t in zip(mine.tolist(), map(view.__getitem__, map(slice, offs[local].tolist(),
+                                                                      offs[local + 1].tolist()))):
+                tiles[at] = t
+            first += k.size
         return ident, idx[keep], tiles
+
+    def _read_cols(self, level: int, row0: int, col0: int, cols: tuple[int, int] | None, hint: int) -> tuple:
+        """(keys, offsets, buffer) of a block's rows (of columns cols[0] <= c < cols[1]): keys are block indices."""
+        where, args = self._range(level, row0, col0, cols)
+        h = self._size(level)[1]
+        # SQLite computes each row's index in the block: one number a row
+        row = "(? - tile_row)" if self._flip else "(tile_row + 0 * ?)"
+        return self.query_blobs(
+            f"SELECT ({row} - ?) * {PACKET} + (tile_column - ?), tile_data FROM {self._src} WHERE {where}",
+            (h - 1, row0, col0, *args), level, hint)
+
+    def _helper(self):
+        """A thread (its own connection) for the second half of large blocks; stopped by close()."""
+        with self._lock:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="tilecrate-sqlite")
+            return self._pool
 
     def block_tiles(self, level: int, row0: int, col0: int):
         """(identity, {index: bytes}) of a block's tiles."""
