@@ -146,3 +146,47 @@ def test_crc_computed_while_writing_is_patched_into_the_header(tmp_path):
     assert struct.unpack_from("<L", raw, at + 14)[0] == zlib.crc32(data)   # the local header, not only the CD
     with pytest.raises(ValueError, match="non-seekable"):
         ZipWriter(WriteOnly()).add_stream("x", 1, None, (b"x",))
+
+
+@pytest.mark.parametrize("limit", [0xFFFFFFFF, 5000])
+def test_entries_written_together_equal_entries_written_one_by_one(tmp_path, limit):
+    """add_wholes (one writev per ~1 MiB on a file, more buffers than IOV_MAX, a buffer of over
+    1 MiB, memoryview slices) writes the bytes add_whole writes entry by entry, on files and streams."""
+    from isal import isal_zlib
+
+    span = memoryview(os.urandom(2_900_000))
+    cuts = list(range(0, 2_900_001, 2_636))                  # 1 100 entries: more buffers than IOV_MAX
+    items = [(f"p12/resources/fonts/{i:04d}.pbf", span[a:b], isal_zlib.crc32(span[a:b]))
+             for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+    big = os.urandom(1_200_000)                              # one buffer over the 1 MiB gather size
+    items.append(("p12/resources/big.bin", big, isal_zlib.crc32(big)))
+
+    def one_by_one(out):
+        z = ZipWriter(out, zip64_limit=limit)
+        z.add_bytes("esriinfo/item.pkinfo", b"<pkinfo/>")
+        for name, data, crc in items:
+            z.add_whole(name, data, crc)
+        return z.close()
+
+    def together(out):
+        z = ZipWriter(out, zip64_limit=limit)
+        z.add_bytes("esriinfo/item.pkinfo", b"<pkinfo/>")
+        z.add_wholes(items)
+        return z.close()
+
+    a, b = tmp_path / "a.zip", tmp_path / "b.zip"
+    with open(a, "wb") as f:
+        size = one_by_one(f)
+    with open(b, "wb") as f:
+        assert together(f) == size
+    sink = WriteOnly()
+    together(sink)
+    assert a.read_bytes() == b.read_bytes() == bytes(sink.data)
+    assert size == b.stat().st_size
+    dry = ZipWriter(None, zip64_limit=limit, dry_run=True)
+    dry.add_bytes("esriinfo/item.pkinfo", b"<pkinfo/>")
+    dry.add_wholes(items)
+    assert dry.close() == size
+    with zipfile.ZipFile(b) as zf:
+        assert zf.testzip() is None
+        assert [zf.read(n) for n, _, _ in items] == [bytes(d) for _, d, _ in items]

@@ -67,6 +67,8 @@ class _File:
     size: int
     crc: int | None
     src: str                   # zip entry name, or file path
+    header: int | None = None  # a stored zip entry's local header offset...
+    start: int | None = None   # ...and where its bytes start (after that header)
 
 
 class _Source:
@@ -132,6 +134,7 @@ class _Source:
                 self._add(ROOT + "metadata.json", info.file_size, info.CRC, name)
             elif name == "esriinfo/thumbnail/thumbnail.png":
                 self._add(name, info.file_size, info.CRC, name)
+        self._locate_stored(infos)
         item = infos.get("esriinfo/iteminfo.xml")
         iteminfo = self._read_zip(item) if item is not None and item.file_size <= MAX_SMALL else None
         return infos, root_bytes, iteminfo, dict(self.files), list(self.warnings)
@@ -202,52 +205,35 @@ class _Source:
     def _changed(self, f: _File, what: str) -> ExportError:
         return ExportError(f"{self.label}: {f.name} changed while it was being exported ({what})")
 
-    def _stored_start(self, f: _File, info: zipfile.ZipInfo) -> int:
-        """Where a stored entry's bytes start in the zip (after its local header)."""
-        hdr = self._pread(30, info.header_offset)
-        if len(hdr) < 30 or bytes(hdr[:4]) != b"PK\x03\x04":
-            raise self._changed(f, "its local header is gone")
-        name_len, extra_len = struct.unpack_from("<HH", hdr, 26)
-        start = info.header_offset + 30 + name_len + extra_len
-        if start + info.compress_size > self._zip_size:
-            raise ExportError(f"{self.label}: {f.name} runs past the end of the package (truncated?)")
-        return start
-
-    def prefetch(self, limit: int) -> None:
-        """Read the stored entries of at most `limit` bytes with one read of the span holding them
-        (a package's resources lie together: one pread instead of two per font file)."""
-        if not self._is_zip:
+    def _locate_stored(self, infos: dict[str, zipfile.ZipInfo]) -> None:
+        """Find where each stored file's bytes start, from its local header: once per listing (one read
+        of the span holding the headers when they lie together), so an export reads only the bytes."""
+        stored = [f for f in self.files.values() if infos[f.src].compress_type == zipfile.ZIP_STORED]
+        if not stored:
             return
-        small = [self._infos[f.src] for f in self.files.values()
-                 if f.size <= limit and self._infos[f.src].compress_type == zipfile.ZIP_STORED]
-        if not small:
-            return
-        lo = min(i.header_offset for i in small)
-        # a local header is 30 bytes + name + extra (at most 64 KiB each) before the data
-        hi = max(i.header_offset + 30 + len(i.orig_filename.encode("utf-8", "surrogateescape")) + 65535 * 2
-                 + i.compress_size for i in small)
-        hi = min(hi, self._zip_size)
-        if hi - lo > 4 * limit:
-            return                     # scattered: read entry by entry
-        self._span = (lo, memoryview(os.pread(self._fd, hi - lo, lo)))
-
-    def _pread(self, length: int, offset: int) -> bytes | memoryview:
-        span = getattr(self, "_span", None)
-        if span is not None:
-            lo, data = span
-            if lo <= offset and offset + length <= lo + len(data):
-                return data[offset - lo:offset - lo + length]
-        return os.pread(self._fd, length, offset)
+        offsets = sorted(infos[f.src].header_offset for f in stored)
+        lo, hi = offsets[0], min(offsets[-1] + 30, self._zip_size)
+        span = os.pread(self._fd, hi - lo, lo) if hi - lo <= 4 * WHOLE else None
+        for f in stored:
+            info = infos[f.src]
+            at = info.header_offset
+            hdr = span[at - lo:at - lo + 30] if span is not None else os.pread(self._fd, 30, at)
+            if len(hdr) < 30 or hdr[:4] != b"PK\x03\x04":
+                raise ExportError(f"{self.label}: {f.src} has no local header where the central directory "
+                                  "puts it (a corrupt or truncated package)")
+            name_len, extra_len = struct.unpack_from("<HH", hdr, 26)
+            start = at + 30 + name_len + extra_len
+            if start + info.compress_size > self._zip_size:
+                raise ExportError(f"{self.label}: {f.name} runs past the end of the package (truncated?)")
+            self.files[f.name] = _File(f.name, f.size, f.crc, f.src, at, start)
 
     def read_whole(self, f: _File) -> tuple[bytes | memoryview, int]:
         """(bytes, CRC-32) of a file of at most WHOLE bytes, checked against its listed size (and CRC)."""
         try:
-            if self._is_zip:
-                info = self._infos[f.src]
-                if info.compress_type == zipfile.ZIP_STORED:
-                    data = self._pread(f.size, self._stored_start(f, info))
-                else:
-                    data = self._zipfile().read(info)          # zipfile checks the CRC-32
+            if f.start is not None:
+                data = os.pread(self._fd, f.size, f.start)
+            elif self._is_zip:
+                data = self._zipfile().read(self._infos[f.src])      # zipfile checks the CRC-32
             else:
                 with open(f.src, "rb") as src:
                     data = src.read(f.size + 1)
@@ -259,6 +245,33 @@ class _Source:
         if f.crc is not None and crc != f.crc:
             raise ExportError(f"{self.label}: {f.name} is corrupt or changed (CRC-32 mismatch)")
         return data, crc
+
+    def read_many(self, files: list[_File]) -> list[tuple[str, bytes | memoryview, int]]:
+        """[(name, bytes, CRC-32)] of files of at most WHOLE bytes each, each checked as `read_whole`
+        checks it; stored entries lying together (a package's hundreds of font ranges) in one read."""
+        if len(files) < 2 or any(f.start is None for f in files):
+            return [(f.name, *self.read_whole(f)) for f in files]
+        lo = min(f.header for f in files)
+        hi = max(f.start + f.size for f in files)
+        if hi - lo > 2 * sum(f.size for f in files) + (64 << 10):
+            return [(f.name, *self.read_whole(f)) for f in files]      # scattered: file by file
+        try:
+            span = memoryview(os.pread(self._fd, hi - lo, lo))
+        except OSError as e:
+            raise ExportError(f"{self.label}: cannot copy its resources ({e.strerror})") from None
+        if len(span) != hi - lo:
+            raise ExportError(f"{self.label}: the package is shorter than when it was opened (truncated?)")
+        crc32 = isal_zlib.crc32
+        out = []
+        for f in files:
+            if span[f.header - lo:f.header - lo + 4] != b"PK\x03\x04":
+                raise self._changed(f, "its local header is gone")
+            data = span[f.start - lo:f.start - lo + f.size]
+            crc = crc32(data) & 0xFFFFFFFF
+            if crc != f.crc:
+                raise ExportError(f"{self.label}: {f.name} is corrupt or changed (CRC-32 mismatch)")
+            out.append((f.name, data, crc))
+        return out
 
     def chunks(self, f: _File, check: Callable[[], None]) -> Iterator[bytes]:
         """A large source file's bytes in pieces; an error if it is not the size it was listed with."""
@@ -602,7 +615,6 @@ def _write(pkg: VtpkPackage, tmp: str, progress, cancel, zip64_limit: int) -> Ex
 
     cache, selection, source = pkg.cache, pkg.selection, pkg.source
     bytes_total = pkg.predicted_size(zip64_limit)[0] if progress is not None else 0
-    source.prefetch(WHOLE)
     levels: dict[int, dict] = {}
     tiles_done = 0
     with open(tmp, "wb", buffering=1 << 20) as f:
@@ -613,13 +625,27 @@ def _write(pkg: VtpkPackage, tmp: str, progress, cancel, zip64_limit: int) -> Ex
                 progress(ExportProgress(tiles_done, selection.tiles, writer.position, bytes_total, level))
 
         report(None)
+        small: list[_File] = []      # files copied whole, written together (one read, one write)
+        held = 0
+
+        def write_small() -> None:
+            nonlocal held
+            if small:
+                writer.add_wholes(source.read_many(small))
+                small.clear()
+                held = 0
+
         for kind, name, item in pkg.entries(Stamp.now()):
             check()
+            if kind == "file" and item.size <= WHOLE:
+                if held + item.size > WHOLE:
+                    write_small()
+                small.append(item)
+                held += item.size
+                continue
+            write_small()
             if kind == "bytes":
                 writer.add_bytes(name, item)
-            elif kind == "file" and item.size <= WHOLE:
-                data, crc = source.read_whole(item)
-                writer.add_whole(name, data, crc)
             elif kind == "file":
                 writer.add_stream(name, item.size, None, source.chunks(item, check))
             else:
@@ -635,6 +661,7 @@ def _write(pkg: VtpkPackage, tmp: str, progress, cancel, zip64_limit: int) -> Ex
                 lv["size"] += plan.size
                 tiles_done += plan.tiles
                 report(item.ref.level)
+        write_small()
         size = writer.close()
         report(None)
     return ExportResult(tmp, tiles_done, size, levels, kind=KIND, storage_format=STORAGE_FORMAT)

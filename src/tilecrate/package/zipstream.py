@@ -55,7 +55,8 @@ def dos_datetime(t: float | None = None) -> tuple[int, int]:
         (lt.tm_hour << 11) | (lt.tm_min << 5) | (lt.tm_sec // 2)
 
 
-_JOIN_AT_MOST = 64 << 10     # add_whole writes header and bytes as one buffer up to this size
+_JOIN_AT_MOST = 1 << 20      # add_wholes gathers headers and bytes into writes of about this size
+_IOV_MAX = 1024              # buffers per writev (Linux's IOV_MAX)
 
 
 class ZipWriter:
@@ -164,20 +165,53 @@ class ZipWriter:
         self.add_whole(name, data, isal_zlib.crc32(data))
 
     def add_whole(self, name: str, data, crc: int) -> None:
-        """A whole entry from a buffer whose CRC-32 is known: header and bytes in one write (small
-        entries such as a .vtpk's hundreds of font ranges cost their Python calls more than their bytes)."""
-        raw, flags = self._name(name)
-        size = data.nbytes if isinstance(data, memoryview) else len(data)
-        entry = _Entry(raw, flags, size, int(crc) & 0xFFFFFFFF, self.position, False)
-        header = self._local_header(entry)
-        if self._dry:
+        """A whole entry from a buffer whose CRC-32 is known: header and bytes in one write."""
+        self.add_wholes(((name, data, crc),))
+
+    def add_wholes(self, items) -> None:
+        """Whole entries from buffers of known CRC-32, (name, data, crc) each, written together: a
+        .vtpk's hundreds of font ranges cost their Python calls and writes more than their bytes."""
+        parts = []
+        held = 0
+        pack, limit, when = _LOCAL.pack, self._limit, (self._time, self._date)
+        for name, data, crc in items:
+            raw, flags = self._name(name)
+            size = data.nbytes if isinstance(data, memoryview) else len(data)
+            crc = int(crc) & 0xFFFFFFFF
+            entry = _Entry(raw, flags, size, crc, self.position, False)
+            self._entries.append(entry)
+            if size < limit:
+                header = pack(b"PK\x03\x04", 20, flags, 0, *when, crc, size, size, len(raw), 0) + raw
+            else:
+                header = self._local_header(entry)
             self.position += len(header) + size
-        elif size <= _JOIN_AT_MOST:
-            self._write(header + data)
-        else:
-            self._write(header)
-            self._write(data)
-        self._entries.append(entry)
+            if self._dry:
+                continue
+            parts += (header, data)
+            held += len(header) + size
+            if held >= _JOIN_AT_MOST or len(parts) >= _IOV_MAX - 2:
+                self._write_all(parts)
+                parts, held = [], 0
+        if parts:
+            self._write_all(parts)
+
+    def _write_all(self, parts: list) -> None:
+        """Write buffers already counted in `position`: gathered by one writev on a file (no copy into
+        a joined buffer, whose fresh pages cost more than the copy), joined on other streams."""
+        if self._fd is None or len(parts) <= 2:
+            for part in parts:
+                self._write_rest(memoryview(part).cast("B"))
+            return
+        self._out.flush()
+        views = [memoryview(p).cast("B") for p in parts]
+        first = 0
+        while first < len(views):
+            n = os.writev(self._fd, views[first:first + _IOV_MAX])
+            while first < len(views) and n >= views[first].nbytes:
+                n -= views[first].nbytes
+                first += 1
+            if n:
+                views[first] = views[first][n:]
 
     def _begin_file(self, name: str, size: int, crc: int | None) -> _Entry:
         """Write a file entry's local header (CRC 0 when it is to be patched in) and return the entry."""
@@ -293,21 +327,31 @@ class ZipWriter:
         if self.closed:
             return self.position
         cd_start = self.position
+        records = []
+        pack, limit, when = _CENTRAL.pack, self._limit, (self._time, self._date)
         for e in self._entries:
+            attr = _ATTR_DIR if e.is_dir else 0
+            if e.size < limit and e.offset < limit:
+                records.append(pack(b"PK\x01\x02", 20, 20, e.flags, 0, *when, e.crc, e.size, e.size,
+                                    len(e.name), 0, 0, 0, 0, attr, e.offset))
+                records.append(e.name)
+                if len(records) >= 16384:        # written in pieces: a package may have millions of entries
+                    self._write(b"".join(records))
+                    records = []
+                continue
             fields = []
             size32 = e.size
             off32 = e.offset
-            if e.size >= self._limit:
+            if e.size >= limit:
                 fields += [e.size, e.size]
                 size32 = ZIP64_LIMIT
-            if e.offset >= self._limit:
+            if e.offset >= limit:
                 fields.append(e.offset)
                 off32 = ZIP64_LIMIT
-            extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
-            version = 45 if fields else 20
-            self._write(_CENTRAL.pack(b"PK\x01\x02", version, version, e.flags, 0, self._time, self._date,
-                                      e.crc, size32, size32, len(e.name), len(extra), 0, 0, 0,
-                                      _ATTR_DIR if e.is_dir else 0, off32) + e.name + extra)
+            extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields)
+            records.append(pack(b"PK\x01\x02", 45, 45, e.flags, 0, *when, e.crc, size32, size32,
+                                len(e.name), len(extra), 0, 0, 0, attr, off32) + e.name + extra)
+        self._write(b"".join(records))
         cd_size = self.position - cd_start
         count = len(self._entries)
         if count >= _MAX16 or cd_size >= self._limit or cd_start >= self._limit:
