@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from tilecrate._dedup import Dedup
+from tilecrate._pmtiles import tile_ids as _tile_ids, varints
 
 from tilecrate.cache import Cache
 from tilecrate.plan import ExportPlan
@@ -41,45 +42,15 @@ HOT_BYTES = 8 << 20                  # bytes of recurring tiles kept to confirm 
 
 
 def tile_ids(z: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """PMTiles TileIDs of tiles (z, x, y): (4^z - 1) / 3 plus the Hilbert index (vectorized)."""
-    x = np.asarray(x, dtype=np.int64).copy()
-    y = np.asarray(y, dtype=np.int64).copy()
+    """PMTiles TileIDs of tiles (z, x, y): (4^z - 1) / 3 plus the Hilbert index (a C loop: tilecrate._pmtiles)."""
     if z > 31:
         raise ValueError("PMTiles zooms stop at 31")
-    if x.size and (x.min() < 0 or y.min() < 0 or x.max() >= 1 << z or y.max() >= 1 << z):
-        raise ValueError(f"a tile lies outside zoom {z}")
-    acc = np.full(x.shape, ((1 << (2 * z)) - 1) // 3, dtype=np.int64)
-    for a in range(z - 1, -1, -1):
-        s = 1 << a
-        rx = x & s
-        ry = y & s
-        acc += ((3 * rx) ^ ry) << a
-        turn = ry == 0
-        flip = turn & (rx != 0)
-        x = np.where(flip, s - 1 - x, x)
-        y = np.where(flip, s - 1 - y, y)
-        x, y = np.where(turn, y, x), np.where(turn, x, y)
-    return acc
+    return _tile_ids(z, x, y)
 
 
 def _varints(values: np.ndarray) -> bytes:
-    """LEB128 varints of unsigned integers, vectorized."""
-    v = np.asarray(values, dtype=np.uint64)
-    if v.size == 0:
-        return b""
-    nbytes = np.ones(v.shape, dtype=np.int64)
-    rest = v >> np.uint64(7)
-    while np.any(rest):
-        nbytes += rest > 0
-        rest = rest >> np.uint64(7)
-    starts = np.concatenate(([0], np.cumsum(nbytes)[:-1]))
-    out = np.zeros(int(nbytes.sum()), dtype=np.uint8)
-    for k in range(int(nbytes.max())):
-        sel = nbytes > k
-        byte = (v[sel] >> np.uint64(7 * k)) & np.uint64(0x7F)
-        more = (nbytes[sel] > k + 1).astype(np.uint64) << np.uint64(7)
-        out[starts[sel] + k] = (byte | more).astype(np.uint8)
-    return out.tobytes()
+    """LEB128 varints of unsigned integers (a C loop: tilecrate._pmtiles)."""
+    return varints(values)
 
 
 def serialize_directory(ids: np.ndarray, runs: np.ndarray, lengths: np.ndarray, offsets: np.ndarray) -> bytes:
