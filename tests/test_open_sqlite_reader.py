@@ -167,3 +167,29 @@ def test_large_block_read_as_two_halves_matches_one_read(tmp_path, monkeypatch):
         if d:
             want.setdefault((255 - r) * 128 + c, d)          # of duplicate rows the first is used
     assert got[1][0] == sorted(want) and got[1][1] == [want[i] for i in sorted(want)]
+
+
+def test_large_level_scanned_as_two_halves_matches_one_scan(tmp_path, monkeypatch):
+    from tilecrate.sources import sqlite as sqlite_source
+    from tilecrate.sources.sqlite import open_sqlite
+
+    rng = np.random.default_rng(11)
+    rows = [(z, c, (1 << z) - 1 - r, rng.bytes(int(rng.integers(1, 400))))
+            for z, span in ((7, range(30, 100)), (8, range(60, 200))) for c in span for r in span if (c + r) % 5]
+    path = tmp_path / "levels.mbtiles"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB)")
+        db.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?)", rows)
+        db.execute("CREATE UNIQUE INDEX t ON tiles (zoom_level, tile_column, tile_row)")
+    got = {}
+    for split in (10 ** 9, 100):
+        monkeypatch.setattr(sqlite_source, "SPLIT_TILES", split)
+        with open_sqlite(str(path)) as cache:
+            backend = cache._store
+            got[split] = {(ref.level, ref.row0, ref.col0): cache.index(ref)[1].tolist()
+                          for ref in cache.bundles()}
+            ident = backend.identity()
+            assert (backend._scan_split(8, ident) is not None) == (split == 100)   # level 7 holds 3 920 tiles
+            assert (backend._pool is not None) == (split == 100)
+    assert got[100] == got[10 ** 9]
+    assert sum(np.count_nonzero(v) for v in got[100].values()) == len(rows)

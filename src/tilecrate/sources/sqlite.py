@@ -213,21 +213,51 @@ class SqliteBackend:
             hit = self._scans.get(level)
         if hit is not None and hit[0] == ident:
             return hit[1]
-        w, h = self._size(level)
+        w = self._size(level)[0]
+        split = self._scan_split(level, ident)
+        if split is None:
+            a = self._scan_cols(level, 0, w - 1)
+        else:
+            # a large level: its left and right columns scanned at once on two connections
+            right = self._helper().submit(self._scan_cols, level, split, w - 1)
+            try:
+                a = self._scan_cols(level, 0, split - 1)
+            finally:
+                right.exception()               # waited for either way: an error here leaves no query running
+            b = right.result()
+            a = None if a is None or b is None or len(a) + len(b) > SCAN_LIMIT else np.concatenate([a, b])
+        found = None if a is None else self._blocks_of(level, a)
+        with self._lock:
+            self._scans[level] = (ident, found)
+        return found
+
+    def _scan_cols(self, level: int, c0: int, c1: int) -> np.ndarray | None:
+        """(column, row, length) rows of a level's columns c0..c1 (an (n, 3) int64 array); None past SCAN_LIMIT."""
+        h = self._size(level)[1]
         try:
-            a = self.reader().ints3(
+            return self.reader().ints3(
                 f"SELECT tile_column, {self._row_sql()}, IFNULL(length(tile_data), 0) FROM {self._src} "
-                "WHERE zoom_level = ? AND tile_column BETWEEN 0 AND ? AND tile_row BETWEEN 0 AND ?",
-                (h - 1, level, w - 1, h - 1), SCAN_LIMIT, QUERY_SECONDS)
+                "WHERE zoom_level = ? AND tile_column BETWEEN ? AND ? AND tile_row BETWEEN 0 AND ?",
+                (h - 1, level, c0, c1, h - 1), SCAN_LIMIT, QUERY_SECONDS)
         except SqliteError as e:
             if str(e).startswith(_NOT_INTEGER):
                 raise CacheError(f"{self.label}: level {level} has tile rows whose column or row is not an integer") \
                     from None
             raise _sql_error(self.label, e) from None
-        found = None if a is None else self._blocks_of(level, a)
+
+    def _scan_split(self, level: int, ident: tuple) -> int | None:
+        """Where to split a level's scan in two (the first column of the right half), or None: the level above
+        was scanned and held SPLIT_TILES tiles or more (so this one likely holds four times as many), split
+        below the children of its median column."""
         with self._lock:
-            self._scans[level] = (ident, found)
-        return found
+            above = self._scans.get(level - 1)
+        if above is None or above[0] != ident or not above[1]:
+            return None
+        if sum(idx.size for idx, _ in above[1].values()) < SPLIT_TILES:
+            return None
+        cols = np.concatenate([c0 + idx.astype(np.int64) % PACKET for (_, c0), (idx, _) in above[1].items()])
+        split = 2 * int(np.median(cols)) + 2
+        return split if 0 < split < self._size(level)[0] else None
 
     def _blocks_of(self, level: int, a: np.ndarray) -> dict | None:
         """{(row0, col0): (block indices, sizes)} of a level's (column, row, length) rows; None when sparse."""
