@@ -19,6 +19,8 @@ try:
 except ImportError:  # Python 3.10: pyproject's tomli dependency
     import tomli as tomllib
 
+import pytest
+
 import tilecrate
 from tilecrate.request import ExportRequest
 
@@ -71,6 +73,14 @@ def test_missing_fixture_fails_the_run(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"tpkutils_suite: {tmp_path}/tpkutils/tests/data/states_filled.tpk: missing "
         "(tpkutils' fixture at commit 0e8460f; set TILECRATE_FIXTURES)"]
+
+
+def test_pip_failure_fails_the_run(tmp_path):
+    mod = load_script()
+    mod.VENV = tmp_path / "venv"
+    mod.REQUIREMENTS = ("tpkutils==999.0",)   # no such release: pip fails as it would offline
+    with pytest.raises(mod.SuiteError, match=r"making .*venv: `-m pip install .*` failed \(rc 1\)"):
+        mod.tpkutils_python()
 
 
 def test_tpkutils_suite_passes_on_our_reexports(real_dir, tmp_path):
