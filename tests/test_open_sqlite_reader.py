@@ -193,3 +193,23 @@ def test_large_level_scanned_as_two_halves_matches_one_scan(tmp_path, monkeypatc
             assert (backend._pool is not None) == (split == 100)
     assert got[100] == got[10 ** 9]
     assert sum(np.count_nonzero(v) for v in got[100].values()) == len(rows)
+
+
+def test_connections_of_ended_threads_are_closed(tmp_path):
+    """An open cache read by the threads of many exports keeps connections for the live threads only."""
+    from tilecrate.sources.blocks import BundleRef
+    from tilecrate.sources.sqlite import open_sqlite
+
+    path = tmp_path / "t.mbtiles"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB)")
+        db.executemany("INSERT INTO tiles VALUES (3, ?, 7, ?)", [(c, b"tile %d" % c) for c in range(8)])
+    with open_sqlite(str(path)) as cache:
+        for _ in range(30):
+            t = threading.Thread(target=lambda: cache.open_tiles(BundleRef(3, 0, 0)))
+            t.start()
+            t.join()
+        idx, tiles = cache.open_tiles(BundleRef(3, 0, 0))
+        assert [bytes(t) for t in tiles] == [b"tile %d" % c for c in range(8)]
+        kept = cache._store._conns
+        assert len(kept) <= 3 and all(t.is_alive() for t, _ in kept)

@@ -71,7 +71,7 @@ class SqliteBackend:
         self._widths = widths           # level -> (matrix width, matrix height)
         self._warn = warn
         self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
+        self._conns: list[tuple[threading.Thread, object]] = []     # (thread, its connection or Reader)
         self._scans: dict[int, tuple] = {}      # level -> (identity, {block: sizes} or None)
         self._lock = threading.Lock()
         self._pool = None               # the helper thread of _read_block, started on first use
@@ -84,8 +84,7 @@ class SqliteBackend:
         if c is None:
             c = connect(self.path, self.label)
             self._local.conn = c
-            with self._lock:
-                self._conns.append(c)
+            self._keep(c)
         return c
 
     def reader(self) -> Reader:
@@ -97,9 +96,22 @@ class SqliteBackend:
             except SqliteError as e:
                 raise CacheError(f"{self.label}: not a readable SQLite database ({e})") from None
             self._local.reader = r
-            with self._lock:
-                self._conns.append(r)
+            self._keep(r)
         return r
+
+    def _keep(self, c) -> None:
+        """Remember a new connection of this thread, closing those of threads that ended: an open cache
+        outlives the thread pools of many exports, and each of their threads opened its own."""
+        me = threading.current_thread()
+        with self._lock:
+            ended = [(t, old) for t, old in self._conns if not t.is_alive()]
+            self._conns = [(t, old) for t, old in self._conns if t.is_alive()]
+            self._conns.append((me, c))
+        for _, old in ended:
+            try:
+                old.close()
+            except (sqlite3.Error, SqliteError):
+                pass
 
     def query_blobs(self, sql: str, args: tuple, level: int, hint: int = 0) -> tuple:
         """(keys, offsets, buffer) of an (integer, blob) query through this thread's compiled reader; SQLite
@@ -141,7 +153,7 @@ class SqliteBackend:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
-        for c in conns:
+        for _, c in conns:
             try:
                 c.close()
             except (sqlite3.Error, SqliteError):      # in use by a thread still reading: closed when collected
