@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 from html import escape
+from typing import Callable
 from urllib.parse import quote
 
 from aiohttp import web
@@ -33,7 +34,8 @@ from tilecrate.server.service import CURRENT_VERSION, Service
 
 ADMIN = "/arcgis/admin"
 SITE = web.AppKey("site_settings", SiteSettings)
-APPLIED = web.AppKey("settings_applied", list)  # [version applied in this process]
+# [version applied here, the settings' txn id when read, that Snapshot, the SiteSettings once open]
+APPLIED = web.AppKey("settings_applied", list)
 CACHING = ("CachingControllers", "GPServer")
 
 
@@ -43,7 +45,7 @@ CACHING = ("CachingControllers", "GPServer")
 
 def install(app: web.Application) -> None:
     """Open the settings store on startup (after the services and runner), close it on cleanup."""
-    app[APPLIED] = [-1]
+    app[APPLIED] = [-1, -1, None, None]
     app.on_startup.append(_startup)
     app.on_cleanup.append(_cleanup)
 
@@ -73,10 +75,12 @@ async def _startup(app: web.Application) -> None:
     app[SITE] = site
     setup(app, secret)
     refresh(app)
+    app[APPLIED][3] = site
 
 
 async def _cleanup(app: web.Application) -> None:
     site = app.get(SITE)
+    app[APPLIED][3] = None
     if site is not None:
         site.close()
     limiter = app.get(LIMITER)
@@ -84,14 +88,34 @@ async def _cleanup(app: web.Application) -> None:
         limiter.close()
 
 
+def refresher(app: web.Application) -> Callable[[], Snapshot | None]:
+    """`refresh(app)` for the routes' guards: the settings' transaction id compared, nothing else
+    read, while no process has written the settings since they were last applied here."""
+    applied = app[APPLIED]
+
+    def fresh() -> Snapshot | None:
+        site = applied[3]
+        if site is not None and site.env.info()["last_txnid"] == applied[1]:
+            return applied[2]
+        return refresh(app)
+    return fresh
+
+
 def refresh(app: web.Application) -> Snapshot | None:
-    """Apply the stored settings to this process if they changed since last time (one LMDB read)."""
+    """Apply the stored settings to this process if they changed since last time."""
     site = app.get(SITE)
     if site is None:
         return None
+    applied = app[APPLIED]
+    # the environment's last committed transaction (read from its shared meta page, no read
+    # transaction): while no process has written the settings since, what is applied is current
+    txnid = site.env.info()["last_txnid"]
+    if txnid == applied[1]:
+        return applied[2]
     snap = site.snapshot()
-    if app[APPLIED][0] != snap.version:
+    if applied[0] != snap.version:
         _apply(app, snap)
+    applied[1], applied[2] = txnid, snap  # the txn id read before the snapshot: never newer than it
     return snap
 
 

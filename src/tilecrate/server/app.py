@@ -1,7 +1,7 @@
 """The aiohttp application: ArcGIS REST routes under /arcgis/rest for every configured service.
 
-One middleware answers every failure as Esri error JSON (or an HTML page with f=html), adds CORS
-headers, and checks the token when one is configured. Handlers only read and route: cache reads
+Every route's handler is wrapped (`guarded`): it answers every failure as Esri error JSON (or an
+HTML page with f=html), adds CORS headers, and checks the token when one is configured. Handlers only read and route: cache reads
 (tiles, tilemaps, previews) run through a ReadGate (server/reads.py: bounded, timed out, a hanging
 file quarantined), so reads stuck on a file cannot take the threads job submission and cancel use
 (the default executor) nor every read thread; LMDB reads
@@ -72,7 +72,6 @@ _TILE_HEADERS: dict[str, dict[str, str]] = {}  # per content type, made once
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _site_middleware: Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]  # auth's, set by create_app
-_refresh: Callable[[web.Application], object]  # admin.refresh, set by create_app
 
 
 class _WithCors(web.Response):
@@ -121,11 +120,11 @@ async def params_of(request: web.Request) -> dict[str, str]:
 
 def _json_only(request: web.Request) -> dict[str, str] | None:
     """{"f": "json"} when that is the request's only parameter, in a query string (a GET or HEAD: no
-    form body to read), as status polls and map clients send it: no parsing then; else None."""
+    form body to read), as status polls and map clients send it: no parsing then; else None. (An
+    error answer reads the same from the query.)"""
     if request.query_string != "f=json" or request.method == "POST":
         return None
-    params = request["tc_params"] = {"f": "json"}  # an error answer reads them
-    return params
+    return {"f": "json"}
 
 
 def _check_count(request: web.Request, count: int) -> None:
@@ -215,7 +214,7 @@ def token_of(params: dict[str, str], request: web.Request) -> str | None:
 
 def _is_binary(request: web.Request) -> bool:
     """Tiles and the output directory are byte resources: their errors carry real HTTP statuses."""
-    handler = request.match_info.handler
+    handler = getattr(request.match_info.handler, "inner", None)
     return handler in (h_tile, h_output) or getattr(handler, "binary", False)
 
 
@@ -233,62 +232,89 @@ def _error_response(request: web.Request, err: EsriError) -> web.Response:
     return resp
 
 
-@web.middleware
-async def esri_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Tokens, CORS, and Esri error JSON for everything that goes wrong."""
+def guarded(handler: Handler, app: web.Application) -> Handler:
+    """The handler with what every route answers around it: tokens, the site's checks, CORS headers,
+    and Esri error JSON for everything that goes wrong.
+
+    Each route's handler is wrapped once, when the routes are made, rather than run through an
+    aiohttp middleware: aiohttp builds and runs the middleware chain (and one more layer of its
+    own) on every request, about a tenth of a status poll's cost. Requests no route takes
+    (unknown paths, methods a route does not take, CORS preflights) reach `h_unmatched`, guarded
+    the same way. What the wrapper reads on every request (the configuration, the settings
+    refresh) is looked up once, here, for the application the route belongs to."""
+    from tilecrate.server.admin import refresher  # admin imports this module
+
+    cfg = app[CFG]
+    fresh = refresher(app)
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        try:
+            qs = request.query_string
+            if qs and qs.count("&") >= MAX_PARAMS:  # also where no handler reads them (tiles)
+                _check_count(request, qs.count("&") + 1)
+            if cfg.token is not None and not cfg.users and request.path.startswith(ROOT):  # users: auth.py
+                sent = token_of(await params_of(request), request)
+                if not sent:
+                    raise EsriError(499, "This server requires a token: pass token=... or an "
+                                         "X-Esri-Authorization: Bearer header.")
+                # header bytes that are not UTF-8 arrive as surrogates: encode those too, never fail
+                if not hmac.compare_digest(sent.encode("utf-8", "surrogatepass"), cfg.token.encode()):
+                    raise EsriError(498, "The token is not valid.")
+            if cfg.users:  # the site's checks: settings refresh, users, permissions
+                resp = await _site_middleware(request, handler)
+            else:  # all that auth.site_middleware does on a site without users
+                fresh()
+                resp = await handler(request)
+        except EsriError as e:
+            resp = _error_response(request, e)
+        except RequestError as e:  # a parameter a handler could not read: the message says which
+            resp = _error_response(request, EsriError(400, str(e), message="Invalid or missing input parameters."))
+        except TilecrateError as e:  # e.g. a corrupt bundle behind a tile: the reader's message says which
+            log.warning("%s %s: %s", request.method, request.path[:300], e)
+            resp = _error_response(request, EsriError(400, "the cache cannot be read here; the server log has "
+                                                           "the details"))
+        except RecursionError:
+            resp = _error_response(request, EsriError(400, "a parameter is nested too deeply to be read",
+                                                      message="Invalid or missing input parameters."))
+        except web.HTTPException as e:
+            if e.status < 400:  # redirects
+                e.headers.update(_CORS)
+                raise
+            code = e.status if e.status in (404, 405, 413) else 400
+            detail = {404: f"no resource at {request.path}", 405: f"{request.method} is not supported here",
+                      413: "the request is too large"}.get(code, e.reason)
+            resp = _error_response(request, EsriError(code, detail, http_status=code if code != 400 else None))
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("unexpected error answering %s %s", request.method, request.path[:300])  # no query: tokens
+            resp = _error_response(request, EsriError(400, "The server could not complete this request; "
+                                                           "the server log has the details."))
+        if type(resp) is _WithCors:
+            return resp  # made with its headers whole (hot routes)
+        if not resp.prepared:
+            resp.headers.update(_CORS)
+            if resp.status >= 400 and request.get("tc_close"):  # set only with an error answer (a body timeout)
+                resp.force_close()
+        return resp
+
+    answer.__dict__.update(getattr(handler, "__dict__", {}))  # `binary`, `acts`
+    answer.__name__ = answer.__qualname__ = getattr(handler, "__name__", "handler")
+    answer.__doc__ = handler.__doc__
+    answer.inner = handler  # type: ignore[attr-defined]
+    return answer
+
+
+async def h_unmatched(request: web.Request) -> web.StreamResponse:
+    """What no route takes: a CORS preflight (any path) is answered; else 405 where the path is a
+    resource that does not take this method, 404 where it is none."""
     if request.method == "OPTIONS":
         return web.Response(status=204, headers={**_CORS, **_PREFLIGHT})
-    try:
-        qs = request.query_string
-        if qs and qs.count("&") >= MAX_PARAMS:  # also where no handler reads them (tiles)
-            _check_count(request, qs.count("&") + 1)
-        cfg = request.app[CFG]
-        if cfg.token is not None and not cfg.users and request.path.startswith(ROOT):  # with users: auth.py
-            sent = token_of(await params_of(request), request)
-            if not sent:
-                raise EsriError(499, "This server requires a token: pass token=... or an "
-                                     "X-Esri-Authorization: Bearer header.")
-            # header bytes that are not UTF-8 arrive as surrogates: encode those too, never fail
-            if not hmac.compare_digest(sent.encode("utf-8", "surrogatepass"), cfg.token.encode()):
-                raise EsriError(498, "The token is not valid.")
-        # the site's checks (settings refresh, users, permissions) run here rather than as a second
-        # aiohttp middleware: each middleware layer costs a few microseconds on every request
-        if cfg.users:
-            resp = await _site_middleware(request, handler)
-        else:  # all that auth.site_middleware does on a site without users
-            _refresh(request.app)
-            resp = await handler(request)
-    except EsriError as e:
-        resp = _error_response(request, e)
-    except RequestError as e:  # a parameter a handler could not read: the message says which
-        resp = _error_response(request, EsriError(400, str(e), message="Invalid or missing input parameters."))
-    except TilecrateError as e:  # e.g. a corrupt bundle behind a tile: the reader's message says which
-        log.warning("%s %s: %s", request.method, request.path[:300], e)
-        resp = _error_response(request, EsriError(400, "the cache cannot be read here; the server log has the details"))
-    except RecursionError:
-        resp = _error_response(request, EsriError(400, "a parameter is nested too deeply to be read",
-                                                  message="Invalid or missing input parameters."))
-    except web.HTTPException as e:
-        if e.status < 400:  # redirects
-            e.headers.update(_CORS)
-            raise
-        code = e.status if e.status in (404, 405, 413) else 400
-        detail = {404: f"no resource at {request.path}", 405: f"{request.method} is not supported here",
-                  413: "the request is too large"}.get(code, e.reason)
-        resp = _error_response(request, EsriError(code, detail, http_status=code if code != 400 else None))
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception:
-        log.exception("unexpected error answering %s %s", request.method, request.path[:300])  # no query: tokens
-        resp = _error_response(request, EsriError(400, "The server could not complete this request; "
-                                                       "the server log has the details."))
-    if type(resp) is _WithCors:
-        return resp  # made with its headers whole (hot routes)
-    if not resp.prepared:
-        resp.headers.update(_CORS)
-        if resp.status >= 400 and request.get("tc_close"):  # set only with an error answer (a body timeout)
-            resp.force_close()
-    return resp
+    if request.method != "GET":  # the path exists when a GET of it finds a route other than this one
+        found = await request.app.router.resolve(request.clone(method="GET"))
+        if getattr(getattr(found.route, "handler", None), "inner", None) is not h_unmatched:
+            raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD", "POST"])
+    raise web.HTTPNotFound()
 
 
 # ------------------------------------------------------------------------------------------
@@ -298,7 +324,7 @@ async def esri_middleware(request: web.Request, handler: Handler) -> web.StreamR
 def _service(request: web.Request) -> Service:
     route = request.match_info.route.resource
     if type(route) is _NamedServiceResource:  # its name and kind are known: one lookup
-        svc = request.app[SERVICES].get(route.service)
+        svc = route.services.get(route.service)
         if svc is not None and svc.kind == route.kind:
             return svc
     name = request.match_info["service"]
@@ -561,14 +587,15 @@ async def h_job(request: web.Request) -> web.Response:
     """A job resource at any of its URLs; f=json is the stored JSON as it is (nothing parsed)."""
     params = _json_only(request)
     f = "json" if params is not None else fmt_of(params := await params_of(request))
-    app = request.app
     job_id = request.match_info["job"]
-    if f == "json" and not app[RUNNER].has_pending_end(job_id):
+    if f == "json":
+        app = request.app
         svc = _service(request)
-        body = app[STORE].public_body(job_id, svc.name) if is_job_id(job_id) else None
-        if body is None:
-            raise _no_job(job_id)
-        return _WithCors(body=body, headers=_JSON_CORS)
+        if not app[RUNNER].has_pending_end(job_id):
+            body = app[STORE].public_body(job_id, svc.name) if is_job_id(job_id) else None
+            if body is None:
+                raise _no_job(job_id)
+            return _WithCors(body=body, headers=_JSON_CORS)
     svc, job = _job(request)
     job = request.app[RUNNER].get(job.id, inputs=False) or job  # with an end the store could not take yet
     obj = job.to_json()
@@ -692,16 +719,19 @@ def add_routes(app: web.Application) -> None:
     # routes all share `/arcgis/rest/services` (a service root request failed a dozen patterns
     # before its own); the generic routes stay, after them, for the names no service has
     # (job status URLs with the operation as clients spell it get their own literal prefix too)
-    named = [(_NamedServiceResource(path, {"service": name, **lit}), handler) for name in app[CFG].services
+    named = [(_NamedServiceResource(path, {"service": name, **lit}, app[SERVICES]), handler)
+             for name in app[CFG].services
              for path, handler in routes if _SERVICE_VAR in path
              for lit in ([{"op": "exportTiles"}, {"op": "estimateExportTilesSize"}, {}]
                          if _OP_VAR + "/jobs/" in path else [{}])]
     named.sort(key=lambda rh: "{" in rh[0].canonical)  # exact paths first, else the table's (hot first) order
     for resource, handler in named:
         app.router.register_resource(resource)
-        _add_methods(resource, handler)
+        _add_methods(app, resource, handler)
     for path, handler in routes:
-        _add_methods(app.router.add_resource(path), handler)
+        _add_methods(app, app.router.add_resource(path), handler)
+    # last in the router's walk (its literal prefix is "/"): every method, every path no route took
+    app.router.add_route("*", "/{_unmatched:.*}", guarded(h_unmatched, app))
 
 
 _SERVICE_VAR = "/services/{service}/"
@@ -713,17 +743,42 @@ class _NamedServiceResource(web.DynamicResource):
     spelling of other variables), filed in the router's index under that literal path (the variables
     stay in match_info, as the handlers read them)."""
 
-    def __init__(self, path: str, literals: dict[str, str]):
+    def __init__(self, path: str, literals: dict[str, str], services: dict | None = None):
         for var, value in literals.items():
             path = re.sub(r"\{%s(:[^{}]*(\{[^{}]*\}[^{}]*)*)?\}" % var, "{%s:%s}" % (var, re.escape(value)), path,
                           count=1)
         super().__init__(path)
         self.service = literals["service"]
+        self.services = services if services is not None else {}  # the app's, filled at start-up
         self.kind = path.split("}/", 1)[1].split("/", 1)[0] if "{service:" in path else ""
         literal = self._formatter
         for var, value in literals.items():
             literal = literal.replace("{%s}" % var, value, 1)
         self._literal = literal
+        self._fast = _segments(path, self._formatter, literals, literal)
+
+    def _match(self, path: str) -> dict[str, str] | None:
+        # the regular expression, its groupdict and an unquote per variable were a tenth of the
+        # router's work on a status poll; the same test by string comparison where the route allows
+        fast = self._fast
+        if fast is None:
+            return super()._match(path)
+        prefix, count, fixed, variables, words = fast
+        if not path.startswith(prefix):
+            return None
+        parts = path[len(prefix):].split("/")
+        if len(parts) != count:
+            return None
+        for i, word in words:
+            if parts[i] != word:
+                return None
+        out = fixed.copy()
+        for i, name in variables:
+            value = parts[i]
+            if not value or "{" in value or "}" in value:  # what DynamicResource.GOOD refuses
+                return None
+            out[name] = value.replace("%2F", "/").replace("%25", "%") if "%" in value else value
+        return out
 
     @property
     def canonical(self) -> str:
@@ -731,9 +786,36 @@ class _NamedServiceResource(web.DynamicResource):
         return self._literal
 
 
-def _add_methods(resource: web.Resource, handler: Handler) -> None:
+def _segments(path: str, formatter: str, literals: dict[str, str], literal: str) -> tuple | None:
+    """How `_NamedServiceResource._match` compares a path without the regular expression: (literal
+    prefix, segment count after it, the literal variables' values, (index, variable) pairs, (index,
+    word) pairs), or None where only the expression says it right (a variable with its own pattern,
+    text that is not plain ASCII, or percent signs)."""
+    own = set(re.findall(r"\{([_a-zA-Z][_a-zA-Z0-9]*):", path)) - set(literals)
+    plain = all(v.isascii() and not any(c in v for c in "%/{}") for v in literals.values())
+    if own or not plain or not literal.isascii() or "%" in literal:
+        return None
+    head = literal.partition("{")[0]  # the literal variables' values stand in `literal`
+    prefix = head[:head.rfind("/") + 1]
+    segments = formatter.split("/")[prefix.count("/"):]
+    variables, words = [], []
+    for i, seg in enumerate(segments):
+        if seg.startswith("{") and seg.endswith("}") and seg[1:-1] not in literals:
+            variables.append((i, seg[1:-1]))
+        elif seg.startswith("{") and seg.endswith("}"):
+            words.append((i, literals[seg[1:-1]]))
+        elif "{" in seg or "}" in seg:
+            return None  # a variable inside a segment: the expression matches it
+        else:
+            words.append((i, seg))
+    return prefix, len(segments), dict(literals), tuple(variables), tuple(words)
+
+
+def _add_methods(app: web.Application, resource: web.Resource, handler: Handler) -> None:
+    acts = handler in (h_submit, h_cancel) or getattr(handler, "acts", False)
+    handler = guarded(handler, app)
     # HEAD comes with GET, except where a GET acts (a link checker's HEAD must not submit or cancel)
-    if not (handler in (h_submit, h_cancel) or getattr(handler, "acts", False)):
+    if not acts:
         resource.add_route("HEAD", handler)
     resource.add_route("GET", handler)
     resource.add_route("POST", handler)
@@ -748,12 +830,12 @@ def create_app(cfg: ServerConfig, *, process_index: int = 0, site_lock: bool = T
     # clients put whole areaOfInterest polygons in GET query strings (the ArcGIS API for Python
     # does): accept request lines far beyond aiohttp's 8 KiB default
     body = cfg.limits.max_body_bytes
-    from tilecrate.server.admin import install, refresh
+    from tilecrate.server.admin import install
     from tilecrate.server.auth import site_middleware  # auth imports this module
 
-    global _site_middleware, _refresh
-    _site_middleware, _refresh = site_middleware, refresh
-    app = web.Application(middlewares=[esri_middleware], client_max_size=body,
+    global _site_middleware
+    _site_middleware = site_middleware
+    app = web.Application(client_max_size=body,
                           handler_args={"max_line_size": min(MAX_REQUEST_LINE, body) + 8192,
                                         "max_field_size": 65536})
     app[CFG] = cfg
@@ -762,10 +844,10 @@ def create_app(cfg: ServerConfig, *, process_index: int = 0, site_lock: bool = T
     app[PREVIEWS] = {}
     app[JSON_CACHE] = {}
     app[TILEMAPS] = TilemapCache()
-    add_routes(app)
     app.on_startup.append(_startup)
     app.on_cleanup.append(_cleanup)
     install(app)  # after _startup: the site settings apply to the services and runner it opens
+    add_routes(app)  # after install: each route's guard holds the settings refresh of this app
     return app
 
 
