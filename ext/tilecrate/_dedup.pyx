@@ -21,10 +21,35 @@ import numpy as np
 cimport cython
 cimport numpy as cnp
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp
 
 cnp.import_array()
+
+ctypedef uint32_t (*crc_fn)(uint32_t, const unsigned char*, uint64_t) noexcept nogil
+
+
+cdef crc_fn _isal_crc():
+    """isal's own crc32_gzip_refl, which its Python module exports: the per-tile Python call cost more than
+    the CRC of a small tile. NULL (the Python call then) unless it gives the module's CRC on test bytes."""
+    try:
+        import ctypes
+
+        import isal.isal_zlib as module
+        address = ctypes.cast(ctypes.CDLL(module.__file__).crc32_gzip_refl, ctypes.c_void_p).value
+    except (ImportError, OSError, AttributeError):
+        return NULL
+    if not address:
+        return NULL
+    cdef crc_fn fn = <crc_fn><size_t>address
+    cdef bytes probe = bytes(range(256)) * 5 + b"tilecrate"
+    if fn(0, probe, len(probe)) != _crc32(probe) or fn(0, b"", 0) != 0:
+        return NULL
+    return fn
+
+
+cdef crc_fn CRC = _isal_crc()
 
 cdef uint64_t MAX_TILE = 0xFFFFFFFF
 GROUP_COMPARES = 8                # different tiles of one key compared byte for byte; more: digests
@@ -105,7 +130,7 @@ cdef class Dedup:
         return fresh
 
     cdef object _bytes_at(self, int64_t at, Py_ssize_t n, dict pending):
-        got = pending.get(at)
+        got = pending.get(at) if pending is not None else None
         if got is None:
             got = self._hot.get(at)
         if got is None:
@@ -131,7 +156,7 @@ cdef class Dedup:
         if order_arr.ndim != 1:
             raise ValueError("order must be one-dimensional")
         cdef int64_t[::1] ords = order_arr
-        cdef Py_ssize_t n = len(tiles), m = ords.shape[0], i
+        cdef Py_ssize_t n = len(tiles), m = ords.shape[0], i, j, held = 0, fresh = 0
         if data_len < 0:
             raise ValueError("the data length cannot be negative")
         for i in range(m):
@@ -140,33 +165,55 @@ cdef class Dedup:
         cdef cnp.ndarray out_arr = np.empty(m, dtype=np.int64)
         cdef int64_t[::1] out = out_arr
         cdef list chunk = []
-        cdef dict pending = {}
-        cdef Py_buffer view
+        # this call's tiles stay acquired until it returns, so a repeat within the call is compared with
+        # the first copy's bytes through a pointer (new_at ascending: a binary search), not a dict of objects
+        cdef Py_buffer* views = <Py_buffer*>calloc(max(m, 1), sizeof(Py_buffer))
+        cdef int64_t* new_at = <int64_t*>malloc(max(m, 1) * sizeof(int64_t))
+        cdef Py_ssize_t* new_pos = <Py_ssize_t*>malloc(max(m, 1) * sizeof(Py_ssize_t))
+        if views == NULL or new_at == NULL or new_pos == NULL:
+            free(views)
+            free(new_at)
+            free(new_pos)
+            raise MemoryError()
         cdef uint64_t key, crc
         cdef int64_t at
         cdef Py_ssize_t size
         cdef const unsigned char* p
-        for i in range(m):
-            blob = tiles[ords[i]]
-            PyObject_GetBuffer(blob, &view, PyBUF_SIMPLE)
-            try:
-                size = view.len
-                p = <const unsigned char*>view.buf
+        cdef bint same
+        try:
+            for i in range(m):
+                blob = tiles[ords[i]]
+                PyObject_GetBuffer(blob, &views[i], PyBUF_SIMPLE)
+                held = i + 1
+                size = views[i].len
+                p = <const unsigned char*>views[i].buf
                 if size <= 0 or <uint64_t>size > MAX_TILE:
                     raise ValueError(f"a tile of {size} bytes (1 byte to 4 GiB are stored)")
-                crc = _crc32(blob)
+                crc = CRC(0, p, <uint64_t>size) if CRC != NULL else _crc32(blob)
                 key = (<uint64_t>size << 32) | crc
                 at = self._lookup(key, data_len)
-                if at != data_len and not self._same(self._bytes_at(at, size, pending), p, size):
-                    at = self._other(key, size, p, pending, data_len)
-            finally:
-                PyBuffer_Release(&view)
-            if at == data_len:              # new content
-                chunk.append(blob)
-                pending[at] = blob
-                data_len += size
-                self.contents += 1
-            out[i] = at
+                if at != data_len:
+                    j = _find(new_at, fresh, at)
+                    if j >= 0:
+                        same = views[new_pos[j]].len == size and memcmp(views[new_pos[j]].buf, p, size) == 0
+                    else:
+                        same = self._same(self._bytes_at(at, size, None), p, size)
+                    if not same:
+                        at = self._other(key, size, p, _pending(tiles, ords, new_at, new_pos, fresh), data_len)
+                if at == data_len:              # new content
+                    chunk.append(blob)
+                    new_at[fresh] = at
+                    new_pos[fresh] = i
+                    fresh += 1
+                    data_len += size
+                    self.contents += 1
+                out[i] = at
+        finally:
+            for j in range(held):
+                PyBuffer_Release(&views[j])
+            free(views)
+            free(new_at)
+            free(new_pos)
         return chunk, out_arr, data_len
 
     cdef int64_t _other(self, uint64_t key, Py_ssize_t size, const unsigned char* p, dict pending,
@@ -186,6 +233,24 @@ cdef class Dedup:
         return digests.setdefault(blake2b(<const unsigned char[:size]>p, digest_size=16).digest(), data_len)
 
 
+cdef inline Py_ssize_t _find(const int64_t* sorted_at, Py_ssize_t n, int64_t at) noexcept nogil:
+    """The index of `at` in the ascending sorted_at[0:n], or -1."""
+    cdef Py_ssize_t lo = 0, hi = n, mid
+    while lo < hi:                      # lo <= mid < hi <= n: inside the array
+        mid = (lo + hi) >> 1
+        if sorted_at[mid] < at:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo if lo < n and sorted_at[lo] == at else -1
+
+
+cdef dict _pending(list tiles, const int64_t[::1] ords, const int64_t* new_at, const Py_ssize_t* new_pos,
+                   Py_ssize_t fresh):
+    """{offset: tile} of this call's new tiles so far (for the rare key shared by different tiles)."""
+    return {new_at[k]: tiles[ords[new_pos[k]]] for k in range(fresh)}
+
+
 cdef inline uint64_t _mix(uint64_t k) nogil:
     # splitmix64's finaliser: lengths and CRCs of similar tiles differ in few bits
     k ^= k >> 30
@@ -194,3 +259,6 @@ cdef inline uint64_t _mix(uint64_t k) nogil:
     k *= <uint64_t>0x94d049bb133111eb
     k ^= k >> 31
     return k
+
+
+NATIVE_CRC = CRC != NULL       # whether isal's C function is called directly (else through its Python module)
