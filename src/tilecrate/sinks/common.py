@@ -154,27 +154,29 @@ def bundle_tiles(cache: Cache, plan: ExportPlan, bsel: BundleSelection,
 
 
 def prefetched(cache: Cache, plan: ExportPlan, bundles: list[BundleSelection],
-               cancel: CancelFlag | None = None) -> Iterator[tuple[BundleSelection, tuple]]:
-    """(bundle, bundle_tiles(...)) of each bundle in order, the next one read by a helper thread while the
-    caller writes this one (sources release the GIL while they read: SQLite, pread). At most two bundles'
-    bytes are held; an error reading one is raised where the caller takes it."""
+               cancel: CancelFlag | None = None, ahead: int = 1) -> Iterator[tuple[BundleSelection, tuple]]:
+    """(bundle, bundle_tiles(...)) of each bundle in order, the next `ahead` read by helper threads while the
+    caller writes this one (sources release the GIL while they read: SQLite, pread). At most ahead + 1
+    bundles' bytes are held; an error reading one is raised where the caller takes it."""
     if len(bundles) < 2:
         for bsel in bundles:
             yield bsel, bundle_tiles(cache, plan, bsel, cancel)
         return
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(1, thread_name_prefix="tilecrate-prefetch") as pool:
-        nxt = pool.submit(bundle_tiles, cache, plan, bundles[0], cancel)
+    with ThreadPoolExecutor(ahead, thread_name_prefix="tilecrate-prefetch") as pool:
+        queued: deque = deque(pool.submit(bundle_tiles, cache, plan, b, cancel) for b in bundles[:ahead])
         try:
             for k, bsel in enumerate(bundles):
-                got = nxt.result()
-                nxt = pool.submit(bundle_tiles, cache, plan, bundles[k + 1], cancel) if k + 1 < len(bundles) else None
+                got = queued.popleft().result()
+                if k + ahead < len(bundles):
+                    queued.append(pool.submit(bundle_tiles, cache, plan, bundles[k + ahead], cancel))
                 yield bsel, got
                 got = None
         finally:
-            if nxt is not None:
-                nxt.cancel()
+            for fut in queued:
+                fut.cancel()
 
 
 def _selected(label: str, present: np.ndarray, tiles: list, idx: np.ndarray, expected: int) -> list:
