@@ -154,6 +154,7 @@ def test_large_block_read_as_two_halves_matches_one_read(tmp_path, monkeypatch):
         db.execute("CREATE INDEX t ON tiles (zoom_level, tile_column, tile_row)")
     ref = BundleRef(8, 0, 0)
     got = {}
+    monkeypatch.setattr(sqlite_source, "spare_core", lambda: True)      # whatever the machine's load
     for split in (10 ** 9, 1):
         monkeypatch.setattr(sqlite_source, "SPLIT_TILES", split)
         monkeypatch.setattr(sqlite_source, "SPLIT_BYTES", split)
@@ -182,6 +183,7 @@ def test_large_level_scanned_as_two_halves_matches_one_scan(tmp_path, monkeypatc
         db.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?)", rows)
         db.execute("CREATE UNIQUE INDEX t ON tiles (zoom_level, tile_column, tile_row)")
     got = {}
+    monkeypatch.setattr(sqlite_source, "spare_core", lambda: True)
     for split in (10 ** 9, 100):
         monkeypatch.setattr(sqlite_source, "SPLIT_TILES", split)
         with open_sqlite(str(path)) as cache:
@@ -213,3 +215,47 @@ def test_connections_of_ended_threads_are_closed(tmp_path):
         assert [bytes(t) for t in tiles] == [b"tile %d" % c for c in range(8)]
         kept = cache._store._conns
         assert len(kept) <= 3 and all(t.is_alive() for t, _ in kept)
+
+
+def test_helper_threads_only_with_a_spare_core(monkeypatch):
+    from tilecrate import cores
+
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: {0, 1})
+    for load, spare in ((0.2, True), (1.4, True), (1.6, False), (5.0, False)):
+        monkeypatch.setattr(cores, "_last", (-1e9, True))
+        monkeypatch.setattr(cores.os, "getloadavg", lambda: (load, 0.0, 0.0))
+        assert cores.spare_core() is spare
+    monkeypatch.setattr(cores.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert cores.spare_core() is False              # checked at most once a second: the last answer
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(cores, "_last", (-1e9, True))
+    assert cores.spare_core() is False              # one core: never a helper
+
+
+def test_exports_identical_with_and_without_helper_threads(tmp_path, monkeypatch):
+    import tilecrate
+    from tilecrate.sinks import common as sink_common
+    from tilecrate.sources import sqlite as sqlite_source
+
+    rng = np.random.default_rng(13)
+    blobs = [rng.bytes(int(rng.integers(50, 900))) for _ in range(40)]
+    rows = [(z, c, (1 << z) - 1 - r, blobs[(c * 7 + r + z) % 40]) for z in range(0, 9)
+            for c in range(min(1 << z, 90)) for r in range(min(1 << z, 70))]
+    path = tmp_path / "s.mbtiles"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE metadata (name TEXT, value TEXT)")
+        db.executemany("INSERT INTO metadata VALUES (?, ?)", [("name", "s"), ("format", "png")])
+        db.execute("CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB)")
+        db.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?)", rows)
+        db.execute("CREATE UNIQUE INDEX t ON tiles (zoom_level, tile_column, tile_row)")
+    monkeypatch.setattr(sqlite_source, "SPLIT_TILES", 1000)
+    outputs = {}
+    for spare in (True, False):
+        monkeypatch.setattr(sink_common, "spare_core", lambda: spare)
+        monkeypatch.setattr(sqlite_source, "spare_core", lambda: spare)
+        for ext in ("pmtiles", "mbtiles"):
+            out = tmp_path / f"{spare}.{ext}"
+            assert tilecrate.export(str(path), tilecrate.ExportRequest(levels="0-8"), str(out)).tiles == len(rows)
+            outputs[spare, ext] = out.read_bytes()
+    assert outputs[True, "pmtiles"] == outputs[False, "pmtiles"]
+    assert outputs[True, "mbtiles"] == outputs[False, "mbtiles"]

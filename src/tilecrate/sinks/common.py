@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from tilecrate.cache import Cache
+from tilecrate.cores import spare_core
 from tilecrate.errors import BundleError, ExportError
 from tilecrate.plan import ExportPlan
 from tilecrate.results import CancelFlag, check_cancel
@@ -156,9 +157,9 @@ def bundle_tiles(cache: Cache, plan: ExportPlan, bsel: BundleSelection,
 def prefetched(cache: Cache, plan: ExportPlan, bundles: list[BundleSelection],
                cancel: CancelFlag | None = None, ahead: int = 1) -> Iterator[tuple[BundleSelection, tuple]]:
     """(bundle, bundle_tiles(...)) of each bundle in order, the next `ahead` read by helper threads while the
-    caller writes this one (sources release the GIL while they read: SQLite, pread). At most ahead + 1
+    caller writes this one (sources release the GIL while they read: SQLite, pread), when a core is spare. At most ahead + 1
     bundles' bytes are held; an error reading one is raised where the caller takes it."""
-    if len(bundles) < 2:
+    if len(bundles) < 2 or not spare_core():
         for bsel in bundles:
             yield bsel, bundle_tiles(cache, plan, bsel, cancel)
         return

@@ -17,6 +17,7 @@ import urllib.parse
 import numpy as np
 
 from tilecrate._sqlite import Reader, SqliteError
+from tilecrate.cores import spare_core
 from tilecrate.errors import BundleError, CacheError
 from tilecrate.sourcefiles import file_id
 from tilecrate.sources.blocks import (BLOCK_LIMIT, FORMAT_NAMES, BlockCache, detect_format, parse_bounds,
@@ -263,7 +264,7 @@ class SqliteBackend:
         below the children of its median column."""
         with self._lock:
             above = self._scans.get(level - 1)
-        if above is None or above[0] != ident or not above[1]:
+        if above is None or above[0] != ident or not above[1] or not spare_core():
             return None
         if sum(idx.size for idx, _ in above[1].values()) < SPLIT_TILES:
             return None
@@ -346,7 +347,7 @@ class SqliteBackend:
             # each buffer sized from the scan: grown (copied) only if the file grew since
             sizes = np.zeros(PACKET, dtype=np.int64)
             np.add.at(sizes, got[0].astype(np.int64) % PACKET, got[1].astype(np.int64))
-            if int(sizes.sum()) > SPLIT_BYTES or got[0].size > SPLIT_TILES:
+            if (int(sizes.sum()) > SPLIT_BYTES or got[0].size > SPLIT_TILES) and spare_core():
                 mid = col0 + int(np.searchsorted(np.cumsum(sizes), sizes.sum() / 2)) + 1
                 half = self._helper().submit(self._read_cols, level, row0, col0, (mid, col0 + PACKET),
                                              int(sizes[mid - col0:].sum()))
