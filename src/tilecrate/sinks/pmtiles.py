@@ -13,13 +13,13 @@ are written at the start.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import struct
 from typing import Callable
 
 import numpy as np
+from isal import igzip
 
 from tilecrate._dedup import Dedup
 from tilecrate._pmtiles import tile_ids as _tile_ids, varints
@@ -69,7 +69,8 @@ def serialize_directory(ids: np.ndarray, runs: np.ndarray, lengths: np.ndarray, 
 
 
 def _gz(data: bytes) -> bytes:
-    return gzip.compress(data, compresslevel=6, mtime=0)
+    # isal's level 2: a tenth of zlib level 6's time on a 22 000-entry directory, 7 % larger
+    return igzip.compress(data, 2, mtime=0)
 
 
 def build_directories(ids: np.ndarray, runs: np.ndarray, lengths: np.ndarray,
