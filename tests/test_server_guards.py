@@ -128,3 +128,32 @@ def test_an_edit_by_another_process_applies_on_the_next_request(server):
         assert ("error" in refused) is (not allowed), refused
         if allowed:
             server.poll("Sample", "exportTiles", refused["jobId"])
+
+
+_UPDATE = r"""
+import sys
+from tilecrate.jobs.store import JobStore
+store = JobStore(sys.argv[1])
+def change(job):
+    job.messages.append({"type": "esriJobMessageTypeInformative", "description": sys.argv[3]})
+store.update(sys.argv[2], change)
+store.close()
+"""
+
+
+def test_status_kept_between_commits_follows_a_write_by_another_process(server):
+    """The store keeps public bodies until the environment's next commit; a job record written by
+    another process (another `serve --processes` front end, a cluster runner) is answered on the
+    next poll, never the body kept from before."""
+    job = server.submit("Sample", "estimateExportTilesSize", {"levels": "0"})
+    server.poll("Sample", "estimateExportTilesSize", job["jobId"])
+    url = f"{server.svc('Sample')}/estimateExportTilesSize/jobs/{job['jobId']}?f=json"
+    first = server.get(url)
+    assert server.get(url).body == first.body  # kept: the same bytes
+    store = str(Path(server.data_dir) / "jobs.lmdb")
+    for i in range(3):
+        note = f"written by another process, round {i}"
+        subprocess.run([sys.executable, "-c", _UPDATE, store, job["jobId"], note], check=True, timeout=60)
+        after = server.get(url).json()  # the very next poll
+        assert after["messages"][-1]["description"] == note, after["messages"][-2:]
+        assert server.get(url).json() == after

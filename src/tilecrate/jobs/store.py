@@ -47,6 +47,7 @@ RESERVE_BYTES = 8 << 20  # disk kept free for the records of jobs' ends (a few p
 _RESERVE_NAME = "reserve.bin"
 COMPACT_OVER = 64 << 20  # free pages in the data file beyond which opening the store compacts it
 _OPEN_LOCK = "open.lock"
+_KEPT_BODIES = 4096  # public bodies kept between commits (a few hundred bytes each)
 
 _FULL = "The job store is full; finished jobs are removed after maxFileAge, try again later."
 _DISK_FULL = ("The disk of the job store is full; new jobs are refused until space is freed "
@@ -133,6 +134,8 @@ class JobStore:
         self._reserve_bytes = reserve_bytes
         self._reserve_lock = threading.Lock()
         self.degraded = False  # the reserve was used and is not back yet: new jobs are refused
+        # public bodies handed out since the environment's last commit (see public_body)
+        self._bodies: tuple[int, dict[tuple[str, str], bytes]] = (-1, {})
         self.restore_reserve()
 
     compacted = False  # whether opening this store compacted its data file
@@ -269,13 +272,30 @@ class JobStore:
 
     def public_body(self, job_id: str, service: str) -> bytes | None:
         """The Esri job JSON bytes of a job of `service` (one read, one copy, nothing decoded), or None
-        when there is no such job or it is another service's."""
+        when there is no such job or it is another service's.
+
+        Bodies read are kept until the environment's next commit, by any process: LMDB's last
+        committed transaction id is read from the shared meta page (no read transaction), so a
+        status poll between two writes costs a dictionary lookup. The id is read before the record:
+        a body kept under an id is never older than that id's state."""
+        txnid = self.env.info()["last_txnid"]
+        seen, bodies = self._bodies
+        if seen == txnid:
+            hit = bodies.get((service, job_id))
+            if hit is not None:
+                return hit
+        else:
+            bodies = {}
+            self._bodies = (txnid, bodies)
         with self.env.begin(db=self._public) as txn:
             data = txn.get(job_id.encode())
         prefix = service.encode() + b"\0"
         if data is None or not data.startswith(prefix):
             return None
-        return data[data.index(b"\0", len(prefix)) + 1:]
+        body = data[data.index(b"\0", len(prefix)) + 1:]
+        if len(bodies) < _KEPT_BODIES:
+            bodies[(service, job_id)] = body
+        return body
 
     def inputs(self, job_id: str) -> dict[str, str] | None:
         """The stored parameters of a job, or None."""

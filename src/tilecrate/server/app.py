@@ -34,7 +34,7 @@ from tilecrate.server import html
 from tilecrate.server.config import ServerConfig
 from tilecrate.server.errors import EsriError
 from tilecrate.server.reads import ReadGate
-from tilecrate.server.service import CURRENT_VERSION, Service, open_service
+from tilecrate.server.service import CURRENT_VERSION, WOULD_BLOCK, Service, open_service
 from tilecrate.server.tilemap import TilemapCache
 
 log = logging.getLogger("tilecrate.server")
@@ -246,6 +246,9 @@ def guarded(handler: Handler, app: web.Application) -> Handler:
 
     cfg = app[CFG]
     fresh = refresher(app)
+    # a job's status depends on no site setting: polls skip the check (the periodic sweep and
+    # every other request apply an edit; `_clean_periodically`)
+    settings_free = getattr(handler, "settings_free", False)
 
     async def answer(request: web.Request) -> web.StreamResponse:
         try:
@@ -263,7 +266,8 @@ def guarded(handler: Handler, app: web.Application) -> Handler:
             if cfg.users:  # the site's checks: settings refresh, users, permissions
                 resp = await _site_middleware(request, handler)
             else:  # all that auth.site_middleware does on a site without users
-                fresh()
+                if not settings_free:
+                    fresh()
                 resp = await handler(request)
         except EsriError as e:
             resp = _error_response(request, e)
@@ -508,7 +512,11 @@ async def h_tile(request: web.Request) -> web.StreamResponse:
     level = _int(request.match_info["level"], "level")
     row = _int(request.match_info["row"], "row")
     col = _int(request.match_info["col"], "column")
-    found = await read_cache(request, (svc.name, level, row >> 7, col >> 7), svc.tile, level, row, col)
+    # bytes already in memory or the page cache are answered here; the read threads (and their
+    # hop there and back, most of a tile request's cost) only for what would wait for the disk
+    found = svc.tile_nowait(level, row, col)
+    if found is WOULD_BLOCK:
+        found = await read_cache(request, (svc.name, level, row >> 7, col >> 7), svc.tile, level, row, col)
     if found is None:
         raise EsriError(404, f"no tile at level {level}, row {row}, column {col}", message="Tile not found",
                         http_status=404)
@@ -607,6 +615,9 @@ async def h_job(request: web.Request) -> web.Response:
                                            param(params, "token"), kind=svc.kind,
                                            folder_url=f"{OUTPUT}/{quote(folder)}" if folder else None))
     return json_response(obj, fmt_of(params))
+
+
+h_job.settings_free = True  # type: ignore[attr-defined]
 
 
 async def h_cancel(request: web.Request) -> web.StreamResponse:
@@ -912,6 +923,7 @@ async def _clean_periodically(app: web.Application) -> None:
         await asyncio.sleep(min(interval, _SWEEP_INTERVAL))
         runner = app[RUNNER]
         try:
+            _refresh_settings(app)  # applied here too when only status polls (which skip it) arrive
             await loop.run_in_executor(None, runner.sweep)
             if app[PROCESS][0] == 0 and time.monotonic() >= next_cleanup:  # one process expires jobs
                 next_cleanup = time.monotonic() + interval
@@ -922,6 +934,13 @@ async def _clean_periodically(app: web.Application) -> None:
             log.warning("cleanup failed: %s", e)
         except Exception:  # whatever it was, the next pass must still run: outputs must expire
             log.exception("cleanup failed")
+
+
+def _refresh_settings(app: web.Application) -> None:
+    from tilecrate.server.admin import refresh  # admin imports this module
+
+    if app.get(STORE) is not None:  # started
+        refresh(app)
 
 
 async def _cleanup(app: web.Application) -> None:

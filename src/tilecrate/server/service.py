@@ -7,6 +7,7 @@ from typing import ClassVar
 import numpy as np
 
 from tilecrate.cache import BundleRef, Cache, open_cache
+from tilecrate.sources.compact import WOULD_BLOCK
 from tilecrate.errors import CacheError
 from tilecrate.server.config import ConfigError, ServiceConfig
 from tilecrate.tiling import PACKET, Extent, TileScheme, bundle_origin, sniff_image
@@ -133,6 +134,19 @@ class Service:
         if row < 0 or col < 0 or level not in self.cache.levels:
             return None
         data = self.cache.tile(level, row, col)
+        if not data:
+            return None
+        return data, self.tile_header(data)
+
+    def tile_nowait(self, level: int, row: int, col: int) -> tuple[bytes, str] | None | object:
+        """`tile()` from memory and the page cache only, on the event loop (the cache's
+        `tile_cached`); WOULD_BLOCK where it would wait or the cache cannot say without reading."""
+        cached = getattr(self.cache, "tile_cached", None)
+        if cached is None:
+            return WOULD_BLOCK
+        data = cached(level, row, col)
+        if data is WOULD_BLOCK:
+            return data
         if not data:
             return None
         return data, self.tile_header(data)

@@ -12,6 +12,7 @@ warning in `Cache.warnings`.
 """
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -60,6 +61,8 @@ MAX_POSITION = (1 << 31) - PACKET  # bundle rows/columns past this are refused (
 _MAX_WARNINGS = 1000
 _HELD = 32                        # bundles whose descriptor the tile route keeps open between requests
 PATH_CHECK_SECONDS = 0.05         # a held bundle's path is looked up again (replaced by rename?) this often
+WOULD_BLOCK = object()            # tile_cached: the answer needs a wait (a read from disk, a listing, an open)
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
 @dataclass
@@ -101,6 +104,7 @@ class Cache:
     _listed: dict = field(default_factory=dict, repr=False)    # level (or None: levels) -> monotonic time
     _warned: set = field(default_factory=set, repr=False)
     _held: OrderedDict = field(default_factory=OrderedDict, repr=False)    # ref -> Source (tile route)
+    _nowait: bool = field(default=bool(_RWF_NOWAIT), repr=False)  # preadv(RWF_NOWAIT) works on this file system
 
     @property
     def esri_readable(self) -> bool:
@@ -410,6 +414,56 @@ class Cache:
             finally:
                 self._release(ref, src, current)
         raise changed(src.label)
+
+    def tile_cached(self, level: int, row: int, col: int) -> bytes | None | object:
+        """`tile()` where nothing has to wait, for an event loop: the bundle known and its descriptor
+        held, its index in memory for that version, its path not due a look, the bytes in the page
+        cache (preadv with RWF_NOWAIT) and an fstat afterwards showing that version; WOULD_BLOCK
+        wherever any of it is not so (`tile()` on a thread then reads, checks and reports)."""
+        if row < 0 or col < 0 or not self._nowait:
+            return None if (row < 0 or col < 0) else WOULD_BLOCK
+        r0, c0 = bundle_origin(row, col)
+        ref = BundleRef(level, r0, c0)
+        with self._lock:
+            if (r0, c0) not in self._bundles.get(level, ()):
+                return WOULD_BLOCK        # not known: tile() lists the level again
+            src = self._held.get(ref)
+            hit = self._index_cache.get(ref)
+            if src is None or src.retired or hit is None or hit[0] != src.key or \
+                    time.monotonic() - src.paths_checked >= PATH_CHECK_SECONDS:
+                return WOULD_BLOCK
+            src.users += 1
+        current = True                    # nothing learnt about the file: it stays held
+        try:
+            i = (row - r0) * PACKET + (col - c0)
+            size = int(hit[2][i])
+            if not size:
+                current = src.is_current()
+                return None if current else WOULD_BLOCK
+            data, current = self._pread_nowait(src, int(hit[1][i]), size)
+            return data if current else WOULD_BLOCK   # changed: tile() reads it again and says so
+        finally:
+            self._release(ref, src, current)
+
+    def _pread_nowait(self, src: Source, offset: int, n: int) -> tuple[object, bool]:
+        """(bytes or WOULD_BLOCK, whether the file is still the version read); the index's offset and
+        size are checked against the bundle's length as Source.pread does (past it: tile() says so)."""
+        if offset < 0 or n < 0 or offset + n > src.length:
+            return WOULD_BLOCK, True
+        if src.memory is not None:
+            return src.memory[offset:offset + n], True
+        buf = bytearray(n)
+        try:
+            got = os.preadv(src.fd, [buf], src.base + offset, _RWF_NOWAIT)
+        except BlockingIOError:           # EAGAIN: some of it is on the disk only
+            return WOULD_BLOCK, True
+        except OSError as e:              # EOPNOTSUPP and the like: never again on this cache
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                self._nowait = False
+            return WOULD_BLOCK, True
+        if got != n:                      # a short read: part not cached, or the file shrank
+            return WOULD_BLOCK, True
+        return bytes(buf), src.is_current()
 
     def iter_tiles(self, level: int | None = None) -> Iterator[tuple[int, int, int, bytes]]:
         """(level, row, col, bytes) of every tile, bundle by bundle, row-major inside bundles."""
