@@ -21,7 +21,7 @@ import struct
 import threading
 import time
 import zipfile
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -364,12 +364,16 @@ def tilemap_index(tiles: dict[int, np.ndarray]) -> bytes:
                                   "cannot index them (not supported)")
             for k in keys.tolist():
                 here[k] = "1"
-        kids: dict[int, dict[int, str]] = defaultdict(dict)
+        kids: dict[int, list[str]] = {}
         for k, text in below.items():
-            r, c = k >> 32, k & 0xFFFFFFFF
-            kids[((r >> 1) << 32) | (c >> 1)][((r & 1) << 1) | (c & 1)] = text
+            # key row << 32 | col: the parent is (row >> 1, col >> 1), the slot (row & 1) * 2 + (col & 1)
+            parent = ((k >> 33) << 32) | ((k & 0xFFFFFFFF) >> 1)
+            quad = kids.get(parent)
+            if quad is None:
+                quad = kids[parent] = ["0", "0", "0", "0"]
+            quad[((k >> 31) & 2) | (k & 1)] = text
         for k, quad in kids.items():
-            here[k] = "[" + ",".join(quad.get(i, "0") for i in range(4)) + "]"
+            here[k] = "[" + ",".join(quad) + "]"
         below = here
     return b'{"index":' + below.get(0, "0").encode() + b"}"
 
