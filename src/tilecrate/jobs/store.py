@@ -35,7 +35,7 @@ from typing import Callable, Iterable
 import lmdb
 
 from tilecrate.errors import TilecrateError
-from tilecrate.jobs.model import OUTSTANDING, Job
+from tilecrate.jobs.model import OUTSTANDING, Job, is_job_id
 
 log = logging.getLogger("tilecrate.jobs")
 
@@ -287,6 +287,8 @@ class JobStore:
         else:
             bodies = {}
             self._bodies = (txnid, bodies)
+        if not is_job_id(job_id):  # checked before any lookup (a kept body's id was checked)
+            return None
         with self.env.begin(db=self._public) as txn:
             data = txn.get(job_id.encode())
         prefix = service.encode() + b"\0"

@@ -600,7 +600,7 @@ async def h_job(request: web.Request) -> web.Response:
         app = request.app
         svc = _service(request)
         if not app[RUNNER].has_pending_end(job_id):
-            body = app[STORE].public_body(job_id, svc.name) if is_job_id(job_id) else None
+            body = app[STORE].public_body(job_id, svc.name)  # None for what is not a job id
             if body is None:
                 raise _no_job(job_id)
             return _WithCors(body=body, headers=_JSON_CORS)
