@@ -27,7 +27,7 @@ from tilecrate.selection import select
 from tilecrate.server import app as core
 from tilecrate.server.config import ConfigError, ServiceConfig
 from tilecrate.server.errors import EsriError
-from tilecrate.server.service import CURRENT_VERSION, Service
+from tilecrate.server.service import CURRENT_VERSION, WOULD_BLOCK, Service
 
 KIND = "VectorTileServer"
 MAX_RESOURCE = vtpk.WHOLE          # a resource (font range, sprite sheet, style) served at most this big
@@ -234,7 +234,9 @@ async def h_tile(request: web.Request) -> web.StreamResponse:
     svc = _vector(request)
     m = request.match_info
     level, row, col = core._int(m["level"], "level"), core._int(m["row"], "row"), core._int(m["col"], "column")
-    found = await core.read_cache(request, (svc.name, level, row >> 7, col >> 7), svc.tile, level, row, col)
+    found = svc.tile_nowait(level, row, col)  # from the page cache on the loop, as app.h_tile does
+    if found is WOULD_BLOCK:
+        found = await core.read_cache(request, (svc.name, level, row >> 7, col >> 7), svc.tile, level, row, col)
     if found is None:
         raise EsriError(404, f"no tile at level {level}, row {row}, column {col}", message="Tile not found",
                         http_status=404)
