@@ -234,7 +234,6 @@ def test_helper_threads_only_with_a_spare_core(monkeypatch):
 
 def test_exports_identical_with_and_without_helper_threads(tmp_path, monkeypatch):
     import tilecrate
-    from tilecrate.sinks import common as sink_common
     from tilecrate.sources import sqlite as sqlite_source
 
     rng = np.random.default_rng(13)
@@ -251,7 +250,6 @@ def test_exports_identical_with_and_without_helper_threads(tmp_path, monkeypatch
     monkeypatch.setattr(sqlite_source, "SPLIT_TILES", 1000)
     outputs = {}
     for spare in (True, False):
-        monkeypatch.setattr(sink_common, "spare_core", lambda: spare)
         monkeypatch.setattr(sqlite_source, "spare_core", lambda: spare)
         for ext in ("pmtiles", "mbtiles"):
             out = tmp_path / f"{spare}.{ext}"

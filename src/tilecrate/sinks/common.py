@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from tilecrate.cache import Cache
-from tilecrate.cores import spare_core
 from tilecrate.errors import BundleError, ExportError
 from tilecrate.plan import ExportPlan
 from tilecrate.results import CancelFlag, check_cancel
@@ -152,32 +151,6 @@ def bundle_tiles(cache: Cache, plan: ExportPlan, bsel: BundleSelection,
     rows = ref.row0 + idx // PACKET
     cols = ref.col0 + idx % PACKET
     return rows.astype(np.int64), cols.astype(np.int64), tiles, warnings
-
-
-def prefetched(cache: Cache, plan: ExportPlan, bundles: list[BundleSelection],
-               cancel: CancelFlag | None = None, ahead: int = 1) -> Iterator[tuple[BundleSelection, tuple]]:
-    """(bundle, bundle_tiles(...)) of each bundle in order, the next `ahead` read by helper threads while the
-    caller writes this one (sources release the GIL while they read: SQLite, pread), when a core is spare. At most ahead + 1
-    bundles' bytes are held; an error reading one is raised where the caller takes it."""
-    if len(bundles) < 2 or not spare_core():
-        for bsel in bundles:
-            yield bsel, bundle_tiles(cache, plan, bsel, cancel)
-        return
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(ahead, thread_name_prefix="tilecrate-prefetch") as pool:
-        queued: deque = deque(pool.submit(bundle_tiles, cache, plan, b, cancel) for b in bundles[:ahead])
-        try:
-            for k, bsel in enumerate(bundles):
-                got = queued.popleft().result()
-                if k + ahead < len(bundles):
-                    queued.append(pool.submit(bundle_tiles, cache, plan, bundles[k + ahead], cancel))
-                yield bsel, got
-                got = None
-        finally:
-            for fut in queued:
-                fut.cancel()
 
 
 def _selected(label: str, present: np.ndarray, tiles: list, idx: np.ndarray, expected: int) -> list:

@@ -14,8 +14,8 @@ from tilecrate.cache import Cache
 from tilecrate.errors import ExportError
 from tilecrate.plan import ExportPlan
 from tilecrate.results import CancelFlag, check_cancel
-from tilecrate.sinks.common import (_HALF_WORLD, WEB_MERCATOR_CODES, SourceMeta, Tally,
-                                    commit_when_full, inside_grid, iter_bundles, prefetched, open_sqlite, tile_kind,
+from tilecrate.sinks.common import (_HALF_WORLD, WEB_MERCATOR_CODES, SourceMeta, Tally, bundle_tiles,
+                                    commit_when_full, inside_grid, iter_bundles, open_sqlite, tile_kind,
                                     web_mercator_zooms)
 
 APPLICATION_ID = 0x47504B47          # "GPKG"
@@ -170,7 +170,8 @@ def write_gpkg(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
         db.executemany("INSERT INTO gpkg_tile_matrix VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [(table, *m) for m in mats])
         insert = f'INSERT INTO "{table}" (zoom_level, tile_column, tile_row, tile_data) VALUES (?, ?, ?, ?)'
         pending = 0
-        for bsel, (rws, cols, tiles, found) in prefetched(cache, plan, list(iter_bundles(plan)), cancel):
+        for bsel in iter_bundles(plan):
+            rws, cols, tiles, found = bundle_tiles(cache, plan, bsel, cancel)
             warnings.extend(found)
             level = bsel.ref.level
             if level in grid:

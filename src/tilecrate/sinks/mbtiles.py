@@ -11,7 +11,7 @@ from typing import Callable
 from tilecrate.cache import Cache
 from tilecrate.plan import ExportPlan
 from tilecrate.results import CancelFlag, check_cancel
-from tilecrate.sinks.common import (SourceMeta, Tally, commit_when_full, inside_grid, iter_bundles, prefetched,
+from tilecrate.sinks.common import (SourceMeta, Tally, bundle_tiles, commit_when_full, inside_grid, iter_bundles,
                                     open_sqlite, tile_kind, web_mercator_zooms, wgs84_bounds)
 
 APPLICATION_ID = 0x4D504258          # "MPBX"
@@ -48,7 +48,8 @@ def write_mbtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
         db.execute("BEGIN")
         db.executemany("INSERT INTO metadata VALUES (?, ?)", metadata_rows(plan, meta, fmt, zooms))
         pending = 0
-        for bsel, (rows, cols, tiles, found) in prefetched(cache, plan, list(iter_bundles(plan)), cancel):
+        for bsel in iter_bundles(plan):
+            rows, cols, tiles, found = bundle_tiles(cache, plan, bsel, cancel)
             warnings.extend(found)
             z = zooms[bsel.ref.level]
             rows, cols, tiles = inside_grid(rows, cols, tiles, 1 << z, cache.bundle_label(bsel.ref), warnings)

@@ -28,7 +28,7 @@ from tilecrate.cache import Cache
 from tilecrate.plan import ExportPlan
 from tilecrate.results import CancelFlag, check_cancel
 from tilecrate.tiling import PACKET
-from tilecrate.sinks.common import (SourceMeta, Tally, inside_grid, iter_bundles, prefetched, tile_kind,
+from tilecrate.sinks.common import (SourceMeta, Tally, bundle_tiles, inside_grid, iter_bundles, tile_kind,
                                     web_mercator_zooms, wgs84_bounds)
 
 HEADER_SIZE = 127
@@ -215,7 +215,8 @@ def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
     try:
         os.lseek(fd, data_off, os.SEEK_SET)
         dedup = Dedup(fd, HOT_BYTES, data_off)
-        for bsel, (rows, cols, tiles, found) in prefetched(cache, plan, _bundle_order(plan, zooms), cancel):
+        for bsel in _bundle_order(plan, zooms):
+            rows, cols, tiles, found = bundle_tiles(cache, plan, bsel, cancel)
             warnings.extend(found)
             z = zooms[bsel.ref.level]
             rows, cols, tiles = inside_grid(rows, cols, tiles, 1 << z, cache.bundle_label(bsel.ref), warnings)

@@ -13,7 +13,7 @@ from tilecrate.cache import Cache
 from tilecrate.errors import ExportError
 from tilecrate.plan import ExportPlan
 from tilecrate.results import CancelFlag, check_cancel
-from tilecrate.sinks.common import (SourceMeta, Tally, image_ext, inside_grid, iter_bundles, prefetched, tile_kind,
+from tilecrate.sinks.common import (SourceMeta, Tally, bundle_tiles, image_ext, inside_grid, iter_bundles, tile_kind,
                                     web_mercator_zooms, wgs84_bounds)
 
 
@@ -44,7 +44,8 @@ def write_xyz(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
     warnings: list[str] = []
     tally = Tally()
     made: set[str] = set()
-    for bsel, (rows, cols, tiles, found) in prefetched(cache, plan, list(iter_bundles(plan)), cancel):
+    for bsel in iter_bundles(plan):
+        rows, cols, tiles, found = bundle_tiles(cache, plan, bsel, cancel)
         warnings.extend(found)
         z = zooms[bsel.ref.level]
         if mercator:
