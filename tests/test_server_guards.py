@@ -80,17 +80,19 @@ _ROUTES = [
     ("/arcgis/rest/services/{service}/MapServer/", {}),
     ("/arcgis/rest/services/{service}/MapServer/{layer:[0-9]+}", {}),
 ]
+_RESTS = ["MapServer/exportTiles/jobs/j1_et", "MapServer/exportTiles/jobs/j1_et/",
+          "MapServer/estimateExportTilesSize/jobs/j1_et/", "MapServer/EXPORTTILES/jobs/j1/cancel",
+          "MapServer/exportTiles/jobs/j1/cancel", "MapServer/exportTiles/jobs/", "MapServer/exportTiles/jobs",
+          "MapServer/exportTiles/jobs/a{b", "MapServer/exportTiles/jobs/a}", "MapServer/exportTiles/jobs/a%2Fb",
+          "MapServer/exportTiles/jobs/a%25b%2f", "MapServer/jobs/j/results/out_service_url",
+          "MapServer/jobs/j/results/", "MapServer/tile/1/2/3", "MapServer/tile/1/2", "MapServer/tile/1/2/3/",
+          "MapServer/tile/1//3", "MapServer/tile/é/2/3", "MapServer/tile/1/2/3\n",
+          "VectorTileServer/tile/1/2/3.pbf", "VectorTileServer/tile/1/2/3", "MapServer/tilemap/3/0/0/8/8",
+          "MapServer/tilemap/3/0/0/8", "MapServer", "MapServer/", "MapServerX", "MapServer/0", "MapServer/x",
+          "mapserver", ""]
 _PATHS = [f"/arcgis/rest/services/{name}/{rest}" for name in ("Sample", "S.two", "sample", "Sample2")
-          for rest in ("MapServer/exportTiles/jobs/j1_et", "MapServer/exportTiles/jobs/j1_et/",
-                       "MapServer/estimateExportTilesSize/jobs/j1_et/", "MapServer/EXPORTTILES/jobs/j1/cancel",
-                       "MapServer/exportTiles/jobs/j1/cancel", "MapServer/exportTiles/jobs/", "MapServer/exportTiles/jobs",
-                       "MapServer/exportTiles/jobs/a{b", "MapServer/exportTiles/jobs/a}", "MapServer/exportTiles/jobs/a%2Fb",
-                       "MapServer/exportTiles/jobs/a%25b%2f", "MapServer/jobs/j/results/out_service_url",
-                       "MapServer/jobs/j/results/", "MapServer/tile/1/2/3", "MapServer/tile/1/2", "MapServer/tile/1/2/3/",
-                       "MapServer/tile/1//3", "MapServer/tile/é/2/3", "MapServer/tile/1/2/3\n",
-                       "VectorTileServer/tile/1/2/3.pbf", "VectorTileServer/tile/1/2/3", "MapServer/tilemap/3/0/0/8/8",
-                       "MapServer/tilemap/3/0/0/8", "MapServer", "MapServer/", "MapServerX", "MapServer/0", "MapServer/x",
-                       "mapserver", "")] + ["/arcgis/rest/services//MapServer/tile/1/2/3", "//arcgis/rest/services/Sample/MapServer"]
+          for rest in _RESTS] + ["/arcgis/rest/services//MapServer/tile/1/2/3",
+                                 "//arcgis/rest/services/Sample/MapServer"]
 
 
 @pytest.mark.parametrize("path,literals", _ROUTES)
@@ -157,3 +159,44 @@ def test_status_kept_between_commits_follows_a_write_by_another_process(server):
         after = server.get(url).json()  # the very next poll
         assert after["messages"][-1]["description"] == note, after["messages"][-2:]
         assert server.get(url).json() == after
+
+
+class _MetaAhead:
+    """The job store's environment as a reader sees it between a writer's two last steps: the meta
+    page already names the new transaction, the readers' table (what a read transaction starts
+    from) not yet."""
+
+    def __init__(self, env):
+        self.env = env
+
+    def info(self):
+        info = dict(self.env.info())
+        info["last_txnid"] += 1
+        return info
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+
+def test_store_keeps_only_a_body_read_at_the_last_commit(tmp_path):
+    from tilecrate.jobs import JobStore
+    from tilecrate.jobs.model import EXPORT, Job, new_job_id
+
+    store = JobStore(str(tmp_path / "db"))
+    try:
+        job = Job(new_job_id(), EXPORT, "Sample", {"levels": "0"}, client="c")
+        store.admit(job, None)
+        before = store.public_body(job.id, "Sample")
+        real = store.env
+        store.env = _MetaAhead(real)
+        assert store.public_body(job.id, "Sample") == before  # read at the older state...
+        store.env = real
+
+        def note(j):
+            j.messages.append({"type": "esriJobMessageTypeInformative", "description": "later"})
+        store.update(job.id, note)  # ... the commit the meta page announced lands
+        after = store.public_body(job.id, "Sample")
+        assert after != before and b"later" in after  # the older body was not kept under its id
+        assert store.public_body(job.id, "Sample") is after  # this one is
+    finally:
+        store.close()

@@ -276,8 +276,9 @@ class JobStore:
 
         Bodies read are kept until the environment's next commit, by any process: LMDB's last
         committed transaction id is read from the shared meta page (no read transaction), so a
-        status poll between two writes costs a dictionary lookup. The id is read before the record:
-        a body kept under an id is never older than that id's state."""
+        status poll between two writes costs a dictionary lookup. A body is kept only when the read
+        transaction that read it saw exactly that id: a writer updates the meta page before the
+        readers' table, so a transaction begun in between still reads the state before it."""
         txnid = self.env.info()["last_txnid"]
         seen, bodies = self._bodies
         if seen == txnid:
@@ -291,11 +292,12 @@ class JobStore:
             return None
         with self.env.begin(db=self._public) as txn:
             data = txn.get(job_id.encode())
+            read_at = txn.id()
         prefix = service.encode() + b"\0"
         if data is None or not data.startswith(prefix):
             return None
         body = data[data.index(b"\0", len(prefix)) + 1:]
-        if len(bodies) < _KEPT_BODIES:
+        if read_at == txnid and len(bodies) < _KEPT_BODIES:
             bodies[(service, job_id)] = body
         return body
 

@@ -9,7 +9,7 @@ from /arcgis/tokens); errors use the Admin shape `{"status":"error","messages":[
 
 Edits are validated whole before anything is written (tilecrate.admin.edits), stored in the site
 settings (tilecrate.admin.settings, LMDB) and applied by every front-end process on its next
-request (`refresh`, called by the site middleware).
+request (`refresh`, called by each route's guard and by the periodic sweep).
 """
 from __future__ import annotations
 
@@ -107,15 +107,16 @@ def refresh(app: web.Application) -> Snapshot | None:
     if site is None:
         return None
     applied = app[APPLIED]
-    # the environment's last committed transaction (read from its shared meta page, no read
-    # transaction): while no process has written the settings since, what is applied is current
-    txnid = site.env.info()["last_txnid"]
-    if txnid == applied[1]:
-        return applied[2]
+    # the id of the last commit a read transaction sees now, taken before the snapshot is read: the
+    # snapshot is at least that state. (`refresher` compares the environment's last committed id,
+    # from its meta page, with it: a writer updates that page before the readers' table, so an id
+    # read there could be one the snapshot does not hold yet.)
+    with site.env.begin() as txn:
+        txnid = txn.id()
     snap = site.snapshot()
     if applied[0] != snap.version:
         _apply(app, snap)
-    applied[1], applied[2] = txnid, snap  # the txn id read before the snapshot: never newer than it
+    applied[1], applied[2] = txnid, snap
     return snap
 
 

@@ -1,11 +1,12 @@
 """The aiohttp application: ArcGIS REST routes under /arcgis/rest for every configured service.
 
 Every route's handler is wrapped (`guarded`): it answers every failure as Esri error JSON (or an
-HTML page with f=html), adds CORS headers, and checks the token when one is configured. Handlers only read and route: cache reads
-(tiles, tilemaps, previews) run through a ReadGate (server/reads.py: bounded, timed out, a hanging
-file quarantined), so reads stuck on a file cannot take the threads job submission and cancel use
-(the default executor) nor every read thread; LMDB reads
-(microseconds) run on the loop. Job status is answered from the store's ready-made JSON bytes.
+HTML page with f=html), adds CORS headers, and checks the token when one is configured. Handlers
+only read and route: cache reads (tiles, tilemaps, previews) run through a ReadGate
+(server/reads.py: bounded, timed out, a hanging file quarantined), so reads stuck on a file cannot
+take the threads job submission and cancel use (the default executor) nor every read thread; a
+tile already in the page cache is read on the loop without waiting (`Service.tile_nowait`). LMDB
+reads (microseconds) run on the loop. Job status is answered from the store's ready-made JSON bytes.
 
 Routes are one table (`add_routes`); a new service kind adds its handlers there.
 """
@@ -75,7 +76,7 @@ _site_middleware: Callable[[web.Request, Handler], Awaitable[web.StreamResponse]
 
 
 class _WithCors(web.Response):
-    """A 200 response whose headers already hold the CORS ones (the middleware adds nothing)."""
+    """A 200 response whose headers already hold the CORS ones (the guard adds nothing)."""
 
 
 _JSON_CORS = {**_JSON_HEADERS, **_CORS}
