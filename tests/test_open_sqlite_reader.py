@@ -74,6 +74,8 @@ def test_bad_results_and_statements(tmp_path):
     with pytest.raises(SqliteError, match="interrupted"):
         r.ints3("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT i, i, i FROM n "
                 "WHERE i < 0", (), seconds=0.05)
+    with pytest.raises(OverflowError, match="64 bits"):
+        r.ints3("SELECT ?, 2, 3", (1 << 63,))
     assert r.ints3("SELECT 1, 2, 3", ()).tolist() == [[1, 2, 3]]        # usable after each error
     r.close()
     with pytest.raises(SqliteError, match="closed"):

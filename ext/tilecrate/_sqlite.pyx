@@ -149,6 +149,9 @@ cdef class Reader:
 
     cdef sqlite3_stmt* _bind(self, sqlite3_stmt* stmt, bytes text, tuple args, int columns,
                              double seconds) except NULL:
+        values = [int(a) for a in args]
+        if any(not (-(1 << 63) <= v < (1 << 63)) for v in values):
+            raise OverflowError("a query parameter does not fit in 64 bits")
         if sqlite3_prepare_v2(self._db, text, len(text), &stmt, NULL) != SQLITE_OK or stmt == NULL:
             msg = self._message()
             sqlite3_finalize(stmt)
@@ -158,7 +161,7 @@ cdef class Reader:
             raise ValueError(f"the statement must return {columns} columns and take {len(args)} parameters")
         cdef int i
         for i in range(len(args)):
-            if sqlite3_bind_int64(stmt, i + 1, <long long>int(args[i])) != SQLITE_OK:
+            if sqlite3_bind_int64(stmt, i + 1, <long long>values[i]) != SQLITE_OK:
                 msg = self._message()
                 sqlite3_finalize(stmt)
                 raise SqliteError(msg)
