@@ -322,3 +322,33 @@ def test_corrupt_resource_is_a_clear_error(fixture_vtpk, tmp_path):
     with pytest.raises(ExportError, match="styles/root.json is corrupt or changed"):
         export(str(bad), ExportRequest(levels="0-1"), str(out / "x.vtpk"))
     assert os.listdir(out) == []
+
+
+def test_broken_local_header_names_its_file_and_spares_the_others(fixture_vtpk, tmp_path):
+    """A resource whose local header is not where the central directory says fails the export with
+    its name; the package still opens and its other files are read (as the VectorTileServer serves them)."""
+    from tilecrate.package.vtpk import _Source
+
+    bad = tmp_path / "badhdr.vtpk"
+    shutil.copy(fixture_vtpk, bad)
+    with zipfile.ZipFile(bad) as zf:
+        info = zf.getinfo("p12/resources/styles/root.json")
+        font = next(i for i in zf.infolist() if i.filename.endswith(".pbf") and "/fonts/" in i.filename)
+        font_bytes = zf.read(font)
+    with open(bad, "r+b") as f:
+        f.seek(info.header_offset)
+        f.write(b"XX")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ExportError, match="styles/root.json"):
+        export(str(bad), ExportRequest(levels="0-1"), str(out / "x.vtpk"))
+    assert os.listdir(out) == []
+    with open_cache(str(bad)) as cache:
+        src = _Source(cache)
+        try:
+            name = "p12/" + font.filename.split("/", 1)[1]
+            assert bytes(src.read_whole(src.files[name])[0]) == font_bytes
+            with pytest.raises(ExportError, match="styles/root.json"):
+                src.read_whole(src.files["p12/resources/styles/root.json"])
+        finally:
+            src.close()

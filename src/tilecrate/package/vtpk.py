@@ -207,7 +207,9 @@ class _Source:
 
     def _locate_stored(self, infos: dict[str, zipfile.ZipInfo]) -> None:
         """Find where each stored file's bytes start, from its local header: once per listing (one read
-        of the span holding the headers when they lie together), so an export reads only the bytes."""
+        of the span holding the headers when they lie together), so an export reads only the bytes.
+        A file whose header is not where the central directory says is read through zipfile, whose
+        error names it when it is copied or served (one broken font range does not stop the rest)."""
         stored = [f for f in self.files.values() if infos[f.src].compress_type == zipfile.ZIP_STORED]
         if not stored:
             return
@@ -219,13 +221,11 @@ class _Source:
             at = info.header_offset
             hdr = span[at - lo:at - lo + 30] if span is not None else os.pread(self._fd, 30, at)
             if len(hdr) < 30 or hdr[:4] != b"PK\x03\x04":
-                raise ExportError(f"{self.label}: {f.src} has no local header where the central directory "
-                                  "puts it (a corrupt or truncated package)")
+                continue           # left to zipfile, which says what is wrong when the file is read
             name_len, extra_len = struct.unpack_from("<HH", hdr, 26)
             start = at + 30 + name_len + extra_len
-            if start + info.compress_size > self._zip_size:
-                raise ExportError(f"{self.label}: {f.name} runs past the end of the package (truncated?)")
-            self.files[f.name] = _File(f.name, f.size, f.crc, f.src, at, start)
+            if start + info.compress_size <= self._zip_size:
+                self.files[f.name] = _File(f.name, f.size, f.crc, f.src, at, start)
 
     def read_whole(self, f: _File) -> tuple[bytes | memoryview, int]:
         """(bytes, CRC-32) of a file of at most WHOLE bytes, checked against its listed size (and CRC)."""
