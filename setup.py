@@ -31,6 +31,7 @@ for pyx in sorted(glob(os.path.join("ext", "tilecrate", "*.pyx"))):
             f"tilecrate.{name}",
             [pyx],
             include_dirs=[numpy.get_include()],
+            depends=sorted(glob(os.path.join("ext", "tilecrate", "*.h"))),  # C included by a module
             libraries=extra.get("libraries", []),
             extra_compile_args=["-O3", "-Wno-unreachable-code"] + extra.get("compile", []),
             extra_link_args=extra.get("link", []),
