@@ -80,6 +80,18 @@ def _server(tmp_path, sample, processes: int = 2) -> Server:
     return Server(cfg, data, free_port(), extra_args=["--processes", str(processes)])
 
 
+def _assert_burst_spread(pids: list[int], port: int) -> None:
+    """A burst of BURST connections is held open, all accepted, at least 4 by each process."""
+    conns = _burst("127.0.0.1", port)
+    try:
+        held = _held(pids, port)
+        # 32 connections hashed over 2 sockets: fewer than 4 on one side has probability ~1e-6;
+        # with one shared socket, the process that wakes first accepts the whole queue
+        assert sum(held.values()) == BURST and min(held.values()) >= 4, held
+    finally:
+        _close(conns)
+
+
 def test_a_burst_of_connections_is_spread_over_both_processes(tmp_path, sample_v2):
     srv = _server(tmp_path, sample_v2)
     try:
@@ -91,14 +103,7 @@ def test_a_burst_of_connections_is_spread_over_both_processes(tmp_path, sample_v
         assert len(listening) == 2 and listening <= _inodes(srv.proc.pid)
         assert all(len(_inodes(pid) & listening) == 1 for pid in kids)
         assert not _inodes(kids[0]) & _inodes(kids[1]) & listening
-        conns = _burst("127.0.0.1", srv.port)
-        try:
-            held = _held(kids, srv.port)
-            # 32 connections hashed over 2 sockets: fewer than 4 on one side has probability ~1e-6;
-            # with one shared socket, the process that wakes first accepts the whole queue
-            assert sum(held.values()) == BURST and min(held.values()) >= 4, held
-        finally:
-            _close(conns)
+        _assert_burst_spread(kids, srv.port)
     finally:
         srv.stop()
 
@@ -128,12 +133,7 @@ def test_a_killed_process_is_replaced_on_its_socket_and_requests_keep_being_answ
         replacement = next(pid for pid in now if pid != survivor)
         assert _tcp(srv.port, LISTEN) == listening          # the same two sockets, no new one
         assert len(_inodes(replacement) & listening) == 1
-        conns = _burst("127.0.0.1", srv.port)
-        try:
-            held = _held(now, srv.port)
-            assert sum(held.values()) == BURST and min(held.values()) >= 4, held
-        finally:
-            _close(conns)
+        _assert_burst_spread(now, srv.port)
     finally:
         srv.stop()
     assert "Traceback" not in srv.log.read_text()
