@@ -161,18 +161,19 @@ def test_rows_deleted_after_planning_fail_the_block(sample_v2, tmp_path):
 
 
 def test_write_all_resumes_short_writes(monkeypatch):
-    """Parts of every bytes-like kind land in order, also when each writev takes 2 bytes only."""
-    from tilecrate.sinks import pmtiles as pm
+    """Parts of every bytes-like kind land in order, also when each writev takes 2 bytes only (the
+    writer the PMTiles sink, the zip writer, folder outputs and cluster tasks share)."""
+    from tilecrate.package import kcopy
 
     parts = [b"abc", memoryview(b"xdefx")[1:4], bytearray(b"ghi"), b"", memoryview(bytes(range(256)))]
     want = b"abcdefghi" + bytes(range(256))
     with tempfile.TemporaryFile() as f:
-        pm._write_all(f.fileno(), parts)
+        kcopy.write_all(f.fileno(), parts)
         f.seek(0)
         assert f.read() == want
     real = os.writev
-    monkeypatch.setattr(pm.os, "writev", lambda fd, bufs: real(fd, [bytes(memoryview(bufs[0]).cast("B")[:2])]))
+    monkeypatch.setattr(kcopy.os, "writev", lambda fd, bufs: real(fd, [bytes(memoryview(bufs[0]).cast("B")[:2])]))
     with tempfile.TemporaryFile() as f:
-        pm._write_all(f.fileno(), parts)
+        kcopy.write_all(f.fileno(), parts)
         f.seek(0)
         assert f.read() == want

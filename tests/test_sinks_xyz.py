@@ -117,7 +117,7 @@ def test_disk_full_names_the_disk(sample_v2, tmp_path, monkeypatch):
     def full(fd, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pm, "_write_all", full)
+    monkeypatch.setattr(pm, "write_all", full)
     with pytest.raises(ExportError, match="disk is full"):
         _export(sample_v2, "pmtiles", tmp_path / "o.pmtiles")
     assert os.listdir(tmp_path) == []

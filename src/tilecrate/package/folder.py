@@ -12,16 +12,10 @@ import os
 from tilecrate.package import kcopy
 from tilecrate.package.bundles import BundlePlan
 from tilecrate.package.kcopy import (METHODS, WRITE_MODES, KernelCopier, RunScanner, check_unchanged,
-                                     open_source_id, plan_parts, write_parts)
+                                     open_source_id, plan_parts, write_all, write_parts)
 
 _BUFFER = 1 << 16          # larger writes bypass the buffer: no extra copy
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-
-
-def _write_all(fd: int, data) -> None:
-    view = memoryview(data).cast("B")
-    while view.nbytes:
-        view = view[os.write(fd, view):]
 
 
 class FolderSink:
@@ -80,7 +74,7 @@ class FolderSink:
                 auto = self.copy_method == "auto"
                 copier = KernelCopier(out, METHODS[0] if auto else self.copy_method) \
                     if (auto or self.copy_method in METHODS) else None
-                _, written = write_parts(parts, lambda b: _write_all(out, b), copier, self._scanner, False,
+                _, written = write_parts(parts, lambda b: write_all(out, b), copier, self._scanner, False,
                                          kernel_min=kcopy.KERNEL_MIN if auto else 0)
             finally:
                 os.close(out)

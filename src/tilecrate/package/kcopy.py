@@ -240,13 +240,32 @@ class KernelCopier:
         view = memoryview(self._buf)[:min(count, _RW_BUFFER)]
         n = os.preadv(src, [view], offset)
         if n > 0:
-            _write_all(self.out_fd, view[:n])
+            write_all(self.out_fd, view[:n])
         return n
 
 
-def _write_all(fd: int, view: memoryview) -> None:
-    while view.nbytes:
-        view = view[os.write(fd, view):]
+IOV_MAX = 1024                   # buffers per writev (Linux's IOV_MAX)
+
+
+def write_all(fd: int, parts) -> None:
+    """Write a bytes-like object, or bytes-like parts in order, to `fd` (writev in batches; a short
+    write resumes where it stopped)."""
+    if isinstance(parts, (bytes, bytearray, memoryview)):
+        parts = [parts]
+    # bytes go to writev as they are (a view of each is only made for a part a short write cut)
+    views = [p if type(p) is bytes else memoryview(p).cast("B") for p in parts]
+    views = [v for v in views if len(v)]
+    i = 0
+    while i < len(views):
+        batch = views[i:i + IOV_MAX]
+        n = os.writev(fd, batch)
+        for v in batch:
+            if n >= len(v):
+                n -= len(v)
+                i += 1
+            else:
+                views[i] = memoryview(v)[n:]
+                break
 
 
 class ScannedRun:

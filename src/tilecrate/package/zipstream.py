@@ -24,7 +24,8 @@ from isal import isal_zlib
 
 from tilecrate.package import kcopy
 from tilecrate.package.kcopy import (METHODS, WRITE_MODES, CopyRange, KernelCopier, RunScanner, check_unchanged,
-                                     open_source, open_source_id, part_size, plan_parts, remember, write_parts)
+                                     open_source, open_source_id, part_size, plan_parts, remember, write_all,
+                                     write_parts)
 
 ZIP64_LIMIT = 0xFFFFFFFF     # a size or offset at or above this needs ZIP64 records
 _MAX16 = 0xFFFF
@@ -56,7 +57,6 @@ def dos_datetime(t: float | None = None) -> tuple[int, int]:
 
 
 _JOIN_AT_MOST = 1 << 20      # add_wholes gathers headers and bytes into writes of about this size
-_IOV_MAX = 1024              # buffers per writev (Linux's IOV_MAX)
 
 
 class ZipWriter:
@@ -189,29 +189,21 @@ class ZipWriter:
                 continue
             parts += (header, data)
             held += len(header) + size
-            if held >= _JOIN_AT_MOST or len(parts) >= _IOV_MAX - 2:
+            if held >= _JOIN_AT_MOST:
                 self._write_all(parts)
                 parts, held = [], 0
         if parts:
             self._write_all(parts)
 
     def _write_all(self, parts: list) -> None:
-        """Write buffers already counted in `position`: gathered by one writev on a file (no copy into
-        a joined buffer, whose fresh pages cost more than the copy), joined on other streams."""
+        """Write buffers already counted in `position`: gathered by writev on a file (no copy into a
+        joined buffer, whose fresh pages cost more than the copy), one by one on other streams."""
         if self._fd is None or len(parts) <= 2:
             for part in parts:
                 self._write_rest(memoryview(part).cast("B"))
             return
         self._out.flush()
-        views = [memoryview(p).cast("B") for p in parts]
-        first = 0
-        while first < len(views):
-            n = os.writev(self._fd, views[first:first + _IOV_MAX])
-            while first < len(views) and n >= views[first].nbytes:
-                n -= views[first].nbytes
-                first += 1
-            if n:
-                views[first] = views[first][n:]
+        write_all(self._fd, parts)
 
     def _begin_file(self, name: str, size: int, crc: int | None) -> _Entry:
         """Write a file entry's local header (CRC 0 when it is to be patched in) and return the entry."""

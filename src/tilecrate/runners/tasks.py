@@ -23,7 +23,7 @@ from tilecrate.errors import BundleError
 from tilecrate.package.bundles import BundlePlan, plan_bundle, plan_from_tiles
 from tilecrate.package import kcopy
 from tilecrate.package.kcopy import (KernelCopier, RunScanner, check_prefixes, check_unchanged, crc_combine,
-                                     open_source_id, plan_parts, remember, write_parts)
+                                     open_source_id, plan_parts, remember, write_all, write_parts)
 from tilecrate.plan import BundleTask, SourceRef
 from tilecrate.recompress import recompress_bundle
 from tilecrate.runners.base import CancelFlag, check_cancel
@@ -181,12 +181,6 @@ def prepare_bundle(task: BundleTask, cache: Cache, *, cancel: CancelFlag | None 
         raise
 
 
-def _write_all(fd: int, data) -> None:
-    view = memoryview(data).cast("B")
-    while view.nbytes:
-        view = view[os.write(fd, view):]
-
-
 _scanners = threading.local()
 
 
@@ -206,7 +200,7 @@ def _write_plan(fd: int, plan: BundlePlan) -> tuple[int, int]:
         try:
             parts = plan_parts(plan, src, plan.file, file_id)     # remembered run CRCs: no read
             if parts is not None:
-                crc, size = write_parts(parts, lambda b: _write_all(fd, b), KernelCopier(fd), _scanner(), True)
+                crc, size = write_parts(parts, lambda b: write_all(fd, b), KernelCopier(fd), _scanner(), True)
                 check_unchanged(src, plan.file_size, plan.file, file_id)
                 remember(parts, file_id)
                 return size, crc
@@ -215,7 +209,7 @@ def _write_plan(fd: int, plan: BundlePlan) -> tuple[int, int]:
     size = crc = 0
     for chunk in plan.chunks():
         crc = isal_zlib.crc32(chunk, crc)
-        _write_all(fd, chunk)
+        write_all(fd, chunk)
         size += len(chunk)
     return size, crc & 0xFFFFFFFF
 
@@ -316,7 +310,7 @@ def stage_recipes(recipes: list[BundleRecipe], staging: str, cancel: CancelFlag 
 
     def write(fd: int) -> tuple[int, int]:
         for b in blobs:
-            _write_all(fd, b)
+            write_all(fd, b)
         return at, 0
 
     _write_file(path, write, cancel)
@@ -346,7 +340,7 @@ def run_bundle_task(task: BundleTask, cancel: CancelFlag | None = None, *, cache
             out.bundlx_path = final[:-1] + "x"
             bx = plan.bundlx
             out.bundlx_size, out.bundlx_crc32 = _write_file(
-                out.bundlx_path, lambda fd: (_write_all(fd, bx), (len(bx), isal_zlib.crc32(bx)))[1], cancel)
+                out.bundlx_path, lambda fd: (write_all(fd, bx), (len(bx), isal_zlib.crc32(bx)))[1], cancel)
         return out
     finally:
         prep.release()

@@ -25,6 +25,7 @@ from tilecrate._dedup import Dedup
 from tilecrate._pmtiles import tile_ids as _tile_ids, varints
 
 from tilecrate.cache import Cache
+from tilecrate.package.kcopy import write_all
 from tilecrate.plan import ExportPlan
 from tilecrate.results import CancelFlag, check_cancel
 from tilecrate.tiling import PACKET
@@ -33,7 +34,6 @@ from tilecrate.sinks.common import (SourceMeta, Tally, bundle_tiles, inside_grid
 
 HEADER_SIZE = 127
 ROOT_LIMIT = 16384 - HEADER_SIZE
-_IOV_MAX = 512
 LEAF_SIZE = 4096                     # entries per leaf to start with (as the pmtiles package's writer)
 GZIP = 2
 NONE = 1
@@ -152,25 +152,6 @@ def _bundle_order(plan: ExportPlan, zooms: dict[int, int]) -> list:
     return [b for _, b in keyed]
 
 
-def _write_all(fd: int, parts) -> None:
-    """Write bytes-like parts in order (writev in batches; a short write resumes where it stopped)."""
-    if isinstance(parts, (bytes, bytearray, memoryview)):
-        parts = [parts]
-    # bytes go to writev as they are (a view of each is only made for a part a short write cut)
-    views = [p if type(p) is bytes else memoryview(p).cast("B") for p in parts]
-    views = [v for v in views if len(v)]
-    i = 0
-    while i < len(views):
-        batch = views[i:i + _IOV_MAX]
-        n = os.writev(fd, batch)
-        for v in batch:
-            if n >= len(v):
-                n -= len(v)
-                i += 1
-            else:
-                views[i] = memoryview(v)[n:]
-                break
-
 
 def data_offset(entries: int) -> int:
     """Where the tile data starts in an archive of at most `entries` directory entries: after the
@@ -223,7 +204,7 @@ def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
             ids = tile_ids(z, cols, rows)
             order = np.argsort(ids, kind="stable")
             chunk, offs, data_len = dedup.place(tiles, order, data_len)
-            _write_all(fd, chunk)
+            write_all(fd, chunk)
             lengths = np.fromiter(map(len, tiles), dtype=np.uint64, count=len(tiles))
             parts.append((ids[order].astype(np.uint64), offs.astype(np.uint64), lengths[order]))
             tally.add(bsel.ref.level, tiles)
@@ -252,7 +233,7 @@ def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
                       tile_type=TILE_TYPES[fmt], zooms=(exported[0], exported[-1]), bounds=(w, s, e, n),
                       center=(exported[0], (w + e) / 2, (s + n) / 2))
         os.lseek(fd, meta_off, os.SEEK_SET)
-        _write_all(fd, [metadata, leaves])
+        write_all(fd, [metadata, leaves])
         # the room between the root and the data stays a hole: zeros, no bytes written
         _pwrite_all(fd, head + root, 0)
     finally:
