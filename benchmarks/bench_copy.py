@@ -9,7 +9,10 @@ buffers; "cfr": every run by copy_file_range) against the path before kernel cop
 CRC and write one after the other on the writer's thread), whole sample and a bbox, in-process
 and as a process, page cache warm and cold. Ratios from one run, each a median over paired
 rounds; CPU seconds (user + system, every thread) too, less at the mercy of the machine's load
-than wall time.
+than wall time. Two floors are printed with them: `kernel_floor_vs_cp`, the package's bundle bytes
+copied by copy_file_range and nothing else (no CRC, headers or planning), and `process_floor_vs_cp`,
+that copy plus a process that only starts and imports the compiled core (numpy with it): no export
+in-process resp. as a process can reach a ratio above them.
 
 Run: `.venv/bin/pytest benchmarks/bench_copy.py --benchmark-enable -s`. The process contenders cache their
 bytecode in a private folder (as an installed package does); the warm-up round writes it.
@@ -97,6 +100,18 @@ def _bundle_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _bundle_spans(path: Path) -> list[tuple[int, int]]:
+    """(data offset, length) of each stored .bundle entry of a package."""
+    spans = []
+    with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+        for info in zf.infolist():
+            if info.filename.endswith(".bundle"):
+                f.seek(info.header_offset + 26)
+                name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+                spans.append((info.header_offset + 30 + name_len + extra_len, info.compress_size))
+    return spans
+
+
 def _export_args(src: Path, out: Path, bbox: bool) -> list[str]:
     args = [str(src), "-o", str(out), "--levels", LEVELS, "--quiet"]
     return args + (["--extent=" + BBOX, "--aoi-sr", "4326"] if bbox else [])
@@ -155,11 +170,44 @@ def _contenders(src: Path, tmp: Path, bbox: bool):
         _rm(cp_dst)
         return _timed(lambda: subprocess.run(["cp", str(cp_src), str(cp_dst)], check=True), resource.RUSAGE_CHILDREN)
 
+    core_env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPYCACHEPREFIX=str(tmp / "pycache"))
+    core_env.pop("PYTHONDONTWRITEBYTECODE", None)
+
+    def core() -> tuple[float, float]:
+        # a process that only starts and imports the compiled core (numpy with it), OpenBLAS on one thread
+        # as the CLI loads it: what every export process pays before its first byte
+        return _timed(lambda: subprocess.run([sys.executable, "-c", "import tilecrate._bundle"], check=True,
+                                             env=core_env), resource.RUSAGE_CHILDREN)
+
+    kernel_dst = tmp / "kernel-floor.bin"
+
+    def kernel() -> tuple[float, float]:
+        # the package's bundle bytes copied by copy_file_range, one call an entry, at their offsets: no
+        # CRC, no zip headers, no planning; what an exporter copying them in the kernel cannot go under
+        spans = _bundle_spans(cp_src)
+        _rm(kernel_dst)
+
+        def copy() -> None:
+            src_fd = os.open(cp_src, os.O_RDONLY)
+            dst_fd = os.open(kernel_dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                for offset, length in spans:
+                    done = 0
+                    while done < length:
+                        n = os.copy_file_range(src_fd, dst_fd, length - done, offset + done, offset + done)
+                        if n <= 0:
+                            raise OSError(f"copy_file_range returned {n}")
+                        done += n
+            finally:
+                os.close(src_fd)
+                os.close(dst_fd)
+        return _timed(copy, resource.RUSAGE_SELF)
+
     runs = {"new": inproc("auto", outs["new"], "first"), "repeat": inproc("auto", outs["repeat"], "kept"),
             "helper": inproc("auto", outs["helper"]), "buffered": inproc("buffered", outs["buffered"]),
             "cfr": inproc("copy_file_range", outs["cfr"]),
             "old": inproc("chunks", outs["old"]), "new_proc": proc("auto", outs["new_proc"]),
-            "old_proc": proc("chunks", outs["old_proc"]), "cp": cp}
+            "old_proc": proc("chunks", outs["old_proc"]), "cp": cp, "core": core, "kernel": kernel}
     if not bbox:                            # the whole sample: also `cp -r` of the source bundles
         tree = tmp / "cp-tree"
 
@@ -206,6 +254,12 @@ def test_passthrough_export_vs_cp(benchmark, request, medium, tmp_path, area, ca
                    old_vs_cp=med["cp"] / med["old"], old_process_vs_cp=med["cp"] / med["old_proc"],
                    new_vs_old=med["old"] / med["new"], new_vs_helper=med["helper"] / med["new"],
                    new_process_vs_old=med["old_proc"] / med["new_proc"])
+    # the floors: the bundle bytes copied in the kernel and nothing else, in this process and after a
+    # process start that imports the compiled core (a process export cannot take less than that sum)
+    figures.update(kernel_floor_vs_cp=med["cp"] / med["kernel"],
+                   process_floor_vs_cp=statistics.median(
+                       times["cp"][i] / (times["core"][i] + times["kernel"][i]) for i in range(ROUNDS)),
+                   core_start_s=med["core"], new_process_minus_new_s=med["new_proc"] - med["new"])
     if "cp_r" in med:
         figures.update(new_vs_cp_r=med["cp_r"] / med["new"], new_process_vs_cp_r=med["cp_r"] / med["new_proc"])
     # CPU seconds (user + system) are less at the mercy of the machine's load than wall time
