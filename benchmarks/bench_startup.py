@@ -6,7 +6,9 @@ within 2x the in-process export. The floors are printed next to them: `python -c
 `python -c "import tilecrate._bundle"` (the compiled core needs numpy; also with OpenBLAS on one thread, as
 the CLI loads it) vs `python -c pass`, and what a process doing only that import plus the in-process export
 would take; a ratio under its floor is out of
-reach without dropping numpy from the compiled core. Bytecode is cached (in a private PYTHONPYCACHEPREFIX) as an
+reach without dropping numpy from the compiled core. `interpreter_floor_vs_in_process` is `python -c pass`
+plus the in-process export over the in-process export: a process export cannot be nearer its in-process
+time than that. Bytecode is cached (in a private PYTHONPYCACHEPREFIX) as an
 installed package's would be, even where PYTHONDONTWRITEBYTECODE is set.
 
 Run: `.venv/bin/python -m pytest benchmarks/bench_startup.py --benchmark-enable`
@@ -158,6 +160,8 @@ def test_small_export_process_vs_in_process(benchmark, request, env, small, tmp_
            core_ms=run.ms("core"), core_1thread_ms=run.ms("core_1thread"),
            numpy_vs_python=run.ratio("numpy", "python"), core_vs_python=run.ratio("core", "python"),
            core_1thread_vs_python=run.ratio("core_1thread", "python"),
+           # the bare interpreter's start plus the in-process export: no process export can go under it
+           interpreter_floor_vs_in_process=run.ratio("python", "in_process", plus=("in_process",)),
            floor_vs_python=run.ratio("core_1thread", "python", plus=("in_process",)),
            floor_vs_in_process=run.ratio("core_1thread", "in_process", plus=("in_process",)),
            process_vs_floor=run.ratio("process", "core_1thread", "in_process"),
