@@ -167,18 +167,24 @@ class Cache:
                 self._bundles.pop(level, None)
 
     def _refresh_package(self, check: bool) -> None:
-        """Re-read the central directory when the package file is not the one listed."""
+        """Re-read the central directory when the package file is not the one listed. It is read
+        outside the lock: the event loop takes that lock for every tile (`tile_cached`), and a
+        directory read that is slow (a large package) or hangs (a network mount) held it, and with
+        it every request of the server, for as long."""
+        if check:
+            try:
+                now = file_id(os.stat(self.path))
+            except OSError:
+                return               # gone: every read reports it
+            if now == self._store.fid:
+                return
+        store = ZipStore(self.path)
+        bundles = _list_package(store, self._tiles_prefix, self._warn)
         with self._lock:
-            if check:
-                try:
-                    now = file_id(os.stat(self.path))
-                except OSError:
-                    return           # gone: every read reports it
-                if now == self._store.fid:
-                    return
-            store = ZipStore(self.path)
+            if store.fid == self._store.fid:
+                return               # another thread listed this version meanwhile
             self._store = store
-            self._bundles = _list_package(store, self._tiles_prefix, self._warn)
+            self._bundles = bundles
             self._index_cache.clear()
             self._listed[None] = time.monotonic()
 
