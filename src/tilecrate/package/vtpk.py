@@ -210,16 +210,25 @@ class _Source:
         of the span holding the headers when they lie together), so an export reads only the bytes.
         A file whose header is not where the central directory says is read through zipfile, whose
         error names it when it is copied or served (one broken font range does not stop the rest)."""
-        stored = [f for f in self.files.values() if infos[f.src].compress_type == zipfile.ZIP_STORED]
+        # a header the central directory places past the end is left to zipfile too: with every one
+        # there, the span below ran backwards (pread of a negative length: a bare EINVAL, no name)
+        stored = [f for f in self.files.values() if infos[f.src].compress_type == zipfile.ZIP_STORED
+                  and infos[f.src].header_offset + 30 <= self._zip_size]
         if not stored:
             return
         offsets = sorted(infos[f.src].header_offset for f in stored)
-        lo, hi = offsets[0], min(offsets[-1] + 30, self._zip_size)
-        span = os.pread(self._fd, hi - lo, lo) if hi - lo <= 4 * WHOLE else None
+        lo, hi = offsets[0], offsets[-1] + 30
+        try:
+            span = os.pread(self._fd, hi - lo, lo) if hi - lo <= 4 * WHOLE else None
+        except OSError as e:
+            raise ExportError(f"{self.label}: cannot read the vector tile package ({e.strerror})") from None
         for f in stored:
             info = infos[f.src]
             at = info.header_offset
-            hdr = span[at - lo:at - lo + 30] if span is not None else os.pread(self._fd, 30, at)
+            try:
+                hdr = span[at - lo:at - lo + 30] if span is not None else os.pread(self._fd, 30, at)
+            except OSError as e:
+                raise ExportError(f"{self.label}: cannot read the vector tile package ({e.strerror})") from None
             if len(hdr) < 30 or hdr[:4] != b"PK\x03\x04":
                 continue           # left to zipfile, which says what is wrong when the file is read
             name_len, extra_len = struct.unpack_from("<HH", hdr, 26)
