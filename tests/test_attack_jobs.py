@@ -1,0 +1,115 @@
+"""Attacks on the status poll's hot path (issue 11): `JobStore.public_body` keeps bodies per LMDB
+transaction id, polls skip the settings check, `?f=json` GETs are not parsed, and named service
+routes match by string comparison. On a secured site a kept body must still answer its owner (and
+administrators) only, through every spelling of the job's URL; a body is never another service's;
+and the string matching agrees with aiohttp's regular expressions on hostile paths."""
+from __future__ import annotations
+
+import random
+import re
+import urllib.parse
+import zlib
+
+import pytest
+from aiohttp import web
+
+from test_auth_support import bearer, secured_config, sign_in
+from test_server_guards import _ROUTES
+from test_server_support import Server, free_port
+from tilecrate.server.app import _NamedServiceResource
+
+ESTIMATE = "estimateExportTilesSize"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, sample_v2):
+    root = tmp_path_factory.mktemp("attackjobs")
+    data = root / "data"
+    services = {"S": {"source": sample_v2, "view": ["*"], "export": ["alice", "bob"]},
+                "S2": {"source": sample_v2, "view": ["*"], "export": ["alice", "bob"]}}
+    cfg = secured_config(root / "tilecrate.toml", data, services)
+    srv = Server(cfg, data, free_port()).start()
+    yield srv
+    srv.stop()
+    assert "Traceback" not in srv.log.read_text()
+
+
+def _spellings(srv: Server, service: str, job_id: str) -> list[str]:
+    """Every URL a client may poll a job at: both operations, any case, a trailing slash, the bare
+    jobs URL, the service name percent-encoded."""
+    quoted = "".join(f"%{b:02X}" for b in service.encode())
+    out = []
+    for name in (service, quoted):
+        base = f"{srv.base}/arcgis/rest/services/{name}/MapServer"
+        out += [f"{base}/{ESTIMATE}/jobs/{job_id}", f"{base}/exportTiles/jobs/{job_id}",
+                f"{base}/EXPORTTILES/jobs/{job_id}", f"{base}/{ESTIMATE.lower()}/jobs/{job_id}/",
+                f"{base}/jobs/{job_id}"]
+    return out
+
+
+def _poll(srv: Server, url: str, token: str | None, how: str) -> dict:
+    """A status poll as clients send them: `?f=json` alone with the token in a header (the unparsed
+    hot path), the token as a parameter, or a POST form."""
+    if how == "header":
+        return srv.get(url + "?f=json", headers=bearer(token) if token else None).json()
+    if how == "query":
+        return srv.get(url, {"f": "json", **({"token": token} if token else {})}).json()
+    return srv.post(url, {"f": "json", **({"token": token} if token else {})}).json()
+
+
+def test_a_kept_status_body_answers_its_owner_only(site):
+    srv = site
+    alice, bob, admin = (sign_in(srv, u) for u in ("alice", "bob", "admin"))
+    job_id = srv.post(f"{srv.svc('S')}/{ESTIMATE}", {"f": "json", "levels": "0-2", "token": alice}).json()["jobId"]
+    srv.token = alice
+    done = srv.poll("S", ESTIMATE, job_id)
+    srv.token = None
+    assert done["jobStatus"] == "esriJobSucceeded"
+    never = "j" + "0" * 32 + "_ee"
+    for url in _spellings(srv, "S", job_id):
+        for how in ("header", "query", "post"):
+            mine = _poll(srv, url, alice, how)  # read (and kept) right before each foreign poll
+            assert mine.get("jobId") == job_id and mine["jobStatus"] == "esriJobSucceeded", (url, how, mine)
+            for who in (bob, None):
+                theirs = _poll(srv, url, who, how)
+                missing = _poll(srv, url.replace(job_id, never), who, how)
+                assert "jobStatus" not in theirs and theirs["error"]["message"] == "Invalid URL", (url, how, theirs)
+                assert theirs["error"]["details"][0].replace(job_id, "J") == \
+                    missing["error"]["details"][0].replace(never, "J")
+            assert _poll(srv, url, admin, how).get("jobId") == job_id
+    # a kept body is never another service's, whoever asks
+    for url in _spellings(srv, "S2", job_id):
+        for who in (alice, admin):
+            other = _poll(srv, url, who, "header")
+            assert "jobStatus" not in other and other["error"]["message"] == "Invalid URL", (url, other)
+    # ids that are not job ids never reach the store, kept or not
+    for bad in ("..", "%2e%2e", job_id + "%00", job_id.upper(), job_id + "x", "a" * 5000):
+        r = srv.get(f"{srv.svc('S')}/{ESTIMATE}/jobs/{bad}?f=json", headers=bearer(alice))
+        assert r.status in (200, 404, 414) and "jobStatus" not in r.body.decode("utf-8", "replace"), (bad, r.status)
+
+
+_ATOMS = ["Sample", "S.two", "sample", "MapServer", "VectorTileServer", "exportTiles", "EXPORTTILES",
+          "estimateExportTilesSize", "jobs", "j1", "tile", "tilemap", "1", "3.pbf", "results", "cancel",
+          "%2F", "%2f", "%25", "%", "{", "}", "é", "\n", ".", "..", "", "a", "x y", "+", "%20", "\x00", "/",
+          ";", "0", "Sample2", "S.tw", "%53ample"]
+
+
+@pytest.mark.parametrize("path,literals", _ROUTES)
+def test_named_routes_agree_with_the_regular_expression_on_hostile_paths(path, literals):
+    """Random paths built from hostile pieces (percent escapes, braces, dots, unicode, NUL, names that
+    are prefixes or case variants of the service's): the string comparison answers what aiohttp's
+    regular expression answers, on every one."""
+    rng = random.Random(zlib.crc32(path.encode()))
+    for name in ("Sample", "S.two"):
+        resource = _NamedServiceResource(path, {"service": name, **literals})
+        for _ in range(3000):
+            p = re.sub(r"\{[^}]*\}", lambda m: "".join(rng.choice(_ATOMS) for _ in range(rng.randint(0, 2))),
+                       resource.canonical)
+            if rng.random() < 0.3:
+                segments = p.split("/")
+                segments[rng.randrange(len(segments))] = "".join(rng.choice(_ATOMS) for _ in range(rng.randint(0, 3)))
+                p = "/".join(segments)
+            if rng.random() < 0.2:
+                p += rng.choice(["/", "//", "/x", "%2F"])
+            p = urllib.parse.unquote(p) if rng.random() < 0.1 else p
+            assert resource._match(p) == web.DynamicResource._match(resource, p), (path, name, p)
