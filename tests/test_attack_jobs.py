@@ -5,8 +5,12 @@ administrators) only, through every spelling of the job's URL; a body is never a
 and the string matching agrees with aiohttp's regular expressions on hostile paths."""
 from __future__ import annotations
 
+import http.client
+import json
 import random
 import re
+import threading
+import time
 import urllib.parse
 import zlib
 
@@ -15,7 +19,7 @@ from aiohttp import web
 
 from test_auth_support import bearer, secured_config, sign_in
 from test_server_guards import _ROUTES
-from test_server_support import Server, free_port
+from test_server_support import Server, free_port, write_config
 from tilecrate.server.app import _NamedServiceResource
 
 ESTIMATE = "estimateExportTilesSize"
@@ -113,3 +117,51 @@ def test_named_routes_agree_with_the_regular_expression_on_hostile_paths(path, l
                 p += rng.choice(["/", "//", "/x", "%2F"])
             p = urllib.parse.unquote(p) if rng.random() < 0.1 else p
             assert resource._match(p) == web.DynamicResource._match(resource, p), (path, name, p)
+
+
+_RANK = {"esriJobNew": 0, "esriJobSubmitted": 1, "esriJobWaiting": 2, "esriJobExecuting": 3, "esriJobSucceeded": 4}
+
+
+def test_polls_spread_over_two_front_ends_never_go_back(tmp_path, sample_v2):
+    """Two `serve --processes 2` front ends share the LMDB store, each keeping bodies per transaction id;
+    polls on fresh connections (the kernel spreads them over both) while the job runs: no poll sees an
+    older state than one an earlier poll saw, and once one poll answered succeeded, every poll begun
+    after it does too (a body kept by the other process before the end is never answered again)."""
+    data = tmp_path / "data"
+    cfg = write_config(tmp_path / "tilecrate.toml", data, {"S": {"source": sample_v2}})
+    srv = Server(cfg, data, free_port(), delay=0.05, extra_args=["--processes", "2"]).start()
+    try:
+        job_id = srv.submit("S", "exportTiles", {"levels": "0-5", "tilePackage": "true"})["jobId"]
+        url = f"/arcgis/rest/services/S/MapServer/exportTiles/jobs/{job_id}?f=json"
+        polls: list[tuple[float, float, int, int, int]] = []   # start, end, thread, rank, messages
+        done = threading.Event()
+
+        def poller(n: int) -> None:
+            extra = 0
+            while extra < 30:
+                conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=20)   # a new connection each
+                t0 = time.monotonic()
+                conn.request("GET", url)
+                body = json.loads(conn.getresponse().read())
+                polls.append((t0, time.monotonic(), n, _RANK[body["jobStatus"]], len(body["messages"])))
+                conn.close()
+                if done.is_set() or body["jobStatus"] == "esriJobSucceeded":
+                    done.set()
+                    extra += 1
+        threads = [threading.Thread(target=poller, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+            assert not t.is_alive()
+        ranks = {r for _, _, _, r, _ in polls}
+        assert 4 in ranks and 3 in ranks, ranks             # seen running, then succeeded
+        for n in range(4):
+            mine = [(r, m) for _, _, k, r, m in sorted(polls) if k == n]
+            assert mine == sorted(mine), (n, mine)           # never back to an older state
+        first_end = min(end for _, end, _, r, _ in polls if r == 4)
+        late = [(s, r) for s, _, _, r, _ in polls if s > first_end]
+        assert late and all(r == 4 for _, r in late), [r for _, r in late]
+        assert "Traceback" not in srv.log.read_text()
+    finally:
+        srv.stop()

@@ -149,7 +149,6 @@ def test_tiles_read_while_the_bundle_is_replaced_rewritten_and_truncated(cache_d
             t.join(30)
             assert not t.is_alive(), "a request hung"
         assert not bad, (bad[:5], seen)
-        print("answers while the writer ran:", seen)
         assert seen.get(200, 0) > 100, seen           # the readers were served, not only refused
         time.sleep(0.2)                                # past the held descriptor's path check (50 ms)
         client = _Client(srv.port)
