@@ -21,11 +21,13 @@ import shutil
 import struct
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from tilecrate import open_cache
+from tilecrate.errors import BundleError
 from tilecrate.export import export
 from tilecrate.request import ExportRequest
 from tilecrate.sample import SampleSpec, _v2_bundle, make_sample
@@ -267,3 +269,64 @@ def test_a_package_listed_again_never_holds_the_event_loops_lock(cache_dir, tmp_
         assert cache.tile(2, row, col) == want        # the listing read meanwhile is still right
     finally:
         cache.close()
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+def test_a_v1_size_prefix_claiming_hundreds_of_megabytes(tmp_path):
+    """A compact V1 tile's size is the 4-byte prefix in the .bundle (up to 4 GiB) and only has to fit
+    the file, which may be sparse: the event loop's read made and filled a buffer of that size (a
+    300 MB tile of zeros: 1.2 s and 570 MB on the loop) and served it, while the read threads failed
+    with a bare ValueError and exports refuse it as over 16 MiB. Now: an Esri 400 naming the bundle,
+    nothing allocated, the other tiles of the bundle served."""
+    size = 300_000_000
+    root = tmp_path / "c"
+    make_sample(root, SampleSpec(levels=(0, 1, 2), version=1))
+    level_dir = root / "_alllayers" / "L02"
+    bundle, bundlx = level_dir / "R0000C0000.bundle", level_dir / "R0000C0000.bundlx"
+    cache = open_cache(str(root))
+    _, sizes = cache.index(compact.BundleRef(2, 0, 0))
+    cache.close()
+    good = next(int(i) for i in range(len(sizes)) if sizes[i])
+    hostile = next(r * 128 + c for r in range(128) for c in range(128) if not sizes[r * 128 + c])
+    end = bundle.stat().st_size
+    index = bytearray(bundlx.read_bytes())
+    cell = (hostile % 128) * 128 + hostile // 128          # .bundlx is column-major
+    index[16 + 5 * cell:16 + 5 * cell + 5] = end.to_bytes(5, "little")
+    bundlx.write_bytes(index)
+    with open(bundle, "r+b") as f:
+        f.seek(end)
+        f.write(struct.pack("<I", size) + b"Z" * 64)
+        f.truncate(end + 4 + size)                          # sparse: no disk used
+    cache = open_cache(str(root))
+    try:
+        assert cache.tile(2, good // 128, good % 128)       # held, its index in memory
+        tracemalloc.start()
+        try:
+            assert cache.tile_cached(2, hostile // 128, hostile % 128) is WOULD_BLOCK
+            assert tracemalloc.get_traced_memory()[1] < 16 << 20
+        finally:
+            tracemalloc.stop()
+        with pytest.raises(BundleError, match=r"R0000C0000.bundle: tile at row \d+, column \d+ .*over 16 MiB"):
+            cache.tile(2, hostile // 128, hostile % 128)
+    finally:
+        cache.close()
+    srv = _start(tmp_path, root)
+    client = _Client(srv.port)
+    url = "/arcgis/rest/services/Sample/MapServer/tile/2/{}/{}"
+    try:
+        want = client.get(url.format(good // 128, good % 128))
+        assert want[0] == 200
+        before = _vm_hwm_kib(srv.proc.pid)
+        for _ in range(3):
+            status, body = client.get(url.format(hostile // 128, hostile % 128))
+            assert status == 400 and json.loads(body)["error"]["code"] == 400, (status, body[:200])
+            assert client.get(url.format(good // 128, good % 128)) == want
+        assert _vm_hwm_kib(srv.proc.pid) - before < 100_000  # KiB: never the claimed 300 MB
+        assert "unexpected error" not in srv.log.read_text()
+    finally:
+        client.close()
+        srv.stop()
