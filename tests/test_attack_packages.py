@@ -155,3 +155,72 @@ def test_write_all_after_a_short_write_raises_the_kernels_error(tmp_path):
     r = subprocess.run([sys.executable, "-c", _SHORT, str(path)], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == str(errno.EFBIG), (r.stdout, r.stderr[-1000:])
     assert path.read_bytes() == b"".join(bytes([i % 256]) * 10 for i in range(500))
+
+
+_SQLITE_UNDER_A_WRITER = r"""
+import os, random, sqlite3, sys, threading, time
+from tilecrate._sqlite import Reader, SqliteError
+path = sys.argv[1]
+db = sqlite3.connect(path)
+db.execute("CREATE TABLE tiles (zoom_level, tile_column, tile_row, tile_data)")
+rng = random.Random(7)
+rows = [(1, i, i, rng.randbytes(rng.randrange(1, 40000))) for i in range(300)]
+db.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?)", rows)
+db.commit()
+db.close()
+whole = open(path, "rb").read()
+stop = threading.Event()
+
+def writer():
+    w = random.Random(1)
+    while not stop.is_set():
+        with open(path, "r+b") as f:                      # pages scribbled over in place
+            f.seek(w.randrange(len(whole)))
+            f.write(w.randbytes(w.randrange(1, 5000)))
+        if w.random() < 0.1:
+            os.truncate(path, w.randrange(len(whole)))     # cut short
+        if w.random() < 0.2:
+            open(path, "wb").write(whole)                 # whole again
+        time.sleep(0.0005)
+
+t = threading.Thread(target=writer)
+t.start()
+ok = errors = 0
+end = time.monotonic() + float(sys.argv[2])
+try:
+    while time.monotonic() < end:
+        try:
+            r = Reader(path)
+        except SqliteError:
+            errors += 1
+            continue
+        for _ in range(5):
+            try:
+                keys, offs, buf = r.blobs("SELECT tile_column, tile_data FROM tiles ORDER BY tile_column", (),
+                                          hint=100, max_bytes=20_000_000)
+                assert len(offs) == len(keys) + 1 and offs[-1] == len(buf) and (offs[1:] >= offs[:-1]).all()
+                ok += 1
+            except (SqliteError, MemoryError):
+                errors += 1
+            try:
+                r.ints3("SELECT tile_column, tile_row, length(tile_data) FROM tiles WHERE zoom_level = ?", (1,))
+            except SqliteError:
+                errors += 1
+        r.close()
+finally:
+    stop.set()
+    t.join()
+print(ok, errors)
+"""
+
+
+def test_the_sqlite_reader_under_a_writer_scribbling_over_the_file(tmp_path):
+    """_sqlite.Reader's C code on a file rewritten in place, truncated and restored while it queries
+    (in a child process: a crash is a failure, not a lost test run): results whose offsets hold
+    together, or SqliteError; never a crash, a hang or a connection that cannot close."""
+    r = subprocess.run([sys.executable, "-c", _SQLITE_UNDER_A_WRITER, str(tmp_path / "t.db"), "2.5"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    ok, errors = map(int, r.stdout.split())
+    assert errors > 0, (ok, errors)                       # the writer did reach the reader
+
