@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import random
 import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -163,5 +166,84 @@ def test_polls_spread_over_two_front_ends_never_go_back(tmp_path, sample_v2):
         late = [(s, r) for s, _, _, r, _ in polls if s > first_end]
         assert late and all(r == 4 for _, r in late), [r for _, r in late]
         assert "Traceback" not in srv.log.read_text()
+    finally:
+        srv.stop()
+
+
+_READER = r"""
+import sys, time, lmdb
+env = lmdb.open(sys.argv[1], map_size=8 << 30, max_dbs=8, subdir=True, max_readers=256)
+txn = env.begin()                     # a read transaction, open when the process is killed
+txn.get(b"anything")
+print("reading", flush=True)
+time.sleep(120)
+"""
+
+
+def _killed_in_a_read_transaction(path: str) -> int:
+    """The pid of a process that opened the job store, began a read transaction and was SIGKILLed."""
+    child = subprocess.Popen([sys.executable, "-c", _READER, path], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "reading"
+    finally:
+        child.kill()
+        child.wait(10)
+        child.stdout.close()
+    return child.pid
+
+
+def _reader_pids(where) -> set[int]:
+    """Pids in the reader table of the job store at a path, or of an open environment."""
+    import lmdb
+
+    env = lmdb.open(where, map_size=8 << 30, max_dbs=8, subdir=True, max_readers=256) \
+        if isinstance(where, str) else where
+    try:
+        return {int(line.split()[0]) for line in env.readers().splitlines()[1:] if line.strip()}
+    finally:
+        if env is not where:
+            env.close()
+
+
+def test_a_process_killed_while_reading_does_not_pin_the_store(tmp_path):
+    """A process SIGKILLed inside a read transaction leaves its LMDB reader slot, which pins the
+    snapshot it read: every page freed after it stays unused, so each job update grew the data file
+    (300 updates of a 10 kB record: 16 MB, 0.1 MB without it) until the 8 GB map was full. The
+    store frees such slots when opened and on every sweep."""
+    from tilecrate.jobs import JobStore
+    from tilecrate.jobs.model import EXPORT, Job, new_job_id
+
+    path = str(tmp_path / "jobs.lmdb")
+    store = JobStore(path)
+    try:
+        job = Job(new_job_id(), EXPORT, "S", {"levels": "0"}, client="c")
+        store.admit(job, None)
+        dead = _killed_in_a_read_transaction(path)
+        assert dead in _reader_pids(store.env)
+        assert store.clear_stale_readers() == 1 and dead not in _reader_pids(store.env)
+        size = os.path.getsize(os.path.join(path, "data.mdb"))
+
+        def rewrite(j):
+            j.messages = [{"type": "esriJobMessageTypeInformative", "description": os.urandom(5000).hex()}]
+        for _ in range(300):
+            store.update(job.id, rewrite)
+        assert os.path.getsize(os.path.join(path, "data.mdb")) - size < 1 << 20
+    finally:
+        store.close()
+
+
+def test_the_servers_sweep_frees_a_killed_processs_reader_slot(tmp_path, sample_v2):
+    data = tmp_path / "data"
+    cfg = write_config(tmp_path / "tilecrate.toml", data, {"S": {"source": sample_v2}})
+    srv = Server(cfg, data, free_port()).start()
+    try:
+        path = str(data / "jobs.lmdb")
+        dead = _killed_in_a_read_transaction(path)
+        deadline = time.monotonic() + 15
+        while dead in _reader_pids(path):
+            assert time.monotonic() < deadline, "the dead process's reader slot is still there"
+            time.sleep(0.2)
+        job = srv.submit("S", ESTIMATE, {"levels": "0"})
+        assert srv.poll("S", ESTIMATE, job["jobId"])["jobStatus"] == "esriJobSucceeded"
     finally:
         srv.stop()

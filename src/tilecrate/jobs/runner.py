@@ -224,6 +224,7 @@ class JobRunner:
 
     def _sweep(self) -> list[str]:
         self.store.restore_reserve()
+        self.store.clear_stale_readers()  # a killed process's read transaction must not pin the file
         for job_id, args in list(self._unrecorded.items()):
             try:
                 self._write_end(job_id, *args)
