@@ -172,7 +172,7 @@ def test_polls_spread_over_two_front_ends_never_go_back(tmp_path, sample_v2):
 
 _READER = r"""
 import sys, time, lmdb
-env = lmdb.open(sys.argv[1], map_size=8 << 30, max_dbs=8, subdir=True, max_readers=256)
+env = lmdb.open(sys.argv[1], map_size=int(sys.argv[2]), max_dbs=8, subdir=True, max_readers=256)
 txn = env.begin()                     # a read transaction, open when the process is killed
 txn.get(b"anything")
 print("reading", flush=True)
@@ -180,9 +180,11 @@ time.sleep(120)
 """
 
 
-def _killed_in_a_read_transaction(path: str) -> int:
-    """The pid of a process that opened the job store, began a read transaction and was SIGKILLed."""
-    child = subprocess.Popen([sys.executable, "-c", _READER, path], stdout=subprocess.PIPE, text=True)
+def _killed_in_a_read_transaction(path: str, map_size: int = 8 << 30) -> int:
+    """The pid of a process that opened an LMDB store (the job store's by default), began a read
+    transaction and was SIGKILLed."""
+    child = subprocess.Popen([sys.executable, "-c", _READER, path, str(map_size)], stdout=subprocess.PIPE,
+                             text=True)
     try:
         assert child.stdout.readline().strip() == "reading"
     finally:
@@ -192,11 +194,11 @@ def _killed_in_a_read_transaction(path: str) -> int:
     return child.pid
 
 
-def _reader_pids(where) -> set[int]:
-    """Pids in the reader table of the job store at a path, or of an open environment."""
+def _reader_pids(where, map_size: int = 8 << 30) -> set[int]:
+    """Pids in the reader table of the LMDB store at a path, or of an open environment."""
     import lmdb
 
-    env = lmdb.open(where, map_size=8 << 30, max_dbs=8, subdir=True, max_readers=256) \
+    env = lmdb.open(where, map_size=map_size, max_dbs=8, subdir=True, max_readers=256) \
         if isinstance(where, str) else where
     try:
         return {int(line.split()[0]) for line in env.readers().splitlines()[1:] if line.strip()}
@@ -245,5 +247,26 @@ def test_the_servers_sweep_frees_a_killed_processs_reader_slot(tmp_path, sample_
             time.sleep(0.2)
         job = srv.submit("S", ESTIMATE, {"levels": "0"})
         assert srv.poll("S", ESTIMATE, job["jobId"])["jobStatus"] == "esriJobSucceeded"
+    finally:
+        srv.stop()
+
+
+def test_the_sign_in_counts_and_site_settings_are_not_pinned_either(tmp_path, sample_v2):
+    """The same for the secured site's other LMDB stores: a killed process's slot in the sign-in
+    counts (written on every sign-in: pinned, some 5 500 failed sign-ins filled their 64 MB and every
+    sign-in was then refused) and in the site settings is freed by the server's sweep."""
+    data = tmp_path / "data"
+    cfg = secured_config(tmp_path / "tilecrate.toml", data, {"S": {"source": sample_v2}})
+    srv = Server(cfg, data, free_port()).start()
+    try:
+        stores = [str(data / "signins.lmdb"), str(data / "site.lmdb")]
+        dead = {path: _killed_in_a_read_transaction(path, 64 << 20) for path in stores}
+        deadline = time.monotonic() + 15
+        for path, pid in dead.items():
+            while pid in _reader_pids(path, 64 << 20):
+                assert time.monotonic() < deadline, f"{path}: the dead process's reader slot is still there"
+                time.sleep(0.2)
+        assert sign_in(srv, "alice")
+        assert "Traceback" not in srv.log.read_text()
     finally:
         srv.stop()

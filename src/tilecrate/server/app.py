@@ -926,6 +926,7 @@ async def _clean_periodically(app: web.Application) -> None:
         try:
             _refresh_settings(app)  # applied here too when only status polls (which skip it) arrive
             await loop.run_in_executor(None, runner.sweep)
+            _free_stale_readers(app)
             if app[PROCESS][0] == 0 and time.monotonic() >= next_cleanup:  # one process expires jobs
                 next_cleanup = time.monotonic() + interval
                 removed = await loop.run_in_executor(None, runner.cleanup, time.time())
@@ -935,6 +936,20 @@ async def _clean_periodically(app: web.Application) -> None:
             log.warning("cleanup failed: %s", e)
         except Exception:  # whatever it was, the next pass must still run: outputs must expire
             log.exception("cleanup failed")
+
+
+def _free_stale_readers(app: web.Application) -> None:
+    """Free the site settings' and sign-in counts' LMDB reader slots of processes killed inside a
+    read transaction (the job store frees its own on the runner's sweep). Such a slot pins the
+    snapshot it read, so the file grows with every write: some 5 500 failed sign-ins then filled the
+    counts' 64 MB and every sign-in was refused (503) until all processes restarted."""
+    from tilecrate.server.admin import SITE
+    from tilecrate.server.auth import LIMITER
+
+    for key in (SITE, LIMITER):
+        env = getattr(app.get(key), "env", None)
+        if env is not None:
+            env.reader_check()
 
 
 def _refresh_settings(app: web.Application) -> None:
