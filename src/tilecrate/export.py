@@ -23,7 +23,7 @@ from tilecrate.request import ExportRequest
 from tilecrate.runners.base import ExportProgress, ExportResult, check_cancel, move_into_place, os_error, remove
 from tilecrate.runners.inprocess import write_plan
 from tilecrate.selection import Selection
-from tilecrate.sinks import export_open, sink_kind
+from tilecrate.sinks import export_open, prefetch_levels, sink_kind
 
 __all__ = ["ExportProgress", "ExportResult", "export", "export_plan", "check_output"]
 
@@ -109,6 +109,7 @@ def export(cache: Cache | str, request: ExportRequest, out: str, *,
         raise ExportError(f"{cache.path}: its tiles are {cache.tile_format}; ArcGIS tile packages and caches hold "
                           "JPEG or PNG tiles its readers decode (export it to .mbtiles, .pmtiles or --format xyz)")
     started = time.perf_counter()
+    prefetch_levels(cache, request, selection)      # SQLite sources: levels indexed on a helper thread meanwhile
     plan = make_plan(cache, request, out, cancel=cancel, selection=selection, zip64_limit=zip64_limit)
     check_output(plan)
     if scheduler is None:

@@ -95,6 +95,7 @@ def export_open(cache, request, out: str | os.PathLike, kind: str, *,
     tile_kind(cache, False)          # refuse LERC and vector sources before selecting anything
     check_source(cache)
     _check_out(out, kind)
+    prefetch_levels(cache, request, selection)
     plan = make_plan(cache, request, None, cancel=cancel, selection=selection)
     total_tiles, total_bytes = plan.tiles, plan.selection.tile_bytes
     meta = source_meta(cache)
@@ -126,6 +127,21 @@ def export_open(cache, request, out: str | os.PathLike, kind: str, *,
     result = ExportResult(out, tiles, size, levels, warnings, plan.quality_used, kind, "")
     result.seconds = time.perf_counter() - started
     return result
+
+
+def prefetch_levels(cache, request, selection=None) -> None:
+    """Have a source that can (SQLite) index the request's levels on a helper thread while planning runs."""
+    prefetch = getattr(cache, "prefetch_levels", None)
+    if prefetch is None or selection is not None:
+        return
+    from tilecrate.errors import TilecrateError
+    from tilecrate.selection import resolve_levels
+
+    try:
+        levels = resolve_levels(cache.scheme, request.export_by, request.level_items)
+    except TilecrateError:
+        return                  # planning reports a bad request itself
+    prefetch(levels)
 
 
 def estimate_open(plan, kind: str, cache=None) -> tuple[int, dict[int, int], str | None]:

@@ -282,6 +282,14 @@ class BlockCache(Cache):
                               "the block")
         return idx, tiles
 
+    def prefetch_levels(self, levels: list[int]) -> None:
+        """Let the backend index these levels ahead of planning, on a thread of its own (SQLite: the finest
+        first while planning scans from the coarsest); nothing for backends that cannot."""
+        prefetch = getattr(self._store, "prefetch_scans", None)
+        if prefetch is not None:
+            present = set(self.levels)
+            prefetch([lv for lv in levels if lv in present])
+
     def tile(self, level: int, row: int, col: int) -> bytes | None:
         """Bytes of one tile as the source holds it now, or None."""
         if row < 0 or col < 0:

@@ -51,6 +51,7 @@ _BLOCK_WHERE = f"zoom_level = ? AND tile_column IN ({', '.join('?' * PACKET)}) A
 
 
 _NOT_INTEGER = "a result that should be an integer is not"
+_TAKEN = object()         # _scan(wait=False): another thread is scanning that level
 
 
 def _sql_error(label: str, e: Exception) -> CacheError:
@@ -76,6 +77,9 @@ class SqliteBackend:
         self._scans: dict[int, tuple] = {}      # level -> (identity, {block: sizes} or None)
         self._lock = threading.Lock()
         self._pool = None               # the helper thread of _read_block, started on first use
+        self._prefetch = None           # the thread of prefetch_scans, started on first use
+        self._claims: dict[int, threading.Event] = {}   # level -> set when the scan under way ends
+        self._closed = False
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -150,10 +154,13 @@ class SqliteBackend:
     def close(self) -> None:
         """Close every thread's connection."""
         with self._lock:
+            self._closed = True
             conns, self._conns = self._conns, []
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
+            pools = [self._pool, self._prefetch]
+            self._pool = self._prefetch = None
+        for pool in pools:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         for _, c in conns:
             try:
                 c.close()
@@ -219,15 +226,59 @@ class SqliteBackend:
             if z >= 0 and (self._widths == {} or z in self._widths):
                 out.append(z)
 
-    def _scan(self, level: int, ident: tuple) -> dict | None:
-        """{(row0, col0): sizes} of a whole level from one index scan, kept while the file is the same;
-        None for a level of more than SCAN_LIMIT tiles (those are read block by block)."""
+    def prefetch_scans(self, levels: list[int]) -> None:
+        """Scan these levels' indexes on a thread of their own, the finest first, while the caller plans from
+        the coarsest (when a core is spare): the two meet in the middle and no level is scanned twice."""
+        if len(levels) < 2 or not spare_core():
+            return
         with self._lock:
-            hit = self._scans.get(level)
-        if hit is not None and hit[0] == ident:
-            return hit[1]
+            if self._closed:
+                return
+            if self._prefetch is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="tilecrate-scan")
+            pool = self._prefetch
+        pool.submit(self._scan_down, sorted(set(levels), reverse=True))
+
+    def _scan_down(self, levels: list[int]) -> None:
+        try:
+            ident = self.identity()
+            for level in levels:
+                if self._closed or self._scan(level, ident, split=False, wait=False) is _TAKEN:
+                    return
+        except Exception:       # the planning thread scans the level again and reports the error itself
+            return
+
+    def _scan(self, level: int, ident: tuple, split: bool = True, wait: bool = True):
+        """{(row0, col0): sizes} of a whole level from one index scan, kept while the file is the same;
+        None for a level of more than SCAN_LIMIT tiles (those are read block by block). A level another
+        thread is scanning is waited for (`wait`), else _TAKEN is returned."""
+        while True:
+            with self._lock:
+                hit = self._scans.get(level)
+                if hit is not None and hit[0] == ident:
+                    return hit[1]
+                busy = self._claims.get(level)
+                if busy is None:
+                    done = self._claims[level] = threading.Event()
+                    break
+            if not wait:
+                return _TAKEN
+            busy.wait()             # its result, or after its failure a scan here (which reports the error)
+        try:
+            found = self._scan_level(level, ident, split)
+            with self._lock:
+                self._scans[level] = (ident, found)
+            return found
+        finally:
+            with self._lock:
+                del self._claims[level]
+            done.set()
+
+    def _scan_level(self, level: int, ident: tuple, split: bool) -> dict | None:
         w = self._size(level)[0]
-        split = self._scan_split(level, ident)
+        split = self._scan_split(level, ident) if split else None
         if split is None:
             a = self._scan_cols(level, 0, w - 1)
         else:
@@ -239,10 +290,7 @@ class SqliteBackend:
                 right.exception()               # waited for either way: an error here leaves no query running
             b = right.result()
             a = None if a is None or b is None or len(a) + len(b) > SCAN_LIMIT else np.concatenate([a, b])
-        found = None if a is None else self._blocks_of(level, a)
-        with self._lock:
-            self._scans[level] = (ident, found)
-        return found
+        return None if a is None else self._blocks_of(level, a)
 
     def _scan_cols(self, level: int, c0: int, c1: int) -> np.ndarray | None:
         """(column, row, length) rows of a level's columns c0..c1 (an (n, 3) int64 array); None past SCAN_LIMIT."""
