@@ -19,6 +19,8 @@ from tilecrate import _plan
 from tilecrate.cache import BundleData, BundleReader, BundleRef, Cache, FileRange
 
 RUN = 8 << 20                    # a run (one read, one write) holds at most this many bytes, unless one tile is larger
+GATHER = 1 << 20                 # plan_tiles plans: bytes of one gathered write (cache-sized groups)
+_GATHER_TILES = 500              # ...and at most this many tiles (two buffers a tile: writev takes IOV_MAX = 1024)
 
 
 @dataclass
@@ -42,6 +44,24 @@ class BundlePlan:
     file_offset: int = 0                     # where `source` starts in it
     file_size: int = 0                       # the file's size when planned (a changed file is an error)
     file_id: tuple | None = None             # (device, inode, size, mtime_ns) of that file when planned
+    held: list | None = None                 # the tiles' bytes, when planned from tiles held apart (plan_tiles)
+    held_at: np.ndarray | None = None        # per tile in writing order, its index in `held`
+
+    def gathered(self):
+        """The output .bundle's bytes as lists of buffers (the header block, then groups of about GATHER
+        bytes: each tile's size prefix and bytes) of a plan made by `plan_tiles`, for gathered writes
+        (writev) with no copy into a joined body."""
+        if self.held is None:
+            raise ValueError("gathered() needs a plan made by plan_tiles")
+        yield [memoryview(self.aux)]
+        if len(self.tile_sizes):
+            prefixes = memoryview(np.ascontiguousarray(self.tile_sizes, dtype="<u4").tobytes())
+            yield from _groups(prefixes, self.tile_sizes, [self.held[i] for i in self.held_at.tolist()])
+
+    def release(self) -> None:
+        """Drop the bytes the plan holds (a source buffer, or held tiles)."""
+        self.source = b""
+        self.held = None
 
     def chunks(self):
         """The output .bundle's bytes as memoryviews, each valid until the next one is asked for.
@@ -51,6 +71,11 @@ class BundlePlan:
         core writes the tiles' size prefixes into it. A source in memory whose prefixes are already
         the tiles' sizes (a block laid out by `sources.blocks.v2_layout`) is yielded in slices.
         """
+        if self.held is not None:
+            # tiles held apart: each group joined (about GATHER bytes, cache-sized) for writers of one buffer
+            for k, group in enumerate(self.gathered()):
+                yield group[0] if k == 0 else memoryview(b"".join(group))
+            return
         yield memoryview(self.aux)
         if not len(self.runs):
             return
@@ -140,6 +165,50 @@ def plan_bundle(data: BundleData, mask: np.ndarray, version: int, label: str = "
         plan.file, plan.file_offset, plan.file_size = where
         plan.file_id = where.file_id
     return plan
+
+
+def plan_tiles(ref: BundleRef, idx: np.ndarray, tiles: list, mask: np.ndarray, version: int,
+               label: str = "bundle") -> BundlePlan:
+    """Plan the output bundle of the masked tiles among `tiles` (bytes-likes at ascending block indices
+    `idx`, held apart: a block source's tiles as read), with no body laid out: the writer gathers each
+    tile's size prefix and bytes (`BundlePlan.gathered`), so the tile bytes are copied once, into the output."""
+    idx = np.asarray(idx, dtype=np.int64)
+    n = idx.size
+    if n != len(tiles) or (n and (idx[0] < 0 or idx[-1] >= 128 * 128 or np.any(np.diff(idx) <= 0))):
+        raise ValueError(f"{label}: block indices must be ascending, unique and inside the block")
+    lens = np.fromiter(map(len, tiles), dtype=np.int64, count=n)
+    if n and (lens.min() <= 0 or lens.max() > 0xFFFFFFFF):
+        raise ValueError(f"{label}: a tile of {int(lens.min()) if lens.min() <= 0 else int(lens.max())} bytes")
+    # the offsets a V2 body of these tiles would have (each after its 4-byte prefix), row-major
+    at = np.cumsum(lens + 4) - lens
+    offsets = np.zeros(128 * 128, dtype=np.uint64)
+    sizes = np.zeros(128 * 128, dtype=np.uint32)
+    offsets[idx] = at.astype(np.uint64)
+    sizes[idx] = lens
+    length = int(at[-1] + lens[-1]) if n else 0
+    plan = _make(ref, b"", length, offsets, sizes, mask, version, label)
+    held_at = np.searchsorted(at, plan.tile_offsets.astype(np.int64))
+    if held_at.size and (held_at.max() >= n or not np.array_equal(at[held_at], plan.tile_offsets.astype(np.int64))):
+        raise ValueError(f"{label}: the plan names tiles that are not held")      # the planner's contract broken
+    plan.held, plan.held_at = list(tiles), held_at
+    return plan
+
+
+def _groups(prefixes: memoryview, sizes: np.ndarray, tiles: list):
+    """Lists of (size prefix, tile) buffers of about GATHER bytes (at most _GATHER_TILES tiles) in writing order."""
+    n = len(tiles)
+    ends = np.cumsum(sizes.astype(np.int64) + 4)
+    cuts = np.unique(np.concatenate((np.searchsorted(ends, np.arange(GATHER, int(ends[-1]), GATHER)),
+                                     np.arange(_GATHER_TILES, n, _GATHER_TILES), [n])))
+    lo = 0
+    for hi in cuts.tolist():
+        if hi <= lo:
+            continue
+        group: list = [None] * (2 * (hi - lo))
+        group[0::2] = [prefixes[4 * k:4 * k + 4] for k in range(lo, hi)]
+        group[1::2] = tiles[lo:hi]
+        yield group
+        lo = hi
 
 
 def plan_from_tiles(ref: BundleRef, tiles: list[bytes], mask: np.ndarray, version: int,

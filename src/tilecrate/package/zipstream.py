@@ -238,6 +238,29 @@ class ZipWriter:
                 os.pwrite(self._fd, struct.pack("<L", entry.crc), self._start + entry.offset + 14)
         self._entries.append(entry)
 
+    def add_gathered(self, name: str, size: int, crc: int | None, groups: Iterable[list]) -> None:
+        """An entry of known size whose bytes come as lists of buffers, each list written with one gathered
+        write (no copy into a joined buffer); with `crc=None` the CRC-32 is computed as for `add_stream`."""
+        entry = self._begin_file(name, size, crc)
+        if self._dry:
+            self.position += entry.size
+        else:
+            start = self.position
+            running = 0
+            for group in groups:
+                if crc is None:
+                    for part in group:
+                        running = isal_zlib.crc32(part, running)
+                self.position += sum(map(len, group))
+                self._write_all(group)
+            if self.position - start != entry.size:
+                raise ValueError(f"zip entry {name}: {self.position - start} bytes written, {entry.size} announced")
+            if crc is None:
+                entry.crc = running & 0xFFFFFFFF
+                self._out.flush()
+                os.pwrite(self._fd, struct.pack("<L", entry.crc), self._start + entry.offset + 14)
+        self._entries.append(entry)
+
     @property
     def dry_run(self) -> bool:
         """Whether only positions advance."""
@@ -402,7 +425,10 @@ class ZipSink:
         """
         if plan.crc is None and self.needs_crc:
             plan.compute_crc()
-        if not self._add_kernel(name, plan):
+        if getattr(plan, "held", None) is not None and self.writer.can_patch:
+            # tiles held apart (a block source's): gathered writes, no copy into a joined body
+            self.writer.add_gathered(name, plan.size, plan.crc, plan.gathered())
+        elif not self._add_kernel(name, plan):
             self.writer.add_stream(name, plan.size, plan.crc, plan.chunks())
         if plan.bundlx is not None:
             self.writer.add_stream(name[:-1] + "x", len(plan.bundlx), plan.bundlx_crc, (plan.bundlx,))

@@ -70,6 +70,11 @@ def write_plan(plan: ExportPlan, cache: Cache, tmp: str, *,
     nthreads = max(1, int(threads or os.cpu_count() or 1))
     workers = nthreads
     reencode_threads = None
+    tiles_source = plan.policy is None and getattr(cache, "open_tiles", None) is not None
+    if tiles_source:
+        # a source of separate tiles (SQLite): one thread reads the next block while this one writes the last
+        # (a large block is read in two halves when a core is spare); more readers only take the writer's core
+        workers = 1
     if plan.policy is not None:
         # re-encoding: one bundle at a time, its tiles spread over every thread by OpenMP inside the
         # compiled core (measured ~20 % faster than one bundle per thread on 2 cores, and it keeps
@@ -99,8 +104,10 @@ def write_plan(plan: ExportPlan, cache: Cache, tmp: str, *,
     ahead = workers + 1                   # bounded look-ahead keeps memory flat
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tilecrate-export")
     pending: deque = deque()
-    # rendered while the bundles are copied, written as the last entry
-    thumb = pool.submit(render_thumbnail, cache, selection, info) if layout.thumbnail_path else None
+    # rendered while the bundles are copied, written as the last entry; from a tiles source, queued behind
+    # the blocks' reads on the one reader thread so it takes no core from them (it decodes tiles: a few ms)
+    thumb = pool.submit(render_thumbnail, cache, selection, info) if layout.thumbnail_path and not tiles_source \
+        else None
     try:
         try:
             for name, data in layout.metadata_files(info, stamp):
@@ -109,14 +116,24 @@ def write_plan(plan: ExportPlan, cache: Cache, tmp: str, *,
             tasks = plan.tasks()
             work = plan.entries()
             exhausted = False
-            while True:
-                while not exhausted and len(pending) < ahead:
+            in_flight = 0                 # bundles submitted and not yet taken (directories take no slot)
+
+            def fill() -> None:
+                nonlocal exhausted, in_flight, thumb
+                # a tiles source's look-ahead counts bundles only (a level's directory entry took a read's slot)
+                while not exhausted and (in_flight if tiles_source else len(pending)) < ahead:
                     item = next(work, None)
                     if item is None:
                         exhausted = True
-                        break
+                        if layout.thumbnail_path and thumb is None:
+                            thumb = pool.submit(render_thumbnail, cache, selection, info)
+                        return
                     kind, name, _ = item
                     pending.append((kind, name, pool.submit(prepare, next(tasks)) if kind == "bundle" else None))
+                    in_flight += kind == "bundle"
+
+            while True:
+                fill()
                 if not pending:
                     break
                 kind, name, fut = pending.popleft()
@@ -125,6 +142,9 @@ def write_plan(plan: ExportPlan, cache: Cache, tmp: str, *,
                     sink.add_dir(name)
                     continue
                 prep = _wait(fut, cancel)
+                in_flight -= 1
+                if tiles_source:
+                    fill()                # the next block's read starts before this one is written
                 scan = scans.pop(id(prep.plan), None) if prep is not None else None
                 if scan is not None:
                     # not started: the writer reads the runs; started: the writer takes the runs it has not

@@ -20,7 +20,7 @@ from isal import isal_zlib
 
 from tilecrate.cache import BundleData, Cache, open_cache
 from tilecrate.errors import BundleError
-from tilecrate.package.bundles import BundlePlan, plan_bundle, plan_from_tiles
+from tilecrate.package.bundles import BundlePlan, plan_bundle, plan_from_tiles, plan_tiles
 from tilecrate.package import kcopy
 from tilecrate.package.kcopy import (KernelCopier, RunScanner, check_prefixes, check_unchanged, crc_combine,
                                      open_source_id, plan_parts, remember, write_all, write_parts)
@@ -91,7 +91,7 @@ class Prepared:
 
     def release(self) -> None:
         """Drop the bytes and close the mapping (safe to call twice)."""
-        self.plan.source = b""
+        self.plan.release()
         if self.data is not None:
             self.data.close()
             self.data = None
@@ -153,9 +153,22 @@ def prepare_bundle(task: BundleTask, cache: Cache, *, cancel: CancelFlag | None 
                    threads: int | None = None, needs_crc: bool = False) -> Prepared:
     """Plan one output bundle (re-encoding first under an active policy); the runner streams or stages it."""
     check_cancel(cancel)
-    data = cache.open_bundle(task.ref)
     label = cache.bundle_label(task.ref)
     mask = task.mask
+    listed = getattr(cache, "open_tiles", None)
+    if task.policy is None and listed is not None:
+        # a source of separate tiles (MBTiles, GeoPackage, PMTiles, folders): planned from its tiles as read,
+        # which the writer gathers into the output (laying out a body would copy every byte once more)
+        idx, tiles = listed(task.ref)
+        plan = plan_tiles(task.ref, idx, tiles, mask, task.version, label)
+        del tiles
+        if plan.tiles != task.tiles:
+            raise BundleError(f"{label}: holds {plan.tiles} of the {task.tiles} selected tiles now; "
+                              "the source changed since the export was planned")
+        if needs_crc:
+            plan.compute_crc()
+        return Prepared(task, plan, None, [])
+    data = cache.open_bundle(task.ref)
     try:
         found: list[str] = []
         if task.policy is not None:

@@ -1,0 +1,124 @@
+"""The open sources' export path: tiles planned as read, gathered into the package; levels scanned ahead.
+
+MBTiles -> .tpkx/.tpk: a block's tiles are planned as read (`plan_tiles`: no bundle body laid out)
+and written with gathered writes (`ZipWriter.add_gathered`), so each tile byte is copied once, into
+the output; the request's level scans run on a helper thread while planning scans from the coarsest
+(`BlockCache.prefetch_levels`). Each must write the bytes the body path wrote and fail clearly when
+the source changes under it.
+"""
+from __future__ import annotations
+
+import sqlite3
+import time
+import zipfile
+
+import numpy as np
+import pytest
+
+import tilecrate
+from tilecrate.cache import open_cache
+from tilecrate.errors import BundleError, TilecrateError
+from tilecrate.package.bundles import plan_bundle, plan_tiles
+from tilecrate.package.zipstream import ZipWriter
+from tilecrate.request import ExportRequest
+from tilecrate.sources import sqlite as sqlite_mod
+from tilecrate.sources.blocks import BlockCache, v2_layout
+from tilecrate.sources.model import BundleData
+from tilecrate.tiling import PACKET
+
+
+@pytest.fixture(scope="module")
+def mbtiles(sample_v2, tmp_path_factory):
+    """The JPEG sample (levels 0-5) as an MBTiles written by tilecrate's sink."""
+    out = tmp_path_factory.mktemp("pipe") / "src.mbtiles"
+    tilecrate.export(str(sample_v2), ExportRequest("0-5"), str(out))
+    return out
+
+
+def _largest(cache):
+    refs = cache.bundles()
+    return max(refs, key=lambda r: int(cache.index(r)[1].astype(np.int64).sum()))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_plan_tiles_writes_the_bytes_of_a_laid_out_body(mbtiles, version):
+    with open_cache(str(mbtiles)) as cache:
+        ref = _largest(cache)
+        idx, tiles = cache.open_tiles(ref)
+        assert len(tiles) > 8
+        mask = np.zeros(PACKET * PACKET, dtype=bool)
+        mask[idx[::2]] = True                           # every other tile: runs broken, as a polygon would
+        buf, offsets, sizes = v2_layout(idx, tiles, "t")
+        want = plan_bundle(BundleData(ref, buf, offsets, sizes, None, None), mask, version, "t")
+        got = plan_tiles(ref, idx, tiles, mask, version, "t")
+        assert got.size == want.size and got.tiles == want.tiles and got.bundlx == want.bundlx
+        assert got.to_bytes() == want.to_bytes()
+        assert b"".join(b"".join(bytes(p) for p in g) for g in got.gathered()) == want.to_bytes()
+        got.compute_crc()
+        want.compute_crc()
+        assert got.crc == want.crc
+        got.release()
+        assert got.held is None
+        with pytest.raises(ValueError, match="ascending"):
+            plan_tiles(ref, idx[::-1], tiles[::-1], mask, version, "t")
+
+
+def _bundles(path):
+    with zipfile.ZipFile(path) as z:
+        assert z.testzip() is None                               # every entry's CRC-32 right
+        return {n: z.read(n) for n in z.namelist() if n.endswith((".bundle", ".bundlx", ".json", ".xml"))
+                and "iteminfo" not in n}
+
+
+@pytest.mark.parametrize("ext", ["tpkx", "tpk"])
+def test_package_from_mbtiles_is_the_body_paths_bytes(mbtiles, tmp_path, monkeypatch, ext):
+    gathered, body = tmp_path / f"gathered.{ext}", tmp_path / f"body.{ext}"
+    calls = []
+    real = ZipWriter.add_gathered
+    monkeypatch.setattr(ZipWriter, "add_gathered", lambda self, *a: calls.append(a[0]) or real(self, *a))
+    tilecrate.export(str(mbtiles), ExportRequest("0-5"), str(gathered))
+    assert len(calls) > 3
+    monkeypatch.delattr(BlockCache, "open_tiles")      # the earlier path: a V2 body laid out per block
+    tilecrate.export(str(mbtiles), ExportRequest("0-5"), str(body))
+    assert _bundles(gathered) == _bundles(body)
+    with open_cache(str(gathered)) as got, sqlite3.connect(mbtiles) as db:       # read back tile for tile
+        for z, x, y, t in db.execute("SELECT zoom_level, tile_column, tile_row, tile_data FROM tiles"):
+            assert got.tile(z, (1 << z) - 1 - y, x) == bytes(t)
+
+
+def test_package_export_fails_when_a_block_loses_tiles(mbtiles, tmp_path):
+    src = tmp_path / "c.mbtiles"
+    src.write_bytes(mbtiles.read_bytes())
+    out = tmp_path / "o.tpkx"
+    done = []
+
+    def progress(p):
+        if not done:          # after planning, before any block is read: another process deletes tiles
+            done.append(1)
+            with sqlite3.connect(src) as db:
+                db.execute("DELETE FROM tiles WHERE zoom_level = 5 AND tile_column % 2 = 0")
+
+    with pytest.raises(TilecrateError, match="changed") as err:
+        tilecrate.export(str(src), ExportRequest("0-5"), str(out), progress=progress)
+    assert isinstance(err.value, BundleError) and "\n" not in str(err.value)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["c.mbtiles"]
+
+
+def test_prefetched_scans_match_and_no_level_is_scanned_twice(mbtiles, monkeypatch):
+    monkeypatch.setattr(sqlite_mod, "spare_core", lambda: True)
+    with open_cache(str(mbtiles)) as plain:
+        want = {r: plain.index(r)[1].tolist() for r in plain.bundles()}
+    scanned: list[int] = []
+    real = sqlite_mod.SqliteBackend._scan_cols
+
+    def counting(self, level, c0, c1):
+        scanned.append(level)
+        time.sleep(0.01)                  # both threads busy at once
+        return real(self, level, c0, c1)
+
+    monkeypatch.setattr(sqlite_mod.SqliteBackend, "_scan_cols", counting)
+    with open_cache(str(mbtiles)) as cache:
+        cache.prefetch_levels(list(range(0, 6)))
+        got = {r: cache.index(r)[1].tolist() for r in cache.bundles()}
+    assert got == want
+    assert sorted(scanned) == sorted(set(scanned)) == list(range(0, 6))
