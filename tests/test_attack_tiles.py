@@ -330,3 +330,70 @@ def test_a_v1_size_prefix_claiming_hundreds_of_megabytes(tmp_path):
     finally:
         client.close()
         srv.stop()
+
+
+def test_a_package_replaced_by_rename_while_served(cache_dir, tmp_path):
+    """A .tpk served while new versions are renamed over it (its central directory read again by a
+    read thread, outside the lock the event loop takes): every 200 is one version's exact tile, the
+    rest Esri errors, and once the writer stops the next requests answer its last version."""
+    versions = [_version(k) for k in range(3)]
+    packages = []
+    for k, tiles in enumerate(versions):
+        _bundle_path(cache_dir, 2).write_bytes(_v2_bundle(tiles))
+        out = tmp_path / f"v{k}.tpk"
+        export(str(cache_dir), ExportRequest(levels="0-2"), str(out))
+        packages.append(out.read_bytes())
+    legit = {i: {v[i] for v in versions} for i in CELLS}
+    served = tmp_path / "served.tpk"
+    served.write_bytes(packages[0])
+    srv = _start(tmp_path, served)
+    stop = threading.Event()
+    bad: list = []
+    seen: dict[int, int] = {}
+    last = [0]
+
+    def writer():
+        k = 0
+        while not stop.is_set():
+            k = (k + 1) % len(packages)
+            tmp = served.with_suffix(".tmp")
+            tmp.write_bytes(packages[k])
+            os.replace(tmp, served)
+            last[0] = k
+            time.sleep(random.random() * 0.01)
+
+    def reader(seed: int):
+        rng = random.Random(seed)
+        client = _Client(srv.port)
+        try:
+            while not stop.is_set():
+                i = rng.choice(CELLS)
+                status, body = client.get(f"/arcgis/rest/services/Sample/MapServer/tile/2/{i // 128}/{i % 128}")
+                seen[status] = seen.get(status, 0) + 1
+                if status == 200 and body not in legit[i] or \
+                        status != 200 and (status != 400 or json.loads(body)["error"]["code"] != 400):
+                    bad.append((i, status, body[:60]))
+        finally:
+            client.close()
+
+    try:
+        threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader, args=(s,)) for s in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(2.5)
+        stop.set()
+        for t in threads:
+            t.join(30)
+            assert not t.is_alive(), "a request hung"
+        assert not bad, (bad[:5], seen)
+        assert seen.get(200, 0) > 100, seen
+        time.sleep(1.2)                                # past the package's relisting period (1 s)
+        client = _Client(srv.port)
+        for i in CELLS:
+            status, body = client.get(f"/arcgis/rest/services/Sample/MapServer/tile/2/{i // 128}/{i % 128}")
+            assert (status, body) == (200, versions[last[0]][i]), (i, status, body[:40], last[0])
+        client.close()
+        assert srv.proc.poll() is None and "unexpected error" not in srv.log.read_text()
+    finally:
+        stop.set()
+        srv.stop()
