@@ -122,3 +122,35 @@ def test_prefetched_scans_match_and_no_level_is_scanned_twice(mbtiles, monkeypat
         got = {r: cache.index(r)[1].tolist() for r in cache.bundles()}
     assert got == want
     assert sorted(scanned) == sorted(set(scanned)) == list(range(0, 6))
+
+
+def test_gathered_entry_survives_short_writes(mbtiles, tmp_path, monkeypatch):
+    import os
+
+    with open_cache(str(mbtiles)) as cache:
+        ref = _largest(cache)
+        idx, tiles = cache.open_tiles(ref)
+        mask = np.zeros(PACKET * PACKET, dtype=bool)
+        mask[idx] = True
+        plan = plan_tiles(ref, idx, tiles, mask, 2, "t")
+        real = os.writev
+
+        def short(fd, bufs):          # a pipe or a signal: at most 777 bytes a call
+            taken, out = 0, []
+            for b in bufs:
+                b = memoryview(b).cast("B")[:777 - taken]
+                out.append(b)
+                taken += b.nbytes
+                if taken >= 777:
+                    break
+            return real(fd, out)
+
+        monkeypatch.setattr(os, "writev", short)
+        path = tmp_path / "s.zip"
+        with open(path, "wb") as f:
+            w = ZipWriter(f)
+            w.add_gathered("a.bundle", plan.size, None, plan.gathered())
+            w.close()
+        monkeypatch.setattr(os, "writev", real)
+        with zipfile.ZipFile(path) as z:
+            assert z.testzip() is None and z.read("a.bundle") == plan.to_bytes()

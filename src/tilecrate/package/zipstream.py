@@ -247,12 +247,21 @@ class ZipWriter:
         else:
             start = self.position
             running = 0
+            crc32 = isal_zlib.crc32
             for group in groups:
                 if crc is None:
                     for part in group:
-                        running = isal_zlib.crc32(part, running)
-                self.position += sum(map(len, group))
-                self._write_all(group)
+                        running = crc32(part, running)
+                n = sum(map(len, group))
+                self.position += n
+                if self._fd is not None and len(group) <= kcopy.IOV_MAX:
+                    # one writev of buffers that are already flat bytes; a short write resumes in write_all
+                    self._out.flush()
+                    done = os.writev(self._fd, group)
+                    if done < n:
+                        write_all(self._fd, memoryview(b"".join(group))[done:])
+                else:
+                    self._write_all(group)
             if self.position - start != entry.size:
                 raise ValueError(f"zip entry {name}: {self.position - start} bytes written, {entry.size} announced")
             if crc is None:
