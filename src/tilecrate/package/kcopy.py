@@ -252,20 +252,32 @@ def write_all(fd: int, parts) -> None:
     write resumes where it stopped)."""
     if isinstance(parts, (bytes, bytearray, memoryview)):
         parts = [parts]
-    # bytes go to writev as they are (a view of each is only made for a part a short write cut)
-    views = [p if type(p) is bytes else memoryview(p).cast("B") for p in parts]
-    views = [v for v in views if len(v)]
+    elif type(parts) is not list:
+        parts = list(parts)
+    # parts go to writev as they are: a view is only made of a part a short write cut (a cast and a
+    # length check per part cost more than the writev itself on an export of 20 000 small tiles)
     i = 0
-    while i < len(views):
-        batch = views[i:i + IOV_MAX]
+    while i < len(parts):
+        batch = parts[i:i + IOV_MAX]
         n = os.writev(fd, batch)
-        for v in batch:
-            if n >= len(v):
-                n -= len(v)
-                i += 1
-            else:
-                views[i] = memoryview(v)[n:]
-                break
+        if n == sum(map(_nbytes, batch)):
+            i += len(batch)
+            continue
+        for k, p in enumerate(batch):
+            size = _nbytes(p)
+            if n >= size:
+                n -= size
+                continue
+            parts = [memoryview(p).cast("B")[n:], *parts[i + k + 1:]]
+            i = 0
+            break
+
+
+def _nbytes(p) -> int:
+    kind = type(p)
+    if kind is bytes or kind is bytearray:
+        return len(p)
+    return p.nbytes if kind is memoryview else memoryview(p).nbytes
 
 
 class ScannedRun:
