@@ -267,6 +267,31 @@ def test_deflated_and_stored_entries_agree(tmp_path, sample_v2):
         assert b.kind == "tpk"
 
 
+def test_inflated_bundles_kept_within_a_byte_budget(tmp_path, sample_v2, monkeypatch):
+    """Inflated bundles are kept up to a byte budget per package (eight 256 MiB giants were 2 GiB), the
+    newest always; tiles read the same whether their bundle was kept or inflated again."""
+    from tilecrate import sourcefiles
+
+    pkg = tmp_path / "deflated.tpk"
+    with zipfile.ZipFile(pkg, "w", zipfile.ZIP_DEFLATED) as z:
+        for p in sample_v2.rglob("*"):
+            if p.is_file():
+                z.write(p, "v101/Layers/" + p.relative_to(sample_v2).as_posix())
+    sizes = sorted(p.stat().st_size for p in sample_v2.rglob("*.bundle"))
+    budget = sizes[-1] + sizes[-2] - 1                  # never room for the two largest bundles together
+    monkeypatch.setattr(sourcefiles, "_INFLATED_BYTES", budget)
+    with tilecrate.open_cache(sample_v2) as a, tilecrate.open_cache(pkg) as b:
+        expected = list(a.iter_tiles())
+        for _ in range(2):
+            assert list(b.iter_tiles()) == expected
+            store = b._store
+            assert isinstance(store, sourcefiles.ZipStore)
+            kept = sum(len(d) for d in store._inflated.values())
+            assert kept == store._inflated_bytes
+            assert 0 < kept <= budget or len(store._inflated) == 1
+            assert len(store._inflated) <= sourcefiles._INFLATED_CACHE
+
+
 def test_threads_read_concurrently(sample_v2):
     from concurrent.futures import ThreadPoolExecutor
     with tilecrate.open_cache(sample_v2) as c:

@@ -26,7 +26,8 @@ FileId = tuple  # (st_dev, st_ino, st_size, st_mtime_ns)
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 _SMALL_LIMIT = 64 << 20           # metadata files (conf.xml, root.json, .bundlx) larger than this are refused
 _INFLATE_LIMIT = 256 << 20        # a deflated bundle is inflated into memory: refuse zip bombs and giants
-_INFLATED_CACHE = 8
+_INFLATED_CACHE = 8               # inflated bundles kept per package...
+_INFLATED_BYTES = 256 << 20       # ...and their bytes (the newest always): 8 giants were 2 GiB a package
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, struct.error, ValueError,
                OverflowError, EOFError, OSError, UnicodeDecodeError, KeyError, IndexError, TypeError)
 
@@ -282,6 +283,7 @@ class ZipStore:
         self._lock = threading.Lock()
         self._starts: dict[str, int] = {}
         self._inflated: OrderedDict[tuple, bytes] = OrderedDict()
+        self._inflated_bytes = 0
 
     def _fd(self, label: str) -> int:
         fd, st = open_regular(self.path, label)
@@ -370,9 +372,12 @@ class ZipStore:
             if data is None:
                 data = self._entry_bytes(fd, bundle, label, _INFLATE_LIMIT)
                 with self._lock:
+                    old = self._inflated.pop(key, None)
+                    self._inflated_bytes += len(data) - (len(old) if old is not None else 0)
                     self._inflated[key] = data
-                    while len(self._inflated) > _INFLATED_CACHE:
-                        self._inflated.popitem(last=False)
+                    while len(self._inflated) > 1 and (len(self._inflated) > _INFLATED_CACHE
+                                                       or self._inflated_bytes > _INFLATED_BYTES):
+                        self._inflated_bytes -= len(self._inflated.popitem(last=False)[1])
             if not data:
                 raise BundleError(f"{label}: the entry is empty")
             os.close(fd)
@@ -385,4 +390,6 @@ class ZipStore:
 
     def close(self) -> None:
         """Nothing is held open between reads."""
-        self._inflated.clear()
+        with self._lock:
+            self._inflated.clear()
+            self._inflated_bytes = 0
