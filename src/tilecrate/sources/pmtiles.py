@@ -159,6 +159,13 @@ def tileid_zxy(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return z, x, y
 
 
+def _past(offs: np.ndarray, lens: np.ndarray, size: int) -> bool:
+    """Whether any (offset, length) reaches past `size`; uint64 offset + length may wrap to a small
+    number (an offset near 2**64), which then passed and reached os.pread as an OverflowError."""
+    end = np.uint64(size)
+    return bool(np.any((offs > end) | (lens > end - np.minimum(offs, end))))
+
+
 class PMTilesBackend:
     """An indexed PMTiles archive: every addressed tile's (z, row, col, offset, length)."""
 
@@ -225,7 +232,7 @@ class PMTilesBackend:
             if budget <= 0:
                 raise CacheError(f"{self.label}: directories larger than {MAX_DIRECTORY >> 20} MiB in all")
             leaf = runs == 0
-            if np.any(offs[~leaf] + lens[~leaf] > self._data_len):
+            if _past(offs[~leaf], lens[~leaf], self._data_len):
                 raise CacheError(f"{self.label}: a tile points past the end of the tile data section")
             if np.any(lens[~leaf] == 0):
                 raise CacheError(f"{self.label}: a directory entry has length 0")
@@ -234,11 +241,14 @@ class PMTilesBackend:
                                  f"up to {MAX_TILE >> 20} MiB)")
             if leaf.any():
                 lo, ln = offs[leaf], lens[leaf]
-                if np.any(lo + ln > leaf_len):
+                if _past(lo, ln, leaf_len):
                     raise CacheError(f"{self.label}: a leaf directory points past the leaf section")
                 stack.extend((leaf0 + int(a), int(b), depth + 1) for a, b in zip(lo.tolist(), ln.tolist()))
             keep = ~leaf
-            total += int(runs[keep].sum(dtype=np.uint64))
+            # each run bounded before the sum: two run lengths of 2**63 wrapped a uint64 sum to 0,
+            # passed the limit and reached np.repeat as negative counts (a bare ValueError)
+            kept = runs[keep]
+            total += int(kept.sum(dtype=np.uint64)) if not kept.size or int(kept.max()) <= MAX_TILES else MAX_TILES + 1
             if total > MAX_TILES:
                 raise CacheError(f"{self.label}: addresses more than {MAX_TILES} tiles (tilecrate's limit)")
             out.append((ids[keep], runs[keep], lens[keep], offs[keep]))
