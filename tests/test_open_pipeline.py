@@ -154,3 +154,25 @@ def test_gathered_entry_survives_short_writes(mbtiles, tmp_path, monkeypatch):
         monkeypatch.setattr(os, "writev", real)
         with zipfile.ZipFile(path) as z:
             assert z.testzip() is None and z.read("a.bundle") == plan.to_bytes()
+
+
+def test_held_tiles_to_an_output_that_cannot_seek(mbtiles):
+    import io
+
+    from tilecrate.package.zipstream import ZipSink
+
+    with open_cache(str(mbtiles)) as cache:
+        ref = _largest(cache)
+        idx, tiles = cache.open_tiles(ref)
+        mask = np.zeros(PACKET * PACKET, dtype=bool)
+        mask[idx[1:]] = True
+        plan = plan_tiles(ref, idx, tiles, mask, 1, "t")          # V1: a .bundlx entry as well
+        out = io.BytesIO()
+        sink = ZipSink(ZipWriter(out))
+        assert sink.needs_crc                                     # the CRC must be known before the bytes
+        sink.add_bundle("L05/R0000C0000.bundle", plan)
+        sink.close()
+        with zipfile.ZipFile(io.BytesIO(out.getvalue())) as z:
+            assert z.testzip() is None
+            assert z.read("L05/R0000C0000.bundle") == plan.to_bytes()
+            assert z.read("L05/R0000C0000.bundlx") == plan.bundlx
