@@ -1,0 +1,98 @@
+"""Attacks on the Dask scale-out between the workers and the assembly: staged bundles deleted,
+truncated, grown or overwritten before the client copies them into the package. Each must end as
+one readable error naming the staged file, with nothing at the final name and no staging left
+behind; never a bare OSError or a hang. A same-size overwrite is not noticed by the assembly (the
+CRC-32 the worker computed is used, never recomputed, as designed: whoever can write the staging
+folder can write the package too), but it must not go unnoticed by a zip reader either: the entry's
+CRC no longer matches."""
+from __future__ import annotations
+
+import os
+import zipfile
+
+import pytest
+from distributed import Client, LocalCluster
+
+from test_dask import WIDE_LEVEL, leftovers, widen
+from tilecrate.errors import TilecrateError
+from tilecrate.export import export
+from tilecrate.request import ExportRequest
+from tilecrate.runners import assemble
+from tilecrate.runners.dask import DaskRunner
+
+
+@pytest.fixture(scope="module")
+def runner():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+                      silence_logs=50) as lc, Client(lc, set_as_default=False) as c:
+        yield DaskRunner(c)
+
+
+@pytest.fixture(scope="module")
+def wide(sample_v2, tmp_path_factory):
+    return widen(sample_v2, tmp_path_factory.mktemp("wide") / "wide", 6)
+
+
+def _delete(path):
+    os.unlink(path)
+
+
+def _truncate(path):
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _grow(path):
+    with open(path, "ab") as f:
+        f.write(b"\0" * 4096)
+
+
+def _scribble(path):
+    """Same size, other bytes: the CRC-32 the worker computed no longer matches."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        f.write(b"\xa5" * 64)
+
+
+def _directory(path):
+    os.unlink(path)
+    os.mkdir(path)
+
+
+@pytest.mark.parametrize("harm", [_delete, _truncate, _grow, _directory], ids=lambda f: f.__name__[1:])
+@pytest.mark.parametrize("name", ["a.tpkx", "a.tpk"])
+def test_a_staged_bundle_harmed_before_assembly(runner, wide, tmp_path, monkeypatch, harm, name):
+    out = tmp_path / "out"
+    seen = _harm_second(monkeypatch, harm)
+    out.mkdir()
+    with pytest.raises(TilecrateError) as info:
+        export(str(wide), REQ, str(out / name), scheduler=runner)
+    text = str(info.value)
+    assert "\n" not in text.strip() and "Traceback" not in text and seen[1] in text, text
+    assert len(seen) >= 2, "the harm must hit a bundle before the last"
+    assert os.listdir(out) == [] and leftovers(tmp_path) == [], os.listdir(out)
+
+
+# recompressed, so the workers stage whole bundles (not pass-through recipes)
+REQ = ExportRequest(levels=str(WIDE_LEVEL), optimize_tiles_for_size=True, compression_quality=30)
+
+
+def _harm_second(monkeypatch, harm) -> list[str]:
+    """Harm the second staged bundle right before the assembly copies it; the names seen, in order."""
+    real = assemble.Assembler.add_output
+    seen: list[str] = []
+
+    def harmed(self, out):
+        if len(seen) == 1:
+            harm(out.path)
+        seen.append(out.name)
+        return real(self, out)
+
+    monkeypatch.setattr(assemble.Assembler, "add_output", harmed)
+    return seen
+
+
+def test_a_staged_bundle_overwritten_in_place_fails_the_zip_crc(runner, wide, tmp_path, monkeypatch):
+    seen = _harm_second(monkeypatch, _scribble)
+    result = export(str(wide), REQ, str(tmp_path / "a.tpkx"), scheduler=runner)
+    with zipfile.ZipFile(result.path) as zf:
+        assert zf.testzip() == seen[1]
