@@ -20,7 +20,8 @@ import logging
 import os
 import re
 import time
-from typing import Awaitable, Callable
+import warnings
+from typing import Any, Awaitable, Callable
 from urllib.parse import quote
 
 from aiohttp import web
@@ -33,6 +34,7 @@ from tilecrate.jobs.store import QuotaExceeded, Quota, StoreError
 from tilecrate.jobs.model import ESTIMATE, EXPORT, SUCCEEDED, Job, is_job_id
 from tilecrate.server import html
 from tilecrate.server.config import ServerConfig
+from tilecrate.server.connections import ConnectionGuard, default_max_connections
 from tilecrate.server.errors import EsriError
 from tilecrate.server.reads import ReadGate
 from tilecrate.server.service import CURRENT_VERSION, WOULD_BLOCK, Service, open_service
@@ -67,6 +69,21 @@ READS = web.AppKey("reads", ReadGate)
 PROCESS = web.AppKey("process", tuple)
 JSON_CACHE = web.AppKey("json_cache", dict)
 TILEMAPS = web.AppKey("tilemaps", TilemapCache)
+CONNECTIONS = web.AppKey("connections", ConnectionGuard)
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)   # aiohttp discourages subclasses
+
+    class _Application(web.Application):
+        """An application whose server counts its connections (tilecrate.server.connections): aiohttp
+        has no other hook that sees a connection before its request headers are complete."""
+
+        def _make_handler(self, **kwargs: Any):  # type: ignore[override]
+            server = super()._make_handler(**kwargs)
+            guard = self.get(CONNECTIONS)
+            if guard is not None:
+                guard.install(server)
+            return server
 _JSON_TTL = 1.0  # seconds a service's JSON is reused (its cache may change under us)
 _JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
 _TILE_HEADERS: dict[str, dict[str, str]] = {}  # per content type, made once
@@ -847,10 +864,12 @@ def create_app(cfg: ServerConfig, *, process_index: int = 0, site_lock: bool = T
 
     global _site_middleware
     _site_middleware = site_middleware
-    app = web.Application(client_max_size=body,
+    app = _Application(client_max_size=body,
                           handler_args={"max_line_size": min(MAX_REQUEST_LINE, body) + 8192,
                                         "max_field_size": 65536})
     app[CFG] = cfg
+    app[CONNECTIONS] = ConnectionGuard(cfg.limits.max_connections or default_max_connections(),
+                                       cfg.limits.max_connections_per_client)
     app[PROCESS] = (process_index, site_lock)
     app[SERVICES] = {}
     app[PREVIEWS] = {}

@@ -25,6 +25,9 @@ job_memory_mb = 1024                 # a job whose memory growth passes this fai
 tile_read_threads = 8                # tile and tilemap reads run on their own threads ...
 tile_read_timeout = 10               # ... and a read not done in this many seconds is answered 503
 body_seconds = 60                    # a request body not received within this many seconds is answered 408
+max_connections = 8192               # open connections per front-end process (default: half the
+                                     # descriptor limit); more are answered 503 and closed
+max_connections_per_client = 256     # open connections from one address per process (slowloris)
 max_vertices = 1000000               # what an area of interest may cost (tilecrate.geometry.GeometryLimits;
 max_rings = 100000                   # absent: that module's defaults)
 max_line_crossings = 20000
@@ -109,6 +112,8 @@ class Limits:
     tile_read_threads: int = 8
     tile_read_timeout: float = 10.0
     body_seconds: float = 60.0
+    max_connections: int | None = None       # None: half the descriptor limit (server.connections)
+    max_connections_per_client: int = 256
     # an area's cost (tilecrate.geometry.GeometryLimits); None: the geometry module's defaults
     max_vertices: int | None = None
     max_rings: int | None = None
@@ -200,7 +205,7 @@ GEOMETRY_KEYS = ("max_vertices", "max_rings", "max_line_crossings", "max_json_de
 _LIMIT_KEYS = {**{k: int for k in GEOMETRY_KEYS},"max_body_bytes": int, "max_input_bytes": int, "max_jobs_per_client": int,
                "max_outstanding_per_client": int, "max_input_bytes_per_client": int, "job_seconds": float,
                "job_memory_mb": int, "tile_read_threads": int, "tile_read_timeout": float,
-               "body_seconds": float}
+               "body_seconds": float, "max_connections": int, "max_connections_per_client": int}
 _SERVICE_KEYS = {"source": str, "export_tiles_allowed": bool, "max_export_tiles_count": int,
                  "description": str, "copyright": str, "summary": str, "tags": list, "type": str,
                  "view": list, "export": list}
@@ -312,7 +317,8 @@ def validate(cfg: ServerConfig) -> ServerConfig:
         raise ConfigError("processes must be between 1 and 64")
     lim = cfg.limits
     for name in ("max_body_bytes", "max_input_bytes", "max_jobs_per_client", "max_outstanding_per_client",
-                 "max_input_bytes_per_client", "tile_read_threads", *GEOMETRY_KEYS):
+                 "max_input_bytes_per_client", "tile_read_threads", "max_connections", "max_connections_per_client",
+                 *GEOMETRY_KEYS):
         if getattr(lim, name) is not None and getattr(lim, name) < 1:
             raise ConfigError(f"[limits] {name} must be at least 1")
     for name in ("job_seconds", "job_memory_mb", "tile_read_timeout", "body_seconds"):

@@ -1,0 +1,87 @@
+"""How many connections a front-end process keeps open: in all, and per client address.
+
+aiohttp accepts every connection and keeps one that has not finished its request headers until its
+keep-alive timer (75 s) fires, so a few hundred sockets from one client that each send half a
+request line (slowloris) held every descriptor of the process: accept() failed with EMFILE, no
+other client got in, and bundles, the job store and outputs could no longer be opened. A connection
+past either limit is answered 503 (Esri error JSON) and closed at once, before anything is read.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+from collections import Counter
+from typing import Any
+
+_RESERVE = 256                  # descriptors kept for bundles, LMDB, outputs, threads when derived
+
+
+def default_max_connections() -> int:
+    """Half the process's descriptor limit (the other half for files), at least 64."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 16384
+    return max(64, min(soft // 2, soft - _RESERVE))
+
+
+def _refusal(why: str) -> bytes:
+    body = json.dumps({"error": {"code": 503, "message": "Service Unavailable", "details": [why]}}).encode()
+    head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: 5\r\nConnection: close\r\n"
+            "Access-Control-Allow-Origin: *\r\n\r\n")
+    return head.encode() + body
+
+
+class ConnectionGuard:
+    """Counts the open connections of an aiohttp server, and closes those past the limits."""
+
+    def __init__(self, total: int, per_client: int):
+        self.total = total
+        self.per_client = per_client
+        self.open = 0
+        self.by_client: Counter[str] = Counter()
+        self._client_of: dict[Any, str] = {}
+        self.refused = 0
+
+    def install(self, server: Any) -> None:
+        """Wrap an aiohttp web_server.Server's connection_made/connection_lost (its per-connection hooks)."""
+        made, lost = server.connection_made, server.connection_lost
+
+        def connection_made(handler: Any, transport: Any) -> None:
+            made(handler, transport)
+            peer = transport.get_extra_info("peername")
+            client = str(peer[0]) if isinstance(peer, (tuple, list)) and peer else ""
+            self._client_of[handler] = client
+            self.open += 1
+            self.by_client[client] += 1
+            why = None
+            if self.open > self.total:
+                why = (f"this server has {self.total} connections open, its limit ([limits] max_connections); "
+                       "try again in a few seconds")
+            elif self.by_client[client] > self.per_client:
+                why = (f"this client has {self.per_client} connections open, the limit per client "
+                       "([limits] max_connections_per_client); reuse them")
+            if why is not None:
+                # on the next turn of the loop, after the handler's task has begun (before Python 3.12
+                # it starts later; closed first, it found its server gone and failed an assertion)
+                asyncio.get_running_loop().call_soon(self._refuse, transport, why)
+
+        def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+            client = self._client_of.pop(handler, None)
+            if client is not None:
+                self.open -= 1
+                self.by_client[client] -= 1
+                if self.by_client[client] <= 0:
+                    del self.by_client[client]
+            lost(handler, exc)
+
+        server.connection_made = connection_made
+        server.connection_lost = connection_lost
+
+    def _refuse(self, transport: Any, why: str) -> None:
+        self.refused += 1
+        try:
+            transport.write(_refusal(why))
+        finally:
+            transport.close()       # flushes what was written, then frees the descriptor

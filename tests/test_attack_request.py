@@ -1,0 +1,138 @@
+"""Attacks on the request side of a real `tilecrate serve` process: connections held open with half a
+request (slowloris) from one address and from many, against a process whose descriptor limit is
+small enough to reach; hostile exportTiles / estimateExportTilesSize parameters (deep levels,
+astronomical tile counts, non-finite and giant numbers, odd spatial references, inverted extents).
+Each must be answered (Esri error JSON, or a job that ends) at once, and the server must go on
+serving others; nothing may be logged as a traceback."""
+from __future__ import annotations
+
+import http.client
+import json
+import resource
+import socket
+import time
+
+import pytest
+
+from test_server_support import Server, free_port, write_config
+
+ESTIMATE = "estimateExportTilesSize"
+NOFILE = 400          # the server's descriptor limit in these tests (its default max_connections: 144)
+
+
+def _start_with_nofile(srv: Server) -> Server:
+    """Start the server with RLIMIT_NOFILE at NOFILE (inherited from this process for the start)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, hard))
+    try:
+        return srv.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, sample_v2):
+    root = tmp_path_factory.mktemp("attackreq")
+    data = root / "data"
+    cfg = write_config(root / "tilecrate.toml", data, {"S": {"source": sample_v2}},
+                       limits={"max_connections_per_client": 50})
+    srv = _start_with_nofile(Server(cfg, data, free_port()))
+    yield srv
+    srv.stop()
+    log = srv.log.read_text()
+    assert "Traceback" not in log and "Too many open files" not in log, log[-3000:]
+
+
+def _half_requests(srv: Server, n: int, sources: list[str]) -> list[socket.socket]:
+    """n connections, spread over source addresses, each holding half a request line."""
+    out = []
+    for i in range(n):
+        s = socket.socket()
+        s.bind((sources[i % len(sources)], 0))
+        s.settimeout(5)
+        s.connect(("127.0.0.1", srv.port))
+        s.sendall(b"GET /arcgis/rest/services?f=json HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        out.append(s)
+    return out
+
+
+def _get(srv: Server, path: str, source: str = "127.0.0.1", conn: http.client.HTTPConnection | None = None):
+    """(status, body) of a GET on a connection from `source` (a new one unless given), in 5 s at most."""
+    c = conn or http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5, source_address=(source, 0))
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, r.read()
+    finally:
+        if conn is None:
+            c.close()
+
+
+def _closed_by_server(s: socket.socket) -> bool:
+    """Whether the server closed this connection at once: a 503 with an Esri error, or a reset (its
+    half request was never read, so the kernel may answer the close with RST before the 503 is read)."""
+    got = b""
+    try:
+        while chunk := s.recv(4096):
+            got += chunk
+    except socket.timeout:
+        return False
+    except ConnectionResetError:
+        return True
+    head, _, body = got.partition(b"\r\n\r\n")
+    return head.startswith(b"HTTP/1.1 503") and json.loads(body)["error"]["code"] == 503
+
+
+def test_one_address_holding_half_requests_does_not_lock_out_others(server):
+    """Before: 450 such connections from one client took all 400 descriptors; accept() failed with
+    EMFILE (logged with a traceback per attempt) and every other client timed out."""
+    path = f"/arcgis/rest/services/S/MapServer/tile/0/0/0"
+    socks = _half_requests(server, 450, ["127.0.0.1"])
+    try:
+        assert _closed_by_server(socks[-1])     # the server has accepted (and refused) them all
+        t = time.monotonic()
+        status, body = _get(server, path, source="127.0.0.2")
+        assert status == 200 and body[:2] == b"\xff\xd8" and time.monotonic() - t < 2, body[:300]
+        status, body = _get(server, path, source="127.0.0.1")
+        assert status == 503 and "max_connections_per_client" in json.loads(body)["error"]["details"][0]
+        refused = [s for s in socks[50:60] if _closed_by_server(s)]
+        assert len(refused) == 10
+    finally:
+        for s in socks:
+            s.close()
+    deadline = time.monotonic() + 5
+    while _get(server, path)[0] != 200:
+        assert time.monotonic() < deadline, "the client was not let in again once its connections closed"
+        time.sleep(0.1)
+
+
+def test_many_addresses_cannot_take_the_descriptors_files_need(server):
+    """Half requests from 200 addresses (2 each, within the per-client limit) pass the process's total
+    (half its descriptors): new connections are answered 503 at once, and a client already connected
+    still gets tiles and jobs (bundles, the job store and outputs still open)."""
+    keep = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10, source_address=("127.0.0.250", 0))
+    path = f"/arcgis/rest/services/S/MapServer/tile/5/10/10"
+    assert _get(server, path, conn=keep)[0] in (200, 404)
+    socks = _half_requests(server, 400, [f"127.0.1.{i}" for i in range(1, 201)])
+    try:
+        assert _closed_by_server(socks[-1])
+        t = time.monotonic()
+        status, body = _get(server, "/arcgis/rest/services?f=json", source="127.0.0.251")
+        assert status == 503 and "max_connections" in body.decode() and time.monotonic() - t < 2
+        assert _get(server, path, conn=keep)[0] in (200, 404)
+        keep.request("GET", f"/arcgis/rest/services/S/MapServer/{ESTIMATE}/submitJob?f=json&levels=0-3")
+        job = json.loads(keep.getresponse().read())
+        assert "jobId" in job, job
+        deadline = time.monotonic() + 30
+        while True:
+            keep.request("GET", f"/arcgis/rest/services/S/MapServer/{ESTIMATE}/jobs/{job['jobId']}?f=json")
+            state = json.loads(keep.getresponse().read())
+            if state["jobStatus"] in ("esriJobSucceeded", "esriJobFailed"):
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert state["jobStatus"] == "esriJobSucceeded", state
+    finally:
+        keep.close()
+        for s in socks:
+            s.close()
