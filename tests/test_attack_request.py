@@ -136,3 +136,28 @@ def test_many_addresses_cannot_take_the_descriptors_files_need(server):
         keep.close()
         for s in socks:
             s.close()
+
+
+BAD_HTTP = [b"GET /\x00 HTTP/1.1\r\n\r\n", b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 70000 + b"\r\n\r\n",
+            b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 200 + b"\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nX\x01Y: 1\r\n\r\n"]
+
+
+def test_requests_that_are_not_http_cannot_fill_the_log(server):
+    """Before: each was logged with a full traceback, some 560 bytes for a 19-byte request (30x), so
+    the log (and the operator's disk) grew as fast as a client could send; now one line each, at most
+    ten a minute."""
+    before = server.log.stat().st_size
+    for i in range(300):
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        try:
+            s.sendall(BAD_HTTP[i % len(BAD_HTTP)])
+            head = s.recv(64)
+            assert head.startswith(b"HTTP/1.") and b" 400 " in head, head
+        finally:
+            s.close()
+    assert _get(server, "/arcgis/rest/services?f=json")[0] == 200
+    time.sleep(0.2)
+    grown = server.log.read_bytes()[before:]
+    assert b"Traceback" not in grown and len(grown) < 4000, grown[:2000]
+    assert grown.count(b"not valid HTTP") <= 10

@@ -34,7 +34,7 @@ from tilecrate.jobs.store import QuotaExceeded, Quota, StoreError
 from tilecrate.jobs.model import ESTIMATE, EXPORT, SUCCEEDED, Job, is_job_id
 from tilecrate.server import html
 from tilecrate.server.config import ServerConfig
-from tilecrate.server.connections import ConnectionGuard, default_max_connections
+from tilecrate.server.connections import HTTP_LOG, ConnectionGuard, default_max_connections
 from tilecrate.server.errors import EsriError
 from tilecrate.server.reads import ReadGate
 from tilecrate.server.service import CURRENT_VERSION, WOULD_BLOCK, Service, open_service
@@ -866,7 +866,7 @@ def create_app(cfg: ServerConfig, *, process_index: int = 0, site_lock: bool = T
     _site_middleware = site_middleware
     app = _Application(client_max_size=body,
                           handler_args={"max_line_size": min(MAX_REQUEST_LINE, body) + 8192,
-                                        "max_field_size": 65536})
+                                        "max_field_size": 65536, "logger": HTTP_LOG})
     app[CFG] = cfg
     app[CONNECTIONS] = ConnectionGuard(cfg.limits.max_connections or default_max_connections(),
                                        cfg.limits.max_connections_per_client)

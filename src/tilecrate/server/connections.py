@@ -1,19 +1,30 @@
-"""How many connections a front-end process keeps open: in all, and per client address.
+"""How many connections a front-end process keeps open (in all, and per client address), and how
+requests that are not HTTP are logged.
 
 aiohttp accepts every connection and keeps one that has not finished its request headers until its
 keep-alive timer (75 s) fires, so a few hundred sockets from one client that each send half a
 request line (slowloris) held every descriptor of the process: accept() failed with EMFILE, no
 other client got in, and bundles, the job store and outputs could no longer be opened. A connection
 past either limit is answered 503 (Esri error JSON) and closed at once, before anything is read.
+
+aiohttp logged every request it could not parse (a NUL in the path, a header past its limit, a
+negative Content-Length) with a full traceback: some 560 bytes of log for a 19-byte request, so a
+client could fill the operator's disk through the log. Such requests are logged in one line, at
+most BAD_REQUESTS_LOGGED a minute, with a count of the rest.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import resource
+import time
 from collections import Counter
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
+BAD_REQUESTS_LOGGED = 10         # a minute, per process
 _RESERVE = 256                  # descriptors kept for bundles, LMDB, outputs, threads when derived
 
 
@@ -85,3 +96,39 @@ class ConnectionGuard:
             transport.write(_refusal(why))
         finally:
             transport.close()       # flushes what was written, then frees the descriptor
+
+
+class _BadRequests(logging.Filter):
+    """One line, at most BAD_REQUESTS_LOGGED a minute, for a request aiohttp could not parse; other
+    records (a handler's own exceptions) pass unchanged, traceback and all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._window = 0.0
+        self._logged = 0
+        self._dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        now = time.monotonic()
+        if now - self._window >= 60:
+            self._window, self._logged, dropped, self._dropped = now, 0, self._dropped, 0
+        else:
+            dropped = 0
+        if self._logged >= BAD_REQUESTS_LOGGED:
+            self._dropped += 1
+            return False
+        self._logged += 1
+        who = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        what = " ".join(str(getattr(exc, "message", "") or type(exc).__name__).split())[:200]
+        more = f" ({dropped} more in the minute before were not logged)" if dropped else ""
+        record.msg, record.args = "request from %s is not valid HTTP, answered 400: %s%s", (who, what, more)
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+HTTP_LOG = logging.getLogger("tilecrate.server.http")
+HTTP_LOG.addFilter(_BadRequests())
