@@ -17,7 +17,7 @@ import pytest
 from test_server_support import Server, free_port, write_config
 
 ESTIMATE = "estimateExportTilesSize"
-NOFILE = 400          # the server's descriptor limit in these tests (its default max_connections: 144)
+NOFILE = 1024         # the server's descriptor limit in these tests (its default max_connections: 128)
 
 
 def _start_with_nofile(srv: Server) -> Server:
@@ -84,10 +84,10 @@ def _closed_by_server(s: socket.socket) -> bool:
 
 
 def test_one_address_holding_half_requests_does_not_lock_out_others(server):
-    """Before: 450 such connections from one client took all 400 descriptors; accept() failed with
+    """Before: 1100 such connections from one client took all 1024 descriptors; accept() failed with
     EMFILE (logged with a traceback per attempt) and every other client timed out."""
     path = f"/arcgis/rest/services/S/MapServer/tile/0/0/0"
-    socks = _half_requests(server, 450, ["127.0.0.1"])
+    socks = _half_requests(server, 1100, ["127.0.0.1"])
     try:
         assert _closed_by_server(socks[-1])     # the server has accepted (and refused) them all
         t = time.monotonic()
@@ -107,13 +107,13 @@ def test_one_address_holding_half_requests_does_not_lock_out_others(server):
 
 
 def test_many_addresses_cannot_take_the_descriptors_files_need(server):
-    """Half requests from 200 addresses (2 each, within the per-client limit) pass the process's total
-    (half its descriptors): new connections are answered 503 at once, and a client already connected
+    """Half requests from 250 addresses (5 each, within the per-client limit) pass the process's total
+    (its descriptors less room for files and accept bursts): new connections are answered 503 at once, and a client already connected
     still gets tiles and jobs (bundles, the job store and outputs still open)."""
     keep = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10, source_address=("127.0.0.250", 0))
     path = f"/arcgis/rest/services/S/MapServer/tile/5/10/10"
     assert _get(server, path, conn=keep)[0] in (200, 404)
-    socks = _half_requests(server, 400, [f"127.0.1.{i}" for i in range(1, 201)])
+    socks = _half_requests(server, 1250, [f"127.0.1.{i}" for i in range(1, 251)])
     try:
         assert _closed_by_server(socks[-1])
         t = time.monotonic()
@@ -161,3 +161,75 @@ def test_requests_that_are_not_http_cannot_fill_the_log(server):
     grown = server.log.read_bytes()[before:]
     assert b"Traceback" not in grown and len(grown) < 4000, grown[:2000]
     assert grown.count(b"not valid HTTP") <= 10
+
+
+def test_a_levels_list_of_repeats_is_read_once(monkeypatch):
+    """Before: a 256 KiB `levels` of "5,5,5,..." (128 000 items, stored as a job: under max_input_bytes)
+    was 128 000 regular-expression matches and LOD lookups, three times per request: about 1 s of CPU
+    each, and four clients sending them put 150 ms on every tile request of the process."""
+    from tilecrate import request as rq
+
+    calls = []
+    real = rq._ITEM_RE
+
+    class Counting:
+        def match(self, text):
+            calls.append(text)
+            return real.match(text)
+
+    monkeypatch.setattr(rq, "_ITEM_RE", Counting())
+    req = rq.ExportRequest.from_params({"levels": ",".join(["5"] * 128_000 + [" 5", "05", "5.0", "3-4"])})
+    assert req.level_items == [(5.0, 5.0), (3.0, 4.0)]
+    assert req.level_items == [(5.0, 5.0), (3.0, 4.0)]
+    assert len(calls) == 4               # '5', '05', '5.0', '3-4': each distinct text once, parsed once
+    with pytest.raises(rq.RequestError, match="10001 different items; at most 10000"):
+        rq.parse_levels(",".join(str(i) for i in range(10_001)))
+    with pytest.raises(rq.RequestError, match="empty item"):
+        rq.parse_levels("5,,5")
+
+
+HOSTILE = [
+    ({"levels": "0-30"}, "level 24-30 not in"),
+    ({"levels": "1e308"}, "not in the cache's tiling scheme"),
+    ({"levels": "9223372036854775807"}, "not in the cache's tiling scheme"),
+    ({"levels": "0-1e300"}, "absurdly long"),
+    ({"levels": "nan", "exportBy": "Resolution"}, "bad level item"),
+    ({"levels": "inf", "exportBy": "Scale"}, "bad level item"),
+    ({"levels": "1e-320", "exportBy": "Scale"}, "matches no level"),
+    ({"levels": "-1-0", "exportBy": "Scale"}, "not positive"),
+    ({"levels": "[[1, [2]]]"}, "bad level"),
+    ({"levels": "[" * 5000 + "]" * 5000}, "levels"),
+    ({"levels": "0-5", "exportExtent": '{"xmin": 1e6, "ymin": 1e6, "xmax": -1e6, "ymax": -1e6}'}, "inverted"),
+    ({"levels": "0-5", "exportExtent": '{"xmin": NaN, "ymin": 0, "xmax": 1, "ymax": 1}'}, "not a finite number"),
+    ({"levels": "0-5", "exportExtent": '{"xmin": -Infinity, "ymin": 0, "xmax": 1, "ymax": 1}'}, "not a finite"),
+    ({"levels": "0-5", "exportExtent": '{"xmin": -1' + "0" * 5000 + ', "ymin": 0, "xmax": 1, "ymax": 1}'}, "not valid JSON"),
+    ({"levels": "0-5", "exportExtent": '{"xmin": 0, "ymin": 0, "xmax": 1, "ymax": 1, "spatialReference": '
+                                       '{"wkid": 1180591620717411303424}}'}, "spatialReference"),
+    ({"levels": "0-5", "exportExtent": '{"xmin": 0, "ymin": 0, "xmax": 1, "ymax": 1, "spatialReference": '
+                                       '{"wkid": -1, "latestWkid": "x"}}'}, "unknown spatial reference"),
+    ({"levels": "0-5", "exportExtent": '{"xmin": 0, "xmin": "a", "ymin": 0, "xmax": 1, "ymax": 1}'}, "not a number"),
+    ({"levels": "0-5", "areaOfInterest": '{"type":"GeometryCollection","geometries":[' * 50 + "]}" * 50},
+     "nested more than"),
+    ({"levels": "0-5", "compressionQuality": "1e400"}, "compressionQuality"),
+    ({"levels": "0-5", "exportBy": ["Scale", "x"]}, "exportBy"),
+    # astronomical tile counts: the whole world at the deepest levels, work bounded by the cache's bundles
+    ({"levels": "0-23", "exportExtent": '{"xmin": -1e308, "ymin": -1e308, "xmax": 1e308, "ymax": 1e308}'}, None),
+    ({"levels": "1e-300-1e300", "exportBy": "Scale"}, None),
+    ({"levels": "0-23", "exportExtent": '{"xmin": -1e10, "ymin": -1e10, "xmax": 1e10, "ymax": 1e10, '
+                                        '"spatialReference": {"wkid": 4326}}'}, None),
+]
+
+
+@pytest.mark.parametrize("params, error", HOSTILE, ids=range(len(HOSTILE)))
+def test_hostile_parameters_are_answered_at_once(server, params, error):
+    """An Esri 400 naming the problem, or a job that succeeds, each within seconds (held)."""
+    url = f"{server.svc('S')}/{ESTIMATE}/submitJob"
+    t = time.monotonic()
+    r = server.post(url, {"f": "json", **{k: json.dumps(v) if isinstance(v, list) else v for k, v in params.items()}})
+    body = r.json()
+    if error is not None:
+        assert body["error"]["code"] == 400 and error in " ".join(body["error"]["details"]), body
+    else:
+        job = server.poll("S", ESTIMATE, body["jobId"], timeout=30)
+        assert job["jobStatus"] == "esriJobSucceeded", job
+    assert time.monotonic() - t < 10

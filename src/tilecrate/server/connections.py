@@ -26,14 +26,17 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 BAD_REQUESTS_LOGGED = 10         # a minute, per process
 _RESERVE = 256                  # descriptors kept for bundles, LMDB, outputs, threads when derived
+_BURST = 5 * 128                # asyncio accepts up to a backlog (128) of connections per turn of its
+                                # loop, and a refused one's descriptor is freed some four turns later
+                                # (accept task, connection_made, the refusal, connection_lost)
 
 
 def default_max_connections() -> int:
-    """Half the process's descriptor limit (the other half for files), at least 64."""
+    """Half the process's descriptor limit (the other half for files and accept bursts), at least 64."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return 16384
-    return max(64, min(soft // 2, soft - _RESERVE))
+    return max(64, min(soft // 2, soft - _RESERVE - _BURST))
 
 
 def _refusal(why: str) -> bytes:
