@@ -122,7 +122,12 @@ def binding_matches(binding: tuple[str, str] | None, referer: str | None, addres
         return True
     kind, value = binding
     if kind == "referer":
-        return bool(referer) and referer.startswith(value)
+        if not referer or not referer.startswith(value):
+            return False
+        # a bound URL matches its own pages only: by bare prefix, a token bound to
+        # https://app.example.com was accepted from https://app.example.com.attacker.net/
+        rest = referer[len(value):]
+        return "://" not in value or not rest or value.endswith(("/", "?", "#")) or rest[0] in "/?#"
     if kind == "ip":
         return bool(address) and hmac.compare_digest(address.encode(), value.encode())
     return False
