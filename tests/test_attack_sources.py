@@ -138,3 +138,27 @@ def test_a_tile_folder_with_fifos_devices_and_symlink_loops(tmp_path):
         assert c.tile(2, 0, 9) is None            # the looping x folder holds no tile names
         assert any("2/9/" in w and "skipped" in w for w in c.warnings)
     assert time.monotonic() - t < 10
+
+
+DEEP = b"[" * 200_000 + b"]" * 200_000
+
+
+def test_deeply_nested_metadata_is_ignored_not_a_bare_recursion_error(tmp_path):
+    """Before: json.loads raised RecursionError, which the readers did not expect: the archive or
+    folder could not be opened and the error named nothing."""
+    mo = 127 + len(root := _directory([(0, 1, len(TILE), 0)]))
+    head = b"PMTiles\x03" + struct.pack("<8Q", 127, len(root), mo, len(DEEP), 0, 0, mo + len(DEEP), len(TILE))
+    head += struct.pack("<3Q", 1, 1, 1) + bytes([1, 1, 1, 2, 0, 1]) + struct.pack("<4i", 0, 0, 10, 10)
+    head += bytes([0]) + struct.pack("<2i", 0, 0)
+    p = tmp_path / "deep.pmtiles"
+    p.write_bytes(head + root + DEEP + TILE)
+    with open_cache(p) as c:
+        assert c.source_metadata == {} and c.tile(0, 0, 0) == TILE
+    folder = tmp_path / "xyz"
+    (folder / "0" / "0").mkdir(parents=True)
+    (folder / "0" / "0" / "0.png").write_bytes(_png())
+    (folder / "metadata.json").write_bytes(DEEP)
+    (folder / "iteminfo.json").write_bytes(b'{"title": ' + DEEP + b"}")
+    with open_cache(folder) as c:
+        assert c.source_metadata == {} and c.tile(0, 0, 0) == _png()
+        assert any("metadata.json: not read" in w for w in c.warnings), c.warnings

@@ -259,6 +259,9 @@ def _metadata_json(path: str, warn) -> dict:
     except (CacheError, UnicodeDecodeError, json.JSONDecodeError) as e:
         warn(f"{p}: not read ({e})")
         return {}
+    except RecursionError:                # [[[[...]]]] a few thousand deep: not a bare error at open
+        warn(f"{p}: not read (nested too deeply)")
+        return {}
     return meta if isinstance(meta, dict) else {}
 
 

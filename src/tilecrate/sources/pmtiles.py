@@ -209,7 +209,7 @@ class PMTilesBackend:
                        h["internal_compression"], MAX_METADATA, self.label)
         try:
             meta = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # nested arrays: RecursionError
             return {}
         return meta if isinstance(meta, dict) else {}
 
