@@ -162,3 +162,24 @@ def test_deeply_nested_metadata_is_ignored_not_a_bare_recursion_error(tmp_path):
     with open_cache(folder) as c:
         assert c.source_metadata == {} and c.tile(0, 0, 0) == _png()
         assert any("metadata.json: not read" in w for w in c.warnings), c.warnings
+
+
+def test_xyz_tiles_outside_their_level_are_skipped(tmp_path):
+    """Before: {z}/{x}/{y} names past 2**z (x up to ten digits) were listed as tiles: the estimate
+    counted them, and a .tpkx export failed with a bare ValueError (a bundle position past 2**32)."""
+    from tilecrate.estimate import estimate
+    from tilecrate.export import export
+    from tilecrate.request import ExportRequest
+
+    root = tmp_path / "xyz"
+    png = _png()
+    for z, x, y in [(0, 0, 0), (1, 1, 1), (1, 9999999999, 0), (1, 0, 2), (1, 2, 1), (3, 7, 7)]:
+        (root / str(z) / str(x)).mkdir(parents=True, exist_ok=True)
+        (root / str(z) / str(x) / f"{y}.png").write_bytes(png)
+    with open_cache(root) as c:
+        assert sorted(w.split(": ")[1] for w in c.warnings) == ["outside the level's grid; skipped"] * 3
+        assert estimate(c, ExportRequest(levels="0-3")).total_tiles == 3
+        result = export(c, ExportRequest(levels="0-3"), str(tmp_path / "o.tpkx"))
+    assert result.tiles == 3
+    with open_cache(tmp_path / "o.tpkx") as back:
+        assert sorted((lv, r, col) for lv, r, col, _ in back.iter_tiles()) == [(0, 0, 0), (1, 1, 1), (3, 7, 7)]

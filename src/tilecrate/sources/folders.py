@@ -109,7 +109,9 @@ class FolderBackend:
                     self._warn(f"{f.path}: not a tile file name; skipped")
                     continue
                 row, col = self._rc(level, ov, iv)
-                if row < 0 or col < 0:
+                # an XYZ level is 2**z tiles square: a column of 9999999999 was counted by estimates
+                # and failed .tpk/.tpkx exports with a bare ValueError (a bundle past 2**32)
+                if row < 0 or col < 0 or (not self._exploded and (row >> level or col >> level)):
                     self._warn(f"{f.path}: outside the level's grid; skipped")
                     continue
                 if (row, col) in found:
