@@ -422,11 +422,12 @@ def test_pread_checked_refuses_bad_arguments(tmp_path):
     p.write_bytes(b"0123456789")
     fd = os.open(p, os.O_RDONLY)
     st = os.fstat(fd)
-    fid = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    fid = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     try:
         assert _bundle.pread_checked(fd, 2, 3, fid) == (b"234", True)
         assert _bundle.pread_checked(fd, 8, 5, fid) == (None, True)            # the file ends first
-        assert _bundle.pread_checked(fd, 0, 1, fid[:2] + (11, fid[3])) == (b"0", False)
+        assert _bundle.pread_checked(fd, 0, 1, fid[:2] + (11,) + fid[3:]) == (b"0", False)
+        assert _bundle.pread_checked(fd, 0, 1, fid[:4] + (fid[4] - 1,)) == (b"0", False)   # ctime moved
         with pytest.raises(ValueError):
             _bundle.pread_checked(-1, 0, 1, fid)
         for off, n in ((0, -1), (0, 1 << 24), (2**63, 1)):
@@ -434,6 +435,8 @@ def test_pread_checked_refuses_bad_arguments(tmp_path):
                 _bundle.pread_checked(fd, off, n, fid)
         with pytest.raises(ValueError, match="fid"):
             _bundle.pread_checked(fd, 0, 1, fid[:3])
+        with pytest.raises(ValueError, match="fid"):
+            _bundle.pread_checked(fd, 0, 1, fid[:4])
     finally:
         os.close(fd)
 

@@ -142,6 +142,28 @@ def test_same_size_rewrite_with_a_new_mtime_is_read_again(base, tmp_path):
         assert c.tile(0, 0, 0) == bytes(b ^ 0xFF for b in old)
 
 
+def test_same_size_rewrite_that_puts_the_old_mtime_back_is_read_again(base, tmp_path):
+    """A rewrite of the same length whose mtime is set back (`cp -p`, `rsync -t`, `touch -r`) is noticed by
+    the ctime, which no caller can set: the index and the tile are read again, never the old offsets."""
+    root = make_cache(base, tmp_path / "c")
+    p = bundle_path(root, 0)
+    with open_cache(root) as c:
+        old = c.tile(0, 0, 0)
+        key = c.bundle_key(BundleRef(0, 0, 0))
+        data = bytearray(p.read_bytes())
+        tail = len(data) - len(old)
+        data[tail:] = bytes(b ^ 0xFF for b in data[tail:])
+        st = p.stat()
+        time.sleep(0.01)                        # a ctime tick apart on coarse-clock file systems
+        p.write_bytes(bytes(data))
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+        now = p.stat()
+        assert (now.st_size, now.st_mtime_ns, now.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+        assert now.st_ctime_ns != st.st_ctime_ns
+        assert c.tile(0, 0, 0) == bytes(b ^ 0xFF for b in old)
+        assert c.bundle_key(BundleRef(0, 0, 0)) != key
+
+
 def test_truncated_bundle_is_a_clear_error_and_a_fixed_one_reads_again(base, tmp_path):
     root = make_cache(base, tmp_path / "c")
     p = bundle_path(root, 2)

@@ -245,7 +245,7 @@ def test_fuzz_pread_checked_matches_the_file(tmp_path_factory, offset, n, near, 
     fd = os.open(p, os.O_RDONLY)
     try:
         st_ = os.fstat(fd)
-        fid = (st_.st_dev, st_.st_ino, st_.st_size, st_.st_mtime_ns + (0 if same else 1))
+        fid = (st_.st_dev, st_.st_ino, st_.st_size, st_.st_mtime_ns + (0 if same else 1), st_.st_ctime_ns)
         try:
             got, current = _bundle.pread_checked(fd, offset, n, fid)
         except (ValueError, OverflowError):

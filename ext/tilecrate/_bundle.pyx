@@ -307,17 +307,17 @@ def parse_v1_fd(const uint8_t[::1] bundlx, int fd, uint64_t base, uint64_t lengt
 
 def pread_checked(int fd, uint64_t offset, Py_ssize_t n, tuple fid):
     """``n`` bytes at ``offset`` of the open file ``fd`` and whether the file is still the version
-    ``fid`` = (device, inode, size, mtime_ns) after the read: ``(bytes or None, current)``. None
+    ``fid`` = (device, inode, size, mtime_ns, ctime_ns) after the read: ``(bytes or None, current)``. None
     when the file ended first. The read and the fstat run in C without the GIL (the tile route's
     per-read validation costs one fstat, no Python objects)."""
     if fd < 0:
         raise ValueError("fd must be an open file descriptor")
     if n < 0 or n > MAX_TILE_SIZE or offset > MAX_FILE:
         raise ValueError(f"{n} bytes at offset {offset} is out of range")
-    if len(fid) != 4:
-        raise ValueError("fid must be (device, inode, size, mtime_ns)")
+    if len(fid) != 5:
+        raise ValueError("fid must be (device, inode, size, mtime_ns, ctime_ns)")
     cdef uint64_t dev = fid[0], ino = fid[1], size = fid[2]
-    cdef int64_t mtime = fid[3]
+    cdef int64_t mtime = fid[3], ctime = fid[4]
     data = PyBytes_FromStringAndSize(NULL, n)
     cdef uint8_t* dst = <uint8_t*>PyBytes_AS_STRING(data)
     cdef int rc, frc
@@ -330,5 +330,6 @@ def pread_checked(int fd, uint64_t offset, Py_ssize_t n, tuple fid):
     if frc != 0:
         raise OSError(errno, "cannot fstat")
     current = (<uint64_t>st.st_dev == dev and <uint64_t>st.st_ino == ino and <uint64_t>st.st_size == size
-               and <int64_t>st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec == mtime)
+               and <int64_t>st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec == mtime
+               and <int64_t>st.st_ctim.tv_sec * 1000000000 + st.st_ctim.tv_nsec == ctime)
     return (data if rc == 0 else None), current

@@ -1,7 +1,7 @@
 """Which tiles each bundle holds, kept in LMDB so repeated estimates need not reread bundle indexes.
 
 A record is keyed by the bundle's location and the identity of its content (device, inode, size,
-mtime_ns of the file, and of the .bundlx for V1: `Cache.bundle_key`), so a rewritten or replaced
+mtime_ns and ctime_ns of the file, and of the .bundlx for V1: `Cache.bundle_key`), so a rewritten or replaced
 bundle gets a new key and stale records are never used; a miss is stored under the identity of the
 version its index was actually read from (`Cache.index_with_key`), never under an older one.
 The value is a presence bitmap (16 384 bits, row-major) followed by the sizes of the present

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from tilecrate import _bundle
 from tilecrate.errors import BundleError, CacheError
 
-FileId = tuple  # (st_dev, st_ino, st_size, st_mtime_ns)
+FileId = tuple  # (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)
 
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 _SMALL_LIMIT = 64 << 20           # metadata files (conf.xml, root.json, .bundlx) larger than this are refused
@@ -41,8 +41,10 @@ class Stale(CacheError):
 
 
 def file_id(st: os.stat_result) -> FileId:
-    """The identity of a file's current content: (device, inode, size, mtime in ns)."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    """The identity of a file's current content: (device, inode, size, mtime and ctime in ns). The ctime,
+    which no caller can set, tells apart what the rest cannot: a rewrite that puts the old mtime back
+    (`cp -p`, `rsync -t`, `touch -r`) and a new file of the same size on a reused inode."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def changed(label: str) -> BundleError:

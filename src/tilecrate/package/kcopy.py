@@ -573,14 +573,15 @@ def write_parts(parts, write, copier: KernelCopier | None, scanner: RunScanner |
 
 
 def identity(st: os.stat_result) -> tuple:
-    """(device, inode, size, mtime in ns): a file's content version, as the cache records it."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    """(device, inode, size, mtime and ctime in ns): a file's content version, as the cache records it
+    (`sourcefiles.file_id`)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def version(st: os.stat_result) -> tuple:
-    """`identity` and the change time in ns: the key of remembered run CRCs (a rewrite that puts the
-    old mtime back still moves the ctime, which no caller can set)."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    """The key of remembered run CRCs: `identity`, whose ctime tells a rewrite that put the old mtime
+    back (no caller can set the ctime)."""
+    return identity(st)
 
 
 def open_source(path: str, size: int, label: str, file_id: tuple | None = None) -> int:

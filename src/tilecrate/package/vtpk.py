@@ -100,7 +100,7 @@ class _Source:
             raise ExportError(f"{path}: cannot read the vector tile package ({e.strerror})") from None
         self._zip_size = st.st_size
         # a server exports the same package again and again: its listing is kept per file identity
-        key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         with _LISTINGS_LOCK:
             hit = _LISTINGS.get(key)
             if hit is not None:

@@ -45,7 +45,7 @@ def _identity(path: str) -> tuple | None:
         st = os.stat(os.path.join(path, "root.json") if os.path.isdir(path) else path)
     except OSError:
         return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 class VectorService(Service):

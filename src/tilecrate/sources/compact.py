@@ -3,7 +3,7 @@
 A cache is a tile scheme plus bundles. Bundles are found by name and read with pread
 (tilecrate.sourcefiles): nothing is mapped, so a file truncated or overwritten under a running
 server is an error for that request, never SIGBUS. Every read validates the file as it is now
-(device, inode, size, mtime): parsed indexes are kept in a small LRU keyed by that identity, so a
+(device, inode, size, mtime, ctime): parsed indexes are kept in a small LRU keyed by that identity, so a
 replaced bundle is re-read, and a bundle that changes during one read is a BundleError naming it.
 Folders are listed again (per level, at most once per `RELIST_SECONDS`) when asked for a bundle
 that is not known, so new bundles appear and removed ones disappear while the cache is open.
