@@ -96,3 +96,47 @@ def test_a_staged_bundle_overwritten_in_place_fails_the_zip_crc(runner, wide, tm
     result = export(str(wide), REQ, str(tmp_path / "a.tpkx"), scheduler=runner)
     with zipfile.ZipFile(result.path) as zf:
         assert zf.testzip() == seen[1]
+
+
+def _source_scribble(path):
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        f.write(b"\x5a" * 64)
+
+
+def _source_renamed_over(path):
+    tmp = path + ".new"
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    data[len(data) // 2:len(data) // 2 + 64] = b"\x5a" * 64
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+@pytest.mark.parametrize("harm", [_source_scribble, _source_renamed_over, os.unlink], ids=["scribble", "renamed", "deleted"])
+def test_a_source_bundle_changed_before_its_recipe_is_assembled(runner, wide, tmp_path, monkeypatch, harm):
+    """Pass-through bundles are recipes: the workers stage headers only and the client copies the tile
+    ranges from the source. A source changed between the worker's read and that copy must fail the
+    export (its CRC-32 and ranges describe the old bytes), never make a package of mixed bytes."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(wide, src)                       # the module's cache stays intact
+    real = assemble.Assembler.add_recipe
+    seen: list[str] = []
+
+    def harmed(self, recipe):
+        if len(seen) == 1:
+            harm(recipe.file)
+        seen.append(recipe.file)
+        return real(self, recipe)
+
+    monkeypatch.setattr(assemble.Assembler, "add_recipe", harmed)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(TilecrateError) as info:
+        export(str(src), ExportRequest(levels=str(WIDE_LEVEL)), str(out / "p.tpkx"), scheduler=runner)
+    text = str(info.value)
+    assert len(seen) >= 2 and "\n" not in text.strip() and os.path.basename(seen[1]) in text, text
+    assert os.listdir(out) == [] and leftovers(tmp_path) == []
