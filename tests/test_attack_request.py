@@ -182,8 +182,11 @@ def test_a_levels_list_of_repeats_is_read_once(monkeypatch):
     assert req.level_items == [(5.0, 5.0), (3.0, 4.0)]
     assert req.level_items == [(5.0, 5.0), (3.0, 4.0)]
     assert len(calls) == 4               # '5', '05', '5.0', '3-4': each distinct text once, parsed once
-    with pytest.raises(rq.RequestError, match="10001 different items; at most 10000"):
+    with pytest.raises(rq.RequestError, match="10001 items; at most 10000 different"):
         rq.parse_levels(",".join(str(i) for i in range(10_001)))
+    with pytest.raises(rq.RequestError, match="20000 items; at most 10000 different"):
+        rq.parse_levels("[" + ",".join(["5"] * 20_000) + "]")     # a JSON list is not deduplicated first
+    assert rq.parse_levels("[5, 5, 5.0, [1, 2], [1, 2]]") == [(5.0, 5.0), (1.0, 2.0)]
     with pytest.raises(rq.RequestError, match="empty item"):
         rq.parse_levels("5,,5")
 

@@ -125,7 +125,7 @@ def parse_levels(levels: str | tuple | list | int | float) -> list[tuple[float, 
     else:
         raise RequestError(f"levels must be a string such as '0-5' or a tuple of numbers, not {type(levels).__name__}")
     if len(items) > MAX_LEVEL_ITEMS:
-        raise RequestError(f"levels has {len(items)} different items; at most {MAX_LEVEL_ITEMS} are read "
+        raise RequestError(f"levels has {len(items)} items; at most {MAX_LEVEL_ITEMS} different ones are read "
                            f"(a cache has a few dozen levels: use ranges such as 0-5)")
     out: list[tuple[float, float]] = []
     for item in items:
