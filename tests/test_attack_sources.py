@@ -69,8 +69,10 @@ def test_a_varint_past_64_bits_and_a_truncated_one(tmp_path):
     p = tmp_path / "v.pmtiles"
     root = gzip.compress(_varint(1) + _varint(0) + b"\x80\x80", mtime=0)
     p.write_bytes(_pm_file(root, 0, 0, 127 + len(root), len(TILE), TILE))
-    with pytest.raises(CacheError, match="ends inside a number"):
+    with pytest.raises(CacheError, match="says 1 entries but holds 1 numbers"):   # counted before decoding
         open_cache(p)
+    with pytest.raises(CacheError, match="ends inside a number"):
+        pm.decode_varints(b"\x01\x80\x80", "t")
 
 
 def test_a_gzip_bomb_directory_stops_at_the_limit(tmp_path, monkeypatch):
@@ -85,6 +87,25 @@ def test_a_gzip_bomb_directory_stops_at_the_limit(tmp_path, monkeypatch):
     with pytest.raises(CacheError, match="inflates past 1 MiB"):
         open_cache(p)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 8 << 10   # KiB: not the 8 MiB body
+
+
+def test_a_small_archive_whose_directory_inflates_far_is_refused_before_decoding(tmp_path):
+    """Before: a 32 KB archive whose root inflates to 32 MiB of one-byte numbers (announcing 1 entry)
+    was decoded whole first, with an int64 and a uint64 array per byte: 5 s and 1.8 GB of memory (at
+    the 256 MiB directory limit some 14 GB). Measured in a fresh process, so its peak is its own."""
+    body = _varint(1) + b"\x00" * (32 << 20)
+    root = gzip.compress(body, compresslevel=9, mtime=0)
+    p = tmp_path / "far.pmtiles"
+    p.write_bytes(_pm_file(root, 0, 0, 127 + len(root), len(TILE), TILE))
+    assert p.stat().st_size < 64 << 10
+    code = ("import resource, sys\nfrom tilecrate.sources import open_cache\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "try:\n    open_cache(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) >> 10)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True, timeout=60)
+    out = r.stdout.splitlines()
+    assert out[0].startswith("CacheError") and "says 1 entries but holds 33554432 numbers" in out[0], r.stdout + r.stderr
+    assert int(out[1]) < 200, f"{out[1]} MiB for a {p.stat().st_size}-byte archive"
 
 
 def test_many_leaves_aliasing_one_leaf_are_bounded(tmp_path, monkeypatch):
