@@ -5,7 +5,8 @@ aiohttp accepts every connection and keeps one that has not finished its request
 keep-alive timer (75 s) fires, so a few hundred sockets from one client that each send half a
 request line (slowloris) held every descriptor of the process: accept() failed with EMFILE, no
 other client got in, and bundles, the job store and outputs could no longer be opened. A connection
-past either limit is answered 503 (Esri error JSON) and closed at once, before anything is read.
+past either limit is answered 503 (Esri error JSON) and closed on the loop's next turn, before
+any request of it is handled.
 
 aiohttp logged every request it could not parse (a NUL in the path, a header past its limit, a
 negative Content-Length) with a full traceback: some 560 bytes of log for a 19-byte request, so a
