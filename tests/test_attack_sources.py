@@ -204,3 +204,30 @@ def test_xyz_tiles_outside_their_level_are_skipped(tmp_path):
     assert result.tiles == 3
     with open_cache(tmp_path / "o.tpkx") as back:
         assert sorted((lv, r, col) for lv, r, col, _ in back.iter_tiles()) == [(0, 0, 0), (1, 1, 1), (3, 7, 7)]
+
+
+def test_a_served_vector_package_with_a_deeply_nested_style(tmp_path, real_dir):
+    """The style of an unpacked .vtpk nested a few thousand levels deep: an Esri 400 naming the
+    package's style (before: "a parameter is nested too deeply", blaming the client), tiles and the
+    service still served, no traceback."""
+    import zipfile
+
+    from conftest import real_path
+    from test_server_support import Server, free_port, write_config
+
+    with zipfile.ZipFile(real_path("natural-earth.vtpk")) as zf:
+        zf.extractall(tmp_path / "x")
+    src = tmp_path / "x" / "p12"
+    (src / "resources" / "styles" / "root.json").write_bytes(DEEP)
+    data = tmp_path / "data"
+    srv = Server(write_config(tmp_path / "t.toml", data, {"V": {"source": str(src)}}), data, free_port()).start()
+    try:
+        base = "/arcgis/rest/services/V/VectorTileServer"
+        for path in ("/resources/styles/root.json", "/resources/styles"):
+            err = srv.get(base + path, {"f": "json"}).json()["error"]
+            assert err["code"] == 400 and "style is nested too deeply" in err["details"][0], err
+        assert srv.get(base, {"f": "json"}).json()["type"] == "indexedVector"
+        assert srv.get(base + "/tile/0/0/0.pbf").status == 200
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.log.read_text()

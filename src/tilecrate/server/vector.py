@@ -160,6 +160,8 @@ class VectorService(Service):
             style = json.loads(data)
         except ValueError:
             raise EsriError(400, f"{self.name}: the package's style is not JSON") from None
+        except RecursionError:  # else answered as "a parameter is nested too deeply": the client's fault
+            raise EsriError(400, f"{self.name}: the package's style is nested too deeply to be read") from None
         if not isinstance(style, dict):
             raise EsriError(400, f"{self.name}: the package's style is not a JSON object")
         if isinstance(style.get("sprite"), str) and "://" not in style["sprite"]:
