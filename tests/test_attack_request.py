@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import http.client
 import json
-import resource
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -21,13 +21,9 @@ NOFILE = 1024         # the server's descriptor limit in these tests (its defaul
 
 
 def _start_with_nofile(srv: Server) -> Server:
-    """Start the server with RLIMIT_NOFILE at NOFILE (inherited from this process for the start)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, hard))
-    try:
-        return srv.start()
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    """Start the server with RLIMIT_NOFILE at NOFILE, soft and hard (so `serve` cannot raise it)."""
+    srv.nofile = (NOFILE, NOFILE)
+    return srv.start()
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +132,42 @@ def test_many_addresses_cannot_take_the_descriptors_files_need(server):
         keep.close()
         for s in socks:
             s.close()
+
+
+def _nofile_of(pid: int) -> int:
+    """The soft 'Max open files' of a running process."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no 'Max open files' line")
+
+
+def test_serve_raises_its_descriptor_limit_towards_the_hard_one(tmp_path, sample_v2):
+    """A soft limit of 1024 (the usual default) would leave a front end some 128 connections: `serve` raises
+    it to the hard limit (at most DESCRIPTORS_WANTED), and a connection count that 1024 would refuse is served."""
+    data = tmp_path / "data"
+    cfg = write_config(tmp_path / "tilecrate.toml", data, {"S": {"source": sample_v2}})
+    srv = Server(cfg, data, free_port(), nofile=(1024, 4096)).start()
+    try:
+        assert _nofile_of(srv.proc.pid) == 4096
+        socks = []
+        try:
+            for i in range(300):              # past the 128 a 1024 limit allows, within the per-client 256
+                s = socket.socket()
+                s.bind((f"127.0.2.{i % 250 + 1}", 0))
+                s.settimeout(5)
+                s.connect(("127.0.0.1", srv.port))
+                socks.append(s)
+            status, body = _get(srv, "/arcgis/rest/services/S/MapServer/tile/0/0/0", source="127.0.0.3")
+            assert status == 200 and body[:2] == b"\xff\xd8", body[:300]
+            for s in socks[-5:]:               # still open: nothing comes within a moment
+                s.settimeout(0.3)
+                assert not _closed_by_server(s)
+        finally:
+            for s in socks:
+                s.close()
+    finally:
+        srv.stop()
 
 
 BAD_HTTP = [b"GET /\x00 HTTP/1.1\r\n\r\n", b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",

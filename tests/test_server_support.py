@@ -85,6 +85,15 @@ class Reply:
         return json.loads(self.body)
 
 
+def _nofile_setter(limits: tuple):
+    """A preexec_fn that sets the child's RLIMIT_NOFILE (soft, hard) before it runs."""
+    import resource
+
+    def set_limits() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+    return set_limits
+
+
 @dataclass
 class Server:
     """A `tilecrate serve` process."""
@@ -98,6 +107,7 @@ class Server:
     log: Path | None = None
     extra_args: list = field(default_factory=list)
     env: dict = field(default_factory=dict)
+    nofile: tuple | None = None     # the process's (soft, hard) RLIMIT_NOFILE, set in the child only
 
     @property
     def base(self) -> str:
@@ -115,7 +125,8 @@ class Server:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen(
             [PYTHON, "-c", _LAUNCHER, str(self.delay), "serve", str(self.config), "--port", str(self.port),
-             *self.extra_args], stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(self.data_dir.parent))
+             *self.extra_args], stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(self.data_dir.parent),
+            preexec_fn=None if self.nofile is None else _nofile_setter(self.nofile))
         logf.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -79,8 +79,10 @@ def run(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from tilecrate.server.app import READS, create_app
+    from tilecrate.server.connections import raise_descriptor_limit
 
     cfg = build_config(args)
+    raise_descriptor_limit()        # before the front ends are forked: they inherit it
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.makedirs(cfg.data_dir, exist_ok=True)

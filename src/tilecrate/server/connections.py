@@ -32,6 +32,24 @@ _BURST = 5 * 128                # asyncio accepts up to a backlog (128) of conne
                                 # (accept task, connection_made, the refusal, connection_lost)
 
 
+DESCRIPTORS_WANTED = 65536      # `serve` raises its soft descriptor limit to this (or the hard limit)
+
+
+def raise_descriptor_limit(want: int = DESCRIPTORS_WANTED) -> int:
+    """Raise this process's soft descriptor limit towards its hard limit (at most `want`), as servers do;
+    the soft limit now. The usual soft default of 1024 would leave a front end some 128 connections
+    (`default_max_connections`); nothing here uses select(), which such descriptors would break."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass            # refused (a container's policy): the default limits follow what is
+    return soft
+
+
 def default_max_connections() -> int:
     """Half the process's descriptor limit (the other half for files and accept bursts), at least 64."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
