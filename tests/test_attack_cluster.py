@@ -76,18 +76,20 @@ def test_a_staged_bundle_harmed_before_assembly(runner, wide, tmp_path, monkeypa
 REQ = ExportRequest(levels=str(WIDE_LEVEL), optimize_tiles_for_size=True, compression_quality=30)
 
 
-def _harm_second(monkeypatch, harm) -> list[str]:
-    """Harm the second staged bundle right before the assembly copies it; the names seen, in order."""
-    real = assemble.Assembler.add_output
+def _harm_second(monkeypatch, harm, method: str = "add_output", path=lambda out: out.path,
+                 name=lambda out: out.name) -> list[str]:
+    """Harm the second item the assembly takes (`Assembler.<method>`: a staged bundle, or a recipe's source)
+    right before it is copied: `harm(path(item))`; the names of the items seen, in order."""
+    real = getattr(assemble.Assembler, method)
     seen: list[str] = []
 
-    def harmed(self, out):
+    def harmed(self, item):
         if len(seen) == 1:
-            harm(out.path)
-        seen.append(out.name)
-        return real(self, out)
+            harm(path(item))
+        seen.append(name(item))
+        return real(self, item)
 
-    monkeypatch.setattr(assemble.Assembler, "add_output", harmed)
+    monkeypatch.setattr(assemble.Assembler, method, harmed)
     return seen
 
 
@@ -123,16 +125,7 @@ def test_a_source_bundle_changed_before_its_recipe_is_assembled(runner, wide, tm
 
     src = tmp_path / "src"
     shutil.copytree(wide, src)                       # the module's cache stays intact
-    real = assemble.Assembler.add_recipe
-    seen: list[str] = []
-
-    def harmed(self, recipe):
-        if len(seen) == 1:
-            harm(recipe.file)
-        seen.append(recipe.file)
-        return real(self, recipe)
-
-    monkeypatch.setattr(assemble.Assembler, "add_recipe", harmed)
+    seen = _harm_second(monkeypatch, harm, "add_recipe", path=lambda r: r.file, name=lambda r: r.file)
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(TilecrateError) as info:

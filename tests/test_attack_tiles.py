@@ -87,6 +87,54 @@ def _bundle_path(cache_dir: Path, level: int) -> Path:
     return cache_dir / "_alllayers" / f"L{level:02d}" / "R0000C0000.bundle"
 
 
+def _race(srv, legit: dict, writer, seconds: float) -> dict[int, int]:
+    """Run `writer(stop)` against three readers of random CELLS tiles for `seconds`; every 200 must be one
+    of `legit[cell]`, every other answer an Esri 400, no request may hang. {status: count} seen."""
+    stop = threading.Event()
+    seen: dict[int, int] = {}
+    bad: list = []
+
+    def reader(seed: int):
+        rng = random.Random(seed)
+        client = _Client(srv.port)
+        try:
+            while not stop.is_set():
+                i = rng.choice(CELLS)
+                status, body = client.get(f"/arcgis/rest/services/Sample/MapServer/tile/2/{i // 128}/{i % 128}")
+                seen[status] = seen.get(status, 0) + 1
+                if status == 200 and body not in legit[i] or \
+                        status != 200 and (status != 400 or json.loads(body)["error"]["code"] != 400):
+                    bad.append((i, status, body[:60]))
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=writer, args=(stop,))] + \
+              [threading.Thread(target=reader, args=(s,)) for s in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(seconds)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    assert not bad, (bad[:5], seen)
+    assert seen.get(200, 0) > 100, seen           # the readers were served, not only refused
+    return seen
+
+
+def _assert_serves(srv, tiles: dict) -> None:
+    """Every CELLS tile is answered with exactly `tiles[cell]`."""
+    client = _Client(srv.port)
+    try:
+        for i in CELLS:
+            status, body = client.get(f"/arcgis/rest/services/Sample/MapServer/tile/2/{i // 128}/{i % 128}")
+            assert (status, body) == (200, tiles[i]), (i, status, body[:40])
+    finally:
+        client.close()
+
+
 def test_tiles_read_while_the_bundle_is_replaced_rewritten_and_truncated(cache_dir, tmp_path):
     versions = [_version(k) for k in range(6)]
     blobs = [_v2_bundle(v) for v in versions]
@@ -94,12 +142,9 @@ def test_tiles_read_while_the_bundle_is_replaced_rewritten_and_truncated(cache_d
     path = _bundle_path(cache_dir, 2)
     path.write_bytes(blobs[0])
     srv = _start(tmp_path, cache_dir)
-    stop = threading.Event()
-    seen: dict[int, int] = {}
-    bad: list = []
     last = [0]
 
-    def writer():
+    def writer(stop):
         k, step = 0, 0
         while not stop.is_set():
             k = (k + 1) % len(blobs)
@@ -122,46 +167,16 @@ def test_tiles_read_while_the_bundle_is_replaced_rewritten_and_truncated(cache_d
             last[0] = k
             time.sleep(random.random() * 0.004)
 
-    def reader(seed: int):
-        rng = random.Random(seed)
-        client = _Client(srv.port)
-        try:
-            while not stop.is_set():
-                i = rng.choice(CELLS)
-                status, body = client.get(f"/arcgis/rest/services/Sample/MapServer/tile/2/{i // 128}/{i % 128}")
-                seen[status] = seen.get(status, 0) + 1
-                if status == 200:
-                    if body not in legit[i]:
-                        bad.append((i, body[:40], len(body)))
-                elif status != 400 or json.loads(body)["error"]["code"] != 400:
-                    bad.append((i, status, body[:200]))
-        finally:
-            client.close()
-
     try:
         for i in CELLS[:8]:                            # the descriptor held, the bytes in the page cache
             assert _Client(srv.port).get(f"/arcgis/rest/services/Sample/MapServer/tile/2/{i // 128}/{i % 128}") \
                 == (200, versions[0][i])
-        threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader, args=(s,)) for s in range(3)]
-        for t in threads:
-            t.start()
-        time.sleep(3.0)
-        stop.set()
-        for t in threads:
-            t.join(30)
-            assert not t.is_alive(), "a request hung"
-        assert not bad, (bad[:5], seen)
-        assert seen.get(200, 0) > 100, seen           # the readers were served, not only refused
+        _race(srv, legit, writer, 3.0)
         time.sleep(0.2)                                # past the held descriptor's path check (50 ms)
-        client = _Client(srv.port)
-        for i in CELLS:                                # the writer's last version, on the next request
-            status, body = client.get(f"/arcgis/rest/services/Sample/MapServer/tile/2/{i // 128}/{i % 128}")
-            assert (status, body) == (200, versions[last[0]][i]), (i, status, body[:40], last[0])
-        client.close()
+        _assert_serves(srv, versions[last[0]])         # the writer's last version, on the next request
         assert srv.proc.poll() is None
         assert "unexpected error" not in srv.log.read_text()
     finally:
-        stop.set()
         srv.stop()
 
 
@@ -347,12 +362,9 @@ def test_a_package_replaced_by_rename_while_served(cache_dir, tmp_path):
     served = tmp_path / "served.tpk"
     served.write_bytes(packages[0])
     srv = _start(tmp_path, served)
-    stop = threading.Event()
-    bad: list = []
-    seen: dict[int, int] = {}
     last = [0]
 
-    def writer():
+    def writer(stop):
         k = 0
         while not stop.is_set():
             k = (k + 1) % len(packages)
@@ -362,38 +374,10 @@ def test_a_package_replaced_by_rename_while_served(cache_dir, tmp_path):
             last[0] = k
             time.sleep(random.random() * 0.01)
 
-    def reader(seed: int):
-        rng = random.Random(seed)
-        client = _Client(srv.port)
-        try:
-            while not stop.is_set():
-                i = rng.choice(CELLS)
-                status, body = client.get(f"/arcgis/rest/services/Sample/MapServer/tile/2/{i // 128}/{i % 128}")
-                seen[status] = seen.get(status, 0) + 1
-                if status == 200 and body not in legit[i] or \
-                        status != 200 and (status != 400 or json.loads(body)["error"]["code"] != 400):
-                    bad.append((i, status, body[:60]))
-        finally:
-            client.close()
-
     try:
-        threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader, args=(s,)) for s in range(3)]
-        for t in threads:
-            t.start()
-        time.sleep(2.5)
-        stop.set()
-        for t in threads:
-            t.join(30)
-            assert not t.is_alive(), "a request hung"
-        assert not bad, (bad[:5], seen)
-        assert seen.get(200, 0) > 100, seen
+        _race(srv, legit, writer, 2.5)
         time.sleep(1.2)                                # past the package's relisting period (1 s)
-        client = _Client(srv.port)
-        for i in CELLS:
-            status, body = client.get(f"/arcgis/rest/services/Sample/MapServer/tile/2/{i // 128}/{i % 128}")
-            assert (status, body) == (200, versions[last[0]][i]), (i, status, body[:40], last[0])
-        client.close()
+        _assert_serves(srv, versions[last[0]])
         assert srv.proc.poll() is None and "unexpected error" not in srv.log.read_text()
     finally:
-        stop.set()
         srv.stop()

@@ -1,6 +1,6 @@
 """The files of a source cache, read while they may change: identities, checked preads, no mappings.
 
-A file is identified by (device, inode, size, mtime_ns). A read opens the file (regular files only,
+A file is identified by (device, inode, size, mtime_ns, ctime_ns). A read opens the file (regular files only,
 never blocking: a FIFO named like a bundle is refused at once), takes its identity from fstat,
 reads with pread from that same descriptor and compares the identity again afterwards, so a read
 returns the bytes of one version of the file or raises BundleError naming it. Nothing is mapped:

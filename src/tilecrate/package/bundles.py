@@ -43,7 +43,7 @@ class BundlePlan:
     file: str | None = None                  # the file holding `source` (see source_file), if known
     file_offset: int = 0                     # where `source` starts in it
     file_size: int = 0                       # the file's size when planned (a changed file is an error)
-    file_id: tuple | None = None             # (device, inode, size, mtime_ns) of that file when planned
+    file_id: tuple | None = None             # (device, inode, size, mtime_ns, ctime_ns) of that file when planned
     held: list | None = None                 # the tiles' bytes, when planned from tiles held apart (plan_tiles)
     held_at: np.ndarray | None = None        # per tile in writing order, its index in `held`
 

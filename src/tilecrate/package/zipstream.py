@@ -18,7 +18,7 @@ import os
 import struct
 import time
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Callable, Iterable
 
 from isal import isal_zlib
 
@@ -57,6 +57,13 @@ def dos_datetime(t: float | None = None) -> tuple[int, int]:
 
 
 _JOIN_AT_MOST = 1 << 20      # add_wholes gathers headers and bytes into writes of about this size
+
+
+def _crc_of_group(group: list, running: int) -> int:
+    """The running CRC-32 carried over a list of buffers."""
+    for part in group:
+        running = isal_zlib.crc32(part, running)
+    return running
 
 
 class ZipWriter:
@@ -220,16 +227,27 @@ class ZipWriter:
         With `crc=None` (seekable outputs only) the CRC-32 is computed while the bytes pass and
         written into the local header afterwards, so the data is read once.
         """
+        self._add_written(name, size, crc, chunks, isal_zlib.crc32, self._write)
+
+    def add_gathered(self, name: str, size: int, crc: int | None, groups: Iterable[list]) -> None:
+        """An entry of known size whose bytes come as lists of buffers, each list written with one gathered
+        write (no copy into a joined buffer); with `crc=None` the CRC-32 is computed as for `add_stream`."""
+        self._add_written(name, size, crc, groups, _crc_of_group, self._write_group)
+
+    def _add_written(self, name: str, size: int, crc: int | None, items: Iterable,
+                     crc_of: Callable[[object, int], int], write: Callable[[object], None]) -> None:
+        """add_stream's and add_gathered's body: each item written by `write`, its CRC-32 taken by `crc_of`
+        when `crc` is None and patched into the local header; the bytes written must be `size`."""
         entry = self._begin_file(name, size, crc)
         if self._dry:
             self.position += entry.size
         else:
             start = self.position
             running = 0
-            for chunk in chunks:
+            for item in items:
                 if crc is None:
-                    running = isal_zlib.crc32(chunk, running)
-                self._write(chunk)
+                    running = crc_of(item, running)
+                write(item)
             if self.position - start != entry.size:
                 raise ValueError(f"zip entry {name}: {self.position - start} bytes written, {entry.size} announced")
             if crc is None:
@@ -238,37 +256,17 @@ class ZipWriter:
                 os.pwrite(self._fd, struct.pack("<L", entry.crc), self._start + entry.offset + 14)
         self._entries.append(entry)
 
-    def add_gathered(self, name: str, size: int, crc: int | None, groups: Iterable[list]) -> None:
-        """An entry of known size whose bytes come as lists of buffers, each list written with one gathered
-        write (no copy into a joined buffer); with `crc=None` the CRC-32 is computed as for `add_stream`."""
-        entry = self._begin_file(name, size, crc)
-        if self._dry:
-            self.position += entry.size
+    def _write_group(self, group: list) -> None:
+        n = sum(map(len, group))
+        self.position += n
+        if self._fd is not None and len(group) <= kcopy.IOV_MAX:
+            # one writev of buffers that are already flat bytes; a short write resumes in write_all
+            self._out.flush()
+            done = os.writev(self._fd, group)
+            if done < n:
+                write_all(self._fd, memoryview(b"".join(group))[done:])
         else:
-            start = self.position
-            running = 0
-            crc32 = isal_zlib.crc32
-            for group in groups:
-                if crc is None:
-                    for part in group:
-                        running = crc32(part, running)
-                n = sum(map(len, group))
-                self.position += n
-                if self._fd is not None and len(group) <= kcopy.IOV_MAX:
-                    # one writev of buffers that are already flat bytes; a short write resumes in write_all
-                    self._out.flush()
-                    done = os.writev(self._fd, group)
-                    if done < n:
-                        write_all(self._fd, memoryview(b"".join(group))[done:])
-                else:
-                    self._write_all(group)
-            if self.position - start != entry.size:
-                raise ValueError(f"zip entry {name}: {self.position - start} bytes written, {entry.size} announced")
-            if crc is None:
-                entry.crc = running & 0xFFFFFFFF
-                self._out.flush()
-                os.pwrite(self._fd, struct.pack("<L", entry.crc), self._start + entry.offset + 14)
-        self._entries.append(entry)
+            self._write_all(group)
 
     @property
     def dry_run(self) -> bool:

@@ -2,7 +2,7 @@
 (`_alllayers/Lnn/Rrrrrrrrr/Ccccccccc.ext` next to conf.xml), read through `blocks.BlockCache`.
 
 A level is listed (names and sizes) at most once per RELIST_SECONDS; a block's identity is the
-(inode, size, mtime) of its files, so a tile replaced between planning and export is noticed.
+(device, inode, size, mtime, ctime) of its files, so a tile replaced between planning and export is noticed.
 Files whose names are not tiles are skipped with a warning.
 """
 from __future__ import annotations
