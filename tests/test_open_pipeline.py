@@ -104,19 +104,22 @@ def test_package_export_fails_when_a_block_loses_tiles(mbtiles, tmp_path):
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["c.mbtiles"]
 
 
-def test_prefetched_scans_match_and_no_level_is_scanned_twice(mbtiles, monkeypatch):
+@pytest.mark.parametrize("pages", [True, False])
+def test_prefetched_scans_match_and_no_level_is_scanned_twice(mbtiles, monkeypatch, pages):
     monkeypatch.setattr(sqlite_mod, "spare_core", lambda: True)
+    monkeypatch.setattr(sqlite_mod, "PAGE_READS", pages)
     with open_cache(str(mbtiles)) as plain:
         want = {r: plain.index(r)[1].tolist() for r in plain.bundles()}
     scanned: list[int] = []
-    real = sqlite_mod.SqliteBackend._scan_cols
+    name = "_locate_level" if pages else "_scan_cols"     # the table's pages walked, or the index scanned by SQL
+    real = getattr(sqlite_mod.SqliteBackend, name)
 
-    def counting(self, level, c0, c1):
+    def counting(self, level, *args):
         scanned.append(level)
         time.sleep(0.01)                  # both threads busy at once
-        return real(self, level, c0, c1)
+        return real(self, level, *args)
 
-    monkeypatch.setattr(sqlite_mod.SqliteBackend, "_scan_cols", counting)
+    monkeypatch.setattr(sqlite_mod.SqliteBackend, name, counting)
     with open_cache(str(mbtiles)) as cache:
         cache.prefetch_levels(list(range(0, 6)))
         got = {r: cache.index(r)[1].tolist() for r in cache.bundles()}

@@ -139,10 +139,13 @@ def test_one_reader_one_thread_at_a_time(tmp_path):
     assert r.ints3(slow, ()).tolist() == [[3000000] * 3]
 
 
-def test_large_block_read_as_two_halves_matches_one_read(tmp_path, monkeypatch):
+@pytest.mark.parametrize("pages", [True, False])
+def test_large_block_read_as_two_halves_matches_one_read(tmp_path, monkeypatch, pages):
     from tilecrate.sources import sqlite as sqlite_source
     from tilecrate.sources.blocks import BundleRef
     from tilecrate.sources.sqlite import open_sqlite
+
+    monkeypatch.setattr(sqlite_source, "PAGE_READS", pages)     # halves of the table's pages, or of the query
 
     rng = np.random.default_rng(7)
     rows = [(8, c, 255 - r, rng.bytes(int(rng.integers(1, 3000)))) for c in range(3, 120) for r in range(5, 60)
@@ -164,6 +167,7 @@ def test_large_block_read_as_two_halves_matches_one_read(tmp_path, monkeypatch):
             idx, tiles = cache.open_tiles(ref)
             got[split] = (idx.tolist(), [bytes(t) for t in tiles])
             assert (cache._store._pool is not None) == (split == 1)      # the second half ran on the helper
+            assert cache._store.reads_pages() == pages
     assert got[1] == got[10 ** 9]
     want = {}
     for z, c, r, d in rows:
@@ -175,6 +179,8 @@ def test_large_block_read_as_two_halves_matches_one_read(tmp_path, monkeypatch):
 def test_large_level_scanned_as_two_halves_matches_one_scan(tmp_path, monkeypatch):
     from tilecrate.sources import sqlite as sqlite_source
     from tilecrate.sources.sqlite import open_sqlite
+
+    monkeypatch.setattr(sqlite_source, "PAGE_READS", False)     # a located level is found in one walk, not split
 
     rng = np.random.default_rng(11)
     rows = [(z, c, (1 << z) - 1 - r, rng.bytes(int(rng.integers(1, 400))))

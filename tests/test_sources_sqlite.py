@@ -137,8 +137,10 @@ def test_connections_read_only_without_mmap(tmp_path):
             conn.execute("DELETE FROM tiles")
 
 
+@pytest.mark.parametrize("pages", [True, False])
 @pytest.mark.parametrize("out", ["o.pmtiles", "o.tpkx", "o.mbtiles"])
-def test_export_reads_each_block_once(tmp_path, monkeypatch, out):
+def test_export_reads_each_block_once(tmp_path, monkeypatch, out, pages):
+    monkeypatch.setattr(sqlite_source, "PAGE_READS", pages)
     z, n = 9, 512
     cells = [(x, y) for x in range(100, 300, 2) for y in range(100, 120)]      # three blocks wide, one high
     p = _mbtiles(tmp_path / "e.mbtiles", [(z, x, n - 1 - y, _tile(x * 7 + y)) for x, y in cells])
@@ -157,10 +159,18 @@ def test_export_reads_each_block_once(tmp_path, monkeypatch, out):
         return real_blobs(self, sql, args, level, hint)
 
     monkeypatch.setattr(sqlite_source.SqliteBackend, "query_blobs", query_blobs)
+    real_cells = sqlite_source.SqliteBackend._read_cells
+
+    def read_cells(self, level, got):
+        seen.append("pages")
+        return real_cells(self, level, got)
+
+    monkeypatch.setattr(sqlite_source.SqliteBackend, "_read_cells", read_cells)
     res = tilecrate.export(str(p), tilecrate.ExportRequest(levels="9"), str(tmp_path / out))
     assert res.tiles == len(cells)
     reads = [s for s in seen if "tile_data FROM" in s and "length(" not in s and "LIMIT" not in s]
-    assert len(reads) == 3                                 # blocks (0,0), (0,128), (0,256): one query each
+    # blocks (0,0), (0,128), (0,256): one read each, from the table's pages or by one query
+    assert (seen.count("pages"), len(reads)) == ((3, 0) if pages else (0, 3))
     assert not [s for s in seen if "length(tile_data)" in s]    # sizes for selection come from the level scan
 
 

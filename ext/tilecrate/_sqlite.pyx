@@ -16,9 +16,10 @@ import numpy as np
 cimport cython
 cimport numpy as cnp
 from cpython.buffer cimport PyBuffer_FillInfo
-from libc.stdint cimport int64_t
-from libc.stdlib cimport free, realloc
-from libc.string cimport memcpy
+from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcmp, memcpy
+from posix.mman cimport MADV_HUGEPAGE, MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, madvise, mmap, munmap
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 cnp.import_array()
@@ -47,10 +48,23 @@ cdef extern from "sqlite3.h" nogil:
     long long sqlite3_column_int64(sqlite3_stmt* stmt, int i)
     const void* sqlite3_column_blob(sqlite3_stmt* stmt, int i)
     int sqlite3_column_bytes(sqlite3_stmt* stmt, int i)
+    int sqlite3_get_autocommit(sqlite3* db)
+    int sqlite3_file_control(sqlite3* db, const char* name, int op, void* arg)
+    int SQLITE_FCNTL_FILE_POINTER
+    ctypedef struct sqlite3_file
+    ctypedef struct sqlite3_io_methods:
+        int (*xRead)(sqlite3_file* f, void* buf, int amount, long long offset) nogil
+        int (*xFileSize)(sqlite3_file* f, long long* size) nogil
+    ctypedef struct sqlite3_file:
+        const sqlite3_io_methods* pMethods
 
 
 class SqliteError(Exception):
     """An SQLite error (its message), or a result column of the wrong type."""
+
+
+class PagesChanged(SqliteError):
+    """The file is not as `Reader.locate` found it: written, truncated or rewritten in place since."""
 
 
 cdef double _now() noexcept nogil:
@@ -63,11 +77,347 @@ cdef int _past_deadline(void* arg) noexcept nogil:
     return 1 if _now() > (<double*>arg)[0] else 0
 
 
+# -- the file format, read by page (see Reader.pages_begin) -----------------------------------------
+
+cdef enum:
+    MAX_DEPTH = 20          # SQLite's own bound on a b-tree's depth (BTCURSOR_MAX_DEPTH)
+    WINDOW = 1 << 20        # pages are read ahead this many bytes at most...
+    BEHIND = 8              # ...from this many pages before the one asked for
+    MAX_FIELD = 32767       # SQLite's hard limit on a table's columns
+    PAYLOAD_MAX = 0x7FFFFFFF
+
+cdef struct _Pages:
+    sqlite3_file* f         # the connection's own file handle
+    long long npages        # pages the file holds (the header's count, bounded by the file's size)
+    int pgsz                # page size
+    int usable              # page size less the reserved bytes at each page's end
+    int utf8                # text is stored as UTF-8
+    unsigned char* win      # pages read ahead: `held` pages from page `first`, room for `cap`
+    long long first, held, cap, want, used
+    int rc                  # SQLite's code of the last failed read
+
+
+cdef const unsigned char* _page(_Pages* pg, long long no, int* err) noexcept nogil:
+    """Page `no` of the file, from the read-ahead window (valid until the next call); NULL with err 1 for
+    a page the file does not hold, 2 for a failed read. One read fills the window from a little before
+    `no` onwards: SQLite writes a table's leaf pages and their overflow chains mostly in file order, so
+    the next pages asked for are there; when they were not (a scattered file), it reads less next time."""
+    cdef long long start, n
+    if no < 1 or no > pg.npages:
+        err[0] = 1
+        return NULL
+    if pg.first <= no < pg.first + pg.held:
+        pg.used += 1
+        return pg.win + (no - pg.first) * pg.pgsz
+    if pg.held:
+        if pg.used * 4 < pg.held:
+            pg.want = max(1, pg.want // 2)
+        elif pg.used * 2 >= pg.held:
+            pg.want = min(pg.cap, 2 * pg.want)
+    start = max(1, no - BEHIND) if pg.want > 4 * BEHIND else no
+    n = min(pg.want, pg.npages - start + 1)
+    pg.held = 0
+    pg.rc = pg.f.pMethods.xRead(pg.f, pg.win, <int>(n * pg.pgsz), (start - 1) * <long long>pg.pgsz)
+    if pg.rc != SQLITE_OK:
+        err[0] = 2
+        return NULL
+    pg.first, pg.held, pg.used = start, n, 1
+    return pg.win + (no - start) * pg.pgsz
+
+cdef struct _Walk:
+    _Pages* pg
+    unsigned char* bufs     # one page a depth
+    const int64_t* rowids
+    int fields[4]           # record positions of zoom_level, tile_column, tile_row, tile_data
+    int needed              # fields to decode: the largest position + 1
+    int text_ok
+    int64_t* vals           # (n, 4): zoom, column, row, tile length
+    uint64_t* cells         # (n, 3): page | cell offset << 32 | local bytes << 48, overflow | blob offset << 32, rowid
+    int err                 # 1: something locate does not handle (or an inconsistency); 2: an I/O error
+
+
+cdef inline unsigned int _be16(const unsigned char* p) noexcept nogil:
+    return (<unsigned int>p[0] << 8) | p[1]
+
+
+cdef inline unsigned int _be32(const unsigned char* p) noexcept nogil:
+    return (<unsigned int>p[0] << 24) | (<unsigned int>p[1] << 16) | (<unsigned int>p[2] << 8) | p[3]
+
+
+cdef inline int _varint(const unsigned char* p, const unsigned char* end, uint64_t* out) noexcept nogil:
+    """The bytes (1-9) of the varint at p, 0 when it runs past `end`."""
+    cdef uint64_t v = 0
+    cdef int i
+    for i in range(8):
+        if p + i >= end:
+            return 0
+        v = (v << 7) | (p[i] & 0x7F)
+        if not (p[i] & 0x80):
+            out[0] = v
+            return i + 1
+    if p + 8 >= end:
+        return 0
+    out[0] = (v << 8) | p[8]
+    return 9
+
+
+cdef inline long long _serial_size(uint64_t t) noexcept nogil:
+    """Content bytes of a record field of serial type t; -1 for the reserved types 10 and 11."""
+    if t <= 4:
+        return <long long>t
+    if t == 5:
+        return 6
+    if t == 6 or t == 7:
+        return 8
+    if t <= 9:
+        return 0
+    if t < 12:
+        return -1
+    return <long long>((t - 12) >> 1)
+
+
+cdef inline long long _local_bytes(long long payload, int usable) noexcept nogil:
+    """The bytes of a table leaf cell's payload kept on its page (the rest is in overflow pages)."""
+    cdef long long most = usable - 35
+    cdef long long least = ((usable - 12) * 32 // 255) - 23
+    cdef long long k
+    if payload <= most:
+        return payload
+    k = least + (payload - least) % (usable - 4)
+    return k if k <= most else least
+
+
+cdef int _record(_Walk* w, const unsigned char* page, long long no, int cell, int start, uint64_t payload,
+                 int64_t rowid, Py_ssize_t j) noexcept nogil:
+    """Decode the fields of the matched row j from its cell (payload from `start`); 1 when not handled."""
+    cdef int usable = w.pg.usable
+    cdef long long local, ovf = 0, off, size, blen = 0, b0 = 0, v
+    cdef uint64_t hs, t
+    cdef int nh, nt, f, k, i
+    cdef const unsigned char* q
+    cdef const unsigned char* hend
+    cdef int64_t got[3]
+    if payload > PAYLOAD_MAX:
+        return 1
+    local = _local_bytes(<long long>payload, usable)
+    if start + local > usable:
+        return 1
+    if <long long>payload > local:
+        if start + local + 4 > usable:
+            return 1
+        ovf = _be32(page + start + local)
+        if ovf < 2 or ovf > w.pg.npages:
+            return 1
+    nh = _varint(page + start, page + start + local, &hs)
+    if nh == 0 or hs > <uint64_t>local or hs < <uint64_t>nh:
+        return 1
+    q = page + start + nh
+    hend = page + start + hs
+    off = <long long>hs
+    for f in range(w.needed):
+        if q >= hend:
+            return 1                        # a short record (a column added later): its default is not here
+        nt = _varint(q, hend, &t)
+        if nt == 0:
+            return 1
+        q += nt
+        size = _serial_size(t)
+        if size < 0 or size > PAYLOAD_MAX or off + size > <long long>payload:
+            return 1
+        for k in range(3):
+            if f == w.fields[k]:
+                if not (1 <= t <= 6 or t == 8 or t == 9) or off + size > local:
+                    return 1
+                if t >= 8:
+                    v = <long long>(t - 8)
+                else:
+                    v = -1 if page[start + off] & 0x80 else 0
+                    for i in range(size):
+                        v = (v << 8) | page[start + off + i]
+                got[k] = v
+        if f == w.fields[3] and t >= 12:
+            if (t & 1) and not w.text_ok:
+                return 1
+            blen, b0 = size, off
+        off += size
+    if blen > 0xFFFFFFFFLL or (blen > 0 and b0 >= local):
+        return 1                            # a blob starting in an overflow page (wide columns before it)
+    w.vals[4 * j] = got[0]
+    w.vals[4 * j + 1] = got[1]
+    w.vals[4 * j + 2] = got[2]
+    w.vals[4 * j + 3] = blen
+    w.cells[3 * j] = <uint64_t>no | (<uint64_t>cell << 32) | (<uint64_t>local << 48)
+    w.cells[3 * j + 1] = <uint64_t>ovf | (<uint64_t>(b0 if blen else 0) << 32)
+    w.cells[3 * j + 2] = <uint64_t>rowid
+    return 0
+
+
+cdef int _descend(_Walk* w, long long no, Py_ssize_t lo, Py_ssize_t hi, int64_t kmin, int64_t kmax,
+                  int depth) noexcept nogil:
+    """Find rowids[lo:hi] (all in (kmin, kmax]) under page `no`; sets w.err and returns -1 when it cannot."""
+    cdef unsigned char* page
+    cdef const unsigned char* got
+    cdef const unsigned char* end
+    cdef int hdr, ptrs, ncell, i, cell, nk, np_, nr
+    cdef unsigned int flag
+    cdef uint64_t key, payload, rid
+    cdef int64_t prev = kmin, k
+    cdef Py_ssize_t j = lo, j2
+    if depth > MAX_DEPTH:
+        w.err = 1
+        return -1
+    got = _page(w.pg, no, &w.err)
+    if got == NULL:
+        return -1
+    hdr = 100 if no == 1 else 0
+    flag = got[hdr]
+    if flag == 0x05:                            # an interior page is held while the pages below it are read
+        page = w.bufs + depth * w.pg.pgsz
+        memcpy(page, got, w.pg.pgsz)
+    else:
+        page = <unsigned char*>got               # a leaf is done before the next read
+    end = page + w.pg.usable
+    ncell = _be16(page + hdr + 3)
+    ptrs = hdr + (12 if flag == 0x05 else 8)
+    if (flag != 0x05 and flag != 0x0D) or ptrs + 2 * ncell > w.pg.usable:
+        w.err = 1
+        return -1
+    if flag == 0x05:
+        for i in range(ncell):
+            cell = _be16(page + ptrs + 2 * i)
+            if cell < ptrs + 2 * ncell or cell + 5 > w.pg.usable:
+                w.err = 1
+                return -1
+            nk = _varint(page + cell + 4, end, &key)
+            k = <int64_t>key
+            if nk == 0 or k <= prev or k > kmax:
+                w.err = 1
+                return -1
+            j2 = j
+            while j2 < hi and w.rowids[j2] <= k:
+                j2 += 1
+            if j2 > j and _descend(w, _be32(page + cell), j, j2, prev, k, depth + 1) < 0:
+                return -1
+            j, prev = j2, k
+            if j == hi:
+                return 0
+        return _descend(w, _be32(page + hdr + 8), j, hi, prev, kmax, depth + 1)
+    for i in range(ncell):
+        if j == hi:
+            return 0
+        cell = _be16(page + ptrs + 2 * i)
+        if cell < ptrs + 2 * ncell or cell >= w.pg.usable:
+            w.err = 1
+            return -1
+        np_ = _varint(page + cell, end, &payload)
+        nr = _varint(page + cell + np_, end, &rid) if np_ else 0
+        k = <int64_t>rid
+        if nr == 0 or k <= prev or k > kmax or k > w.rowids[j]:
+            w.err = 1                       # out of order, or a rowid the index holds is not in the table
+            return -1
+        prev = k
+        if k == w.rowids[j]:
+            if _record(w, page, no, cell, cell + np_ + nr, payload, k, j):
+                w.err = 1
+                return -1
+            j += 1
+    if j < hi:
+        w.err = 1
+        return -1
+    return 0
+
+
+cdef int _copy_cells(_Pages* pg, const uint64_t* cells, const int64_t* lens, Py_ssize_t n, char* out) noexcept nogil:
+    """Copy n tiles' bytes to `out` from the pages `cells` name, following each overflow chain: 0, 1 (a
+    page no longer holds what locate found there) or 2 (a failed read, its code in pg.rc)."""
+    cdef Py_ssize_t i
+    cdef long long no, local, need, take, cur, left, b0, room = pg.usable - 4
+    cdef int cell, np_, nr, start, hdr, err = 0
+    cdef uint64_t payload, rid
+    cdef const unsigned char* leaf
+    cdef const unsigned char* at
+    for i in range(n):
+        need = lens[i]
+        if need == 0:
+            continue
+        no = <long long>(cells[3 * i] & 0xFFFFFFFFULL)
+        cell = <int>((cells[3 * i] >> 32) & 0xFFFF)
+        local = <long long>(cells[3 * i] >> 48)
+        b0 = <long long>(cells[3 * i + 1] >> 32)
+        leaf = _page(pg, no, &err)
+        if leaf == NULL:
+            return err
+        hdr = 100 if no == 1 else 0
+        if leaf[hdr] != 0x0D or cell >= pg.usable:
+            return 1
+        np_ = _varint(leaf + cell, leaf + pg.usable, &payload)
+        nr = _varint(leaf + cell + np_, leaf + pg.usable, &rid) if np_ else 0
+        start = cell + np_ + nr
+        if (nr == 0 or rid != cells[3 * i + 2] or payload > PAYLOAD_MAX
+                or _local_bytes(<long long>payload, pg.usable) != local or start + local > pg.usable
+                or b0 >= local or b0 + need > <long long>payload):
+            return 1
+        cur = 0
+        if <long long>payload > local:
+            if start + local + 4 > pg.usable:
+                return 1
+            cur = _be32(leaf + start + local)
+        if cur != <long long>(cells[3 * i + 1] & 0xFFFFFFFFULL):
+            return 1
+        take = min(need, local - b0)
+        memcpy(out, leaf + start + b0, take)
+        out += take
+        need -= take
+        left = (<long long>payload - local + room - 1) // room        # overflow pages of the whole payload
+        while need > 0:
+            if cur < 2 or left <= 0:
+                return 1
+            at = _page(pg, cur, &err)
+            if at == NULL:
+                return err
+            take = min(need, room)
+            memcpy(out, at + 4, take)
+            out += take
+            need -= take
+            left -= 1
+            cur = _be32(at)
+    return 0
+
+
+cdef enum:
+    HUGE = 2 << 20          # a transparent huge page
+    HUGE_FROM = 1 << 20     # buffers from this size are mapped in huge pages
+
+
 cdef class Buffer:
     """Bytes read by a query, owned here (no copy into a bytes object): slice a memoryview of it."""
 
     cdef char* _data
     cdef Py_ssize_t _size
+    cdef size_t _mapped     # the length of _data's own mapping (0: from malloc)
+
+    cdef int _allocate(self, Py_ssize_t size) except -1:
+        """Room for `size` bytes. A large one is its own mapping in transparent huge pages where the kernel
+        gives them (madvise): filling fresh 4 KiB pages took a fault each, 0.6 ms a MB on this machine's VM,
+        more than the copy into them; huge pages take one a 2 MiB."""
+        cdef size_t span, head
+        cdef char* base
+        if size < HUGE_FROM:
+            self._data = <char*>malloc(max(size, 1))
+        else:
+            span = (<size_t>size + HUGE - 1) & ~(<size_t>HUGE - 1)
+            base = <char*>mmap(NULL, span + HUGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+            if <void*>base != MAP_FAILED:
+                head = (HUGE - (<size_t>base & (HUGE - 1))) & (HUGE - 1)   # huge pages need 2 MiB alignment
+                if head:
+                    munmap(base, head)
+                munmap(base + head + span, HUGE - head)
+                self._data, self._mapped = base + head, span
+                madvise(self._data, span, MADV_HUGEPAGE)        # a hint: without it, plain pages
+        if self._data == NULL:
+            raise MemoryError(f"no memory for {size} bytes of tiles")
+        self._size = size
+        return 0
 
     def __len__(self):
         return self._size
@@ -79,7 +429,10 @@ cdef class Buffer:
         pass
 
     def __dealloc__(self):
-        free(self._data)
+        if self._mapped:
+            munmap(self._data, self._mapped)
+        else:
+            free(self._data)
         self._data = NULL
 
 
@@ -90,6 +443,7 @@ cdef class Reader:
     cdef double _deadline
     cdef bint _busy
     cdef readonly str path
+    cdef _Pages _pages              # _pages.f is set between pages_begin and pages_end when the file can be read by page
 
     def __init__(self, str path, int cache_kib=2000, int busy_ms=2000):
         if cache_kib <= 0 or busy_ms < 0:
@@ -119,6 +473,8 @@ cdef class Reader:
         if self._db != NULL:
             sqlite3_close_v2(self._db)
             self._db = NULL
+        free(self._pages.win)
+        self._pages.win = NULL
 
     def close(self) -> None:
         """Close the connection (later queries raise SqliteError)."""
@@ -312,3 +668,165 @@ cdef class Reader:
             free(keys)
             free(offs)
             free(data)
+
+    # -- the file format, read by page ------------------------------------------------------------
+    # SQLite's reads go page by page through its cache (a pread of each page, then a copy of each row):
+    # for large tiles that was most of an export from MBTiles. Inside a read transaction SQLite opened
+    # (its SHARED lock held, so no SQLite writer changes the file until pages_end), `locate` walks a
+    # table's b-tree itself to where each row lies and `read_cells` copies the tiles' bytes from those
+    # pages, runs of overflow pages in one read, through the connection's own file handle (no second
+    # descriptor whose closing would drop SQLite's POSIX locks). Every page number, offset and size read
+    # from the file is checked against the page before it is used; anything else it meets is handed back
+    # to SQL. A later transaction compares the file's header, whose change counter every rollback-journal
+    # commit bumps (SQLite's own test of its cache), before trusting where locate found the rows.
+
+    def pages_begin(self):
+        """Begin a read transaction (SHARED lock until pages_end); the file's 100-byte header when its
+        pages can be read here (a rollback journal, not WAL), else None."""
+        cdef sqlite3_file* f = NULL
+        cdef unsigned char head[100]
+        cdef long long size = 0, counted
+        cdef int rc, pgsz
+        if self._db == NULL:
+            raise SqliteError("the connection is closed")
+        if self._busy or not sqlite3_get_autocommit(self._db):
+            raise SqliteError("the connection is in use (one Reader a thread, one pages_begin at a time)")
+        if sqlite3_exec(self._db, b"BEGIN", NULL, NULL, NULL) != SQLITE_OK:
+            raise SqliteError(self._message())
+        self._deadline = _now() + 60.0
+        if sqlite3_exec(self._db, b"PRAGMA schema_version", NULL, NULL, NULL) != SQLITE_OK:    # takes the lock
+            msg = self._message()
+            sqlite3_exec(self._db, b"ROLLBACK", NULL, NULL, NULL)
+            raise SqliteError(msg)
+        if (sqlite3_file_control(self._db, b"main", SQLITE_FCNTL_FILE_POINTER, &f) != SQLITE_OK or f == NULL
+                or f.pMethods == NULL):
+            return None
+        rc = f.pMethods.xRead(f, head, 100, 0)
+        if rc == SQLITE_OK:
+            rc = f.pMethods.xFileSize(f, &size)
+        if rc != SQLITE_OK:
+            raise SqliteError(f"cannot read the database file (SQLite I/O error {rc})")
+        pgsz = _be16(head + 16)
+        if pgsz == 1:
+            pgsz = 65536
+        if (memcmp(head, b"SQLite format 3\0", 16) != 0 or pgsz < 512 or pgsz & (pgsz - 1) or head[18] != 1
+                or head[19] != 1 or pgsz - head[20] < 480):
+            return None
+        counted = _be32(head + 28)
+        self._pages.pgsz = pgsz
+        self._pages.usable = pgsz - head[20]
+        self._pages.npages = size // pgsz
+        if counted and _be32(head + 24) == _be32(head + 92):
+            self._pages.npages = min(self._pages.npages, counted)
+        self._pages.utf8 = _be32(head + 56) == 1
+        if self._pages.win == NULL:
+            self._pages.win = <unsigned char*>malloc(WINDOW)
+            if self._pages.win == NULL:
+                raise MemoryError("no memory for reading pages")
+        self._pages.cap = WINDOW // pgsz
+        self._pages.want = 1
+        self._pages.held = self._pages.used = 0       # pages read in an earlier transaction may have changed
+        self._pages.f = f
+        return bytes(head[:100])
+
+    def pages_end(self) -> None:
+        """End the transaction of pages_begin."""
+        self._pages.f = NULL
+        self._pages.held = 0
+        if self._db != NULL and not sqlite3_get_autocommit(self._db):
+            if sqlite3_exec(self._db, b"COMMIT", NULL, NULL, NULL) != SQLITE_OK:
+                sqlite3_exec(self._db, b"ROLLBACK", NULL, NULL, NULL)
+
+    cdef int _pages_ready(self) except -1:
+        if self._db == NULL:
+            raise SqliteError("the connection is closed")
+        if self._busy:
+            raise SqliteError("the connection is in use by another thread (one Reader a thread)")
+        if self._pages.f == NULL or sqlite3_get_autocommit(self._db):
+            raise SqliteError("no pages_begin transaction readable by page is open")
+        return 0
+
+    def locate(self, rowids, long long root, tuple fields, bint text_ok):
+        """(values (n, 4) int64: zoom, column, row, tile length; cells (n, 3) uint64: where each lies) of a
+        table's rows by ascending rowid, from its b-tree at page `root`; `fields`: the record positions of
+        zoom_level, tile_column, tile_row, tile_data. None when the walk meets what it does not handle (a
+        short record, an integer that is not, a blob starting past its page, text when not `text_ok` or
+        not UTF-8) or anything inconsistent: ask SQL instead. Between pages_begin and pages_end."""
+        self._pages_ready()
+        cdef const int64_t[::1] ids = np.ascontiguousarray(rowids, dtype=np.int64)
+        cdef Py_ssize_t n = ids.shape[0], i
+        if len(fields) != 4 or not all(isinstance(v, int) and 0 <= v < MAX_FIELD for v in fields):
+            raise ValueError("fields: four record positions")
+        for i in range(1, n):
+            if ids[i] <= ids[i - 1]:
+                raise ValueError("rowids must ascend")
+        values = np.empty((n, 4), dtype=np.int64)
+        cells = np.empty((n, 3), dtype=np.uint64)
+        if n == 0:
+            return values, cells
+        if root < 2 or root > self._pages.npages or ids[0] == INT64_MIN:
+            return None
+        cdef _Walk w
+        w.pg, w.rowids, w.err = &self._pages, &ids[0], 0
+        for i in range(4):
+            w.fields[i] = fields[i]
+        w.needed = max(fields) + 1
+        w.text_ok = text_ok and self._pages.utf8
+        w.vals = <int64_t*>cnp.PyArray_DATA(values)
+        w.cells = <uint64_t*>cnp.PyArray_DATA(cells)
+        w.bufs = <unsigned char*>malloc((MAX_DEPTH + 1) * <size_t>self._pages.pgsz)
+        if w.bufs == NULL:
+            raise MemoryError("no memory for the b-tree's pages")
+        self._busy = True
+        try:
+            with nogil:
+                _descend(&w, root, 0, n, INT64_MIN, INT64_MAX, 0)
+        finally:
+            self._busy = False
+            free(w.bufs)
+        if w.err == 2:
+            raise SqliteError(f"cannot read the database file (SQLite I/O error {self._pages.rc}: truncated?)")
+        return None if w.err else (values, cells)
+
+    def read_cells(self, cells, lengths, bytes header, Py_ssize_t max_bytes=-1):
+        """(offsets int64 (n + 1,), Buffer) of the tiles `locate` found (`cells`, `lengths` from its result,
+        in any order and subset), row i being buffer[offsets[i]:offsets[i + 1]]. Raises PagesChanged when
+        the file's header is not `header` (pages_begin's when locate ran) or a page no longer holds its row,
+        SqliteError on a short read. Between pages_begin and pages_end."""
+        self._pages_ready()
+        cdef const uint64_t[:, ::1] cv = np.ascontiguousarray(cells, dtype=np.uint64)
+        cdef const int64_t[::1] lv = np.ascontiguousarray(lengths, dtype=np.int64)
+        cdef Py_ssize_t n = cv.shape[0], i
+        cdef long long total = 0
+        cdef unsigned char head[100]
+        cdef int err = 0, rc = 0
+        if cv.shape[1] != 3 or lv.shape[0] != n or len(header) != 100:
+            raise ValueError("cells (n, 3), lengths (n,) and a 100-byte header are needed")
+        offsets = np.empty(n + 1, dtype=np.int64)
+        cdef int64_t* offs = <int64_t*>cnp.PyArray_DATA(offsets)
+        offs[0] = 0
+        for i in range(n):
+            if lv[i] < 0 or lv[i] > 0xFFFFFFFFLL:
+                raise ValueError("a tile length out of range")
+            total += lv[i]
+            offs[i + 1] = total
+        if max_bytes >= 0 and total > max_bytes:
+            raise MemoryError(f"the tiles pass {max_bytes} bytes")
+        rc = self._pages.f.pMethods.xRead(self._pages.f, head, 100, 0)
+        if rc != SQLITE_OK:
+            raise SqliteError(f"cannot read the database file (SQLite I/O error {rc}: truncated?)")
+        if memcmp(head, <const char*>header, 100) != 0:
+            raise PagesChanged("the database was written since its rows were located")
+        cdef Buffer buf = Buffer.__new__(Buffer)
+        buf._allocate(total)
+        self._busy = True
+        try:
+            with nogil:
+                err = _copy_cells(&self._pages, &cv[0, 0] if n else NULL, &lv[0] if n else NULL, n, buf._data)
+        finally:
+            self._busy = False
+        if err == 2:
+            raise SqliteError(f"cannot read the database file (SQLite I/O error {self._pages.rc}: truncated?)")
+        if err:
+            raise PagesChanged("a page no longer holds the row located there (the file was changed)")
+        return offsets, buf

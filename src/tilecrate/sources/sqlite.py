@@ -16,7 +16,7 @@ import urllib.parse
 
 import numpy as np
 
-from tilecrate._sqlite import Reader, SqliteError
+from tilecrate._sqlite import PagesChanged, Reader, SqliteError
 from tilecrate.cores import spare_core
 from tilecrate.errors import BundleError, CacheError
 from tilecrate.sourcefiles import file_id
@@ -44,6 +44,8 @@ CACHE_KIB = 2000          # page cache per connection (SQLite's default): 16 MiB
 _META_ROWS = 10000
 _META_VALUE = 1 << 20
 _GPKG_IDS = (0x47504B47, 0x47503130)
+PAGE_READS = True         # read a table's tile bytes from its pages where the file allows (off: always through SQL,
+                          # the baseline benchmarks/bench_open_formats.py compares against)
 _DEG_METRES = 2 * math.pi * 6378137.0 / 360.0   # ArcGIS's scale for degrees: metres per degree
 
 
@@ -65,16 +67,18 @@ class SqliteBackend:
     """Tiles in a SQLite table or view with zoom_level, tile_column, tile_row, tile_data."""
 
     def __init__(self, path: str, label: str, source: str, flip: bool, widths: dict[int, tuple[int, int]],
-                 warn):
+                 warn, table: str | None = None):
         self.path = path
         self.label = label
         self._src = source              # a table name or a parenthesised SELECT
+        self._table = table             # the table's name when the source is a table (its pages may be read)
+        self._layout: tuple | None = None   # (identity, page layout of _table or None): see _page_layout
         self._flip = flip               # MBTiles: tile_row counts from the bottom (TMS)
         self._widths = widths           # level -> (matrix width, matrix height)
         self._warn = warn
         self._local = threading.local()
         self._conns: list[tuple[threading.Thread, object]] = []     # (thread, its connection or Reader)
-        self._scans: dict[int, tuple] = {}      # level -> (identity, {block: sizes} or None)
+        self._scans: dict[int, tuple] = {}      # level -> (identity, {block: (indices, sizes, cells, header)} or None)
         self._lock = threading.Lock()
         self._pool = None               # the helper thread of _read_block, started on first use
         self._prefetch = None           # the thread of prefetch_scans, started on first use
@@ -277,6 +281,11 @@ class SqliteBackend:
             done.set()
 
     def _scan_level(self, level: int, ident: tuple, split: bool) -> dict | None:
+        layout = self._page_layout(ident)
+        if layout is not None:
+            located = self._locate_level(level, layout)
+            if located is not None:
+                return None if located is _SPARSE else self._blocks_of(level, *located)
         w = self._size(level)[0]
         split = self._scan_split(level, ident) if split else None
         if split is None:
@@ -291,6 +300,92 @@ class SqliteBackend:
             b = right.result()
             a = None if a is None or b is None or len(a) + len(b) > SCAN_LIMIT else np.concatenate([a, b])
         return None if a is None else self._blocks_of(level, a)
+
+    # -- the file's pages (tilecrate._sqlite: Reader.pages_begin, locate, read_cells) -----------------
+
+    def reads_pages(self) -> bool:
+        """Whether tile bytes are read from the file's pages here rather than through SQL (a rowid table
+        in a rollback-journal database, its columns stored in its records)."""
+        return self._page_layout(self.identity()) is not None
+
+    def _page_layout(self, ident: tuple) -> tuple | None:
+        """(schema version, root page, record positions of zoom_level, tile_column, tile_row, tile_data) of
+        the table, kept while the file is the same; None when its pages are not read here."""
+        with self._lock:
+            if self._layout is not None and self._layout[0] == ident:
+                return self._layout[1]
+        layout = None
+        if self._table is not None and PAGE_READS:
+            layout = _table_layout(self.conn(), self._table)
+            if layout is not None:
+                r = self.reader()
+                try:
+                    if r.pages_begin() is None:         # WAL: the file alone is not the database
+                        layout = None
+                except SqliteError as e:
+                    raise _sql_error(self.label, e) from None
+                finally:
+                    r.pages_end()
+        with self._lock:
+            self._layout = (ident, layout)
+        return layout
+
+    def _locate_level(self, level: int, layout: tuple):
+        """((column, row, length) rows, cells, header) of a level, its rows found by an index-only query
+        and its table's pages read here, all in one read transaction; _SPARSE past SCAN_LIMIT tiles; None
+        when the pages are not as SQL says (a schema changed since the layout, a record locate does not
+        read): the caller then asks SQL."""
+        version, root, fields = layout
+        w, h = self._size(level)
+        r = self.reader()
+        try:
+            header = r.pages_begin()
+            if header is None or int.from_bytes(header[40:44], "big") != version:
+                with self._lock:
+                    self._layout = None
+                return None
+            rows = r.ints3(f"SELECT rowid, tile_column, tile_row FROM {self._src} WHERE zoom_level = ? "
+                           "AND tile_column BETWEEN 0 AND ? AND tile_row BETWEEN 0 AND ?", (level, w - 1, h - 1),
+                           SCAN_LIMIT, QUERY_SECONDS)
+            if rows is None:
+                return _SPARSE
+            rows = rows[np.argsort(rows[:, 0], kind="stable")]
+            found = r.locate(rows[:, 0], root, fields, True) if rows.size else (np.zeros((0, 4), np.int64),
+                                                                                  np.zeros((0, 3), np.uint64))
+        except SqliteError as e:
+            if str(e).startswith(_NOT_INTEGER):
+                raise CacheError(f"{self.label}: level {level} has tile rows whose column or row is not an integer") \
+                    from None
+            raise _sql_error(self.label, e) from None
+        finally:
+            r.pages_end()
+        if found is None:
+            return None
+        values, cells = found
+        if not (np.array_equal(values[:, 0], np.full(len(rows), level)) and np.array_equal(values[:, 1], rows[:, 1])
+                and np.array_equal(values[:, 2], rows[:, 2])):
+            return None                     # the records do not say what the index says: SQL decides
+        rows[:, 0], rows[:, 1], rows[:, 2] = values[:, 1], h - 1 - values[:, 2] if self._flip else values[:, 2], \
+            values[:, 3]
+        return rows, cells, header
+
+    def _read_cells(self, level: int, got: tuple) -> tuple:
+        """(keys, offsets, buffer) of a block's tiles copied from the pages its scan located them in."""
+        idx, sizes, cells, header = got
+        r = self.reader()
+        try:
+            if r.pages_begin() != header:
+                raise PagesChanged("the database was written since its rows were located")
+            offs, buf = r.read_cells(cells, sizes, header, BLOCK_LIMIT)
+        except SqliteError as e:
+            raise BundleError(f"{self.label}: the file changed while it was being read ({e}); retry the request") \
+                from None
+        except MemoryError as e:
+            raise CacheError(f"{self.label}: one 128x128 block at level {level} holds more than the "
+                             f"{BLOCK_LIMIT >> 20} MiB of tiles a block may hold in memory ({e})") from None
+        finally:
+            r.pages_end()
+        return idx.astype(np.int64), offs, buf
 
     def _scan_cols(self, level: int, c0: int, c1: int) -> np.ndarray | None:
         """(column, row, length) rows of a level's columns c0..c1 (an (n, 3) int64 array); None past SCAN_LIMIT."""
@@ -314,14 +409,17 @@ class SqliteBackend:
             above = self._scans.get(level - 1)
         if above is None or above[0] != ident or not above[1] or not spare_core():
             return None
-        if sum(idx.size for idx, _ in above[1].values()) < SPLIT_TILES:
+        if sum(got[0].size for got in above[1].values()) < SPLIT_TILES:
             return None
-        cols = np.concatenate([c0 + idx.astype(np.int64) % PACKET for (_, c0), (idx, _) in above[1].items()])
+        cols = np.concatenate([c0 + got[0].astype(np.int64) % PACKET for (_, c0), got in above[1].items()])
         split = 2 * int(np.median(cols)) + 2
         return split if 0 < split < self._size(level)[0] else None
 
-    def _blocks_of(self, level: int, a: np.ndarray) -> dict | None:
-        """{(row0, col0): (block indices, sizes)} of a level's (column, row, length) rows; None when sparse."""
+    def _blocks_of(self, level: int, a: np.ndarray, cells: np.ndarray | None = None,
+                   header: bytes | None = None) -> dict | None:
+        """{(row0, col0): (block indices, sizes, cells, header)} of a level's (column, row, length) rows and
+        where their pages hold them (cells, ordered by page in each block; None when read through SQL);
+        None when sparse."""
         found: dict = {}
         if not a.size:
             return found
@@ -339,7 +437,12 @@ class SqliteBackend:
             if len(np.unique(idx)) != len(idx):
                 self._warn(f"{self.label}: several rows for the same tile at level {level} "
                            "(no unique index); one of them is used")
-            found[(r0, c0)] = (idx, sel[:, 2].astype(np.uint32))   # compact: 6 bytes a tile
+            if cells is None:
+                found[(r0, c0)] = (idx, sel[:, 2].astype(np.uint32), None, None)   # compact: 6 bytes a tile
+            else:
+                mine = cells[order[lo:hi]]
+                by_page = np.argsort(mine[:, 0] & 0xFFFFFFFF, kind="stable")    # each leaf page read once
+                found[(r0, c0)] = (idx[by_page], sel[by_page, 2].astype(np.uint32), mine[by_page], header)
         return found
 
     def blocks(self, level: int):
@@ -391,6 +494,18 @@ class SqliteBackend:
         got = scan[1].get((row0, col0)) if scan is not None and scan[0] == ident and scan[1] is not None else None
         if got is None:
             parts = [self._read_cols(level, row0, col0, None, 0)]
+        elif got[2] is not None:
+            total = int(got[1].sum(dtype=np.int64))
+            if (total > SPLIT_BYTES or got[0].size > SPLIT_TILES) and spare_core():
+                # the first half of the pages (by bytes) here, the second on the helper's connection
+                cut = int(np.searchsorted(np.cumsum(got[1], dtype=np.int64), total // 2)) + 1
+                half = self._helper().submit(self._read_cells, level, tuple(a[cut:] for a in got[:3]) + got[3:])
+                try:
+                    parts = [self._read_cells(level, tuple(a[:cut] for a in got[:3]) + got[3:])]
+                finally:
+                    parts.append(half.result())
+            else:
+                parts = [self._read_cells(level, got)]
         else:
             # each buffer sized from the scan: grown (copied) only if the file grew since
             sizes = np.zeros(PACKET, dtype=np.int64)
@@ -532,6 +647,37 @@ def _columns(c: sqlite3.Connection, table: str) -> set[str]:
         return set()
 
 
+_SPARSE = object()      # _locate_level: more than SCAN_LIMIT tiles
+
+
+def _table_layout(c: sqlite3.Connection, table: str) -> tuple | None:
+    """(schema version, root page, record positions of zoom_level, tile_column, tile_row, tile_data) of a
+    rowid table whose four columns are stored in its records; None for anything else (a WITHOUT ROWID
+    table, hidden or generated columns, one of the four the rowid's alias, a column named like the rowid)."""
+    try:
+        version = c.execute("PRAGMA schema_version").fetchone()[0]
+        got = c.execute("SELECT rootpage FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchall()
+        cols = c.execute(f"PRAGMA table_xinfo({_quote(table)})").fetchall()
+        c.execute(f"SELECT rowid FROM {_quote(table)} LIMIT 0").fetchall()        # fails WITHOUT ROWID
+        if c.execute("PRAGMA schema_version").fetchone()[0] != version:
+            return None
+    except sqlite3.Error:
+        return None
+    if len(got) != 1 or not isinstance(got[0][0], int) or not cols:
+        return None
+    names = [str(col[1]).lower() for col in cols]
+    if any(col[6] for col in cols) or {"rowid", "oid", "_rowid_"} & set(names):
+        return None
+    try:
+        fields = tuple(names.index(n) for n in ("zoom_level", "tile_column", "tile_row", "tile_data"))
+    except ValueError:
+        return None
+    keys = [col for col in cols if col[5]]
+    if len(keys) == 1 and str(keys[0][2]).upper() == "INTEGER" and keys[0][0] in fields:
+        return None                         # the rowid's alias: its value is not in the record
+    return version & 0xFFFFFFFF, got[0][0], fields
+
+
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -584,7 +730,8 @@ def open_mbtiles(path: str, tables: dict[str, str]) -> BlockCache:
     finally:
         c.close()
     backend = SqliteBackend(path, label, source, flip=meta.get("scheme", "tms").lower() != "xyz", widths={},
-                            warn=warnings.append)
+                            warn=warnings.append, table="tiles" if source == "tiles" and tables["tiles"] == "table"
+                            else None)
     samples = backend.first_tiles()
     fmt = FORMAT_NAMES.get(meta.get("format", "").strip().lower())
     found = detect_format(samples) if samples else None
@@ -714,7 +861,8 @@ def open_gpkg(path: str, tables: dict[str, str], table: str | None) -> BlockCach
     if size[0] > 8192 or size[1] > 8192:
         raise CacheError(f"{label}: tile size {size} is out of range")
     scheme = TileScheme(min_x, max_y, size[0], size[1], 96, tuple(lods), sr)
-    backend = SqliteBackend(path, label, _quote(table), flip=False, widths=widths, warn=warnings.append)
+    backend = SqliteBackend(path, label, _quote(table), flip=False, widths=widths, warn=warnings.append,
+                            table=table if tables.get(table) == "table" else None)
     fmt = detect_format(backend.first_tiles())
     extent = None
     if contents is not None and all(isinstance(v, (int, float)) for v in contents[2:6]) and contents[6] == srs_id:
