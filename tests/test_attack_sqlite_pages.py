@@ -6,7 +6,6 @@ files changed by another process between the reader's steps. Risky reads run in 
 a crash (a signal) or a hang fails the test, as does any byte that is not SQLite's."""
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import signal
@@ -14,7 +13,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
-import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +55,15 @@ def _rows(seed: int = 1, sizes=SIZES, tms: bool = True) -> list[tuple[int, int, 
         n = 40 if i < 3 else sizes[i % len(sizes)]
         out.append((z, x, ((1 << z) - 1 - y) if tms else y, _blob(seed * 100_000 + i, n)))
     return out
+
+
+def _sweep(usable: int, seed: int) -> list[tuple[int, int, int, bytes]]:
+    """Rows whose payloads cross every spill boundary of a page's usable size: all on the page up to U - 35
+    bytes, then a local part of K or M bytes (the formula's two branches), over one and two overflow pages."""
+    sizes = list(range(usable - 80, usable + 10)) + list(range(2 * (usable - 4) - 90, 2 * (usable - 4) + 10))
+    rows = [(0, 0, 0, _blob(seed, 40))]
+    rows += [(9, 100 + i % 150, 300 + i // 150, _blob(seed * 1000 + i, n)) for i, n in enumerate(sizes)]
+    return rows
 
 
 def _mbtiles(path: Path, rows, *, page_size: int = 4096, create: str | None = None, columns: str = "", pre=(),
@@ -126,6 +134,17 @@ def _reserved(path: Path, page_size: int, reserved: int) -> Path:
     return path
 
 
+def _then(path: Path, *edits) -> Path:
+    """Edit a closed database file: (offset, bytes) patches, or bytes to append."""
+    for e in edits:
+        if isinstance(e, bytes):
+            with open(path, "ab") as f:
+                f.write(e)
+        else:
+            sff.patch(path, *e)
+    return path
+
+
 def _fragment(db: sqlite3.Connection) -> None:
     """Delete every other row, insert new ones into the freed pages, grow some: chains out of page order."""
     ids = [r[0] for r in db.execute("SELECT rowid FROM tiles ORDER BY rowid")]
@@ -148,6 +167,14 @@ def _alter_tile_data(db: sqlite3.Connection) -> None:
     db.execute("DROP TABLE tiles")
     db.execute("ALTER TABLE old RENAME TO tiles")
     db.execute("CREATE UNIQUE INDEX tile_index2 ON tiles (zoom_level, tile_column, tile_row)")
+
+
+def _big_rowids(db: sqlite3.Connection) -> None:
+    """Rowids over the whole int64 range (nine-byte varints, negatives), the extremes among them."""
+    ids = [r[0] for r in db.execute("SELECT rowid FROM tiles ORDER BY rowid")]
+    spread = [((i * 0x9E3779B97F4A7C15) % (1 << 64)) - (1 << 63) for i in range(1, len(ids) + 1)]
+    spread[:4] = [(1 << 63) - 1, -(1 << 63) + 1, -1, 0]
+    db.executemany("UPDATE tiles SET rowid = ? WHERE rowid = ?", list(zip(spread, ids)))
 
 
 def _wal(db: sqlite3.Connection) -> None:
@@ -191,7 +218,7 @@ def _dups(rows):
 TABLE = "CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB"
 INDEX = "CREATE UNIQUE INDEX tile_index ON tiles (zoom_level, tile_column, tile_row)"
 
-# name -> (maker(path) -> path opened, does the backend read pages: True, False, or None when either is right)
+# name -> (maker(path) -> the file, whether the backend reads its pages: a rowid table in a rollback-journal file)
 VARIANTS = {
     "page512": (lambda p: _mbtiles(p, _rows(), page_size=512), True),
     "page1024": (lambda p: _mbtiles(p, _rows(), page_size=1024), True),
@@ -199,6 +226,18 @@ VARIANTS = {
     "page65536": (lambda p: _mbtiles(p, _rows(), page_size=65536), True),
     "reserved512": (lambda p: _mbtiles(_reserved(p, 512, 32), _rows(20), post=[_fragment]), True),
     "reserved4096": (lambda p: _mbtiles(_reserved(p, 4096, 255), _rows(21)), True),
+    "sweep512r32": (lambda p: _mbtiles(_reserved(p, 512, 32), _sweep(480, 22)), True),
+    "sweep1024": (lambda p: _mbtiles(p, _sweep(1024, 23), page_size=1024), True),
+    "sweep4096r8": (lambda p: _mbtiles(_reserved(p, 4096, 8), _sweep(4088, 24)), True),
+    "big_rowids": (lambda p: _mbtiles(p, _rows(25), page_size=512, post=[_big_rowids]), True),
+    "int64_min_rowid": (lambda p: _mbtiles(p, _rows(26), post=[_big_rowids, "UPDATE tiles SET rowid = -9223372036854775808 "
+                                                               "WHERE rowid = -9223372036854775807"]), True),
+    "reserved65536": (lambda p: _mbtiles(_reserved(p, 65536, 255), _rows(27), post=[_fragment]), True),
+    # a header whose page count is stale (its version-valid-for differs: an old writer): the file's size counts
+    "legacy_page_count": (lambda p: _then(_mbtiles(p, _rows(28), page_size=1024), (28, _u32(0x7FFFFFFF)),
+                                          (92, _u32(0x12345678))), True),
+    # pages past the header's (valid) page count: not the database's, never read
+    "trailing_garbage": (lambda p: _then(_mbtiles(p, _rows(29), page_size=512), _blob(3, 512 * 9)), True),
     "no_index": (lambda p: _mbtiles(p, _rows(), index=None), True),
     "auto_vacuum_full": (lambda p: _mbtiles(p, _rows(2), page_size=1024, pre=["PRAGMA auto_vacuum = FULL"],
                                              post=[_fragment]), True),
@@ -209,12 +248,15 @@ VARIANTS = {
     "gpkg512": (lambda p: _gpkg(p, _rows(4, tms=False), page_size=512), True),
     "column_order": (lambda p: _mbtiles(p, _rows(5), create="CREATE TABLE tiles (tile_data BLOB, note TEXT DEFAULT "
                                         "'n', tile_row INTEGER, zoom_level INTEGER, tile_column INTEGER)"), True),
+    "column_order_small": (lambda p: _mbtiles(p, _rows(5, sizes=[40, 0, 1, 300, 333]), create="CREATE TABLE tiles "
+                                              "(tile_data BLOB, tile_row INTEGER, note TEXT DEFAULT 'n', zoom_level "
+                                              "INTEGER, tile_column INTEGER)"), True),
     "alter_add_column": (lambda p: _mbtiles(p, _rows(6), post=["ALTER TABLE tiles ADD COLUMN extra TEXT DEFAULT 'd'",
                                             "INSERT INTO tiles VALUES (8, 140, 3, x'89504E470D0A1A0AFF', 'e')"]), True),
     "alter_tile_data": (lambda p: _mbtiles(p, _rows(7), post=[_alter_tile_data]), True),
     "odd_values": (lambda p: _mbtiles(p, _rows_odd(_rows(8))), True),
-    "utf16le": (lambda p: _mbtiles(p, _rows_odd(_rows(9)), pre=["PRAGMA encoding = 'UTF-16le'"]), None),
-    "utf16be_blobs": (lambda p: _mbtiles(p, _rows(10), page_size=1024, pre=["PRAGMA encoding = 'UTF-16be'"]), None),
+    "utf16le": (lambda p: _mbtiles(p, _rows_odd(_rows(9)), pre=["PRAGMA encoding = 'UTF-16le'"]), True),
+    "utf16be_blobs": (lambda p: _mbtiles(p, _rows(10), page_size=1024, pre=["PRAGMA encoding = 'UTF-16be'"]), True),
     "duplicates": (lambda p: _mbtiles(p, _dups(_rows(11)), index="CREATE INDEX tile_index ON tiles "
                                       "(zoom_level, tile_column, tile_row)"), True),
     "rowid_alias": (lambda p: _mbtiles(p, _rows(12), create=TABLE.replace("(", "(id INTEGER PRIMARY KEY, ", 1) + ")"),
@@ -304,11 +346,15 @@ def sqlite_tiles(path: Path) -> dict[tuple[int, int, int], list[bytes | None]]:
     return out
 
 
-def backend_tiles(path: Path) -> tuple[dict, dict, bool | None]:
+def backend_tiles(path: Path, pages_only: bool = False) -> tuple[dict, dict, bool]:
     """({(z, row, col): bytes} from block_list, {(z, row, col): size} from block_index, reads_pages()) of every
-    block of every level, read through tilecrate's cache."""
+    block of every level, read through tilecrate's cache; `pages_only`: a block read through SQL fails."""
     with open_cache(str(path)) as cache:
         b = cache._store
+        if pages_only:
+            def no_sql(*args, **kwargs):
+                raise AssertionError("a block read through SQL, not from the file's pages")
+            b.query_blobs = no_sql
         tiles, sizes = {}, {}
         for z in b.levels():
             for r0, c0 in sorted(b.blocks(z)):
@@ -318,7 +364,7 @@ def backend_tiles(path: Path) -> tuple[dict, dict, bool | None]:
                 _, idx, got = b.block_list(z, r0, c0)
                 for i, t in zip(idx.tolist(), got):
                     tiles[(z, r0 + i // PACKET, c0 + i % PACKET)] = bytes(t)
-        pages = b.reads_pages() if hasattr(b, "reads_pages") else None
+        pages = b.reads_pages()
     return tiles, sizes, pages
 
 
@@ -362,22 +408,20 @@ def blob_keys(path: Path) -> set:
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_every_variant_reads_as_sqlite_does(tmp_path, name):
+    """Every block of every level through block_index and block_list equals sqlite3's rows; reads_pages() says
+    whether the bytes come from the file's pages (and for the layouts locate handles, no block goes through SQL)."""
     path = make(tmp_path, name)
     assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    tiles, sizes, pages = backend_tiles(path)
+    tiles, sizes, pages = backend_tiles(path, pages_only=name in _LOCATED)
     _assert_same(path, tiles, sizes)
     assert len(tiles) > 20
-    want = VARIANTS[name][1]
-    if pages is None:       # the page reader has not landed yet: the SQL path's bytes were checked above
-        return
-    if want is not None:
-        assert pages is want, f"{name}: reads_pages() is {pages}, expected {want}"
+    assert pages is VARIANTS[name][1], f"{name}: reads_pages() is {pages}"
 
 
 # -- the independent parser ---------------------------------------------------------------------------------
 
 # variant -> (table, record position of tile_data, of zoom_level)
-_LAYOUT = {"page512": ("tiles", 3, 0), "page65536": ("tiles", 3, 0), "reserved512": ("tiles", 3, 0),
+_LAYOUT = {"big_rowids": ("tiles", 3, 0), "sweep512r32": ("tiles", 3, 0), "sweep4096r8": ("tiles", 3, 0), "page512": ("tiles", 3, 0), "page65536": ("tiles", 3, 0), "reserved512": ("tiles", 3, 0),
            "reserved4096": ("tiles", 3, 0), "auto_vacuum_full": ("tiles", 3, 0), "fragmented": ("tiles", 3, 0),
            "gpkg": ("tiles_t", 4, 1), "column_order": ("tiles", 0, 3), "odd_values": ("tiles", 3, 0),
            "utf16le": ("tiles", 3, 0), "generated_stored": ("tiles", 4, 0), "generated_virtual": ("tiles", 3, 0)}
@@ -415,3 +459,797 @@ def test_the_file_format_parser_reads_what_sqlite_reads(tmp_path, name):
     assert sff.decode_record(bytes([3, 1, 0x0F, 9, ord("a")])) == [9, ("text", b"a")]
     assert sff.varint(sff.encode_varint(1 << 60), 0) == (1 << 60, 9)
     assert sff.varint(sff.encode_varint(300, 5), 0) == (300, 5)
+
+
+# -- corrupt files --------------------------------------------------------------------------------------------
+
+def _attack_file(path: Path) -> Path:
+    """512-byte pages, 720 small tiles (a table b-tree three pages deep) and a few with overflow chains of
+    3-40 pages, in two blocks of level 9."""
+    rows = []
+    for i, (x, y) in enumerate((x, y) for x in range(100, 140) for y in range(18)):
+        n = (3000 + 4000 * (i % 5)) if i % 97 == 5 else 20 + i % 40
+        rows.append((9, x, 511 - y, _blob(70_000 + i, n)))
+    return _mbtiles(path, rows, page_size=512)
+
+
+CHILD = r'''
+import pickle, sys, traceback
+import numpy as np
+from tilecrate.cache import open_cache
+from tilecrate.errors import BundleError, CacheError
+from tilecrate.tiling import PACKET
+path, out = sys.argv[1], sys.argv[2]
+try:
+    from tilecrate._sqlite import SqliteError
+    with open_cache(path) as cache:
+        b = cache._store
+        tiles, sizes = {}, {}
+        for z in b.levels():
+            for r0, c0 in sorted(b.blocks(z)):
+                _, sz = b.block_index(z, r0, c0)
+                for i in np.flatnonzero(sz).tolist():
+                    sizes[(z, r0 + i // PACKET, c0 + i % PACKET)] = int(sz[i])
+                _, idx, got = b.block_list(z, r0, c0)
+                for i, t in zip(idx.tolist(), got):
+                    tiles[(z, r0 + i // PACKET, c0 + i % PACKET)] = bytes(t)
+        pages = b.reads_pages()
+    res = {"tiles": tiles, "sizes": sizes, "pages": pages}
+except (CacheError, BundleError, SqliteError) as e:
+    res = {"error": type(e).__name__, "message": str(e)}
+except BaseException as e:
+    res = {"crash": traceback.format_exc()}
+with open(out, "wb") as f:
+    pickle.dump(res, f)
+'''
+
+
+def run_child(path: Path, code: str = CHILD, *args) -> dict:
+    """Run `code` on `path` in a child process: it must end, by itself, within CHILD_SECONDS, and not by a signal."""
+    out = path.with_suffix(".result")
+    try:
+        p = subprocess.run([sys.executable, "-c", code, str(path), str(out), *map(str, args)], capture_output=True,
+                           timeout=CHILD_SECONDS, cwd=HERE)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"reading {path.name} took more than {CHILD_SECONDS} s (a loop in the page walk?)")
+    assert p.returncode >= 0, f"the reader died of signal {signal.Signals(-p.returncode).name}: {p.stderr[-2000:]}"
+    assert p.returncode == 0, p.stderr.decode()[-3000:]
+    with open(out, "rb") as f:
+        res = pickle.load(f)
+    assert "crash" not in res, res.get("crash")
+    return res
+
+
+def sqlite_lookups(path: Path, keys) -> dict:
+    """{(z, ArcGIS row, col): bytes, None (no row or not a tile), or 'error'} of each tile looked up alone by
+    Python's sqlite3 (through the index, as the backend finds rows) in a possibly corrupt MBTiles."""
+    out = {}
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        for z, r, c in keys:
+            try:
+                got = db.execute("SELECT tile_data FROM tiles WHERE zoom_level = ? AND tile_column = ? AND tile_row = ?",
+                                 (z, c, (1 << z) - 1 - r)).fetchall()
+            except sqlite3.DatabaseError:
+                out[(z, r, c)] = "error"
+                continue
+            out[(z, r, c)] = bytes(got[0][0]) if got and isinstance(got[0][0], bytes) and got[0][0] else None
+    finally:
+        db.close()
+    return out
+
+
+def assert_sqlite_or_clean_error(path: Path, original: dict, res: dict) -> str:
+    """A corrupt file read through the backend gave a one-line CacheError/BundleError, or only bytes SQLite itself
+    returns for those tiles (or their bytes before the corruption), every tile SQLite can read present.
+    Returns what happened, for the test's own checks."""
+    if "error" in res:
+        assert res["error"] in ("CacheError", "BundleError"), res
+        assert "\n" not in res["message"] and len(res["message"]) < 600, res["message"]
+        assert path.name in res["message"] or str(path) in res["message"], res["message"]
+        return "error"
+    now = sqlite_lookups(path, original)
+    for k, t in res["tiles"].items():
+        assert k in original, f"{k}: a tile that was never written"
+        assert t == now[k] or t == original[k][0], f"{k}: {len(t)} bytes neither SQLite's nor the original's"
+    for k, v in now.items():
+        if isinstance(v, bytes):
+            assert k in res["tiles"], f"{k}: SQLite reads this tile, the backend lost it"
+    return "tiles"
+
+
+def _u32(v: int) -> bytes:
+    return struct.pack(">I", v & 0xFFFFFFFF)
+
+
+def _inner(f: sff.Db, tree: sff.Tree) -> int:
+    """An interior page below the root (the attack file's tree is three deep)."""
+    return next(n for n in tree.interior if tree.depth[n] == 1)
+
+
+def _child_to(target):
+    """Corrupt the first child pointer of an interior page below the root to point at `target(f, tree, page)`."""
+    def corrupt(path, f, tree, cells):
+        n = _inner(f, tree)
+        off, _, _ = f.interior_cells(n)[0]
+        sff.patch(path, f.page_offset(n) + off, _u32(target(f, tree, n)))
+    return corrupt
+
+
+def _root_child_to_root(path, f, tree, cells):
+    off, _, _ = f.interior_cells(tree.root)[0]
+    sff.patch(path, f.page_offset(tree.root) + off, _u32(tree.root))
+
+
+def _right_to_self(path, f, tree, cells):
+    n = _inner(f, tree)
+    sff.patch(path, f.page_offset(n) + 8, _u32(n))
+
+
+def _keys_out_of_order(path, f, tree, cells):
+    """Two cell pointers of an interior page swapped: each child keeps its key, the keys fall out of order."""
+    n = _inner(f, tree)
+    hd = f.btree_header(n)
+    at = f.page_offset(n) + hd["ptrs"]
+    p = f.page(n)
+    a, b = p[hd["ptrs"]:hd["ptrs"] + 2], p[hd["ptrs"] + 6:hd["ptrs"] + 8]
+    sff.patch(path, at, b)
+    sff.patch(path, at + 6, a)
+
+
+def _leaf(tree: sff.Tree, cells) -> int:
+    """A leaf page in the middle of the table whose cells are all on their page."""
+    by_page: dict = {}
+    for c in cells:
+        by_page.setdefault(c.page, []).append(c)
+    pages = [n for n in tree.leaves if all(not c.overflow for c in by_page[n])]
+    return pages[len(pages) // 2]
+
+
+def _cell_pointer(value):
+    def corrupt(path, f, tree, cells):
+        n = _leaf(tree, cells)
+        sff.patch(path, f.page_offset(n) + f.btree_header(n)["ptrs"] + 2, struct.pack(">H", value(f)))
+    return corrupt
+
+
+def _cell_count(page_kind: str):
+    def corrupt(path, f, tree, cells):
+        n = _leaf(tree, cells) if page_kind == "leaf" else _inner(f, tree)
+        sff.patch(path, f.page_offset(n) + 3, struct.pack(">H", 0xFFFF))
+    return corrupt
+
+
+def _page_type(value: int):
+    def corrupt(path, f, tree, cells):
+        n = _leaf(tree, cells)
+        sff.patch(path, f.page_offset(n), bytes([value]))
+    return corrupt
+
+
+def _small_cell(f, tree, cells) -> sff.Cell:
+    n = _leaf(tree, cells)
+    return next(c for c in cells if c.page == n)
+
+
+def _rewrite_cell(build):
+    """Replace a small cell by bytes of the same length built from (payload size, rowid, record)."""
+    def corrupt(path, f, tree, cells):
+        c = _small_cell(f, tree, cells)
+        rec = f.payload(c)
+        new = build(c, rec)
+        assert len(new) == c.header_len + c.local
+        sff.patch(path, f.page_offset(c.page) + c.offset, new)
+    return corrupt
+
+
+def _payload_varint9(c, rec):
+    """A payload size of 2**62 in a nine-byte varint; the record shortened to keep the cell's length."""
+    head = sff.encode_varint(1 << 62, 9) + sff.encode_varint(c.rowid)
+    return head + rec[:c.header_len + c.local - len(head)]
+
+
+def _header_too_long(c, rec):
+    """The record's header claims 127 bytes, more than the whole local payload."""
+    assert rec[0] < 0x80 and c.local < 127
+    return sff.encode_varint(c.payload_size) + sff.encode_varint(c.rowid) + bytes([0x7F]) + rec[1:]
+
+
+def _serial_1gb(c, rec):
+    """tile_data's serial type says a 1 GB blob (a five-byte varint; the bytes it adds taken from the blob's end)."""
+    t, at, k = sff.record_types(rec)[3]
+    grow = 5 - k
+    new_types = rec[1:at] + sff.encode_varint(2 * (1 << 30) + 12, 5) + rec[at + k:rec[0]]
+    new = bytes([rec[0] + grow]) + new_types + rec[rec[0]:len(rec) - grow]
+    assert len(new) == len(rec) and rec[0] + grow < 0x80
+    return sff.encode_varint(c.payload_size) + sff.encode_varint(c.rowid) + new
+
+
+def _chain(cells, at_least: int = 3) -> sff.Cell:
+    return next(c for c in cells if len(c.overflow) >= at_least)
+
+
+def _overflow_to(target):
+    """The first overflow pointer of a cell with a chain of 3 pages or more set to `target(f, cell, cells)`."""
+    def corrupt(path, f, tree, cells):
+        c = _chain(cells)
+        sff.patch(path, f.page_offset(c.page) + c.pointer_at, _u32(target(f, c, cells)))
+    return corrupt
+
+
+def _overflow_loop(path, f, tree, cells):
+    """The chain's second page points back at its first."""
+    c = _chain(cells)
+    sff.patch(path, f.page_offset(c.overflow[1]), _u32(c.overflow[0]))
+
+
+def _overflow_end_early(path, f, tree, cells):
+    """The chain's second page says it is the last (pointer 0) though the payload goes on."""
+    c = _chain(cells)
+    sff.patch(path, f.page_offset(c.overflow[1]), _u32(0))
+
+
+def _truncate_half(path, f, tree, cells):
+    os.truncate(path, f.pages // 2 * f.page_size)
+
+
+def _truncate_mid_page(path, f, tree, cells):
+    os.truncate(path, (f.pages - 3) * f.page_size + 100)
+
+
+ATTACKS = {
+    "child_to_itself": _child_to(lambda f, t, n: n),
+    "child_to_ancestor": _child_to(lambda f, t, n: t.root),
+    "root_child_to_root": _root_child_to_root,
+    "right_most_to_itself": _right_to_self,
+    "child_past_the_end": _child_to(lambda f, t, n: f.pages + 1000),
+    "child_to_page_1": _child_to(lambda f, t, n: 1),
+    "child_to_page_0": _child_to(lambda f, t, n: 0),
+    "child_to_2**32-1": _child_to(lambda f, t, n: 0xFFFFFFFF),
+    "child_to_an_overflow_page": _child_to(lambda f, t, n: _chain(f.cells(t.root)).overflow[1]),
+    "interior_keys_out_of_order": _keys_out_of_order,
+    "cell_pointer_past_the_page": _cell_pointer(lambda f: 0xFFFF),
+    "cell_pointer_at_the_page_end": _cell_pointer(lambda f: f.page_size - 1),
+    "cell_pointer_into_the_header": _cell_pointer(lambda f: 2),
+    "leaf_cell_count_65535": _cell_count("leaf"),
+    "interior_cell_count_65535": _cell_count("interior"),
+    "leaf_page_typed_interior": _page_type(0x05),
+    "leaf_page_typed_index": _page_type(0x0A),
+    "payload_size_nine_byte_varint": _rewrite_cell(_payload_varint9),
+    "record_header_longer_than_the_payload": _rewrite_cell(_header_too_long),
+    "serial_type_of_a_1gb_blob": _rewrite_cell(_serial_1gb),
+    "overflow_to_page_0": _overflow_to(lambda f, c, cells: 0),
+    "overflow_to_page_1": _overflow_to(lambda f, c, cells: 1),
+    "overflow_past_the_end": _overflow_to(lambda f, c, cells: f.pages + 7),
+    "overflow_to_another_chain": _overflow_to(lambda f, c, cells: next(o for o in cells if o.overflow and
+                                                                        o.rowid != c.rowid).overflow[0]),
+    "overflow_to_a_leaf": _overflow_to(lambda f, c, cells: cells[0].page),
+    "overflow_loop": _overflow_loop,
+    "overflow_chain_ends_early": _overflow_end_early,
+    "truncated_to_half": _truncate_half,
+    "truncated_mid_page": _truncate_mid_page,
+}
+
+
+@pytest.fixture(scope="module")
+def attack_source(tmp_path_factory) -> tuple[Path, dict]:
+    """The pristine attack file and its tiles as SQLite reads them."""
+    path = _attack_file(tmp_path_factory.mktemp("attack") / "pristine.mbtiles")
+    return path, sqlite_tiles(path)
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_corrupt_structure_gives_sqlite_bytes_or_a_clean_error(tmp_path, attack_source, attack):
+    src, original = attack_source
+    path = tmp_path / f"{attack}.mbtiles"
+    path.write_bytes(src.read_bytes())
+    f = sff.Db(path)
+    tree = f.tree(sff.root_page(path, "tiles"))
+    assert max(tree.depth.values()) >= 2
+    cells = f.cells(tree.root)
+    ATTACKS[attack](path, f, tree, cells)
+    assert path.read_bytes() != src.read_bytes()
+    res = run_child(path)
+    assert_sqlite_or_clean_error(path, original, res)
+
+
+# -- the compiled reader itself -------------------------------------------------------------------------------
+
+def _rowid_rows(path: Path, table: str = "tiles") -> list[tuple]:
+    """(rowid, zoom_level, tile_column, tile_row, tile bytes or None) of every row, by rowid, from Python's sqlite3."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return [(r, z, x, y, bytes(d) if isinstance(d, bytes) else None) for r, z, x, y, d in db.execute(
+            f"SELECT rowid, zoom_level, tile_column, tile_row, tile_data FROM {table} ORDER BY rowid")]
+    finally:
+        db.close()
+
+
+def _fields(path: Path, table: str) -> tuple[int, int, int, int]:
+    """Record positions of zoom_level, tile_column, tile_row, tile_data (table_xinfo's order: no hidden columns)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        names = [r[1] for r in db.execute(f"PRAGMA table_xinfo({table})")]
+    finally:
+        db.close()
+    return tuple(names.index(n) for n in ("zoom_level", "tile_column", "tile_row", "tile_data"))
+
+
+def locate_and_read(path: Path, table: str, rowids=None, between=None):
+    """(header, values, cells, offsets, buffer) of a table's rows located and read by tilecrate._sqlite.Reader, the
+    locate and the read in two transactions as the backend runs them; `between()` runs between the two. values
+    is None (and nothing is read) when locate hands the rows back to SQL."""
+    from tilecrate._sqlite import Reader
+
+    rows = _rowid_rows(path, table)
+    ids = np.array([r[0] for r in rows] if rowids is None else rowids, dtype=np.int64)
+    root = sff.root_page(path, table)
+    r = Reader(str(path))
+    try:
+        header = r.pages_begin()
+        try:
+            found = r.locate(ids, root, _fields(path, table), True) if header is not None else None
+        finally:
+            r.pages_end()
+        if found is None:
+            return header, None, None, None, None
+        values, cells = found
+        if between is not None:
+            between()
+        try:
+            r.pages_begin()
+            offs, buf = r.read_cells(cells, values[:, 3], header)
+        finally:
+            r.pages_end()
+        return header, values, cells, offs, buf
+    finally:
+        r.close()
+
+
+# variants whose rows locate must find itself (no fallback to SQL); the others may hand them back
+_LOCATED = ["reserved65536", "legacy_page_count", "trailing_garbage", "big_rowids", "sweep512r32", "sweep1024", "sweep4096r8", "page512", "page1024", "page4096", "page65536", "reserved512", "reserved4096", "no_index", "fragmented",
+            "auto_vacuum_full", "incremental_vacuum", "gpkg", "gpkg512", "column_order_small", "alter_add_column",
+            "duplicates", "rowid_alias", "odd_values", "utf16be_blobs"]
+
+
+@pytest.mark.parametrize("name", _LOCATED + ["int64_min_rowid", "alter_tile_data", "utf16le", "generated_stored", "column_order"])
+def test_locate_and_read_cells_give_sqlite_bytes(tmp_path, name):
+    """The reader's own answer, row by row, for every layout: zoom, column, row and the tile's bytes as sqlite3
+    gives them (text as its UTF-8 bytes, NULL and numbers empty), or None where it hands the rows to SQL."""
+    path = make(tmp_path, name)
+    table = "tiles_t" if name.startswith("gpkg") else "tiles"
+    header, values, cells, offs, buf = locate_and_read(path, table)
+    assert header is not None and header == path.read_bytes()[:100]
+    if values is None:
+        assert name not in _LOCATED, f"{name}: locate handed its rows to SQL"
+        return
+    rows = _rowid_rows(path, table)
+    db = sqlite3.connect(path)
+    text = dict(db.execute(f"SELECT rowid, CAST(tile_data AS BLOB) FROM {table} WHERE typeof(tile_data) = 'text'"))
+    db.close()
+    assert cells[:, 2].astype(np.int64).tolist() == [r[0] for r in rows]
+    view = memoryview(buf)
+    for i, (rid, z, x, y, data) in enumerate(rows):
+        want = data if data is not None else text.get(rid, b"")
+        assert values[i, :3].tolist() == [z, x, y]
+        assert values[i, 3] == len(want), (rid, values[i, 3], len(want))
+        assert bytes(view[offs[i]:offs[i + 1]]) == want, rid
+
+
+def test_read_cells_in_any_order_and_subset(tmp_path):
+    """read_cells takes locate's cells in any order (the backend sorts them by page) and any subset."""
+    from tilecrate._sqlite import Reader
+
+    path = make(tmp_path, "fragmented")
+    header, values, cells, offs, buf = locate_and_read(path, "tiles")
+    want = [bytes(memoryview(buf)[offs[i]:offs[i + 1]]) for i in range(len(values))]
+    pick = np.random.default_rng(5).permutation(len(values))[: len(values) // 2]
+    r = Reader(str(path))
+    try:
+        assert r.pages_begin() == header
+        o2, b2 = r.read_cells(cells[pick], values[pick, 3], header)
+        with pytest.raises(MemoryError):
+            r.read_cells(cells, values[:, 3], header, int(values[:, 3].sum()) - 1)
+    finally:
+        r.pages_end()
+        r.close()
+    assert [bytes(memoryview(b2)[o2[k]:o2[k + 1]]) for k in range(len(pick))] == [want[i] for i in pick]
+
+
+def _writer(path: Path, *sql: str, timeout: float = 5.0) -> subprocess.CompletedProcess:
+    """Run statements in another process through Python's sqlite3 (a writer tilecrate does not know of)."""
+    code = ("import sqlite3, sys\n"
+            f"db = sqlite3.connect(sys.argv[1], timeout={timeout}, isolation_level=None)\n"
+            "for s in sys.argv[2:]:\n"
+            "    db.execute(s)\n"
+            "db.close()\n")
+    return subprocess.run([sys.executable, "-c", code, str(path), *sql], capture_output=True, timeout=60)
+
+
+_CHANGES = {
+    "update_to_other_bytes": ["UPDATE tiles SET tile_data = randomblob(length(tile_data)) WHERE rowid % 3 = 0"],
+    "update_same_length_one_row": ["UPDATE tiles SET tile_data = zeroblob(length(tile_data)) WHERE rowid = "
+                                   "(SELECT max(rowid) FROM tiles WHERE length(tile_data) > 100)"],
+    "delete_and_insert": ["DELETE FROM tiles WHERE rowid % 2 = 0",
+                          "INSERT INTO tiles SELECT zoom_level, tile_column, tile_row + 300, randomblob(3000) FROM tiles"],
+    "vacuum": ["DELETE FROM tiles WHERE rowid % 5 = 0", "VACUUM"],
+    "vacuum_only": ["VACUUM"],
+    "switch_to_wal": ["PRAGMA journal_mode = WAL", "UPDATE tiles SET tile_data = randomblob(50) WHERE rowid = 1"],
+}
+
+
+@pytest.mark.parametrize("change", list(_CHANGES))
+def test_a_write_between_locate_and_read_cells_raises_pages_changed(tmp_path, change):
+    """SQLite's lock is released between the locate's transaction and the read's: any commit in between changes
+    the header (its change counter) and read_cells refuses the old cells."""
+    from tilecrate._sqlite import PagesChanged, SqliteError
+
+    path = make(tmp_path, "fragmented")
+    done = []
+
+    def write():
+        p = _writer(path, *_CHANGES[change])
+        assert p.returncode == 0, p.stderr.decode()
+        done.append(path.read_bytes()[:100])
+
+    # a database now in WAL: pages_begin says None and read_cells refuses to run outside a page transaction
+    with pytest.raises(SqliteError if change == "switch_to_wal" else PagesChanged) as e:
+        locate_and_read(path, "tiles", between=write)
+    assert done and issubclass(PagesChanged, SqliteError)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("change", list(_CHANGES))
+@pytest.mark.parametrize("frozen", [False, True], ids=["identity", "identity_blind"])
+def test_a_write_between_the_scan_and_the_block_read_gives_sqlite_bytes_or_bundle_error(tmp_path, change, frozen):
+    """Through the backend: levels scanned (their cells located), another process writes, then the blocks are
+    read: each block is either SQLite's rows as they are now or a one-line BundleError asking for a retry. With
+    the file's identity blind to the write (a file system whose times do not move), the header's change counter
+    alone must catch it."""
+    path = make(tmp_path, "fragmented")
+    with open_cache(str(path)) as cache:
+        b = cache._store
+        assert b.reads_pages()
+        if frozen:
+            ident = b.identity()
+            b.identity = lambda: ident
+        blocks = [(z, r0, c0) for z in b.levels() for r0, c0 in sorted(b.blocks(z))]
+        for z, r0, c0 in blocks:
+            b.block_index(z, r0, c0)
+        p = _writer(path, *_CHANGES[change])
+        assert p.returncode == 0, p.stderr.decode()
+        now = sqlite_tiles(path)
+        refused = 0
+        for z, r0, c0 in blocks:
+            try:
+                _, idx, got = b.block_list(z, r0, c0)
+            except BundleError as e:
+                assert "\n" not in str(e) and "retry" in str(e)
+                refused += 1
+                continue
+            for i, t in zip(idx.tolist(), got):
+                k = (z, r0 + i // PACKET, c0 + i % PACKET)
+                assert k in now and bytes(t) in now[k], k
+        assert blocks and refused <= len(blocks)
+
+
+def test_a_file_truncated_between_locate_and_read_cells_is_a_clean_error(tmp_path):
+    """Truncated by something that is not SQLite (no lock, no change counter): a short read, a SqliteError."""
+    from tilecrate._sqlite import SqliteError
+
+    path = make(tmp_path, "fragmented")
+    size = path.stat().st_size
+    with pytest.raises(SqliteError, match="truncated|no longer|changed|malformed|I/O"):
+        locate_and_read(path, "tiles", between=lambda: os.truncate(path, size // 3))
+
+
+def test_a_writer_waits_while_pages_begin_holds_the_lock(tmp_path):
+    """Between pages_begin and pages_end the SHARED lock is held: a writer in another process cannot commit (it
+    gets SQLITE_BUSY after its short timeout), and commits once pages_end released the lock."""
+    from tilecrate._sqlite import Reader
+
+    path = make(tmp_path, "page1024")
+    r = Reader(str(path))
+    try:
+        header = r.pages_begin()
+        assert header is not None
+        p = _writer(path, "UPDATE tiles SET tile_data = x'00' WHERE rowid = 1", timeout=0.3)
+        assert p.returncode != 0 and b"database is locked" in p.stderr, p.stderr.decode()
+        assert path.read_bytes()[:100] == header
+        values, cells = r.locate(np.array([1, 2, 3]), sff.root_page(path, "tiles"), (0, 1, 2, 3), True)
+        offs, buf = r.read_cells(cells, values[:, 3], header)
+        assert bytes(buf)[:offs[1]] == _rowid_rows(path)[0][4]
+        r.pages_end()
+        p = _writer(path, "UPDATE tiles SET tile_data = x'00' WHERE rowid = 1", timeout=0.3)
+        assert p.returncode == 0, p.stderr.decode()
+        assert path.read_bytes()[:100] != header
+    finally:
+        r.pages_end()
+        r.close()
+
+
+def test_pages_begin_says_none_for_wal_and_the_backend_uses_sql(tmp_path):
+    from tilecrate._sqlite import Reader
+
+    path = make(tmp_path, "wal")
+    r = Reader(str(path))
+    try:
+        assert r.pages_begin() is None
+    finally:
+        r.pages_end()
+        r.close()
+
+
+READER_CHILD = r'''
+import pickle, sys
+import numpy as np
+from tilecrate._sqlite import PagesChanged, Reader, SqliteError
+path, out, spec = sys.argv[1], sys.argv[2], pickle.load(open(sys.argv[3], "rb"))
+res = {}
+r = None
+try:
+    r = Reader(path)
+    header = r.pages_begin()
+    try:
+        found = r.locate(np.array(spec["rowids"], dtype=np.int64), spec["root"], spec["fields"], True)
+    finally:
+        r.pages_end()
+    res["located"] = None if found is None else (found[0].tolist(), found[1].tolist())
+    if found is not None or "cells" in spec:
+        values, cells = found if found is not None else (None, None)
+        cells = spec.get("cells", cells)
+        lengths = spec.get("lengths", values[:, 3] if values is not None else None)
+        r.pages_begin()
+        try:
+            offs, buf = r.read_cells(np.asarray(cells, dtype=np.uint64), np.asarray(lengths, dtype=np.int64),
+                                     spec.get("header", header))
+        finally:
+            r.pages_end()
+        res["tiles"] = [bytes(memoryview(buf)[offs[i]:offs[i + 1]]) for i in range(len(offs) - 1)]
+except (SqliteError, ValueError, MemoryError, OverflowError) as e:
+    res["error"] = (type(e).__name__, str(e))
+if r is not None:
+    r.close()
+pickle.dump(res, open(out, "wb"))
+'''
+
+
+def run_reader(path: Path, spec: dict) -> dict:
+    """Run locate (and read_cells when it located the rows or `spec` forges cells) in a child process."""
+    at = path.with_suffix(".spec")
+    with open(at, "wb") as f:
+        pickle.dump(spec, f)
+    return run_child(path, READER_CHILD, at)
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_locate_on_a_corrupt_file_hands_back_or_reads_what_sqlite_reads(tmp_path, attack_source, attack):
+    """The compiled walk itself on each corrupt file (the backend would cover some of its answers with SQL):
+    None, a clean error, or for every row the values and bytes SQLite gives (or gave before the corruption)."""
+    src, _ = attack_source
+    before = {r[0]: r for r in _rowid_rows(src)}
+    path = tmp_path / f"{attack}.mbtiles"
+    path.write_bytes(src.read_bytes())
+    f = sff.Db(path)
+    tree = f.tree(sff.root_page(path, "tiles"))
+    ATTACKS[attack](path, f, tree, f.cells(tree.root))
+    res = run_reader(path, {"rowids": sorted(before), "root": tree.root, "fields": (0, 1, 2, 3)})
+    if "error" in res:
+        assert res["error"][0] in ("SqliteError", "PagesChanged") and "\n" not in res["error"][1], res
+        return
+    if res["located"] is None:
+        return
+    values, cells = res["located"]
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    for i, rid in enumerate(sorted(before)):
+        try:
+            now = db.execute("SELECT rowid, zoom_level, tile_column, tile_row, tile_data FROM tiles WHERE rowid = ?",
+                             (rid,)).fetchone()
+        except sqlite3.DatabaseError:
+            now = None
+        ok = [before[rid]] + ([now] if now is not None else [])
+        assert any(values[i][:3] == list(o[1:4]) and res["tiles"][i] == o[4] for o in ok), rid
+    db.close()
+
+
+def test_forged_arguments_never_read_outside_the_file(tmp_path, attack_source):
+    """read_cells and locate validate what they are given: cells naming other pages, offsets past the page,
+    lengths past the payload, an index page as the root, fields past the record, rowids the table lacks; each
+    gives None, a clean error or bytes of the file, never a crash."""
+    src, _ = attack_source
+    path = tmp_path / "forged.mbtiles"
+    path.write_bytes(src.read_bytes())
+    f = sff.Db(path)
+    root = sff.root_page(path, "tiles")
+    ids = [r[0] for r in _rowid_rows(path)]
+    header, values, cells, offs, buf = locate_and_read(path, "tiles")
+    data = path.read_bytes()
+    rng = np.random.default_rng(9)
+    index_root = sqlite3.connect(path).execute("SELECT rootpage FROM sqlite_master WHERE type = 'index'").fetchone()[0]
+    forged = {
+        "random_cells": {"cells": rng.integers(0, 1 << 63, (50, 3), dtype=np.uint64), "lengths": np.full(50, 400)},
+        "cell_offset_past_page": {"cells": cells[:5] | np.uint64(0xFFFF << 32) * np.array([1, 0, 0], np.uint64),
+                                  "lengths": values[:5, 3]},
+        "page_past_end": {"cells": (cells[:5] & ~np.uint64(0xFFFFFFFF)) | np.uint64(f.pages + 5) *
+                          np.array([1, 0, 0], np.uint64), "lengths": values[:5, 3]},
+        "lengths_past_payload": {"cells": cells[:20], "lengths": values[:20, 3] + 1000},
+        "lengths_4gib": {"cells": cells[:2], "lengths": np.array([0xFFFFFFFF, 0xFFFFFFFF])},
+        "lengths_negative": {"cells": cells[:2], "lengths": np.array([-1, 5])},
+        "header_of_another_file": {"cells": cells, "lengths": values[:, 3], "header": b"\0" * 100},
+        "header_short": {"cells": cells, "lengths": values[:, 3], "header": header[:50]},
+        "cells_wrong_shape": {"cells": cells[:, :2], "lengths": values[:, 3]},
+        "blob_offset_moved": {"cells": cells + np.uint64(7 << 32) * np.array([0, 1, 0], np.uint64),
+                              "lengths": values[:, 3]},
+        "overflow_page_moved": {"cells": cells + np.array([0, 1, 0], np.uint64), "lengths": values[:, 3]},
+    }
+    for name, spec in forged.items():
+        res = run_reader(path, {"rowids": ids[:1], "root": root, "fields": (0, 1, 2, 3), **spec})
+        if "error" in res:
+            assert "\n" not in res["error"][1], (name, res)
+            continue
+        for t in res["tiles"]:
+            assert t in data, f"{name}: bytes that are not in the file"
+    located = {
+        "index_page_as_root": {"rowids": ids, "root": index_root, "fields": (0, 1, 2, 3)},
+        "page_1_as_root": {"rowids": [1, 2, 3], "root": 1, "fields": (0, 1, 2, 3)},
+        "root_past_end": {"rowids": ids, "root": f.pages + 1, "fields": (0, 1, 2, 3)},
+        "root_2**40": {"rowids": ids, "root": 1 << 40, "fields": (0, 1, 2, 3)},
+        "fields_past_record": {"rowids": ids, "root": root, "fields": (0, 1, 2, 30)},
+        "fields_32767": {"rowids": ids, "root": root, "fields": (0, 1, 2, 32767)},
+        "fields_negative": {"rowids": ids, "root": root, "fields": (0, 1, 2, -1)},
+        "rowids_missing": {"rowids": ids + [ids[-1] + 10], "root": root, "fields": (0, 1, 2, 3)},
+        "rowids_negative": {"rowids": [-(1 << 63) + 1, -5] + ids, "root": root, "fields": (0, 1, 2, 3)},
+        "rowids_descending": {"rowids": ids[::-1], "root": root, "fields": (0, 1, 2, 3)},
+        "rowids_int64_min": {"rowids": [-(1 << 63)] + ids, "root": root, "fields": (0, 1, 2, 3)},
+        "blob_as_zoom": {"rowids": ids, "root": root, "fields": (3, 1, 2, 3)},
+    }
+    for name, spec in located.items():
+        res = run_reader(path, spec)
+        assert "error" in res or res["located"] is None, (name, res)
+        if "error" in res:
+            assert res["error"][0] in ("ValueError", "SqliteError") and "\n" not in res["error"][1], (name, res)
+
+
+@pytest.mark.parametrize("name", ["fragmented", "page65536"])
+def test_export_to_pmtiles_reads_back_tile_for_tile(tmp_path, name):
+    """End to end: a file whose pages are read here exported to .pmtiles, read back by the `pmtiles` package."""
+    from pmtiles.reader import Reader as PMReader, all_tiles
+
+    from tilecrate.export import export
+    from tilecrate.request import ExportRequest
+
+    path = make(tmp_path, name)
+    with open_cache(str(path)) as cache:
+        assert cache._store.reads_pages()
+    out = tmp_path / "out.pmtiles"
+    export(str(path), ExportRequest("0-8"), str(out))
+    data = out.read_bytes()
+    reader = PMReader(lambda off, n: data[off:off + n])
+    got = dict(all_tiles(reader.get_bytes))
+    want = {(z, c, r): v[0] for (z, r, c), v in sqlite_tiles(path).items() if v[0]}
+    assert len(want) > 40 and max(map(len, want.values())) >= 20_000
+    assert got == want
+
+
+_KILLED_WRITER = r'''
+import os, signal, sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA cache_size = 2")           # spill uncommitted pages into the file before the commit
+db.execute("BEGIN")
+db.execute("UPDATE tiles SET tile_data = zeroblob(length(tile_data))")
+os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def _kill_a_writer(path: Path) -> None:
+    """A writer SIGKILLed mid-transaction: uncommitted pages in the file, a hot journal beside it."""
+    p = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(path)], capture_output=True, timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    assert Path(str(path) + "-journal").stat().st_size > 0
+    assert path.read_bytes().count(b"\0" * 1024) > 10          # the zeroed tiles are in the file
+
+
+def test_a_writer_killed_mid_transaction_leaves_no_uncommitted_byte_readable(tmp_path):
+    """A hot journal: SQLite's read-only connection cannot roll it back and says so; the page reader must not
+    read the uncommitted pages the file now holds, neither at open nor between the locate and the read."""
+    from tilecrate._sqlite import SqliteError
+
+    path = make(tmp_path, "fragmented")
+    with pytest.raises(SqliteError):
+        locate_and_read(path, "tiles", between=lambda: _kill_a_writer(path))
+    (tmp_path / "again").mkdir()
+    other = make(tmp_path / "again", "fragmented")
+    _kill_a_writer(other)
+    with pytest.raises(CacheError, match="readonly|read-only|cannot read") as e:
+        backend_tiles(other)
+    assert "\n" not in str(e.value)
+
+
+_VBLOB = r'''
+import numpy as np
+def vblob(rowid, version):
+    """Tile bytes that say whose and which they are: (rowid, version), then a pattern of both."""
+    n = (60, 900, 2500, 7000)[(rowid + version) % 4]
+    body = ((np.arange(n, dtype=np.int64) * 7 + rowid * 31 + version) % 251).astype(np.uint8).tobytes()
+    return rowid.to_bytes(4, "big") + version.to_bytes(4, "big") + body
+'''
+
+_RACING_WRITER = _VBLOB + r'''
+import os, random, sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], timeout=10, isolation_level=None)
+stop, rng, v = time.monotonic() + float(sys.argv[2]), random.Random(3), 1
+while time.monotonic() < stop and not os.path.exists(sys.argv[1] + ".stop"):
+    v += 1
+    db.execute("BEGIN IMMEDIATE")
+    for rid in rng.sample(range(1, 301), 40):
+        if rid % 7 == 0:            # the row moves: deleted and inserted again under its rowid
+            db.execute("DELETE FROM tiles WHERE rowid = ?", (rid,))
+            db.execute("INSERT INTO tiles (rowid, zoom_level, tile_column, tile_row, tile_data) "
+                       "VALUES (?, 9, ?, 7, ?)", (rid, rid, vblob(rid, v)))
+        else:
+            db.execute("UPDATE tiles SET tile_data = ? WHERE rowid = ?", (vblob(rid, v), rid))
+    db.execute("COMMIT")
+    time.sleep(0.002)
+print(v)
+'''
+
+
+def test_reads_racing_a_writer_are_each_a_committed_version_or_pages_changed(tmp_path):
+    """Another process commits new versions of the tiles (new sizes, moved rows, overflow pages reused) while
+    this one locates and reads, in two transactions each time: every tile read is exactly a version some
+    commit wrote for that row, or read_cells raises PagesChanged. Never a mix of two versions."""
+    from tilecrate._sqlite import PagesChanged, Reader
+
+    ns: dict = {}
+    exec(_VBLOB, ns)
+    vblob = ns["vblob"]
+    path = tmp_path / "race.mbtiles"
+    _mbtiles(path, [(9, rid, 7, vblob(rid, 1)) for rid in range(1, 301)], page_size=1024)
+    root = sff.root_page(path, "tiles")
+    first = path.read_bytes()[:100]
+    writer = subprocess.Popen([sys.executable, "-c", _RACING_WRITER, str(path), "30"], stdout=subprocess.PIPE)
+    r = Reader(str(path))
+    read = changed = 0
+
+    def read_all() -> bool:
+        header = r.pages_begin()
+        try:
+            values, cells = r.locate(np.arange(1, 301), root, (0, 1, 2, 3), True)
+        finally:
+            r.pages_end()
+        time.sleep(0.001 * (read % 4))
+        r.pages_begin()
+        try:
+            offs, buf = r.read_cells(cells, values[:, 3], header)
+        except PagesChanged:
+            return False
+        finally:
+            r.pages_end()
+        view = memoryview(buf)
+        for i in range(300):
+            t = bytes(view[offs[i]:offs[i + 1]])
+            rid, v = int.from_bytes(t[:4], "big"), int.from_bytes(t[4:8], "big")
+            assert rid == i + 1 and t == vblob(rid, v), f"rowid {i + 1}: bytes of no committed version"
+        return True
+
+    try:
+        deadline = time.monotonic() + 30
+        while path.read_bytes()[:100] == first and time.monotonic() < deadline:     # the writer's first commit
+            time.sleep(0.01)
+        stop = time.monotonic() + 2.5
+        while time.monotonic() < stop:
+            if read_all():
+                read += 1
+            else:
+                changed += 1
+        Path(str(path) + ".stop").touch()
+        out, _ = writer.communicate(timeout=60)
+        assert read_all()                   # the writer gone, a read always succeeds
+    finally:
+        Path(str(path) + ".stop").touch()
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        r.close()
+    assert writer.returncode == 0 and int(out) > 10
+    assert changed > 0, (read, changed)
