@@ -262,6 +262,11 @@ VARIANTS = {
     "column_order_small": (lambda p: _mbtiles(p, _rows(5, sizes=[40, 0, 1, 300, 333]), create="CREATE TABLE tiles "
                                               "(tile_data BLOB, tile_row INTEGER, note TEXT DEFAULT 'n', zoom_level "
                                               "INTEGER, tile_column INTEGER)"), True),
+    # a wide text column before tile_data: some blobs start in an overflow page (those rows go through SQL)
+    "wide_before_blob": (lambda p: _mbtiles(p, _rows(31), page_size=1024, create="CREATE TABLE tiles (zoom_level "
+                                            "INTEGER, tile_column INTEGER, tile_row INTEGER, note TEXT, tile_data BLOB)",
+                                            post=["UPDATE tiles SET note = printf('%.*c', (rowid * 337) % 3000, 'n')"]),
+                         True),
     "alter_add_column": (lambda p: _mbtiles(p, _rows(6), post=["ALTER TABLE tiles ADD COLUMN extra TEXT DEFAULT 'd'",
                                             "INSERT INTO tiles VALUES (8, 140, 3, x'89504E470D0A1A0AFF', 'e')"]), True),
     "alter_tile_data": (lambda p: _mbtiles(p, _rows(7), post=[_alter_tile_data]), True),
@@ -357,16 +362,17 @@ def sqlite_tiles(path: Path) -> dict[tuple[int, int, int], list[bytes | None]]:
     return out
 
 
-def backend_tiles(path: Path, pages_only: bool = False) -> tuple[dict, dict, bool]:
-    """({(z, row, col): bytes} from block_list, {(z, row, col): size} from block_index, reads_pages()) of every
-    block of every level, read through tilecrate's cache; `pages_only`: a block read through SQL fails."""
+def backend_tiles(path: Path, pages_only: bool = False) -> tuple[dict, dict, bool, dict]:
+    """({(z, row, col): bytes} from block_list, {(z, row, col): size} from block_index, reads_pages(),
+    {(z, row, col): bytes} from block_body, its V2 layout checked) of every block of every level, read through
+    tilecrate's cache; `pages_only`: a block read through SQL fails."""
     with open_cache(str(path)) as cache:
         b = cache._store
         if pages_only:
             def no_sql(*args, **kwargs):
                 raise AssertionError("a block read through SQL, not from the file's pages")
             b.query_blobs = no_sql
-        tiles, sizes = {}, {}
+        tiles, sizes, bodies = {}, {}, {}
         for z in b.levels():
             for r0, c0 in sorted(b.blocks(z)):
                 _, sz = b.block_index(z, r0, c0)
@@ -375,11 +381,27 @@ def backend_tiles(path: Path, pages_only: bool = False) -> tuple[dict, dict, boo
                 _, idx, got = b.block_list(z, r0, c0)
                 for i, t in zip(idx.tolist(), got):
                     tiles[(z, r0 + i // PACKET, c0 + i % PACKET)] = bytes(t)
+                bodies.update(_body_tiles(z, r0, c0, b.block_body(z, r0, c0, "t")))
         pages = b.reads_pages()
-    return tiles, sizes, pages
+    return tiles, sizes, pages, bodies
 
 
-def _assert_same(path: Path, tiles: dict, sizes: dict | None = None) -> None:
+def _body_tiles(z: int, r0: int, c0: int, body) -> dict:
+    """The tiles of a block_body, checking its V2 layout: each tile after its little-endian size, none overlapping."""
+    _, buf, offsets, sizes = body
+    data = bytes(buf)
+    out, spans = {}, []
+    for i in np.flatnonzero(sizes).tolist():
+        off, n = int(offsets[i]), int(sizes[i])
+        assert 4 <= off and off + n <= len(data) and int.from_bytes(data[off - 4:off], "little") == n
+        spans.append((off - 4, off + n))
+        out[(z, r0 + i // PACKET, c0 + i % PACKET)] = data[off:off + n]
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    return out
+
+
+def _assert_same(path: Path, tiles: dict, sizes: dict | None = None, bodies: dict | None = None) -> None:
     """The backend's tiles are SQLite's: every tile whose rows hold bytes is there with a row's bytes (with
     duplicate rows the first by rowid when none is empty), no other; block_index's sizes are those lengths
     (the SQL path's length() counts a text's characters and a number's digits: such rows are not compared)."""
@@ -391,6 +413,11 @@ def _assert_same(path: Path, tiles: dict, sizes: dict | None = None) -> None:
         assert t in want[k], f"{k}: {len(t)} bytes that are no row's ({[len(w or b'') for w in want[k]]})"
         if len(want[k]) == 1:
             assert t == want[k][0]
+    if bodies is not None:          # block_body: the same tiles (of duplicates, any row's), laid out
+        assert set(bodies) == set(tiles) or maybe, f"block_body's tiles {sorted(set(bodies) ^ set(tiles))[:5]}"
+        assert have - maybe <= set(bodies) <= have
+        for k, t in bodies.items():
+            assert t in want[k] and (t == tiles.get(k) or len(want[k]) > 1), k
     if sizes is None:
         return
     plain = blob_keys(path)
@@ -423,8 +450,8 @@ def test_every_variant_reads_as_sqlite_does(tmp_path, name):
     whether the bytes come from the file's pages (and for the layouts locate handles, no block goes through SQL)."""
     path = make(tmp_path, name)
     assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    tiles, sizes, pages = backend_tiles(path, pages_only=name in _LOCATED)
-    _assert_same(path, tiles, sizes)
+    tiles, sizes, pages, bodies = backend_tiles(path, pages_only=name in _LOCATED)
+    _assert_same(path, tiles, sizes, bodies)
     assert len(tiles) >= 16
     assert pages is VARIANTS[name][1], f"{name}: reads_pages() is {pages}"
 
@@ -495,7 +522,7 @@ try:
     from tilecrate._sqlite import SqliteError
     with open_cache(path) as cache:
         b = cache._store
-        tiles, sizes = {}, {}
+        tiles, sizes, bodies = {}, {}, {}
         for z in b.levels():
             for r0, c0 in sorted(b.blocks(z)):
                 _, sz = b.block_index(z, r0, c0)
@@ -504,8 +531,12 @@ try:
                 _, idx, got = b.block_list(z, r0, c0)
                 for i, t in zip(idx.tolist(), got):
                     tiles[(z, r0 + i // PACKET, c0 + i % PACKET)] = bytes(t)
+                _, buf, offsets, bsizes = b.block_body(z, r0, c0, "t")
+                data = bytes(buf)
+                for i in np.flatnonzero(bsizes).tolist():
+                    bodies[(z, r0 + i // PACKET, c0 + i % PACKET)] = data[int(offsets[i]):int(offsets[i]) + int(bsizes[i])]
         pages = b.reads_pages()
-    res = {"tiles": tiles, "sizes": sizes, "pages": pages}
+    res = {"tiles": tiles, "sizes": sizes, "pages": pages, "bodies": bodies}
 except (CacheError, BundleError, SqliteError) as e:
     res = {"error": type(e).__name__, "message": str(e)}
 except BaseException as e:
@@ -560,7 +591,7 @@ def assert_sqlite_or_clean_error(path: Path, original: dict, res: dict) -> str:
         assert path.name in res["message"] or str(path) in res["message"], res["message"]
         return "error"
     now = sqlite_lookups(path, original)
-    for k, t in res["tiles"].items():
+    for k, t in [*res["tiles"].items(), *res["bodies"].items()]:
         assert k in original, f"{k}: a tile that was never written"
         assert t == now[k] or t == original[k][0], f"{k}: {len(t)} bytes neither SQLite's nor the original's"
     for k, v in now.items():
@@ -823,7 +854,7 @@ _LOCATED = ["deep_levels", "reserved65536", "legacy_page_count", "trailing_garba
             "duplicates", "rowid_alias", "odd_values", "utf16be_blobs"]
 
 
-@pytest.mark.parametrize("name", _LOCATED + ["int64_min_rowid", "alter_tile_data", "utf16le", "generated_stored", "column_order"])
+@pytest.mark.parametrize("name", _LOCATED + ["wide_before_blob", "int64_min_rowid", "alter_tile_data", "utf16le", "generated_stored", "column_order"])
 def test_locate_and_read_cells_give_sqlite_bytes(tmp_path, name):
     """The reader's own answer, row by row, for every layout: zoom, column, row and the tile's bytes as sqlite3
     gives them (text as its UTF-8 bytes, NULL and numbers empty), or None where it hands the rows to SQL."""
@@ -934,6 +965,7 @@ def test_a_write_between_the_scan_and_the_block_read_gives_sqlite_bytes_or_bundl
         for z, r0, c0 in blocks:
             try:
                 _, idx, got = b.block_list(z, r0, c0)
+                body = _body_tiles(z, r0, c0, b.block_body(z, r0, c0, "t"))
             except BundleError as e:
                 assert "\n" not in str(e) and "retry" in str(e)
                 refused += 1
@@ -941,6 +973,8 @@ def test_a_write_between_the_scan_and_the_block_read_gives_sqlite_bytes_or_bundl
             for i, t in zip(idx.tolist(), got):
                 k = (z, r0 + i // PACKET, c0 + i % PACKET)
                 assert k in now and bytes(t) in now[k], k
+            for k, t in body.items():
+                assert k in now and t in now[k], k
         assert blocks and refused <= len(blocks)
 
 
