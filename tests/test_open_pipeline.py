@@ -72,15 +72,18 @@ def _bundles(path):
 
 @pytest.mark.parametrize("ext", ["tpkx", "tpk"])
 def test_package_from_mbtiles_is_the_body_paths_bytes(mbtiles, tmp_path, monkeypatch, ext):
-    gathered, body = tmp_path / f"gathered.{ext}", tmp_path / f"body.{ext}"
+    gathered, body, pages = tmp_path / f"gathered.{ext}", tmp_path / f"body.{ext}", tmp_path / f"pages.{ext}"
     calls = []
     real = ZipWriter.add_gathered
     monkeypatch.setattr(ZipWriter, "add_gathered", lambda self, *a: calls.append(a[0]) or real(self, *a))
+    tilecrate.export(str(mbtiles), ExportRequest("0-5"), str(pages))     # bodies laid out from the table's pages
+    assert not calls
+    monkeypatch.setattr(sqlite_mod, "PAGE_READS", False)
     tilecrate.export(str(mbtiles), ExportRequest("0-5"), str(gathered))
     assert len(calls) > 3
     monkeypatch.delattr(BlockCache, "open_tiles")      # the earlier path: a V2 body laid out per block
     tilecrate.export(str(mbtiles), ExportRequest("0-5"), str(body))
-    assert _bundles(gathered) == _bundles(body)
+    assert _bundles(gathered) == _bundles(body) == _bundles(pages)
     with open_cache(str(gathered)) as got, sqlite3.connect(mbtiles) as db:       # read back tile for tile
         for z, x, y, t in db.execute("SELECT zoom_level, tile_column, tile_row, tile_data FROM tiles"):
             assert got.tile(z, (1 << z) - 1 - y, x) == bytes(t)

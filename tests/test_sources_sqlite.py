@@ -161,9 +161,9 @@ def test_export_reads_each_block_once(tmp_path, monkeypatch, out, pages):
     monkeypatch.setattr(sqlite_source.SqliteBackend, "query_blobs", query_blobs)
     real_cells = sqlite_source.SqliteBackend._read_cells
 
-    def read_cells(self, level, got):
+    def read_cells(self, level, got, *into):
         seen.append("pages")
-        return real_cells(self, level, got)
+        return real_cells(self, level, got, *into)
 
     monkeypatch.setattr(sqlite_source.SqliteBackend, "_read_cells", read_cells)
     res = tilecrate.export(str(p), tilecrate.ExportRequest(levels="9"), str(tmp_path / out))

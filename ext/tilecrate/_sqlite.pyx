@@ -327,15 +327,18 @@ cdef int _descend(_Walk* w, long long no, Py_ssize_t lo, Py_ssize_t hi, int64_t 
     return 0
 
 
-cdef int _copy_cells(_Pages* pg, const uint64_t* cells, const int64_t* lens, Py_ssize_t n, char* out) noexcept nogil:
-    """Copy n tiles' bytes to `out` from the pages `cells` name, following each overflow chain: 0, 1 (a
-    page no longer holds what locate found there) or 2 (a failed read, its code in pg.rc)."""
+cdef int _copy_cells(_Pages* pg, const uint64_t* cells, const int64_t* lens, const int64_t* at, Py_ssize_t n,
+                     char* base, int prefix) noexcept nogil:
+    """Copy n tiles' bytes to base + at[i] from the pages `cells` name, following each overflow chain (each
+    after its 4-byte little-endian size when `prefix`): 0, 1 (a page no longer holds what locate found
+    there) or 2 (a failed read, its code in pg.rc). The caller checked every destination."""
+    cdef char* out
     cdef Py_ssize_t i
     cdef long long no, local, need, take, cur, left, b0, room = pg.usable - 4
     cdef int cell, np_, nr, start, hdr, err = 0
     cdef uint64_t payload, rid
     cdef const unsigned char* leaf
-    cdef const unsigned char* at
+    cdef const unsigned char* over
     for i in range(n):
         need = lens[i]
         if need == 0:
@@ -364,6 +367,9 @@ cdef int _copy_cells(_Pages* pg, const uint64_t* cells, const int64_t* lens, Py_
             cur = _be32(leaf + start + local)
         if cur != <long long>(cells[3 * i + 1] & 0xFFFFFFFFULL):
             return 1
+        out = base + at[i]
+        if prefix:
+            out[-4], out[-3], out[-2], out[-1] = need & 0xFF, (need >> 8) & 0xFF, (need >> 16) & 0xFF, need >> 24
         take = min(need, local - b0)
         memcpy(out, leaf + start + b0, take)
         out += take
@@ -372,15 +378,15 @@ cdef int _copy_cells(_Pages* pg, const uint64_t* cells, const int64_t* lens, Py_
         while need > 0:
             if cur < 2 or left <= 0:
                 return 1
-            at = _page(pg, cur, &err)
-            if at == NULL:
+            over = _page(pg, cur, &err)
+            if over == NULL:
                 return err
             take = min(need, room)
-            memcpy(out, at + 4, take)
+            memcpy(out, over + 4, take)
             out += take
             need -= take
             left -= 1
-            cur = _be32(at)
+            cur = _be32(over)
     return 0
 
 
@@ -434,6 +440,15 @@ cdef class Buffer:
         else:
             free(self._data)
         self._data = NULL
+
+
+def new_buffer(Py_ssize_t size) -> Buffer:
+    """A Buffer of `size` bytes (not cleared) for Reader.read_into."""
+    if size < 0:
+        raise ValueError("a negative size")
+    cdef Buffer buf = Buffer.__new__(Buffer)
+    buf._allocate(size)
+    return buf
 
 
 cdef class Reader:
@@ -686,24 +701,35 @@ cdef class Reader:
         cdef sqlite3_file* f = NULL
         cdef unsigned char head[100]
         cdef long long size = 0, counted
-        cdef int rc, pgsz
+        cdef int rc = SQLITE_OK, pgsz, step = 0
         if self._db == NULL:
             raise SqliteError("the connection is closed")
         if self._busy or not sqlite3_get_autocommit(self._db):
             raise SqliteError("the connection is in use (one Reader a thread, one pages_begin at a time)")
-        if sqlite3_exec(self._db, b"BEGIN", NULL, NULL, NULL) != SQLITE_OK:
-            raise SqliteError(self._message())
+        self._busy = True                       # close() from another thread waits for it
         self._deadline = _now() + 60.0
-        if sqlite3_exec(self._db, b"PRAGMA schema_version", NULL, NULL, NULL) != SQLITE_OK:    # takes the lock
-            msg = self._message()
-            sqlite3_exec(self._db, b"ROLLBACK", NULL, NULL, NULL)
-            raise SqliteError(msg)
-        if (sqlite3_file_control(self._db, b"main", SQLITE_FCNTL_FILE_POINTER, &f) != SQLITE_OK or f == NULL
-                or f.pMethods == NULL):
+        try:
+            with nogil:                         # the lock may be waited for (busy_timeout): not with the GIL
+                if sqlite3_exec(self._db, b"BEGIN", NULL, NULL, NULL) != SQLITE_OK:
+                    step = 1
+                elif sqlite3_exec(self._db, b"PRAGMA schema_version", NULL, NULL, NULL) != SQLITE_OK:
+                    step = 2                    # (the statement that takes the SHARED lock)
+                elif (sqlite3_file_control(self._db, b"main", SQLITE_FCNTL_FILE_POINTER, &f) != SQLITE_OK
+                        or f == NULL or f.pMethods == NULL):
+                    step = 3
+                else:
+                    rc = f.pMethods.xRead(f, head, 100, 0)
+                    if rc == SQLITE_OK:
+                        rc = f.pMethods.xFileSize(f, &size)
+            if step == 1 or step == 2:
+                msg = self._message()
+                if step == 2:
+                    sqlite3_exec(self._db, b"ROLLBACK", NULL, NULL, NULL)
+                raise SqliteError(msg)
+        finally:
+            self._busy = False
+        if step == 3:
             return None
-        rc = f.pMethods.xRead(f, head, 100, 0)
-        if rc == SQLITE_OK:
-            rc = f.pMethods.xFileSize(f, &size)
         if rc != SQLITE_OK:
             raise SqliteError(f"cannot read the database file (SQLite I/O error {rc})")
         pgsz = _be16(head + 16)
@@ -752,9 +778,9 @@ cdef class Reader:
         zoom_level, tile_column, tile_row, tile_data. None when the walk meets what it does not handle (a
         short record, an integer that is not, a blob starting past its page, text when not `text_ok` or
         not UTF-8) or anything inconsistent: ask SQL instead. Between pages_begin and pages_end."""
-        self._pages_ready()
         cdef const int64_t[::1] ids = np.ascontiguousarray(rowids, dtype=np.int64)
         cdef Py_ssize_t n = ids.shape[0], i
+        cdef _Walk w
         if len(fields) != 4 or not all(isinstance(v, int) and 0 <= v < MAX_FIELD for v in fields):
             raise ValueError("fields: four record positions")
         for i in range(1, n):
@@ -762,23 +788,24 @@ cdef class Reader:
                 raise ValueError("rowids must ascend")
         values = np.empty((n, 4), dtype=np.int64)
         cells = np.empty((n, 3), dtype=np.uint64)
-        if n == 0:
-            return values, cells
-        if root < 2 or root > self._pages.npages or ids[0] == INT64_MIN:
-            return None
-        cdef _Walk w
-        w.pg, w.rowids, w.err = &self._pages, &ids[0], 0
+        w.pg, w.err, w.bufs = &self._pages, 0, NULL
         for i in range(4):
             w.fields[i] = fields[i]
         w.needed = max(fields) + 1
-        w.text_ok = text_ok and self._pages.utf8
         w.vals = <int64_t*>cnp.PyArray_DATA(values)
         w.cells = <uint64_t*>cnp.PyArray_DATA(cells)
-        w.bufs = <unsigned char*>malloc((MAX_DEPTH + 1) * <size_t>self._pages.pgsz)
-        if w.bufs == NULL:
-            raise MemoryError("no memory for the b-tree's pages")
-        self._busy = True
+        self._pages_ready()
+        self._busy = True                       # no Python runs from the check to here: close() waits for it
         try:
+            if n == 0:
+                return values, cells
+            if root < 2 or root > self._pages.npages or ids[0] == INT64_MIN:
+                return None
+            w.rowids = &ids[0]
+            w.text_ok = text_ok and self._pages.utf8
+            w.bufs = <unsigned char*>malloc((MAX_DEPTH + 1) * <size_t>self._pages.pgsz)
+            if w.bufs == NULL:
+                raise MemoryError("no memory for the b-tree's pages")
             with nogil:
                 _descend(&w, root, 0, n, INT64_MIN, INT64_MAX, 0)
         finally:
@@ -793,40 +820,49 @@ cdef class Reader:
         in any order and subset), row i being buffer[offsets[i]:offsets[i + 1]]. Raises PagesChanged when
         the file's header is not `header` (pages_begin's when locate ran) or a page no longer holds its row,
         SqliteError on a short read. Between pages_begin and pages_end."""
-        self._pages_ready()
-        cdef const uint64_t[:, ::1] cv = np.ascontiguousarray(cells, dtype=np.uint64)
+        lv = np.ascontiguousarray(lengths, dtype=np.int64)
+        if lv.ndim != 1 or (lv.size and (lv.min() < 0 or lv.max() > 0xFFFFFFFF)):
+            raise ValueError("tile lengths: 0 to 4 GiB")
+        offsets = np.zeros(lv.size + 1, dtype=np.int64)
+        np.cumsum(lv, out=offsets[1:])
+        if max_bytes >= 0 and offsets[-1] > max_bytes:
+            raise MemoryError(f"the tiles pass {max_bytes} bytes")
+        buf = new_buffer(int(offsets[-1]))
+        self.read_into(buf, cells, lv, offsets[:-1], header)
+        return offsets, buf
+
+    def read_into(self, Buffer buf, cells, lengths, at, bytes header, bint prefix=False) -> None:
+        """Copy the tiles `locate` found (`cells`, `lengths`: any order and subset) into `buf`, tile i at byte
+        at[i] (after its 4-byte little-endian size when `prefix`: a bundle body). Raises as read_cells;
+        ValueError for a destination outside `buf`. Between pages_begin and pages_end."""
+        cdef const uint64_t[:, ::1] cv = np.ascontiguousarray(cells, dtype=np.uint64).reshape(-1, 3)
         cdef const int64_t[::1] lv = np.ascontiguousarray(lengths, dtype=np.int64)
+        cdef const int64_t[::1] av = np.ascontiguousarray(at, dtype=np.int64)
         cdef Py_ssize_t n = cv.shape[0], i
-        cdef long long total = 0
+        cdef long long low = 4 if prefix else 0
         cdef unsigned char head[100]
-        cdef int err = 0, rc = 0
-        if cv.shape[1] != 3 or lv.shape[0] != n or len(header) != 100:
-            raise ValueError("cells (n, 3), lengths (n,) and a 100-byte header are needed")
-        offsets = np.empty(n + 1, dtype=np.int64)
-        cdef int64_t* offs = <int64_t*>cnp.PyArray_DATA(offsets)
-        offs[0] = 0
+        cdef int err = 0, rc
+        if lv.shape[0] != n or av.shape[0] != n or len(header) != 100:
+            raise ValueError("cells (n, 3), lengths (n,), destinations (n,) and a 100-byte header are needed")
         for i in range(n):
             if lv[i] < 0 or lv[i] > 0xFFFFFFFFLL:
                 raise ValueError("a tile length out of range")
-            total += lv[i]
-            offs[i + 1] = total
-        if max_bytes >= 0 and total > max_bytes:
-            raise MemoryError(f"the tiles pass {max_bytes} bytes")
-        rc = self._pages.f.pMethods.xRead(self._pages.f, head, 100, 0)
-        if rc != SQLITE_OK:
-            raise SqliteError(f"cannot read the database file (SQLite I/O error {rc}: truncated?)")
-        if memcmp(head, <const char*>header, 100) != 0:
-            raise PagesChanged("the database was written since its rows were located")
-        cdef Buffer buf = Buffer.__new__(Buffer)
-        buf._allocate(total)
-        self._busy = True
+            if lv[i] and (av[i] < low or av[i] > buf._size - lv[i]):
+                raise ValueError("a tile's destination is outside the buffer")
+        self._pages_ready()
+        self._busy = True                       # no Python runs from the check to here: close() waits for it
         try:
+            rc = self._pages.f.pMethods.xRead(self._pages.f, head, 100, 0)
+            if rc != SQLITE_OK:
+                raise SqliteError(f"cannot read the database file (SQLite I/O error {rc}: truncated?)")
+            if memcmp(head, <const char*>header, 100) != 0:
+                raise PagesChanged("the database was written since its rows were located")
             with nogil:
-                err = _copy_cells(&self._pages, &cv[0, 0] if n else NULL, &lv[0] if n else NULL, n, buf._data)
+                err = _copy_cells(&self._pages, &cv[0, 0] if n else NULL, &lv[0] if n else NULL,
+                                  &av[0] if n else NULL, n, buf._data, prefix)
         finally:
             self._busy = False
         if err == 2:
             raise SqliteError(f"cannot read the database file (SQLite I/O error {self._pages.rc}: truncated?)")
         if err:
             raise PagesChanged("a page no longer holds the row located there (the file was changed)")
-        return offsets, buf

@@ -156,6 +156,21 @@ def prepare_bundle(task: BundleTask, cache: Cache, *, cancel: CancelFlag | None 
     label = cache.bundle_label(task.ref)
     mask = task.mask
     listed = getattr(cache, "open_tiles", None)
+    lays_out = getattr(cache, "lays_out", None)
+    if task.policy is None and lays_out is not None and lays_out(task.ref):
+        # a body laid out as it was read: written as runs of it, its CRC taken here (isal, the GIL released)
+        # rather than on the writer's thread
+        data = cache.open_bundle(task.ref)
+        try:
+            plan = plan_bundle(data, mask, task.version, label, cache)
+            if plan.tiles != task.tiles:
+                raise BundleError(f"{label}: holds {plan.tiles} of the {task.tiles} selected tiles now; "
+                                  "the source changed since the export was planned")
+            plan.compute_crc()
+        except BaseException:
+            data.close()
+            raise
+        return Prepared(task, plan, data, [])
     if task.policy is None and listed is not None:
         # a source of separate tiles (MBTiles, GeoPackage, PMTiles, folders): planned from its tiles as read,
         # which the writer gathers into the output (laying out a body would copy every byte once more)

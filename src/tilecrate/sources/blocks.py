@@ -261,6 +261,12 @@ class BlockCache(Cache):
                 self._index_cache.popitem(last=False)
         return BundleData(ref, buf, offsets, sizes, None, None)
 
+    def lays_out(self, ref: BundleRef) -> bool:
+        """Whether the backend lays this block out as a bundle body while reading it (open_bundle then costs
+        no copy beyond the read; SQLite tables read by page), so writers take runs of that body."""
+        lays_out = getattr(self._store, "lays_out", None)
+        return lays_out is not None and lays_out(ref.level, ref.row0, ref.col0)
+
     def open_tiles(self, ref: BundleRef, expect: tuple | None = None) -> tuple[np.ndarray, list]:
         """(ascending block indices, their tiles' bytes) of a block as it is now, without laying out a
         bundle body (the open sinks write tiles one by one: a body would be one more copy of every byte)."""

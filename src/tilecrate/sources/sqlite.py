@@ -16,7 +16,7 @@ import urllib.parse
 
 import numpy as np
 
-from tilecrate._sqlite import PagesChanged, Reader, SqliteError
+from tilecrate._sqlite import PagesChanged, Reader, SqliteError, new_buffer
 from tilecrate.cores import spare_core
 from tilecrate.errors import BundleError, CacheError
 from tilecrate.sourcefiles import file_id
@@ -165,7 +165,13 @@ class SqliteBackend:
         for pool in pools:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-        for _, c in conns:
+        me = threading.current_thread()
+        for t, c in conns:
+            if t is not me and t.is_alive():
+                # another thread may be inside a statement on it (a thumbnail still rendering after a failed
+                # export): closing it under that statement crashed the interpreter. Dropped here, it is
+                # closed when that thread lets go of it (its thread-local goes with self._local below).
+                continue
             try:
                 c.close()
             except (sqlite3.Error, SqliteError):      # in use by a thread still reading: closed when collected
@@ -369,14 +375,19 @@ class SqliteBackend:
             values[:, 3]
         return rows, cells, header
 
-    def _read_cells(self, level: int, got: tuple) -> tuple:
-        """(keys, offsets, buffer) of a block's tiles copied from the pages its scan located them in."""
+    def _read_cells(self, level: int, got: tuple, into=None, at=None) -> tuple:
+        """(keys, offsets, buffer) of a block's tiles copied from the pages its scan located them in; with
+        `into`, each tile goes to into[at[i]:], after its size (a bundle body), and `into` is returned."""
         idx, sizes, cells, header = got
         r = self.reader()
         try:
             if r.pages_begin() != header:
                 raise PagesChanged("the database was written since its rows were located")
-            offs, buf = r.read_cells(cells, sizes, header, BLOCK_LIMIT)
+            if into is None:
+                offs, buf = r.read_cells(cells, sizes, header, BLOCK_LIMIT)
+            else:
+                r.read_into(into, cells, sizes, at, header, True)
+                offs, buf = at, into
         except SqliteError as e:
             raise BundleError(f"{self.label}: the file changed while it was being read ({e}); retry the request") \
                 from None
@@ -577,9 +588,48 @@ class SqliteBackend:
         return self._read_block(level, row0, col0)
 
     def block_body(self, level: int, row0: int, col0: int, label: str):
-        """(identity, buffer, offsets, sizes) of a block laid out as a V2 bundle body, read with one query."""
-        ident, idx, tiles = self._read_block(level, row0, col0)
-        return (ident, *v2_layout(idx, tiles, label))
+        """(identity, buffer, offsets, sizes) of a block laid out as a V2 bundle body: copied into place from
+        the table's pages when its scan located them (see lays_out), else read with one query and laid out."""
+        ident = self.identity()
+        got = self._located(level, row0, col0, ident)
+        if got is None:
+            ident, idx, tiles = self._read_block(level, row0, col0)
+            return (ident, *v2_layout(idx, tiles, label))
+        idx, sizes, cells, header = got
+        # one tile a cell, ascending: of duplicate rows (no unique index) the lowest rowid's; empty ones are none
+        order = np.lexsort((cells[:, 2], idx))
+        first = np.ones(order.size, dtype=bool)
+        first[1:] = idx[order][1:] != idx[order][:-1]
+        sel = order[first & (sizes[order] > 0)]
+        lens = sizes[sel].astype(np.int64)
+        at = np.cumsum(lens + 4) - lens
+        total = int(at[-1] + lens[-1]) if sel.size else 0
+        if total > BLOCK_LIMIT:
+            raise CacheError(f"{label}: one 128x128 block holds {total} bytes of tiles, more than the "
+                             f"{BLOCK_LIMIT >> 20} MiB a block may hold in memory")
+        buf = new_buffer(total)
+        by_page = np.argsort(sel, kind="stable")            # the scan's order: each leaf page read once
+        self._read_cells(level, (idx[sel][by_page], lens[by_page], cells[sel][by_page], header), buf,
+                         at[by_page])
+        if self.identity() != ident:
+            raise BundleError(f"{self.label}: the file changed while it was being read; retry the request")
+        offsets = np.zeros(PACKET * PACKET, dtype=np.uint64)
+        out_sizes = np.zeros(PACKET * PACKET, dtype=np.uint32)
+        offsets[idx[sel]] = at.astype(np.uint64)
+        out_sizes[idx[sel]] = lens
+        return ident, memoryview(buf), offsets, out_sizes
+
+    def lays_out(self, level: int, row0: int, col0: int) -> bool:
+        """Whether block_body copies the block's tiles into place from the table's pages (no copy beyond
+        the one any read makes), which a bundle writer then takes as runs of that body."""
+        return self._located(level, row0, col0, self.identity()) is not None
+
+    def _located(self, level: int, row0: int, col0: int, ident: tuple) -> tuple | None:
+        """The block's (indices, sizes, cells, header) when its level's scan of this file version located
+        its rows in the table's pages; else None."""
+        scan = self._scan(level, ident)
+        got = scan.get((row0, col0)) if scan is not None else None
+        return got if got is not None and got[2] is not None else None
 
     def tile(self, level: int, row: int, col: int) -> bytes | None:
         """One tile's bytes, or None."""
