@@ -1298,3 +1298,62 @@ def test_reads_racing_a_writer_are_each_a_committed_version_or_pages_changed(tmp
         r.close()
     assert writer.returncode == 0 and int(out) > 10
     assert changed > 0, (read, changed)
+
+
+
+_INTO_CHILD = r'''
+import pickle, sys
+import numpy as np
+from tilecrate._sqlite import PagesChanged, Reader, SqliteError, new_buffer
+path, out, spec = sys.argv[1], sys.argv[2], pickle.load(open(sys.argv[3], "rb"))
+res = []
+r = Reader(path)
+for size, cells, lengths, at, prefix in spec["calls"]:
+    buf = new_buffer(size)
+    r.pages_begin()
+    try:
+        r.read_into(buf, np.asarray(cells, dtype=np.uint64), np.asarray(lengths, dtype=np.int64),
+                    np.asarray(at, dtype=np.int64), spec["header"], prefix)
+        res.append(("ok", bytes(buf)))
+    except (SqliteError, ValueError, MemoryError, OverflowError) as e:
+        res.append((type(e).__name__, str(e)))
+    finally:
+        r.pages_end()
+r.close()
+pickle.dump(res, open(out, "wb"))
+'''
+
+
+def test_read_into_writes_only_where_it_is_told_and_checks_every_destination(tmp_path, attack_source):
+    """Reader.read_into (tiles copied into a caller's buffer, each after its 4-byte size for a bundle body): the
+    bytes of read_cells at the given offsets; a destination before 4 (with its size prefix), past the end,
+    negative or overlapping the end by one byte is a ValueError, not a write outside the buffer."""
+    src, _ = attack_source
+    path = tmp_path / "into.mbtiles"
+    path.write_bytes(src.read_bytes())
+    header, values, cells, offs, buf = locate_and_read(path, "tiles")
+    tiles = [bytes(memoryview(buf)[offs[i]:offs[i + 1]]) for i in range(len(values))]
+    lens = values[:, 3]
+    k = 40
+    at = 4 + np.concatenate([[0], np.cumsum(lens[:k] + 4)[:-1]])
+    size = int(at[-1] + lens[k - 1]) + 16
+    bad = [(-1, True), (0, True), (3, True), (size - int(lens[0]) + 1, False), (size, False), (1 << 62, False),
+           (-(1 << 62), False)]
+    calls = [(size, cells[:k], lens[:k], at, True), (size, cells[:k], lens[:k], at - 4, False)]
+    calls += [(size, cells[:1], lens[:1], [a], p) for a, p in bad]
+    calls += [(size, cells[:2], [lens[0], 1 << 40], at[:2], True), (size, cells[:2], [-1, 5], at[:2], True),
+              (size, cells[:k, :2], lens[:k], at, True), (0, cells[:0], lens[:0], at[:0], True)]
+    at_path = tmp_path / "into.spec"
+    with open(at_path, "wb") as f:
+        pickle.dump({"calls": calls, "header": header}, f)
+    res = run_child(path, _INTO_CHILD, at_path)
+    assert res[0][0] == "ok" and res[1][0] == "ok", res[:2]
+    for i in range(k):      # the buffer is not cleared: only the tiles' places are compared
+        assert res[0][1][at[i] - 4:at[i]] == int(lens[i]).to_bytes(4, "little")
+        assert res[0][1][at[i]:at[i] + lens[i]] == tiles[i]
+        assert res[1][1][at[i] - 4:at[i] - 4 + lens[i]] == tiles[i]
+    for (a, p), got in zip(bad, res[2:2 + len(bad)]):
+        assert got[0] == "ValueError", (a, p, got)
+    for got in res[2 + len(bad):-1]:
+        assert got[0] in ("ValueError", "PagesChanged"), got
+    assert res[-1] == ("ok", b"")
