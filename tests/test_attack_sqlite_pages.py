@@ -1357,3 +1357,24 @@ def test_read_into_writes_only_where_it_is_told_and_checks_every_destination(tmp
     for got in res[2 + len(bad):-1]:
         assert got[0] in ("ValueError", "PagesChanged"), got
     assert res[-1] == ("ok", b"")
+
+
+@pytest.mark.parametrize("name", ["fragmented", "reserved512"])
+def test_export_to_tpkx_holds_sqlite_bytes(tmp_path, monkeypatch, name):
+    """End to end through the bundle path (blocks laid out from the pages by read_into, none through SQL): the
+    .tpkx's tiles, read back through its compact bundles, are sqlite3's."""
+    from tilecrate.export import export
+    from tilecrate.request import ExportRequest
+    from tilecrate.sources import sqlite as sqlite_source
+
+    def no_sql(*args, **kwargs):
+        raise AssertionError("a block read through SQL, not from the file's pages")
+
+    monkeypatch.setattr(sqlite_source.SqliteBackend, "query_blobs", no_sql)
+    path = make(tmp_path, name)
+    out = tmp_path / "out.tpkx"
+    export(str(path), ExportRequest("0-8"), str(out))
+    with open_cache(str(out)) as cache:
+        got = {(z, r, c): bytes(d) for z, r, c, d in cache.iter_tiles()}
+    want = {k: v[0] for k, v in sqlite_tiles(path).items() if v[0]}
+    assert len(want) > 30 and got == want
