@@ -121,7 +121,8 @@ def _gpkg(path: Path, rows, page_size: int = 4096, table: str = "tiles_t") -> Pa
                "matrix_height INTEGER, tile_width INTEGER, tile_height INTEGER, pixel_x_size REAL, pixel_y_size REAL)")
     for z in range(9):
         px = 2 * half / (256 << z)
-        db.execute("INSERT INTO gpkg_tile_matrix VALUES (?, ?, ?, ?, 256, 256, ?, ?)", (table, z, 1 << z, 1 << z, px, px))
+        db.execute("INSERT INTO gpkg_tile_matrix VALUES (?, ?, ?, ?, 256, 256, ?, ?)",
+                   (table, z, 1 << z, 1 << z, px, px))
     db.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY AUTOINCREMENT, zoom_level INTEGER NOT NULL, "
                "tile_column INTEGER NOT NULL, tile_row INTEGER NOT NULL, tile_data BLOB NOT NULL, "
                "UNIQUE (zoom_level, tile_column, tile_row))")
@@ -240,8 +241,8 @@ VARIANTS = {
     "sweep1024": (lambda p: _mbtiles(p, _sweep(1024, 23), page_size=1024), True),
     "sweep4096r8": (lambda p: _mbtiles(_reserved(p, 4096, 8), _sweep(4088, 24)), True),
     "big_rowids": (lambda p: _mbtiles(p, _rows(25), page_size=512, post=[_big_rowids]), True),
-    "int64_min_rowid": (lambda p: _mbtiles(p, _rows(26), post=[_big_rowids, "UPDATE tiles SET rowid = -9223372036854775808 "
-                                                               "WHERE rowid = -9223372036854775807"]), True),
+    "int64_min_rowid": (lambda p: _mbtiles(p, _rows(26), post=[_big_rowids, "UPDATE tiles SET rowid = "
+                                           "-9223372036854775808 WHERE rowid = -9223372036854775807"]), True),
     "reserved65536": (lambda p: _mbtiles(_reserved(p, 65536, 255), _rows(27), post=[_fragment]), True),
     # a header whose page count is stale (its version-valid-for differs: an old writer): the file's size counts
     "legacy_page_count": (lambda p: _then(_mbtiles(p, _rows(28), page_size=1024), (28, _u32(0x7FFFFFFF)),
@@ -264,9 +265,15 @@ VARIANTS = {
                                               "INTEGER, tile_column INTEGER)"), True),
     # a wide text column before tile_data: some blobs start in an overflow page (those rows go through SQL)
     "wide_before_blob": (lambda p: _mbtiles(p, _rows(31), page_size=1024, create="CREATE TABLE tiles (zoom_level "
-                                            "INTEGER, tile_column INTEGER, tile_row INTEGER, note TEXT, tile_data BLOB)",
-                                            post=["UPDATE tiles SET note = printf('%.*c', (rowid * 337) % 3000, 'n')"]),
+                                            "INTEGER, tile_column INTEGER, tile_row INTEGER, note TEXT, "
+                                            "tile_data BLOB)", post=["UPDATE tiles SET note = "
+                                                                     "printf('%.*c', (rowid * 337) % 3000, 'n')"]),
                          True),
+    "strict": (lambda p: _mbtiles(p, _rows(32), create=TABLE + ") STRICT"), True),
+    # a column dropped after rows exist: SQLite rewrites every record, the positions after it move down
+    "drop_column": (lambda p: _mbtiles(p, _rows(33), create="CREATE TABLE tiles (zoom_level INTEGER, gone TEXT "
+                                       "DEFAULT 'gone', tile_column INTEGER, tile_row INTEGER, tile_data BLOB)",
+                                       post=["ALTER TABLE tiles DROP COLUMN gone"]), True),
     "alter_add_column": (lambda p: _mbtiles(p, _rows(6), post=["ALTER TABLE tiles ADD COLUMN extra TEXT DEFAULT 'd'",
                                             "INSERT INTO tiles VALUES (8, 140, 3, x'89504E470D0A1A0AFF', 'e')"]), True),
     "alter_tile_data": (lambda p: _mbtiles(p, _rows(7), post=[_alter_tile_data]), True),
@@ -459,7 +466,8 @@ def test_every_variant_reads_as_sqlite_does(tmp_path, name):
 # -- the independent parser ---------------------------------------------------------------------------------
 
 # variant -> (table, record position of tile_data, of zoom_level)
-_LAYOUT = {"big_rowids": ("tiles", 3, 0), "sweep512r32": ("tiles", 3, 0), "sweep4096r8": ("tiles", 3, 0), "page512": ("tiles", 3, 0), "page65536": ("tiles", 3, 0), "reserved512": ("tiles", 3, 0),
+_LAYOUT = {"big_rowids": ("tiles", 3, 0), "sweep512r32": ("tiles", 3, 0), "sweep4096r8": ("tiles", 3, 0),
+           "page512": ("tiles", 3, 0), "page65536": ("tiles", 3, 0), "reserved512": ("tiles", 3, 0),
            "reserved4096": ("tiles", 3, 0), "auto_vacuum_full": ("tiles", 3, 0), "fragmented": ("tiles", 3, 0),
            "gpkg": ("tiles_t", 4, 1), "column_order": ("tiles", 0, 3), "odd_values": ("tiles", 3, 0),
            "utf16le": ("tiles", 3, 0), "generated_stored": ("tiles", 4, 0), "generated_virtual": ("tiles", 3, 0)}
@@ -534,7 +542,8 @@ try:
                 _, buf, offsets, bsizes = b.block_body(z, r0, c0, "t")
                 data = bytes(buf)
                 for i in np.flatnonzero(bsizes).tolist():
-                    bodies[(z, r0 + i // PACKET, c0 + i % PACKET)] = data[int(offsets[i]):int(offsets[i]) + int(bsizes[i])]
+                    off = int(offsets[i])
+                    bodies[(z, r0 + i // PACKET, c0 + i % PACKET)] = data[off:off + int(bsizes[i])]
         pages = b.reads_pages()
     res = {"tiles": tiles, "sizes": sizes, "pages": pages, "bodies": bodies}
 except (CacheError, BundleError, SqliteError) as e:
@@ -570,8 +579,8 @@ def sqlite_lookups(path: Path, keys) -> dict:
     try:
         for z, r, c in keys:
             try:
-                got = db.execute("SELECT tile_data FROM tiles WHERE zoom_level = ? AND tile_column = ? AND tile_row = ?",
-                                 (z, c, (1 << z) - 1 - r)).fetchall()
+                got = db.execute("SELECT tile_data FROM tiles WHERE zoom_level = ? AND tile_column = ? AND "
+                                 "tile_row = ?", (z, c, (1 << z) - 1 - r)).fetchall()
             except sqlite3.DatabaseError:
                 out[(z, r, c)] = "error"
                 continue
@@ -849,12 +858,15 @@ def locate_and_read(path: Path, table: str, rowids=None, between=None):
 
 
 # variants whose rows locate must find itself (no fallback to SQL); the others may hand them back
-_LOCATED = ["deep_levels", "reserved65536", "legacy_page_count", "trailing_garbage", "big_rowids", "sweep512r32", "sweep1024", "sweep4096r8", "page512", "page1024", "page4096", "page65536", "reserved512", "reserved4096", "no_index", "fragmented",
-            "auto_vacuum_full", "incremental_vacuum", "gpkg", "gpkg512", "column_order_small", "alter_add_column",
-            "duplicates", "rowid_alias", "odd_values", "utf16be_blobs"]
+_LOCATED = ["strict", "drop_column", "deep_levels", "reserved65536", "legacy_page_count", "trailing_garbage",
+            "big_rowids", "sweep512r32", "sweep1024", "sweep4096r8", "page512", "page1024", "page4096", "page65536",
+            "reserved512", "reserved4096", "no_index", "fragmented", "auto_vacuum_full", "incremental_vacuum",
+            "gpkg", "gpkg512", "column_order_small", "alter_add_column", "duplicates", "rowid_alias", "odd_values",
+            "utf16be_blobs"]
 
 
-@pytest.mark.parametrize("name", _LOCATED + ["wide_before_blob", "int64_min_rowid", "alter_tile_data", "utf16le", "generated_stored", "column_order"])
+@pytest.mark.parametrize("name", _LOCATED + ["wide_before_blob", "int64_min_rowid", "alter_tile_data", "utf16le",
+                                             "generated_stored", "column_order"])
 def test_locate_and_read_cells_give_sqlite_bytes(tmp_path, name):
     """The reader's own answer, row by row, for every layout: zoom, column, row and the tile's bytes as sqlite3
     gives them (text as its UTF-8 bytes, NULL and numbers empty), or None where it hands the rows to SQL."""
@@ -913,7 +925,8 @@ _CHANGES = {
     "update_same_length_one_row": ["UPDATE tiles SET tile_data = zeroblob(length(tile_data)) WHERE rowid = "
                                    "(SELECT max(rowid) FROM tiles WHERE length(tile_data) > 100)"],
     "delete_and_insert": ["DELETE FROM tiles WHERE rowid % 2 = 0",
-                          "INSERT INTO tiles SELECT zoom_level, tile_column, tile_row + 300, randomblob(3000) FROM tiles"],
+                          "INSERT INTO tiles SELECT zoom_level, tile_column, tile_row + 300, randomblob(3000) "
+                          "FROM tiles"],
     "vacuum": ["DELETE FROM tiles WHERE rowid % 5 = 0", "VACUUM"],
     "vacuum_only": ["VACUUM"],
     "switch_to_wal": ["PRAGMA journal_mode = WAL", "UPDATE tiles SET tile_data = randomblob(50) WHERE rowid = 1"],
