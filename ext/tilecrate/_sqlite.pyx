@@ -110,9 +110,11 @@ cdef const unsigned char* _page(_Pages* pg, long long no, int* err) noexcept nog
         pg.used += 1
         return pg.win + (no - pg.first) * pg.pgsz
     if pg.held:
-        if pg.used * 4 < pg.held:
+        # half the pages read unused: read less (a table's leaves among its overflow pages, read without
+        # them); three quarters used: read more (a run of overflow pages, or a table of small rows)
+        if pg.used * 2 < pg.held:
             pg.want = max(1, pg.want // 2)
-        elif pg.used * 2 >= pg.held:
+        elif pg.used * 4 >= 3 * pg.held:
             pg.want = min(pg.cap, 2 * pg.want)
     start = max(1, no - BEHIND) if pg.want > 4 * BEHIND else no
     n = min(pg.want, pg.npages - start + 1)
@@ -206,8 +208,8 @@ cdef int _record(_Walk* w, const unsigned char* page, long long no, int cell, in
         if start + local + 4 > usable:
             return 1
         ovf = _be32(page + start + local)
-        if ovf < 2 or ovf > w.pg.npages:
-            return 1
+        if ovf < 2 or ovf > w.pg.npages or (<long long>payload - local + usable - 5) // (usable - 4) >= w.pg.npages:
+            return 1                            # (more overflow pages than the file holds: SQLite's "malformed")
     nh = _varint(page + start, page + start + local, &hs)
     if nh == 0 or hs > <uint64_t>local or hs < <uint64_t>nh:
         return 1
@@ -375,6 +377,8 @@ cdef int _copy_cells(_Pages* pg, const uint64_t* cells, const int64_t* lens, con
         out += take
         need -= take
         left = (<long long>payload - local + room - 1) // room        # overflow pages of the whole payload
+        if left >= pg.npages:
+            return 1
         while need > 0:
             if cur < 2 or left <= 0:
                 return 1
@@ -819,7 +823,8 @@ cdef class Reader:
         """(offsets int64 (n + 1,), Buffer) of the tiles `locate` found (`cells`, `lengths` from its result,
         in any order and subset), row i being buffer[offsets[i]:offsets[i + 1]]. Raises PagesChanged when
         the file's header is not `header` (pages_begin's when locate ran) or a page no longer holds its row,
-        SqliteError on a short read. Between pages_begin and pages_end."""
+        SqliteError on a short read or a page that does not hold its row (a malformed file). Between
+        pages_begin and pages_end."""
         lv = np.ascontiguousarray(lengths, dtype=np.int64)
         if lv.ndim != 1 or (lv.size and (lv.min() < 0 or lv.max() > 0xFFFFFFFF)):
             raise ValueError("tile lengths: 0 to 4 GiB")
@@ -865,4 +870,6 @@ cdef class Reader:
         if err == 2:
             raise SqliteError(f"cannot read the database file (SQLite I/O error {self._pages.rc}: truncated?)")
         if err:
-            raise PagesChanged("a page no longer holds the row located there (the file was changed)")
+            # the header, whose change counter every SQLite commit bumps, is as when locate ran
+            raise SqliteError("database disk image is malformed (a page does not hold the row its b-tree points to, "
+                              "or a program other than SQLite rewrote it)")

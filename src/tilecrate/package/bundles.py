@@ -21,6 +21,7 @@ from tilecrate.cache import BundleData, BundleReader, BundleRef, Cache, FileRang
 RUN = 8 << 20                    # a run (one read, one write) holds at most this many bytes, unless one tile is larger
 GATHER = 1 << 20                 # plan_tiles plans: bytes of one gathered write (cache-sized groups)
 _GATHER_TILES = 500              # ...and at most this many tiles (two buffers a tile: writev takes IOV_MAX = 1024)
+FILL_SLICE = 1 << 20             # a body still being read is written in slices of this many bytes
 
 
 @dataclass
@@ -46,6 +47,7 @@ class BundlePlan:
     file_id: tuple | None = None             # (device, inode, size, mtime_ns, ctime_ns) of that file when planned
     held: list | None = None                 # the tiles' bytes, when planned from tiles held apart (plan_tiles)
     held_at: np.ndarray | None = None        # per tile in writing order, its index in `held`
+    filling: object | None = None            # `source` still being copied in, in order: wait(end) before use
 
     def gathered(self):
         """The output .bundle's bytes as lists of buffers (the header block, then groups of about GATHER
@@ -91,6 +93,17 @@ class BundlePlan:
                     yield view[:4 + length]
             return
         src = memoryview(self.source).cast("B") if not isinstance(self.source, memoryview) else self.source
+        if self.filling is not None:
+            # a body laid out with its prefixes as it is read (SQLite pages): each slice once its bytes are in
+            for off, length, _, _ in self.runs.tolist():
+                at, end = off - 4, off + length
+                while at < end:
+                    upto = min(end, at + FILL_SLICE)
+                    self.filling.wait(upto)
+                    yield src[at:upto]
+                    at = upto
+            self.filling.wait(self.filling.total)       # the copy's last check passed: the bytes are the file's
+            return
         if _prefixed(src, self.tile_offsets, self.tile_sizes):
             # the source holds every tile's size prefix already (a block laid out in memory): each run
             # is a slice of it, prefixes included, with no copy

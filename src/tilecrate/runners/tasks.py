@@ -158,15 +158,18 @@ def prepare_bundle(task: BundleTask, cache: Cache, *, cancel: CancelFlag | None 
     listed = getattr(cache, "open_tiles", None)
     lays_out = getattr(cache, "lays_out", None)
     if task.policy is None and lays_out is not None and lays_out(task.ref):
-        # a body laid out as it was read: written as runs of it, its CRC taken here (isal, the GIL released)
-        # rather than on the writer's thread
-        data = cache.open_bundle(task.ref)
+        # a body laid out as it is read: written as runs of it. A small one is read here and its CRC taken here
+        # (isal, the GIL released) rather than on the writer's thread; a large one is handed on while its bands
+        # are still being copied in, the writer taking each band (and its CRC) once it is in
+        data, filling = cache.open_body(task.ref)
         try:
             plan = plan_bundle(data, mask, task.version, label, cache)
             if plan.tiles != task.tiles:
                 raise BundleError(f"{label}: holds {plan.tiles} of the {task.tiles} selected tiles now; "
                                   "the source changed since the export was planned")
-            plan.compute_crc()
+            plan.filling = filling
+            if filling is None or needs_crc:
+                plan.compute_crc()
         except BaseException:
             data.close()
             raise

@@ -261,6 +261,19 @@ class BlockCache(Cache):
                 self._index_cache.popitem(last=False)
         return BundleData(ref, buf, offsets, sizes, None, None)
 
+    def open_body(self, ref: BundleRef) -> tuple[BundleData, object | None]:
+        """(the block as open_bundle gives it, a `Filling` or None) from a backend that lays it out as it reads
+        (see lays_out): a large body comes back while its bytes are still being copied in, band after band;
+        wait on the Filling before using a byte."""
+        self._check_ref(ref)
+        got = self._store.block_body(ref.level, ref.row0, ref.col0, self.bundle_label(ref), bands=True)
+        key, buf, offsets, sizes = got[:4]
+        with self._lock:
+            self._index_cache[ref] = (key, offsets, sizes, None)
+            while len(self._index_cache) > _INDEX_CACHE_SIZE:
+                self._index_cache.popitem(last=False)
+        return BundleData(ref, buf, offsets, sizes, None, None), (got[4] if len(got) > 4 else None)
+
     def lays_out(self, ref: BundleRef) -> bool:
         """Whether the backend lays this block out as a bundle body while reading it (open_bundle then costs
         no copy beyond the read; SQLite tables read by page), so writers take runs of that body."""

@@ -88,25 +88,54 @@ class SqliteBackend:
     # -- connections ---------------------------------------------------------------------------
 
     def conn(self) -> sqlite3.Connection:
-        """This thread's read-only connection."""
-        c = getattr(self._local, "conn", None)
-        if c is None:
+        """This thread's read-only connection, to the file the path names now."""
+        now = self._file_now()
+        c, at = getattr(self._local, "conn", (None, None))
+        if c is None or at != now:
+            self._drop(c)
             c = connect(self.path, self.label)
-            self._local.conn = c
+            self._local.conn = (c, self._opened(now))
             self._keep(c)
         return c
 
     def reader(self) -> Reader:
-        """This thread's compiled reader (tilecrate._sqlite): the scans and block reads, rows into arrays."""
-        r = getattr(self._local, "reader", None)
-        if r is None:
+        """This thread's compiled reader (tilecrate._sqlite), to the file the path names now: the scans and
+        block reads, rows into arrays or read from the table's pages."""
+        now = self._file_now()
+        r, at = getattr(self._local, "reader", (None, None))
+        if r is None or at != now:
+            self._drop(r)
             try:
                 r = Reader(self.path, CACHE_KIB)
             except SqliteError as e:
                 raise CacheError(f"{self.label}: not a readable SQLite database ({e})") from None
-            self._local.reader = r
+            self._local.reader = (r, self._opened(now))
             self._keep(r)
         return r
+
+    def _drop(self, c) -> None:
+        """Close this thread's connection to a file the path no longer names."""
+        if c is None:
+            return
+        with self._lock:
+            self._conns = [(t, old) for t, old in self._conns if old is not c]
+        try:
+            c.close()
+        except (sqlite3.Error, SqliteError):
+            pass
+
+    def _file_now(self) -> tuple | None:
+        """(device, inode) of the file the path names now."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _opened(self, before: tuple | None) -> tuple | None:
+        """The file a connection just opened: the path's (device, inode) if it named that file before and after
+        the open (a file replaced by rename in between: None, so the next call opens again)."""
+        return before if before is not None and self._file_now() == before else None
 
     def _keep(self, c) -> None:
         """Remember a new connection of this thread, closing those of threads that ended: an open cache
@@ -388,9 +417,13 @@ class SqliteBackend:
             else:
                 r.read_into(into, cells, sizes, at, header, True)
                 offs, buf = at, into
+        except PagesChanged:
+            raise BundleError(f"{self.label}: the file changed while it was being read; retry the request") from None
         except SqliteError as e:
-            raise BundleError(f"{self.label}: the file changed while it was being read ({e}); retry the request") \
-                from None
+            if "truncated" in str(e):       # a short read: shorter than when located
+                raise BundleError(f"{self.label}: the file changed while it was being read ({e}); retry the "
+                                  "request") from None
+            raise _sql_error(self.label, e) from None
         except MemoryError as e:
             raise CacheError(f"{self.label}: one 128x128 block at level {level} holds more than the "
                              f"{BLOCK_LIMIT >> 20} MiB of tiles a block may hold in memory ({e})") from None
@@ -452,7 +485,10 @@ class SqliteBackend:
                 found[(r0, c0)] = (idx, sel[:, 2].astype(np.uint32), None, None)   # compact: 6 bytes a tile
             else:
                 mine = cells[order[lo:hi]]
-                by_page = np.argsort(mine[:, 0] & 0xFFFFFFFF, kind="stable")    # each leaf page read once
+                # of duplicate rows the lowest rowid's, as the index hands them to SQL (and tile() reads)
+                first = np.lexsort((mine[:, 2], idx))
+                first = first[np.r_[True, idx[first][1:] != idx[first][:-1]]]
+                by_page = first[np.argsort(mine[first, 0] & 0xFFFFFFFF, kind="stable")]  # each leaf page read once
                 found[(r0, c0)] = (idx[by_page], sel[by_page, 2].astype(np.uint32), mine[by_page], header)
         return found
 
@@ -587,20 +623,19 @@ class SqliteBackend:
         """(identity, ascending unique block indices, their tiles' bytes) of a block, from one query."""
         return self._read_block(level, row0, col0)
 
-    def block_body(self, level: int, row0: int, col0: int, label: str):
+    def block_body(self, level: int, row0: int, col0: int, label: str, bands: bool = False):
         """(identity, buffer, offsets, sizes) of a block laid out as a V2 bundle body: copied into place from
-        the table's pages when its scan located them (see lays_out), else read with one query and laid out."""
+        the table's pages when its scan located them (see lays_out), else read with one query and laid out.
+        With `bands`, a large located body is returned with a fifth item, a `Filling`: its bytes are copied
+        in band after band, in order, on the helper thread while the caller writes those already in."""
         ident = self.identity()
         got = self._located(level, row0, col0, ident)
         if got is None:
             ident, idx, tiles = self._read_block(level, row0, col0)
             return (ident, *v2_layout(idx, tiles, label))
         idx, sizes, cells, header = got
-        # one tile a cell, ascending: of duplicate rows (no unique index) the lowest rowid's; empty ones are none
-        order = np.lexsort((cells[:, 2], idx))
-        first = np.ones(order.size, dtype=bool)
-        first[1:] = idx[order][1:] != idx[order][:-1]
-        sel = order[first & (sizes[order] > 0)]
+        order = np.argsort(idx, kind="stable")      # one row a cell (see _blocks_of); empty ones are no tile
+        sel = order[sizes[order] > 0]
         lens = sizes[sel].astype(np.int64)
         at = np.cumsum(lens + 4) - lens
         total = int(at[-1] + lens[-1]) if sel.size else 0
@@ -608,16 +643,46 @@ class SqliteBackend:
             raise CacheError(f"{label}: one 128x128 block holds {total} bytes of tiles, more than the "
                              f"{BLOCK_LIMIT >> 20} MiB a block may hold in memory")
         buf = new_buffer(total)
-        by_page = np.argsort(sel, kind="stable")            # the scan's order: each leaf page read once
-        self._read_cells(level, (idx[sel][by_page], lens[by_page], cells[sel][by_page], header), buf,
-                         at[by_page])
-        if self.identity() != ident:
-            raise BundleError(f"{self.label}: the file changed while it was being read; retry the request")
         offsets = np.zeros(PACKET * PACKET, dtype=np.uint64)
         out_sizes = np.zeros(PACKET * PACKET, dtype=np.uint32)
         offsets[idx[sel]] = at.astype(np.uint64)
         out_sizes[idx[sel]] = lens
+        got = (idx, sel, lens, cells, header, buf, at)
+        if bands and total > BANDS_FROM:
+            filling = Filling(total)
+            filling.future = self._helper().submit(self._fill, level, ident, got, filling)
+            return ident, memoryview(buf), offsets, out_sizes, filling
+        self._fill_band(level, got, 0, sel.size)
+        if self.identity() != ident:
+            raise BundleError(f"{self.label}: the file changed while it was being read; retry the request")
         return ident, memoryview(buf), offsets, out_sizes
+
+    def _fill_band(self, level: int, got: tuple, lo: int, hi: int) -> None:
+        """Copy the body's tiles lo..hi (in body order) into place, in page order (each leaf page read once)."""
+        idx, sel, lens, cells, header, buf, at = got
+        part = sel[lo:hi]
+        by_page = np.argsort(part, kind="stable") + lo      # the scan's order of a block is its pages' order
+        rows = sel[by_page]
+        self._read_cells(level, (idx[rows], lens[by_page], cells[rows], header), buf, at[by_page])
+
+    def _fill(self, level: int, ident: tuple, got: tuple, filling: "Filling") -> None:
+        """block_body's bands, on the helper thread: each band's bytes announced once in; the last after the
+        file's identity is checked (a file changed under the reads fails the waiting writer)."""
+        lens, at = got[2], got[6]
+        try:
+            ends = at + lens
+            lo, band = 0, BAND_FIRST
+            while lo < lens.size:
+                hi = max(lo + 1, int(np.searchsorted(ends, int(at[lo]) - 4 + band, side="right")))
+                self._fill_band(level, got, lo, hi)
+                if hi < lens.size:
+                    filling.advance(int(ends[hi - 1]))
+                lo, band = hi, min(2 * band, BAND_MOST)
+            if self.identity() != ident:
+                raise BundleError(f"{self.label}: the file changed while it was being read; retry the request")
+            filling.advance(filling.total)
+        except BaseException as e:
+            filling.fail(e)
 
     def lays_out(self, level: int, row0: int, col0: int) -> bool:
         """Whether block_body copies the block's tiles into place from the table's pages (no copy beyond
@@ -698,6 +763,43 @@ def _columns(c: sqlite3.Connection, table: str) -> set[str]:
 
 
 _SPARSE = object()      # _locate_level: more than SCAN_LIMIT tiles
+BANDS_FROM = 2 << 20    # block_body(bands=True): bodies larger than this are filled band by band...
+BAND_FIRST = 256 << 10  # ...the first band this large (the writer starts early), each next one twice as large...
+BAND_MOST = 2 << 20     # ...up to this
+
+
+class Filling:
+    """A body being copied into place in order on another thread: wait(end) returns once its bytes [0, end)
+    are in, and raises what stopped the copy (a file changed under it) instead."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.future = None              # the copy's task: cancelled unstarted when the source is closed
+        self._done = 0
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+
+    def advance(self, upto: int) -> None:
+        """Bytes [0, upto) are in."""
+        with self._cond:
+            self._done = max(self._done, upto)
+            self._cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        """The copy stopped with `error`: every wait raises it."""
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
+
+    def wait(self, end: int) -> None:
+        """Until bytes [0, end) are in (or the copy failed: its error)."""
+        with self._cond:
+            while self._done < end and self._error is None:
+                if self.future is not None and self.future.cancelled():
+                    raise BundleError("the source was closed before the block was read; retry the request")
+                self._cond.wait(0.5)
+            if self._error is not None:
+                raise self._error
 
 
 def _table_layout(c: sqlite3.Connection, table: str) -> tuple | None:
@@ -713,8 +815,8 @@ def _table_layout(c: sqlite3.Connection, table: str) -> tuple | None:
             return None
     except sqlite3.Error:
         return None
-    if len(got) != 1 or not isinstance(got[0][0], int) or not cols:
-        return None
+    if len(got) != 1 or not isinstance(got[0][0], int) or got[0][0] < 2 or not cols:
+        return None                         # (a virtual table's rootpage is 0: it has no pages of its own)
     names = [str(col[1]).lower() for col in cols]
     if any(col[6] for col in cols) or {"rowid", "oid", "_rowid_"} & set(names):
         return None
