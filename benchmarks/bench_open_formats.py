@@ -7,8 +7,11 @@
 - MBTiles -> .tpkx vs `cp` of the package's bytes, target >= 0.5x;
   the MBTiles comparisons also print SQLite's own floor (`_sqlite_floor`: the rows handed over through
   Python's sqlite3 on a connection set up as tilecrate's, mmap off; `_c_floor`: the same statements through
-  SQLite's C API as tilecrate reads them, rows into arrays, single thread) and the ratios an exporter taking
-  no time beyond them would reach;
+  SQLite's C API as tilecrate read them before its page reader, rows into arrays, single thread;
+  `_pages_floor`: tilecrate's page reader alone, one thread: each level's rowids by an index-only query, the
+  table's b-tree walked to their cells, their bytes copied from the pages) and the ratios an exporter taking
+  no time beyond them would reach; and the same export through SQL instead of the page reader
+  (`sources.sqlite.PAGE_READS` off, alternating with it), `pages_vs_sql`;
 - peak RSS of an export process for a small and a 12x larger output (flat: a few MiB apart).
 
 Run: `.venv/bin/pytest benchmarks/bench_open_formats.py --benchmark-enable -p no:cacheprovider`
@@ -101,6 +104,25 @@ def _ours(benchmark, src: Path, levels: str, out: Path):
     return benchmark.pedantic(run, rounds=3, iterations=1), min(times)
 
 
+def _pages_vs_sql(src: Path, levels: str, out: Path, rounds: int = 5) -> tuple[float, float]:
+    """(best seconds with the page reader, best seconds through SQL) of exports alternating between the two
+    (`sources.sqlite.PAGE_READS`), so both see the same machine."""
+    from tilecrate.sources import sqlite as sqlite_source
+
+    best = {True: float("inf"), False: float("inf")}
+    try:
+        for _ in range(rounds):
+            for pages in (True, False):
+                sqlite_source.PAGE_READS = pages
+                _drop(out)
+                t0 = time.perf_counter()
+                tilecrate.export(str(src), ExportRequest(levels), str(out))
+                best[pages] = min(best[pages], time.perf_counter() - t0)
+    finally:
+        sqlite_source.PAGE_READS = True
+    return best[True], best[False]
+
+
 def _sqlite_floor(path: Path, top: int, sizes: bool = True) -> None:
     """What SQLite alone takes to hand over an MBTiles' tiles through a connection set up as tilecrate's
     (read-only, mmap off, 2 MB page cache): each level's (column, row, length) scan, which planning needs,
@@ -129,6 +151,39 @@ def _c_floor(path: Path, top: int) -> None:
         for z in range(top + 1):
             sizes = r.ints3("SELECT tile_column, tile_row, length(tile_data) FROM tiles WHERE zoom_level = ?", (z,))
             r.blobs("SELECT tile_column, tile_data FROM tiles WHERE zoom_level = ?", (z,), int(sizes[:, 2].sum()))
+    finally:
+        r.close()
+
+
+def _pages_floor(path: Path, top: int) -> None:
+    """tilecrate's page reader alone (tilecrate._sqlite.Reader, one thread), as `_c_floor` reads through SQLite:
+    each level's rowids from an index-only query and their cells from the table's b-tree in one read
+    transaction, then their bytes copied from the pages in another."""
+    import sqlite3
+
+    import numpy as np
+
+    from tilecrate._sqlite import Reader
+
+    with sqlite3.connect(path) as db:
+        root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'tiles'").fetchone()[0]
+    r = Reader(str(path))
+    try:
+        found = []
+        header = r.pages_begin()
+        try:
+            for z in range(top + 1):
+                rows = r.ints3("SELECT rowid, tile_column, tile_row FROM tiles WHERE zoom_level = ?", (z,))
+                rows = rows[np.argsort(rows[:, 0])]
+                found.append(r.locate(rows[:, 0], root, (0, 1, 2, 3), True))
+        finally:
+            r.pages_end()
+        for values, cells in found:
+            assert r.pages_begin() == header
+            try:
+                r.read_cells(cells, values[:, 3], header)
+            finally:
+                r.pages_end()
     finally:
         r.close()
 
@@ -234,10 +289,14 @@ def test_mbtiles_to_pmtiles_vs_converter(benchmark, request, source, mbtiles, tm
     base = _best(theirs, 2)
     floor = _best(lambda: _sqlite_floor(mbtiles, top), 3)
     c_floor = _best(lambda: _c_floor(mbtiles, top), 3)
+    p_floor = _best(lambda: _pages_floor(mbtiles, top), 3)
+    pages, sql = _pages_vs_sql(mbtiles, levels, ours_out)
     report(request, "MBTiles -> PMTiles vs pmtiles.convert", tiles=result.tiles, MB=round(result.size / 1e6, 1),
            ours_s=round(ours, 3), pmtiles_s=round(base, 3), ratio=base / ours,
            size_vs_theirs=result.size / theirs_out.stat().st_size, sqlite_floor_s=round(floor, 4),
-           ratio_at_sqlite_floor=base / floor, c_floor_s=round(c_floor, 4), ratio_at_c_floor=base / c_floor)
+           ratio_at_sqlite_floor=base / floor, c_floor_s=round(c_floor, 4), ratio_at_c_floor=base / c_floor,
+           pages_floor_s=round(p_floor, 4), ratio_at_pages_floor=base / p_floor, alternating_pages_s=round(pages, 4),
+           alternating_sql_s=round(sql, 4), pages_vs_sql=sql / pages)
     assert base / ours >= 5, f"PMTiles export only {base / ours:.2f}x the pmtiles converter"
 
 
@@ -295,10 +354,14 @@ def test_small_tiles_mbtiles_to_pmtiles_vs_converter(benchmark, request, small_t
     base = _best(theirs, 2)
     floor = _best(lambda: _sqlite_floor(src, 10), 3)
     c_floor = _best(lambda: _c_floor(src, 10), 3)
+    p_floor = _best(lambda: _pages_floor(src, 10), 3)
+    pages, sql = _pages_vs_sql(src, "0-10", ours_out)
     report(request, "small tiles MBTiles -> PMTiles vs pmtiles.convert", tiles=result.tiles,
            MB=round(result.size / 1e6, 2), ours_s=round(ours, 3), pmtiles_s=round(base, 3), ratio=base / ours,
            size_vs_theirs=result.size / theirs_out.stat().st_size, sqlite_floor_s=round(floor, 4),
-           ratio_at_sqlite_floor=base / floor, c_floor_s=round(c_floor, 4), ratio_at_c_floor=base / c_floor)
+           ratio_at_sqlite_floor=base / floor, c_floor_s=round(c_floor, 4), ratio_at_c_floor=base / c_floor,
+           pages_floor_s=round(p_floor, 4), ratio_at_pages_floor=base / p_floor, alternating_pages_s=round(pages, 4),
+           alternating_sql_s=round(sql, 4), pages_vs_sql=sql / pages)
     assert base / ours >= 5, f"PMTiles export only {base / ours:.2f}x the pmtiles converter"
 
 
@@ -318,10 +381,13 @@ def test_mbtiles_to_tpkx_vs_cp(benchmark, request, source, mbtiles, tmp_path):
     floor = _best(lambda: _sqlite_floor(mbtiles, top), 3)
     read = _best(lambda: _sqlite_floor(mbtiles, top, sizes=False), 3)
     c_floor = _best(lambda: _c_floor(mbtiles, top), 3)
+    p_floor = _best(lambda: _pages_floor(mbtiles, top), 3)
+    pages, sql = _pages_vs_sql(mbtiles, levels, out)
     report(request, "MBTiles -> .tpkx vs cp", tiles=result.tiles, MB=round(result.size / 1e6, 1),
            ours_s=round(ours, 3), cp_s=round(base, 3), ratio=base / ours, sqlite_floor_s=round(floor, 4),
            sqlite_tile_data_s=round(read, 4), ratio_at_sqlite_floor=base / floor, c_floor_s=round(c_floor, 4),
-           ratio_at_c_floor=base / c_floor)
+           ratio_at_c_floor=base / c_floor, pages_floor_s=round(p_floor, 4), ratio_at_pages_floor=base / p_floor,
+           alternating_pages_s=round(pages, 4), alternating_sql_s=round(sql, 4), pages_vs_sql=sql / pages)
     assert base / ours >= 0.5, f"MBTiles -> .tpkx only {base / ours:.2f}x cp"
 
 

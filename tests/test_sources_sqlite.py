@@ -185,3 +185,31 @@ def test_non_integer_columns_block_by_block(tmp_path, monkeypatch):
     with open_cache(v) as c:
         with pytest.raises(CacheError, match="b.mbtiles: level 2 has tile rows whose column or row is not an integer"):
             c.level_summary()
+
+
+def test_cells_past_the_budget_are_read_through_sql(tmp_path, monkeypatch):
+    """Where scanned tiles lie in the pages is kept up to CELLS_BUDGET a file: a level past it keeps only its
+    sizes and its blocks are read through SQL, with the same bytes; a rewritten file's scans are dropped."""
+    rows = [(z, x, (1 << z) - 1 - y, _tile(z * 1000 + x * 10 + y, 300)) for z in (3, 4) for x in range(8)
+            for y in range(8)]
+    p = _mbtiles(tmp_path / "b.mbtiles", rows)
+    want = {(z, (1 << z) - 1 - y, x): t for z, x, y, t in rows}
+    monkeypatch.setattr(sqlite_source, "CELLS_BUDGET", 64 * 24 + 10)     # one level's 64 tiles fit, not two
+    with open_cache(p) as c:
+        b = c._store
+        assert b.reads_pages()
+        kept = {}
+        for z in (3, 4):
+            b.block_index(z, 0, 0)                      # planning scans the level
+            ident, idx, tiles = b.block_list(z, 0, 0)
+            kept[z] = b._scans[z][1][(0, 0)][2] is not None
+            assert {(z, i // PACKET, i % PACKET): bytes(t) for i, t in zip(idx.tolist(), tiles)} == \
+                {k: v for k, v in want.items() if k[0] == z}
+        assert kept == {3: True, 4: False}
+        with sqlite3.connect(p) as db:                   # another version of the file: the old scans go
+            db.execute("UPDATE tiles SET tile_data = ? WHERE zoom_level = 4 AND tile_column = 0", (_tile(7, 9),))
+        b.block_index(4, 0, 0)
+        ident, idx, tiles = b.block_list(4, 0, 0)
+        assert set(b._scans) == {4} and b._scans[4][0] == b.identity()
+        assert b._scans[4][1][(0, 0)][2] is not None     # alone now, its cells fit
+        assert bytes(tiles[list(idx).index(7 * PACKET)]) == _tile(7, 9)

@@ -37,6 +37,8 @@ from tilecrate.tiling import (
 MAX_ZOOM = 30
 SCAN_LIMIT = 2_000_000     # levels up to this many tiles are indexed with one scan (48 MB of arrays)...
 SCAN_BLOCKS = 20_000      # ...in at most this many blocks
+CELLS_BUDGET = 64 << 20   # where scanned levels' tiles lie in the file's pages is kept (24 bytes a tile) up to this
+                          # much a file; the blocks of levels past it are read through SQL
 SPLIT_BYTES = 4 << 20     # a block holding more tile bytes than this is read as two halves at once (two threads,
 SPLIT_TILES = 4096        # two connections: SQLite's page reads overlap) ... or more tiles than this
 QUERY_SECONDS = 60.0      # one statement (and the reading of its rows) may take this long
@@ -308,6 +310,8 @@ class SqliteBackend:
         try:
             found = self._scan_level(level, ident, split)
             with self._lock:
+                # scans of an earlier version of the file go (their cells would point into pages since rewritten)
+                self._scans = {lv: scan for lv, scan in self._scans.items() if scan[0] == ident}
                 self._scans[level] = (ident, found)
             return found
         finally:
@@ -319,6 +323,8 @@ class SqliteBackend:
         layout = self._page_layout(ident)
         if layout is not None:
             located = self._locate_level(level, layout)
+            if located is not None and located is not _SPARSE and not self._cells_fit(ident, located[1].nbytes):
+                located = (located[0], None, None)   # the sizes are kept, the blocks read through SQL
             if located is not None:
                 return None if located is _SPARSE else self._blocks_of(level, *located)
         w = self._size(level)[0]
@@ -403,6 +409,13 @@ class SqliteBackend:
         rows[:, 0], rows[:, 1], rows[:, 2] = values[:, 1], h - 1 - values[:, 2] if self._flip else values[:, 2], \
             values[:, 3]
         return rows, cells, header
+
+    def _cells_fit(self, ident: tuple, more: int) -> bool:
+        """Whether `more` bytes of cells fit in CELLS_BUDGET beside those kept for this file version."""
+        with self._lock:
+            held = sum(got[2].nbytes for scan in self._scans.values() if scan[0] == ident and scan[1]
+                       for got in scan[1].values() if got[2] is not None)
+        return held + more <= CELLS_BUDGET
 
     def _read_cells(self, level: int, got: tuple, into=None, at=None) -> tuple:
         """(keys, offsets, buffer) of a block's tiles copied from the pages its scan located them in; with
@@ -547,10 +560,8 @@ class SqliteBackend:
                 # the first half of the pages (by bytes) here, the second on the helper's connection
                 cut = int(np.searchsorted(np.cumsum(got[1], dtype=np.int64), total // 2)) + 1
                 half = self._helper().submit(self._read_cells, level, tuple(a[cut:] for a in got[:3]) + got[3:])
-                try:
-                    parts = [self._read_cells(level, tuple(a[:cut] for a in got[:3]) + got[3:])]
-                finally:
-                    parts.append(half.result())
+                parts = [_with_half(half, self._read_cells, level, tuple(a[:cut] for a in got[:3]) + got[3:]),
+                         half.result()]
             else:
                 parts = [self._read_cells(level, got)]
         else:
@@ -561,10 +572,8 @@ class SqliteBackend:
                 mid = col0 + int(np.searchsorted(np.cumsum(sizes), sizes.sum() / 2)) + 1
                 half = self._helper().submit(self._read_cols, level, row0, col0, (mid, col0 + PACKET),
                                              int(sizes[mid - col0:].sum()))
-                try:
-                    parts = [self._read_cols(level, row0, col0, (col0, mid), int(sizes[:mid - col0].sum()))]
-                finally:
-                    parts.append(half.result())
+                parts = [_with_half(half, self._read_cols, level, row0, col0, (col0, mid),
+                                    int(sizes[:mid - col0].sum())), half.result()]
             else:
                 parts = [self._read_cols(level, row0, col0, None, int(sizes.sum()))]
         if self.identity() != ident:
@@ -760,6 +769,16 @@ def _columns(c: sqlite3.Connection, table: str) -> set[str]:
         return {r[1].lower() for r in c.execute(f"PRAGMA table_info({_quote(table)})")}
     except sqlite3.Error:
         return set()
+
+
+def _with_half(half, read, *args):
+    """read(*args) while `half` (the other half, on the helper) runs; on an error here, after waiting for it
+    (no query of ours left running), this error."""
+    try:
+        return read(*args)
+    except BaseException:
+        half.exception()
+        raise
 
 
 _SPARSE = object()      # _locate_level: more than SCAN_LIMIT tiles
