@@ -1391,3 +1391,177 @@ def test_export_to_tpkx_holds_sqlite_bytes(tmp_path, monkeypatch, name):
         got = {(z, r, c): bytes(d) for z, r, c, d in cache.iter_tiles()}
     want = {k: v[0] for k, v in sqlite_tiles(path).items() if v[0]}
     assert len(want) > 30 and got == want
+
+
+def test_a_body_filled_in_bands_equals_the_body_read_at_once(tmp_path, monkeypatch):
+    """block_body(bands=True): a large located body copied band after band on the helper thread; waiting for
+    all of it gives the bytes of the body read at once; a write between two bands fails the wait cleanly."""
+    from tilecrate.sources import sqlite as sqlite_source
+
+    monkeypatch.setattr(sqlite_source, "BANDS_FROM", 1 << 10)
+    monkeypatch.setattr(sqlite_source, "BAND_FIRST", 1 << 10)
+    monkeypatch.setattr(sqlite_source, "BAND_MOST", 4 << 10)
+    path = make(tmp_path, "fragmented")
+    with open_cache(str(path)) as cache:
+        b = cache._store
+        blocks = [(z, r0, c0) for z in b.levels() for r0, c0 in sorted(b.blocks(z))]
+        banded = 0
+        for z, r0, c0 in blocks:
+            whole = b.block_body(z, r0, c0, "t")
+            got = b.block_body(z, r0, c0, "t", bands=True)
+            if len(got) == 5:
+                got[4].wait(got[4].total)
+                banded += 1
+            assert bytes(got[1]) == bytes(whole[1]) and (got[2] == whole[2]).all() and (got[3] == whole[3]).all()
+        assert banded >= 2
+        ident = b.identity()
+        b.identity = lambda: ident              # only the header's change counter can tell
+        real = b._fill_band
+        calls = []
+
+        def fill_then_write(level, got, lo, hi):
+            real(level, got, lo, hi)
+            if got[1].size >= 4 and hi < got[1].size:
+                calls.append(lo)
+            if len(calls) == 1 and lo == 0 and hi < got[1].size:       # after a large body's first band
+                p = _writer(path, "UPDATE tiles SET tile_data = randomblob(length(tile_data))")
+                assert p.returncode == 0, p.stderr.decode()
+
+        b._fill_band = fill_then_write
+        for z, r0, c0 in blocks:
+            got = b.block_body(z, r0, c0, "t", bands=True)
+            if len(got) == 5 and np.count_nonzero(got[3]) >= 4:
+                with pytest.raises(BundleError, match="changed"):
+                    got[4].wait(got[4].total)
+                assert calls == [0]
+                break
+            if len(got) == 5:
+                got[4].wait(got[4].total)
+        else:
+            pytest.fail("no block large enough for several bands")
+
+
+# -- what these tests found (each failed before the fix in sources/sqlite.py or _sqlite.pyx) ------------------
+
+@pytest.mark.parametrize("attack", ["overflow_to_a_leaf", "overflow_chain_ends_early"])
+def test_a_corrupt_file_nobody_writes_is_not_reported_as_changed(tmp_path, attack_source, attack):
+    """A broken overflow chain in a file nobody writes: SQLite calls it malformed; the backend must not ask the
+    operator to retry a request that fails the same way every time."""
+    src, original = attack_source
+    path = tmp_path / f"{attack}.mbtiles"
+    path.write_bytes(src.read_bytes())
+    f = sff.Db(path)
+    tree = f.tree(sff.root_page(path, "tiles"))
+    ATTACKS[attack](path, f, tree, f.cells(tree.root))
+    before = os.stat(path)
+    res = run_child(path)
+    assert os.stat(path).st_mtime_ns == before.st_mtime_ns
+    if assert_sqlite_or_clean_error(path, original, res) == "error":
+        assert "changed" not in res["message"] and "retry" not in res["message"], res["message"]
+
+
+def test_a_file_replaced_by_rename_is_read_anew_or_refused(tmp_path):
+    """An operator replaces the file (a new database renamed over it) while the cache is open: later block reads
+    give the new file's bytes or a BundleError, never the old file's bytes under the new file's identity."""
+    path = make(tmp_path, "page1024")
+    (tmp_path / "new").mkdir()
+    new = _mbtiles(tmp_path / "new" / "x.mbtiles", _rows(99), page_size=1024)
+    with open_cache(str(path)) as cache:
+        b = cache._store
+        z = b.levels()[-1]
+        blocks = sorted(b.blocks(z))
+        for r0, c0 in blocks:
+            b.block_list(z, r0, c0)
+        os.replace(new, path)
+        now = sqlite_tiles(path)
+        for r0, c0 in blocks:
+            try:
+                ident, idx, got = b.block_list(z, r0, c0)
+            except BundleError:
+                continue
+            assert ident == b.identity()
+            for i, t in zip(idx.tolist(), got):
+                k = (z, r0 + i // PACKET, c0 + i % PACKET)
+                assert bytes(t) in now.get(k, []), f"{k}: the replaced file's bytes"
+
+
+def _payload_past_the_file(claim: int):
+    """A small cell rewritten to claim a `claim`-byte blob whose overflow chain loops over two pages of another
+    chain (A -> B -> A): more overflow pages than the file holds, which SQLite calls malformed."""
+    def corrupt(path, f, tree, cells):
+        u = f.usable
+        m = ((u - 12) * 32 // 255) - 23
+        payload = m + (u - 4) * ((claim - m) // (u - 4))         # its local part is M bytes
+        assert f.local_size(payload) == m and (payload - m) // (u - 4) > f.pages
+        c = next(c for c in cells if not c.overflow and c.header_len + c.local >= 9 + 2 + m + 4)
+        z, x, y = sff.decode_record(f.payload(c))[:3]
+        body = bytes([z]) + x.to_bytes(2, "big") + y.to_bytes(2, "big")
+        header = bytes([9, 1, 2, 2]) + sff.encode_varint(2 * (payload - 9 - len(body)) + 12, 5)
+        local = (header + body + bytes(m))[:m]
+        a, b = next(o for o in cells if len(o.overflow) >= 2).overflow[:2]
+        sff.patch(path, f.page_offset(c.page) + c.offset,
+                  sff.encode_varint(payload) + sff.encode_varint(c.rowid) + local + _u32(a))
+        sff.patch(path, f.page_offset(b), _u32(a))
+    return corrupt
+
+
+def test_a_payload_longer_than_the_file_is_refused_as_sqlite_does(tmp_path, attack_source):
+    """A 150 KB file whose one cell claims a 20 MB tile over a looping chain: SQLite refuses the row (malformed:
+    more overflow pages than the file has); the page reader must not hand out 20 MB of looped pages instead
+    (nor, with a 900 MB claim, allocate and fill 900 MB from a 150 KB file)."""
+    src, original = attack_source
+    path = tmp_path / "claim.mbtiles"
+    path.write_bytes(src.read_bytes())
+    f = sff.Db(path)
+    tree = f.tree(sff.root_page(path, "tiles"))
+    _payload_past_the_file(20 << 20)(path, f, tree, f.cells(tree.root))
+    res = run_child(path)
+    assert_sqlite_or_clean_error(path, original, res)
+    rows = _rowid_rows(src)
+    got = run_reader(path, {"rowids": [r[0] for r in rows], "root": tree.root, "fields": (0, 1, 2, 3)})
+    assert "error" in got or got["located"] is None or max(map(len, got["tiles"])) < 1 << 20, \
+        "locate accepted a payload of more overflow pages than the file holds"
+
+
+
+def _dup_reused_pages(db: sqlite3.Connection) -> None:
+    """Duplicates inserted after deletes: their higher rowids land in leaf pages freed below the originals'."""
+    rows = db.execute("SELECT zoom_level, tile_column, tile_row FROM tiles WHERE rowid > 41").fetchall()
+    db.execute("DELETE FROM tiles WHERE rowid <= 40")
+    db.commit()
+    db.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?)", [(z, x, y, _blob(777 + i, 50 + 10 * i))
+                                                             for i, (z, x, y) in enumerate(rows)])
+
+
+def test_of_duplicate_rows_every_path_picks_the_same(tmp_path):
+    """Two rows for one tile (no unique index): block_list, block_body and tile() give the same one, the lowest
+    rowid's as SQL does, whichever leaf page each row lives in (else a .tpkx and a .pmtiles export of one
+    source hold different tiles)."""
+    path = _mbtiles(tmp_path / "dups.mbtiles", _rows(40), page_size=512, post=[_dup_reused_pages],
+                    index="CREATE INDEX tile_index ON tiles (zoom_level, tile_column, tile_row)")
+    tiles, _, pages, bodies = backend_tiles(path)
+    want = sqlite_tiles(path)
+    dups = [k for k, v in want.items() if len(v) > 1 and all(v)]
+    assert pages and len(dups) > 10
+    with open_cache(str(path)) as cache:
+        one = {k: cache._store.tile(*k) for k in dups}
+    for k in dups:
+        assert one[k] == want[k][0] and bodies[k] == want[k][0]
+        assert tiles[k] == want[k][0], f"{k}: block_list gives rowid order {want[k].index(tiles[k])}"
+
+
+def test_a_virtual_table_is_not_read_by_page(tmp_path):
+    """A `tiles` virtual table (an R*Tree with auxiliary columns: rootpage 0 in sqlite_master) has no pages to
+    read: its tiles come through SQL, and reads_pages() says so."""
+    path = tmp_path / "vt.mbtiles"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE metadata (name TEXT, value TEXT)")
+    db.executemany("INSERT INTO metadata VALUES (?, ?)", [("name", "t"), ("format", "png")])
+    db.execute("CREATE VIRTUAL TABLE tiles USING rtree(id, minx, maxx, +zoom_level, +tile_column, +tile_row, "
+               "+tile_data)")
+    db.executemany("INSERT INTO tiles VALUES (?, 0, 1, ?, ?, ?, ?)", [(i + 1, *r) for i, r in enumerate(_rows(50))])
+    db.commit()
+    db.close()
+    tiles, sizes, pages, bodies = backend_tiles(path)
+    _assert_same(path, tiles, sizes, bodies)
+    assert pages is False, "reads_pages() is True for a virtual table"
