@@ -1441,6 +1441,97 @@ def test_a_body_filled_in_bands_equals_the_body_read_at_once(tmp_path, monkeypat
             pytest.fail("no block large enough for several bands")
 
 
+@pytest.mark.parametrize("budget", [0, 24 * 30, 24 * 100])
+def test_past_the_cells_budget_levels_read_through_sql_give_the_same_tiles(tmp_path, monkeypatch, budget):
+    """Cells kept for at most CELLS_BUDGET bytes a file: the levels past it are read through SQL (sizes from the
+    walk); every block of every level, through block_list and block_body, still sqlite3's bytes."""
+    from tilecrate.sources import sqlite as sqlite_source
+
+    monkeypatch.setattr(sqlite_source, "CELLS_BUDGET", budget)
+    for name in ("fragmented", "gpkg512"):
+        path = make(tmp_path, name)
+        tiles, sizes, pages, bodies = backend_tiles(path)
+        _assert_same(path, tiles, sizes, bodies)
+        assert pages
+
+
+def test_threads_sharing_a_backend_read_the_same_tiles(tmp_path, monkeypatch):
+    """Four threads read every block at once, again and again, through block_list and banded block_body (the
+    bands on the backend's one helper thread, beside the scans'): every read is sqlite3's bytes, none hangs."""
+    import threading
+
+    from tilecrate.sources import sqlite as sqlite_source
+
+    monkeypatch.setattr(sqlite_source, "BANDS_FROM", 1 << 10)
+    monkeypatch.setattr(sqlite_source, "BAND_FIRST", 1 << 10)
+    path = make(tmp_path, "fragmented")
+    want = {k: v[0] for k, v in sqlite_tiles(path).items() if v[0]}
+    errors: list = []
+    with open_cache(str(path)) as cache:
+        b = cache._store
+        blocks = [(z, r0, c0) for z in b.levels() for r0, c0 in sorted(b.blocks(z))]
+
+        def work(k: int) -> None:
+            try:
+                for n in range(6):
+                    for z, r0, c0 in blocks[k % 2::1 + n % 2]:
+                        _, idx, got = b.block_list(z, r0, c0)
+                        for i, t in zip(idx.tolist(), got):
+                            assert bytes(t) == want[(z, r0 + i // PACKET, c0 + i % PACKET)]
+                        body = b.block_body(z, r0, c0, "t", bands=True)
+                        if len(body) == 5:
+                            body[4].wait(body[4].total)
+                        for key, t in _body_tiles(z, r0, c0, body[:4]).items():
+                            assert t == want[key]
+            except BaseException as e:          # reported by the main thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "a reader hung"
+    assert not errors, errors[0]
+
+
+def test_closing_the_source_while_bands_are_pending_ends_every_wait(tmp_path, monkeypatch):
+    """Bodies requested in bands, then the source closed at once (a cancelled export): each wait ends with the
+    body complete and right, or a BundleError; none waits for ever."""
+    import threading
+
+    from tilecrate.sources import sqlite as sqlite_source
+
+    monkeypatch.setattr(sqlite_source, "BANDS_FROM", 1 << 10)
+    monkeypatch.setattr(sqlite_source, "BAND_FIRST", 1 << 10)
+    path = make(tmp_path, "fragmented")
+    want = {k: v[0] for k, v in sqlite_tiles(path).items() if v[0]}
+    cache = open_cache(str(path))
+    b = cache._store
+    blocks = [(z, r0, c0) for z in b.levels() for r0, c0 in sorted(b.blocks(z))]
+    for z, r0, c0 in blocks:
+        b.block_index(z, r0, c0)
+    bodies = [((z, r0, c0), b.block_body(z, r0, c0, "t", bands=True)) for z, r0, c0 in blocks * 3]
+    assert any(len(body) == 5 for _, body in bodies)
+    closer = threading.Thread(target=cache.close)
+    closer.start()
+    outcomes = []
+    for (z, r0, c0), body in bodies:
+        if len(body) == 5:
+            try:
+                body[4].wait(body[4].total)
+            except BundleError as e:
+                assert "\n" not in str(e)
+                outcomes.append("refused")
+                continue
+        for key, t in _body_tiles(z, r0, c0, body[:4]).items():
+            assert t == want[key]
+        outcomes.append("read")
+    closer.join(60)
+    assert not closer.is_alive(), "close() hung"
+    assert len(outcomes) == len(bodies)
+
+
 # -- what these tests found (each failed before the fix in sources/sqlite.py or _sqlite.pyx) ------------------
 
 @pytest.mark.parametrize("attack", ["overflow_to_a_leaf", "overflow_chain_ends_early"])
