@@ -265,3 +265,119 @@ def test_exports_identical_with_and_without_helper_threads(tmp_path, monkeypatch
             outputs[spare, ext] = out.read_bytes()
     assert outputs[True, "pmtiles"] == outputs[False, "pmtiles"]
     assert outputs[True, "mbtiles"] == outputs[False, "mbtiles"]
+
+
+def test_page_reader_arguments_and_a_wal_beside_a_rollback_header(tmp_path):
+    """read_into/read_cells refuse None (Cython lets None through a typed argument unless told); a -wal beside
+    a file whose header says rollback is read by SQLite whatever the header says, so the page reader stands
+    aside (pages_begin: None) and the backend serves SQLite's bytes."""
+    import shutil
+
+    from tilecrate._sqlite import new_buffer
+    from tilecrate.sources.sqlite import open_sqlite
+
+    p = tmp_path / "a.mbtiles"
+    c = sqlite3.connect(p)
+    c.execute("CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB)")
+    c.execute("CREATE UNIQUE INDEX t ON tiles (zoom_level, tile_column, tile_row)")
+    c.execute("INSERT INTO tiles VALUES (0, 0, 0, ?)", (b"OLD" * 10,))
+    c.commit()
+    r = Reader(str(p))
+    header = r.pages_begin()
+    try:
+        with pytest.raises(TypeError):
+            r.read_into(None, np.zeros((1, 3), np.uint64), [1], [0], header)
+        with pytest.raises(TypeError):
+            r.read_cells(np.zeros((1, 3), np.uint64), [1], None)
+        with pytest.raises(ValueError, match="outside"):
+            r.read_into(new_buffer(8), np.zeros((1, 3), np.uint64), [9], [0], header)
+    finally:
+        r.pages_end()
+        r.close()
+    c.execute("PRAGMA journal_mode=WAL")
+    c.execute("PRAGMA wal_autocheckpoint=0")
+    c.execute("UPDATE tiles SET tile_data = ?", (b"NEW" * 10,))
+    c.commit()
+    q = tmp_path / "b.mbtiles"
+    shutil.copy(p, q)
+    shutil.copy(str(p) + "-wal", str(q) + "-wal")
+    c.close()
+    with open(q, "r+b") as f:                       # the header says rollback journal; the -wal says otherwise
+        f.seek(18)
+        f.write(b"\x01\x01")
+    r = Reader(str(q))
+    try:
+        assert r.pages_begin() is None
+    finally:
+        r.pages_end()
+        r.close()
+    with open_sqlite(str(q)) as cache:
+        b = cache._store
+        assert not b.reads_pages()
+        b.block_index(0, 0, 0)
+        assert bytes(b.block_list(0, 0, 0)[2][0]) == bytes(b.block_body(0, 0, 0, "t")[1][4:]) == b"NEW" * 10
+
+
+def test_an_index_naming_one_row_twice_goes_through_sql(tmp_path):
+    """A corrupt index whose two entries name one rowid (SQLite still reads it): the level is scanned through
+    SQL instead of the page reader refusing the repeated rowid with a bare ValueError."""
+    from tilecrate.sources.sqlite import open_sqlite
+
+    p = tmp_path / "dup.mbtiles"
+    c = sqlite3.connect(p)
+    c.execute("CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB)")
+    c.execute("CREATE INDEX ti ON tiles (zoom_level, tile_column, tile_row)")
+    c.execute("INSERT INTO tiles VALUES (1, 0, 0, x'AA')")
+    c.execute("INSERT INTO tiles VALUES (1, 0, 1, x'BB')")
+    c.commit()
+    page = c.execute("SELECT rootpage FROM sqlite_master WHERE name = 'ti'").fetchone()[0]
+    size = c.execute("PRAGMA page_size").fetchone()[0]
+    c.close()
+    data = bytearray(p.read_bytes())
+    at = data.find(bytes([5, 9, 8, 9, 1, 2]), (page - 1) * size, page * size)   # the entry (1, 0, 1) -> rowid 2
+    assert at > 0
+    data[at + 5] = 1                                                            # ... now names rowid 1
+    p.write_bytes(data)
+    want = sqlite3.connect(p).execute("SELECT rowid FROM tiles WHERE zoom_level = 1 AND tile_column BETWEEN 0 AND 1 "
+                                      "AND tile_row BETWEEN 0 AND 1").fetchall()
+    assert want == [(1,), (1,)]
+    with open_sqlite(str(p)) as cache:
+        b = cache._store
+        assert b.blocks(1) == {(0, 0)}
+        assert b._scans[1][1][(0, 0)][2] is None            # sizes from SQL, no cells
+        b.block_list(1, 0, 0)
+
+
+def test_a_closed_source_starts_no_thread(tmp_path, monkeypatch):
+    """After close(), a large body is read inline (no helper thread outlives the source), and a Dask recipe of
+    a separate-tiles source is refused before any read (it has no bundle file to copy)."""
+    from tilecrate.runners import tasks
+    from tilecrate.sources import sqlite as sqlite_source
+    from tilecrate.sources.sqlite import open_sqlite
+
+    monkeypatch.setattr(sqlite_source, "BANDS_FROM", 16)
+    rng = np.random.default_rng(3)
+    p = tmp_path / "c.mbtiles"
+    with sqlite3.connect(p) as db:
+        db.execute("CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB)")
+        db.execute("CREATE UNIQUE INDEX t ON tiles (zoom_level, tile_column, tile_row)")
+        db.executemany("INSERT INTO tiles VALUES (4, ?, ?, ?)",
+                       [(x, y, rng.bytes(500 + x * y)) for x in range(16) for y in range(16)])
+    cache = open_sqlite(str(p))
+    b = cache._store
+    b.block_index(4, 0, 0)
+    banded = b.block_body(4, 0, 0, "t", bands=True)
+    banded[4].wait(banded[4].total)
+    b.close()
+    inline = b.block_body(4, 0, 0, "t", bands=True)
+    assert len(inline) == 4 and b._pool is None
+    assert bytes(inline[1]) == bytes(banded[1])
+
+    class Task:
+        policy = None
+
+    class Tiles:
+        def open_tiles(self, ref):
+            raise AssertionError("read")
+
+    assert tasks.bundle_recipe(Task(), cache=Tiles()) is None

@@ -18,7 +18,7 @@ cimport numpy as cnp
 from cpython.buffer cimport PyBuffer_FillInfo
 from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcmp, memcpy, strcmp
 from posix.mman cimport MADV_HUGEPAGE, MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, madvise, mmap, munmap
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
@@ -34,7 +34,8 @@ cdef extern from "sqlite3.h" nogil:
     int SQLITE_OPEN_READONLY, SQLITE_OPEN_URI, SQLITE_OPEN_NOMUTEX
     int sqlite3_open_v2(const char* filename, sqlite3** db, int flags, const char* vfs)
     int sqlite3_close_v2(sqlite3* db)
-    int sqlite3_exec(sqlite3* db, const char* sql, void* cb, void* arg, char** err)
+    int sqlite3_exec(sqlite3* db, const char* sql, int (*cb)(void*, int, char**, char**) noexcept nogil, void* arg,
+                     char** err)
     int sqlite3_busy_timeout(sqlite3* db, int ms)
     void sqlite3_progress_handler(sqlite3* db, int n, int (*cb)(void*) noexcept nogil, void* arg)
     const char* sqlite3_errmsg(sqlite3* db)
@@ -136,6 +137,13 @@ cdef struct _Walk:
     int64_t* vals           # (n, 4): zoom, column, row, tile length
     uint64_t* cells         # (n, 3): page | cell offset << 32 | local bytes << 48, overflow | blob offset << 32, rowid
     int err                 # 1: something locate does not handle (or an inconsistency); 2: an I/O error
+
+
+cdef int _journal_mode(void* arg, int n, char** values, char** names) noexcept nogil:
+    """sqlite3_exec's callback for PRAGMA journal_mode: sets *arg when the mode is WAL."""
+    if n >= 1 and values != NULL and values[0] != NULL and strcmp(values[0], b"wal") == 0:
+        (<int*>arg)[0] = 1
+    return 0
 
 
 cdef inline unsigned int _be16(const unsigned char* p) noexcept nogil:
@@ -705,7 +713,7 @@ cdef class Reader:
         cdef sqlite3_file* f = NULL
         cdef unsigned char head[100]
         cdef long long size = 0, counted
-        cdef int rc = SQLITE_OK, pgsz, step = 0
+        cdef int rc = SQLITE_OK, pgsz, step = 0, wal = 0
         if self._db == NULL:
             raise SqliteError("the connection is closed")
         if self._busy or not sqlite3_get_autocommit(self._db):
@@ -718,6 +726,10 @@ cdef class Reader:
                     step = 1
                 elif sqlite3_exec(self._db, b"PRAGMA schema_version", NULL, NULL, NULL) != SQLITE_OK:
                     step = 2                    # (the statement that takes the SHARED lock)
+                elif sqlite3_exec(self._db, b"PRAGMA journal_mode", _journal_mode, &wal, NULL) != SQLITE_OK:
+                    step = 2
+                elif wal:                       # a -wal beside the file is read by SQLite whatever the header says
+                    step = 3
                 elif (sqlite3_file_control(self._db, b"main", SQLITE_FCNTL_FILE_POINTER, &f) != SQLITE_OK
                         or f == NULL or f.pMethods == NULL):
                     step = 3
@@ -761,6 +773,8 @@ cdef class Reader:
 
     def pages_end(self) -> None:
         """End the transaction of pages_begin."""
+        if self._busy:
+            raise SqliteError("the connection is in use by another thread (one Reader a thread)")
         self._pages.f = NULL
         self._pages.held = 0
         if self._db != NULL and not sqlite3_get_autocommit(self._db):
@@ -782,7 +796,7 @@ cdef class Reader:
         zoom_level, tile_column, tile_row, tile_data. None when the walk meets what it does not handle (a
         short record, an integer that is not, a blob starting past its page, text when not `text_ok` or
         not UTF-8) or anything inconsistent: ask SQL instead. Between pages_begin and pages_end."""
-        cdef const int64_t[::1] ids = np.ascontiguousarray(rowids, dtype=np.int64)
+        cdef const int64_t[::1] ids = np.array(rowids, dtype=np.int64, order="C", copy=True).reshape(-1)
         cdef Py_ssize_t n = ids.shape[0], i
         cdef _Walk w
         if len(fields) != 4 or not all(isinstance(v, int) and 0 <= v < MAX_FIELD for v in fields):
@@ -819,7 +833,7 @@ cdef class Reader:
             raise SqliteError(f"cannot read the database file (SQLite I/O error {self._pages.rc}: truncated?)")
         return None if w.err else (values, cells)
 
-    def read_cells(self, cells, lengths, bytes header, Py_ssize_t max_bytes=-1):
+    def read_cells(self, cells, lengths, bytes header not None, Py_ssize_t max_bytes=-1):
         """(offsets int64 (n + 1,), Buffer) of the tiles `locate` found (`cells`, `lengths` from its result,
         in any order and subset), row i being buffer[offsets[i]:offsets[i + 1]]. Raises PagesChanged when
         the file's header is not `header` (pages_begin's when locate ran) or a page no longer holds its row,
@@ -836,13 +850,14 @@ cdef class Reader:
         self.read_into(buf, cells, lv, offsets[:-1], header)
         return offsets, buf
 
-    def read_into(self, Buffer buf, cells, lengths, at, bytes header, bint prefix=False) -> None:
+    def read_into(self, Buffer buf not None, cells, lengths, at, bytes header not None, bint prefix=False) -> None:
         """Copy the tiles `locate` found (`cells`, `lengths`: any order and subset) into `buf`, tile i at byte
         at[i] (after its 4-byte little-endian size when `prefix`: a bundle body). Raises as read_cells;
         ValueError for a destination outside `buf`. Between pages_begin and pages_end."""
-        cdef const uint64_t[:, ::1] cv = np.ascontiguousarray(cells, dtype=np.uint64).reshape(-1, 3)
-        cdef const int64_t[::1] lv = np.ascontiguousarray(lengths, dtype=np.int64)
-        cdef const int64_t[::1] av = np.ascontiguousarray(at, dtype=np.int64)
+        # copies: the caller's arrays could change under the checks below (another thread) before the copy reads them
+        cdef const uint64_t[:, ::1] cv = np.array(cells, dtype=np.uint64, order="C", copy=True).reshape(-1, 3)
+        cdef const int64_t[::1] lv = np.array(lengths, dtype=np.int64, order="C", copy=True).reshape(-1)
+        cdef const int64_t[::1] av = np.array(at, dtype=np.int64, order="C", copy=True).reshape(-1)
         cdef Py_ssize_t n = cv.shape[0], i
         cdef long long low = 4 if prefix else 0
         cdef unsigned char head[100]

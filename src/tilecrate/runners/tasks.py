@@ -273,6 +273,8 @@ def bundle_recipe(task: BundleTask, cancel: CancelFlag | None = None, *,
         return None
     if cache is None:
         cache = _checked_cache(task)
+    if getattr(cache, "open_tiles", None) is not None:
+        return None         # a source of separate tiles has no bundle file to copy from: staged (not read twice)
     prep = prepare_bundle(task, cache, cancel=cancel)
     try:
         plan = prep.plan

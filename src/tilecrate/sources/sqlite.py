@@ -329,11 +329,12 @@ class SqliteBackend:
                 return None if located is _SPARSE else self._blocks_of(level, *located)
         w = self._size(level)[0]
         split = self._scan_split(level, ident) if split else None
-        if split is None:
+        helper = self._helper() if split is not None else None
+        if helper is None:
             a = self._scan_cols(level, 0, w - 1)
         else:
             # a large level: its left and right columns scanned at once on two connections
-            right = self._helper().submit(self._scan_cols, level, split, w - 1)
+            right = helper.submit(self._scan_cols, level, split, w - 1)
             try:
                 a = self._scan_cols(level, 0, split - 1)
             finally:
@@ -391,6 +392,8 @@ class SqliteBackend:
             if rows is None:
                 return _SPARSE
             rows = rows[np.argsort(rows[:, 0], kind="stable")]
+            if rows.size and np.any(rows[1:, 0] == rows[:-1, 0]):
+                return None                 # an index naming one row twice (corrupt): SQL decides
             found = r.locate(rows[:, 0], root, fields, True) if rows.size else (np.zeros((0, 4), np.int64),
                                                                                   np.zeros((0, 3), np.uint64))
         except SqliteError as e:
@@ -556,10 +559,11 @@ class SqliteBackend:
             parts = [self._read_cols(level, row0, col0, None, 0)]
         elif got[2] is not None:
             total = int(got[1].sum(dtype=np.int64))
-            if (total > SPLIT_BYTES or got[0].size > SPLIT_TILES) and spare_core():
+            helper = self._helper() if (total > SPLIT_BYTES or got[0].size > SPLIT_TILES) and spare_core() else None
+            if helper is not None:
                 # the first half of the pages (by bytes) here, the second on the helper's connection
                 cut = int(np.searchsorted(np.cumsum(got[1], dtype=np.int64), total // 2)) + 1
-                half = self._helper().submit(self._read_cells, level, tuple(a[cut:] for a in got[:3]) + got[3:])
+                half = helper.submit(self._read_cells, level, tuple(a[cut:] for a in got[:3]) + got[3:])
                 parts = [_with_half(half, self._read_cells, level, tuple(a[:cut] for a in got[:3]) + got[3:]),
                          half.result()]
             else:
@@ -568,9 +572,11 @@ class SqliteBackend:
             # each buffer sized from the scan: grown (copied) only if the file grew since
             sizes = np.zeros(PACKET, dtype=np.int64)
             np.add.at(sizes, got[0].astype(np.int64) % PACKET, got[1].astype(np.int64))
-            if (int(sizes.sum()) > SPLIT_BYTES or got[0].size > SPLIT_TILES) and spare_core():
+            helper = self._helper() if (int(sizes.sum()) > SPLIT_BYTES or got[0].size > SPLIT_TILES) and spare_core() \
+                else None
+            if helper is not None:
                 mid = col0 + int(np.searchsorted(np.cumsum(sizes), sizes.sum() / 2)) + 1
-                half = self._helper().submit(self._read_cols, level, row0, col0, (mid, col0 + PACKET),
+                half = helper.submit(self._read_cols, level, row0, col0, (mid, col0 + PACKET),
                                              int(sizes[mid - col0:].sum()))
                 parts = [_with_half(half, self._read_cols, level, row0, col0, (col0, mid),
                                     int(sizes[:mid - col0].sum())), half.result()]
@@ -615,8 +621,11 @@ class SqliteBackend:
             (h - 1, row0, col0, *args), level, hint)
 
     def _helper(self):
-        """A thread (its own connection) for the second half of large blocks; stopped by close()."""
+        """A thread (its own connection) for the second half of large blocks and a body's bands; stopped by
+        close(), and None after it (the caller then reads inline: no thread outlives the source)."""
         with self._lock:
+            if self._closed:
+                return None
             if self._pool is None:
                 from concurrent.futures import ThreadPoolExecutor
 
@@ -657,9 +666,10 @@ class SqliteBackend:
         offsets[idx[sel]] = at.astype(np.uint64)
         out_sizes[idx[sel]] = lens
         got = (idx, sel, lens, cells, header, buf, at)
-        if bands and total > BANDS_FROM:
+        helper = self._helper() if bands and total > BANDS_FROM else None
+        if helper is not None:
             filling = Filling(total)
-            filling.future = self._helper().submit(self._fill, level, ident, got, filling)
+            filling.future = helper.submit(self._fill, level, ident, got, filling)
             return ident, memoryview(buf), offsets, out_sizes, filling
         self._fill_band(level, got, 0, sel.size)
         if self.identity() != ident:
