@@ -521,30 +521,13 @@ def _attack_file(path: Path) -> Path:
 
 CHILD = r'''
 import pickle, sys, traceback
-import numpy as np
-from tilecrate.cache import open_cache
+from pathlib import Path
 from tilecrate.errors import BundleError, CacheError
-from tilecrate.tiling import PACKET
 path, out = sys.argv[1], sys.argv[2]
 try:
     from tilecrate._sqlite import SqliteError
-    with open_cache(path) as cache:
-        b = cache._store
-        tiles, sizes, bodies = {}, {}, {}
-        for z in b.levels():
-            for r0, c0 in sorted(b.blocks(z)):
-                _, sz = b.block_index(z, r0, c0)
-                for i in np.flatnonzero(sz).tolist():
-                    sizes[(z, r0 + i // PACKET, c0 + i % PACKET)] = int(sz[i])
-                _, idx, got = b.block_list(z, r0, c0)
-                for i, t in zip(idx.tolist(), got):
-                    tiles[(z, r0 + i // PACKET, c0 + i % PACKET)] = bytes(t)
-                _, buf, offsets, bsizes = b.block_body(z, r0, c0, "t")
-                data = bytes(buf)
-                for i in np.flatnonzero(bsizes).tolist():
-                    off = int(offsets[i])
-                    bodies[(z, r0 + i // PACKET, c0 + i % PACKET)] = data[off:off + int(bsizes[i])]
-        pages = b.reads_pages()
+    from test_attack_sqlite_pages import backend_tiles     # the child runs in tests/
+    tiles, sizes, pages, bodies = backend_tiles(Path(path))
     res = {"tiles": tiles, "sizes": sizes, "pages": pages, "bodies": bodies}
 except (CacheError, BundleError, SqliteError) as e:
     res = {"error": type(e).__name__, "message": str(e)}
