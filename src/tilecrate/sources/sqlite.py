@@ -577,7 +577,7 @@ class SqliteBackend:
             if helper is not None:
                 mid = col0 + int(np.searchsorted(np.cumsum(sizes), sizes.sum() / 2)) + 1
                 half = helper.submit(self._read_cols, level, row0, col0, (mid, col0 + PACKET),
-                                             int(sizes[mid - col0:].sum()))
+                                     int(sizes[mid - col0:].sum()))
                 parts = [_with_half(half, self._read_cols, level, row0, col0, (col0, mid),
                                     int(sizes[:mid - col0].sum())), half.result()]
             else:
