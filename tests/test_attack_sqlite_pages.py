@@ -358,14 +358,9 @@ def sqlite_tiles(path: Path) -> dict[tuple[int, int, int], list[bytes | None]]:
     """{(z, ArcGIS row, column): [bytes of each row at that tile, None for a NULL or a number, by rowid]} from
     Python's sqlite3."""
     sql, flip = _source(path)
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        rows = db.execute(sql).fetchall()
-    finally:
-        db.close()
     out: dict = {}
-    for z, x, y, data, rid in sorted(rows, key=lambda r: r[4] or 0):
-        out.setdefault((z, ((1 << z) - 1 - y) if flip else y, x), []).append(None if data is None else bytes(data))
+    for key, data, _ in sorted(_keyed_rows(path, sql, flip), key=lambda r: r[2] or 0):
+        out.setdefault(key, []).append(None if data is None else bytes(data))
     return out
 
 
@@ -440,15 +435,20 @@ def blob_keys(path: Path) -> set:
     sql, flip = _source(path)
     sql = sql.replace("CASE typeof(tile_data) WHEN 'blob' THEN tile_data WHEN 'text' THEN CAST(tile_data AS BLOB) END",
                       "typeof(tile_data)")
+    kinds: dict = {}
+    for key, kind, _ in _keyed_rows(path, sql, flip):
+        kinds.setdefault(key, set()).add(kind)
+    return {k for k, v in kinds.items() if v == {"blob"}}
+
+
+def _keyed_rows(path: Path, sql: str, flip: bool) -> list:
+    """((z, ArcGIS row, column), the data column, rowid) of each row `sql` (from _source) gives on the file."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         rows = db.execute(sql).fetchall()
     finally:
         db.close()
-    kinds: dict = {}
-    for z, x, y, kind, _ in rows:
-        kinds.setdefault((z, ((1 << z) - 1 - y) if flip else y, x), set()).add(kind)
-    return {k for k, v in kinds.items() if v == {"blob"}}
+    return [((z, ((1 << z) - 1 - y) if flip else y, x), data, rid) for z, x, y, data, rid in rows]
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))

@@ -139,6 +139,11 @@ cdef struct _Walk:
     int err                 # 1: something locate does not handle (or an inconsistency); 2: an I/O error
 
 
+def _read_failed(int rc):
+    """The error of a failed read of the file by page (a short read: the file is shorter than it was)."""
+    return SqliteError(f"cannot read the database file (SQLite I/O error {rc}: truncated?)")
+
+
 cdef int _journal_mode(void* arg, int n, char** values, char** names) noexcept nogil:
     """sqlite3_exec's callback for PRAGMA journal_mode: sets *arg when the mode is WAL."""
     if n >= 1 and values != NULL and values[0] != NULL and strcmp(values[0], b"wal") == 0:
@@ -747,7 +752,7 @@ cdef class Reader:
         if step == 3:
             return None
         if rc != SQLITE_OK:
-            raise SqliteError(f"cannot read the database file (SQLite I/O error {rc})")
+            raise _read_failed(rc)
         pgsz = _be16(head + 16)
         if pgsz == 1:
             pgsz = 65536
@@ -830,7 +835,7 @@ cdef class Reader:
             self._busy = False
             free(w.bufs)
         if w.err == 2:
-            raise SqliteError(f"cannot read the database file (SQLite I/O error {self._pages.rc}: truncated?)")
+            raise _read_failed(self._pages.rc)
         return None if w.err else (values, cells)
 
     def read_cells(self, cells, lengths, bytes header not None, Py_ssize_t max_bytes=-1):
@@ -874,7 +879,7 @@ cdef class Reader:
         try:
             rc = self._pages.f.pMethods.xRead(self._pages.f, head, 100, 0)
             if rc != SQLITE_OK:
-                raise SqliteError(f"cannot read the database file (SQLite I/O error {rc}: truncated?)")
+                raise _read_failed(rc)
             if memcmp(head, <const char*>header, 100) != 0:
                 raise PagesChanged("the database was written since its rows were located")
             with nogil:
@@ -883,7 +888,7 @@ cdef class Reader:
         finally:
             self._busy = False
         if err == 2:
-            raise SqliteError(f"cannot read the database file (SQLite I/O error {self._pages.rc}: truncated?)")
+            raise _read_failed(self._pages.rc)
         if err:
             # the header, whose change counter every SQLite commit bumps, is as when locate ran
             raise SqliteError("database disk image is malformed (a page does not hold the row its b-tree points to, "

@@ -149,6 +149,13 @@ def _reencode(task: BundleTask, data: BundleData, mask: np.ndarray, cache: Cache
     return recompress_bundle(policy, data, mask, cache, cancel=cancel)
 
 
+def _check_count(plan: BundlePlan, task: BundleTask, label: str) -> None:
+    """A planned bundle must hold the tiles selection counted: fewer or more means the source changed."""
+    if plan.tiles != task.tiles:
+        raise BundleError(f"{label}: holds {plan.tiles} of the {task.tiles} selected tiles now; "
+                          "the source changed since the export was planned")
+
+
 def prepare_bundle(task: BundleTask, cache: Cache, *, cancel: CancelFlag | None = None,
                    threads: int | None = None, needs_crc: bool = False) -> Prepared:
     """Plan one output bundle (re-encoding first under an active policy); the runner streams or stages it."""
@@ -164,9 +171,7 @@ def prepare_bundle(task: BundleTask, cache: Cache, *, cancel: CancelFlag | None 
         data, filling = cache.open_body(task.ref)
         try:
             plan = plan_bundle(data, mask, task.version, label, cache)
-            if plan.tiles != task.tiles:
-                raise BundleError(f"{label}: holds {plan.tiles} of the {task.tiles} selected tiles now; "
-                                  "the source changed since the export was planned")
+            _check_count(plan, task, label)
             plan.filling = filling
             if filling is None or needs_crc:
                 plan.compute_crc()
@@ -180,9 +185,7 @@ def prepare_bundle(task: BundleTask, cache: Cache, *, cancel: CancelFlag | None 
         idx, tiles = listed(task.ref)
         plan = plan_tiles(task.ref, idx, tiles, mask, task.version, label)
         del tiles
-        if plan.tiles != task.tiles:
-            raise BundleError(f"{label}: holds {plan.tiles} of the {task.tiles} selected tiles now; "
-                              "the source changed since the export was planned")
+        _check_count(plan, task, label)
         if needs_crc:
             plan.compute_crc()
         return Prepared(task, plan, None, [])
@@ -200,9 +203,7 @@ def prepare_bundle(task: BundleTask, cache: Cache, *, cancel: CancelFlag | None 
                 plan.source = b""
                 data.close()
                 data = None
-        if plan.tiles != task.tiles:
-            raise BundleError(f"{label}: holds {plan.tiles} of the {task.tiles} selected tiles now; "
-                              "the source changed since the export was planned")
+        _check_count(plan, task, label)
         if needs_crc:
             plan.compute_crc()
         return Prepared(task, plan, data, found)

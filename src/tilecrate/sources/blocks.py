@@ -72,22 +72,30 @@ def v2_layout(idx: np.ndarray, tiles: list, label: str) -> tuple[memoryview, np.
     if n != len(tiles) or (n and (idx[0] < 0 or idx[-1] >= PACKET * PACKET or np.any(np.diff(idx) <= 0))):
         raise ValueError(f"{label}: block indices must be ascending, unique and inside the block")
     lens = np.fromiter(map(len, tiles), dtype=np.int64, count=n)
-    total = int(lens.sum()) + 4 * n
-    if total > BLOCK_LIMIT:
-        raise CacheError(f"{label}: one 128x128 block holds {total} bytes of tiles, more than the "
-                         f"{BLOCK_LIMIT >> 20} MiB a block may hold in memory")
-    offsets = np.zeros(PACKET * PACKET, dtype=np.uint64)
-    sizes = np.zeros(PACKET * PACKET, dtype=np.uint32)
+    _, offsets, sizes, _ = v2_index(idx, lens, label)
     if n == 0:
         return memoryview(bytearray()), offsets, sizes
     # one join (one copy of the tile bytes, in C) instead of a slice assignment per tile
     parts: list = [None] * (2 * n)
     parts[0::2] = map(_U32_LE, lens.tolist())
     parts[1::2] = tiles
-    buf = b"".join(parts)
-    offsets[idx] = (np.cumsum(lens + 4) - lens).astype(np.uint64)
+    return memoryview(b"".join(parts)), offsets, sizes
+
+
+def v2_index(idx: np.ndarray, lens: np.ndarray, label: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(each tile's offset in the V2 bundle body of tiles of `lens` bytes at ascending block indices `idx`,
+    row-major, each after its 4-byte size; the block's 16 384 offsets and sizes; the body's bytes). A body
+    past BLOCK_LIMIT is a CacheError."""
+    total = int(lens.sum()) + 4 * idx.size
+    if total > BLOCK_LIMIT:
+        raise CacheError(f"{label}: one 128x128 block holds {total} bytes of tiles, more than the "
+                         f"{BLOCK_LIMIT >> 20} MiB a block may hold in memory")
+    at = np.cumsum(lens + 4) - lens
+    offsets = np.zeros(PACKET * PACKET, dtype=np.uint64)
+    sizes = np.zeros(PACKET * PACKET, dtype=np.uint32)
+    offsets[idx] = at.astype(np.uint64)
     sizes[idx] = lens
-    return memoryview(buf), offsets, sizes
+    return at, offsets, sizes, total
 
 
 def detect_format(samples: Iterable[bytes]) -> str:

@@ -21,7 +21,7 @@ from tilecrate.cores import spare_core
 from tilecrate.errors import BundleError, CacheError
 from tilecrate.sourcefiles import file_id
 from tilecrate.sources.blocks import (BLOCK_LIMIT, FORMAT_NAMES, BlockCache, detect_format, parse_bounds,
-                                      tile_pixel_size, v2_layout)
+                                      tile_pixel_size, v2_index, v2_layout)
 from tilecrate.sources.item import ItemInfo, from_metadata
 from tilecrate.tiling import (
     INCHES_PER_METRE,
@@ -321,12 +321,14 @@ class SqliteBackend:
 
     def _scan_level(self, level: int, ident: tuple, split: bool) -> dict | None:
         layout = self._page_layout(ident)
-        if layout is not None:
-            located = self._locate_level(level, layout)
-            if located is not None and located is not _SPARSE and not self._cells_fit(ident, located[1].nbytes):
-                located = (located[0], None, None)   # the sizes are kept, the blocks read through SQL
-            if located is not None:
-                return None if located is _SPARSE else self._blocks_of(level, *located)
+        located = self._locate_level(level, layout) if layout is not None else None
+        if located is _SPARSE:
+            return None
+        if located is not None:
+            rows, cells, header = located
+            if not self._cells_fit(ident, cells.nbytes):
+                cells = header = None           # the sizes are kept, the blocks read through SQL
+            return self._blocks_of(level, rows, cells, header)
         w = self._size(level)[0]
         split = self._scan_split(level, ident) if split else None
         helper = self._helper() if split is not None else None
@@ -655,16 +657,8 @@ class SqliteBackend:
         order = np.argsort(idx, kind="stable")      # one row a cell (see _blocks_of); empty ones are no tile
         sel = order[sizes[order] > 0]
         lens = sizes[sel].astype(np.int64)
-        at = np.cumsum(lens + 4) - lens
-        total = int(at[-1] + lens[-1]) if sel.size else 0
-        if total > BLOCK_LIMIT:
-            raise CacheError(f"{label}: one 128x128 block holds {total} bytes of tiles, more than the "
-                             f"{BLOCK_LIMIT >> 20} MiB a block may hold in memory")
+        at, offsets, out_sizes, total = v2_index(idx[sel].astype(np.int64), lens, label)
         buf = new_buffer(total)
-        offsets = np.zeros(PACKET * PACKET, dtype=np.uint64)
-        out_sizes = np.zeros(PACKET * PACKET, dtype=np.uint32)
-        offsets[idx[sel]] = at.astype(np.uint64)
-        out_sizes[idx[sel]] = lens
         got = (idx, sel, lens, cells, header, buf, at)
         helper = self._helper() if bands and total > BANDS_FROM else None
         if helper is not None:
