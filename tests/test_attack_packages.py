@@ -114,6 +114,67 @@ def test_a_vtpk_export_that_runs_out_of_room(fixture_vtpk, tmp_path, limit):
     assert os.listdir(out) == []
 
 
+_FSIZE_TILES = _FSIZE.replace('ExportRequest(levels="0-3")', 'ExportRequest(levels="0-4")')
+
+
+@pytest.mark.parametrize("ext", ["tpkx", "pmtiles"])
+def test_an_export_that_runs_out_of_room_after_its_blocks_were_reserved(sample_v2, tmp_path, ext):
+    """The .tpkx and .pmtiles writers reserve their blocks up front (fallocate); past a file size limit the
+    kernel refuses the reservation (EFBIG): the export goes on without it and ends, as the disk fills, in one
+    readable error with nothing left behind; under the limit, the file is cut to its exact size."""
+    out = tmp_path / "out"
+    out.mkdir()
+    r = subprocess.run([sys.executable, "-c", _FSIZE_TILES, sample_v2, str(out / f"x.{ext}"), "300000"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
+    assert r.stdout.startswith("ExportError") and "File too large" in r.stdout, r.stdout
+    assert os.listdir(out) == []
+    done = export(sample_v2, ExportRequest(levels="0-4"), str(out / f"y.{ext}"))
+    assert done.size == (out / f"y.{ext}").stat().st_size
+
+
+def test_preallocate_reserves_or_declines_and_a_full_disk_is_an_error(sample_v2, tmp_path, monkeypatch):
+    """preallocate: blocks for a regular file, nothing for a pipe or a size of 0; a zip written after a
+    reservation larger or smaller than it is cut to its own size and reads back; ENOSPC at the reservation
+    is the export's "disk is full" error before a byte is written, with nothing left behind."""
+    import zipfile
+
+    from tilecrate._files import preallocate
+    from tilecrate.package import zipstream
+
+    path = tmp_path / "r"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        assert preallocate(fd, 1 << 20) and os.fstat(fd).st_size == 1 << 20
+        assert not preallocate(fd, 0) and not preallocate(fd, -5)
+    finally:
+        os.close(fd)
+    r, w = os.pipe()
+    try:
+        assert not preallocate(w, 4096)
+    finally:
+        os.close(r)
+        os.close(w)
+    for reserve in (1 << 20, 10):
+        z = tmp_path / f"z{reserve}.zip"
+        with open(z, "wb") as f:
+            writer = zipstream.ZipWriter(f, reserve=reserve)
+            writer.add_bytes("a.txt", b"x" * 1000)
+            size = writer.close()
+        assert z.stat().st_size == size
+        assert zipfile.ZipFile(z).read("a.txt") == b"x" * 1000
+
+    def full(fd, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(zipstream, "preallocate", full)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ExportError, match="disk is full"):
+        export(sample_v2, ExportRequest(levels="0-3"), str(out / "full.tpkx"))
+    assert os.listdir(out) == []
+
+
 def test_write_all_on_a_full_disk_and_past_iov_max(tmp_path):
     """More buffers than one writev takes land in order; /dev/full's ENOSPC is raised, not looped on."""
     parts = [bytes([i % 251]) * (1 + i % 7) for i in range(3 * kcopy.IOV_MAX + 5)]

@@ -22,6 +22,7 @@ from typing import BinaryIO, Callable, Iterable
 
 from isal import isal_zlib
 
+from tilecrate._files import preallocate
 from tilecrate.package import kcopy
 from tilecrate.package.kcopy import (METHODS, WRITE_MODES, CopyRange, KernelCopier, RunScanner, check_unchanged,
                                      open_source, open_source_id, part_size, plan_parts, remember, write_all,
@@ -76,7 +77,7 @@ class ZipWriter:
     """
 
     def __init__(self, out: BinaryIO | None, *, zip64_limit: int = ZIP64_LIMIT, dry_run: bool = False,
-                 mtime: float | None = None, copy_method: str | None = None):
+                 mtime: float | None = None, copy_method: str | None = None, reserve: int = 0):
         if not dry_run and out is None:
             raise ValueError("an output stream is needed unless dry_run is set")
         if isinstance(out, io.RawIOBase):
@@ -90,6 +91,7 @@ class ZipWriter:
         self.position = 0
         self.closed = False
         self._fd = None
+        self._reserved = False
         self._copier: KernelCopier | None = None
         self.copy_method = copy_method or kcopy.COPY_METHOD
         self._scanner: RunScanner | None = None
@@ -100,6 +102,9 @@ class ZipWriter:
                     self._start = out.tell()
             except (AttributeError, OSError, ValueError):
                 self._fd = None
+            # the zip's predicted size, given its disk blocks at once (a full disk fails here, before a
+            # byte is written); close() cuts the file where the zip ends
+            self._reserved = self._fd is not None and reserve > 0 and preallocate(self._fd, self._start + reserve)
             copy_method = copy_method or kcopy.COPY_METHOD
             if copy_method not in WRITE_MODES:
                 raise ValueError(f"unknown copy method {copy_method!r} (one of {', '.join(WRITE_MODES)})")
@@ -387,6 +392,8 @@ class ZipWriter:
             self._write(_EOCD.pack(b"PK\x05\x06", 0, 0, count, count, cd_size, cd_start, 0))
         if not self._dry:
             self._out.flush()
+            if self._reserved:
+                os.ftruncate(self._fd, self._start + self.position)
         self._close_scanner()
         self.closed = True
         return self.position

@@ -465,7 +465,7 @@ class DaskRunner:
                 os.makedirs(os.path.join(staging, *d.rstrip("/").split("/")), exist_ok=True)
             if layout.is_package:
                 f = open(tmp, "wb", buffering=1 << 16)
-                sink = Assembler(writer=ZipWriter(f, zip64_limit=plan.zip64_limit))
+                sink = Assembler(writer=ZipWriter(f, zip64_limit=plan.zip64_limit, reserve=bytes_total))
             else:
                 sink = Assembler(root=staging)
             result = self._assemble(plan, cache, sink, staging, cancel_name, futures, others, progress, cancel,

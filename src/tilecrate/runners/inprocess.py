@@ -51,7 +51,7 @@ def write_plan(plan: ExportPlan, cache: Cache, tmp: str, *,
     bytes_total, _ = plan.predicted()
     if layout.is_package:
         f = open(tmp, "wb", buffering=1 << 16)     # larger writes bypass the buffer: no extra copy
-        sink = ZipSink(ZipWriter(f, zip64_limit=plan.zip64_limit))
+        sink = ZipSink(ZipWriter(f, zip64_limit=plan.zip64_limit, reserve=bytes_total))
     else:
         f = None
         sink = FolderSink(tmp)

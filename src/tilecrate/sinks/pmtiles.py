@@ -22,6 +22,7 @@ import numpy as np
 from isal import igzip
 
 from tilecrate._dedup import Dedup
+from tilecrate._files import preallocate
 from tilecrate._pmtiles import tile_ids as _tile_ids, varints
 
 from tilecrate.cache import Cache
@@ -194,6 +195,13 @@ def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
     data_off = data_offset(addressable(plan, zooms))
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
+        try:
+            # disk blocks for the most the data can take (the selected tiles, none deduplicated), given at once:
+            # the writes then skip ext4's delayed allocation; cut to the archive's size at the end. Only a
+            # hint: on a disk with less room than that, the archive is written without it
+            reserved = preallocate(fd, data_off + plan.selection.tile_bytes)
+        except OSError:
+            reserved = False
         os.lseek(fd, data_off, os.SEEK_SET)
         dedup = Dedup(fd, HOT_BYTES, data_off)
         for bsel in _bundle_order(plan, zooms):
@@ -234,7 +242,9 @@ def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
                       center=(exported[0], (w + e) / 2, (s + n) / 2))
         os.lseek(fd, meta_off, os.SEEK_SET)
         write_all(fd, [metadata, leaves])
-        # the room between the root and the data stays a hole: zeros, no bytes written
+        if reserved:
+            os.ftruncate(fd, leaf_off + len(leaves))
+        # the room between the root and the data is never written: zeros
         _pwrite_all(fd, head + root, 0)
     finally:
         os.close(fd)
