@@ -381,3 +381,25 @@ def test_a_closed_source_starts_no_thread(tmp_path, monkeypatch):
             raise AssertionError("read")
 
     assert tasks.bundle_recipe(Task(), cache=Tiles()) is None
+
+
+def test_freed_large_buffers_are_kept_for_reuse_within_a_bound():
+    """A large Buffer's mapping goes back to a pool when freed (the next one of its size skips the kernel's
+    zeroing of fresh pages), at most POOL_LIMIT bytes of them; a pooled buffer comes back at the size asked."""
+    import gc
+
+    from tilecrate._sqlite import POOL_LIMIT, new_buffer, pooled_bytes
+
+    gc.collect()
+    many = [new_buffer(8 << 20) for _ in range(12)]         # more than the pool keeps: it takes what it held
+    assert all(len(b) == 8 << 20 for b in many)
+    del many
+    kept = pooled_bytes()
+    assert 0 < kept <= POOL_LIMIT
+    again = new_buffer(5 << 20)
+    assert len(again) == 5 << 20 and kept - pooled_bytes() >= 6 << 20       # a pooled mapping, whole 2 MiB pages
+    del again
+    assert pooled_bytes() == kept
+    small = new_buffer(1000)                                # malloc'd: never pooled
+    del small
+    assert pooled_bytes() == kept

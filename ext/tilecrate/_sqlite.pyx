@@ -96,6 +96,9 @@ cdef struct _Pages:
     unsigned char* win      # pages read ahead: `held` pages from page `first`, room for `cap`
     long long first, held, cap, want, used
     int rc                  # SQLite's code of the last failed read
+    unsigned char seen[100] # the file's header when the window was read (see pages_begin)
+    long long seen_size     # ...and its size
+    int live                # a pages_begin transaction is open: `f` and the window may be read
 
 
 cdef const unsigned char* _page(_Pages* pg, long long no, int* err) noexcept nogil:
@@ -103,6 +106,14 @@ cdef const unsigned char* _page(_Pages* pg, long long no, int* err) noexcept nog
     a page the file does not hold, 2 for a failed read. One read fills the window from a little before
     `no` onwards: SQLite writes a table's leaf pages and their overflow chains mostly in file order, so
     the next pages asked for are there; when they were not (a scattered file), it reads less next time."""
+    return _page_near(pg, no, no, no, err)
+
+
+cdef const unsigned char* _page_near(_Pages* pg, long long no, long long lo, long long hi, int* err) noexcept nogil:
+    """_page, told that pages lo..hi (around `no`) come next: a read it makes starts at lo and reaches hi
+    when the window can hold them. A row's overflow chain mostly lies just before its leaf page (SQLite
+    fills a cell's overflow pages before the leaf that takes the cell splits), so reading from the leaf
+    onwards read the chain in a second read and the next leaf in a third: a 4-12 KiB read a page turn."""
     cdef long long start, n
     if no < 1 or no > pg.npages:
         err[0] = 1
@@ -118,7 +129,10 @@ cdef const unsigned char* _page(_Pages* pg, long long no, int* err) noexcept nog
         elif pg.used * 4 >= 3 * pg.held:
             pg.want = min(pg.cap, 2 * pg.want)
     start = max(1, no - BEHIND) if pg.want > 4 * BEHIND else no
-    n = min(pg.want, pg.npages - start + 1)
+    if 1 <= lo < start and no - lo < pg.cap:
+        start = lo
+    # every bound keeps `no` in: no - start < cap, no <= npages
+    n = min(max(start + pg.want - 1, hi, no) - start + 1, pg.cap, pg.npages - start + 1)
     pg.held = 0
     pg.rc = pg.f.pMethods.xRead(pg.f, pg.win, <int>(n * pg.pgsz), (start - 1) * <long long>pg.pgsz)
     if pg.rc != SQLITE_OK:
@@ -362,7 +376,13 @@ cdef int _copy_cells(_Pages* pg, const uint64_t* cells, const int64_t* lens, con
         cell = <int>((cells[3 * i] >> 32) & 0xFFFF)
         local = <long long>(cells[3 * i] >> 48)
         b0 = <long long>(cells[3 * i + 1] >> 32)
-        leaf = _page(pg, no, &err)
+        # the chain's pages, if it runs on from its first page (as SQLite mostly writes it): read with the leaf
+        cur = <long long>(cells[3 * i + 1] & 0xFFFFFFFFULL)
+        left = (need - min(need, max(0, local - b0)) + room - 1) // room
+        if cur >= 2 and left > 0:
+            leaf = _page_near(pg, no, min(no, cur), max(no, cur + left - 1), &err)
+        else:
+            leaf = _page(pg, no, &err)
         if leaf == NULL:
             return err
         hdr = 100 if no == 1 else 0
@@ -410,6 +430,64 @@ cdef int _copy_cells(_Pages* pg, const uint64_t* cells, const int64_t* lens, con
 cdef enum:
     HUGE = 2 << 20          # a transparent huge page
     HUGE_FROM = 1 << 20     # buffers from this size are mapped in huge pages
+    POOL_SLOTS = 8          # mappings of freed Buffers kept for the next ones...
+    POOL_BYTES = 64 << 20   # ...holding at most this many bytes in all
+
+# The mappings of freed large Buffers, already faulted in: the kernel zeroes each fresh huge page on its
+# first touch, and for an export's bodies that zeroing cost more than the copy into them (5 ms of
+# 47 ms of CPU an MBTiles -> .tpkx export of 21 MB). Reached with the GIL held only (Buffer's
+# allocation and deallocation), so the GIL guards it.
+cdef char* _pool_at[POOL_SLOTS + 1]     # one slot more: _pool_give adds before it evicts
+cdef size_t _pool_len[POOL_SLOTS + 1]
+cdef int _pooled = 0
+
+
+cdef char* _pool_take(size_t span, size_t* got) noexcept:
+    """The smallest pooled mapping of at least `span` bytes (its length in got), or NULL."""
+    global _pooled
+    cdef int i, best = -1
+    cdef char* p
+    for i in range(_pooled):
+        if _pool_len[i] >= span and (best < 0 or _pool_len[i] < _pool_len[best]):
+            best = i
+    if best < 0:
+        return NULL
+    p, got[0] = _pool_at[best], _pool_len[best]
+    _pooled -= 1
+    _pool_at[best], _pool_len[best] = _pool_at[_pooled], _pool_len[_pooled]
+    return p
+
+
+cdef void _pool_give(char* p, size_t span) noexcept:
+    """Keep a freed mapping for reuse; past POOL_SLOTS or POOL_BYTES the smallest ones are unmapped."""
+    global _pooled
+    cdef int i, least
+    cdef size_t total = span
+    _pool_at[_pooled], _pool_len[_pooled] = p, span
+    _pooled += 1
+    for i in range(_pooled - 1):
+        total += _pool_len[i]
+    while _pooled > 0 and (_pooled > POOL_SLOTS or total > POOL_BYTES):
+        least = 0
+        for i in range(1, _pooled):
+            if _pool_len[i] < _pool_len[least]:
+                least = i
+        munmap(_pool_at[least], _pool_len[least])
+        total -= _pool_len[least]
+        _pooled -= 1
+        _pool_at[least], _pool_len[least] = _pool_at[_pooled], _pool_len[_pooled]
+
+
+POOL_LIMIT = POOL_BYTES
+
+
+def pooled_bytes() -> int:
+    """Bytes of freed Buffers' mappings kept for reuse (at most POOL_LIMIT)."""
+    cdef size_t total = 0
+    cdef int i
+    for i in range(_pooled):
+        total += _pool_len[i]
+    return total
 
 
 cdef class Buffer:
@@ -429,6 +507,10 @@ cdef class Buffer:
             self._data = <char*>malloc(max(size, 1))
         else:
             span = (<size_t>size + HUGE - 1) & ~(<size_t>HUGE - 1)
+            self._data = _pool_take(span, &self._mapped)
+            if self._data != NULL:
+                self._size = size
+                return 0
             base = <char*>mmap(NULL, span + HUGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
             if <void*>base != MAP_FAILED:
                 head = (HUGE - (<size_t>base & (HUGE - 1))) & (HUGE - 1)   # huge pages need 2 MiB alignment
@@ -453,7 +535,7 @@ cdef class Buffer:
 
     def __dealloc__(self):
         if self._mapped:
-            munmap(self._data, self._mapped)
+            _pool_give(self._data, self._mapped)
         else:
             free(self._data)
         self._data = NULL
@@ -475,7 +557,7 @@ cdef class Reader:
     cdef double _deadline
     cdef bint _busy
     cdef readonly str path
-    cdef _Pages _pages              # _pages.f is set between pages_begin and pages_end when the file can be read by page
+    cdef _Pages _pages              # _pages.live between pages_begin and pages_end when the file can be read by page
 
     def __init__(self, str path, int cache_kib=2000, int busy_ms=2000):
         if cache_kib <= 0 or busy_ms < 0:
@@ -771,17 +853,25 @@ cdef class Reader:
             if self._pages.win == NULL:
                 raise MemoryError("no memory for reading pages")
         self._pages.cap = WINDOW // pgsz
-        self._pages.want = 1
-        self._pages.held = self._pages.used = 0       # pages read in an earlier transaction may have changed
+        if (self._pages.held == 0 or f != self._pages.f or size != self._pages.seen_size
+                or memcmp(head, self._pages.seen, 100) != 0):
+            # pages read in an earlier transaction may have changed since. Not when the header is the same:
+            # every transaction that writes the file changes its change counter (bytes 24-27), the rule
+            # SQLite keeps its own page cache by between transactions; the file's size counts too. A body
+            # read band by band, a transaction a band, then reads each page once
+            self._pages.want = 1
+            self._pages.held = self._pages.used = 0
+        memcpy(self._pages.seen, head, 100)
+        self._pages.seen_size = size
         self._pages.f = f
+        self._pages.live = 1
         return bytes(head[:100])
 
     def pages_end(self) -> None:
         """End the transaction of pages_begin."""
         if self._busy:
             raise SqliteError("the connection is in use by another thread (one Reader a thread)")
-        self._pages.f = NULL
-        self._pages.held = 0
+        self._pages.live = 0                # the window stays, for the next transaction to keep if the file is the same
         if self._db != NULL and not sqlite3_get_autocommit(self._db):
             if sqlite3_exec(self._db, b"COMMIT", NULL, NULL, NULL) != SQLITE_OK:
                 sqlite3_exec(self._db, b"ROLLBACK", NULL, NULL, NULL)
@@ -791,7 +881,7 @@ cdef class Reader:
             raise SqliteError("the connection is closed")
         if self._busy:
             raise SqliteError("the connection is in use by another thread (one Reader a thread)")
-        if self._pages.f == NULL or sqlite3_get_autocommit(self._db):
+        if not self._pages.live or self._pages.f == NULL or sqlite3_get_autocommit(self._db):
             raise SqliteError("no pages_begin transaction readable by page is open")
         return 0
 
