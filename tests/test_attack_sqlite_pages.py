@@ -1424,6 +1424,155 @@ def test_a_body_filled_in_bands_equals_the_body_read_at_once(tmp_path, monkeypat
             pytest.fail("no block large enough for several bands")
 
 
+def _streamed(body, runs=None) -> bytes:
+    """The bytes block_body(stream=True) gives through its Stream over `runs` (default: the whole body)."""
+    stream = body[4]
+    if runs is None:
+        runs = [(4, stream.total - 4, 0, 0)]
+    try:
+        return b"".join(bytes(v) for v in stream.slices(runs))
+    finally:
+        stream.close()
+
+
+def _stream_small(monkeypatch) -> None:
+    from tilecrate.sources import sqlite as sqlite_source
+
+    monkeypatch.setattr(sqlite_source, "BANDS_FROM", 1 << 10)
+    monkeypatch.setattr(sqlite_source, "STREAM_BAND", 4 << 10)
+    monkeypatch.setattr(sqlite_source, "STREAM_BUFFERS", 2)
+
+
+def test_a_streamed_body_equals_the_body_read_at_once(tmp_path, monkeypatch):
+    """block_body(stream=True): a large located body read band by band into two reused buffers gives, over the
+    whole body and over runs that leave tiles out (a polygon's selection), the bytes of the body read at once."""
+    from tilecrate.sources.sqlite import Stream
+
+    _stream_small(monkeypatch)
+    for name in ("fragmented", "gpkg512"):
+        path = make(tmp_path, name)
+        with open_cache(str(path)) as cache:
+            b = cache._store
+            streamed = 0
+            for z in b.levels():
+                for r0, c0 in sorted(b.blocks(z)):
+                    whole = b.block_body(z, r0, c0, "t")
+                    data = bytes(whole[1])
+                    got = b.block_body(z, r0, c0, "t", bands=True, stream=True)
+                    assert (got[2] == whole[2]).all() and (got[3] == whole[3]).all()
+                    if len(got) == 4:
+                        assert bytes(got[1]) == data
+                        continue
+                    assert isinstance(got[1], Stream) and got[4] is got[1] and len(got[1]) == len(data)
+                    streamed += 1
+                    if streamed % 2:
+                        assert _streamed(got) == data
+                        continue
+                    present = np.flatnonzero(whole[3])[::3]             # every third tile, each its own run
+                    runs = [(int(whole[2][i]), int(whole[3][i]), 0, 1) for i in present]
+                    runs.sort()
+                    assert _streamed(got, runs) == b"".join(data[o - 4:o + n] for o, n, _, _ in runs)
+            assert streamed >= 3, name
+
+
+def test_a_write_between_two_streamed_bands_fails_the_stream(tmp_path, monkeypatch):
+    """A commit by another process between two bands of a stream: the writer taking the body gets BundleError
+    ("changed"), never bytes of two versions, and the reading thread ends."""
+    _stream_small(monkeypatch)
+    path = make(tmp_path, "fragmented")
+    with open_cache(str(path)) as cache:
+        b = cache._store
+        blocks = [(z, r0, c0) for z in b.levels() for r0, c0 in sorted(b.blocks(z))]
+        for z, r0, c0 in blocks:
+            b.block_index(z, r0, c0)
+        ident = b.identity()
+        b.identity = lambda: ident              # only the header's change counter can tell
+        real = b._fill_band
+        calls = []
+
+        def fill_then_write(level, got, lo, hi, into=None, base=0):
+            real(level, got, lo, hi, into, base)
+            if into is not None and lo == 0 and hi < got[1].size and not calls:
+                calls.append(lo)
+                p = _writer(path, "UPDATE tiles SET tile_data = randomblob(length(tile_data))")
+                assert p.returncode == 0, p.stderr.decode()
+
+        b._fill_band = fill_then_write
+        for z, r0, c0 in blocks:
+            got = b.block_body(z, r0, c0, "t", bands=True, stream=True)
+            if len(got) < 5:
+                continue
+            try:
+                _streamed(got)
+            except BundleError as e:
+                assert calls == [0] and "changed" in str(e)
+                got[4].future.result(timeout=30)        # the reading thread ended
+                break
+            assert not calls, "a stream gave bytes read across a commit"
+        else:
+            pytest.fail("no block large enough for several bands")
+
+
+def test_a_stream_given_up_or_its_source_closed_ends(tmp_path, monkeypatch):
+    """A writer that takes one slice and gives up (an export failing mid-bundle): the reading thread stops at
+    its next band. Streams pending when the source closes, one never taken: each ends with its whole body,
+    right, or with a BundleError; none waits for ever, nor does close()."""
+    import threading
+
+    _stream_small(monkeypatch)
+    path = make(tmp_path, "fragmented")
+    cache = open_cache(str(path))
+    b = cache._store
+    blocks = [(z, r0, c0) for z in b.levels() for r0, c0 in sorted(b.blocks(z))]
+    whole = {blk: bytes(b.block_body(*blk, "t")[1]) for blk in blocks}
+    big = [blk for blk in blocks if len(whole[blk]) > 3 * (4 << 10)]
+    assert big
+    got = b.block_body(*big[0], "t", bands=True, stream=True)
+    first = next(got[4].slices([(4, got[4].total - 4, 0, 0)]))
+    assert bytes(first) == whole[big[0]][:len(first)]
+    got[4].close()
+    got[4].future.result(timeout=30)           # the reading ended (its take() refused) instead of waiting
+    streams = [(blk, b.block_body(*blk, "t", bands=True, stream=True)) for blk in blocks * 3]
+    assert any(len(s) == 5 for _, s in streams)
+    lone = b.block_body(*big[0], "t", bands=True, stream=True)      # never taken: its reading waits for buffers
+    closer = threading.Thread(target=cache.close)
+    closer.start()
+    outcomes = []
+    for blk, s in streams:
+        if len(s) == 5:
+            try:
+                data = _streamed(s)
+            except BundleError as e:
+                assert "\n" not in str(e)
+                outcomes.append("refused")
+                continue
+        else:
+            data = bytes(s[1])
+        assert data == whole[blk]
+        outcomes.append("read")
+    closer.join(60)
+    assert not closer.is_alive(), "close() hung"
+    assert len(outcomes) == len(streams)
+    assert lone[4].future.done()
+    with pytest.raises(BundleError, match="stopped"):
+        _streamed(lone)
+
+
+def test_exports_through_streamed_bodies_are_the_files_tiles(tmp_path, monkeypatch):
+    """.tpkx and cache-folder exports of located blocks streamed in 4 KiB bands: every tile is sqlite3's."""
+    _stream_small(monkeypatch)
+    from tilecrate.export import export
+    from tilecrate.request import ExportRequest
+
+    path = make(tmp_path, "fragmented")
+    want = {k: v[0] for k, v in sqlite_tiles(path).items() if v[0]}
+    for out, folder in ((tmp_path / "s.tpkx", False), (tmp_path / "folder", True)):
+        export(str(path), ExportRequest("0-8", tile_package=not folder), str(out))
+        with open_cache(str(out)) as cache:
+            got = {(z, r, c): bytes(d) for z, r, c, d in cache.iter_tiles()}
+        assert len(want) > 30 and got == want
+
+
 @pytest.mark.parametrize("budget", [0, 24 * 30, 24 * 100])
 def test_past_the_cells_budget_levels_read_through_sql_give_the_same_tiles(tmp_path, monkeypatch, budget):
     """Cells kept for at most CELLS_BUDGET bytes a file: the levels past it are read through SQL (sizes from the

@@ -130,6 +130,29 @@ def test_part_of_an_mbtiles_source_without_bundle_bodies(sample_v2, tmp_path):
     assert got == want and 0 < a.tiles == b.tiles == len(want) < len(_pm_tiles_all(sample_v2, tmp_path))
 
 
+def test_a_polygon_reads_only_its_tiles_of_an_mbtiles_block(sample_v2, tmp_path, monkeypatch):
+    """The open sinks ask a block for the polygon's tiles only: from an MBTiles read by page, no tile outside
+    the polygon is copied out of the file."""
+    import json
+
+    from tilecrate.sources import sqlite as sqlite_source
+
+    aoi = {"rings": [[[0, 0], [2e6, 0], [0, 2e6], [0, 0]]], "spatialReference": {"wkid": 3857}}
+    mbt = tmp_path / "src.mbtiles"
+    export(str(sample_v2), ExportRequest("0-5"), str(mbt))
+    read = []
+    real = sqlite_source.SqliteBackend._read_cells
+
+    def counted(self, level, got, into=None, at=None):
+        read.append(len(got[0]))
+        return real(self, level, got, into, at)
+
+    monkeypatch.setattr(sqlite_source.SqliteBackend, "_read_cells", counted)
+    a = export(str(mbt), ExportRequest("3-5", area_of_interest=json.dumps(aoi)), str(tmp_path / "a.pmtiles"))
+    whole = export(str(mbt), ExportRequest("3-5"), str(tmp_path / "w.pmtiles"))
+    assert sum(read) == a.tiles + whole.tiles and 0 < a.tiles < whole.tiles
+
+
 def _pm_tiles_all(src, tmp_path) -> dict:
     export(str(src), ExportRequest("3-5"), str(tmp_path / "all.pmtiles"))
     return _pm_tiles(tmp_path / "all.pmtiles")

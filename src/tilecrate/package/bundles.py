@@ -48,6 +48,7 @@ class BundlePlan:
     held: list | None = None                 # the tiles' bytes, when planned from tiles held apart (plan_tiles)
     held_at: np.ndarray | None = None        # per tile in writing order, its index in `held`
     filling: object | None = None            # `source` still being copied in, in order: wait(end) before use
+                                             # (a Filling), or read band by band into reused buffers (a Stream)
 
     def gathered(self):
         """The output .bundle's bytes as lists of buffers (the header block, then groups of about GATHER
@@ -61,9 +62,12 @@ class BundlePlan:
             yield from _groups(prefixes, self.tile_sizes, [self.held[i] for i in self.held_at.tolist()])
 
     def release(self) -> None:
-        """Drop the bytes the plan holds (a source buffer, or held tiles)."""
+        """Drop the bytes the plan holds (a source buffer, or held tiles; a stream still being read stops)."""
         self.source = b""
         self.held = None
+        close = getattr(self.filling, "close", None)
+        if close is not None:
+            close()
 
     def chunks(self):
         """The output .bundle's bytes as memoryviews, each valid until the next one is asked for.
@@ -80,6 +84,12 @@ class BundlePlan:
             return
         yield memoryview(self.aux)
         if not len(self.runs):
+            return
+        slices = getattr(self.filling, "slices", None)
+        if slices is not None:
+            # a body read band by band into a few reused buffers (SQLite pages, `sources.sqlite.Stream`): each
+            # slice once its band is in, the last after the read's final check
+            yield from slices(self.runs.tolist())
             return
         longest = int((self.runs[:, 1]).max()) + 4
         buf = bytearray(longest)

@@ -167,8 +167,9 @@ def prepare_bundle(task: BundleTask, cache: Cache, *, cancel: CancelFlag | None 
     if task.policy is None and lays_out is not None and lays_out(task.ref):
         # a body laid out as it is read: written as runs of it. A small one is read here and its CRC taken here
         # (isal, the GIL released) rather than on the writer's thread; a large one is handed on while its bands
-        # are still being copied in, the writer taking each band (and its CRC) once it is in
-        data, filling = cache.open_body(task.ref)
+        # are still being read, the writer taking each band (and its CRC) once it is in: streamed through a
+        # few reused buffers, unless its CRC is needed before it is written (then laid out whole)
+        data, filling = cache.open_body(task.ref, stream=not needs_crc)
         try:
             plan = plan_bundle(data, mask, task.version, label, cache)
             _check_count(plan, task, label)

@@ -113,7 +113,7 @@ def bundle_tiles(cache: Cache, plan: ExportPlan, bsel: BundleSelection,
     listed = getattr(cache, "open_tiles", None)
     if listed is not None and plan.policy is None:
         # a source of separate tiles (MBTiles, GeoPackage, PMTiles, folders): its tiles as read, no body
-        tiles = _selected(cache.bundle_label(ref), *listed(ref), idx, bsel.tiles)
+        tiles = _selected(cache.bundle_label(ref), *listed(ref, wanted=idx), idx, bsel.tiles)
         rows = ref.row0 + idx // PACKET
         cols = ref.col0 + idx % PACKET
         return rows.astype(np.int64), cols.astype(np.int64), tiles, []

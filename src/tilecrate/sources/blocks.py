@@ -269,12 +269,14 @@ class BlockCache(Cache):
                 self._index_cache.popitem(last=False)
         return BundleData(ref, buf, offsets, sizes, None, None)
 
-    def open_body(self, ref: BundleRef) -> tuple[BundleData, object | None]:
+    def open_body(self, ref: BundleRef, stream: bool = False) -> tuple[BundleData, object | None]:
         """(the block as open_bundle gives it, a `Filling` or None) from a backend that lays it out as it reads
         (see lays_out): a large body comes back while its bytes are still being copied in, band after band;
-        wait on the Filling before using a byte."""
+        wait on the Filling before using a byte. With `stream`, a large body is a Stream instead (its buffer
+        and its filling): read into a few reused buffers and taken once, in order (BundlePlan.chunks)."""
         self._check_ref(ref)
-        got = self._store.block_body(ref.level, ref.row0, ref.col0, self.bundle_label(ref), bands=True)
+        got = self._store.block_body(ref.level, ref.row0, ref.col0, self.bundle_label(ref), bands=True,
+                                     stream=stream)
         key, buf, offsets, sizes = got[:4]
         with self._lock:
             self._index_cache[ref] = (key, offsets, sizes, None)
@@ -288,13 +290,16 @@ class BlockCache(Cache):
         lays_out = getattr(self._store, "lays_out", None)
         return lays_out is not None and lays_out(ref.level, ref.row0, ref.col0)
 
-    def open_tiles(self, ref: BundleRef, expect: tuple | None = None) -> tuple[np.ndarray, list]:
+    def open_tiles(self, ref: BundleRef, expect: tuple | None = None,
+                   wanted: np.ndarray | None = None) -> tuple[np.ndarray, list]:
         """(ascending block indices, their tiles' bytes) of a block as it is now, without laying out a
-        bundle body (the open sinks write tiles one by one: a body would be one more copy of every byte)."""
+        bundle body (the open sinks write tiles one by one: a body would be one more copy of every byte).
+        With `wanted` (block indices), a block that lays_out reads only those tiles; others may give more."""
         self._check_ref(ref)
         listed = getattr(self._store, "block_list", None)
         if listed is not None:
-            key, idx, tiles = listed(ref.level, ref.row0, ref.col0)
+            key, idx, tiles = listed(ref.level, ref.row0, ref.col0, wanted) if wanted is not None \
+                else listed(ref.level, ref.row0, ref.col0)
         else:
             key, found = self._store.block_tiles(ref.level, ref.row0, ref.col0)
             order = sorted(i for i, t in found.items() if t)

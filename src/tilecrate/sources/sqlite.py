@@ -13,6 +13,8 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+import weakref
+from collections import deque
 
 import numpy as np
 
@@ -85,6 +87,7 @@ class SqliteBackend:
         self._pool = None               # the helper thread of _read_block, started on first use
         self._prefetch = None           # the thread of prefetch_scans, started on first use
         self._claims: dict[int, threading.Event] = {}   # level -> set when the scan under way ends
+        self._streams: weakref.WeakSet = weakref.WeakSet()   # block_body's Streams (close() ends them)
         self._closed = False
 
     # -- connections ---------------------------------------------------------------------------
@@ -193,6 +196,9 @@ class SqliteBackend:
             conns, self._conns = self._conns, []
             pools = [self._pool, self._prefetch]
             self._pool = self._prefetch = None
+            streams = list(self._streams)
+        for body in streams:        # a stream's reading waits for its writer: stopped, so the pool's thread ends
+            body.close()
         for pool in pools:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -550,13 +556,19 @@ class SqliteBackend:
             raise BundleError(f"{self.label}: the file changed while it was being read; retry the request")
         return ident, sizes
 
-    def _read_block(self, level: int, row0: int, col0: int) -> tuple[tuple, np.ndarray, list]:
+    def _read_block(self, level: int, row0: int, col0: int,
+                    wanted: np.ndarray | None = None) -> tuple[tuple, np.ndarray, list]:
         """(identity, ascending unique block indices, their tiles' bytes: memoryviews of the compiled reader's
-        buffers) from one range query, or two at once (a left and a right half) for a large block."""
+        buffers) from one range query, or two at once (a left and a right half) for a large block. With
+        `wanted` (block indices), a block whose rows were located in the table's pages reads only those
+        tiles (others: the whole block, as without)."""
         ident = self.identity()
         with self._lock:
             scan = self._scans.get(level)
         got = scan[1].get((row0, col0)) if scan is not None and scan[0] == ident and scan[1] is not None else None
+        if got is not None and got[2] is not None and wanted is not None:
+            keep = np.isin(got[0], np.asarray(wanted, dtype=np.int64))
+            got = (got[0][keep], got[1][keep], got[2][keep], got[3])
         if got is None:
             parts = [self._read_cols(level, row0, col0, None, 0)]
         elif got[2] is not None:
@@ -639,15 +651,19 @@ class SqliteBackend:
         ident, idx, tiles = self._read_block(level, row0, col0)
         return ident, dict(zip(idx.tolist(), tiles))
 
-    def block_list(self, level: int, row0: int, col0: int) -> tuple[tuple, np.ndarray, list]:
-        """(identity, ascending unique block indices, their tiles' bytes) of a block, from one query."""
-        return self._read_block(level, row0, col0)
+    def block_list(self, level: int, row0: int, col0: int,
+                   wanted: np.ndarray | None = None) -> tuple[tuple, np.ndarray, list]:
+        """(identity, ascending unique block indices, their tiles' bytes) of a block, from one query (only the
+        `wanted` indices' when lays_out says the block is read from the table's pages)."""
+        return self._read_block(level, row0, col0, wanted)
 
-    def block_body(self, level: int, row0: int, col0: int, label: str, bands: bool = False):
+    def block_body(self, level: int, row0: int, col0: int, label: str, bands: bool = False, stream: bool = False):
         """(identity, buffer, offsets, sizes) of a block laid out as a V2 bundle body: copied into place from
         the table's pages when its scan located them (see lays_out), else read with one query and laid out.
         With `bands`, a large located body is returned with a fifth item, a `Filling`: its bytes are copied
-        in band after band, in order, on the helper thread while the caller writes those already in."""
+        in band after band, in order, on the helper thread while the caller writes those already in. With
+        `stream` as well, the buffer and the fifth item are one `Stream`: the bands are read into a few
+        reused buffers and the body is taken once, in order, through Stream.slices."""
         ident = self.identity()
         got = self._located(level, row0, col0, ident)
         if got is None:
@@ -658,9 +674,15 @@ class SqliteBackend:
         sel = order[sizes[order] > 0]
         lens = sizes[sel].astype(np.int64)
         at, offsets, out_sizes, total = v2_index(idx[sel].astype(np.int64), lens, label)
+        helper = self._helper() if bands and total > BANDS_FROM else None
+        if helper is not None and stream:
+            body = Stream(total)
+            with self._lock:
+                self._streams.add(body)
+            body.future = helper.submit(self._stream, level, ident, (idx, sel, lens, cells, header, None, at), body)
+            return ident, body, offsets, out_sizes, body
         buf = new_buffer(total)
         got = (idx, sel, lens, cells, header, buf, at)
-        helper = self._helper() if bands and total > BANDS_FROM else None
         if helper is not None:
             filling = Filling(total)
             filling.future = helper.submit(self._fill, level, ident, got, filling)
@@ -670,13 +692,36 @@ class SqliteBackend:
             raise BundleError(f"{self.label}: the file changed while it was being read; retry the request")
         return ident, memoryview(buf), offsets, out_sizes
 
-    def _fill_band(self, level: int, got: tuple, lo: int, hi: int) -> None:
-        """Copy the body's tiles lo..hi (in body order) into place, in page order (each leaf page read once)."""
+    def _fill_band(self, level: int, got: tuple, lo: int, hi: int, into=None, base: int = 0) -> None:
+        """Copy the body's tiles lo..hi (in body order) into place, in page order (each leaf page read once):
+        into the body's buffer, or into `into` holding the body from byte `base` on."""
         idx, sel, lens, cells, header, buf, at = got
         part = sel[lo:hi]
         by_page = np.argsort(part, kind="stable") + lo      # the scan's order of a block is its pages' order
         rows = sel[by_page]
-        self._read_cells(level, (idx[rows], lens[by_page], cells[rows], header), buf, at[by_page])
+        self._read_cells(level, (idx[rows], lens[by_page], cells[rows], header), buf if into is None else into,
+                         at[by_page] - base)
+
+    def _stream(self, level: int, ident: tuple, got: tuple, body: "Stream") -> None:
+        """block_body's stream, on the helper thread: bands of about STREAM_BAND bytes (whole tiles) read in
+        order into the Stream's buffers; the end after the file's identity is checked."""
+        lens, at = got[2], got[6]
+        try:
+            ends = at + lens
+            lo = 0
+            while lo < lens.size:
+                start = int(at[lo]) - 4
+                hi = max(lo + 1, int(np.searchsorted(ends, start + STREAM_BAND, side="right")))
+                end = int(ends[hi - 1])
+                buf = body.take(end - start)
+                self._fill_band(level, got, lo, hi, buf, start)
+                body.put(start, end, buf)
+                lo = hi
+            if self.identity() != ident:
+                raise BundleError(f"{self.label}: the file changed while it was being read; retry the request")
+            body.finish()
+        except BaseException as e:
+            body.fail(e)
 
     def _fill(self, level: int, ident: tuple, got: tuple, filling: "Filling") -> None:
         """block_body's bands, on the helper thread: each band's bytes announced once in; the last after the
@@ -789,6 +834,8 @@ _SPARSE = object()      # _locate_level: more than SCAN_LIMIT tiles
 BANDS_FROM = 2 << 20    # block_body(bands=True): bodies larger than this are filled band by band...
 BAND_FIRST = 256 << 10  # ...the first band this large (the writer starts early), each next one twice as large...
 BAND_MOST = 2 << 20     # ...up to this
+STREAM_BAND = 2 << 20       # block_body(stream=True): bands of about this many bytes...
+STREAM_BUFFERS = 3          # ...read into this many reused buffers (a band each: fewer, larger bands cost fewer hand-overs)
 
 
 class Filling:
@@ -823,6 +870,118 @@ class Filling:
                 self._cond.wait(0.5)
             if self._error is not None:
                 raise self._error
+
+
+class Stream:
+    """A body read band by band, in order, on another thread into a few reused buffers (STREAM_BUFFERS of
+    STREAM_BAND bytes, a band of one larger tile its own): the writer takes each band's bytes while the
+    next is read, so no buffer the size of the body is filled and then read back (for a 15 MB block that
+    round trip through memory cost more than the copy). Taken once: `slices`, then `close`."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.future = None              # the reading task: cancelled unstarted when the source is closed
+        self._cond = threading.Condition()
+        self._bands: deque = deque()    # (start, end, buffer) read, in body order
+        self._free: list = []           # STREAM_BAND buffers to reuse
+        self._out = 0                   # buffers read into and not yet given back
+        self._done = False
+        self._error: BaseException | None = None
+        self._closed = False
+
+    def __len__(self) -> int:
+        return self.total
+
+    # -- the reading side
+
+    def take(self, size: int):
+        """A buffer for a band of `size` bytes, once fewer than STREAM_BUFFERS are out; BundleError once closed."""
+        with self._cond:
+            while self._out >= STREAM_BUFFERS and not self._closed:
+                self._cond.wait(0.5)
+            if self._closed:
+                raise self._error or BundleError("the block's reading was stopped")
+            self._out += 1
+            buf = self._free.pop() if size <= STREAM_BAND and self._free else None
+        return buf if buf is not None else new_buffer(max(size, STREAM_BAND))
+
+    def put(self, start: int, end: int, buf) -> None:
+        """Bytes [start, end) of the body are in `buf`."""
+        with self._cond:
+            self._bands.append((start, end, buf))
+            self._cond.notify_all()
+
+    def finish(self) -> None:
+        """Every band is in and the file was the same throughout."""
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        """The reading stopped with `error`: the writer gets it (the first error, if close() came first)."""
+        with self._cond:
+            if self._error is None:
+                self._error = error
+            self._cond.notify_all()
+
+    # -- the writing side
+
+    def slices(self, runs: list):
+        """Memoryviews of the body's bytes over `runs` ((offset of the first tile, bytes, ...) in body order,
+        each tile after its 4-byte prefix), each valid until the next is asked for; the last once the
+        reading ended well."""
+        band = None
+        for off, length, *_ in runs:
+            at, end = off - 4, off + length
+            while at < end:
+                if band is None or at >= band[1]:
+                    band = self._next(at, band)
+                upto = min(end, band[1])
+                yield memoryview(band[2])[at - band[0]:upto - band[0]]
+                at = upto
+        self._next(self.total, band)
+
+    def _next(self, at: int, done) -> tuple | None:
+        """The band holding byte `at` (None for the body's end, after the reading ended well), giving back
+        `done` and the bands before `at` (tiles the plan leaves out)."""
+        with self._cond:
+            if done is not None:
+                self._give(done)
+            while True:
+                if self._error is not None:
+                    raise self._error
+                while self._bands and self._bands[0][1] <= at:
+                    self._give(self._bands.popleft())
+                if self._bands and at < self.total:
+                    band = self._bands.popleft()
+                    if band[0] > at:                # bands cover the body back to back: never a gap
+                        raise BundleError(f"the block's body has no bytes at {at}")
+                    return band
+                if self._done and (at >= self.total or not self._bands):
+                    if at < self.total:
+                        raise BundleError("the block's body ended early")      # the bands' contract broken
+                    return None
+                if self.future is not None and self.future.cancelled():
+                    raise BundleError("the source was closed before the block was read; retry the request")
+                self._cond.wait(0.5)
+
+    def _give(self, band: tuple) -> None:
+        self._out -= 1
+        if len(band[2]) == STREAM_BAND:
+            self._free.append(band[2])
+        self._cond.notify_all()
+
+    def close(self) -> None:
+        """The writer is done or gave up, or the source is closing: the reading stops at its next band, the
+        buffers go, and a writer still taking the body gets a BundleError."""
+        with self._cond:
+            self._closed = True
+            if self._error is None and not self._done:
+                self._error = BundleError("the block's reading was stopped (the source closed or the export "
+                                          "gave it up); retry the request")
+            self._bands.clear()
+            self._free.clear()
+            self._cond.notify_all()
 
 
 def _table_layout(c: sqlite3.Connection, table: str) -> tuple | None:
