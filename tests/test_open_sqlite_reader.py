@@ -403,3 +403,38 @@ def test_freed_large_buffers_are_kept_for_reuse_within_a_bound():
     small = new_buffer(1000)                                # malloc'd: never pooled
     del small
     assert pooled_bytes() == kept
+
+
+def test_the_page_layout_is_worked_out_once_and_not_on_the_prefetch_thread(tmp_path, monkeypatch):
+    """prefetch_scans works the table's page layout out on the calling thread's connection before its thread
+    starts (which then opens no Python connection), and threads asking at once work it out once."""
+    from tilecrate.sources import sqlite as sqlite_source
+    from tilecrate.sources.sqlite import open_sqlite
+
+    monkeypatch.setattr(sqlite_source, "spare_core", lambda: True)
+    rng = np.random.default_rng(8)
+    p = tmp_path / "l.mbtiles"
+    with sqlite3.connect(p) as db:
+        db.execute("CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB)")
+        db.execute("CREATE UNIQUE INDEX t ON tiles (zoom_level, tile_column, tile_row)")
+        db.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?)",
+                       [(z, x, y, rng.bytes(300)) for z in range(4) for x in range(1 << z) for y in range(1 << z)])
+    worked, opened = [], []
+    real_layout, real_connect = sqlite_source._table_layout, sqlite_source.connect
+    monkeypatch.setattr(sqlite_source, "_table_layout", lambda c, t: worked.append(1) or real_layout(c, t))
+    monkeypatch.setattr(sqlite_source, "connect",
+                        lambda *a: opened.append(threading.current_thread().name) or real_connect(*a))
+    with open_sqlite(str(p)) as cache:
+        b = cache._store
+        b.prefetch_scans([0, 1, 2, 3])
+        assert len(worked) == 1
+        for z in range(4):
+            assert b.blocks(z) == {(0, 0)}
+        assert not [name for name in opened if name.startswith("tilecrate-scan")], opened
+        b._layout = None
+        threads = [threading.Thread(target=b._page_layout, args=(b.identity(),)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(worked) == 2
