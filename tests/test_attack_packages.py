@@ -155,13 +155,18 @@ def test_preallocate_reserves_or_declines_and_a_full_disk_is_an_error(sample_v2,
     finally:
         os.close(r)
         os.close(w)
-    for reserve in (1 << 20, 10):
-        z = tmp_path / f"z{reserve}.zip"
-        with open(z, "wb") as f:
-            writer = zipstream.ZipWriter(f, reserve=reserve)
+    for reserve, mode, before in ((1 << 20, "wb", b""), (10, "wb", b""), (1 << 20, "ab", b"P" * 1000),
+                                  (1 << 20, "r+b", b"Q" * 1000)):
+        z = tmp_path / f"z{reserve}{mode}.zip"
+        z.write_bytes(before)
+        with open(z, mode) as f:
+            f.seek(len(before))
+            writer = zipstream.ZipWriter(f, reserve=reserve)     # appending: nothing reserved past the end
             writer.add_bytes("a.txt", b"x" * 1000)
             size = writer.close()
-        assert z.stat().st_size == size
+            writer.close()
+        assert z.stat().st_size == len(before) + size
+        assert z.read_bytes()[:len(before)] == before
         assert zipfile.ZipFile(z).read("a.txt") == b"x" * 1000
 
     def full(fd, size):
@@ -173,6 +178,10 @@ def test_preallocate_reserves_or_declines_and_a_full_disk_is_an_error(sample_v2,
     with pytest.raises(ExportError, match="disk is full"):
         export(sample_v2, ExportRequest(levels="0-3"), str(out / "full.tpkx"))
     assert os.listdir(out) == []
+    # the removed temp file is not held open by the failed writer (its blocks would stay taken)
+    held = [os.readlink(f"/proc/self/fd/{n}") for n in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{n}")]
+    assert not [h for h in held if str(out) in h], held
 
 
 def test_write_all_on_a_full_disk_and_past_iov_max(tmp_path):

@@ -1558,6 +1558,29 @@ def test_a_stream_given_up_or_its_source_closed_ends(tmp_path, monkeypatch):
         _streamed(lone)
 
 
+def test_a_stream_nobody_takes_ends_after_its_stall_limit(tmp_path, monkeypatch):
+    """A stream dropped without a close (a path that forgot it): its reading gives up after STREAM_STALL seconds
+    without a band taken, freeing the source's helper thread; a late writer gets that error, not a wait."""
+    from tilecrate.sources import sqlite as sqlite_source
+
+    _stream_small(monkeypatch)
+    monkeypatch.setattr(sqlite_source, "STREAM_BUFFERS", 1)
+    monkeypatch.setattr(sqlite_source, "STREAM_STALL", 0.5)
+    path = make(tmp_path, "fragmented")
+    with open_cache(str(path)) as cache:
+        b = cache._store
+        blocks = [(z, r0, c0) for z in b.levels() for r0, c0 in sorted(b.blocks(z))]
+        whole = {blk: b.block_body(*blk, "t") for blk in blocks}
+        blk = max(blocks, key=lambda k: np.count_nonzero(whole[k][3]))
+        body = b.block_body(*blk, "t", bands=True, stream=True)
+        assert len(body) == 5
+        body[4].future.result(timeout=30)       # ended by itself
+        with pytest.raises(BundleError, match="took nothing"):
+            _streamed(body)
+        after = b.block_body(*blk, "t", bands=True, stream=True)       # the helper thread is free again
+        assert _streamed(after) == bytes(whole[blk][1])
+
+
 def test_exports_through_streamed_bodies_are_the_files_tiles(tmp_path, monkeypatch):
     """.tpkx and cache-folder exports of located blocks streamed in 4 KiB bands: every tile is sqlite3's."""
     _stream_small(monkeypatch)
@@ -1571,6 +1594,92 @@ def test_exports_through_streamed_bodies_are_the_files_tiles(tmp_path, monkeypat
         with open_cache(str(out)) as cache:
             got = {(z, r, c): bytes(d) for z, r, c, d in cache.iter_tiles()}
         assert len(want) > 30 and got == want
+
+
+@pytest.mark.parametrize("failure", ["cancel", "prepare"])
+def test_an_export_failing_mid_stream_leaves_the_open_source_usable(tmp_path, monkeypatch, failure):
+    """A long-lived open source (a server's service, a worker's cache): an export cancelled as the writer takes a
+    streamed bundle, or whose bundle planning fails after its stream started, stops that stream (its
+    reading waits for a writer that will not come, on the source's one helper thread); the next export of
+    the same open source runs and gives sqlite3's tiles instead of waiting behind it for ever."""
+    import threading
+
+    from tilecrate.errors import TilecrateError
+    from tilecrate.export import export
+    from tilecrate.request import ExportRequest
+    from tilecrate.runners import inprocess, tasks
+    from tilecrate.sources.sqlite import Stream
+
+    from tilecrate.sources import sqlite as sqlite_source
+
+    def small_streams():
+        _stream_small(monkeypatch)
+        monkeypatch.setattr(sqlite_source, "STREAM_BUFFERS", 1)     # a body of two bands waits for its writer
+
+    def several_bands(plan) -> bool:
+        """Whether the plan's body is a Stream read in two bands or more (its reading then waits for the writer)."""
+        if not isinstance(plan.source, Stream):
+            return False
+        bands, room = 0, 0
+        for n in (plan.tile_sizes.astype(np.int64) + 4).tolist():     # _stream's bands: whole tiles, at least one
+            if n > room:
+                bands, room = bands + 1, sqlite_source.STREAM_BAND
+            room -= n
+        return bands >= 2
+
+    small_streams()
+    path = make(tmp_path, "fragmented")
+    want = {k: v[0] for k, v in sqlite_tiles(path).items() if v[0]}
+    cache = open_cache(str(path))
+    try:
+        cancel = threading.Event()
+        streams = []
+        if failure == "cancel":
+            real = inprocess._wait
+
+            def taken_then_cancelled(fut, flag):
+                prep = real(fut, flag)
+                if prep is not None and several_bands(prep.plan):
+                    streams.append(prep.plan.filling)
+                    cancel.set()        # the writer has taken this bundle: the cancel is seen before its write
+                return prep
+
+            monkeypatch.setattr(inprocess, "_wait", taken_then_cancelled)
+        else:
+            real = tasks._check_count
+
+            def check(plan, task, label):
+                if several_bands(plan):
+                    streams.append(plan.source)
+                    raise BundleError(f"{label}: holds fewer of the selected tiles now; the source changed")
+                real(plan, task, label)
+
+            monkeypatch.setattr(tasks, "_check_count", check)
+        with pytest.raises(TilecrateError):
+            export(cache, ExportRequest("0-8"), str(tmp_path / "a.tpkx"), cancel=cancel, threads=1)
+        monkeypatch.undo()
+        small_streams()
+        assert streams
+        done = {}
+
+        def again():
+            try:
+                done["result"] = export(cache, ExportRequest("0-8"), str(tmp_path / "b.tpkx"), threads=1)
+            except BaseException as e:          # reported below
+                done["result"] = e
+
+        t = threading.Thread(target=again, daemon=True)
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), "the next export of the same open source hung"
+        assert not isinstance(done["result"], BaseException), done["result"]
+        for s in streams:
+            s.future.result(timeout=30)          # each dropped stream's reading ended
+    finally:
+        cache.close()
+    with open_cache(str(tmp_path / "b.tpkx")) as out:
+        got = {(z, r, c): bytes(d) for z, r, c, d in out.iter_tiles()}
+    assert got == want
 
 
 @pytest.mark.parametrize("budget", [0, 24 * 30, 24 * 100])

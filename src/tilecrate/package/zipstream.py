@@ -13,6 +13,7 @@ is kept. ArcGIS Runtime refuses compressed packages, which is why nothing is eve
 """
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import struct
@@ -103,8 +104,11 @@ class ZipWriter:
             except (AttributeError, OSError, ValueError):
                 self._fd = None
             # the zip's predicted size, given its disk blocks at once (a full disk fails here, before a
-            # byte is written); close() cuts the file where the zip ends
-            self._reserved = self._fd is not None and reserve > 0 and preallocate(self._fd, self._start + reserve)
+            # byte is written); close() cuts the file where the zip ends. Not for an output opened to append:
+            # its writes would land after the reserved bytes
+            self._reserved = (self._fd is not None and reserve > 0
+                              and not fcntl.fcntl(self._fd, fcntl.F_GETFL) & os.O_APPEND
+                              and preallocate(self._fd, self._start + reserve))
             copy_method = copy_method or kcopy.COPY_METHOD
             if copy_method not in WRITE_MODES:
                 raise ValueError(f"unknown copy method {copy_method!r} (one of {', '.join(WRITE_MODES)})")

@@ -51,7 +51,11 @@ def write_plan(plan: ExportPlan, cache: Cache, tmp: str, *,
     bytes_total, _ = plan.predicted()
     if layout.is_package:
         f = open(tmp, "wb", buffering=1 << 16)     # larger writes bypass the buffer: no extra copy
-        sink = ZipSink(ZipWriter(f, zip64_limit=plan.zip64_limit, reserve=bytes_total))
+        try:
+            sink = ZipSink(ZipWriter(f, zip64_limit=plan.zip64_limit, reserve=bytes_total))
+        except BaseException:
+            f.close()           # a disk without room for the package: the descriptor holds no blocks past the error
+            raise
     else:
         f = None
         sink = FolderSink(tmp)
@@ -92,6 +96,7 @@ def write_plan(plan: ExportPlan, cache: Cache, tmp: str, *,
     # (a thread not scheduled on a loaded machine) takes the writer's own read-ahead path instead
     scan_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilecrate-prescan") if prescan else None
     scans: dict[int, object] = {}
+    popped = None           # the bundle taken from `pending` last: released on an error as those still in it
 
     def prepare(task) -> Prepared | None:
         if cancel is not None and cancel.is_set():
@@ -137,6 +142,7 @@ def write_plan(plan: ExportPlan, cache: Cache, tmp: str, *,
                 if not pending:
                     break
                 kind, name, fut = pending.popleft()
+                popped = fut
                 check_cancel(cancel)
                 if kind == "dir":
                     sink.add_dir(name)
@@ -174,7 +180,8 @@ def write_plan(plan: ExportPlan, cache: Cache, tmp: str, *,
         pool.shutdown(wait=False, cancel_futures=True)
         if scan_pool is not None:
             scan_pool.shutdown(wait=False, cancel_futures=True)
-        for _, _, fut in pending:
+        # (released twice at worst: Prepared.release may be; a stream still being read stops)
+        for fut in [popped, *(fut for _, _, fut in pending)]:
             if fut is not None:
                 fut.add_done_callback(_release_result)
         if thumb is not None:

@@ -178,6 +178,9 @@ def prepare_bundle(task: BundleTask, cache: Cache, *, cancel: CancelFlag | None 
                 plan.compute_crc()
         except BaseException:
             data.close()
+            close = getattr(filling, "close", None)
+            if close is not None:
+                close()             # a stream's reading waits for its writer: stopped here, none will come
             raise
         return Prepared(task, plan, data, [])
     if task.policy is None and listed is not None:

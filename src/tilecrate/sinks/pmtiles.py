@@ -199,9 +199,9 @@ def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
             # disk blocks for the most the data can take (the selected tiles, none deduplicated), given at once:
             # the writes then skip ext4's delayed allocation; cut to the archive's size at the end. Only a
             # hint: on a disk with less room than that, the archive is written without it
-            reserved = preallocate(fd, data_off + plan.selection.tile_bytes)
+            preallocate(fd, data_off + plan.selection.tile_bytes)
         except OSError:
-            reserved = False
+            pass
         os.lseek(fd, data_off, os.SEEK_SET)
         dedup = Dedup(fd, HOT_BYTES, data_off)
         for bsel in _bundle_order(plan, zooms):
@@ -242,8 +242,7 @@ def write_pmtiles(plan: ExportPlan, cache: Cache, tmp: str, meta: SourceMeta, *,
                       center=(exported[0], (w + e) / 2, (s + n) / 2))
         os.lseek(fd, meta_off, os.SEEK_SET)
         write_all(fd, [metadata, leaves])
-        if reserved:
-            os.ftruncate(fd, leaf_off + len(leaves))
+        os.ftruncate(fd, leaf_off + len(leaves))        # the archive ends here, whatever was reserved
         # the room between the root and the data is never written: zeros
         _pwrite_all(fd, head + root, 0)
     finally:

@@ -692,9 +692,14 @@ class SqliteBackend:
         if helper is not None and stream:
             body = Stream(total)
             with self._lock:
-                self._streams.add(body)
-            body.future = helper.submit(self._stream, level, ident, (idx, sel, lens, cells, header, None, at), body)
-            return ident, body, offsets, out_sizes, body
+                # under the lock close() takes its list of streams by: each is in it, or sees the source closed
+                if not self._closed:
+                    self._streams.add(body)
+                    body.future = helper.submit(self._stream, level, ident, (idx, sel, lens, cells, header, None, at),
+                                                body)
+            if body.future is not None:
+                return ident, body, offsets, out_sizes, body
+            helper = None
         buf = new_buffer(total)
         got = (idx, sel, lens, cells, header, buf, at)
         if helper is not None:
@@ -850,6 +855,7 @@ BAND_FIRST = 256 << 10  # ...the first band this large (the writer starts early)
 BAND_MOST = 2 << 20     # ...up to this
 STREAM_BAND = 2 << 20       # block_body(stream=True): bands of about this many bytes...
 STREAM_BUFFERS = 3          # ...read into this many reused buffers (a band each: fewer, larger bands cost fewer hand-overs)
+STREAM_STALL = 300.0        # a stream's side waiting this long for the other gives up (BundleError)
 
 
 class Filling:
@@ -909,9 +915,18 @@ class Stream:
     # -- the reading side
 
     def take(self, size: int):
-        """A buffer for a band of `size` bytes, once fewer than STREAM_BUFFERS are out; BundleError once closed."""
+        """A buffer for a band of `size` bytes, once fewer than STREAM_BUFFERS are out; BundleError once closed,
+        or when the writer took no band for STREAM_STALL seconds (then it never will: its export failed and
+        the stream was dropped unclosed; the source's one helper thread must not wait for it for ever)."""
         with self._cond:
+            since = time.monotonic()
             while self._out >= STREAM_BUFFERS and not self._closed:
+                if time.monotonic() - since > STREAM_STALL:
+                    self._closed = True
+                    if self._error is None:
+                        self._error = BundleError(f"the block's writer took nothing for {STREAM_STALL:g} s; "
+                                                  "its reading was stopped")
+                    break
                 self._cond.wait(0.5)
             if self._closed:
                 raise self._error or BundleError("the block's reading was stopped")
@@ -957,11 +972,17 @@ class Stream:
 
     def _next(self, at: int, done) -> tuple | None:
         """The band holding byte `at` (None for the body's end, after the reading ended well), giving back
-        `done` and the bands before `at` (tiles the plan leaves out)."""
+        `done` and the bands before `at` (tiles the plan leaves out); BundleError when the reading gave
+        nothing for STREAM_STALL seconds (its thread held up: no wait is for ever)."""
         with self._cond:
             if done is not None:
                 self._give(done)
+            since = time.monotonic()
             while True:
+                if time.monotonic() - since > STREAM_STALL and self._error is None:
+                    self._error = BundleError(f"the block's reading gave nothing for {STREAM_STALL:g} s; retry "
+                                              "the request")
+                    self._closed = True
                 if self._error is not None:
                     raise self._error
                 while self._bands and self._bands[0][1] <= at:
