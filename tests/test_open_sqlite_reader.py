@@ -24,6 +24,15 @@ def _db(path, rows, wal=False) -> str:
     return str(path)
 
 
+def _mbtiles(path, rows):
+    """An MBTiles `tiles` table (with its unique index) of (zoom, column, row, data) rows."""
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB)")
+        db.execute("CREATE UNIQUE INDEX t ON tiles (zoom_level, tile_column, tile_row)")
+        db.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?)", rows)
+    return path
+
+
 def _python_rows(path, sql, args):
     with sqlite3.connect(path) as db:
         return db.execute(sql, args).fetchall()
@@ -357,12 +366,7 @@ def test_a_closed_source_starts_no_thread(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sqlite_source, "BANDS_FROM", 16)
     rng = np.random.default_rng(3)
-    p = tmp_path / "c.mbtiles"
-    with sqlite3.connect(p) as db:
-        db.execute("CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB)")
-        db.execute("CREATE UNIQUE INDEX t ON tiles (zoom_level, tile_column, tile_row)")
-        db.executemany("INSERT INTO tiles VALUES (4, ?, ?, ?)",
-                       [(x, y, rng.bytes(500 + x * y)) for x in range(16) for y in range(16)])
+    p = _mbtiles(tmp_path / "c.mbtiles", [(4, x, y, rng.bytes(500 + x * y)) for x in range(16) for y in range(16)])
     cache = open_sqlite(str(p))
     b = cache._store
     b.block_index(4, 0, 0)
@@ -413,12 +417,8 @@ def test_the_page_layout_is_worked_out_once_and_not_on_the_prefetch_thread(tmp_p
 
     monkeypatch.setattr(sqlite_source, "spare_core", lambda: True)
     rng = np.random.default_rng(8)
-    p = tmp_path / "l.mbtiles"
-    with sqlite3.connect(p) as db:
-        db.execute("CREATE TABLE tiles (zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB)")
-        db.execute("CREATE UNIQUE INDEX t ON tiles (zoom_level, tile_column, tile_row)")
-        db.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?)",
-                       [(z, x, y, rng.bytes(300)) for z in range(4) for x in range(1 << z) for y in range(1 << z)])
+    p = _mbtiles(tmp_path / "l.mbtiles",
+                 [(z, x, y, rng.bytes(300)) for z in range(4) for x in range(1 << z) for y in range(1 << z)])
     worked, opened = [], []
     real_layout, real_connect = sqlite_source._table_layout, sqlite_source.connect
     monkeypatch.setattr(sqlite_source, "_table_layout", lambda c, t: worked.append(1) or real_layout(c, t))
