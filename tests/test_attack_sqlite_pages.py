@@ -1581,6 +1581,32 @@ def test_a_stream_nobody_takes_ends_after_its_stall_limit(tmp_path, monkeypatch)
         assert _streamed(after) == bytes(whole[blk][1])
 
 
+def test_a_stalled_writer_holds_up_only_its_own_stream(tmp_path, monkeypatch):
+    """A stream whose writer takes nothing (stalled on its output) keeps its own thread only: another stream of
+    the same source, and a body laid out whole on the helper thread, are read meanwhile."""
+    from tilecrate.sources import sqlite as sqlite_source
+
+    _stream_small(monkeypatch)
+    monkeypatch.setattr(sqlite_source, "STREAM_BUFFERS", 1)
+    monkeypatch.setattr(sqlite_source, "BAND_FIRST", 1 << 10)
+    path = make(tmp_path, "fragmented")
+    with open_cache(str(path)) as cache:
+        b = cache._store
+        blocks = [(z, r0, c0) for z in b.levels() for r0, c0 in sorted(b.blocks(z))]
+        whole = {blk: bytes(b.block_body(*blk, "t")[1]) for blk in blocks}
+        blk = max(blocks, key=lambda k: len(whole[k]))
+        stalled = b.block_body(*blk, "t", bands=True, stream=True)
+        assert len(stalled) == 5
+        t0 = time.monotonic()
+        other = b.block_body(*blk, "t", bands=True, stream=True)
+        assert _streamed(other) == whole[blk]
+        filled = b.block_body(*blk, "t", bands=True)            # laid out whole on the helper thread
+        filled[4].wait(filled[4].total)
+        assert bytes(filled[1]) == whole[blk]
+        assert time.monotonic() - t0 < 30 and not stalled[4].future.done()
+        stalled[4].close()
+
+
 def test_exports_through_streamed_bodies_are_the_files_tiles(tmp_path, monkeypatch):
     """.tpkx and cache-folder exports of located blocks streamed in 4 KiB bands: every tile is sqlite3's."""
     _stream_small(monkeypatch)

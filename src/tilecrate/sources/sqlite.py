@@ -86,6 +86,7 @@ class SqliteBackend:
         self._scans: dict[int, tuple] = {}      # level -> (identity, {block: (indices, sizes, cells, header)} or None)
         self._lock = threading.Lock()
         self._pool = None               # the helper thread of _read_block, started on first use
+        self._streamers = None          # the threads reading streamed bodies (see block_body), started on first use
         self._prefetch = None           # the thread of prefetch_scans, started on first use
         self._claims: dict[int, threading.Event] = {}   # level -> set when the scan under way ends
         self._streams: weakref.WeakSet = weakref.WeakSet()   # block_body's Streams (close() ends them)
@@ -195,8 +196,8 @@ class SqliteBackend:
         with self._lock:
             self._closed = True
             conns, self._conns = self._conns, []
-            pools = [self._pool, self._prefetch]
-            self._pool = self._prefetch = None
+            pools = [self._pool, self._prefetch, self._streamers]
+            self._pool = self._prefetch = self._streamers = None
             streams = list(self._streams)
         for body in streams:        # a stream's reading waits for its writer: stopped, so the pool's thread ends
             body.close()
@@ -660,6 +661,19 @@ class SqliteBackend:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="tilecrate-sqlite")
             return self._pool
 
+    def _streamer(self):
+        """The threads that read streamed bodies (each its own connection), apart from the helper: a stream's
+        reading waits for its writer, and a writer stalled on its output must not hold up the split reads,
+        bands and other exports' streams of this source; None after close()."""
+        with self._lock:
+            if self._closed:
+                return None
+            if self._streamers is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._streamers = ThreadPoolExecutor(STREAM_THREADS, thread_name_prefix="tilecrate-stream")
+            return self._streamers
+
     def block_tiles(self, level: int, row0: int, col0: int):
         """(identity, {index: bytes}) of a block's tiles."""
         ident, idx, tiles = self._read_block(level, row0, col0)
@@ -676,8 +690,8 @@ class SqliteBackend:
         the table's pages when its scan located them (see lays_out), else read with one query and laid out.
         With `bands`, a large located body is returned with a fifth item, a `Filling`: its bytes are copied
         in band after band, in order, on the helper thread while the caller writes those already in. With
-        `stream` as well, the buffer and the fifth item are one `Stream`: the bands are read into a few
-        reused buffers and the body is taken once, in order, through Stream.slices."""
+        `stream` as well, the buffer and the fifth item are one `Stream`: the bands are read on a stream thread
+        into a few reused buffers and the body is taken once, in order, through Stream.slices."""
         ident = self.identity()
         got = self._located(level, row0, col0, ident)
         if got is None:
@@ -688,18 +702,18 @@ class SqliteBackend:
         sel = order[sizes[order] > 0]
         lens = sizes[sel].astype(np.int64)
         at, offsets, out_sizes, total = v2_index(idx[sel].astype(np.int64), lens, label)
-        helper = self._helper() if bands and total > BANDS_FROM else None
-        if helper is not None and stream:
+        streamer = self._streamer() if bands and stream and total > BANDS_FROM else None
+        if streamer is not None:
             body = Stream(total)
             with self._lock:
                 # under the lock close() takes its list of streams by: each is in it, or sees the source closed
                 if not self._closed:
                     self._streams.add(body)
-                    body.future = helper.submit(self._stream, level, ident, (idx, sel, lens, cells, header, None, at),
-                                                body)
+                    body.future = streamer.submit(self._stream, level, ident,
+                                                  (idx, sel, lens, cells, header, None, at), body)
             if body.future is not None:
                 return ident, body, offsets, out_sizes, body
-            helper = None
+        helper = self._helper() if bands and total > BANDS_FROM else None
         buf = new_buffer(total)
         got = (idx, sel, lens, cells, header, buf, at)
         if helper is not None:
@@ -722,7 +736,7 @@ class SqliteBackend:
                          at[by_page] - base)
 
     def _stream(self, level: int, ident: tuple, got: tuple, body: "Stream") -> None:
-        """block_body's stream, on the helper thread: bands of about STREAM_BAND bytes (whole tiles) read in
+        """block_body's stream, on a stream thread: bands of about STREAM_BAND bytes (whole tiles) read in
         order into the Stream's buffers; the end after the file's identity is checked."""
         lens, at = got[2], got[6]
         try:
@@ -856,6 +870,7 @@ BAND_MOST = 2 << 20     # ...up to this
 STREAM_BAND = 2 << 20       # block_body(stream=True): bands of about this many bytes...
 STREAM_BUFFERS = 3          # ...read into this many reused buffers (a band each: fewer, larger bands cost fewer hand-overs)
 STREAM_STALL = 300.0        # a stream's side waiting this long for the other gives up (BundleError)
+STREAM_THREADS = 4          # streams read at once from one source (more wait their turn)
 
 
 class Filling:
@@ -917,7 +932,7 @@ class Stream:
     def take(self, size: int):
         """A buffer for a band of `size` bytes, once fewer than STREAM_BUFFERS are out; BundleError once closed,
         or when the writer took no band for STREAM_STALL seconds (then it never will: its export failed and
-        the stream was dropped unclosed; the source's one helper thread must not wait for it for ever)."""
+        the stream was dropped unclosed; the source's stream thread must not wait for it for ever)."""
         with self._cond:
             since = time.monotonic()
             while self._out >= STREAM_BUFFERS and not self._closed:
