@@ -13,7 +13,7 @@ def preallocate(int fd, long long size) -> bool:
     """Give `fd` `size` bytes of disk blocks (its size becomes at least `size`) with one fallocate.
 
     The writes that follow then skip ext4's delayed allocation: writing a 21 MB package took 30-40 %
-    less time so on this machine. False where it cannot be done (a file system without fallocate:
+    less time on this machine. False where it cannot be done (a file system without fallocate:
     tmpfs on old kernels, NFSv3, ZFS; a pipe or socket): nothing is done then, not even glibc's
     emulation by writing zeros. No room for `size` bytes (ENOSPC, EDQUOT) is OSError before a byte
     of the output is written; a failed call leaves the file as it found it."""

@@ -284,15 +284,9 @@ class SqliteBackend:
             self._page_layout(self.identity())     # here, on this thread's connection: none opened for the prefetch
         except CacheError:
             return                                  # the planning thread meets the error itself
-        with self._lock:
-            if self._closed:
-                return
-            if self._prefetch is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="tilecrate-scan")
-            pool = self._prefetch
-        pool.submit(self._scan_down, sorted(set(levels), reverse=True))
+        pool = self._threads("_prefetch", 1, "tilecrate-scan")
+        if pool is not None:
+            pool.submit(self._scan_down, sorted(set(levels), reverse=True))
 
     def _scan_down(self, levels: list[int]) -> None:
         try:
@@ -649,30 +643,29 @@ class SqliteBackend:
             f"SELECT ({row} - ?) * {PACKET} + (tile_column - ?), tile_data FROM {self._src} WHERE {where}",
             (h - 1, row0, col0, *args), level, hint)
 
-    def _helper(self):
-        """A thread (its own connection) for the second half of large blocks and a body's bands; stopped by
-        close(), and None after it (the caller then reads inline: no thread outlives the source)."""
+    def _threads(self, name: str, workers: int, prefix: str):
+        """The thread pool kept in attribute `name` (each thread its own connection), started on first use;
+        stopped by close(), and None after it (the caller then reads inline: no thread outlives the source)."""
         with self._lock:
             if self._closed:
                 return None
-            if self._pool is None:
+            pool = getattr(self, name)
+            if pool is None:
                 from concurrent.futures import ThreadPoolExecutor
 
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="tilecrate-sqlite")
-            return self._pool
+                pool = ThreadPoolExecutor(workers, thread_name_prefix=prefix)
+                setattr(self, name, pool)
+            return pool
+
+    def _helper(self):
+        """A thread for the second half of large blocks and a body's bands (see _threads)."""
+        return self._threads("_pool", 1, "tilecrate-sqlite")
 
     def _streamer(self):
-        """The threads that read streamed bodies (each its own connection), apart from the helper: a stream's
-        reading waits for its writer, and a writer stalled on its output must not hold up the split reads,
-        bands and other exports' streams of this source; None after close()."""
-        with self._lock:
-            if self._closed:
-                return None
-            if self._streamers is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._streamers = ThreadPoolExecutor(STREAM_THREADS, thread_name_prefix="tilecrate-stream")
-            return self._streamers
+        """The threads that read streamed bodies, apart from the helper: a stream's reading waits for its writer,
+        and a writer stalled on its output must not hold up the split reads, bands and other exports' streams
+        of this source (see _threads)."""
+        return self._threads("_streamers", STREAM_THREADS, "tilecrate-stream")
 
     def block_tiles(self, level: int, row0: int, col0: int):
         """(identity, {index: bytes}) of a block's tiles."""
@@ -937,10 +930,8 @@ class Stream:
             since = time.monotonic()
             while self._out >= STREAM_BUFFERS and not self._closed:
                 if time.monotonic() - since > STREAM_STALL:
-                    self._closed = True
-                    if self._error is None:
-                        self._error = BundleError(f"the block's writer took nothing for {STREAM_STALL:g} s; "
-                                                  "its reading was stopped")
+                    self._stop(BundleError(f"the block's writer took nothing for {STREAM_STALL:g} s; its reading "
+                                           "was stopped"))
                     break
                 self._cond.wait(0.5)
             if self._closed:
@@ -994,10 +985,9 @@ class Stream:
                 self._give(done)
             since = time.monotonic()
             while True:
-                if time.monotonic() - since > STREAM_STALL and self._error is None:
-                    self._error = BundleError(f"the block's reading gave nothing for {STREAM_STALL:g} s; retry "
-                                              "the request")
-                    self._closed = True
+                if time.monotonic() - since > STREAM_STALL:
+                    self._stop(BundleError(f"the block's reading gave nothing for {STREAM_STALL:g} s; retry the "
+                                           "request"))
                 if self._error is not None:
                     raise self._error
                 while self._bands and self._bands[0][1] <= at:
@@ -1025,13 +1015,17 @@ class Stream:
         """The writer is done or gave up, or the source is closing: the reading stops at its next band, the
         buffers go, and a writer still taking the body gets a BundleError."""
         with self._cond:
-            self._closed = True
-            if self._error is None and not self._done:
-                self._error = BundleError("the block's reading was stopped (the source closed or the export "
-                                          "gave it up); retry the request")
+            self._stop(None if self._done else BundleError("the block's reading was stopped (the source closed or "
+                                                            "the export gave it up); retry the request"))
             self._bands.clear()
             self._free.clear()
-            self._cond.notify_all()
+
+    def _stop(self, error: BaseException | None) -> None:
+        """Under the condition: no more bands; `error` is what the writer gets, unless an earlier one stands."""
+        self._closed = True
+        if self._error is None:
+            self._error = error
+        self._cond.notify_all()
 
 
 def _table_layout(c: sqlite3.Connection, table: str) -> tuple | None:
